@@ -1,0 +1,37 @@
+# One entry point for people and CI. Every target installs what it needs first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTHON ?= python3
+
+.PHONY: install test test-unit lint crd demo clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: its CPU wheel is on local disk; an unpinned torch pulls a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[operator,trainer,local,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest tests/unit
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+crd: install
+	$(VENV)/bin/sftjob crd > crds/sftjob.yaml
+
+demo: install
+	@for f in deploy/examples/*.yaml; do $(VENV)/bin/sftjob plan -f $$f || exit 1; echo; done
+
+clean:
+	rm -rf $(VENV) .sftjob-local .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,229 @@
+"""Advisories: the reference's rules of thumb as machine-readable warnings.
+
+Each rule looks at the spec and its plan and may return one Advisory with a stable
+code, the field it is about, what the reference recommends and a suggested value.
+Advisories never block a job; they are written to status.advisories and printed by
+`sftjob plan`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from .api import (
+    FULL_LEARNING_RATE,
+    LORA_LEARNING_RATE,
+    Advisory,
+    Plan,
+    SFTJobSpec,
+)
+
+SMALL_DATASET_ROWS = 10_000
+LARGE_DATASET_ROWS = 50_000
+RECOMMENDED_SMALL_EPOCHS = 3
+LARGE_DATASET_STEPS = (1000, 2000)
+LORA_LR_RANGE = (1e-4, 3e-4)
+FULL_LR_RANGE = (1e-5, 2e-5)
+RECOMMENDED_WARMUP_RATIO = 0.03
+WARMUP_SCHEDULERS = ("cosine", "constant_with_warmup")
+FEW_STEPS = 10
+MANY_EPOCHS = 20
+# Above this size a full fine-tune's activations rarely fit without checkpointing.
+LARGE_MODEL_BILLIONS = 3.0
+# GPUs before Ampere have no bfloat16 units: bf16 is emulated (slow) or refused.
+PRE_AMPERE_GPUS = ("V100", "T4", "P100", "P40", "P4", "K80", "M60", "TITAN V", "QUADRO RTX")
+
+Rule = Callable[[SFTJobSpec, Plan], Advisory | None]
+
+
+def model_billions(spec: SFTJobSpec) -> float | None:
+    """Declared size, else guessed from names like Qwen2.5-1.5B-Instruct or llama-7b."""
+    if spec.model.parametersBillions is not None:
+        return spec.model.parametersBillions
+    source = spec.model.name or spec.model.path or ""
+    match = re.search(r"(?<![0-9.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", source)
+    return float(match.group(1)) if match else None
+
+
+def _rows(plan: Plan) -> int | None:
+    return plan.datasetSize
+
+
+def small_dataset_epochs(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
+    rows = _rows(plan)
+    if rows is None or rows >= SMALL_DATASET_ROWS:
+        return None
+    if spec.training.maxSteps is not None:
+        return Advisory(
+            code="SmallDatasetUseEpochs",
+            severity="Info",
+            field="spec.training.maxSteps",
+            message=f"{rows} rows is a small dataset (< {SMALL_DATASET_ROWS}): the reference "
+            f"trains small datasets for {RECOMMENDED_SMALL_EPOCHS} epochs instead of a step count",
+            suggested=f"numTrainEpochs: {RECOMMENDED_SMALL_EPOCHS} (remove maxSteps)",
+        )
+    if spec.training.numTrainEpochs != RECOMMENDED_SMALL_EPOCHS:
+        return Advisory(
+            code="SmallDatasetUseEpochs",
+            severity="Info",
+            field="spec.training.numTrainEpochs",
+            message=f"{rows} rows is a small dataset (< {SMALL_DATASET_ROWS}): the reference "
+            f"uses {RECOMMENDED_SMALL_EPOCHS} epochs",
+            suggested=str(RECOMMENDED_SMALL_EPOCHS),
+        )
+    return None
+
+
+def large_dataset_max_steps(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
+    rows = _rows(plan)
+    if rows is None or rows <= LARGE_DATASET_ROWS or spec.training.maxSteps is not None:
+        return None
+    low, high = LARGE_DATASET_STEPS
+    return Advisory(
+        code="LargeDatasetUseMaxSteps",
+        severity="Warning",
+        field="spec.training.maxSteps",
+        message=f"{rows} rows is a large dataset (> {LARGE_DATASET_ROWS}): {plan.totalSteps} "
+        f"steps of full epochs waste compute and risk catastrophic forgetting; {low}-{high} "
+        "steps are usually enough for instruction following",
+        suggested=str(low),
+    )
+
+
+def learning_rate_range(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
+    rate = spec.learning_rate
+    if spec.method == "full":
+        low, high = FULL_LR_RANGE
+        suggested, label = FULL_LEARNING_RATE, "a full fine-tune"
+    else:
+        low, high = LORA_LR_RANGE
+        suggested, label = LORA_LEARNING_RATE, f"{spec.method.upper()}"
+    if low <= rate <= high:
+        return None
+    return Advisory(
+        code="LearningRateOutOfRange",
+        severity="Warning",
+        field="spec.training.learningRate",
+        message=f"learning rate {rate:g} is outside {low:g}-{high:g}, the reference range for "
+        f"{label}" + (": too high a rate overwrites what the model knows" if rate > high else ""),
+        suggested=f"{suggested:g}",
+    )
+
+
+def missing_warmup(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
+    training = spec.training
+    no_warmup = (
+        training.warmupSteps == 0 if training.warmupSteps is not None else training.warmupRatio == 0
+    )
+    if no_warmup:
+        return Advisory(
+            code="MissingWarmup",
+            severity="Warning",
+            field="spec.training.warmupRatio",
+            message="no warm-up: starting at the peak learning rate gives the model a gradient "
+            f"shock; the reference warms up over {RECOMMENDED_WARMUP_RATIO:.0%} of the steps",
+            suggested=f"{RECOMMENDED_WARMUP_RATIO}",
+        )
+    if training.lrSchedulerType not in WARMUP_SCHEDULERS:
+        return Advisory(
+            code="SchedulerNotRecommended",
+            severity="Info",
+            field="spec.training.lrSchedulerType",
+            message=f"{training.lrSchedulerType} schedule: the reference uses "
+            f"{' or '.join(WARMUP_SCHEDULERS)}",
+            suggested="cosine",
+        )
+    return None
+
+
+def checkpointing_off_for_large_model(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
+    size = model_billions(spec)
+    if spec.training.gradientCheckpointing or size is None or size < LARGE_MODEL_BILLIONS:
+        return None
+    return Advisory(
+        code="GradientCheckpointingOff",
+        severity="Warning",
+        field="spec.training.gradientCheckpointing",
+        message=f"gradient checkpointing is off for a {size:g}B model: activations will likely "
+        "exhaust GPU memory; checkpointing costs about 20% speed and saves most of it",
+        suggested="true",
+    )
+
+
+def bf16_on_old_gpu(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
+    gpu = _gpu_type(spec)
+    if spec.resources.gpusPerNode == 0 or gpu is None:
+        return None
+    old = any(name in gpu.upper() for name in PRE_AMPERE_GPUS)
+    if old and spec.bf16:
+        return Advisory(
+            code="Bf16UnsupportedGpu",
+            severity="Warning",
+            field="spec.training.bf16",
+            message=f"bf16 needs an Ampere or newer GPU; {gpu} has no bfloat16 support. "
+            "Turn bf16 off (and use fp16 via extraArgs if you need mixed precision)",
+            suggested="false",
+        )
+    if not old and not spec.bf16:
+        return Advisory(
+            code="Bf16Recommended",
+            severity="Info",
+            field="spec.training.bf16",
+            message=f"{gpu} supports bf16: faster and smaller than fp32, more stable than fp16",
+            suggested="true",
+        )
+    return None
+
+
+def _gpu_type(spec: SFTJobSpec) -> str | None:
+    if spec.resources.gpuType:
+        return spec.resources.gpuType
+    # The GPU operator's feature discovery label is the usual way people pin a GPU model.
+    for key, value in spec.resources.nodeSelector.items():
+        if key.endswith("gpu.product") or key.endswith("accelerator"):
+            return value
+    return None
+
+
+def too_few_steps(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
+    if plan.totalSteps is None or plan.totalSteps >= FEW_STEPS:
+        return None
+    return Advisory(
+        code="TooFewSteps",
+        severity="Warning",
+        field="spec.training.gradientAccumulationSteps",
+        message=f"the plan has only {plan.totalSteps} optimizer steps (effective batch "
+        f"{plan.effectiveBatchSize}): warm-up, the schedule and logging barely apply. Lower the "
+        "effective batch or add data",
+        suggested=None,
+    )
+
+
+def too_many_epochs(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
+    if plan.epochs is None or plan.epochs <= MANY_EPOCHS:
+        return None
+    field = "spec.training.maxSteps" if spec.training.maxSteps else "spec.training.numTrainEpochs"
+    return Advisory(
+        code="TooManyEpochs",
+        severity="Warning",
+        field=field,
+        message=f"the plan covers {plan.epochs:g} epochs: the model will memorise the data",
+        suggested=str(RECOMMENDED_SMALL_EPOCHS),
+    )
+
+
+RULES: tuple[Rule, ...] = (
+    small_dataset_epochs,
+    large_dataset_max_steps,
+    learning_rate_range,
+    missing_warmup,
+    checkpointing_off_for_large_model,
+    bf16_on_old_gpu,
+    too_few_steps,
+    too_many_epochs,
+)
+
+
+def advise(spec: SFTJobSpec, plan: Plan) -> list[Advisory]:
+    return [advisory for rule in RULES if (advisory := rule(spec, plan)) is not None]

@@ -1,0 +1,823 @@
+"""The SFTJob API: typed spec and status, the single source of truth.
+
+The CRD in ``crds/`` is generated from these models (``sftjob crd``), the operator
+parses every SFTJob through them, and the trainer reads the resolved config they
+produce. Field names are camelCase as in every Kubernetes API; numbers are numbers
+(``learningRate: 2e-4``).
+
+Parsing never raises pydantic's own errors to callers: ``parse_sftjob`` turns them
+into ``SpecError`` with one ``FieldError`` per problem, each naming the field path
+(``spec.training.maxLength``) and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+GROUP = "tuning.sftjob.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "SFTJob"
+PLURAL = "sftjobs"
+SINGULAR = "sftjob"
+SHORT_NAMES = ["sft"]
+CATEGORIES = ["all", "ml", "sftjob"]
+
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_OUTPUT_PATH = "/output"
+
+# Learning rates the reference recommends, per method.
+LORA_LEARNING_RATE = 2e-4
+FULL_LEARNING_RATE = 2e-5
+
+# Old or snake_case spellings users bring from TRL scripts and blog posts; each maps to
+# the field they meant and the reason, so the error can say exactly what to write.
+RENAMED_FIELDS: dict[str, tuple[str, str]] = {
+    "maxSeqLength": ("maxLength", "TRL renamed max_seq_length to max_length"),
+    "max_seq_length": ("maxLength", "TRL renamed max_seq_length to max_length"),
+    "warmup_ratio": ("warmupRatio", "fields are camelCase"),
+    "lr": ("learningRate", "the field is spelled out"),
+    "epochs": ("numTrainEpochs", "the field is named after TRL's num_train_epochs"),
+    "batchSize": ("perDeviceTrainBatchSize", "the micro-batch is per device"),
+    "evaluationStrategy": ("extraArgs.eval_strategy", "transformers renamed it eval_strategy"),
+}
+
+
+class RuleViolation(ValueError):
+    """A cross-field rule broken inside one spec object; `field` is relative to that object."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class SpecModel(BaseModel):
+    """Base for every spec object: camelCase, no unknown fields, no coercion of strings."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        # YAML already types numbers and booleans; a quoted "4" is a mistake worth naming.
+        strict=True,
+    )
+
+
+class StatusModel(BaseModel):
+    """Base for status objects: camelCase, tolerant of fields written by newer versions."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+    )
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+# --------------------------------------------------------------------------- spec
+
+
+class ModelSource(SpecModel):
+    name: str | None = Field(
+        default=None,
+        description="Hugging Face hub id of the base model, e.g. Qwen/Qwen2.5-1.5B-Instruct. "
+        "Set exactly one of name or path.",
+    )
+    path: str | None = Field(
+        default=None,
+        description="Path of the base model inside the pod (a mounted volume). "
+        "Set exactly one of name or path.",
+    )
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) when name is set."
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="Tokenizer hub id or path when it differs from the model's own.",
+    )
+    trustRemoteCode: bool = Field(
+        default=False, description="Allow model code from the hub (transformers trust_remote_code)."
+    )
+    attnImplementation: str | None = Field(
+        default=None,
+        description="Attention kernel (transformers attn_implementation), e.g. sdpa, "
+        "flash_attention_2, flex_attention. Empty lets the trainer choose.",
+    )
+    parametersBillions: float | None = Field(
+        default=None,
+        gt=0,
+        description="Model size in billions of parameters, for advisories. Guessed from the "
+        "name (e.g. 1.5B) when empty.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.name is None) == (self.path is None):
+            raise RuleViolation(
+                "name",
+                "set exactly one of model.name (a hub id) or model.path (a path in a volume)",
+            )
+        return self
+
+
+DatasetFormat = Literal["auto", "messages", "prompt-completion", "text"]
+
+
+class DatasetSource(SpecModel):
+    name: str | None = Field(
+        default=None,
+        description="Hugging Face hub id of the dataset, e.g. trl-lib/Capybara. "
+        "Set exactly one of name, path or uri.",
+    )
+    path: str | None = Field(
+        default=None,
+        description="A JSON/JSONL/Parquet/CSV file or a folder of them inside the pod.",
+    )
+    uri: str | None = Field(
+        default=None, description="An fsspec URI (s3://, gs://, https://...) of a data file."
+    )
+    config: str | None = Field(default=None, description="Dataset configuration (subset) name.")
+    split: str = Field(default="train", description="Split to train on.")
+    format: DatasetFormat = Field(
+        default="auto",
+        description="Row format: messages (conversational), prompt-completion, text, or auto "
+        "to detect it from the columns.",
+    )
+    limit: PositiveInt | None = Field(
+        default=None,
+        description="Train on the first N rows only (like dataset.select(range(N))).",
+    )
+    numSamples: PositiveInt | None = Field(
+        default=None,
+        description="Declared row count of the split, so the plan can be computed before the "
+        "data is loaded. The trainer reports the measured count.",
+    )
+    textField: str = Field(default="text", description="Column holding the text for format text.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSource:
+        given = [k for k in ("name", "path", "uri") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise RuleViolation(
+                "name",
+                "set exactly one of dataset.name (hub id), dataset.path (file or folder) "
+                f"or dataset.uri (fsspec URI); got {', '.join(given) or 'none'}",
+            )
+        return self
+
+    def known_size(self) -> int | None:
+        """Rows the trainer will see before preparation, when the spec tells."""
+        sizes = [s for s in (self.limit, self.numSamples) if s is not None]
+        return min(sizes) if sizes else None
+
+
+Method = Literal["full", "lora", "qlora"]
+
+
+class LoraSpec(SpecModel):
+    r: PositiveInt = Field(default=16, description="LoRA rank.")
+    alpha: PositiveInt = Field(default=32, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout.")
+    targetModules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description='Modules to adapt; ["all-linear"] adapts every linear layer but the output.',
+    )
+
+    @field_validator("targetModules", mode="before")
+    @classmethod
+    def _single_string(cls, value: Any) -> Any:
+        # peft accepts a string; users write `targetModules: all-linear`.
+        return [value] if isinstance(value, str) else value
+
+
+LrScheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+]
+PackingStrategy = Literal["bfd", "bfd_split", "wrapped"]
+
+# SFTConfig arguments that have a first-class field: setting them in extraArgs would
+# silently fight the plan, so the spec rejects them and names the field to use.
+FIRST_CLASS_ARGS: dict[str, str] = {
+    "per_device_train_batch_size": "training.perDeviceTrainBatchSize",
+    "gradient_accumulation_steps": "training.gradientAccumulationSteps",
+    "num_train_epochs": "training.numTrainEpochs",
+    "max_steps": "training.maxSteps",
+    "learning_rate": "training.learningRate",
+    "lr_scheduler_type": "training.lrSchedulerType",
+    "warmup_ratio": "training.warmupRatio",
+    "warmup_steps": "training.warmupSteps",
+    "max_length": "training.maxLength",
+    "max_seq_length": "training.maxLength (TRL renamed max_seq_length to max_length)",
+    "packing": "training.packing",
+    "packing_strategy": "training.packingStrategy",
+    "gradient_checkpointing": "training.gradientCheckpointing",
+    "bf16": "training.bf16",
+    "logging_steps": "training.loggingSteps",
+    "save_steps": "training.saveSteps",
+    "seed": "training.seed",
+    "dataloader_drop_last": "training.dataloaderDropLast",
+    "output_dir": "output.path",
+    "use_cpu": "resources.gpusPerNode (0 means CPU)",
+    "resume_from_checkpoint": "(automatic: the trainer resumes from the newest checkpoint)",
+}
+
+
+class TrainingSpec(SpecModel):
+    perDeviceTrainBatchSize: PositiveInt = Field(
+        default=2,
+        description="Micro-batch: samples on ONE device at once. Decides GPU memory use.",
+    )
+    gradientAccumulationSteps: PositiveInt = Field(
+        default=8, description="Micro-batches accumulated before one optimizer step."
+    )
+    numTrainEpochs: float = Field(
+        default=3.0,
+        gt=0,
+        description="Passes over the data; fractional values stop mid-epoch. "
+        "Ignored when maxSteps is set.",
+    )
+    maxSteps: PositiveInt | None = Field(
+        default=None, description="Total optimizer steps; overrides numTrainEpochs when set."
+    )
+    learningRate: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Peak learning rate. Empty: 2e-4 for lora/qlora, 2e-5 for full.",
+    )
+    lrSchedulerType: LrScheduler = Field(default="cosine", description="Learning-rate schedule.")
+    warmupRatio: float = Field(
+        default=0.03,
+        ge=0,
+        lt=1,
+        description="Fraction of total steps spent warming up (ceil(total x ratio) steps).",
+    )
+    warmupSteps: int | None = Field(
+        default=None, ge=0, description="Warm-up steps; overrides warmupRatio when set."
+    )
+    maxLength: PositiveInt = Field(
+        default=2048, description="Maximum tokens per sequence (or per packed row)."
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack several samples into each maxLength row. Changes the row count, so "
+        "the plan becomes an estimate until the trainer measures it.",
+    )
+    packingStrategy: PackingStrategy = Field(
+        default="bfd", description="How packing fills rows: bfd, bfd_split or wrapped."
+    )
+    gradientCheckpointing: bool = Field(
+        default=True,
+        description="Recompute activations in the backward pass: about 20% slower, much less "
+        "memory. Needed for large models.",
+    )
+    bf16: bool | None = Field(
+        default=None,
+        description="bfloat16 mixed precision (Ampere or newer GPUs). Empty: on for GPU jobs, "
+        "off for CPU jobs.",
+    )
+    loggingSteps: PositiveInt = Field(default=10, description="Log loss every N steps.")
+    saveSteps: PositiveInt = Field(
+        default=100, description="Write a checkpoint every N steps (resume point after failures)."
+    )
+    saveTotalLimit: PositiveInt = Field(
+        default=2, description="Checkpoints kept in the output folder."
+    )
+    seed: int = Field(default=42, description="Random seed.")
+    dataloaderDropLast: bool = Field(
+        default=False, description="Drop the last incomplete micro-batch of each epoch."
+    )
+    extraArgs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further SFTConfig arguments, snake_case as in TRL (e.g. "
+        "{assistant_only_loss: true}). Checked against SFTConfig by the trainer.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    @field_validator("extraArgs")
+    @classmethod
+    def _no_first_class_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        clashes = [
+            f"{key}: use {FIRST_CLASS_ARGS[key]}" for key in value if key in FIRST_CLASS_ARGS
+        ]
+        if clashes:
+            raise ValueError("has its own field, set it there instead: " + "; ".join(clashes))
+        return value
+
+    @model_validator(mode="after")
+    def _warmup_once(self) -> TrainingSpec:
+        if self.warmupSteps is not None and "warmupRatio" in self.model_fields_set:
+            raise RuleViolation("warmupSteps", "set either warmupRatio or warmupSteps, not both")
+        return self
+
+    def learning_rate_for(self, method: Method) -> float:
+        if self.learningRate is not None:
+            return self.learningRate
+        return FULL_LEARNING_RATE if method == "full" else LORA_LEARNING_RATE
+
+
+class Toleration(SpecModel):
+    key: str | None = Field(default=None, description="Taint key to tolerate.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal."
+    )
+    value: str | None = Field(default=None, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty means all."
+    )
+    tolerationSeconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated."
+    )
+
+
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?$"
+
+
+class ResourcesSpec(SpecModel):
+    nodes: PositiveInt = Field(default=1, description="Pods (machines) in the run, one rank each.")
+    gpusPerNode: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description="GPUs per pod; one training process per GPU. 0 runs a CPU job with one "
+        "process per pod.",
+    )
+    gpuResourceName: str = Field(
+        default=DEFAULT_GPU_RESOURCE, description="Extended resource that schedules GPUs."
+    )
+    gpuType: str | None = Field(
+        default=None,
+        description="GPU model (e.g. H100, A100, V100), used for advisories such as bf16 support.",
+    )
+    cpu: str | None = Field(
+        default=None, pattern=QUANTITY_PATTERN, description="CPU request and limit per pod."
+    )
+    memory: str | None = Field(
+        default=None, pattern=QUANTITY_PATTERN, description="Memory request and limit per pod."
+    )
+    sharedMemory: str | None = Field(
+        default="8Gi",
+        pattern=QUANTITY_PATTERN,
+        description="Size of /dev/shm (memory-backed emptyDir) for data loader workers and NCCL.",
+    )
+    nodeSelector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints the pods tolerate (e.g. GPU node taints)."
+    )
+
+    @property
+    def processes_per_node(self) -> int:
+        # A CPU job runs one process per pod: accelerate's --cpu ignores --num_processes.
+        return max(self.gpusPerNode, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.processes_per_node
+
+
+class OutputSpec(SpecModel):
+    path: str = Field(
+        default=DEFAULT_OUTPUT_PATH,
+        description="Folder in the pod for checkpoints, logs and the final model or adapter.",
+    )
+    claimName: str | None = Field(
+        default=None,
+        description="PersistentVolumeClaim mounted at path, so checkpoints survive pod "
+        "restarts. Empty uses an emptyDir (lost with the pod).",
+    )
+
+
+class VolumeSpec(SpecModel):
+    name: str = Field(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63, description="Volume name."
+    )
+    claimName: str = Field(description="PersistentVolumeClaim to mount (models, datasets).")
+    mountPath: str = Field(pattern=r"^/", description="Absolute path in the pod.")
+    readOnly: bool = Field(default=True, description="Mount read-only.")
+
+
+class SecretKeyRef(SpecModel):
+    name: str = Field(description="Secret name in the SFTJob's namespace.")
+    key: str = Field(default="token", description="Key inside the Secret.")
+
+
+class SecretsSpec(SpecModel):
+    hfToken: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret holding the Hugging Face token (HF_TOKEN). A reference, never a "
+        "literal token.",
+    )
+
+    @field_validator("hfToken", mode="before")
+    @classmethod
+    def _no_literal_token(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError(
+                "must be a Secret reference {name: <secret>, key: token}, never a literal "
+                "token: kubectl create secret generic hf-token --from-literal=token=..."
+            )
+        return value
+
+
+class EnvVar(SpecModel):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Variable name.")
+    value: str = Field(default="", description="Literal value.")
+
+
+class RetrySpec(SpecModel):
+    maxRestarts: int = Field(
+        default=3, ge=0, description="Relaunches allowed after OOM, preemption or lost pods."
+    )
+    oomAutoShrink: bool = Field(
+        default=True,
+        description="On out-of-memory, halve perDeviceTrainBatchSize and double "
+        "gradientAccumulationSteps (same effective batch and plan) and relaunch.",
+    )
+
+
+Distributed = Literal["ddp", "fsdp"]
+
+
+class SFTJobSpec(SpecModel):
+    model: ModelSource = Field(description="Base model to fine-tune.")
+    dataset: DatasetSource = Field(description="Training data.")
+    method: Method = Field(
+        default="lora", description="full fine-tune, lora (peft adapter) or qlora (4-bit base)."
+    )
+    lora: LoraSpec | None = Field(
+        default=None, description="LoRA settings for method lora or qlora."
+    )
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec, description="Trainer settings (TRL SFTConfig)."
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Pods, GPUs and scheduling."
+    )
+    distributed: Distributed = Field(
+        default="ddp",
+        description="ddp replicates the model on every GPU; fsdp shards it (full shard) for "
+        "models whose full fine-tune does not fit one GPU.",
+    )
+    image: str | None = Field(
+        default=None, description="Trainer image; empty uses the operator's default."
+    )
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
+    volumes: list[VolumeSpec] = Field(
+        default_factory=list, description="Extra PVCs (models, datasets) mounted in every pod."
+    )
+    secrets: SecretsSpec = Field(default_factory=SecretsSpec, description="Secret references.")
+    env: list[EnvVar] = Field(
+        default_factory=list, description="Extra environment variables for the trainer."
+    )
+    retry: RetrySpec = Field(default_factory=RetrySpec, description="Failure handling.")
+    suspend: bool = Field(
+        default=False,
+        description="true stops the pods and keeps the status; false resumes from the "
+        "newest checkpoint.",
+    )
+    ttlSecondsAfterFinished: int | None = Field(
+        default=None, ge=0, description="Delete the SFTJob this long after it finished."
+    )
+    activeDeadlineSeconds: PositiveInt | None = Field(
+        default=None, description="Fail with DeadlineExceeded after this long running."
+    )
+    progressIntervalSeconds: PositiveInt = Field(
+        default=10, description="Minimum seconds between progress reports in the status."
+    )
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> SFTJobSpec:
+        if self.method == "full" and self.lora is not None:
+            raise RuleViolation(
+                "lora", "is set but method is full: remove the lora block or set method: lora"
+            )
+        if self.method == "qlora" and self.resources.gpusPerNode == 0:
+            raise RuleViolation(
+                "resources.gpusPerNode",
+                "method qlora needs GPUs (4-bit bitsandbytes kernels): set "
+                "resources.gpusPerNode >= 1 or use method: lora",
+            )
+        if self.distributed == "fsdp" and self.method == "qlora":
+            raise RuleViolation("distributed", "fsdp with method qlora is not supported: use ddp")
+        return self
+
+    @property
+    def lora_settings(self) -> LoraSpec | None:
+        if self.method == "full":
+            return None
+        return self.lora or LoraSpec()
+
+    @property
+    def learning_rate(self) -> float:
+        return self.training.learning_rate_for(self.method)
+
+    @property
+    def bf16(self) -> bool:
+        if self.training.bf16 is not None:
+            return self.training.bf16
+        return self.resources.gpusPerNode > 0
+
+
+class ObjectMeta(BaseModel):
+    """The slice of metadata the operator reads; everything else passes through."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(default="", max_length=253)
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        # Child names (pods, services) derive from the job name, so it must be a DNS label
+        # short enough to leave room for suffixes like -rank-15 and -headless.
+        if value and not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", value):
+            raise ValueError(
+                "must be lowercase letters, digits and '-', starting and ending with a letter "
+                "or digit (it names the pods and services)"
+            )
+        if len(value) > 50:
+            raise ValueError("must be at most 50 characters (child names add suffixes)")
+        return value
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Condition(StatusModel):
+    type: str = Field(description="Condition type: Planned, Running, Succeeded, Failed, ...")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="One CamelCase word.")
+    message: str = Field(default="", description="Human-readable details.")
+    lastTransitionTime: str | None = Field(default=None, description="When status last changed.")
+    observedGeneration: int | None = Field(
+        default=None, description="metadata.generation the condition was computed from."
+    )
+
+
+class Advisory(StatusModel):
+    code: str = Field(description="Stable machine-readable code, e.g. LearningRateOutOfRange.")
+    severity: Literal["Info", "Warning"] = Field(description="Info or Warning.")
+    field: str = Field(description="Spec field the advice is about.")
+    message: str = Field(description="What the reference recommends and why.")
+    suggested: str | None = Field(default=None, description="Suggested value, as text.")
+
+
+class Plan(StatusModel):
+    datasetSize: int | None = Field(
+        default=None, description="Rows the plan is computed from (after preparation if measured)."
+    )
+    datasetSizeSource: str = Field(
+        default="unknown",
+        description="Where datasetSize comes from: limit, numSamples, override, measured, unknown.",
+    )
+    worldSize: int = Field(description="Training processes over all nodes.")
+    effectiveBatchSize: int = Field(description="perDevice x accumulation x worldSize.")
+    perDeviceTrainBatchSize: int = Field(description="Micro-batch per device.")
+    gradientAccumulationSteps: int = Field(description="Accumulation steps.")
+    stepsPerEpoch: int | None = Field(default=None, description="Optimizer steps per epoch.")
+    totalSteps: int | None = Field(default=None, description="Optimizer steps of the whole run.")
+    epochs: float | None = Field(default=None, description="Epochs the run covers.")
+    warmupSteps: int | None = Field(default=None, description="Warm-up steps.")
+    estimate: bool = Field(
+        default=False,
+        description="true when the figures may change once the trainer has prepared the data "
+        "(packing, unknown size).",
+    )
+    measured: bool = Field(default=False, description="true when reported by the trainer.")
+    notes: list[str] = Field(default_factory=list, description="How the figures were derived.")
+
+
+class Progress(StatusModel):
+    step: int = Field(default=0, description="Optimizer steps done.")
+    totalSteps: int | None = Field(default=None, description="Optimizer steps planned.")
+    epoch: float | None = Field(default=None, description="Epochs done (fractional).")
+    percent: float | None = Field(default=None, description="step / totalSteps x 100.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    learningRate: float | None = Field(default=None, description="Current learning rate.")
+    gradNorm: float | None = Field(default=None, description="Latest gradient norm.")
+    tokensPerSecond: float | None = Field(default=None, description="Training throughput.")
+    etaSeconds: int | None = Field(default=None, description="Estimated seconds to finish.")
+    eta: str | None = Field(default=None, description="etaSeconds as text, e.g. 3m20s.")
+    summary: str | None = Field(default=None, description="step/total, for kubectl get.")
+    updateTime: str | None = Field(default=None, description="When this report was written.")
+
+
+class FailureInfo(StatusModel):
+    reason: str = Field(description="OutOfMemory, DataError, ConfigError, ModelLoadError, ...")
+    message: str = Field(default="", description="What went wrong.")
+    step: int | None = Field(default=None, description="Last step reached.")
+    time: str | None = Field(default=None, description="When it happened.")
+    attempt: int | None = Field(default=None, description="Attempt that failed.")
+
+
+class EffectiveTraining(StatusModel):
+    perDeviceTrainBatchSize: int = Field(description="Micro-batch the current attempt runs.")
+    gradientAccumulationSteps: int = Field(description="Accumulation the current attempt runs.")
+
+
+class SFTJobStatus(StatusModel):
+    phase: str | None = Field(
+        default=None,
+        description="Pending, Running, Suspended, Restarting, Succeeded or Failed.",
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Latest observations.")
+    plan: Plan | None = Field(default=None, description="Step plan derived from the spec.")
+    measuredPlan: Plan | None = Field(
+        default=None, description="Step plan measured by the trainer after preparing the data."
+    )
+    advisories: list[Advisory] = Field(default_factory=list, description="Reference advice.")
+    progress: Progress | None = Field(default=None, description="Training progress.")
+    attempts: int = Field(default=0, description="Launches so far (1 = first run).")
+    effectiveTraining: EffectiveTraining | None = Field(
+        default=None, description="Batch settings in use after OOM auto-shrink."
+    )
+    lastFailure: FailureInfo | None = Field(default=None, description="Most recent failure.")
+    observedGeneration: int | None = Field(default=None, description="Generation last acted on.")
+    startTime: str | None = Field(default=None, description="When the first pod started.")
+    completionTime: str | None = Field(default=None, description="When the job finished.")
+    outputPath: str | None = Field(default=None, description="Where the result was written.")
+
+
+class SFTJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    apiVersion: Literal["tuning.sftjob.dev/v1alpha1"] = "tuning.sftjob.dev/v1alpha1"
+    kind: Literal["SFTJob"] = "SFTJob"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: SFTJobSpec
+    status: SFTJobStatus | None = None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class FieldError(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class SpecError(ValueError):
+    """An SFTJob that cannot run; every problem names its field and the fix."""
+
+    def __init__(self, errors: Iterable[FieldError]):
+        self.errors = list(errors)
+        super().__init__("; ".join(str(e) for e in self.errors))
+
+
+def _fields_at(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """Names (as written in YAML) valid at `path` inside `model`, for 'did you mean'."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside Optional[...] / list[...] annotations, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _camel(name: str) -> str:
+    return to_camel(name) if "_" in name else name
+
+
+def _unknown_field_message(model: type[BaseModel], loc: tuple[str | int, ...]) -> str:
+    name = str(loc[-1])
+    if name in RENAMED_FIELDS:
+        target, why = RENAMED_FIELDS[name]
+        return f"unknown field: renamed to {target} ({why})"
+    valid = _fields_at(model, loc[:-1])
+    if _camel(name) in valid and _camel(name) != name:
+        return f"unknown field: fields are camelCase, write {_camel(name)}"
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    if not close:
+        close = [v for v in valid if v.lower() == name.lower()]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown field{hint}" + (f" Valid fields: {', '.join(valid)}." if not close else "")
+
+
+def _path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _clean_loc(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    # pydantic adds pseudo-locations for tagged unions and function validators; drop them.
+    return tuple(
+        p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))
+    )
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    msg = str(err["msg"])
+    # pydantic capitalises its sentences; ours follow "field: message".
+    msg = msg[:1].lower() + msg[1:]
+    ctx = err.get("ctx") or {}
+    if kind == "value_error":
+        return str(ctx.get("error", msg.removeprefix("Value error, ")))
+    if kind == "missing":
+        return "required field is missing"
+    if kind in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
+        return f"{msg} (got {err.get('input')!r})"
+    if kind == "literal_error":
+        return f"{msg}, got {err.get('input')!r}"
+    if kind == "string_pattern_mismatch" and "Ki|Mi" in str(ctx.get("pattern", "")):
+        return f"must be a Kubernetes quantity such as 4, 500m or 16Gi (got {err.get('input')!r})"
+    if kind == "string_pattern_mismatch":
+        return f"got {err.get('input')!r}, which does not match {ctx.get('pattern')}"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{msg}, got {type(err.get('input')).__name__} {err.get('input')!r}"
+    return msg
+
+
+def errors_from_validation(exc: ValidationError, root: type[BaseModel]) -> list[FieldError]:
+    errors: list[FieldError] = []
+    for err in exc.errors():
+        loc = _clean_loc(tuple(err["loc"]))
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, RuleViolation):
+            loc = loc + tuple(cause.field.split("."))
+            message = str(cause)
+        elif err["type"] == "extra_forbidden":
+            message = _unknown_field_message(root, loc)
+        else:
+            message = _message(err)
+        errors.append(FieldError(path=_path(loc), message=message))
+    return errors
+
+
+def parse_spec(spec: Any) -> SFTJobSpec:
+    """Validate a bare spec mapping (as Kopf hands it over)."""
+    if not isinstance(spec, Mapping):
+        raise SpecError([FieldError(path="spec", message="must be a mapping")])
+    try:
+        return SFTJobSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        errs = errors_from_validation(exc, SFTJobSpec)
+        raise SpecError(
+            FieldError(path="spec" + ("." + e.path if e.path else ""), message=e.message)
+            for e in errs
+        ) from None
+
+
+def parse_sftjob(document: Any) -> SFTJob:
+    """Validate a whole SFTJob document (apiVersion, kind, metadata, spec)."""
+    if not isinstance(document, Mapping):
+        raise SpecError([FieldError(path="", message="an SFTJob document must be a mapping")])
+    doc = dict(document)
+    # status is written by the operator; a manifest copied from `kubectl get -o yaml`
+    # may carry one, which is not the user's to set.
+    doc.pop("status", None)
+    try:
+        return SFTJob.model_validate(doc)
+    except ValidationError as exc:
+        raise SpecError(errors_from_validation(exc, SFTJob)) from None

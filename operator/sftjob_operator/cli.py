@@ -1,0 +1,160 @@
+"""The `sftjob` command: plan, crd, run, operator, local up.
+
+Each subcommand imports what it needs when it runs, so `sftjob plan` stays fast and
+works with only the core dependencies installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .advice import advise
+from .api import SFTJob, SpecError
+from .documents import sftjobs_in
+from .plan import plan_for
+
+EXIT_INVALID_SPEC = 2
+
+
+def _read(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot read {path}: {exc.strerror}") from None
+
+
+def plan_report(job: SFTJob, dataset_size: int | None) -> dict[str, Any]:
+    plan = plan_for(job.spec, dataset_size)
+    advisories = advise(job.spec, plan)
+    return {
+        "name": job.metadata.name,
+        "namespace": job.metadata.namespace,
+        **plan.model_dump(mode="json"),
+        "learningRate": job.spec.learning_rate,
+        "advisories": [a.model_dump(mode="json", exclude_none=True) for a in advisories],
+    }
+
+
+def _format_table(report: dict[str, Any]) -> str:
+    def show(value: Any) -> str:
+        return "pending (set dataset.limit or numSamples)" if value is None else str(value)
+
+    label = f"SFTJob {report['namespace'] or 'default'}/{report['name'] or '?'}"
+    if report["estimate"]:
+        label += "  [estimate]"
+    world = report["worldSize"]
+    lines = [
+        label,
+        f"  dataset size      {show(report['datasetSize'])} ({report['datasetSizeSource']})",
+        f"  world size        {world} process{'es' if world != 1 else ''}",
+        f"  effective batch   {report['effectiveBatchSize']} = "
+        f"{report['perDeviceTrainBatchSize']} per device x "
+        f"{report['gradientAccumulationSteps']} accumulation x {world}",
+        f"  steps per epoch   {show(report['stepsPerEpoch'])}",
+        f"  total steps       {show(report['totalSteps'])}"
+        + (f" ({report['epochs']:g} epochs)" if report["epochs"] is not None else ""),
+        f"  warmup steps      {show(report['warmupSteps'])}",
+        f"  learning rate     {report['learningRate']:g}",
+    ]
+    lines += [f"  note: {note}" for note in report["notes"]]
+    if report["advisories"]:
+        lines.append("  advisories:")
+        for advisory in report["advisories"]:
+            suggested = advisory.get("suggested")
+            lines.append(
+                f"    [{advisory['severity']}] {advisory['code']} ({advisory['field']}): "
+                f"{advisory['message']}" + (f" -> suggested: {suggested}" if suggested else "")
+            )
+    else:
+        lines.append("  advisories: none")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    reports = []
+    for path in args.filename:
+        try:
+            jobs = sftjobs_in(_read(path), source=path)
+            if not jobs:
+                print(f"error: {path}: no SFTJob documents found", file=sys.stderr)
+                return EXIT_INVALID_SPEC
+            reports += [plan_report(job, args.dataset_size) for job in jobs]
+        except SpecError as exc:
+            print(f"error: {path}: invalid SFTJob:", file=sys.stderr)
+            for error in exc.errors:
+                print(f"  {error}", file=sys.stderr)
+            return EXIT_INVALID_SPEC
+    if args.output == "json":
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    else:
+        print("\n\n".join(_format_table(r) for r in reports))
+    return 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from .crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def cmd_local_up(args: argparse.Namespace) -> int:
+    # Development tooling only: production code paths never import sftjob_local.
+    from sftjob_local.cluster import run_local_up
+
+    run_local_up(port=args.port, kubeconfig=args.kubeconfig, workdir=args.workdir, gpus=args.gpus)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sftjob", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="print the step plan and advisories of SFTJob manifests")
+    plan.add_argument(
+        "-f", "--filename", action="append", required=True, help="YAML file (or -), repeatable"
+    )
+    plan.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    plan.add_argument(
+        "--dataset-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="plan for N rows instead of the size the manifest declares",
+    )
+    plan.set_defaults(func=cmd_plan)
+
+    crd = sub.add_parser("crd", help="print the SFTJob CustomResourceDefinition (YAML)")
+    crd.set_defaults(func=cmd_crd)
+
+    local = sub.add_parser("local", help="the local control plane (development and tests)")
+    local_sub = local.add_subparsers(dest="local_command", required=True)
+    up = local_sub.add_parser(
+        "up", help="run a local Kubernetes API and a node that runs pods as processes"
+    )
+    up.add_argument("--port", type=int, default=8765)
+    up.add_argument("--workdir", type=Path, default=Path(".sftjob-local"))
+    up.add_argument("--kubeconfig", type=Path, default=None, help="default: WORKDIR/kubeconfig")
+    up.add_argument("--gpus", type=int, default=0, help="GPUs the local node advertises")
+    up.set_defaults(func=cmd_local_up)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "dataset_size", None) is not None and args.dataset_size < 1:
+        print("error: --dataset-size must be >= 1", file=sys.stderr)
+        return EXIT_INVALID_SPEC
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Each advisory rule fires on the case the reference warns about, and only then."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sftjob_operator.advice import advise, model_billions
+from sftjob_operator.api import parse_spec
+from sftjob_operator.plan import plan_for
+
+
+def codes(spec_changes: dict[str, Any], dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"name": "Qwen/Qwen2.5-1.5B-Instruct"},
+        "dataset": dataset or {"name": "org/data", "limit": 1000},
+        "method": "lora",
+        "training": {"numTrainEpochs": 3},
+    }
+    for key, value in spec_changes.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    parsed = parse_spec(spec)
+    return {a.code: a for a in advise(parsed, plan_for(parsed))}
+
+
+def test_the_reference_defaults_get_no_advice() -> None:
+    assert codes({}) == {}
+
+
+def test_small_dataset_with_max_steps_is_told_to_use_epochs() -> None:
+    advice = codes({"training": {"maxSteps": 300}})["SmallDatasetUseEpochs"]
+    assert advice.field == "spec.training.maxSteps" and "3" in (advice.suggested or "")
+
+
+def test_small_dataset_with_one_epoch_is_told_three() -> None:
+    assert codes({"training": {"numTrainEpochs": 1}})["SmallDatasetUseEpochs"].suggested == "3"
+
+
+def test_large_dataset_without_max_steps() -> None:
+    advice = codes({}, dataset={"name": "d", "numSamples": 200_000})["LargeDatasetUseMaxSteps"]
+    assert advice.suggested == "1000" and "catastrophic forgetting" in advice.message
+    assert "LargeDatasetUseMaxSteps" not in codes(
+        {"training": {"maxSteps": 1500}}, dataset={"name": "d", "numSamples": 200_000}
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "rate", "fires"),
+    [
+        ("lora", 2e-4, False),
+        ("lora", 1e-5, True),
+        ("qlora", 1e-3, True),
+        ("full", 2e-5, False),
+        ("full", 1e-5, False),
+        ("full", 2e-4, True),
+        ("full", 5e-6, True),
+    ],
+)
+def test_learning_rate_range_by_method(method: str, rate: float, fires: bool) -> None:
+    found = codes({"method": method, "training": {"learningRate": rate}})
+    assert ("LearningRateOutOfRange" in found) is fires
+
+
+def test_missing_warmup() -> None:
+    assert codes({"training": {"warmupRatio": 0}})["MissingWarmup"].suggested == "0.03"
+    assert "MissingWarmup" in codes({"training": {"warmupSteps": 0}})
+    assert "MissingWarmup" not in codes({"training": {"warmupSteps": 10}})
+
+
+def test_scheduler_not_in_the_reference() -> None:
+    assert "SchedulerNotRecommended" in codes({"training": {"lrSchedulerType": "linear"}})
+    assert "SchedulerNotRecommended" not in codes(
+        {"training": {"lrSchedulerType": "constant_with_warmup"}}
+    )
+
+
+def test_checkpointing_off_for_a_large_model() -> None:
+    big = {
+        "model": {"name": "meta-llama/Llama-3.1-8B"},
+        "training": {"gradientCheckpointing": False},
+    }
+    assert "GradientCheckpointingOff" in codes(big)
+    small = {"training": {"gradientCheckpointing": False}}  # 1.5B
+    assert "GradientCheckpointingOff" not in codes(small)
+    declared = {
+        "model": {"name": "org/custom", "parametersBillions": 70},
+        "training": {"gradientCheckpointing": False},
+    }
+    assert "GradientCheckpointingOff" in codes(declared)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [
+        ("Qwen/Qwen2.5-1.5B-Instruct", 1.5),
+        ("meta-llama/Llama-3.1-8B", 8.0),
+        ("mistralai/Mistral-7B-v0.3", 7.0),
+        ("gpt2", None),
+        ("org/model-70b", 70.0),
+    ],
+)
+def test_model_size_is_guessed_from_the_name(name: str, size: float | None) -> None:
+    spec = parse_spec({"model": {"name": name}, "dataset": {"name": "d"}})
+    assert model_billions(spec) == size
+
+
+def test_bf16_on_a_pre_ampere_gpu() -> None:
+    found = codes({"resources": {"gpuType": "Tesla V100"}, "training": {"bf16": True}})
+    assert found["Bf16UnsupportedGpu"].suggested == "false"
+    by_label = codes({"resources": {"nodeSelector": {"nvidia.com/gpu.product": "Tesla-T4"}}})
+    assert "Bf16UnsupportedGpu" in by_label  # bf16 defaults on for GPU jobs
+    assert "Bf16Recommended" in codes(
+        {"resources": {"gpuType": "A100"}, "training": {"bf16": False}}
+    )
+    assert codes({"resources": {"gpuType": "H100"}}) == {}
+
+
+def test_too_few_steps() -> None:
+    found = codes({}, dataset={"name": "d", "limit": 40})
+    assert found["TooFewSteps"].field == "spec.training.gradientAccumulationSteps"
+
+
+def test_too_many_epochs() -> None:
+    assert "TooManyEpochs" in codes({"training": {"numTrainEpochs": 30}})
+    assert (
+        codes({"training": {"maxSteps": 2000}}, dataset={"name": "d", "limit": 1000})[
+            "TooManyEpochs"
+        ].field
+        == "spec.training.maxSteps"
+    )

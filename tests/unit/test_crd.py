@@ -1,0 +1,104 @@
+"""The CRD is generated from the API model, structural, documented, and committed as is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from sftjob_operator.crd import crd_manifest, crd_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
+
+
+def walk(node: dict[str, Any], path: str = ""):
+    yield path, node
+    for name, child in node.get("properties", {}).items():
+        yield from walk(child, f"{path}.{name}")
+    if "items" in node:
+        yield from walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def schema() -> dict[str, Any]:
+    return crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def test_committed_crd_matches_the_model() -> None:
+    committed = (ROOT / "crds" / "sftjob.yaml").read_text()
+    assert committed == crd_yaml(), "crds/sftjob.yaml drifted: run `sftjob crd > crds/sftjob.yaml`"
+
+
+def test_schema_is_structural_and_documented() -> None:
+    for path, node in walk(schema()):
+        assert "$ref" not in node and "anyOf" not in node and "allOf" not in node, path
+        assert "type" in node, f"{path} has no type"
+        if path.count(".") >= 2 and not path.endswith("[]") and "{}" not in path:
+            assert node.get("description"), f"{path} has no description (kubectl explain)"
+
+
+def test_names_columns_and_status_subresource() -> None:
+    spec = crd_manifest()["spec"]
+    assert spec["group"] == "tuning.sftjob.dev" and spec["scope"] == "Namespaced"
+    assert spec["names"]["shortNames"] == ["sft"] and "all" in spec["names"]["categories"]
+    version = spec["versions"][0]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Phase"] == ".status.phase"
+    assert columns["Progress"] == ".status.progress.summary"
+    assert {"Epoch", "Loss", "ETA", "Age"} <= set(columns)
+
+
+def as_json_schema(node: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI 3.0 (nullable, boolean exclusiveMinimum) to JSON Schema for jsonschema."""
+    out = {
+        k: v
+        for k, v in node.items()
+        if k not in ("nullable", "x-kubernetes-preserve-unknown-fields", "default")
+    }
+    if node.get("exclusiveMinimum") is True:
+        out["exclusiveMinimum"] = out.pop("minimum")
+    if node.get("exclusiveMaximum") is True:
+        out["exclusiveMaximum"] = out.pop("maximum")
+    if "properties" in node:
+        out["properties"] = {k: as_json_schema(v) for k, v in node["properties"].items()}
+        if not node.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    if isinstance(node.get("additionalProperties"), dict):
+        out["additionalProperties"] = as_json_schema(node["additionalProperties"])
+    if "items" in node:
+        out["items"] = as_json_schema(node["items"])
+    if node.get("nullable"):
+        out["type"] = [node["type"], "null"]
+    return out
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_pass_the_crd_schema(example: Path) -> None:
+    validator = jsonschema.Draft202012Validator(as_json_schema(schema()))
+    for document in yaml.safe_load_all(example.read_text()):
+        errors = sorted(validator.iter_errors(document), key=str)
+        assert not errors, [e.message for e in errors]
+
+
+def test_crd_schema_rejects_what_the_model_rejects() -> None:
+    validator = jsonschema.Draft202012Validator(as_json_schema(schema()))
+    bad = {
+        "apiVersion": "tuning.sftjob.dev/v1alpha1",
+        "kind": "SFTJob",
+        "metadata": {"name": "x"},
+        "spec": {
+            "model": {"name": "m"},
+            "dataset": {"name": "d"},
+            "method": "sgd",
+            "training": {"perDeviceTrainBatchSize": 0, "learningRate": "fast"},
+        },
+    }
+    messages = " | ".join(e.message for e in validator.iter_errors(bad))
+    assert "'sgd' is not one of" in messages
+    assert "less than the minimum of 1" in messages
+    assert "'fast' is not of type 'number'" in messages
