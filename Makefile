@@ -31,7 +31,7 @@ crd: install
 	$(VENV)/bin/sftjob crd > crds/sftjob.yaml
 
 demo: install
-	@for f in deploy/examples/*.yaml; do $(VENV)/bin/sftjob plan -f $$f || exit 1; echo; done
+	$(VENV)/bin/sftjob demo
 
 clean:
 	rm -rf $(VENV) .sftjob-local .pytest_cache .mypy_cache .ruff_cache

@@ -233,6 +233,8 @@ FIRST_CLASS_ARGS: dict[str, str] = {
     "packing": "training.packing",
     "packing_strategy": "training.packingStrategy",
     "gradient_checkpointing": "training.gradientCheckpointing",
+    "activation_checkpointing": "training.gradientCheckpointing",
+    "activation_checkpointing_kwargs": "training.gradientCheckpointing",
     "bf16": "training.bf16",
     "logging_steps": "training.loggingSteps",
     "save_steps": "training.saveSteps",
@@ -413,7 +415,10 @@ class OutputSpec(SpecModel):
 
 class VolumeSpec(SpecModel):
     name: str = Field(
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63, description="Volume name."
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        # The pod volume is named user-<name>, which must stay a 63-character DNS label.
+        max_length=58,
+        description="Volume name.",
     )
     claimName: str = Field(description="PersistentVolumeClaim to mount (models, datasets).")
     mountPath: str = Field(pattern=r"^/", description="Absolute path in the pod.")
@@ -655,13 +660,23 @@ class SFTJobStatus(StatusModel):
     )
     advisories: list[Advisory] = Field(default_factory=list, description="Reference advice.")
     progress: Progress | None = Field(default=None, description="Training progress.")
-    attempts: int = Field(default=0, description="Launches so far (1 = first run).")
+    attempts: int = Field(
+        default=0, description="Launches so far: the first run, relaunches and resumes."
+    )
+    restarts: int = Field(
+        default=0, description="Relaunches after failures, counted against retry.maxRestarts."
+    )
+    specHash: str | None = Field(
+        default=None, description="Hash of the training spec the running pods were built from."
+    )
     effectiveTraining: EffectiveTraining | None = Field(
         default=None, description="Batch settings in use after OOM auto-shrink."
     )
     lastFailure: FailureInfo | None = Field(default=None, description="Most recent failure.")
     observedGeneration: int | None = Field(default=None, description="Generation last acted on.")
-    startTime: str | None = Field(default=None, description="When the first pod started.")
+    startTime: str | None = Field(
+        default=None, description="When the current run's first pod started (reset on resume)."
+    )
     completionTime: str | None = Field(default=None, description="When the job finished.")
     outputPath: str | None = Field(default=None, description="Where the result was written.")
 

@@ -105,12 +105,60 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    import logging
+    import random
+
+    import kopf
+
+    from . import handlers  # noqa: F401  (registers the Kopf handlers)
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        # Kopf logs every timer tick at INFO; keep the operator's log for what matters.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    if args.image:
+        import os
+
+        os.environ["SFTJOB_TRAINER_IMAGE"] = args.image
+    # Peering: replicas with different priorities elect the highest as the active one.
+    priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)
+    kopf.run(
+        standalone=args.standalone,
+        priority=None if args.standalone else priority,
+        peering_name=None if args.standalone else args.peering,
+        clusterwide=args.all_namespaces,
+        namespaces=[] if args.all_namespaces else [args.namespace],
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sftjob_trainer.local_run import run_file
+
+    result: int = run_file(args.filename, workdir=args.workdir, dataset_size=args.dataset_size)
+    return result
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    # Development tooling: the local control plane and the trainer on this machine.
+    from sftjob_local.demo import run_demo
+
+    return run_demo(args.workdir, keep=args.keep, timeout=args.timeout)
+
+
 def cmd_local_up(args: argparse.Namespace) -> int:
     # Development tooling only: production code paths never import sftjob_local.
     from sftjob_local.cluster import run_local_up
 
-    run_local_up(port=args.port, kubeconfig=args.kubeconfig, workdir=args.workdir, gpus=args.gpus)
-    return 0
+    code: int = run_local_up(
+        port=args.port, kubeconfig=args.kubeconfig, workdir=args.workdir, gpus=args.gpus
+    )
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +181,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = sub.add_parser("crd", help="print the SFTJob CustomResourceDefinition (YAML)")
     crd.set_defaults(func=cmd_crd)
+
+    op = sub.add_parser("operator", help="run the operator against the current kubeconfig")
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", default="default", help="namespace to watch")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    op.add_argument(
+        "--standalone",
+        action="store_true",
+        help="no peering (one replica; the local control plane)",
+    )
+    op.add_argument("--peering", default="sftjob-operator", help="KopfPeering name for replicas")
+    op.add_argument("--priority", type=int, default=None, help="peering priority (default random)")
+    op.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument("--image", default=None, help="default trainer image for jobs without one")
+    op.add_argument("-v", "--verbose", action="store_true")
+    op.set_defaults(func=cmd_operator)
+
+    run = sub.add_parser("run", help="train an SFTJob manifest on this machine, no Kubernetes")
+    run.add_argument("-f", "--filename", type=Path, required=True)
+    run.add_argument("--workdir", type=Path, default=None, help="where outputs go if not writable")
+    run.add_argument("--dataset-size", type=int, default=None, metavar="N")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser(
+        "demo", help="local control plane + operator + tiny training jobs, with live progress"
+    )
+    demo.add_argument("--workdir", type=Path, default=Path(".sftjob-demo"))
+    demo.add_argument("--keep", action="store_true", help="keep the cluster up afterwards")
+    demo.add_argument("--timeout", type=float, default=280, help="seconds to wait for the jobs")
+    demo.set_defaults(func=cmd_demo)
 
     local = sub.add_parser("local", help="the local control plane (development and tests)")
     local_sub = local.add_subparsers(dest="local_command", required=True)

@@ -10,6 +10,7 @@ ConfigMap serves every rank.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from .api import API_VERSION, SFTJob, SFTJobSpec
@@ -25,6 +26,7 @@ ENV_NUM_NODES = "SFTJOB_NUM_NODES"
 ENV_MAIN_ADDR = "SFTJOB_MAIN_ADDR"
 ENV_MAIN_PORT = "SFTJOB_MAIN_PORT"
 ENV_TERMINATION_LOG = "SFTJOB_TERMINATION_LOG"
+# Fallback when a pod does not say (sftjob run); the operator gives each job its own port.
 DEFAULT_MAIN_PORT = 29500
 
 
@@ -56,7 +58,9 @@ def build_trainer_config(
             "generation": job.metadata.generation,
         },
         "attempt": attempt,
-        "spec": effective_spec.model_dump(mode="json"),
+        # The spec as the user wrote it (plus defaults); batch sizes in effect after an OOM
+        # shrink live in "resolved", which is what the trainer runs.
+        "spec": _spec_document(spec),
         "resolved": {
             "method": effective_spec.method,
             "learningRate": effective_spec.learning_rate,
@@ -73,6 +77,20 @@ def build_trainer_config(
         },
         "plan": plan.model_dump(mode="json"),
     }
+
+
+def _spec_document(spec: SFTJobSpec) -> dict[str, Any]:
+    document = spec.model_dump(mode="json")
+    if spec.training.warmupSteps is not None:
+        # Both filled in would break the "warmupRatio or warmupSteps" rule on re-parsing.
+        document["training"].pop("warmupRatio", None)
+    return document
+
+
+def main_port(job: SFTJob) -> int:
+    """A rendezvous port per job, so jobs sharing a host network (the local node) never clash."""
+    digest = hashlib.sha256(f"{job.metadata.namespace}/{job.metadata.name}".encode()).digest()
+    return 20000 + int.from_bytes(digest[:2], "big") % 10000
 
 
 def _with_batch(spec: SFTJobSpec, per_device: int | None, accumulation: int | None) -> SFTJobSpec:

@@ -1,0 +1,319 @@
+"""The live demo: local control plane + operator + real training of tiny jobs.
+
+`sftjob demo` (and `make demo`) runs everything on this machine, no cluster needed:
+
+1. starts the local control plane (API emulator + a node that runs pods as processes);
+2. registers the SFTJob CRD and starts the operator as its own process;
+3. builds a tiny Qwen2-shaped model and small datasets locally (no hub) into the
+   PersistentVolumeClaim folder `sftjob-demo-data`, which the examples mount at /data;
+4. applies the tiny examples of deploy/examples with kubectl (a full fine-tune on one
+   node, a LoRA run on two nodes);
+5. shows live progress as `kubectl get sft` does, then the final status of each job.
+
+`DemoEnvironment` is also what the end-to-end tests use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .cluster import LocalCluster
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO_ROOT / "deploy" / "examples"
+CRD_PATH = REPO_ROOT / "crds" / "sftjob.yaml"
+DEMO_EXAMPLES = ("tiny-cpu.yaml", "tiny-lora-2node.yaml")
+DATA_CLAIM = "sftjob-demo-data"
+GROUP, VERSION, PLURAL = "tuning.sftjob.dev", "v1alpha1", "sftjobs"
+TERMINAL = ("Succeeded", "Failed")
+
+
+class DemoEnvironment:
+    """Cluster, CRD, operator process and tiny data; a context manager."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int = 0,
+        namespace: str = "default",
+        reconcile_interval: float = 1.0,
+        fresh: bool = True,
+    ) -> None:
+        self.workdir = workdir.resolve()
+        self.port = port
+        self.namespace = namespace
+        self.reconcile_interval = reconcile_interval
+        self.fresh = fresh
+        self.cluster: LocalCluster | None = None
+        self.operator: subprocess.Popen[bytes] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> DemoEnvironment:
+        if self.fresh and self.workdir.exists():
+            shutil.rmtree(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cluster = LocalCluster(port=self.port, workdir=self.workdir)
+        self.cluster.__enter__()
+        try:
+            self._register_crd()
+            self.operator = self._start_operator()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.operator is not None and self.operator.poll() is None:
+            self.operator.send_signal(signal.SIGTERM)
+            try:
+                self.operator.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.operator.kill()
+                self.operator.wait()
+        if self.cluster is not None:
+            self.cluster.__exit__(None, None, None)
+            self.cluster = None
+
+    @property
+    def kubeconfig(self) -> Path:
+        assert self.cluster is not None
+        return self.cluster.kubeconfig
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+    def _register_crd(self) -> None:
+        import kubernetes
+
+        api = kubernetes.config.new_client_from_config(str(self.kubeconfig))
+        crd = yaml.safe_load(CRD_PATH.read_text())
+        try:
+            kubernetes.client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def _start_operator(self) -> subprocess.Popen[bytes]:
+        env = {**self.env, "SFTJOB_RECONCILE_INTERVAL": str(self.reconcile_interval)}
+        log = (self.workdir / "operator.log").open("wb")
+        return subprocess.Popen(
+            [sys.executable, "-m", "sftjob_operator.cli", "operator", "-A", "--standalone"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    # ------------------------------------------------------------------ data
+
+    def data_dir(self, claim: str = DATA_CLAIM) -> Path:
+        # The local node backs each PersistentVolumeClaim with this folder.
+        return self.workdir / "pvc" / self.namespace / claim
+
+    def prepare_data(self) -> dict[str, Path]:
+        """The tiny model and datasets the examples read from /data (no hub)."""
+        from sftjob_trainer.tiny import build_tiny_model, write_tiny_datasets
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the demo prints its own progress
+
+        folder = self.data_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        build_tiny_model(folder / "tiny-model")
+        files = write_tiny_datasets(folder)
+        self.apply_objects(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": DATA_CLAIM, "namespace": self.namespace},
+                    "spec": {
+                        "accessModes": ["ReadWriteMany"],
+                        "resources": {"requests": {"storage": "1Gi"}},
+                    },
+                }
+            ]
+        )
+        return files
+
+    # ------------------------------------------------------------------ kubectl
+
+    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
+        kubectl = shutil.which("kubectl")
+        if kubectl is None:
+            raise RuntimeError("kubectl is not installed; the demo drives the cluster with it")
+        result = subprocess.run(
+            [kubectl, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            input=stdin,
+            timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout + result.stderr
+
+    def apply_files(self, paths: Iterable[Path]) -> str:
+        args: list[str] = ["apply"]
+        for path in paths:
+            args += ["-f", str(path)]
+        return self.kubectl(*args)
+
+    def apply_objects(self, objects: list[dict[str, Any]]) -> str:
+        return self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
+
+    def jobs(self) -> list[dict[str, Any]]:
+        out = self.kubectl("get", "sftjobs", "-n", self.namespace, "-o", "json")
+        return list(json.loads(out)["items"])
+
+
+# ---------------------------------------------------------------------- presentation
+
+
+def _row(job: dict[str, Any]) -> str:
+    status = job.get("status") or {}
+    progress = status.get("progress") or {}
+    epoch = progress.get("epoch")
+    loss = progress.get("loss")
+    return (
+        f"{job['metadata']['name']:<18} {status.get('phase') or 'Pending':<11} "
+        f"{progress.get('summary') or '-':<9} "
+        f"{'-' if epoch is None else f'{epoch:.2f}':<6} "
+        f"{'-' if loss is None else f'{loss:.4f}':<8} {progress.get('eta') or '-'}"
+    )
+
+
+HEADER = f"{'NAME':<18} {'PHASE':<11} {'PROGRESS':<9} {'EPOCH':<6} {'LOSS':<8} ETA"
+
+
+def final_report(job: dict[str, Any]) -> str:
+    status = job.get("status") or {}
+    name = job["metadata"]["name"]
+    lines = [f"== {name}: {status.get('phase')}"]
+    for condition in status.get("conditions") or []:
+        lines.append(
+            f"   {condition['type']:<18} {condition['status']:<6} {condition.get('reason', ''):<20} "
+            f"{condition.get('message', '')}"
+        )
+    plan = status.get("plan") or {}
+    measured = status.get("measuredPlan") or {}
+    for key in (
+        "datasetSize",
+        "worldSize",
+        "effectiveBatchSize",
+        "stepsPerEpoch",
+        "totalSteps",
+        "warmupSteps",
+    ):
+        lines.append(f"   plan {key:<20} spec {plan.get(key)!s:<8} measured {measured.get(key)!s}")
+    progress = status.get("progress") or {}
+    lines.append(
+        f"   progress step {progress.get('step')}/{progress.get('totalSteps')}, loss "
+        f"{progress.get('loss')}, attempts {status.get('attempts')}, restarts "
+        f"{status.get('restarts', 0)}"
+    )
+    if status.get("outputPath"):
+        lines.append(
+            f"   output: {status['outputPath']} in the pods (claim "
+            f"{job['spec'].get('output', {}).get('claimName')})"
+        )
+    return "\n".join(lines)
+
+
+def watch_jobs(env: DemoEnvironment, names: list[str], timeout: float) -> list[dict[str, Any]]:
+    """Print a line whenever a job's row changes, until every job is finished."""
+    print(HEADER, flush=True)
+    last: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    jobs: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        jobs = [j for j in env.jobs() if j["metadata"]["name"] in names]
+        for job in jobs:
+            row = _row(job)
+            if last.get(job["metadata"]["name"]) != row:
+                last[job["metadata"]["name"]] = row
+                print(row, flush=True)
+        if len(jobs) == len(names) and all(
+            (j.get("status") or {}).get("phase") in TERMINAL for j in jobs
+        ):
+            return jobs
+        time.sleep(1.0)
+    print(f"timed out after {timeout:.0f}s", flush=True)
+    return jobs
+
+
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C or SIGTERM; both end in the same clean shutdown."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
+
+
+def run_demo(workdir: Path, *, keep: bool = False, timeout: float = 280) -> int:
+    started = time.monotonic()
+    examples = [EXAMPLES / name for name in DEMO_EXAMPLES]
+    names = [yaml.safe_load(path.read_text())["metadata"]["name"] for path in examples]
+    print(
+        f"sftjob demo: local control plane, operator and {len(examples)} tiny jobs "
+        f"(workdir {workdir})",
+        flush=True,
+    )
+    with DemoEnvironment(workdir) as env:
+        print(f"  API {env.cluster.url if env.cluster else '?'}; kubeconfig {env.kubeconfig}")
+        print("  building a tiny model and datasets locally (no hub) ...", flush=True)
+        env.prepare_data()
+        for line in env.apply_files(examples).splitlines():
+            print(f"  {line}", flush=True)
+        print(flush=True)
+        jobs = watch_jobs(env, names, timeout)
+        print()
+        for job in jobs:
+            print(final_report(job))
+        failed = [
+            j["metadata"]["name"]
+            for j in jobs
+            if (j.get("status") or {}).get("phase") != "Succeeded"
+        ]
+        missing = set(names) - {j["metadata"]["name"] for j in jobs}
+        elapsed = time.monotonic() - started
+        print(f"\n{len(jobs) - len(failed)}/{len(names)} jobs succeeded in {elapsed:.0f}s.")
+        for job in jobs:
+            claim = job["spec"].get("output", {}).get("claimName")
+            if claim:
+                print(f"  {job['metadata']['name']}: model in {env.data_dir(claim) / 'final'}")
+        if keep:
+            print(
+                "\nThe cluster keeps running; in another shell:\n"
+                f"  export KUBECONFIG={env.kubeconfig}\n"
+                "  kubectl get sft\n  kubectl describe sft tiny-full\n"
+                "  kubectl logs tiny-full-a1-r0\n"
+                "Ctrl-C stops it.",
+                flush=True,
+            )
+            wait_for_interrupt()
+        else:
+            print("Run `sftjob demo --keep` to keep the cluster up and explore it with kubectl.")
+        return 1 if failed or missing else 0

@@ -1,0 +1,699 @@
+"""One Pod on the local node: volumes, env, processes, restarts, status, deletion.
+
+A `PodWorker` is the local node's equivalent of the kubelet's pod worker. It
+owns the pod's folder `<workdir>/pods/<ns>/<name>-<uid8>/`, runs the containers
+as process groups and reports everything through `pods/<name>/status`.
+See `sftjob_local.node` for the conventions (paths, env, DNS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .node_kube import ApiError
+from .node_spec import (
+    FieldError,
+    MountMap,
+    container_path_default,
+    expand,
+    field_ref,
+    resource_field_ref,
+    termination_message,
+)
+
+if TYPE_CHECKING:
+    from .node import LocalNode
+
+log = logging.getLogger("sftjob_local.node")
+
+Obj = dict[str, Any]
+PYTHON_NAMES = ("python", "python3", f"python3.{sys.version_info.minor}")
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ConfigError(Exception):
+    """A referenced ConfigMap/Secret/key is missing: the kubelet's CreateContainerConfigError."""
+
+
+@dataclass
+class Container:
+    spec: Obj
+    init: bool
+    restart_count: int = 0
+    state: Obj = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    last_state: Obj = field(default_factory=dict)
+    started: bool = False
+    proc: asyncio.subprocess.Process | None = None
+    pid: int | None = None
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    term_file: Path | None = None
+    log_file: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.spec["name"])
+
+    @property
+    def running(self) -> bool:
+        return "running" in self.state
+
+    @property
+    def exit_code(self) -> int | None:
+        term = self.state.get("terminated")
+        return None if term is None else int(term["exitCode"])
+
+    def status(self, pod_uid: str) -> Obj:
+        out: Obj = {
+            "name": self.name,
+            "image": self.spec.get("image", ""),
+            "imageID": "",
+            "ready": self.running and not self.init,
+            "restartCount": self.restart_count,
+            "started": self.running,
+            "state": self.state,
+            "lastState": self.last_state,
+        }
+        if self.pid is not None:
+            out["containerID"] = f"local://{pod_uid}/{self.name}/{self.restart_count}"
+        if self.init:
+            out["ready"] = self.exit_code == 0
+        return out
+
+
+class PodWorker:
+    def __init__(self, node: LocalNode, pod: Obj, ip: str, gpu_devices: list[int]) -> None:
+        self.node = node
+        self.pod = pod
+        self.ip = ip
+        self.gpu_devices = gpu_devices
+        meta = pod["metadata"]
+        self.uid: str = meta["uid"]
+        self.ns: str = meta.get("namespace", "default")
+        self.name: str = meta["name"]
+        spec = pod.get("spec") or {}
+        self.restart_policy: str = spec.get("restartPolicy") or "Always"
+        self.dir = node.workdir / "pods" / self.ns / f"{self.name}-{self.uid[:8]}"
+        self.init = [Container(c, True) for c in spec.get("initContainers") or []]
+        self.main = [Container(c, False) for c in spec.get("containers") or []]
+        self.phase = "Pending"
+        self.reason: str | None = None
+        self.message: str | None = None
+        self.start_time: str | None = None
+        self.conditions: dict[str, Obj] = {}
+        self._set_cond("PodScheduled", True)
+        self._set_cond("Initialized", not self.init)
+        self._set_cond("ContainersReady", False, "ContainersNotReady")
+        self._set_cond("Ready", False, "ContainersNotReady")
+        self.stopping = asyncio.Event()
+        self.deleting = False
+        self.dns_ready = False
+        self.gone = False
+        self.finished = asyncio.Event()  # processes are all gone (phase final or killed)
+        self._status_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._terminate_task: asyncio.Task[None] | None = None
+        self._deadline_task: asyncio.Task[None] | None = None
+        self._config_error: str | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"pod {self.ns}/{self.name}")
+
+    def update(self, pod: Obj) -> None:
+        """A newer version of the pod from the watch."""
+        self.pod = pod
+        meta = pod.get("metadata") or {}
+        if meta.get("deletionTimestamp") and not self.deleting:
+            self.deleting = True
+            grace = meta.get("deletionGracePeriodSeconds")
+            if grace is None:
+                grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+            self._terminate_task = asyncio.create_task(self._delete(float(grace)))
+
+    def object_deleted(self) -> None:
+        """The pod is gone from the API (force delete, or deleted once terminal)."""
+        self.gone = True
+        if not self.finished.is_set():
+            self._terminate_task = asyncio.create_task(self._kill_all(grace=0))
+
+    async def shutdown(self, grace: float) -> None:
+        """Node shutdown: stop processes, leave the pod's status as it is."""
+        await self._kill_all(grace)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for task in (self._deadline_task, self._terminate_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+
+    def cleanup(self) -> None:
+        """Remove the pod's folder (emptyDir, materialized volumes); logs stay."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def _run(self) -> None:
+        try:
+            await self._lifecycle()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("pod %s/%s: worker crashed", self.ns, self.name)
+            self.phase, self.reason, self.message = "Failed", "NodeError", "local node error"
+            await self._publish()
+        finally:
+            self.finished.set()
+            self.node.release(self)
+
+    async def _lifecycle(self) -> None:
+        self.start_time = now()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        deadline = (self.pod.get("spec") or {}).get("activeDeadlineSeconds")
+        if deadline:
+            self._deadline_task = asyncio.create_task(self._deadline(float(deadline)))
+        if not await self._prepare_until_ready():
+            return  # stopped while waiting for config
+        await self._publish()
+        self.node.event(self.pod, "Scheduled", f"Successfully assigned {self.ns}/{self.name} to {self.node.name}", source="default-scheduler")  # fmt: skip
+        for c in self.init:
+            ok = await self._supervise(c)
+            if not ok:
+                if not self.stopping.is_set():
+                    self.phase = "Failed"
+                await self._finish()
+                return
+        if self.init:
+            self._set_cond("Initialized", True)
+        self.phase = "Running"
+        # publish this pod's cluster names before its processes start resolving peers
+        self.dns_ready = True
+        self.node.refresh_dns()
+        await asyncio.gather(*(self._supervise(c) for c in self.main))
+        await self._finish()
+
+    async def _finish(self) -> None:
+        codes = [c.exit_code for c in self.main]
+        # a pod being deleted keeps its phase: the object goes away anyway
+        if self.phase != "Failed" and not (self.deleting or self.gone):
+            if codes and all(code == 0 for code in codes):
+                self.phase = "Succeeded"
+            elif all(code is not None for code in codes):
+                self.phase = "Failed"
+        if self.phase in ("Succeeded", "Failed"):
+            reason = "PodCompleted"
+            self._set_cond("ContainersReady", False, reason)
+            self._set_cond("Ready", False, reason)
+        await self._publish()
+
+    async def _deadline(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if self.finished.is_set() or self.stopping.is_set():
+            return
+        self.phase = "Failed"
+        self.reason = "DeadlineExceeded"
+        self.message = "Pod was active on the node longer than the specified deadline"
+        self.node.event(self.pod, "DeadlineExceeded", self.message, type_="Warning")
+        grace = (self.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+        await self._kill_all(float(grace))
+
+    async def _delete(self, grace: float) -> None:
+        """Graceful deletion: SIGTERM, wait up to the grace period, SIGKILL, then
+        finish the deletion with gracePeriodSeconds=0 (as the kubelet does)."""
+        names = ",".join(c.name for c in self.main)
+        self.node.event(self.pod, "Killing", f"Stopping container {names}")
+        await self._kill_all(grace)
+        await self.finished.wait()
+        await self._publish()
+        with contextlib.suppress(ApiError):
+            await self.node.api.delete(
+                f"/api/v1/namespaces/{self.ns}/pods/{self.name}",
+                {
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "gracePeriodSeconds": 0,
+                    "preconditions": {"uid": self.uid},
+                },
+            )
+
+    async def _kill_all(self, grace: float) -> None:
+        self.stopping.set()
+        procs = [c for c in self.init + self.main if c.proc and c.proc.returncode is None]
+        for c in procs:
+            _signal_group(c.pid, signal.SIGTERM)
+        if procs:
+            waits = [asyncio.ensure_future(c.proc.wait()) for c in procs if c.proc]
+            _, pending = await asyncio.wait(waits, timeout=max(grace, 0.0))
+            for c in procs:
+                _signal_group(c.pid, signal.SIGKILL)
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._task is not None and self._task is not asyncio.current_task():
+            # let the lifecycle notice the exits before the caller moves on
+            await asyncio.wait({self._task}, timeout=5)
+
+    # ----------------------------------------------------------------- config
+    async def _prepare_until_ready(self) -> bool:
+        """Materialize volumes and resolve env; a missing ConfigMap/Secret keeps
+        the pod waiting (CreateContainerConfigError) and is retried, as on a real node."""
+        while not self.stopping.is_set():
+            try:
+                volumes = await self._materialize_volumes()
+                for c in self.init + self.main:
+                    await self._container_setup(c, volumes)
+                return True
+            except ConfigError as exc:
+                msg = str(exc)
+                if msg != self._config_error:
+                    self._config_error = msg
+                    self.node.event(self.pod, "Failed", f"Error: {msg}", type_="Warning")
+                for c in self.init[:1] + self.main:
+                    c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": msg}}
+                await self._publish()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), self.node.config_retry)
+        return False
+
+    async def _get(self, kind: str, name: str, optional: bool) -> Obj | None:
+        plural = {"ConfigMap": "configmaps", "Secret": "secrets"}[kind]
+        try:
+            obj: Obj = await self.node.api.get(f"/api/v1/namespaces/{self.ns}/{plural}/{name}")
+            return obj
+        except ApiError as exc:
+            if exc.status == 404:
+                if optional:
+                    return None
+                raise ConfigError(f'{kind.lower()} "{name}" not found') from exc
+            raise
+
+    @staticmethod
+    def _data(kind: str, obj: Obj | None) -> dict[str, bytes]:
+        if obj is None:
+            return {}
+        out: dict[str, bytes] = {}
+        if kind == "Secret":
+            for key, value in (obj.get("data") or {}).items():
+                out[key] = base64.b64decode(value or "")
+            for key, value in (obj.get("stringData") or {}).items():
+                out[key] = str(value).encode()
+        else:
+            for key, value in (obj.get("data") or {}).items():
+                out[key] = str(value).encode()
+            for key, value in (obj.get("binaryData") or {}).items():
+                out[key] = base64.b64decode(value or "")
+        return out
+
+    async def _materialize_volumes(self) -> dict[str, Path]:
+        base = self.dir / "volumes"
+        out: dict[str, Path] = {}
+        for vol in (self.pod.get("spec") or {}).get("volumes") or []:
+            name = vol["name"]
+            target = base / name
+            if "hostPath" in vol:
+                hp = vol["hostPath"]
+                path = Path(hp["path"])
+                if hp.get("type") in ("DirectoryOrCreate", None, "") and not path.exists():
+                    path.mkdir(parents=True, exist_ok=True)
+                out[name] = path
+            elif "persistentVolumeClaim" in vol:
+                claim = vol["persistentVolumeClaim"]["claimName"]
+                path = self.node.workdir / "pvc" / self.ns / claim
+                path.mkdir(parents=True, exist_ok=True)
+                out[name] = path
+            elif "emptyDir" in vol:
+                target.mkdir(parents=True, exist_ok=True)
+                out[name] = target
+            elif (
+                "configMap" in vol or "secret" in vol or "downwardAPI" in vol or "projected" in vol
+            ):
+                files = await self._volume_files(vol)
+                if target.exists():
+                    shutil.rmtree(target)
+                target.mkdir(parents=True)
+                for rel, (content, mode) in files.items():
+                    path = target / rel
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(content)
+                    os.chmod(path, mode)
+                out[name] = target
+            else:
+                self.node.event(self.pod, "FailedMount", f"volume {name}: type not supported by the local node; an empty folder is mounted", type_="Warning")  # fmt: skip
+                target.mkdir(parents=True, exist_ok=True)
+                out[name] = target
+        return out
+
+    async def _volume_files(self, vol: Obj) -> dict[str, tuple[bytes, int]]:
+        files: dict[str, tuple[bytes, int]] = {}
+        sources: list[tuple[str, Obj, int]] = []
+        if "projected" in vol:
+            default = vol["projected"].get("defaultMode", 0o644)
+            for src in vol["projected"].get("sources") or []:
+                for kind in ("configMap", "secret", "downwardAPI"):
+                    if kind in src:
+                        sources.append((kind, src[kind], default))
+        else:
+            for kind in ("configMap", "secret", "downwardAPI"):
+                if kind in vol:
+                    sources.append((kind, vol[kind], vol[kind].get("defaultMode", 0o644)))
+        for kind, src, default_mode in sources:
+            if kind == "downwardAPI":
+                for item in src.get("items") or []:
+                    if "fieldRef" in item:
+                        value = self._field(item["fieldRef"]["fieldPath"])
+                    else:
+                        ref = item.get("resourceFieldRef") or {}
+                        value = resource_field_ref(
+                            self._container(ref.get("containerName")), ref, self.node.allocatable
+                        )
+                    files[item["path"]] = (value.encode(), item.get("mode", default_mode))
+                continue
+            k = "ConfigMap" if kind == "configMap" else "Secret"
+            name = (
+                src.get("name") if kind == "configMap" else src.get("secretName", src.get("name"))
+            )
+            obj = await self._get(k, str(name), bool(src.get("optional")))
+            data = self._data(k, obj)
+            items = src.get("items")
+            if items:
+                for item in items:
+                    if item["key"] not in data:
+                        if src.get("optional"):
+                            continue
+                        raise ConfigError(f'{k.lower()} "{name}": key "{item["key"]}" not found')
+                    files[item["path"]] = (data[item["key"]], item.get("mode", default_mode))
+            else:
+                for key, content in data.items():
+                    files[key] = (content, default_mode)
+        return files
+
+    def _container(self, name: str | None) -> Obj | None:
+        for c in self.init + self.main:
+            if name is None or c.name == name:
+                return c.spec
+        return None
+
+    def _field(self, path: str) -> str:
+        try:
+            return field_ref(self.pod, path, self.node.name, self.ip)
+        except FieldError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    async def _container_setup(self, c: Container, volumes: dict[str, Path]) -> None:
+        spec = c.spec
+        mounts = MountMap()
+        for vm in spec.get("volumeMounts") or []:
+            real = volumes.get(vm["name"])
+            if real is None:
+                raise ConfigError(f'volumeMount "{vm["name"]}": no such volume')
+            if vm.get("subPath"):
+                real = real / vm["subPath"]
+                if not real.exists():
+                    real.mkdir(parents=True, exist_ok=True)
+            mounts.add(vm["mountPath"], str(real))
+        term = self.dir / "termination" / c.name
+        term.parent.mkdir(parents=True, exist_ok=True)
+        mounts.add(container_path_default(spec), str(term))
+        c.term_file = term
+        c.log_file = self.node.log_dir / self.ns / self.name / f"{c.name}.log"
+        c.log_file.parent.mkdir(parents=True, exist_ok=True)
+        workdir = spec.get("workingDir")
+        if workdir:
+            real_wd = mounts.resolve(workdir)
+            if real_wd is None:
+                real_wd = str(self.dir / "rootfs" / workdir.lstrip("/"))
+                mounts.add(workdir, real_wd)
+            cwd = real_wd
+        else:
+            cwd = str(self.dir / "rootfs")
+        Path(cwd).mkdir(parents=True, exist_ok=True)
+        env = await self._env(c, mounts)
+        command = list(spec.get("command") or [])
+        if not command:
+            command = list(self.node.image_command(spec.get("image", "")) or [])
+            if not command:
+                raise ConfigError(
+                    f'container "{c.name}" has no command: the local node does not pull '
+                    "images, so it cannot use the image entrypoint"
+                )
+        argv = [mounts.rewrite(expand(str(a), env)) for a in command + list(spec.get("args") or [])]
+        if argv[0] in PYTHON_NAMES:
+            argv[0] = sys.executable
+        c.argv, c.cwd = argv, cwd
+        c.env = self._process_env(c, env, mounts)
+
+    async def _env(self, c: Container, mounts: MountMap) -> dict[str, str]:
+        """The container's own env (envFrom, then env with $(VAR) expansion),
+        with mount paths rewritten to the real folders."""
+        env: dict[str, str] = {}
+        for src in c.spec.get("envFrom") or []:
+            prefix = src.get("prefix", "")
+            for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+                if key in src:
+                    ref = src[key]
+                    obj = await self._get(kind, ref["name"], bool(ref.get("optional")))
+                    for k, v in self._data(kind, obj).items():
+                        env[prefix + k] = v.decode("utf-8", errors="replace")
+        for item in c.spec.get("env") or []:
+            name = item["name"]
+            if "valueFrom" not in item:
+                env[name] = expand(str(item.get("value", "")), env)
+                continue
+            vf = item["valueFrom"]
+            if "secretKeyRef" in vf or "configMapKeyRef" in vf:
+                kind, ref = (
+                    ("Secret", vf["secretKeyRef"])
+                    if "secretKeyRef" in vf
+                    else ("ConfigMap", vf["configMapKeyRef"])
+                )
+                optional = bool(ref.get("optional"))
+                data = self._data(kind, await self._get(kind, ref["name"], optional))
+                if ref["key"] in data:
+                    env[name] = data[ref["key"]].decode("utf-8", errors="replace")
+                elif not optional:
+                    raise ConfigError(f"couldn't find key {ref['key']} in {kind} {self.ns}/{ref['name']}")  # fmt: skip
+            elif "fieldRef" in vf:
+                env[name] = self._field(vf["fieldRef"]["fieldPath"])
+            elif "resourceFieldRef" in vf:
+                ref = vf["resourceFieldRef"]
+                env[name] = resource_field_ref(
+                    self._container(ref.get("containerName") or c.name), ref, self.node.allocatable
+                )
+        return {k: mounts.rewrite(v) for k, v in env.items()}
+
+    def _process_env(self, c: Container, env: dict[str, str], mounts: MountMap) -> dict[str, str]:
+        node = self.node
+        spec = self.pod.get("spec") or {}
+        out = dict(os.environ)
+        # The node's own test/kube settings must not leak into pods.
+        for key in ("PYTEST_CURRENT_TEST", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+            out.pop(key, None)
+        bindir = os.path.dirname(sys.executable)
+        out["PATH"] = bindir + os.pathsep + out.get("PATH", "/usr/bin:/bin")
+        out.update(
+            {
+                "HOSTNAME": spec.get("hostname") or self.name,
+                "KUBECONFIG": str(node.kubeconfig),
+                "PYTHONUNBUFFERED": "1",
+                "GLOO_SOCKET_IFNAME": "lo",
+                "SFTJOB_LOCAL_NODE": node.name,
+                "SFTJOB_LOCAL_POD_IP": self.ip,
+                "SFTJOB_LOCAL_POD_NAMESPACE": self.ns,
+                "SFTJOB_LOCAL_HOSTS_FILE": str(node.hosts_file),
+                "SFTJOB_LOCAL_MOUNTS": json.dumps(mounts.paths, sort_keys=True),
+                "TERMINATION_MESSAGE_PATH": str(c.term_file),
+                # without /etc/hosts, torch's C++ resolver needs the Python hook's help
+                "SFTJOB_LOCAL_TORCH_HOOK": "0" if node.manage_etc_hosts else "1",
+            }
+        )
+        if self.gpu_devices:
+            out["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in self.gpu_devices)
+            out["NVIDIA_VISIBLE_DEVICES"] = out["CUDA_VISIBLE_DEVICES"]
+        if "/tmp" in mounts.paths:  # a volume on /tmp (read-only root fs pattern)
+            out["TMPDIR"] = mounts.paths["/tmp"]
+        out.update(env)  # the pod's own env wins (KUBECONFIG included)
+        # the DNS hook goes first; the pod's (else the node's) PYTHONPATH follows
+        rest = env.get("PYTHONPATH") or os.environ.get("PYTHONPATH")
+        out["PYTHONPATH"] = os.pathsep.join(p for p in (str(node.pyhook_dir), rest) if p)
+        return out
+
+    # ----------------------------------------------------------------- processes
+    async def _supervise(self, c: Container) -> bool:
+        """Run one container until it is done under the restart policy. Returns
+        True when it finally exited 0 (init containers must)."""
+        backoff = self.node.restart_backoff
+        while not self.stopping.is_set():
+            code = await self._run_once(c)
+            if self.stopping.is_set():
+                return code == 0
+            restart = self.restart_policy == "Always" or (
+                self.restart_policy == "OnFailure" and code != 0
+            )
+            if c.init and code == 0:
+                return True
+            if not restart:
+                return code == 0
+            c.last_state = c.state
+            c.state = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": f"back-off {backoff:g}s restarting failed container={c.name} pod={self.name}",
+                }
+            }
+            self._readiness()
+            await self._publish()
+            self.node.event(self.pod, "BackOff", f"Back-off restarting failed container {c.name}", type_="Warning")  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), backoff)
+            backoff = min(backoff * 2, self.node.max_restart_backoff)
+            c.restart_count += 1
+        return c.exit_code == 0
+
+    async def _run_once(self, c: Container) -> int:
+        assert c.term_file is not None and c.log_file is not None
+        c.term_file.write_bytes(b"")
+        log_start = c.log_file.stat().st_size if c.log_file.exists() else 0
+        started_at = now()
+        fd = os.open(c.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            c.proc = await asyncio.create_subprocess_exec(
+                *c.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=fd,
+                stderr=fd,
+                cwd=c.cwd,
+                env=c.env,
+                start_new_session=True,  # own process group: the whole tree gets the signals
+            )
+        except OSError as exc:
+            os.write(fd, f"local node: cannot start {c.argv[0]!r}: {exc}\n".encode())
+            c.state = {
+                "terminated": {
+                    "exitCode": 128,
+                    "reason": "StartError",
+                    "message": str(exc),
+                    "startedAt": started_at,
+                    "finishedAt": now(),
+                }
+            }
+            self.node.event(self.pod, "Failed", f"Error: {exc}", type_="Warning")
+            await self._publish()
+            return 128
+        finally:
+            os.close(fd)
+        c.pid = c.proc.pid
+        if self.stopping.is_set():  # stopped while we were spawning: nobody else will kill it
+            _signal_group(c.pid, signal.SIGKILL)
+        c.state = {"running": {"startedAt": started_at}}
+        c.started = True
+        self._readiness()
+        if not c.init:
+            self.phase = "Running"
+        await self._publish()
+        self.node.event(self.pod, "Started", f"Started container {c.name}")
+        code = await c.proc.wait()
+        _signal_group(c.pid, signal.SIGKILL)  # leftovers of the tree, like a container's PID 1 exit
+        if code < 0:
+            code = 128 - code  # killed by signal N → 128+N, as container runtimes report
+        file_bytes = c.term_file.read_bytes()[-8192:] if c.term_file.exists() else b""
+        tail = b""
+        with open(c.log_file, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            start = max(log_start, size - 64 * 1024)
+            fh.seek(start)
+            tail = fh.read()
+        message = termination_message(file_bytes, tail, c.spec.get("terminationMessagePolicy"), code)  # fmt: skip
+        terminated: Obj = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": started_at,
+            "finishedAt": now(),
+            "containerID": f"local://{self.uid}/{c.name}/{c.restart_count}",
+        }
+        if message:
+            terminated["message"] = message
+        c.state = {"terminated": terminated}
+        self._readiness()
+        if not self.stopping.is_set():
+            await self._publish()
+        return code
+
+    # ----------------------------------------------------------------- status
+    def _set_cond(self, ctype: str, status: bool, reason: str | None = None) -> None:
+        value = "True" if status else "False"
+        old = self.conditions.get(ctype)
+        cond: Obj = {
+            "type": ctype,
+            "status": value,
+            "lastProbeTime": None,
+            "lastTransitionTime": old["lastTransitionTime"]
+            if old and old["status"] == value
+            else now(),
+        }
+        if reason and not status:
+            cond["reason"] = reason
+        self.conditions[ctype] = cond
+
+    def _readiness(self) -> None:
+        ready = bool(self.main) and all(c.running for c in self.main)
+        self._set_cond("ContainersReady", ready, "ContainersNotReady")
+        self._set_cond("Ready", ready, "ContainersNotReady")
+
+    def status(self) -> Obj:
+        status: Obj = {
+            "phase": self.phase,
+            "conditions": [
+                self.conditions[t]
+                for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+            ],
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": self.ip,
+            "podIPs": [{"ip": self.ip}],
+            "startTime": self.start_time,
+            "containerStatuses": [c.status(self.uid) for c in self.main],
+            "qosClass": "BestEffort",
+        }
+        if self.init:
+            status["initContainerStatuses"] = [c.status(self.uid) for c in self.init]
+        if self.reason:
+            status["reason"] = self.reason
+        if self.message:
+            status["message"] = self.message
+        return status
+
+    async def _publish(self) -> None:
+        if self.gone:
+            return
+        async with self._status_lock:
+            try:
+                await self.node.api.merge_patch(
+                    f"/api/v1/namespaces/{self.ns}/pods/{self.name}/status",
+                    {"status": self.status()},
+                )
+            except ApiError as exc:
+                if exc.status != 404:
+                    log.warning("pod %s/%s: status patch failed: %s", self.ns, self.name, exc)
+            except Exception as exc:  # the API may be going away during shutdown
+                log.debug("pod %s/%s: status patch failed: %r", self.ns, self.name, exc)
+
+
+def _signal_group(pid: int | None, sig: int) -> None:
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)

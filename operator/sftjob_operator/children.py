@@ -1,0 +1,368 @@
+"""Pure builders for an SFTJob's children: ConfigMap, RBAC, Service, Pods.
+
+Every child has a fixed name derived from the job (pods add the launch number and
+rank), the job's labels and an ownerReference to the job, so creating them is
+idempotent (409 means "already there") and deleting the job removes them all.
+Nothing here talks to the API; `kube.py` sends what these functions return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from .api import API_VERSION, GROUP, KIND, PLURAL, SFTJob
+from .trainer_config import (
+    CONFIG_KEY,
+    ENV_CONFIG_PATH,
+    ENV_MAIN_ADDR,
+    ENV_MAIN_PORT,
+    ENV_NODE_RANK,
+    ENV_NUM_NODES,
+    ENV_TERMINATION_LOG,
+    main_port,
+)
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/sftjob/sftjob-trainer:0.1.0"
+LABEL_JOB = "sftjob.dev/job-name"
+LABEL_RANK = "sftjob.dev/rank"
+LABEL_ATTEMPT = "sftjob.dev/attempt"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+COMMON_LABELS = {
+    "app.kubernetes.io/name": "sftjob",
+    "app.kubernetes.io/managed-by": "sftjob-operator",
+}
+CONFIG_MOUNT = "/etc/sftjob"
+TERMINATION_LOG = "/dev/termination-log"
+# Time for the trainer to write a checkpoint after SIGTERM before it is killed.
+TERMINATION_GRACE_SECONDS = 120
+TRAINER_UID = 1000
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-config"
+
+
+def service_account_name(job_name: str) -> str:
+    return f"{job_name}-trainer"
+
+
+def rendezvous_service_name(job_name: str) -> str:
+    return f"{job_name}-rdzv"
+
+
+def pod_name(job_name: str, attempt: int, rank: int) -> str:
+    # A new launch gets new pod names: the previous launch's pods may still be terminating.
+    return f"{job_name}-a{attempt}-r{rank}"
+
+
+def owner_reference(job: SFTJob) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def job_labels(job: SFTJob) -> dict[str, str]:
+    return {**COMMON_LABELS, LABEL_JOB: job.metadata.name}
+
+
+def _metadata(job: SFTJob, name: str, component: str, **labels: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job.metadata.namespace or "default",
+        "labels": {**job_labels(job), LABEL_COMPONENT: component, **labels},
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def training_spec_hash(job: SFTJob) -> str:
+    """Hash of everything that shapes the run; suspend and retry settings are left out."""
+    spec = job.spec.model_dump(
+        mode="json",
+        exclude={"suspend", "retry", "ttlSecondsAfterFinished", "activeDeadlineSeconds"},
+    )
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_config_map(job: SFTJob, trainer_config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, config_map_name(job.metadata.name), "config"),
+        "data": {CONFIG_KEY: json.dumps(trainer_config, indent=2, sort_keys=True)},
+    }
+
+
+def build_service_account(job: SFTJob) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(job, service_account_name(job.metadata.name), "rbac"),
+    }
+
+
+def build_role(job: SFTJob) -> dict[str, Any]:
+    """The trainer may read and patch the status of THIS SFTJob and nothing else."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(job, service_account_name(job.metadata.name), "rbac"),
+        "rules": [
+            {
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [job.metadata.name],
+                "verbs": ["get", "patch"],
+            },
+            {
+                "apiGroups": [GROUP],
+                "resources": [PLURAL],
+                "resourceNames": [job.metadata.name],
+                "verbs": ["get"],
+            },
+        ],
+    }
+
+
+def build_role_binding(job: SFTJob) -> dict[str, Any]:
+    name = service_account_name(job.metadata.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(job, name, "rbac"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [
+            {
+                "kind": "ServiceAccount",
+                "name": name,
+                "namespace": job.metadata.namespace or "default",
+            }
+        ],
+    }
+
+
+def build_rendezvous_service(job: SFTJob) -> dict[str, Any]:
+    """Headless Service resolving to rank 0, where every rank meets (multi-node only)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, rendezvous_service_name(job.metadata.name), "rendezvous"),
+        "spec": {
+            "clusterIP": "None",
+            # Ranks rendezvous before any pod is Ready, so the address must resolve early.
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: job.metadata.name, LABEL_RANK: "0"},
+            "ports": [{"name": "rendezvous", "port": main_port(job), "targetPort": main_port(job)}],
+        },
+    }
+
+
+def main_address(job: SFTJob) -> str:
+    if job.spec.resources.nodes == 1:
+        return "127.0.0.1"
+    namespace = job.metadata.namespace or "default"
+    return f"{rendezvous_service_name(job.metadata.name)}.{namespace}.svc"
+
+
+def _resources(job: SFTJob) -> dict[str, Any]:
+    res = job.spec.resources
+    limits: dict[str, str] = {}
+    requests: dict[str, str] = {}
+    if res.gpusPerNode > 0:
+        limits[res.gpuResourceName] = str(res.gpusPerNode)
+    if res.cpu:
+        limits["cpu"] = requests["cpu"] = res.cpu
+    if res.memory:
+        limits["memory"] = requests["memory"] = res.memory
+    out: dict[str, Any] = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def _volumes(job: SFTJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    spec = job.spec
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(job.metadata.name)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        # The root filesystem is read-only; libraries write caches and temp files here.
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    output_source: dict[str, Any] = (
+        {"persistentVolumeClaim": {"claimName": spec.output.claimName}}
+        if spec.output.claimName
+        else {"emptyDir": {}}
+    )
+    volumes.append({"name": "output", **output_source})
+    mounts.append({"name": "output", "mountPath": spec.output.path})
+    if spec.resources.gpusPerNode > 0 and spec.resources.sharedMemory:
+        volumes.append(
+            {
+                "name": "dshm",
+                "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.sharedMemory},
+            }
+        )
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    for extra in spec.volumes:
+        volumes.append(
+            {
+                "name": f"user-{extra.name}",
+                "persistentVolumeClaim": {"claimName": extra.claimName, "readOnly": extra.readOnly},
+            }
+        )
+        mounts.append(
+            {"name": f"user-{extra.name}", "mountPath": extra.mountPath, "readOnly": extra.readOnly}
+        )
+    return volumes, mounts
+
+
+def _env(job: SFTJob, rank: int) -> list[dict[str, Any]]:
+    spec = job.spec
+    env: list[dict[str, Any]] = [
+        {"name": ENV_CONFIG_PATH, "value": f"{CONFIG_MOUNT}/{CONFIG_KEY}"},
+        {"name": ENV_NODE_RANK, "value": str(rank)},
+        {"name": ENV_NUM_NODES, "value": str(spec.resources.nodes)},
+        {"name": ENV_MAIN_ADDR, "value": main_address(job)},
+        {"name": ENV_MAIN_PORT, "value": str(main_port(job))},
+        {"name": ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
+        # Paths the trainer uses, given as env so any runtime that maps volumes can map them.
+        {"name": "SFTJOB_OUTPUT_DIR", "value": spec.output.path},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/hf-home"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    if spec.model.path:
+        env.append({"name": "SFTJOB_MODEL_PATH", "value": spec.model.path})
+    if spec.dataset.path:
+        env.append({"name": "SFTJOB_DATASET_PATH", "value": spec.dataset.path})
+    if spec.secrets.hfToken is not None:
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {
+                    "secretKeyRef": {
+                        "name": spec.secrets.hfToken.name,
+                        "key": spec.secrets.hfToken.key,
+                    }
+                },
+            }
+        )
+    env += [{"name": var.name, "value": var.value} for var in spec.env]
+    return env
+
+
+def _affinity(job: SFTJob) -> dict[str, Any] | None:
+    if job.spec.resources.nodes == 1:
+        return None
+    # One rank per machine: two ranks on one node would share its GPUs and network.
+    return {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {"matchLabels": {LABEL_JOB: job.metadata.name}},
+                    },
+                }
+            ]
+        }
+    }
+
+
+def build_pod(
+    job: SFTJob, rank: int, attempt: int, default_image: str = DEFAULT_TRAINER_IMAGE
+) -> dict[str, Any]:
+    spec = job.spec
+    name = job.metadata.name
+    volumes, mounts = _volumes(job)
+    labels = {LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)}
+    queue = job.metadata.labels.get(KUEUE_QUEUE_LABEL)
+    if queue:
+        labels[KUEUE_QUEUE_LABEL] = queue
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": service_account_name(name),
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "hostname": f"{name}-r{rank}",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": "trainer",
+                "image": spec.image or default_image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["python", "-m", "sftjob_trainer"],
+                "args": ["--config", f"{CONFIG_MOUNT}/{CONFIG_KEY}"],
+                "env": _env(job, rank),
+                "resources": _resources(job),
+                "volumeMounts": mounts,
+                "ports": [{"name": "rendezvous", "containerPort": main_port(job)}],
+                "terminationMessagePath": TERMINATION_LOG,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }
+        ],
+        "volumes": volumes,
+    }
+    if spec.resources.nodes > 1:
+        pod_spec["subdomain"] = rendezvous_service_name(name)
+    if spec.resources.nodeSelector:
+        pod_spec["nodeSelector"] = dict(spec.resources.nodeSelector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(exclude_none=True) for t in spec.resources.tolerations
+        ]
+    affinity = _affinity(job)
+    if affinity:
+        pod_spec["affinity"] = affinity
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(job, pod_name(name, attempt, rank), "trainer", **labels),
+        "spec": pod_spec,
+    }
+
+
+def build_pods(
+    job: SFTJob, attempt: int, default_image: str = DEFAULT_TRAINER_IMAGE
+) -> list[dict[str, Any]]:
+    return [
+        build_pod(job, rank, attempt, default_image) for rank in range(job.spec.resources.nodes)
+    ]
+
+
+def build_static_children(job: SFTJob, trainer_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Children that live as long as the job: config, RBAC and (multi-node) the Service."""
+    children = [
+        build_config_map(job, trainer_config),
+        build_service_account(job),
+        build_role(job),
+        build_role_binding(job),
+    ]
+    if job.spec.resources.nodes > 1:
+        children.append(build_rendezvous_service(job))
+    return children

@@ -1,0 +1,70 @@
+"""Kopf wiring only: every event and timer tick becomes one reconcile pass.
+
+No finalizer is registered (there is no on.delete handler): children carry
+ownerReferences, so the API server's garbage collector removes them with the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from .api import GROUP, PLURAL, VERSION
+from .kube import Kube, load_api_client
+from .metrics import METRICS
+from .reconciler import OperatorSettings, reconcile
+
+RECONCILE_INTERVAL = float(os.environ.get("SFTJOB_RECONCILE_INTERVAL", "2"))
+ANNOTATION_PREFIX = "sftjob.dev"
+
+_locks: dict[str, asyncio.Lock] = {}
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.batching.worker_limit = int(os.environ.get("SFTJOB_WORKER_LIMIT", "64"))
+    memo.kube = Kube(load_api_client(), on_error=METRICS.api_error)
+    memo.settings = OperatorSettings(
+        default_image=os.environ.get("SFTJOB_TRAINER_IMAGE") or OperatorSettings().default_image
+    )
+    metrics_port = os.environ.get("SFTJOB_METRICS_PORT")
+    if metrics_port:
+        METRICS.serve(int(metrics_port))
+
+
+async def _reconcile(body: kopf.Body, memo: kopf.Memo) -> str:
+    # Events and timer ticks of one job must not interleave their writes.
+    lock = _locks.setdefault(body["metadata"]["uid"], asyncio.Lock())
+    async with lock:
+        return await reconcile(body, memo.kube, memo.settings)
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def on_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _reconcile(body, memo)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, initial_delay=RECONCILE_INTERVAL)
+async def on_tick(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _reconcile(body, memo)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def on_delete(body: kopf.Body, **_: Any) -> None:
+    # optional=True adds no finalizer; this only drops the job from the phase gauge.
+    _locks.pop(body["metadata"]["uid"], None)
+    METRICS.forget(body["metadata"]["namespace"], body["metadata"]["name"])

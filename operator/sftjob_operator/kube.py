@@ -1,0 +1,188 @@
+"""The one module of the operator that talks to the Kubernetes API.
+
+Synchronous `kubernetes` client calls (the handlers run them in worker threads).
+Objects go in and come out as plain dicts in the API's own camelCase, so the pure
+core never sees client model classes. Creating is idempotent: 409 AlreadyExists
+means the child is already there, which is what a handler running twice expects.
+
+`API_PERMISSIONS` lists every (group, resource, verb) used here; a test checks it
+against the calls in this file and against the ClusterRole in deploy/.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import kubernetes
+from kubernetes.client import ApiClient, ApiException
+
+from .api import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+
+API_PERMISSIONS: dict[tuple[str, str], set[str]] = {
+    ("", "configmaps"): {"create", "patch", "get"},
+    ("", "serviceaccounts"): {"create"},
+    ("", "services"): {"create"},
+    ("", "pods"): {"create", "list", "delete"},
+    ("", "events"): {"create"},
+    ("rbac.authorization.k8s.io", "roles"): {"create"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"create"},
+    (GROUP, PLURAL): {"get", "list", "watch", "patch", "delete"},
+    (GROUP, f"{PLURAL}/status"): {"patch"},
+}
+
+ErrorHook = Callable[[str], None]
+
+
+def load_api_client() -> ApiClient:
+    """In-cluster service account when running in a pod, else KUBECONFIG / ~/.kube/config."""
+    try:
+        kubernetes.config.load_incluster_config()
+        return ApiClient()
+    except kubernetes.config.ConfigException:
+        return kubernetes.config.new_client_from_config()
+
+
+class Kube:
+    def __init__(self, api_client: ApiClient, on_error: ErrorHook | None = None):
+        self.client = api_client
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self._on_error = on_error or (lambda verb: None)
+
+    def _plain(self, obj: Any) -> dict[str, Any]:
+        plain = self.client.sanitize_for_serialization(obj)
+        return plain if isinstance(plain, dict) else {}
+
+    # ----------------------------------------------------------------- children
+
+    def create_if_absent(self, manifest: dict[str, Any]) -> bool:
+        """Create `manifest`; False when an object of that name already exists."""
+        kind = manifest["kind"]
+        namespace = manifest["metadata"]["namespace"]
+        creators: dict[str, Callable[..., Any]] = {
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "ServiceAccount": self.core.create_namespaced_service_account,
+            "Service": self.core.create_namespaced_service,
+            "Pod": self.core.create_namespaced_pod,
+            "Role": self.rbac.create_namespaced_role,
+            "RoleBinding": self.rbac.create_namespaced_role_binding,
+        }
+        try:
+            creators[kind](namespace, manifest)
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            self._on_error(f"create {kind}")
+            raise
+
+    def patch_config_map_data(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        try:
+            # This client defaults PATCH bodies to JSON Patch; a dict is a merge patch.
+            self.core.patch_namespaced_config_map(
+                name, namespace, {"data": data}, _content_type=MERGE_PATCH
+            )
+        except ApiException:
+            self._on_error("patch ConfigMap")
+            raise
+
+    def read_config_map_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            config_map = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            self._on_error("get ConfigMap")
+            raise
+        return dict(config_map.data or {})
+
+    def list_job_pods(self, namespace: str, job_name: str, label: str) -> list[dict[str, Any]]:
+        try:
+            pods = self.core.list_namespaced_pod(namespace, label_selector=f"{label}={job_name}")
+        except ApiException:
+            self._on_error("list Pod")
+            raise
+        return [self._plain(pod) for pod in pods.items]
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                self._on_error("delete Pod")
+                raise
+
+    # ----------------------------------------------------------------- the SFTJob
+
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": status},
+                _content_type=MERGE_PATCH,
+            )
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing left to report on
+                self._on_error("patch SFTJob status")
+                raise
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                body={"propagationPolicy": "Background"},
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                self._on_error("delete SFTJob")
+                raise
+
+    def post_event(self, job: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+        """A core/v1 Event about the SFTJob, which `kubectl describe sft` lists."""
+        metadata = job["metadata"]
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": f"{metadata['name']}.",
+                "namespace": metadata["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "SFTJob",
+                "name": metadata["name"],
+                "namespace": metadata["namespace"],
+                "uid": metadata.get("uid"),
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "sftjob-operator"},
+            "reportingComponent": "sftjob-operator",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(metadata["namespace"], event)
+        except ApiException:
+            # Events are best effort; a lost one must not fail the reconcile.
+            self._on_error("create Event")
+            log.warning("could not post event %s for %s", reason, metadata["name"])

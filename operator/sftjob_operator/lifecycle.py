@@ -1,0 +1,617 @@
+"""Pure lifecycle: from the job and the pods as they are now, what to do next.
+
+`reconcile_job` is called on every event and timer tick with the SFTJob and the
+pods observed through the API. It never looks at event order: the phase, the
+conditions and the actions are derived from observed state each time, so running
+it twice, or after an operator restart, gives the same answer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from . import conditions as cond
+from .api import EffectiveTraining, FailureInfo, SFTJob, SFTJobSpec, SFTJobStatus
+from .children import LABEL_ATTEMPT, LABEL_RANK, build_pods, training_spec_hash
+from .trainer_config import build_trainer_config
+
+# Reasons the trainer writes in its termination message (and their exit codes).
+TRAINER_EXIT_CODES = {
+    10: "OutOfMemory",
+    11: "DataError",
+    12: "ConfigError",
+    13: "ModelLoadError",
+    14: "Interrupted",
+}
+FATAL_REASONS = ("DataError", "ConfigError", "ModelLoadError")
+# Pod-level reasons a kubelet or scheduler gives when the pod, not the training, failed.
+LOST_POD_REASONS = ("Evicted", "Preempted", "NodeLost", "Shutdown", "NodeShutdown", "Terminated")
+
+EventType = Literal["Normal", "Warning"]
+
+
+@dataclass(frozen=True)
+class Event:
+    type: EventType
+    reason: str
+    message: str
+
+
+@dataclass
+class Actions:
+    """What the shell must do, in order: patch config, delete pods, create pods, patch status."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    create_pods: list[dict[str, Any]] = field(default_factory=list)
+    delete_pods: list[str] = field(default_factory=list)
+    trainer_config: dict[str, Any] | None = None
+    events: list[Event] = field(default_factory=list)
+    delete_job: bool = False
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    message: str
+    step: int | None = None
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    relaunch: bool
+    reason: str
+    message: str
+    per_device: int
+    accumulation: int
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+# --------------------------------------------------------------------- observing pods
+
+
+def pod_attempt(pod: dict[str, Any]) -> int:
+    try:
+        return int(pod["metadata"]["labels"][LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return 0
+
+
+def pod_rank(pod: dict[str, Any]) -> int:
+    try:
+        return int(pod["metadata"]["labels"][LABEL_RANK])
+    except (KeyError, ValueError):
+        return -1
+
+
+def pod_phase(pod: dict[str, Any]) -> str:
+    return str((pod.get("status") or {}).get("phase") or "Pending")
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = status.get("state") or {}
+        if "terminated" in state:
+            return dict(state["terminated"])
+    return {}
+
+
+def classify_failure(pod: dict[str, Any]) -> Failure:
+    """Why a failed pod failed: the trainer's own report first, then what Kubernetes saw."""
+    rank = pod_rank(pod)
+    status = pod.get("status") or {}
+    if status.get("reason") in LOST_POD_REASONS:
+        return Failure(
+            "PodLost", f"pod {status.get('reason')}: {status.get('message', '')}".strip(), rank=rank
+        )
+    terminated = _terminated(pod)
+    message = str(terminated.get("message") or "").strip()
+    report = _trainer_report(message)
+    if report is not None:
+        return Failure(
+            str(report.get("reason") or "InternalError"),
+            str(report.get("message") or ""),
+            _int_or_none(report.get("step")),
+            rank,
+        )
+    if terminated.get("reason") == "OOMKilled":
+        return Failure("OutOfMemory", "container killed for exceeding its memory limit", rank=rank)
+    code = terminated.get("exitCode")
+    if isinstance(code, int) and code in TRAINER_EXIT_CODES:
+        return Failure(TRAINER_EXIT_CODES[code], _tail(message), rank=rank)
+    if code in (137, 143):
+        return Failure("Interrupted", f"killed by signal (exit code {code})", rank=rank)
+    return Failure("InternalError", _tail(message) or f"exit code {code}", rank=rank)
+
+
+def _trainer_report(message: str) -> dict[str, Any] | None:
+    if not message.startswith("{"):
+        return None
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) and "reason" in parsed else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def _tail(text: str, limit: int = 600) -> str:
+    return text[-limit:]
+
+
+def unschedulable_message(pod: dict[str, Any]) -> str | None:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("reason") == "Unschedulable":
+            return str(condition.get("message") or "no node fits the pod")
+    return None
+
+
+# --------------------------------------------------------------------- retry policy
+
+
+def shrink_batch(per_device: int, accumulation: int) -> tuple[int, int] | None:
+    """Halve the micro-batch and scale accumulation so the effective batch stays exact."""
+    for divisor in range(per_device // 2, 0, -1):
+        if per_device % divisor == 0:
+            return divisor, accumulation * (per_device // divisor)
+    return None
+
+
+def decide_retry(failure: Failure, spec: SFTJobSpec, status: SFTJobStatus) -> RetryDecision:
+    effective = status.effectiveTraining
+    per_device = (
+        effective.perDeviceTrainBatchSize if effective else spec.training.perDeviceTrainBatchSize
+    )
+    accumulation = (
+        effective.gradientAccumulationSteps
+        if effective
+        else spec.training.gradientAccumulationSteps
+    )
+    if failure.reason in FATAL_REASONS:
+        return RetryDecision(False, failure.reason, failure.message, per_device, accumulation)
+    if status.restarts >= spec.retry.maxRestarts:
+        return RetryDecision(
+            False,
+            "RestartLimitExceeded",
+            f"{failure.reason}: {failure.message} (gave up after {status.restarts} restarts; "
+            "raise retry.maxRestarts to allow more)",
+            per_device,
+            accumulation,
+        )
+    if failure.reason == "OutOfMemory":
+        if not spec.retry.oomAutoShrink:
+            return RetryDecision(
+                False,
+                "OutOfMemory",
+                f"out of memory at perDeviceTrainBatchSize {per_device} and retry.oomAutoShrink "
+                "is off: lower perDeviceTrainBatchSize and raise gradientAccumulationSteps",
+                per_device,
+                accumulation,
+            )
+        shrunk = shrink_batch(per_device, accumulation)
+        if shrunk is None:
+            return RetryDecision(
+                False,
+                "OutOfMemory",
+                "out of memory with perDeviceTrainBatchSize already 1: turn on "
+                "gradientCheckpointing, lower maxLength, use method lora/qlora, or shard the "
+                "model with distributed: fsdp over more GPUs",
+                per_device,
+                accumulation,
+            )
+        new_pd, new_acc = shrunk
+        return RetryDecision(
+            True,
+            "OutOfMemoryShrink",
+            f"out of memory at perDeviceTrainBatchSize {per_device}: relaunching with "
+            f"perDeviceTrainBatchSize {new_pd} and gradientAccumulationSteps {new_acc} "
+            "(same effective batch and plan)",
+            new_pd,
+            new_acc,
+        )
+    return RetryDecision(
+        True,
+        failure.reason,
+        f"{failure.reason}: {failure.message or 'pod failed'}; relaunching, resuming from the "
+        "newest checkpoint",
+        per_device,
+        accumulation,
+    )
+
+
+# --------------------------------------------------------------------- reconcile
+
+
+def _status_of(job: SFTJob) -> SFTJobStatus:
+    return job.status or SFTJobStatus()
+
+
+def _conditions_patch(status: SFTJobStatus) -> list[dict[str, Any]]:
+    return [c.model_dump(mode="json", exclude_none=True) for c in status.conditions]
+
+
+def _launch(
+    job: SFTJob,
+    attempt: int,
+    default_image: str,
+    actions: Actions,
+    per_device: int | None = None,
+    accumulation: int | None = None,
+) -> None:
+    # Batch sizes travel in the ConfigMap, which every rank of the launch reads.
+    actions.trainer_config = build_trainer_config(
+        job, attempt=attempt, per_device=per_device, accumulation=accumulation
+    )
+    actions.create_pods = build_pods(job, attempt, default_image)
+
+
+# Spec fields a user may change on a launched job; everything else is frozen for the run.
+MUTABLE_FIELDS = ("suspend", "retry", "ttlSecondsAfterFinished", "activeDeadlineSeconds")
+
+
+def running_job(job: SFTJob, launched_spec: SFTJobSpec | None) -> SFTJob:
+    """The job as it runs: the launched spec with the fields that may change taken from now."""
+    if launched_spec is None:
+        return job
+    current = {name: getattr(job.spec, name) for name in MUTABLE_FIELDS}
+    return job.model_copy(update={"spec": launched_spec.model_copy(update=current)})
+
+
+def reconcile_job(
+    job: SFTJob,
+    pods: list[dict[str, Any]],
+    now: datetime,
+    default_image: str,
+    launched_spec: SFTJobSpec | None = None,
+) -> Actions:
+    """The next actions for `job` given all of its pods (any attempt) as observed now.
+
+    `launched_spec` is the spec the running pods were built from (kept in the job's
+    ConfigMap); relaunches reuse it, so an ignored edit never sneaks into a restart.
+    """
+    changed_job = job
+    job = running_job(job, launched_spec)
+    actions = Actions()
+    status = _status_of(job).model_copy(deep=True)
+    generation = job.metadata.generation
+    stamp = iso(now)
+    spec = job.spec
+    original = status.model_dump(mode="json", exclude_none=True)
+
+    # A crash between creating pods and recording the launch leaves pods newer than the
+    # status: adopt them instead of launching again.
+    attempt = max([status.attempts] + [pod_attempt(p) for p in pods])
+    if attempt > status.attempts:
+        # The adopted launch was built from the current spec: record it, or a later edit
+        # would never be reported as ignored.
+        status.specHash = status.specHash or training_spec_hash(job)
+    status.attempts = attempt
+    current = {pod_rank(p): p for p in pods if pod_attempt(p) == attempt}
+    stale = [p for p in pods if pod_attempt(p) != attempt and _live(p)]
+    actions.delete_pods += [p["metadata"]["name"] for p in stale]
+
+    if status.phase in ("Succeeded", "Failed"):
+        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if _live(p)]
+        _expire(job, status, now, actions)
+        return _finish(actions, status, original)
+
+    _note_spec_change(changed_job, status, stamp, generation)
+
+    if spec.suspend:
+        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if _live(p)]
+        if status.phase != "Suspended":
+            status.phase = "Suspended"
+            status.conditions = cond.set_exclusive(
+                status.conditions,
+                cond.SUSPENDED,
+                "SuspendedByUser",
+                "spec.suspend is true: pods stopped; set it to false to resume from the newest "
+                "checkpoint",
+                stamp,
+                generation,
+            )
+            actions.events.append(Event("Normal", "Suspended", "pods stopped, status kept"))
+        return _finish(actions, status, original)
+
+    if attempt == 0 or status.phase == "Suspended":
+        resumed = status.phase == "Suspended"
+        if resumed:
+            # As for a Kubernetes Job: activeDeadlineSeconds counts running time, so the
+            # clock restarts when the resumed pods start.
+            status.startTime = None
+        attempt += 1
+        status.attempts = attempt
+        status.specHash = status.specHash or training_spec_hash(job)
+        effective = status.effectiveTraining
+        _launch(
+            job,
+            attempt,
+            default_image,
+            actions,
+            effective.perDeviceTrainBatchSize if effective else None,
+            effective.gradientAccumulationSteps if effective else None,
+        )
+        status.phase = "Pending"
+        reason = "Resumed" if resumed else "Launched"
+        message = f"launch {attempt}: {spec.resources.nodes} pod(s) created" + (
+            ", resuming from the newest checkpoint" if resumed else ""
+        )
+        # Running stays False until a pod runs; Restarting (if set) stays until then too.
+        status.conditions = cond.set_condition(
+            status.conditions, cond.RUNNING, "False", reason, message, stamp, generation
+        )
+        if resumed:
+            status.conditions = cond.set_condition(
+                status.conditions,
+                cond.SUSPENDED,
+                "False",
+                "Resumed",
+                "spec.suspend is false",
+                stamp,
+                generation,
+            )
+        actions.events.append(Event("Normal", reason, message))
+        return _finish(actions, status, original)
+
+    deadline = spec.activeDeadlineSeconds
+    started = parse_time(status.startTime)
+    # Ranks that all finished before the operator looked have succeeded, deadline or not.
+    finished = all(
+        pod_phase(current.get(rank, {})) == "Succeeded" for rank in range(spec.resources.nodes)
+    )
+    if deadline and started and (now - started).total_seconds() > deadline and not finished:
+        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if _live(p)]
+        _fail(
+            status,
+            "DeadlineExceeded",
+            f"ran longer than activeDeadlineSeconds ({deadline}s)",
+            stamp,
+            generation,
+            actions,
+        )
+        return _finish(actions, status, original)
+
+    expected = range(spec.resources.nodes)
+    failure = _first_failure(current, expected)
+    if failure is not None:
+        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if _live(p)]
+        _handle_failure(job, status, failure, now, default_image, actions)
+        return _finish(actions, status, original)
+
+    phases = [pod_phase(current[rank]) for rank in expected]
+    if all(phase == "Succeeded" for phase in phases):
+        status.phase = "Succeeded"
+        status.completionTime = stamp
+        status.outputPath = spec.output.path
+        message = f"all {len(phases)} rank(s) finished; output in {spec.output.path}"
+        status.conditions = cond.set_exclusive(
+            status.conditions, cond.SUCCEEDED, "TrainingComplete", message, stamp, generation
+        )
+        actions.events.append(Event("Normal", "Succeeded", message))
+        return _finish(actions, status, original)
+
+    if any(phase == "Running" for phase in phases):
+        if status.phase != "Running":
+            status.phase = "Running"
+            status.startTime = status.startTime or _earliest_start(current.values()) or stamp
+            message = f"launch {attempt}: training on {len(phases)} pod(s)"
+            status.conditions = cond.set_exclusive(
+                status.conditions, cond.RUNNING, "Training", message, stamp, generation
+            )
+            actions.events.append(Event("Normal", "Running", message))
+        return _finish(actions, status, original)
+
+    waiting = next((m for p in current.values() if (m := unschedulable_message(p))), None)
+    if waiting:
+        status.conditions = cond.set_condition(
+            status.conditions, cond.RUNNING, "False", "Unschedulable", waiting, stamp, generation
+        )
+    return _finish(actions, status, original)
+
+
+def _live(pod: dict[str, Any]) -> bool:
+    return pod_phase(pod) in ("Pending", "Running") and not pod["metadata"].get("deletionTimestamp")
+
+
+def _earliest_start(pods: Any) -> str | None:
+    starts = sorted(s for p in pods if (s := (p.get("status") or {}).get("startTime")))
+    return starts[0] if starts else None
+
+
+def _first_failure(current: dict[int, dict[str, Any]], expected: range) -> Failure | None:
+    failures: list[Failure] = []
+    for rank in expected:
+        pod = current.get(rank)
+        if pod is None:
+            failures.append(Failure("PodLost", f"pod of rank {rank} was deleted", rank=rank))
+        elif pod_phase(pod) == "Failed":
+            failures.append(classify_failure(pod))
+    if not failures:
+        return None
+    # A rank that failed on its own explains more than ranks torn down after it (Interrupted).
+    failures.sort(key=lambda f: (f.reason in ("Interrupted", "PodLost"), f.rank or 0))
+    return failures[0]
+
+
+def _handle_failure(
+    job: SFTJob,
+    status: SFTJobStatus,
+    failure: Failure,
+    now: datetime,
+    default_image: str,
+    actions: Actions,
+) -> None:
+    stamp = iso(now)
+    generation = job.metadata.generation
+    status.lastFailure = FailureInfo(
+        reason=failure.reason,
+        message=failure.message[:1000],
+        step=failure.step,
+        time=stamp,
+        attempt=status.attempts,
+    )
+    decision = decide_retry(failure, job.spec, status)
+    if not decision.relaunch:
+        _fail(status, decision.reason, decision.message, stamp, generation, actions)
+        return
+    status.restarts += 1
+    status.attempts += 1
+    if (decision.per_device, decision.accumulation) != (
+        job.spec.training.perDeviceTrainBatchSize,
+        job.spec.training.gradientAccumulationSteps,
+    ):
+        status.effectiveTraining = EffectiveTraining(
+            perDeviceTrainBatchSize=decision.per_device,
+            gradientAccumulationSteps=decision.accumulation,
+        )
+    _launch(
+        job, status.attempts, default_image, actions, decision.per_device, decision.accumulation
+    )
+    status.phase = "Restarting"
+    message = f"restart {status.restarts}/{job.spec.retry.maxRestarts}: {decision.message}"
+    status.conditions = cond.set_exclusive(
+        status.conditions, cond.RESTARTING, decision.reason, message, stamp, generation
+    )
+    actions.events.append(Event("Warning", decision.reason, message))
+
+
+def _fail(
+    status: SFTJobStatus,
+    reason: str,
+    message: str,
+    stamp: str,
+    generation: int | None,
+    actions: Actions,
+) -> None:
+    status.phase = "Failed"
+    status.completionTime = stamp
+    status.conditions = cond.set_exclusive(
+        status.conditions, cond.FAILED, reason, message, stamp, generation
+    )
+    actions.events.append(Event("Warning", reason, message))
+
+
+def _expire(job: SFTJob, status: SFTJobStatus, now: datetime, actions: Actions) -> None:
+    ttl = job.spec.ttlSecondsAfterFinished
+    finished = parse_time(status.completionTime)
+    if ttl is not None and finished is not None and (now - finished).total_seconds() >= ttl:
+        actions.delete_job = True
+
+
+def _note_spec_change(
+    job: SFTJob, status: SFTJobStatus, stamp: str, generation: int | None
+) -> None:
+    if not status.specHash:
+        return
+    changed = training_spec_hash(job) != status.specHash
+    already = cond.is_true(status.conditions, cond.SPEC_CHANGE_IGNORED)
+    if changed and not already:
+        status.conditions = cond.set_condition(
+            status.conditions,
+            cond.SPEC_CHANGE_IGNORED,
+            "True",
+            "ImmutableWhileRunning",
+            "training specs are immutable once launched: the run continues with the spec it "
+            "started with. Only spec.suspend (and retry, ttl, deadline) may change; create a "
+            "new SFTJob to train differently",
+            stamp,
+            generation,
+        )
+    elif not changed and already:
+        status.conditions = cond.set_condition(
+            status.conditions,
+            cond.SPEC_CHANGE_IGNORED,
+            "False",
+            "SpecRestored",
+            "the spec matches the running one again",
+            stamp,
+            generation,
+        )
+
+
+def _finish(actions: Actions, status: SFTJobStatus, original: dict[str, Any]) -> Actions:
+    updated = status.model_dump(mode="json", exclude_none=True)
+    # Only the operator's own fields: progress and measuredPlan belong to the trainer.
+    owned = (
+        "phase",
+        "conditions",
+        "attempts",
+        "restarts",
+        "effectiveTraining",
+        "lastFailure",
+        "startTime",
+        "completionTime",
+        "outputPath",
+        "specHash",
+    )
+    actions.status = {k: updated.get(k) for k in owned if updated.get(k) != original.get(k)}
+    return actions
+
+
+# --------------------------------------------------------------------- planning
+
+
+def planned_status(job: SFTJob, now: datetime) -> dict[str, Any]:
+    """Status for a valid spec: the plan, the advice and the Planned condition."""
+    from .advice import advise
+    from .plan import plan_for
+
+    status = _status_of(job)
+    plan = plan_for(job.spec)
+    advisories = advise(job.spec, plan)
+    total = plan.totalSteps if plan.totalSteps is not None else "pending"
+    message = (
+        f"effective batch {plan.effectiveBatchSize} over {plan.worldSize} process(es), "
+        f"{total} steps" + (" (estimate)" if plan.estimate else "")
+    )
+    conditions = cond.set_condition(
+        status.conditions,
+        cond.PLANNED,
+        "True",
+        "PlanReady",
+        message,
+        iso(now),
+        job.metadata.generation,
+    )
+    return {
+        "plan": plan.model_dump(mode="json", exclude_none=True),
+        "advisories": [a.model_dump(mode="json", exclude_none=True) for a in advisories],
+        "conditions": [c.model_dump(mode="json", exclude_none=True) for c in conditions],
+        "observedGeneration": job.metadata.generation,
+        "phase": status.phase or "Pending",
+    }
+
+
+def invalid_status(
+    existing: SFTJobStatus | None, messages: list[str], now: datetime, generation: int | None
+) -> dict[str, Any]:
+    """Status for a spec that cannot run: Failed/InvalidSpec naming every bad field."""
+    status = existing or SFTJobStatus()
+    message = "; ".join(messages)
+    conditions = cond.set_condition(
+        status.conditions, cond.PLANNED, "False", "InvalidSpec", message, iso(now), generation
+    )
+    conditions = cond.set_exclusive(
+        conditions, cond.FAILED, "InvalidSpec", message, iso(now), generation
+    )
+    return {
+        "phase": "Failed",
+        "conditions": [c.model_dump(mode="json", exclude_none=True) for c in conditions],
+        "observedGeneration": generation,
+        "completionTime": iso(now),
+    }

@@ -1,0 +1,173 @@
+"""One reconcile pass: read the job and its pods, ask the pure core, apply its answer.
+
+The order of writes makes a crash at any point safe to repeat: children first
+(create-if-absent), then pods, then the status that records the launch. A pass
+that dies after creating pods is adopted by the next one (see lifecycle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from . import lifecycle
+from .api import SFTJob, SFTJobSpec, SFTJobStatus, SpecError, parse_sftjob
+from .children import DEFAULT_TRAINER_IMAGE, LABEL_JOB, build_static_children, config_map_name
+from .kube import Kube
+from .metrics import METRICS
+from .trainer_config import CONFIG_KEY
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    default_image: str = DEFAULT_TRAINER_IMAGE
+
+
+def _status_from(body: Mapping[str, Any]) -> SFTJobStatus | None:
+    raw = body.get("status")
+    if not raw:
+        return None
+    try:
+        return SFTJobStatus.model_validate(dict(raw))
+    except ValidationError:
+        # A hand-edited status must not wedge the operator: start from what we can read.
+        log.warning("unreadable status on %s; ignoring it", body.get("metadata", {}).get("name"))
+        return None
+
+
+def job_from_body(body: Mapping[str, Any]) -> SFTJob:
+    """The typed job with its status; raises SpecError for an invalid spec."""
+    plain = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
+    metadata = dict(plain.get("metadata") or {})
+    plain["metadata"] = {
+        k: metadata[k]
+        for k in ("name", "namespace", "uid", "generation", "labels", "annotations")
+        if k in metadata
+    }
+    job = parse_sftjob(plain)
+    return job.model_copy(update={"status": _status_from(body)})
+
+
+async def reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> str:
+    """Bring one SFTJob a step closer to done; returns its phase afterwards."""
+    started = time.monotonic()
+    try:
+        return await _reconcile(body, kube, settings)
+    finally:
+        METRICS.reconcile_seconds.observe(time.monotonic() - started)
+
+
+async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> str:
+    metadata = body["metadata"]
+    namespace, name = metadata["namespace"], metadata["name"]
+    generation = metadata.get("generation")
+    now = datetime.now(UTC)
+    existing = _status_from(body)
+    try:
+        job = job_from_body(body)
+    except SpecError as exc:
+        messages = [str(e) for e in exc.errors]
+        if existing and existing.attempts > 0:
+            # Already running: an invalid edit must not stop the run it cannot describe.
+            return existing.phase or "Running"
+        if existing is None or existing.observedGeneration != generation:
+            patch = lifecycle.invalid_status(existing, messages, now, generation)
+            await asyncio.to_thread(kube.patch_job_status, namespace, name, patch)
+            await asyncio.to_thread(
+                kube.post_event, dict(body), "Warning", "InvalidSpec", "; ".join(messages)
+            )
+        return "Failed"
+
+    status = job.status or SFTJobStatus()
+    if status.attempts == 0 and status.phase not in ("Failed", "Succeeded"):
+        if status.observedGeneration != generation:
+            try:
+                patch = lifecycle.planned_status(job, now)
+            except SpecError as exc:  # e.g. drop_last with an empty dataloader
+                messages = [str(e) for e in exc.errors]
+                patch = lifecycle.invalid_status(existing, messages, now, generation)
+                await asyncio.to_thread(kube.patch_job_status, namespace, name, patch)
+                await asyncio.to_thread(
+                    kube.post_event, dict(body), "Warning", "InvalidSpec", "; ".join(messages)
+                )
+                return "Failed"
+            await asyncio.to_thread(kube.patch_job_status, namespace, name, patch)
+            await asyncio.to_thread(
+                kube.post_event,
+                dict(body),
+                "Normal",
+                "Planned",
+                patch["conditions"][0]["message"] if patch["conditions"] else "planned",
+            )
+            job = job.model_copy(
+                update={
+                    "status": SFTJobStatus.model_validate(
+                        {**status.model_dump(mode="json"), **patch}
+                    )
+                }
+            )
+    elif status.observedGeneration != generation:
+        await asyncio.to_thread(
+            kube.patch_job_status, namespace, name, {"observedGeneration": generation}
+        )
+
+    pods = await asyncio.to_thread(kube.list_job_pods, namespace, name, LABEL_JOB)
+    launched = await _launched_spec(kube, namespace, name) if status.attempts > 0 else None
+    actions = lifecycle.reconcile_job(job, pods, now, settings.default_image, launched)
+    await _apply(job, body, actions, kube)
+    phase = actions.status.get("phase") or (job.status.phase if job.status else None) or "Pending"
+    METRICS.observe_phase(namespace, name, phase)
+    return phase
+
+
+async def _launched_spec(kube: Kube, namespace: str, name: str) -> SFTJobSpec | None:
+    """The spec the running pods were built from, as recorded in the job's ConfigMap."""
+    data = await asyncio.to_thread(kube.read_config_map_data, namespace, config_map_name(name))
+    if not data or CONFIG_KEY not in data:
+        return None
+    try:
+        return SFTJobSpec.model_validate(json.loads(data[CONFIG_KEY])["spec"])
+    except (ValueError, KeyError, ValidationError):
+        log.warning("ConfigMap of %s/%s is unreadable; using the current spec", namespace, name)
+        return None
+
+
+async def _apply(
+    job: SFTJob, body: Mapping[str, Any], actions: lifecycle.Actions, kube: Kube
+) -> None:
+    namespace = job.metadata.namespace or "default"
+    name = job.metadata.name
+    if actions.trainer_config is not None:
+        for child in build_static_children(job, actions.trainer_config):
+            created = await asyncio.to_thread(kube.create_if_absent, child)
+            if not created and child["kind"] == "ConfigMap":
+                # A relaunch (OOM shrink) changes the batch sizes the ranks must read.
+                await asyncio.to_thread(
+                    kube.patch_config_map_data,
+                    namespace,
+                    config_map_name(name),
+                    {CONFIG_KEY: child["data"][CONFIG_KEY]},
+                )
+    for pod_name in dict.fromkeys(actions.delete_pods):
+        await asyncio.to_thread(kube.delete_pod, namespace, pod_name)
+    for pod in actions.create_pods:
+        await asyncio.to_thread(kube.create_if_absent, pod)
+    if actions.status:
+        await asyncio.to_thread(kube.patch_job_status, namespace, name, actions.status)
+    for event in actions.events:
+        await asyncio.to_thread(
+            kube.post_event, dict(body), event.type, event.reason, event.message
+        )
+    if actions.delete_job:
+        await asyncio.to_thread(kube.delete_job, namespace, name)
+        METRICS.forget(namespace, name)

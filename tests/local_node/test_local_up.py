@@ -1,0 +1,124 @@
+"""`run_local_up` in the foreground, as `sftjob local up` runs it: a real
+subprocess, driven with kubectl and stopped with SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from local_node_kit import alive, wait_for
+from sftjob_local.node_dns import etc_hosts_writable
+
+pytestmark = pytest.mark.local
+MANAGES_ETC_HOSTS = etc_hosts_writable()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    return subprocess.run(
+        ["kubectl", *args], env=env, input=stdin, capture_output=True, text=True, timeout=20
+    )
+
+
+def test_local_up_serves_kubectl_and_stops_on_sigint_killing_pods(tmp_path: Path) -> None:
+    port = free_port()
+    workdir = tmp_path / "wd"
+    code = (
+        "import sys; from sftjob_local.cluster import run_local_up; "
+        f"sys.exit(run_local_up(port={port}, workdir={str(workdir)!r}, gpus=1))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        kubeconfig = workdir / "kubeconfig"
+        lines = []
+        for line in proc.stdout:  # the banner is printed once everything is up
+            lines.append(line)
+            if "kubectl get pods" in line:
+                break
+        banner = "".join(lines)
+        assert f"export KUBECONFIG={kubeconfig}" in banner, banner
+        assert f":{port}" in banner
+
+        got = kubectl(kubeconfig, "get", "pods")
+        assert got.returncode == 0, got.stderr
+        assert kubectl(kubeconfig, "get", "nodes", "-o", "name").stdout.strip() == "node/local-node"
+
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "long", "labels": {"app": "long"}},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "never-pulled",
+                        "command": [
+                            "python",
+                            "-c",
+                            "import os, time; print('PID', os.getpid(), flush=True); time.sleep(120)",
+                        ],  # fmt: skip
+                    }
+                ],
+            },
+        }
+        created = kubectl(
+            kubeconfig, "create", "--validate=false", "-f", "-", stdin=json.dumps(pod)
+        )
+        assert created.returncode == 0, created.stderr
+
+        def pid() -> int | None:
+            out = kubectl(kubeconfig, "logs", "long").stdout
+            return int(out.split()[1]) if out.startswith("PID") else None
+
+        svc = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "long-svc"},
+            "spec": {"clusterIP": "None", "selector": {"app": "long"}, "ports": [{"port": 80}]},
+        }
+        created = kubectl(
+            kubeconfig, "create", "--validate=false", "-f", "-", stdin=json.dumps(svc)
+        )
+        assert created.returncode == 0, created.stderr
+
+        pod_pid = wait_for(pid, timeout=15, interval=0.2, what="pod pid in kubectl logs")
+        # the Service name is published in this node's /etc/hosts block (where writable)
+        block = f"pid={proc.pid} "
+        if MANAGES_ETC_HOSTS:
+            wait_for(
+                lambda: (
+                    block in Path("/etc/hosts").read_text()
+                    and "long-svc.default.svc.cluster.local" in Path("/etc/hosts").read_text()
+                ),
+                what="the node's /etc/hosts block",
+            )
+        assert alive(pod_pid)
+        phase = kubectl(kubeconfig, "get", "pod", "long", "-o", "jsonpath={.status.phase}")
+        assert phase.stdout == "Running"
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - started < 10
+        assert not alive(pod_pid), "pod processes must die with the local control plane"
+        assert block not in Path("/etc/hosts").read_text(), "the node must remove its block"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,70 @@
+"""Shared fixtures for the trainer tier: one tiny model and dataset set per session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sftjob_operator.api import parse_sftjob
+from sftjob_operator.trainer_config import build_trainer_config
+from sftjob_trainer.tiny import build_tiny_model, tiny_sftjob, write_tiny_datasets
+
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Every test here needs torch and TRL: `-m "not trainer"` skips the whole tier.
+    for item in items:
+        if HERE in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.trainer)
+
+
+@dataclass(frozen=True)
+class Tiny:
+    model: Path
+    model_without_template: Path
+    data: dict[str, Path]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    root = tmp_path_factory.mktemp("tiny")
+    model = build_tiny_model(root / "model")
+    bare = root / "model-no-template"
+    shutil.copytree(model, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((bare / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return Tiny(model=model, model_without_template=bare, data=write_tiny_datasets(root / "data"))
+
+
+MakeConfig = Callable[..., Path]
+
+
+@pytest.fixture
+def make_config(tiny: Tiny, tmp_path: Path) -> MakeConfig:
+    """Write a resolved config for a spec override; returns its path.
+
+    `report_to_api=False` blanks the job identity so progress goes to the console.
+    """
+
+    def make(
+        spec: dict[str, Any] | None = None, *, report_to_api: bool = False, name: str = "tiny"
+    ) -> Path:
+        document = tiny_sftjob(
+            tiny.model, tiny.data["chat"], tmp_path / "output", spec or {}, name=name
+        )
+        config = build_trainer_config(parse_sftjob(document))
+        if not report_to_api:
+            config["job"]["name"] = None
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        return path
+
+    return make

@@ -1,0 +1,57 @@
+"""The trainer image definition: entrypoint, user and what it installs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "trainer_image" / "Dockerfile"
+
+
+def instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def last(keyword: str) -> str:
+    return [rest for key, rest in instructions() if key == keyword][-1]
+
+
+def args() -> dict[str, str]:
+    return dict(rest.split("=", 1) for key, rest in instructions() if key == "ARG" and "=" in rest)
+
+
+def test_entrypoint_is_the_importable_trainer_module():
+    entrypoint = json.loads(last("ENTRYPOINT"))  # exec form: signals reach the launcher
+    assert entrypoint == ["python", "-m", "sftjob_trainer"]
+    assert importlib.util.find_spec("sftjob_trainer.__main__") is not None
+    assert importlib.util.find_spec("sftjob_trainer.worker") is not None
+
+
+def test_runs_as_non_root():
+    user = last("USER")
+    resolved = re.sub(r"\$\{?(\w+)\}?", lambda m: args().get(m.group(1), m.group(0)), user)
+    assert resolved not in ("root", "0") and resolved.isdigit() and int(resolved) > 0
+
+
+def test_installs_only_the_trainer_extra_with_matching_torch():
+    runs = [rest for key, rest in instructions() if key == "RUN" and "pip install" in rest]
+    assert len(runs) == 1
+    extras = re.findall(r'"\.\[([^\]]+)\]"', runs[0])
+    assert extras == ["trainer"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    trainer = project["optional-dependencies"]["trainer"]
+    assert "kopf" not in " ".join(trainer)  # the trainer never imports the operator's framework
+    torch_pin = next(d for d in trainer if d.startswith("torch=="))
+    assert torch_pin == f"torch=={args()['PYTORCH_VERSION']}"
+    assert last("FROM").startswith("pytorch/pytorch:${PYTORCH_VERSION}-")

@@ -1,0 +1,81 @@
+"""SIGTERM mid-run saves a checkpoint and exits Interrupted; a restart resumes to the plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sftjob_operator.plan import plan_for
+from sftjob_trainer.settings import load_config
+from sftjob_trainer.train import newest_checkpoint
+
+
+def progress_steps(output: Path) -> list[int]:
+    file = output / "progress.jsonl"
+    if not file.exists():
+        return []
+    return [json.loads(line)["progress"]["step"] for line in file.read_text().splitlines() if line]
+
+
+def launch(config: Path, log: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sftjob_trainer", "--config", str(config)],
+        env={**os.environ, "SFTJOB_TERMINATION_LOG": str(log), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_sigterm_checkpoints_then_restart_resumes_to_planned_steps(make_config, tmp_path):
+    config = make_config({"dataset": {"limit": 64}, "training": {"saveSteps": 100}})
+    planned = plan_for(load_config(config).spec).totalSteps
+    assert planned == 16
+    output = tmp_path / "output"
+    log = tmp_path / "termination-log"
+
+    first = launch(config, log, SFTJOB_TEST_SLEEP_PER_STEP="0.25")
+    deadline = time.monotonic() + 90
+    while not any(step >= 3 for step in progress_steps(output)):
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "training never reached step 3"
+        time.sleep(0.1)
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=60)
+
+    assert first.returncode == 14, out[-3000:]
+    interrupted = json.loads(log.read_text())
+    assert interrupted["reason"] == "Interrupted"
+    stopped_at = interrupted["step"]
+    assert 3 <= stopped_at < planned
+    checkpoint = newest_checkpoint(output / "checkpoints")
+    assert checkpoint is not None and checkpoint.name == f"checkpoint-{stopped_at}"
+    assert not (output / "final").exists()
+
+    second = launch(config, log)
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, out[-3000:]
+    done = json.loads(log.read_text())
+    assert done["reason"] == "Completed" and done["step"] == planned
+    assert f"resumed from checkpoint-{stopped_at}" in done["message"]
+    state = json.loads(
+        (newest_checkpoint(output / "checkpoints") / "trainer_state.json").read_text()
+    )
+    assert state["global_step"] == state["max_steps"] == planned
+    assert (output / "final" / "model.safetensors").is_file()
+
+
+def test_incomplete_checkpoints_are_not_resumed(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-12").mkdir()  # killed while writing: no trainer_state.json
+    (tmp_path / "checkpoint-9").mkdir()
+    (tmp_path / "checkpoint-9" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-9"
+    assert newest_checkpoint(tmp_path / "absent") is None

@@ -1,0 +1,832 @@
+"""The pure lifecycle: launches, adoption, phases, retries, suspend, deadlines and TTL.
+
+Pods are plain dicts shaped like the API's; `apply` merges a reconcile's status patch
+into the job the way the shell's merge-patch does, so multi-step scenarios run
+through the same function the operator calls.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sftjob_operator.api import SFTJob, SFTJobStatus, parse_sftjob
+from sftjob_operator.children import DEFAULT_TRAINER_IMAGE, training_spec_hash
+from sftjob_operator.lifecycle import (
+    Actions,
+    Event,
+    Failure,
+    classify_failure,
+    decide_retry,
+    invalid_status,
+    iso,
+    planned_status,
+    reconcile_job,
+    shrink_batch,
+)
+from sftjob_operator.plan import plan_for
+from sftjob_operator.trainer_config import build_trainer_config
+
+NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+STAMP = "2025-03-01T12:00:00Z"
+IMAGE = "registry.example/trainer:test"
+OWNED = {
+    "phase",
+    "conditions",
+    "attempts",
+    "restarts",
+    "effectiveTraining",
+    "lastFailure",
+    "startTime",
+    "completionTime",
+    "outputPath",
+    "specHash",
+}
+
+
+def make_job(
+    status: dict[str, Any] | None = None,
+    *,
+    nodes: int = 1,
+    per_device: int = 2,
+    accumulation: int = 8,
+    generation: int = 1,
+    **spec_changes: Any,
+) -> SFTJob:
+    spec: dict[str, Any] = {
+        "model": {"name": "Qwen/Qwen2.5-0.5B-Instruct"},
+        "dataset": {"name": "trl-lib/Capybara", "limit": 1000},
+        "training": {
+            "perDeviceTrainBatchSize": per_device,
+            "gradientAccumulationSteps": accumulation,
+        },
+        "resources": {"nodes": nodes},
+    }
+    for key, value in spec_changes.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    job = parse_sftjob(
+        {
+            "apiVersion": "tuning.sftjob.dev/v1alpha1",
+            "kind": "SFTJob",
+            "metadata": {"name": "demo", "namespace": "ml", "uid": "u-1", "generation": generation},
+            "spec": spec,
+        }
+    )
+    if status is None:
+        return job
+    return job.model_copy(update={"status": SFTJobStatus.model_validate(status)})
+
+
+def with_spec(job: SFTJob, **spec_changes: Any) -> SFTJob:
+    """The same job (status kept) with a changed spec."""
+    spec = job.spec.model_dump(mode="json", exclude_none=True)
+    for key, value in spec_changes.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    fresh = parse_sftjob(
+        {
+            "apiVersion": "tuning.sftjob.dev/v1alpha1",
+            "kind": "SFTJob",
+            "metadata": job.metadata.model_dump(),
+            "spec": spec,
+        }
+    )
+    return fresh.model_copy(update={"status": job.status})
+
+
+def apply(job: SFTJob, actions: Actions) -> SFTJob:
+    """The job after the shell merge-patches `actions.status` (None deletes a field)."""
+    current = job.status.model_dump(mode="json", exclude_none=True) if job.status else {}
+    for key, value in actions.status.items():
+        if value is None:
+            current.pop(key, None)
+        else:
+            current[key] = value
+    return job.model_copy(update={"status": SFTJobStatus.model_validate(current)})
+
+
+def pod(
+    attempt: int,
+    rank: int,
+    phase: str = "Pending",
+    *,
+    exit_code: int | None = None,
+    term_reason: str | None = None,
+    message: str | None = None,
+    reason: str | None = None,
+    unschedulable: str | None = None,
+    start_time: str | None = None,
+    deleting: bool = False,
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": f"demo-a{attempt}-r{rank}",
+        "namespace": "ml",
+        "labels": {
+            "sftjob.dev/job-name": "demo",
+            "sftjob.dev/attempt": str(attempt),
+            "sftjob.dev/rank": str(rank),
+        },
+    }
+    if deleting:
+        metadata["deletionTimestamp"] = STAMP
+    status: dict[str, Any] = {"phase": phase}
+    if start_time:
+        status["startTime"] = start_time
+    if reason:
+        status["reason"] = reason
+        status["message"] = f"the node was low on resource: {reason.lower()}"
+    if unschedulable:
+        status["conditions"] = [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": unschedulable,
+            }
+        ]
+    if exit_code is not None or term_reason is not None or message is not None:
+        terminated: dict[str, Any] = {"exitCode": exit_code if exit_code is not None else 1}
+        if term_reason:
+            terminated["reason"] = term_reason
+        if message is not None:
+            terminated["message"] = message
+        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": terminated}}]
+    return {"metadata": metadata, "status": status}
+
+
+def report(reason: str, message: str, step: int | None = 7, code: int = 1) -> dict[str, Any]:
+    """A Failed pod whose trainer wrote its JSON summary to the termination log."""
+    body = json.dumps({"reason": reason, "message": message, "step": step})
+    return {"message": body, "exit_code": code}
+
+
+def failed(attempt: int, rank: int, **kwargs: Any) -> dict[str, Any]:
+    return pod(attempt, rank, "Failed", **kwargs)
+
+
+def conditions_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def running_job(nodes: int = 1, **kwargs: Any) -> SFTJob:
+    """A job whose attempt 1 has been launched and observed running."""
+    job = make_job(nodes=nodes, **kwargs)
+    job = apply(job, reconcile_job(job, [], NOW, IMAGE))
+    pods = [pod(1, r, "Running", start_time=STAMP) for r in range(nodes)]
+    return apply(job, reconcile_job(job, pods, NOW, IMAGE))
+
+
+def names(pods: list[dict[str, Any]]) -> list[str]:
+    return [p["metadata"]["name"] for p in pods]
+
+
+# --------------------------------------------------------------------- launch
+
+
+class TestLaunch:
+    def test_first_reconcile_launches_attempt_one(self) -> None:
+        job = make_job(nodes=2)
+        actions = reconcile_job(job, [], NOW, IMAGE)
+        assert names(actions.create_pods) == ["demo-a1-r0", "demo-a1-r1"]
+        assert {p["spec"]["containers"][0]["image"] for p in actions.create_pods} == {IMAGE}
+        assert actions.delete_pods == []
+        assert actions.trainer_config is not None
+        assert actions.trainer_config["attempt"] == 1
+        assert actions.trainer_config == build_trainer_config(job, attempt=1)
+        assert actions.status["attempts"] == 1
+        assert actions.status["phase"] == "Pending"
+        assert actions.status["specHash"] == training_spec_hash(job)
+        running = conditions_of(actions.status)["Running"]
+        assert (running["status"], running["reason"]) == ("False", "Launched")
+        assert running["lastTransitionTime"] == STAMP
+        assert running["observedGeneration"] == 1
+        assert actions.events == [Event("Normal", "Launched", "launch 1: 2 pod(s) created")]
+        assert actions.delete_job is False
+
+    def test_second_reconcile_with_created_pods_creates_nothing(self) -> None:
+        job = make_job(nodes=2)
+        first = reconcile_job(job, [], NOW, IMAGE)
+        job = apply(job, first)
+        pods = [pod(1, 0), pod(1, 1)]
+        again = reconcile_job(job, pods, NOW + timedelta(seconds=5), IMAGE)
+        assert again.create_pods == []
+        assert again.delete_pods == []
+        assert again.trainer_config is None
+        assert again.events == []
+        assert again.status == {}
+
+    def test_pods_newer_than_status_are_adopted(self) -> None:
+        # The operator crashed after creating the pods and before writing the status.
+        job = make_job(nodes=2)
+        actions = reconcile_job(job, [pod(1, 0), pod(1, 1)], NOW, IMAGE)
+        assert actions.create_pods == []
+        assert actions.delete_pods == []
+        assert actions.trainer_config is None
+        assert actions.status["attempts"] == 1
+
+    def test_adopted_launch_records_the_spec_hash(self) -> None:
+        # Without the hash, a later spec edit would never be reported as ignored.
+        job = make_job(nodes=2)
+        actions = reconcile_job(job, [pod(1, 0), pod(1, 1)], NOW, IMAGE)
+        assert actions.status["specHash"] == training_spec_hash(job)
+
+    def test_adopted_running_pods_mark_the_job_running(self) -> None:
+        job = make_job()
+        actions = reconcile_job(job, [pod(1, 0, "Running", start_time=STAMP)], NOW, IMAGE)
+        assert actions.create_pods == []
+        assert actions.status["phase"] == "Running"
+        assert actions.status["attempts"] == 1
+
+    def test_default_image_used_when_spec_has_none(self) -> None:
+        actions = reconcile_job(make_job(), [], NOW, DEFAULT_TRAINER_IMAGE)
+        assert actions.create_pods[0]["spec"]["containers"][0]["image"] == DEFAULT_TRAINER_IMAGE
+        custom = reconcile_job(make_job(image="own/img:1"), [], NOW, IMAGE)
+        assert custom.create_pods[0]["spec"]["containers"][0]["image"] == "own/img:1"
+
+    def test_stale_live_pods_of_older_attempts_are_deleted(self) -> None:
+        job = make_job({"attempts": 2, "phase": "Running", "specHash": "x"})
+        pods = [
+            pod(1, 0, "Running"),
+            pod(1, 1, "Running", deleting=True),  # already going away
+            failed(1, 2, exit_code=143),  # finished: nothing to delete
+            pod(2, 0, "Running"),
+        ]
+        actions = reconcile_job(job, pods, NOW, IMAGE)
+        assert actions.delete_pods == ["demo-a1-r0"]
+        assert actions.create_pods == []
+
+
+# --------------------------------------------------------------------- running / success
+
+
+class TestRunningAndSuccess:
+    def test_running_when_any_pod_runs(self) -> None:
+        job = apply(make_job(nodes=2), reconcile_job(make_job(nodes=2), [], NOW, IMAGE))
+        later = NOW + timedelta(minutes=1)
+        pods = [pod(1, 0, "Running", start_time="2025-03-01T12:00:30Z"), pod(1, 1, "Pending")]
+        actions = reconcile_job(job, pods, later, IMAGE)
+        assert actions.status["phase"] == "Running"
+        assert actions.status["startTime"] == "2025-03-01T12:00:30Z"
+        running = conditions_of(actions.status)["Running"]
+        assert (running["status"], running["reason"]) == ("True", "Training")
+        assert running["lastTransitionTime"] == iso(later)
+        assert [e.reason for e in actions.events] == ["Running"]
+        # The next pass changes nothing and says nothing.
+        job = apply(job, actions)
+        again = reconcile_job(job, pods, later + timedelta(minutes=1), IMAGE)
+        assert again.events == []
+        assert again.status == {}
+
+    def test_start_time_falls_back_to_now(self) -> None:
+        job = apply(make_job(), reconcile_job(make_job(), [], NOW, IMAGE))
+        actions = reconcile_job(job, [pod(1, 0, "Running")], NOW + timedelta(seconds=9), IMAGE)
+        assert actions.status["startTime"] == "2025-03-01T12:00:09Z"
+
+    def test_succeeded_needs_every_rank(self) -> None:
+        job = running_job(nodes=2)
+        half = reconcile_job(job, [pod(1, 0, "Succeeded"), pod(1, 1, "Running")], NOW, IMAGE)
+        assert half.status.get("phase") is None  # still Running: nothing to patch
+        assert job.status is not None and job.status.phase == "Running"
+        assert half.delete_pods == []
+
+        done = reconcile_job(
+            job, [pod(1, 0, "Succeeded"), pod(1, 1, "Succeeded")], NOW + timedelta(hours=1), IMAGE
+        )
+        assert done.status["phase"] == "Succeeded"
+        assert done.status["completionTime"] == "2025-03-01T13:00:00Z"
+        assert done.status["outputPath"] == "/output"
+        conds = conditions_of(done.status)
+        assert (conds["Succeeded"]["status"], conds["Succeeded"]["reason"]) == (
+            "True",
+            "TrainingComplete",
+        )
+        assert conds["Running"]["status"] == "False"
+        assert [e.reason for e in done.events] == ["Succeeded"]
+        assert done.create_pods == [] and done.delete_pods == []
+
+    def test_pending_and_succeeded_mix_is_not_success(self) -> None:
+        job = apply(make_job(nodes=2), reconcile_job(make_job(nodes=2), [], NOW, IMAGE))
+        actions = reconcile_job(job, [pod(1, 0, "Succeeded"), pod(1, 1, "Pending")], NOW, IMAGE)
+        assert "phase" not in actions.status
+        assert actions.create_pods == []
+
+    def test_unschedulable_pod_reports_the_scheduler_message(self) -> None:
+        job = apply(make_job(), reconcile_job(make_job(), [], NOW, IMAGE))
+        why = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+        later = NOW + timedelta(seconds=30)
+        actions = reconcile_job(job, [pod(1, 0, "Pending", unschedulable=why)], later, IMAGE)
+        running = conditions_of(actions.status)["Running"]
+        assert (running["status"], running["reason"], running["message"]) == (
+            "False",
+            "Unschedulable",
+            why,
+        )
+        # Still False since the launch: the transition time does not move.
+        assert running["lastTransitionTime"] == STAMP
+        assert "phase" not in actions.status
+        assert actions.create_pods == [] and actions.delete_pods == []
+
+    def test_status_patch_holds_only_operator_fields(self) -> None:
+        job = apply(make_job(), reconcile_job(make_job(), [], NOW, IMAGE))
+        assert job.status is not None
+        trainer_written = job.status.model_dump(mode="json", exclude_none=True) | {
+            "progress": {"step": 40, "totalSteps": 375, "loss": 1.2},
+            "measuredPlan": {
+                "worldSize": 1,
+                "effectiveBatchSize": 16,
+                "perDeviceTrainBatchSize": 2,
+                "gradientAccumulationSteps": 8,
+            },
+            "plan": plan_for(job.spec).model_dump(mode="json"),
+            "observedGeneration": 1,
+        }
+        job = make_job(trainer_written)
+        actions = reconcile_job(job, [pod(1, 0, "Running", start_time=STAMP)], NOW, IMAGE)
+        assert actions.status  # the Running transition is patched...
+        assert set(actions.status) <= OWNED  # ...with nothing the trainer owns
+        assert set(actions.status) == {"phase", "conditions", "startTime"}
+
+
+# --------------------------------------------------------------------- failures
+
+
+class TestFailures:
+    @pytest.mark.parametrize("reason", ["DataError", "ConfigError", "ModelLoadError"])
+    def test_fatal_trainer_errors_fail_at_once_and_tear_down(self, reason: str) -> None:
+        job = running_job(nodes=2)
+        message = "column 'messages' missing in row 12"
+        pods = [pod(1, 0, "Running"), failed(1, 1, **report(reason, message, step=3, code=11))]
+        actions = reconcile_job(job, pods, NOW, IMAGE)
+        assert actions.delete_pods == ["demo-a1-r0"]
+        assert actions.create_pods == []
+        assert actions.trainer_config is None
+        assert actions.status["phase"] == "Failed"
+        assert actions.status["completionTime"] == STAMP
+        failed_cond = conditions_of(actions.status)["Failed"]
+        assert (failed_cond["status"], failed_cond["reason"], failed_cond["message"]) == (
+            "True",
+            reason,
+            message,
+        )
+        assert conditions_of(actions.status)["Running"]["status"] == "False"
+        assert actions.status["lastFailure"] == {
+            "reason": reason,
+            "message": message,
+            "step": 3,
+            "time": STAMP,
+            "attempt": 1,
+        }
+        assert "restarts" not in actions.status
+        assert actions.events == [Event("Warning", reason, message)]
+
+    def test_failed_job_stays_failed_and_cleans_up(self) -> None:
+        job = running_job()
+        pods = [failed(1, 0, **report("DataError", "bad"))]
+        job = apply(job, reconcile_job(job, pods, NOW, IMAGE))
+        again = reconcile_job(job, pods, NOW + timedelta(seconds=1), IMAGE)
+        assert again.status == {} and again.create_pods == [] and again.events == []
+
+    def test_oom_shrinks_the_batch_and_keeps_the_plan(self) -> None:
+        job = running_job(per_device=4, accumulation=2)
+        pods = [failed(1, 0, **report("OutOfMemory", "CUDA out of memory", step=5, code=10))]
+        actions = reconcile_job(job, pods, NOW, IMAGE)
+        assert names(actions.create_pods) == ["demo-a2-r0"]
+        assert actions.create_pods[0]["metadata"]["labels"]["sftjob.dev/attempt"] == "2"
+        config = actions.trainer_config
+        assert config is not None
+        assert config["attempt"] == 2
+        assert config["resolved"]["perDeviceTrainBatchSize"] == 2
+        assert config["resolved"]["gradientAccumulationSteps"] == 4
+        assert config["spec"]["training"]["perDeviceTrainBatchSize"] == 4  # as written
+        original = build_trainer_config(job)
+        assert config["plan"] == original["plan"]
+        assert config["plan"]["perDeviceTrainBatchSize"] == 4
+        assert config["plan"]["effectiveBatchSize"] == 8
+        assert actions.status["effectiveTraining"] == {
+            "perDeviceTrainBatchSize": 2,
+            "gradientAccumulationSteps": 4,
+        }
+        assert actions.status["restarts"] == 1
+        assert actions.status["attempts"] == 2
+        assert actions.status["phase"] == "Restarting"
+        assert actions.status["lastFailure"]["reason"] == "OutOfMemory"
+        assert actions.status["lastFailure"]["attempt"] == 1
+        restarting = conditions_of(actions.status)["Restarting"]
+        assert (restarting["status"], restarting["reason"]) == ("True", "OutOfMemoryShrink")
+        assert conditions_of(actions.status)["Running"]["status"] == "False"
+        assert [(e.type, e.reason) for e in actions.events] == [("Warning", "OutOfMemoryShrink")]
+
+    def test_second_oom_shrinks_from_the_effective_batch(self) -> None:
+        job = running_job(per_device=4, accumulation=2)
+        first = reconcile_job(job, [failed(1, 0, **report("OutOfMemory", "oom"))], NOW, IMAGE)
+        job = apply(job, first)
+        pods = [failed(1, 0, **report("OutOfMemory", "oom")), pod(2, 0, "Running")]
+        job = apply(job, reconcile_job(job, pods, NOW, IMAGE))
+        second = reconcile_job(job, [failed(2, 0, **report("OutOfMemory", "oom"))], NOW, IMAGE)
+        assert second.trainer_config is not None
+        resolved = second.trainer_config["resolved"]
+        assert (resolved["perDeviceTrainBatchSize"], resolved["gradientAccumulationSteps"]) == (
+            1,
+            8,
+        )
+        assert second.status["restarts"] == 2
+        assert names(second.create_pods) == ["demo-a3-r0"]
+
+    def test_oom_at_micro_batch_one_fails_with_advice(self) -> None:
+        job = running_job(per_device=1, accumulation=16)
+        actions = reconcile_job(job, [failed(1, 0, **report("OutOfMemory", "oom"))], NOW, IMAGE)
+        assert actions.create_pods == []
+        assert actions.status["phase"] == "Failed"
+        failed_cond = conditions_of(actions.status)["Failed"]
+        assert failed_cond["reason"] == "OutOfMemory"
+        assert "already 1" in failed_cond["message"]
+        assert "gradientCheckpointing" in failed_cond["message"]
+
+    def test_odd_micro_batch_shrinks_to_an_exact_divisor(self) -> None:
+        job = running_job(per_device=3, accumulation=5)
+        actions = reconcile_job(job, [failed(1, 0, **report("OutOfMemory", "oom"))], NOW, IMAGE)
+        assert actions.trainer_config is not None
+        resolved = actions.trainer_config["resolved"]
+        assert (resolved["perDeviceTrainBatchSize"], resolved["gradientAccumulationSteps"]) == (
+            1,
+            15,
+        )
+        assert 1 * 15 == 3 * 5  # effective batch unchanged
+
+    def test_oom_without_auto_shrink_fails(self) -> None:
+        job = running_job(retry={"oomAutoShrink": False})
+        actions = reconcile_job(job, [failed(1, 0, **report("OutOfMemory", "oom"))], NOW, IMAGE)
+        assert actions.create_pods == []
+        assert actions.status["phase"] == "Failed"
+        failed_cond = conditions_of(actions.status)["Failed"]
+        assert failed_cond["reason"] == "OutOfMemory"
+        assert "oomAutoShrink is off" in failed_cond["message"]
+
+    def test_missing_rank_relaunches_with_the_same_batch(self) -> None:
+        job = running_job(nodes=2)
+        actions = reconcile_job(job, [pod(1, 0, "Running")], NOW, IMAGE)
+        assert actions.delete_pods == ["demo-a1-r0"]
+        assert names(actions.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
+        assert actions.trainer_config is not None
+        resolved = actions.trainer_config["resolved"]
+        assert (resolved["perDeviceTrainBatchSize"], resolved["gradientAccumulationSteps"]) == (
+            2,
+            8,
+        )
+        assert "effectiveTraining" not in actions.status
+        assert actions.status["restarts"] == 1
+        assert actions.status["lastFailure"]["reason"] == "PodLost"
+        assert "rank 1" in actions.status["lastFailure"]["message"]
+        assert conditions_of(actions.status)["Restarting"]["reason"] == "PodLost"
+
+    def test_evicted_pod_relaunches(self) -> None:
+        job = running_job(nodes=2)
+        pods = [pod(1, 0, "Running"), failed(1, 1, reason="Evicted", exit_code=137)]
+        actions = reconcile_job(job, pods, NOW, IMAGE)
+        assert actions.delete_pods == ["demo-a1-r0"]
+        assert names(actions.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
+        assert actions.status["lastFailure"]["reason"] == "PodLost"
+        assert "Evicted" in actions.status["lastFailure"]["message"]
+        assert actions.status["phase"] == "Restarting"
+
+    def test_own_failure_explains_more_than_torn_down_ranks(self) -> None:
+        job = running_job(nodes=2)
+        pods = [failed(1, 0, exit_code=143), failed(1, 1, **report("DataError", "bad row"))]
+        actions = reconcile_job(job, pods, NOW, IMAGE)
+        assert actions.status["lastFailure"]["reason"] == "DataError"
+        assert actions.status["phase"] == "Failed"
+
+    def test_max_restarts_is_honoured(self) -> None:
+        job = running_job(retry={"maxRestarts": 2})
+        for attempt in (1, 2):
+            actions = reconcile_job(job, [failed(attempt, 0, exit_code=143)], NOW, IMAGE)
+            assert len(actions.create_pods) == 1
+            job = apply(job, actions)
+        assert job.status is not None and job.status.restarts == 2
+        last = reconcile_job(job, [failed(3, 0, exit_code=143)], NOW, IMAGE)
+        assert last.create_pods == []
+        assert last.status["phase"] == "Failed"
+        failed_cond = conditions_of(last.status)["Failed"]
+        assert failed_cond["reason"] == "RestartLimitExceeded"
+        assert "retry.maxRestarts" in failed_cond["message"]
+        assert "restarts" not in last.status  # unchanged: 2
+
+    def test_zero_restarts_fails_on_the_first_loss(self) -> None:
+        job = running_job(retry={"maxRestarts": 0})
+        actions = reconcile_job(job, [], NOW, IMAGE)
+        assert actions.create_pods == []
+        assert conditions_of(actions.status)["Failed"]["reason"] == "RestartLimitExceeded"
+
+
+class TestClassifyFailure:
+    @pytest.mark.parametrize(
+        ("code", "reason"),
+        [
+            (10, "OutOfMemory"),
+            (11, "DataError"),
+            (12, "ConfigError"),
+            (13, "ModelLoadError"),
+            (14, "Interrupted"),
+            (137, "Interrupted"),
+            (143, "Interrupted"),
+        ],
+    )
+    def test_exit_code_fallbacks(self, code: int, reason: str) -> None:
+        failure = classify_failure(failed(1, 2, exit_code=code, message="Traceback ..."))
+        assert (failure.reason, failure.rank) == (reason, 2)
+
+    def test_oom_killed_container(self) -> None:
+        failure = classify_failure(failed(1, 0, exit_code=137, term_reason="OOMKilled"))
+        assert failure.reason == "OutOfMemory"
+        assert "memory limit" in failure.message
+
+    def test_trainer_report_wins_over_exit_code(self) -> None:
+        failure = classify_failure(failed(1, 0, **report("DataError", "empty split", 0, code=1)))
+        assert failure == Failure("DataError", "empty split", 0, 0)
+
+    def test_non_json_message_is_an_internal_error_with_the_log_tail(self) -> None:
+        log = "x" * 1000 + "\nRuntimeError: boom"
+        failure = classify_failure(failed(1, 0, exit_code=1, message=log))
+        assert failure.reason == "InternalError"
+        assert failure.message.endswith("RuntimeError: boom")
+        assert len(failure.message) == 600
+
+    def test_json_without_reason_is_not_a_report(self) -> None:
+        failure = classify_failure(failed(1, 0, exit_code=1, message='{"step": 3}'))
+        assert failure.reason == "InternalError"
+        assert failure.message == '{"step": 3}'
+
+    def test_no_message_names_the_exit_code(self) -> None:
+        failure = classify_failure(failed(1, 0, exit_code=2))
+        assert failure == Failure("InternalError", "exit code 2", None, 0)
+
+    @pytest.mark.parametrize("reason", ["Evicted", "Preempted", "NodeLost"])
+    def test_lost_pod_reasons(self, reason: str) -> None:
+        assert classify_failure(failed(1, 0, reason=reason)).reason == "PodLost"
+
+
+class TestRetryPolicy:
+    @pytest.mark.parametrize(
+        ("before", "after"),
+        [((2, 8), (1, 16)), ((4, 2), (2, 4)), ((3, 5), (1, 15)), ((6, 4), (3, 8)), ((1, 8), None)],
+    )
+    def test_shrink_batch(self, before: tuple[int, int], after: tuple[int, int] | None) -> None:
+        assert shrink_batch(*before) == after
+
+    def test_shrink_keeps_the_effective_batch_exactly(self) -> None:
+        for per_device in range(2, 65):
+            shrunk = shrink_batch(per_device, 3)
+            assert shrunk is not None
+            assert shrunk[0] < per_device
+            assert shrunk[0] * shrunk[1] == per_device * 3
+
+    def test_fatal_reasons_never_retry_even_with_restarts_left(self) -> None:
+        job = make_job()
+        decision = decide_retry(Failure("ConfigError", "bad arg"), job.spec, SFTJobStatus())
+        assert (decision.relaunch, decision.reason, decision.message) == (
+            False,
+            "ConfigError",
+            "bad arg",
+        )
+
+    def test_internal_error_is_retried(self) -> None:
+        job = make_job()
+        decision = decide_retry(Failure("InternalError", "segfault"), job.spec, SFTJobStatus())
+        assert decision.relaunch is True
+        assert (decision.per_device, decision.accumulation) == (2, 8)
+
+
+# --------------------------------------------------------------------- suspend / deadline / ttl
+
+
+class TestSuspend:
+    def test_suspend_stops_pods_and_resume_launches_a_new_attempt(self) -> None:
+        job = running_job(nodes=2)
+        suspended = with_spec(job, suspend=True)
+        pods = [pod(1, 0, "Running"), pod(1, 1, "Running")]
+        actions = reconcile_job(suspended, pods, NOW, IMAGE)
+        assert actions.delete_pods == ["demo-a1-r0", "demo-a1-r1"]
+        assert actions.create_pods == []
+        assert actions.status["phase"] == "Suspended"
+        conds = conditions_of(actions.status)
+        assert (conds["Suspended"]["status"], conds["Suspended"]["reason"]) == (
+            "True",
+            "SuspendedByUser",
+        )
+        assert conds["Running"]["status"] == "False"
+        assert "SpecChangeIgnored" not in conds  # suspend alone is not a spec change
+        assert [e.reason for e in actions.events] == ["Suspended"]
+
+        suspended = apply(suspended, actions)
+        terminating = [pod(1, 0, "Running", deleting=True), failed(1, 1, exit_code=143)]
+        quiet = reconcile_job(suspended, terminating, NOW, IMAGE)
+        assert quiet.status == {} and quiet.events == [] and quiet.create_pods == []
+
+        resumed = with_spec(suspended, suspend=False)
+        later = NOW + timedelta(hours=2)
+        back = reconcile_job(resumed, terminating, later, IMAGE)
+        assert names(back.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
+        assert back.trainer_config is not None and back.trainer_config["attempt"] == 2
+        assert back.status["attempts"] == 2
+        assert "restarts" not in back.status  # a resume is not a restart
+        assert back.status["startTime"] is None  # the deadline clock restarts (merge-patch null)
+        assert back.status["phase"] == "Pending"
+        conds = conditions_of(back.status)
+        assert (conds["Suspended"]["status"], conds["Suspended"]["reason"]) == ("False", "Resumed")
+        assert "SpecChangeIgnored" not in conds
+        assert [e.reason for e in back.events] == ["Resumed"]
+
+    def test_resume_keeps_the_shrunk_batch(self) -> None:
+        job = make_job(
+            {
+                "phase": "Suspended",
+                "attempts": 2,
+                "restarts": 1,
+                "effectiveTraining": {
+                    "perDeviceTrainBatchSize": 1,
+                    "gradientAccumulationSteps": 16,
+                },
+            }
+        )
+        actions = reconcile_job(job, [], NOW, IMAGE)
+        assert actions.trainer_config is not None
+        resolved = actions.trainer_config["resolved"]
+        assert (resolved["perDeviceTrainBatchSize"], resolved["gradientAccumulationSteps"]) == (
+            1,
+            16,
+        )
+
+    def test_suspended_time_does_not_count_against_the_deadline(self) -> None:
+        job = running_job(activeDeadlineSeconds=3600)
+        job = apply(
+            with_spec(job, suspend=True),
+            reconcile_job(with_spec(job, suspend=True), [], NOW, IMAGE),
+        )
+        resumed = with_spec(job, suspend=False)
+        later = NOW + timedelta(days=1)
+        job = apply(resumed, reconcile_job(resumed, [], later, IMAGE))
+        actions = reconcile_job(
+            job, [pod(2, 0, "Running", start_time=iso(later))], later + timedelta(minutes=1), IMAGE
+        )
+        assert actions.status.get("phase") == "Running"
+        assert actions.delete_pods == []
+
+
+class TestDeadline:
+    def test_deadline_exceeded_fails_and_deletes_pods(self) -> None:
+        job = running_job(nodes=2, activeDeadlineSeconds=3600)
+        pods = [pod(1, 0, "Running"), pod(1, 1, "Running")]
+        before = reconcile_job(job, pods, NOW + timedelta(seconds=3600), IMAGE)
+        assert before.status == {} and before.delete_pods == []
+        actions = reconcile_job(job, pods, NOW + timedelta(seconds=3601), IMAGE)
+        assert actions.delete_pods == ["demo-a1-r0", "demo-a1-r1"]
+        assert actions.create_pods == []
+        assert actions.status["phase"] == "Failed"
+        failed_cond = conditions_of(actions.status)["Failed"]
+        assert failed_cond["reason"] == "DeadlineExceeded"
+        assert "3600" in failed_cond["message"]
+
+    def test_finished_training_is_not_failed_by_a_late_look(self) -> None:
+        # Both ranks finished in time; the operator only noticed after the deadline.
+        job = running_job(nodes=2, activeDeadlineSeconds=3600)
+        pods = [pod(1, 0, "Succeeded"), pod(1, 1, "Succeeded")]
+        actions = reconcile_job(job, pods, NOW + timedelta(seconds=3700), IMAGE)
+        assert actions.status["phase"] == "Succeeded"
+
+
+class TestTTL:
+    @pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+    def test_job_deleted_only_after_ttl(self, phase: str) -> None:
+        job = make_job(
+            {"phase": phase, "attempts": 1, "completionTime": STAMP},
+            ttlSecondsAfterFinished=60,
+        )
+        assert reconcile_job(job, [], NOW + timedelta(seconds=59), IMAGE).delete_job is False
+        assert reconcile_job(job, [], NOW + timedelta(seconds=60), IMAGE).delete_job is True
+
+    def test_no_ttl_keeps_the_job(self) -> None:
+        job = make_job({"phase": "Succeeded", "attempts": 1, "completionTime": STAMP})
+        assert reconcile_job(job, [], NOW + timedelta(days=30), IMAGE).delete_job is False
+
+    def test_finished_job_deletes_leftover_live_pods(self) -> None:
+        job = make_job({"phase": "Failed", "attempts": 1, "completionTime": STAMP})
+        actions = reconcile_job(job, [pod(1, 0, "Running"), failed(1, 1)], NOW, IMAGE)
+        assert actions.delete_pods == ["demo-a1-r0"]
+        assert actions.create_pods == [] and actions.status == {}
+
+
+# --------------------------------------------------------------------- spec changes
+
+
+class TestSpecChange:
+    def test_training_change_after_launch_is_ignored_and_reported(self) -> None:
+        job = running_job()
+        changed = with_spec(job, training={"learningRate": 1e-5})
+        pods = [pod(1, 0, "Running")]
+        actions = reconcile_job(changed, pods, NOW, IMAGE)
+        ignored = conditions_of(actions.status)["SpecChangeIgnored"]
+        assert (ignored["status"], ignored["reason"]) == ("True", "ImmutableWhileRunning")
+        assert actions.create_pods == [] and actions.delete_pods == []
+        assert "specHash" not in actions.status
+
+        # Reverting the edit clears the condition.
+        changed = apply(changed, actions)
+        restored = with_spec(changed, training={"learningRate": None})
+        assert restored.spec == job.spec
+        back = reconcile_job(restored, pods, NOW, IMAGE)
+        assert conditions_of(back.status)["SpecChangeIgnored"]["status"] == "False"
+        assert conditions_of(back.status)["SpecChangeIgnored"]["reason"] == "SpecRestored"
+
+    def test_retry_and_ttl_changes_are_not_spec_changes(self) -> None:
+        job = running_job()
+        changed = with_spec(job, retry={"maxRestarts": 7}, ttlSecondsAfterFinished=10)
+        actions = reconcile_job(changed, [pod(1, 0, "Running")], NOW, IMAGE)
+        assert actions.status == {}
+
+    def test_relaunch_after_an_ignored_edit_runs_the_original_spec(self) -> None:
+        job = running_job()
+        changed = with_spec(job, training={"learningRate": 1e-5})
+        actions = reconcile_job(
+            changed, [failed(1, 0, exit_code=143)], NOW, IMAGE, launched_spec=job.spec
+        )
+        assert actions.trainer_config is not None
+        assert actions.trainer_config["resolved"]["learningRate"] == job.spec.learning_rate
+
+
+# --------------------------------------------------------------------- planning
+
+
+class TestPlannedStatus:
+    def test_carries_plan_advisories_and_planned_condition(self) -> None:
+        job = make_job(generation=4, training={"learningRate": 0.5})
+        status = planned_status(job, NOW)
+        assert status["plan"] == plan_for(job.spec).model_dump(mode="json", exclude_none=True)
+        assert status["plan"]["totalSteps"] == 189  # ceil(1000/2/8)=63 steps x 3 epochs
+        assert status["phase"] == "Pending"
+        assert status["observedGeneration"] == 4
+        codes = [a["code"] for a in status["advisories"]]
+        assert "LearningRateOutOfRange" in codes
+        (planned,) = status["conditions"]
+        assert planned["type"] == "Planned"
+        assert (planned["status"], planned["reason"]) == ("True", "PlanReady")
+        assert planned["message"] == "effective batch 16 over 1 process(es), 189 steps"
+        assert planned["lastTransitionTime"] == STAMP
+        assert planned["observedGeneration"] == 4
+
+    def test_unknown_size_is_an_estimate(self) -> None:
+        job = make_job(dataset={"limit": None})
+        assert job.spec.dataset.known_size() is None
+        status = planned_status(job, NOW)
+        assert "totalSteps" not in status["plan"]
+        assert status["conditions"][0]["message"].endswith("pending steps (estimate)")
+
+
+class TestInvalidStatus:
+    def test_failed_invalid_spec_names_every_field(self) -> None:
+        messages = [
+            "spec.training.maxSeqLength: unknown field: renamed to maxLength",
+            "spec.resources.gpus: unknown field; did you mean gpusPerNode?",
+        ]
+        status = invalid_status(None, messages, NOW, 2)
+        assert status["phase"] == "Failed"
+        assert status["completionTime"] == STAMP
+        assert status["observedGeneration"] == 2
+        conds = conditions_of(status)
+        assert (conds["Planned"]["status"], conds["Planned"]["reason"]) == ("False", "InvalidSpec")
+        assert (conds["Failed"]["status"], conds["Failed"]["reason"]) == ("True", "InvalidSpec")
+        for cond in (conds["Planned"], conds["Failed"]):
+            assert "spec.training.maxSeqLength" in cond["message"]
+            assert "spec.resources.gpus" in cond["message"]
+
+    def test_keeps_existing_conditions_and_clears_running(self) -> None:
+        existing = SFTJobStatus.model_validate(
+            {
+                "conditions": [
+                    {
+                        "type": "Planned",
+                        "status": "True",
+                        "reason": "PlanReady",
+                        "lastTransitionTime": "2025-01-01T00:00:00Z",
+                    },
+                    {
+                        "type": "Running",
+                        "status": "True",
+                        "reason": "Training",
+                        "lastTransitionTime": "2025-01-01T00:00:00Z",
+                    },
+                ]
+            }
+        )
+        status = invalid_status(existing, ["spec.x: bad"], NOW, 3)
+        assert [c["type"] for c in status["conditions"]] == ["Planned", "Running", "Failed"]
+        conds = conditions_of(status)
+        assert conds["Planned"]["status"] == "False"
+        assert conds["Planned"]["lastTransitionTime"] == STAMP
+        assert conds["Running"]["status"] == "False"

@@ -1,0 +1,86 @@
+"""One training process: `python -m sftjob_trainer.worker --config PATH`.
+
+Started by the launcher (directly, or once per device through accelerate). Every
+exit writes an outcome: to the launcher's per-rank report folder when there is
+one, else to the pod's termination log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .failures import Outcome, classify, write_outcome
+from .launcher import ENV_WORKER_REPORT_DIR
+
+log = logging.getLogger("sftjob_trainer.worker")
+
+
+def report_path() -> Path | None:
+    folder = os.environ.get(ENV_WORKER_REPORT_DIR)
+    if not folder:
+        return None  # standalone: write_outcome falls back to the termination log
+    return Path(folder) / f"rank-{int(os.environ.get('RANK', '0')):05d}.json"
+
+
+def _record_pid() -> None:
+    """Let the launcher signal this process directly (see launcher._run_forwarding_signals)."""
+    report = report_path()
+    if report is not None:
+        report.with_name(report.name.replace("rank-", "pid-")).write_text(str(os.getpid()))
+
+
+def run_worker(config_path: Path | str | None) -> Outcome:
+    """Train and classify the result; never raises."""
+    from . import train
+    from .settings import load_config
+
+    train.STATE = train.RunState()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        train.install_sigterm_handler()
+        _record_pid()
+        config = load_config(config_path)
+        result = train.main(config)
+        outcome = Outcome(
+            "Completed",
+            f"trained {result.get('step')}/{result.get('totalSteps')} steps on "
+            f"{result.get('worldSize')} process(es) ({result.get('distributedType')})"
+            + (
+                f", resumed from {Path(result['resumedFrom']).name}"
+                if result.get("resumedFrom")
+                else ""
+            )
+            + "; "
+            f"saved to {result.get('finalPath')}",
+            result.get("step"),
+        )
+    except BaseException as exc:  # noqa: BLE001 - every exit must be classified
+        outcome = classify(exc, train.STATE.step)
+        if outcome.reason == "InternalError":
+            log.exception("training failed")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    write_outcome(outcome, report_path())
+    return outcome
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sftjob_trainer.worker")
+    parser.add_argument("--config", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    outcome = run_worker(args.config)
+    print(
+        f"sftjob-trainer worker: {outcome.reason}: {outcome.message}", file=sys.stderr, flush=True
+    )
+    return outcome.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
