@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: install test test-unit lint crd demo clean
+.PHONY: install test test-unit lint crd demo clean images reference
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,18 @@ lint: install
 
 crd: install
 	$(VENV)/bin/sftjob crd > crds/sftjob.yaml
+	$(VENV)/bin/sftjob reference --write README.md
 
 demo: install
 	$(VENV)/bin/sftjob demo
 
 clean:
 	rm -rf $(VENV) .sftjob-local .pytest_cache .mypy_cache .ruff_cache
+
+# Container images (needs a Docker engine; not available on the CI machines).
+OPERATOR_IMAGE ?= ghcr.io/sftjob/sftjob-operator:0.1.0
+TRAINER_IMAGE ?= ghcr.io/sftjob/sftjob-trainer:0.1.0
+
+images:
+	docker build -f operator/Dockerfile -t $(OPERATOR_IMAGE) .
+	docker build -f trainer_image/Dockerfile -t $(TRAINER_IMAGE) .

@@ -151,6 +151,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, keep=args.keep, timeout=args.timeout)
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    from .reference import reference_markdown, write_into
+
+    if args.write:
+        write_into(args.write)
+    else:
+        sys.stdout.write(reference_markdown())
+    return 0
+
+
 def cmd_local_up(args: argparse.Namespace) -> int:
     # Development tooling only: production code paths never import sftjob_local.
     from sftjob_local.cluster import run_local_up
@@ -211,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the cluster up afterwards")
     demo.add_argument("--timeout", type=float, default=280, help="seconds to wait for the jobs")
     demo.set_defaults(func=cmd_demo)
+
+    ref = sub.add_parser("reference", help="print the SFTJob field reference (Markdown)")
+    ref.add_argument("--write", type=Path, default=None, help="refresh the table inside this file")
+    ref.set_defaults(func=cmd_reference)
 
     local = sub.add_parser("local", help="the local control plane (development and tests)")
     local_sub = local.add_subparsers(dest="local_command", required=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -21,11 +22,16 @@ from .reconciler import OperatorSettings, reconcile
 RECONCILE_INTERVAL = float(os.environ.get("SFTJOB_RECONCILE_INTERVAL", "2"))
 ANNOTATION_PREFIX = "sftjob.dev"
 
+# Finished jobs only wait for their TTL (or a last teardown): look at them less often.
+FINISHED_TICK_EVERY = 10
+FINISHED_PHASES = ("Succeeded", "Failed")
+
 _locks: dict[str, asyncio.Lock] = {}
+_ticks: dict[str, int] = {}
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX
     )
@@ -34,7 +40,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # Kopf keeps its finalizer until the job's timer has exited and re-checks only after
+    # this many seconds (60 by default), which would stall every deletion by a minute.
+    settings.background.cancellation_polling = 0.5
     settings.batching.worker_limit = int(os.environ.get("SFTJOB_WORKER_LIMIT", "64"))
+    # Every API call runs in a worker thread; the default pool (cores + 4) is too small
+    # for hundreds of jobs ticking at once.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=int(os.environ.get("SFTJOB_API_THREADS", "32")))
+    )
     memo.kube = Kube(load_api_client(), on_error=METRICS.api_error)
     memo.settings = OperatorSettings(
         default_image=os.environ.get("SFTJOB_TRAINER_IMAGE") or OperatorSettings().default_image
@@ -60,6 +74,11 @@ async def on_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, initial_delay=RECONCILE_INTERVAL)
 async def on_tick(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    uid = body["metadata"]["uid"]
+    _ticks[uid] = _ticks.get(uid, 0) + 1
+    phase = (body.get("status") or {}).get("phase")
+    if phase in FINISHED_PHASES and _ticks[uid] % FINISHED_TICK_EVERY:
+        return
     await _reconcile(body, memo)
 
 
@@ -67,4 +86,5 @@ async def on_tick(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 def on_delete(body: kopf.Body, **_: Any) -> None:
     # optional=True adds no finalizer; this only drops the job from the phase gauge.
     _locks.pop(body["metadata"]["uid"], None)
+    _ticks.pop(body["metadata"]["uid"], None)
     METRICS.forget(body["metadata"]["namespace"], body["metadata"]["name"])

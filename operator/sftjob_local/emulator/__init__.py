@@ -2,7 +2,8 @@
 
 Public API
 ==========
-``ApiEmulator(host="127.0.0.1", port=0, log_dir=None, bookmark_interval=60.0, history_size=10000)``
+``ApiEmulator(host="127.0.0.1", port=0, log_dir=None, bookmark_interval=60.0, history_size=10000,
+kopf_peering_crds=True)``
     A kmock ``KubernetesEmulator`` subclass with real-server semantics, served over plain HTTP.
     ``await server.start()`` binds (port 0 = a free port), ``server.url`` is ``http://HOST:PORT``,
     ``await server.stop()`` closes all connections (open watches and log follows end cleanly).
@@ -20,8 +21,17 @@ events, persistentvolumeclaims, nodes (cluster), namespaces (cluster); rbac role
 clusterroles, clusterrolebindings; apps deployments; coordination leases; events.k8s.io events
 (sharing storage with v1 events); apiextensions customresourcedefinitions, which register custom
 resources at runtime. Also /version, /api, /apis (discovery with verbs, shortNames, categories,
-``<plural>/status``), /openapi/v2, /openapi/v3 (enough for ``kubectl apply`` with server-side
-field validation), /healthz, /readyz, /livez.
+``<plural>/status``), /openapi/v3 (root and per group-version JSON documents with the CRD schemas:
+``kubectl apply`` server-side field validation, ``kubectl explain``), /openapi/v2 (protobuf when
+asked for it, as client-go does, else JSON: kubectl's client-side validation,
+``explain --output=plaintext-openapiv2``), /healthz, /readyz, /livez. Accept is honoured there:
+406 when neither JSON nor the document's protobuf is acceptable.
+
+Preinstalled: Kopf's peering CRDs (``clusterkopfpeerings``/``kopfpeerings.kopf.dev``, as
+``deploy/kopf-peering.yaml`` ships them, with kubectl's last-applied-configuration), so that
+``kubectl apply -k deploy/`` works on the first try (kubectl maps every object before creating
+any, so a CRD and its object in one apply fail once on a real cluster);
+``ApiEmulator(kopf_peering_crds=False)`` starts without them. See ``preinstalled.py``.
 
 Semantics: server-set uid, creationTimestamp, resourceVersion (one global counter; no-op writes
 keep it), generation (bumped when anything but metadata/status-subresource changes, and when
@@ -48,7 +58,8 @@ tailLines, limitBytes, follow until the pod is terminal or gone; previous → 40
 Simplified or absent: server-side apply is a plain merge (create when missing, no managedFields
 conflicts); no admission, RBAC or authentication (any token is accepted); no CEL validation
 (x-kubernetes-validations), no conversion webhooks (all versions of a CRD share one storage);
-no pagination (``limit`` is ignored, everything is returned); protobuf is never served (JSON only).
+no pagination (``limit`` is ignored, everything is returned); protobuf is never served for
+objects (JSON only; only the OpenAPI v2 document has a protobuf form).
 """
 
 from .core import ApiCore

@@ -10,6 +10,7 @@ import random
 import re
 import string
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from . import errors, schema
@@ -105,12 +106,18 @@ def new_event_to_core(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 class ApiCore:
-    def __init__(self, history_size: int = 10000) -> None:
+    def __init__(
+        self, history_size: int = 10000, preinstalled: Iterable[dict[str, Any]] = ()
+    ) -> None:
         self.registry = Registry()
         self.store = Store(history_size)
         self._service_ips = 10
         for name in BOOT_NAMESPACES:
             self.create(self.rt("", "v1", "namespaces"), None, {"metadata": {"name": name}})
+        for crd in preinstalled:
+            self.create(
+                self.rt("apiextensions.k8s.io", "v1", "customresourcedefinitions"), None, crd
+            )
         # History starts after bootstrap: watching from an older resourceVersion is 410 Gone.
         self.store.compact()
 

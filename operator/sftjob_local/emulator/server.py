@@ -20,6 +20,7 @@ from kmock._internal import apps, rendering
 from . import openapi, tables
 from .core import TERMINAL_PHASES, ApiCore
 from .errors import ApiError, bad_request
+from .preinstalled import KOPF_PEERING_CRDS, as_applied
 from .resources import ResourceType
 from .selectors import parse_field_selector, parse_label_selector
 from .store import Event
@@ -111,10 +112,14 @@ class ApiEmulator(kmock.KubernetesEmulator):
     bookmark_interval: float = 60.0
     history_size: int = 10000
     log_poll_interval: float = 0.1
+    kopf_peering_crds: bool = True
 
     def __attrs_post_init__(self) -> None:
         # kmock's own fallback reactions are deliberately not registered: ApiCore replaces them.
-        self.core = ApiCore(self.history_size)
+        preinstalled = (
+            [as_applied(crd) for crd in KOPF_PEERING_CRDS] if self.kopf_peering_crds else []
+        )
+        self.core = ApiCore(self.history_size, preinstalled)
         self._runner: aiohttp.web.ServerRunner | None = None
         self._stopping = asyncio.Event()
         self._bound_port: int | None = None
@@ -238,7 +243,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
                 }
             )
         if path.startswith("/openapi/"):
-            return self._serve_openapi(path)
+            return self._serve_openapi(path, raw.headers.get("Accept", ""))
         route = parse_route(path)
         if route is None:
             raise ApiError(404, "the server could not find the requested resource", "NotFound", {})
@@ -437,20 +442,38 @@ class ApiEmulator(kmock.KubernetesEmulator):
             raise ApiError(404, "the server could not find the requested resource", "NotFound", {})
         return _json(body)
 
-    def _serve_openapi(self, path: str) -> aiohttp.web.Response:
+    def _serve_openapi(self, path: str, accept: str) -> aiohttp.web.Response:
+        """Honours Accept as a real server does: JSON when acceptable, the v2 document as
+        protobuf when only that is (client-go's OpenAPISchema), 406 otherwise."""
         registry = self.core.registry
+        doc: dict[str, Any] | None
         if path == "/openapi/v2":
-            return _json(openapi.v2_doc(registry))
-        if path == "/openapi/v3":
-            return _json(openapi.v3_root(registry))
-        parts = path.removeprefix("/openapi/v3/").split("/")
-        doc = None
-        if parts[0] == "api" and len(parts) == 2:
-            doc = openapi.group_version_doc(registry, "", parts[1])
-        elif parts[0] == "apis" and len(parts) == 3:
-            doc = openapi.group_version_doc(registry, parts[1], parts[2])
+            doc, protobuf = openapi.v2_doc(registry), openapi.V2_PROTOBUF
+        elif path == "/openapi/v3":
+            doc, protobuf = openapi.v3_root(registry), None
+        else:
+            parts = path.removeprefix("/openapi/v3/").split("/")
+            doc, protobuf = None, None
+            if parts[0] == "api" and len(parts) == 2:
+                doc = openapi.group_version_doc(registry, "", parts[1])
+            elif parts[0] == "apis" and len(parts) == 3:
+                doc = openapi.group_version_doc(registry, parts[1], parts[2])
         if doc is None:
             raise ApiError(404, "the server could not find the requested resource", "NotFound", {})
+        media_type = openapi.negotiate(accept, protobuf)
+        if media_type is None:
+            raise ApiError(
+                406,
+                f"only the following media types are accepted: application/json{', ' + protobuf if protobuf else ''}",
+                "NotAcceptable",
+                {},
+            )
+        if media_type == openapi.V2_PROTOBUF:
+            # As kube-openapi answers: "@" is not a token character for Go's mime parser.
+            return aiohttp.web.Response(
+                body=openapi.v2_protobuf(doc),
+                content_type="application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+            )
         return _json(doc)
 
     # ------------------------------------------------------------ watch
