@@ -246,6 +246,32 @@ FIRST_CLASS_ARGS: dict[str, str] = {
 }
 
 
+SpeedSwitch = Literal["auto", "on", "off"]
+
+
+class SpeedSpec(SpecModel):
+    """Speed levers of the trainer (docs/performance.md); each can be turned off."""
+
+    flexAttention: SpeedSwitch = Field(
+        default="auto",
+        description="flex_attention with document masks for packed batches (auto: on with CUDA "
+        "and packing bfd; ignored when model.attnImplementation is set).",
+    )
+    autoMicroBatch: SpeedSwitch = Field(
+        default="auto",
+        description="Largest micro-batch that fits, accumulation adjusted so the effective "
+        "batch is unchanged; gradient checkpointing only when memory needs it.",
+    )
+    ligerKernel: SpeedSwitch = Field(
+        default="auto", description="liger-kernel layer kernels when the image has them."
+    )
+    compile: bool = Field(default=False, description="torch.compile the model.")
+    lightMetrics: bool = Field(
+        default=False,
+        description="Skip TRL's per-step entropy and token-accuracy metrics.",
+    )
+
+
 class TrainingSpec(SpecModel):
     perDeviceTrainBatchSize: PositiveInt = Field(
         default=2,
@@ -310,6 +336,11 @@ class TrainingSpec(SpecModel):
     seed: int = Field(default=42, description="Random seed.")
     dataloaderDropLast: bool = Field(
         default=False, description="Drop the last incomplete micro-batch of each epoch."
+    )
+    speed: SpeedSpec = Field(
+        default_factory=SpeedSpec,
+        description="Speed levers (flex attention, micro-batch sizing, liger, compile, "
+        "metrics); each can be turned off.",
     )
     extraArgs: dict[str, Any] = Field(
         default_factory=dict,

@@ -296,6 +296,7 @@ def reconcile_job(
     # A crash between creating pods and recording the launch leaves pods newer than the
     # status: adopt them instead of launching again.
     attempt = max([status.attempts] + [pod_attempt(p) for p in pods])
+    adopted = attempt > status.attempts
     if attempt > status.attempts:
         # The adopted launch was built from the current spec: record it, or a later edit
         # would never be reported as ignored.
@@ -326,6 +327,21 @@ def reconcile_job(
                 generation,
             )
             actions.events.append(Event("Normal", "Suspended", "pods stopped, status kept"))
+        return _finish(actions, status, original)
+
+    if status.phase == "Suspended" and adopted:
+        # An earlier pass already resumed (its status write is not visible to this one
+        # yet): its pods are the run now; launching again would start a second one.
+        status.phase = "Pending"
+        status.conditions = cond.set_condition(
+            status.conditions,
+            cond.SUSPENDED,
+            "False",
+            "Resumed",
+            "spec.suspend is false",
+            stamp,
+            generation,
+        )
         return _finish(actions, status, original)
 
     if attempt == 0 or status.phase == "Suspended":

@@ -830,3 +830,18 @@ class TestInvalidStatus:
         assert conds["Planned"]["status"] == "False"
         assert conds["Planned"]["lastTransitionTime"] == STAMP
         assert conds["Running"]["status"] == "False"
+
+
+class TestResumeRace:
+    def test_a_pass_that_sees_a_stale_suspended_status_adopts_the_resumed_pods(self) -> None:
+        # Pass 1 resumed (attempt 2 pods exist) but pass 2 still reads phase Suspended,
+        # attempts 1: it must adopt attempt 2, not launch attempt 3.
+        job = make_job(
+            status={"phase": "Suspended", "attempts": 1, "specHash": None},
+        )
+        pods = [pod(2, 0, "Pending")]
+        actions = reconcile_job(job, pods, NOW, IMAGE)
+        assert actions.create_pods == []
+        assert actions.delete_pods == []
+        assert actions.status["attempts"] == 2
+        assert actions.status["phase"] == "Pending"

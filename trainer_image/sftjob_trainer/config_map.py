@@ -106,10 +106,14 @@ def sft_kwargs(
     return kwargs
 
 
-def build_sft_config(config: TrainerConfig, *, dataset_format: str | None = None) -> Any:
+def build_sft_config(
+    config: TrainerConfig, *, dataset_format: str | None = None, speed: Any = None
+) -> Any:
     from trl import SFTConfig
 
     kwargs = sft_kwargs(config, dataset_format=dataset_format)
+    if speed is not None:  # speed.SpeedPlan: its levers never touch keys set in extraArgs
+        kwargs.update(speed.sft_kwargs(sft_config_fields()))
     try:
         return SFTConfig(**kwargs)
     except (TypeError, ValueError) as exc:

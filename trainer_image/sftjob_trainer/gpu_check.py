@@ -26,7 +26,7 @@ from typing import Any
 from sftjob_operator.api import parse_sftjob
 from sftjob_operator.trainer_config import build_trainer_config
 
-from .tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
+from .tiny import build_tokenizer
 
 QWEN25_15B = {
     "hidden_size": 1536,
@@ -60,31 +60,11 @@ def _word(rng: random.Random) -> str:
 def build_model(path: Path, shape: dict[str, Any], seed: int = 0) -> int:
     """Tokenizer + random-init Qwen2.5-1.5B-shaped model in bf16; returns the parameter count."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     rng = random.Random(seed)
     corpus = [" ".join(_word(rng) for _ in range(40)) for _ in range(2000)]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=2000,
-            special_tokens=SPECIAL_TOKENS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        model_max_length=32768,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
+    tokenizer = build_tokenizer(path, corpus, vocab_size=2000, max_length=32768)
     config = Qwen2Config(
         **shape,
         eos_token_id=tokenizer.eos_token_id,

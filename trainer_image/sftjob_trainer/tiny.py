@@ -44,22 +44,18 @@ def _pairs(rows: int, seed: int) -> list[tuple[str, str]]:
     ]
 
 
-def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
-    """Write a random-init Qwen2 (hidden 64, 2 layers) and its tokenizer to `path`."""
-    import torch
+def build_tokenizer(path: Path, corpus: list[str], vocab_size: int, max_length: int = 2048) -> Any:
+    """Train a byte-level BPE on `corpus` and save it (ChatML template, eos/pad) to `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    corpus = [f"{q} {a}" for q, a in _pairs(400, seed)] + ["user assistant system"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(
         corpus,
         trainers.BpeTrainer(
-            vocab_size=400,
+            vocab_size=vocab_size,
             special_tokens=SPECIAL_TOKENS,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
@@ -69,10 +65,22 @@ def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         bos_token=None,
-        model_max_length=2048,
+        model_max_length=max_length,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def build_tiny_model(path: Path, *, seed: int = 0) -> Path:
+    """Write a random-init Qwen2 (hidden 64, 2 layers) and its tokenizer to `path`."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    corpus = [f"{q} {a}" for q, a in _pairs(400, seed)] + ["user assistant system"]
+    tokenizer = build_tokenizer(path, corpus, vocab_size=400)
 
     torch.manual_seed(seed)
     config = Qwen2Config(

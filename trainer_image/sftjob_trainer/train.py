@@ -28,6 +28,7 @@ from .failures import ConfigError, Interrupted
 from .model import load_model, load_tokenizer, lora_config, quantization_config
 from .progress import Reporter, make_progress_callback, make_sink
 from .settings import TrainerConfig
+from .speed import plan_speed
 
 log = logging.getLogger("sftjob_trainer.train")
 
@@ -130,8 +131,11 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
     # Cheapest checks first: a typo in extraArgs should not wait for a model download.
     if resolved["method"] == "qlora":
         quantization_config()  # raises ConfigError without a GPU or bitsandbytes
+    speed = plan_speed(config)  # fast defaults, each lever switchable: docs/performance.md
     args = build_sft_config(
-        config, dataset_format=spec.dataset.format if spec.dataset.format != "auto" else None
+        config,
+        dataset_format=spec.dataset.format if spec.dataset.format != "auto" else None,
+        speed=speed,
     )
     dataset, fmt = prepare_dataset(spec.dataset)
     if fmt == "text" and spec.dataset.textField != args.dataset_text_field:
@@ -144,7 +148,11 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
             "use an instruct/chat model, set model.tokenizer to one with a template, or give "
             "the data as text"
         )
-    model = load_model(spec.model, method=resolved["method"], use_cpu=bool(resolved["useCpu"]))
+    model = load_model(
+        spec.model.model_copy(update=speed.model_updates),
+        method=resolved["method"],
+        use_cpu=bool(resolved["useCpu"]),
+    )
     peft_config = lora_config(resolved.get("lora"))
 
     trainer = SFTTrainer(
@@ -155,6 +163,7 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
         peft_config=peft_config,
         callbacks=_callbacks(args.per_device_train_batch_size) + list(callbacks or []),
     )
+    speed.apply(trainer)
     if spec.distributed == "fsdp" and not trainer.is_fsdp_enabled:
         # accelerate turns FSDP on only for GPU-like process groups; on CPU it runs plain DDP.
         log.warning(

@@ -1,0 +1,142 @@
+"""The benchmark harness on CPU (correctness of the harness, not speed) and the speed rules."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from sftjob_trainer.failures import ConfigError
+from sftjob_trainer.speed import (
+    Hardware,
+    Job,
+    ModelShape,
+    SpeedOptions,
+    decide,
+    micro_batch,
+    options_from,
+)
+
+QWEN_15B = ModelShape(params=1_543_655_424, hidden=1536, layers=28, intermediate=8960)
+H100 = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3")
+REFERENCE = Job(
+    method="full",
+    per_device=2,
+    accumulation=8,
+    max_length=2048,
+    padding_free=True,
+    checkpointing=True,
+    bf16=True,
+)
+
+
+def test_cpu_smoke_sides_match() -> None:
+    # autoMicroBatch forced on: the sftjob side then runs per_device 16 x 1 without
+    # checkpointing, which must not change what it learns (same rows per optimizer step).
+    env = {**os.environ, "SFTJOB_SPEED": json.dumps({"autoMicroBatch": "on"})}
+    done = subprocess.run(
+        [sys.executable, "-m", "sftjob_trainer.bench", "--case", "cpu-smoke", "--steps", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    sides = {line["side"]: line for line in lines}
+    assert list(sides) == ["reference", "sftjob"]
+    ref, ours = sides["reference"], sides["sftjob"]
+    for side in (ref, ours):
+        assert side["case"] == "cpu-smoke"
+        assert side["tokens_per_s"] > 0
+        assert side["mfu"] is None and side["peak_mem_gib"] is None  # CPU
+        assert len(side["losses"]) == 4
+        assert all(math.isfinite(loss) for loss in side["losses"])
+        assert side["settings"]["steps"] == 4
+    rs, os_ = ref["settings"], ours["settings"]
+    assert rs["effective_batch"] == os_["effective_batch"] == 16
+    for key in ("data_sha", "data_rows", "packed_rows", "max_length", "learning_rate", "seed"):
+        assert rs[key] == os_[key], key
+    assert (rs["per_device"], rs["accumulation"], rs["gradient_checkpointing"]) == (2, 8, True)
+    assert (os_["per_device"], os_["accumulation"], os_["gradient_checkpointing"]) == (16, 1, False)
+    assert rs["attn_implementation"] == os_["attn_implementation"] == "sdpa"
+    # Same rows per step, exact recomputation: the curves agree, not only the first loss.
+    for a, b in zip(ref["losses"], ours["losses"], strict=True):
+        assert abs(a - b) < 1e-3
+    speed = os_["speed"]
+    assert speed["autoMicroBatch"]["on"]
+    assert not speed["flexAttention"]["on"] and "CUDA" in speed["flexAttention"]["reason"]
+    assert not speed["ligerKernel"]["on"] and speed["ligerKernel"]["reason"]
+    assert "speed flexAttention: off" in done.stderr
+
+
+def test_h100_full_picks_the_measured_best_shape() -> None:
+    plan = decide(SpeedOptions(), H100, REFERENCE, QWEN_15B)
+    assert plan.model_updates == {"attnImplementation": "flex_attention"}
+    kwargs = plan.sft_kwargs(["activation_checkpointing"])
+    assert kwargs == {
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 4,
+        "activation_checkpointing": False,
+    }
+
+
+@pytest.mark.parametrize("per_device,accumulation", [(2, 8), (1, 12), (3, 5), (4, 4), (1, 1)])
+@pytest.mark.parametrize("memory", [24.0, 40.0, 79.1, 139.8])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_micro_batch_keeps_the_effective_batch_exact(
+    per_device: int, accumulation: int, memory: float, method: str
+) -> None:
+    job = Job(
+        **{
+            **REFERENCE.__dict__,
+            "per_device": per_device,
+            "accumulation": accumulation,
+            "method": method,
+        }
+    )
+    choice = micro_batch(SpeedOptions(), Hardware(True, memory), job, QWEN_15B, True)
+    if choice.on:
+        sft = choice.sft
+        assert sft["per_device_train_batch_size"] * sft["gradient_accumulation_steps"] == (
+            per_device * accumulation
+        )
+        assert sft["per_device_train_batch_size"] * 2048 <= 16384
+
+
+def test_micro_batch_respects_switches_and_spec() -> None:
+    sparse = True
+    assert not micro_batch(SpeedOptions(autoMicroBatch="off"), H100, REFERENCE, QWEN_15B, sparse).on
+    assert not micro_batch(SpeedOptions(), H100, REFERENCE, QWEN_15B, False).on  # SDPA
+    shrunk = Job(**{**REFERENCE.__dict__, "shrunk": True})
+    assert "OOM" in micro_batch(SpeedOptions(), H100, shrunk, QWEN_15B, sparse).reason
+    fsdp = Job(**{**REFERENCE.__dict__, "distributed": "fsdp"})
+    assert not micro_batch(SpeedOptions(), H100, fsdp, QWEN_15B, sparse).on
+    no_ckpt = Job(**{**REFERENCE.__dict__, "checkpointing": False})
+    small = Hardware(True, 24.0)
+    choice = micro_batch(SpeedOptions(), small, no_ckpt, QWEN_15B, sparse)
+    assert choice.sft.get("gradient_checkpointing") is not True  # never turned on
+    assert not micro_batch(SpeedOptions(), H100, REFERENCE, None, sparse).on  # shape unknown
+
+
+def test_extra_args_win_over_levers() -> None:
+    job = Job(**{**REFERENCE.__dict__, "extra_args": ("use_liger_kernel", "torch_compile")})
+    plan = decide(SpeedOptions(ligerKernel="on", compile=True), H100, job, QWEN_15B)
+    assert "use_liger_kernel" not in plan.sft_kwargs()
+    assert "torch_compile" not in plan.sft_kwargs()
+
+
+def test_speed_options_from_env() -> None:
+    class Spec:
+        class training:  # noqa: N801
+            speed = None
+
+    assert options_from(Spec, {}) == SpeedOptions()
+    opts = options_from(Spec, {"SFTJOB_SPEED": '{"flexAttention": false, "compile": true}'})
+    assert opts.flexAttention == "off" and opts.compile
+    for bad in ("{", "[]", '{"flex": "on"}', '{"ligerKernel": "maybe"}'):
+        with pytest.raises(ConfigError):
+            options_from(Spec, {"SFTJOB_SPEED": bad})

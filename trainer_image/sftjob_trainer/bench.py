@@ -1,0 +1,388 @@
+"""Throughput benchmark: the plain-TRL reference settings against our trainer's defaults.
+
+    python -m sftjob_trainer.bench --case full|lora|cpu-smoke [--steps N] [--sides reference,sftjob]
+
+Both sides run in ONE process on the same random-init model (re-created from the same
+seed for each side), the same synthetic pre-tokenized rows (log-normal lengths, same
+seed), packed (bfd) to the same length, with the same effective batch, learning rate
+and schedule. Only what the speed levers change differs (speed.py; overrides through
+$SFTJOB_SPEED, e.g. '{"flexAttention": "off"}' to measure one lever).
+
+- reference: per_device 2, accumulation 8, packing to 2048, bf16 on GPU, TRL defaults
+  (gradient checkpointing on), SDPA attention.
+- sftjob: the same job as an SFTJob spec, through the trainer's own code path
+  (config_map.build_sft_config + speed.plan_speed), so it measures what a pod runs.
+
+Prints one JSON line per side on stdout: side, case, tokens_per_s (timed after the first
+steps), mfu (6 x params x tokens/s over the card's bf16 peak; null on CPU), peak_mem_gib
+(torch's peak reserved memory, close to nvidia-smi), losses (per step) and settings.
+Everything else (trainer logs, speed decisions) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("sftjob_trainer.bench")
+
+QWEN25_15B = {
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1_000_000.0,
+    "tie_word_embeddings": True,
+}
+TINY = {
+    **QWEN25_15B,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 2048,
+}
+# Dense bf16 peak of the cards MFU is quoted against (H100 SXM: 989 TFLOP/s).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+SEED = 42
+PAD, EOS = 0, 1
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: dict[str, Any]
+    method: str  # full | lora
+    max_length: int
+    median_tokens: int
+    learning_rate: float
+
+
+CASES = {
+    "full": Case("full", QWEN25_15B, "full", 2048, 500, 2e-5),
+    "lora": Case("lora", QWEN25_15B, "lora", 2048, 500, 2e-4),
+    "cpu-smoke": Case("cpu-smoke", TINY, "full", 256, 60, 2e-4),
+}
+REFERENCE_PER_DEVICE, REFERENCE_ACCUMULATION = 2, 8
+
+
+def synthetic_rows(case: Case, rows: int, seed: int = 1) -> list[list[int]]:
+    """Pre-tokenized rows: log-normal lengths around the median, Zipf-distributed ids.
+
+    Zipf ids give the model something to learn (the unigram distribution), so the loss
+    curve falls and two runs can be compared by their curves, not only their first loss.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vocab = int(case.shape["vocab_size"])
+    lengths = rng.lognormal(math.log(case.median_tokens), 0.6, rows).astype(int)
+    lengths = np.clip(lengths, 16, case.max_length)
+    out = []
+    for length in lengths:
+        ids = (rng.zipf(1.3, int(length) - 1) + 1) % (vocab - 2) + 2  # 0 pad, 1 eos
+        out.append([*ids.tolist(), EOS])
+    return out
+
+
+def rows_needed(case: Case, steps: int, effective: int) -> int:
+    mean = case.median_tokens * math.exp(0.6**2 / 2)
+    return int(steps * effective * case.max_length / mean * 1.3) + 2 * effective
+
+
+def fingerprint(rows: list[list[int]]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row).encode())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer() -> Any:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2}
+    fast = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=fast, pad_token="<pad>", eos_token="<eos>")
+
+
+def job_manifest(case: Case, steps: int, model: Path, output: Path, gpus: int) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"path": str(model)},
+        "dataset": {"path": "/synthetic.jsonl", "format": "text"},  # rows come in memory
+        "method": case.method,
+        "training": {
+            "perDeviceTrainBatchSize": REFERENCE_PER_DEVICE,
+            "gradientAccumulationSteps": REFERENCE_ACCUMULATION,
+            "maxSteps": steps,
+            "learningRate": case.learning_rate,
+            "maxLength": case.max_length,
+            "packing": True,
+            "loggingSteps": 1,
+            "saveSteps": 1_000_000,
+            "seed": SEED,
+        },
+        "resources": {"gpusPerNode": gpus},
+        "output": {"path": str(output)},
+    }
+    if case.method == "lora":
+        spec["lora"] = {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]}
+    return {
+        "apiVersion": "tuning.sftjob.dev/v1alpha1",
+        "kind": "SFTJob",
+        "metadata": {"name": f"bench-{case.name}", "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def trainer_config(case: Case, steps: int, model: Path, output: Path, gpus: int) -> Any:
+    from sftjob_operator.api import parse_sftjob
+    from sftjob_operator.trainer_config import build_trainer_config
+
+    from .settings import parse_config
+
+    job = parse_sftjob(job_manifest(case, steps, model, output, gpus))
+    return parse_config(build_trainer_config(job))
+
+
+def isolation_check(
+    attn: str, device: str = "cpu", lengths: tuple[int, ...] = (37, 81, 20, 5)
+) -> dict[str, Any]:
+    """Logits of a packed padding-free row against each document run alone (fp32).
+
+    `max_abs_diff` must be at fp32 noise; `leak_if_unmasked` is the same comparison with
+    the position_ids dropped, to show the check would notice a lost document mask.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(**{**TINY, "vocab_size": 512, "max_position_embeddings": 1024})
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+        generator = torch.Generator(device).manual_seed(1)
+        docs = [torch.randint(0, 512, (n,), generator=generator, device=device) for n in lengths]
+        ids = torch.cat(docs)[None]
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        # No attention_mask and no cache: the padding-free training path.
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+        worst, start = 0.0, 0
+        for doc in docs:
+            alone = model(input_ids=doc[None], use_cache=False).logits[0]
+            worst = max(worst, (alone - packed[start : start + len(doc)]).abs().max().item())
+            start += len(doc)
+        leaked = model(input_ids=ids, use_cache=False).logits[0]
+    return {
+        "check": "packed_isolation",
+        "attn_implementation": model.config._attn_implementation,
+        "device": device,
+        "max_abs_diff": worst,
+        "leak_if_unmasked": (leaked - packed).abs().max().item(),
+    }
+
+
+def make_callback(trainer_ref: dict[str, Any], cuda: bool) -> Any:
+    import torch
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, int]] = []
+            self.losses: list[float] = []
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.marks.append((time.perf_counter(), 0))
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            tokens = int(getattr(trainer_ref["trainer"], "_total_train_tokens", 0))
+            self.marks.append((time.perf_counter(), tokens))
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    return Meter()
+
+
+def run_side(
+    side: str, case: Case, steps: int, rows: list[list[int]], work: Path, skip: int
+) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    from trl import SFTConfig, SFTTrainer
+
+    from .config_map import build_sft_config
+    from .model import lora_config
+    from .speed import plan_speed
+
+    cuda = torch.cuda.is_available() and case.name != "cpu-smoke"
+    device = "cuda" if cuda else "cpu"
+    model_dir = work / "model-config"
+    config = Qwen2Config(**case.shape, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+    config.save_pretrained(model_dir)  # the speed plan sizes batches from config.json
+    job = trainer_config(case, steps, model_dir, work / side, gpus=1 if cuda else 0)
+    ours = build_sft_config(job, speed=None)  # to copy lr/schedule/warmup to the reference
+    speed = None
+    if side == "sftjob":
+        speed = plan_speed(job)
+        args = build_sft_config(job, speed=speed)
+        attn = speed.model_updates.get("attnImplementation") or "sdpa"
+    else:
+        args = SFTConfig(
+            output_dir=str(work / side),
+            per_device_train_batch_size=REFERENCE_PER_DEVICE,
+            gradient_accumulation_steps=REFERENCE_ACCUMULATION,
+            max_length=case.max_length,
+            packing=True,
+            bf16=cuda,
+            use_cpu=not cuda,
+            learning_rate=ours.learning_rate,
+            lr_scheduler_type=ours.lr_scheduler_type,
+            warmup_steps=ours.warmup_steps,
+            max_steps=steps,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=SEED,
+            disable_tqdm=True,
+        )
+        attn = "sdpa"
+    args.save_strategy = "no"
+
+    with torch.device(device):
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn, dtype=torch.float32
+        )
+    params = sum(p.numel() for p in model.parameters())
+    peft = lora_config(job.resolved.get("lora"))
+    ref: dict[str, Any] = {}
+    meter = make_callback(ref, cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(SEED)  # LoRA init and dropout draw the same numbers on both sides
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": rows}),
+        processing_class=tokenizer(),
+        peft_config=peft,
+        callbacks=[meter],
+    )
+    ref["trainer"] = trainer
+    if speed is not None:
+        speed.apply(trainer)
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer's printer callback
+        trainer.train()
+
+    marks = meter.marks
+    first = min(skip, len(marks) - 2)
+    (t0, n0), (t1, n1) = marks[first], marks[-1]
+    tokens_per_s = (n1 - n0) / (t1 - t0) if t1 > t0 else None
+    name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    checkpointing = bool(
+        getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing
+    )
+    result = {
+        "side": side,
+        "case": case.name,
+        "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+        "mfu": round(6 * params * tokens_per_s / peak, 4) if peak and tokens_per_s else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+        "losses": meter.losses,
+        "settings": {
+            "device": name,
+            "params": params,
+            "method": case.method,
+            "per_device": args.per_device_train_batch_size,
+            "accumulation": args.gradient_accumulation_steps,
+            "effective_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            "max_length": args.max_length,
+            "packing": f"{args.packing_strategy}" if args.packing else "off",
+            "padding_free": bool(getattr(trainer, "padding_free", False)),
+            "attn_implementation": trainer.model.config._attn_implementation,
+            "gradient_checkpointing": checkpointing,
+            "bf16": bool(args.bf16),
+            "use_liger_kernel": bool(args.use_liger_kernel),
+            "torch_compile": bool(args.torch_compile),
+            "learning_rate": args.learning_rate,
+            "lr_scheduler_type": str(
+                getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+            ),
+            "warmup_steps": args.warmup_steps,
+            "seed": args.seed,
+            "steps": trainer.state.global_step,
+            "timed_steps": len(marks) - 1 - first,
+            "data_rows": len(rows),
+            "data_sha": fingerprint(rows),
+            "packed_rows": len(trainer.train_dataset),
+            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "speed": speed.summary() if speed else None,
+        },
+    }
+    del trainer, model, ref
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=sorted(CASES), required=True)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument(
+        "--skip", type=int, default=None, help="steps not timed (default 5; 1 on CPU)"
+    )
+    parser.add_argument("--sides", default="reference,sftjob")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--isolation", action="store_true", help="first check packed isolation (sdpa, flex)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    case = CASES[args.case]
+    skip = args.skip if args.skip is not None else (1 if case.name == "cpu-smoke" else 5)
+    if args.steps <= skip:
+        parser.error(f"--steps must be larger than the {skip} untimed steps")
+    effective = REFERENCE_PER_DEVICE * REFERENCE_ACCUMULATION
+    rows = synthetic_rows(case, rows_needed(case, args.steps, effective))
+    if args.isolation:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() and case.name != "cpu-smoke" else "cpu"
+        for attn in ("sdpa", "flex_attention"):
+            print(json.dumps(isolation_check(attn, device)), flush=True)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix=f"sftjob-bench-{case.name}-"))
+    for side in [s.strip() for s in args.sides.split(",") if s.strip()]:
+        if side not in ("reference", "sftjob"):
+            parser.error(f"unknown side {side!r}")
+        started = time.monotonic()
+        result = run_side(side, case, args.steps, rows, work, skip)
+        result["settings"]["wall_s"] = round(time.monotonic() - started, 1)
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

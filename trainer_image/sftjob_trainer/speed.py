@@ -1,0 +1,490 @@
+"""Fast defaults: which speed levers a run uses, decided from the spec and the hardware.
+
+Each lever is a pure function of (options, hardware, job facts) that returns a `Choice`:
+the settings it adds and the reason, logged at start so a slow or odd run can be traced
+to a lever. Every lever has a switch (see `SpeedOptions`); "auto" means "on where it is
+known to help and to be exact, off otherwise, with the reason".
+
+Levers (measured on one H100 in docs/performance.md):
+- flexAttention: packed (bfd, padding-free) batches are one concatenated row with
+  position_ids resets. SDPA needs a dense block-diagonal mask for that, whose cost grows
+  with the square of the micro-batch; flex_attention builds a sparse block mask from the
+  same position_ids (transformers' find_packed_sequence_indices), so documents stay
+  isolated and larger micro-batches pay off. CUDA only under "auto": on CPU it compiles
+  through inductor (about 20 s) and gains nothing.
+- autoMicroBatch: with flex attention, the largest micro-batch that fits without
+  activation checkpointing (checkpointing only when memory needs it), accumulation
+  adjusted so per_device x accumulation stays EXACTLY the same (so the plan's steps and
+  the optimizer batch do not change).
+- ligerKernel: liger's RMSNorm/SwiGLU/RoPE kernels when liger_kernel imports. TRL 1.16
+  already fuses the LM head with the loss (chunked, no full logits) and refuses liger's
+  fused linear cross-entropy, so only the layer kernels are left to gain.
+- compile: SFTConfig torch_compile; off unless asked.
+- lightMetrics: TRL 1.16 folds entropy and top-1 accuracy into its chunked LM-head
+  kernel on every micro-step (no SFTConfig switch turns them off); this re-patches the
+  head to compute the log-probabilities only and drops the two metrics from the logs.
+  Off unless asked (the extra work is small; measure before turning it on).
+
+Overrides: the JSON object in $SFTJOB_SPEED (e.g. '{"flexAttention": "off"}'), on top of
+`spec.training.speed` once the API has it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from .failures import ConfigError
+
+log = logging.getLogger("sftjob_trainer.speed")
+
+ENV_SPEED = "SFTJOB_SPEED"
+Switch = Literal["auto", "on", "off"]
+SWITCHES = ("auto", "on", "off")
+
+# Fraction of device memory the estimate may fill; the rest absorbs allocator
+# fragmentation, the CUDA context and the estimate's error.
+MEMORY_HEADROOM = 0.80
+# Past this many tokens per micro-batch the kernels are already large: no gain, more risk.
+MAX_MICRO_BATCH_TOKENS = 16384
+# Below this a micro-batch leaves the GPU under-used: then checkpoint and take more rows.
+MIN_MICRO_BATCH_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """The user's switches, one per lever (proposed as spec.training.speed)."""
+
+    flexAttention: Switch = "auto"
+    autoMicroBatch: Switch = "auto"
+    ligerKernel: Switch = "auto"
+    compile: bool = False
+    lightMetrics: bool = False
+
+    @classmethod
+    def parse(cls, *layers: dict[str, Any] | None) -> SpeedOptions:
+        """Merge layers (later wins); booleans are accepted for the three-way switches."""
+        merged: dict[str, Any] = {}
+        names = {f.name for f in fields(cls)}
+        for layer in layers:
+            for key, value in (layer or {}).items():
+                if key not in names:
+                    raise ValueError(f"unknown speed option {key!r}; known: {sorted(names)}")
+                merged[key] = value
+        for key in ("flexAttention", "autoMicroBatch", "ligerKernel"):
+            value = merged.get(key)
+            if isinstance(value, bool):
+                merged[key] = "on" if value else "off"
+            elif value is not None and value not in SWITCHES:
+                raise ValueError(f"speed.{key} must be one of {SWITCHES}, got {value!r}")
+        return cls(**merged)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    memory_gib: float | None = None  # of one device
+    name: str = "cpu"
+
+    @classmethod
+    def detect(cls, *, use_cpu: bool) -> Hardware:
+        import torch
+
+        if use_cpu or not torch.cuda.is_available():
+            # Host memory, for a forced ("on") lever; "auto" levers stay off without CUDA.
+            try:
+                host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+            except (ValueError, OSError, AttributeError):
+                host = None
+            return cls(cuda=False, memory_gib=host)
+        props = torch.cuda.get_device_properties(0)
+        return cls(cuda=True, memory_gib=props.total_memory / 2**30, name=props.name)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    hidden: int
+    layers: int
+    intermediate: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        hidden = int(config.hidden_size)
+        layers = int(config.num_hidden_layers)
+        intermediate = int(getattr(config, "intermediate_size", 4 * hidden))
+        vocab = int(config.vocab_size)
+        heads = int(config.num_attention_heads)
+        kv = int(getattr(config, "num_key_value_heads", heads) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+        attn = hidden * head_dim * (2 * heads + 2 * kv)
+        per_layer = attn + 3 * hidden * intermediate + 2 * hidden
+        embeddings = vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+        return cls(
+            params=layers * per_layer + embeddings,
+            hidden=hidden,
+            layers=layers,
+            intermediate=intermediate,
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """The facts of the run the levers look at."""
+
+    method: str  # full | lora | qlora
+    per_device: int
+    accumulation: int
+    max_length: int
+    padding_free: bool  # packing with bfd/bfd_split (TRL turns padding_free on)
+    checkpointing: bool  # what the spec asks; False is respected, True may be lifted
+    bf16: bool
+    distributed: str = "none"
+    attn_set: bool = False  # model.attnImplementation given by the user
+    shrunk: bool = False  # the operator shrank the batch after an OOM
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    lever: str
+    on: bool
+    reason: str
+    sft: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the levers -------------------------------------------------------------------------
+
+
+def flex_attention(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
+    name = "flexAttention"
+    if opt.flexAttention == "off":
+        return Choice(name, False, "turned off")
+    if job.attn_set:
+        return Choice(name, False, "model.attnImplementation is set: kept as given")
+    if opt.flexAttention == "on":
+        return Choice(name, True, "turned on", model={"attnImplementation": "flex_attention"})
+    if not hw.cuda:
+        return Choice(
+            name,
+            False,
+            "no CUDA device: flex_attention would compile through "
+            "inductor on CPU for no gain; SDPA's block-diagonal mask is exact",
+        )
+    if not job.padding_free:
+        return Choice(name, False, "batches are padded, not packed padding-free: SDPA is fine")
+    try:
+        from torch.nn.attention.flex_attention import flex_attention as _  # noqa: F401
+    except ImportError:
+        return Choice(name, False, "this torch has no flex_attention")
+    return Choice(
+        name,
+        True,
+        "CUDA and packed padding-free batches: sparse document mask",
+        model={"attnImplementation": "flex_attention"},
+    )
+
+
+def activation_bytes_per_token(
+    shape: ModelShape, *, checkpointing: bool, lora: bool, bf16: bool
+) -> float:
+    """Saved activations per token, all layers (calibrated on Qwen2.5-1.5B on an H100).
+
+    Per layer under bf16 autocast: about 8 bytes per MLP unit (gate, up, act, product)
+    and 24 per hidden unit (norms, q/k/v, attention output, fp32 residual). That gives
+    3.0 MB/token for the 1.5B shape; measured 2.6-3.0 (47-50 GiB at 4 x 2048 tokens).
+    With checkpointing only the fp32 layer inputs stay, plus one layer being recomputed.
+    """
+    scale = 1.0 if bf16 else 2.0
+    layer = scale * (8 * shape.intermediate + 24 * shape.hidden)
+    if lora:
+        layer *= 1.15  # the adapters' inputs (dropout outputs) are kept too
+    if checkpointing:
+        return 4 * shape.hidden * shape.layers + layer
+    return layer * shape.layers
+
+
+def static_bytes(shape: ModelShape, method: str) -> float:
+    """Memory that does not grow with the micro-batch, calibrated on the H100 reference runs.
+
+    Full: fp32 weights, gradients and AdamW state (16 B/param) plus buffers (the fused LM
+    head's fp32 weight gradient, its tiles, the CUDA context): 26.7 GiB measured at 2 x 2048
+    tokens with checkpointing. LoRA: frozen fp32 weights plus what peft and the head keep,
+    about 7 B/param (12.4 GiB measured, same batch). QLoRA: 4-bit weights, a guess.
+    """
+    overhead = 2.5 * 2**30
+    per_param = {"full": 16.0, "qlora": 1.5}.get(method, 7.0)
+    return per_param * shape.params + overhead
+
+
+def micro_batch(
+    opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None, attention_sparse: bool
+) -> Choice:
+    name = "autoMicroBatch"
+    effective = job.per_device * job.accumulation
+    if opt.autoMicroBatch == "off":
+        return Choice(name, False, "turned off")
+    if job.shrunk:
+        return Choice(name, False, "the operator shrank the batch after an OOM: kept")
+    if opt.autoMicroBatch == "auto":
+        if not hw.cuda:
+            return Choice(name, False, "no CUDA device: nothing to size against")
+        if not attention_sparse:
+            return Choice(
+                name,
+                False,
+                "dense-mask attention: a larger packed micro-batch costs "
+                "quadratically more attention (measured slower under SDPA)",
+            )
+    if not job.padding_free:
+        return Choice(name, False, "batches are padded: larger micro-batches pad more")
+    if job.distributed == "fsdp":
+        return Choice(name, False, "fsdp shards memory and checkpoints itself: batch kept")
+    if shape is None:
+        return Choice(name, False, "model shape unknown (config unreadable): batch kept")
+    if hw.memory_gib is None:
+        return Choice(name, False, "device memory unknown: batch kept")
+
+    budget = MEMORY_HEADROOM * hw.memory_gib * 2**30 - static_bytes(shape, job.method)
+    lora = job.method != "full"
+
+    def fits(per_device: int, ckpt: bool) -> bool:
+        per_token = activation_bytes_per_token(shape, checkpointing=ckpt, lora=lora, bf16=job.bf16)
+        return per_device * job.max_length * per_token <= budget
+
+    divisors = [d for d in range(1, effective + 1) if effective % d == 0]
+    capped = [d for d in divisors if d * job.max_length <= MAX_MICRO_BATCH_TOKENS] or [1]
+    pick: tuple[int, bool] | None = None
+    no_ckpt = [d for d in capped if fits(d, False)]
+    if no_ckpt and max(no_ckpt) * job.max_length >= min(
+        MIN_MICRO_BATCH_TOKENS, max(capped) * job.max_length
+    ):
+        pick = (max(no_ckpt), False)
+    elif job.checkpointing:
+        with_ckpt = [d for d in capped if fits(d, True)]
+        if with_ckpt:
+            pick = (max(with_ckpt), True)
+    elif no_ckpt:
+        pick = (max(no_ckpt), False)
+    if pick is None:
+        return Choice(name, False, "no micro-batch fits the memory estimate: batch kept")
+    per_device, ckpt = pick
+    if not job.checkpointing and ckpt:  # never turn on what the spec turned off
+        return Choice(name, False, "checkpointing is off in the spec and nothing fits without it")
+    sft: dict[str, Any] = {
+        "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": effective // per_device,
+    }
+    if ckpt != job.checkpointing:
+        sft["gradient_checkpointing"] = ckpt
+    estimate = static_bytes(
+        shape, job.method
+    ) + per_device * job.max_length * activation_bytes_per_token(
+        shape, checkpointing=ckpt, lora=lora, bf16=job.bf16
+    )
+    return Choice(
+        name,
+        True,
+        f"per_device {per_device} x accumulation {effective // per_device} (effective "
+        f"{effective} kept), checkpointing {'on' if ckpt else 'off'}; estimate "
+        f"{estimate / 2**30:.1f} of {hw.memory_gib:.0f} GiB",
+        sft=sft,
+    )
+
+
+def liger(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
+    name = "ligerKernel"
+    if opt.ligerKernel == "off":
+        return Choice(name, False, "turned off")
+    if "use_liger_kernel" in job.extra_args:
+        return Choice(name, False, "use_liger_kernel is set in extraArgs: kept as given")
+    if opt.ligerKernel == "auto" and not hw.cuda:
+        return Choice(name, False, "no CUDA device: liger's kernels are Triton GPU kernels")
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return Choice(name, False, "liger_kernel is not installed in this image")
+    return Choice(
+        name,
+        True,
+        "RMSNorm/SwiGLU/RoPE kernels (TRL fuses the LM head itself)",
+        sft={"use_liger_kernel": True},
+    )
+
+
+def compile_model(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
+    if not opt.compile:
+        return Choice("compile", False, "off unless asked (speed.compile)")
+    if "torch_compile" in job.extra_args:
+        return Choice("compile", False, "torch_compile is set in extraArgs: kept as given")
+    return Choice("compile", True, "torch.compile of the model", sft={"torch_compile": True})
+
+
+def light_metrics(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
+    if not opt.lightMetrics:
+        return Choice("lightMetrics", False, "off unless asked: entropy and accuracy are logged")
+    return Choice(
+        "lightMetrics",
+        True,
+        "LM head computes log-probabilities only; entropy and mean_token_accuracy are not logged",
+    )
+
+
+# --- putting it together ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    choices: tuple[Choice, ...]
+
+    def sft_kwargs(self, valid_fields: list[str] | None = None) -> dict[str, Any]:
+        """SFTConfig overrides; checkpointing under the name this transformers uses."""
+        out: dict[str, Any] = {}
+        for choice in self.choices:
+            out.update(choice.sft)
+        if "gradient_checkpointing" in out and "activation_checkpointing" in (valid_fields or []):
+            out["activation_checkpointing"] = out.pop("gradient_checkpointing")
+        return out
+
+    @property
+    def model_updates(self) -> dict[str, Any]:
+        """Fields of spec.model (ModelSource) to override when loading."""
+        out: dict[str, Any] = {}
+        for choice in self.choices:
+            out.update(choice.model)
+        return out
+
+    def on(self, lever: str) -> bool:
+        return any(c.on for c in self.choices if c.lever == lever)
+
+    def summary(self) -> dict[str, Any]:
+        return {c.lever: {"on": c.on, "reason": c.reason} for c in self.choices}
+
+    def log(self) -> None:
+        for c in self.choices:
+            log.info("speed %s: %s (%s)", c.lever, "on" if c.on else "off", c.reason)
+
+    def apply(self, trainer: Any) -> None:
+        """The levers that act on the built trainer rather than on its arguments."""
+        if self.on("lightMetrics"):
+            drop_entropy_metrics(trainer)
+
+
+def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
+    flex = flex_attention(opt, hw, job)
+    choices = (
+        flex,
+        micro_batch(opt, hw, job, shape, attention_sparse=flex.on),
+        liger(opt, hw, job),
+        compile_model(opt, hw, job),
+        light_metrics(opt, hw, job),
+    )
+    return SpeedPlan(choices)
+
+
+def options_from(spec: Any, env: dict[str, str] | None = None) -> SpeedOptions:
+    env = dict(os.environ if env is None else env)
+    from_spec = getattr(spec.training, "speed", None)
+    if from_spec is not None and hasattr(from_spec, "model_dump"):
+        from_spec = from_spec.model_dump(exclude_none=True)
+    raw = env.get(ENV_SPEED, "").strip()
+    try:
+        from_env = json.loads(raw) if raw else None
+        if from_env is not None and not isinstance(from_env, dict):
+            raise ValueError("not a JSON object")
+        return SpeedOptions.parse(from_spec, from_env)
+    except ValueError as exc:  # JSONDecodeError included
+        raise ConfigError(f"speed options ({ENV_SPEED} or spec.training.speed): {exc}") from None
+
+
+def job_from(config: Any) -> Job:
+    spec = config.spec
+    training = spec.training
+    resolved = config.resolved
+    per_device = int(resolved["perDeviceTrainBatchSize"])
+    accumulation = int(resolved["gradientAccumulationSteps"])
+    return Job(
+        method=str(resolved["method"]),
+        per_device=per_device,
+        accumulation=accumulation,
+        max_length=int(training.maxLength),
+        padding_free=bool(
+            training.packing
+            and training.packingStrategy in ("bfd", "bfd_split")
+            or training.extraArgs.get("padding_free")
+        ),
+        checkpointing=bool(training.gradientCheckpointing),
+        bf16=bool(resolved["bf16"]),
+        distributed=str(spec.distributed),
+        attn_set=bool(spec.model.attnImplementation),
+        shrunk=(per_device, accumulation)
+        != (training.perDeviceTrainBatchSize, training.gradientAccumulationSteps),
+        extra_args=tuple(training.extraArgs),
+    )
+
+
+def model_shape(model: Any) -> ModelShape | None:
+    """The shape from the model's config.json; None when it cannot be read."""
+    try:
+        from transformers import AutoConfig
+
+        source = model.path or model.name
+        config = AutoConfig.from_pretrained(
+            source, revision=model.revision, trust_remote_code=model.trustRemoteCode
+        )
+        return ModelShape.from_config(config.get_text_config())
+    except Exception as exc:  # the model load reports real problems; this only sizes
+        log.info("speed: cannot read the model config (%s): batch sizing off", exc)
+        return None
+
+
+def plan_speed(config: Any) -> SpeedPlan:
+    """The one entry point train.py calls: levers decided for this config on this machine."""
+    spec = config.spec
+    job = job_from(config)
+    plan = decide(
+        options_from(spec),
+        Hardware.detect(use_cpu=bool(config.resolved["useCpu"])),
+        job,
+        model_shape(spec.model),
+    )
+    plan.log()
+    return plan
+
+
+def drop_entropy_metrics(trainer: Any) -> None:
+    """Re-patch TRL's fused LM head to compute log-probabilities only.
+
+    TRL's compute_loss still reads `entropy` and `is_top1`, so they come back as zero
+    scalars, and the two metrics are removed before each log so no fake zeros appear.
+    """
+    from trl.trainer.utils import add_fused_lm_head
+
+    # A peft wrapper exposes the base model; not every TRL build exports is_peft_model.
+    get_base = getattr(trainer.model, "get_base_model", None)
+    model = get_base() if callable(get_base) else trainer.model
+    add_fused_lm_head(model, outputs=("log_probs",))
+    fused = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = fused(*args, **kwargs)
+        if kwargs.get("fused_lm_head") and getattr(out, "entropy", 0) is None:
+            zero = out.log_probs.new_zeros(())
+            out.entropy = zero
+            out.is_top1 = zero
+        return out
+
+    model.forward = forward
+    original_log = trainer.log
+
+    def log_without(logs: dict[str, float], start_time: float | None = None) -> None:
+        for metrics in trainer._metrics.values():
+            metrics.pop("entropy", None)
+            metrics.pop("mean_token_accuracy", None)
+        original_log(logs, start_time)
+
+    trainer.log = log_without
