@@ -90,7 +90,9 @@ def write_rows(path: Path, rows: int, seed: int = 1) -> None:
             out.write(json.dumps({"text": " ".join(_word(rng) for _ in range(words))}) + "\n")
 
 
-def job_manifest(model: Path, data: Path, steps: int, gpus: int) -> dict[str, Any]:
+def job_manifest(
+    model: Path, data: Path, steps: int, gpus: int, distributed: str = "ddp"
+) -> dict[str, Any]:
     return {
         "apiVersion": "tuning.sftjob.dev/v1alpha1",
         "kind": "SFTJob",
@@ -111,6 +113,7 @@ def job_manifest(model: Path, data: Path, steps: int, gpus: int) -> dict[str, An
                 "saveSteps": 100_000,
             },
             "resources": {"gpusPerNode": gpus, "gpuType": "H100" if gpus else None},
+            "distributed": distributed,
             "progressIntervalSeconds": 1,
         },
     }
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (harness check)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs (processes) on this machine")
+    parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp")
     args = parser.parse_args(argv)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -130,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     write_rows(work / "rows.jsonl", args.rows)
     built = time.monotonic() - started
 
-    gpus = 0 if args.smoke else 1
-    job = parse_sftjob(job_manifest(work / "model", work / "rows.jsonl", args.steps, gpus))
+    gpus = 0 if args.smoke else args.gpus
+    job = parse_sftjob(
+        job_manifest(work / "model", work / "rows.jsonl", args.steps, gpus, args.distributed)
+    )
     config_path = work / "config.json"
     config_path.write_text(json.dumps(build_trainer_config(job)))
     output = work / "output"
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     summary = {
+        "gpus": gpus,
+        "distributed": args.distributed,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "exit_code": result.returncode,
         "parameters": params,

@@ -82,5 +82,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return outcome.exit_code
 
 
+def exit_now(code: int) -> None:
+    """Leave without waiting on library threads: the outcome is already written.
+
+    Under FSDP on 2 H100s both ranks finished, wrote their outcome, and then hung in
+    interpreter shutdown (NCCL / data-loader threads) until killed minutes later; a pod
+    that never exits keeps its job Running. So: end the process group, flush, exit.
+    """
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - teardown is best effort; the result is recorded
+        log.warning("process group teardown failed", exc_info=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
