@@ -144,6 +144,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result
 
 
+def cmd_tiny_data(args: argparse.Namespace) -> int:
+    # Needs the trainer extra (torch, transformers); builds everything locally.
+    from sftjob_trainer.tiny import build_tiny_model, write_tiny_datasets
+
+    model = build_tiny_model(args.dir / "tiny-model")
+    files = write_tiny_datasets(args.dir)
+    print(f"tiny model: {model}")
+    for kind, path in files.items():
+        print(f"{kind} dataset: {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     # Development tooling: the local control plane and the trainer on this machine.
     from sftjob_local.demo import run_demo
@@ -213,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", type=Path, default=None, help="where outputs go if not writable")
     run.add_argument("--dataset-size", type=int, default=None, metavar="N")
     run.set_defaults(func=cmd_run)
+
+    tiny = sub.add_parser(
+        "tiny-data", help="build a tiny model and datasets locally (no hub), for sftjob run"
+    )
+    tiny.add_argument("--dir", type=Path, default=Path(".sftjob-data"))
+    tiny.set_defaults(func=cmd_tiny_data)
 
     demo = sub.add_parser(
         "demo", help="local control plane + operator + tiny training jobs, with live progress"
