@@ -333,15 +333,7 @@ def reconcile_job(
         # An earlier pass already resumed (its status write is not visible to this one
         # yet): its pods are the run now; launching again would start a second one.
         status.phase = "Pending"
-        status.conditions = cond.set_condition(
-            status.conditions,
-            cond.SUSPENDED,
-            "False",
-            "Resumed",
-            "spec.suspend is false",
-            stamp,
-            generation,
-        )
+        _mark_resumed(status, stamp, generation)
         return _finish(actions, status, original)
 
     if attempt == 0 or status.phase == "Suspended":
@@ -372,15 +364,7 @@ def reconcile_job(
             status.conditions, cond.RUNNING, "False", reason, message, stamp, generation
         )
         if resumed:
-            status.conditions = cond.set_condition(
-                status.conditions,
-                cond.SUSPENDED,
-                "False",
-                "Resumed",
-                "spec.suspend is false",
-                stamp,
-                generation,
-            )
+            _mark_resumed(status, stamp, generation)
         actions.events.append(Event("Normal", reason, message))
         return _finish(actions, status, original)
 
@@ -438,6 +422,18 @@ def reconcile_job(
             status.conditions, cond.RUNNING, "False", "Unschedulable", waiting, stamp, generation
         )
     return _finish(actions, status, original)
+
+
+def _mark_resumed(status: SFTJobStatus, stamp: str, generation: int | None) -> None:
+    status.conditions = cond.set_condition(
+        status.conditions,
+        cond.SUSPENDED,
+        "False",
+        "Resumed",
+        "spec.suspend is false",
+        stamp,
+        generation,
+    )
 
 
 def _live(pod: dict[str, Any]) -> bool:

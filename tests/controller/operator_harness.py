@@ -161,15 +161,30 @@ class Cluster:
         self.set_pod(name, "Failed", exit_code=codes.get(reason, 1), message=report)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# Where the session's operator serves its metrics and liveness probe.
+METRICS_PORT = free_port()
+LIVENESS_PORT = free_port()
+
+
 def start_operator(kubeconfig: Path, log_path: Path) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
         "SFTJOB_RECONCILE_INTERVAL": "0.3",
         "SFTJOB_TRAINER_IMAGE": "example.test/trainer:dev",
+        "SFTJOB_METRICS_PORT": str(METRICS_PORT),
     }
+    liveness = f"--liveness=http://127.0.0.1:{LIVENESS_PORT}/healthz"
     return subprocess.Popen(
-        [sys.executable, "-m", "sftjob_operator.cli", "operator", "-A", "--standalone"],
+        [sys.executable, "-m", "sftjob_operator.cli", "operator", "-A", "--standalone", liveness],
         env=env,
         stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -356,3 +357,29 @@ def test_scale_many_jobs(cluster: Cluster, emulator, tmp_path: Path, operator_pr
         "20 jobs' pods",
     )
     assert all(j["status"].get("plan") for j in cluster.jobs())
+
+
+def test_metrics_and_liveness_are_served(cluster: Cluster, operator_process) -> None:
+    import urllib.request
+
+    from operator_harness import LIVENESS_PORT, METRICS_PORT
+
+    cluster.create_job(tiny_job("scraped"))
+    wait_pods(cluster, "scraped", 1, 1)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def phase_count(text: str, phase: str) -> float:
+        match = re.search(rf'^sftjob_jobs{{phase="{phase}"}} (\S+)$', text, flags=re.M)
+        return float(match.group(1)) if match else -1.0
+
+    text = wait_for(
+        lambda: (t := scrape()) and phase_count(t, "Pending") >= 1 and t,
+        what="a Pending job in the metrics",
+    )
+    assert re.search(r"^sftjob_reconcile_seconds_count (\d+)", text, flags=re.M)
+    assert int(re.search(r"^sftjob_reconcile_seconds_count (\d+)", text, flags=re.M).group(1)) > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{LIVENESS_PORT}/healthz", timeout=5) as r:
+        assert r.status == 200

@@ -26,30 +26,11 @@ from typing import Any
 from sftjob_operator.api import parse_sftjob
 from sftjob_operator.trainer_config import build_trainer_config
 
+from .bench import PEAK_FLOPS, QWEN25_15B
+from .bench import TINY as SMOKE_SHAPE
 from .tiny import build_tokenizer
 
-QWEN25_15B = {
-    "hidden_size": 1536,
-    "intermediate_size": 8960,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1_000_000.0,
-    "tie_word_embeddings": True,
-}
-# A CPU-sized shape so the harness itself can be smoke-tested without a GPU.
-SMOKE_SHAPE = {
-    **QWEN25_15B,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 2048,
-}
-H100_BF16_PEAK_FLOPS = 989e12
+H100_BF16_PEAK_FLOPS = PEAK_FLOPS["H100"]
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "po", "qu", "xe", "da", "fi"]
 
 
