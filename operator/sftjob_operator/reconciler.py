@@ -76,16 +76,11 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
     try:
         job = job_from_body(body)
     except SpecError as exc:
-        messages = [str(e) for e in exc.errors]
         if existing and existing.attempts > 0:
             # Already running: an invalid edit must not stop the run it cannot describe.
             return existing.phase or "Running"
         if existing is None or existing.observedGeneration != generation:
-            patch = lifecycle.invalid_status(existing, messages, now, generation)
-            await asyncio.to_thread(kube.patch_job_status, namespace, name, patch)
-            await asyncio.to_thread(
-                kube.post_event, dict(body), "Warning", "InvalidSpec", "; ".join(messages)
-            )
+            await _report_invalid(kube, body, existing, exc, now)
         return "Failed"
 
     status = job.status or SFTJobStatus()
@@ -94,20 +89,12 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
             try:
                 patch = lifecycle.planned_status(job, now)
             except SpecError as exc:  # e.g. drop_last with an empty dataloader
-                messages = [str(e) for e in exc.errors]
-                patch = lifecycle.invalid_status(existing, messages, now, generation)
-                await asyncio.to_thread(kube.patch_job_status, namespace, name, patch)
-                await asyncio.to_thread(
-                    kube.post_event, dict(body), "Warning", "InvalidSpec", "; ".join(messages)
-                )
+                await _report_invalid(kube, body, existing, exc, now)
                 return "Failed"
             await asyncio.to_thread(kube.patch_job_status, namespace, name, patch)
+            planned = next(c for c in patch["conditions"] if c["type"] == "Planned")
             await asyncio.to_thread(
-                kube.post_event,
-                dict(body),
-                "Normal",
-                "Planned",
-                patch["conditions"][0]["message"] if patch["conditions"] else "planned",
+                kube.post_event, dict(body), "Normal", "Planned", planned["message"]
             )
             job = job.model_copy(
                 update={
@@ -128,6 +115,23 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
     phase = actions.status.get("phase") or (job.status.phase if job.status else None) or "Pending"
     METRICS.observe_phase(namespace, name, phase)
     return phase
+
+
+async def _report_invalid(
+    kube: Kube,
+    body: Mapping[str, Any],
+    existing: SFTJobStatus | None,
+    error: SpecError,
+    now: datetime,
+) -> None:
+    """Failed/InvalidSpec in the status and a Warning event, each naming every bad field."""
+    metadata = body["metadata"]
+    messages = [str(e) for e in error.errors]
+    patch = lifecycle.invalid_status(existing, messages, now, metadata.get("generation"))
+    await asyncio.to_thread(kube.patch_job_status, metadata["namespace"], metadata["name"], patch)
+    await asyncio.to_thread(
+        kube.post_event, dict(body), "Warning", "InvalidSpec", "; ".join(messages)
+    )
 
 
 async def _launched_spec(kube: Kube, namespace: str, name: str) -> SFTJobSpec | None:
