@@ -31,6 +31,10 @@ FEW_STEPS = 10
 MANY_EPOCHS = 20
 # Above this size a full fine-tune's activations rarely fit without checkpointing.
 LARGE_MODEL_BILLIONS = 3.0
+# torch.compile (on by default for packed GPU runs) spends about 2 minutes compiling at
+# start; at the 1.5B shape it then trains 28.6k -> 45.4k tokens/s per GPU, which pays the
+# compile back after about 8M tokens per GPU (docs/performance.md).
+COMPILE_PAYBACK_TOKENS = 8_000_000
 # GPUs before Ampere have no bfloat16 units: bf16 is emulated (slow) or refused.
 PRE_AMPERE_GPUS = ("V100", "T4", "P100", "P40", "P4", "K80", "M60", "TITAN V", "QUADRO RTX")
 
@@ -213,6 +217,40 @@ def too_many_epochs(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
     )
 
 
+def short_run_compiles(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
+    training, speed = spec.training, spec.training.speed
+    compiles_by_default = (
+        spec.resources.gpusPerNode > 0
+        and training.packing
+        and training.packingStrategy in ("bfd", "bfd_split")
+        and speed.compile == "auto"
+        and speed.flexAttention != "off"
+        and not spec.model.attnImplementation
+        and spec.distributed != "fsdp"
+    )
+    if not compiles_by_default or plan.totalSteps is None:
+        return None
+    # An upper bound: packed rows are at most maxLength tokens.
+    tokens = (
+        plan.totalSteps
+        * training.perDeviceTrainBatchSize
+        * training.gradientAccumulationSteps
+        * training.maxLength
+    )
+    if tokens >= COMPILE_PAYBACK_TOKENS:
+        return None
+    return Advisory(
+        code="ShortRunCompiles",
+        severity="Info",
+        field="spec.training.speed.compile",
+        message=f"this run trains at most {tokens / 1e6:.1f}M tokens per GPU; torch.compile (on "
+        "by default for packed GPU runs) takes about 2 minutes to compile and pays that back "
+        f"after about {COMPILE_PAYBACK_TOKENS / 1e6:.0f}M tokens per GPU. Set "
+        "speed.compile: off if the run is short",
+        suggested="off",
+    )
+
+
 RULES: tuple[Rule, ...] = (
     small_dataset_epochs,
     large_dataset_max_steps,
@@ -222,6 +260,7 @@ RULES: tuple[Rule, ...] = (
     bf16_on_old_gpu,
     too_few_steps,
     too_many_epochs,
+    short_run_compiles,
 )
 
 

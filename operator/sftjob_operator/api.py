@@ -265,10 +265,15 @@ class SpeedSpec(SpecModel):
     ligerKernel: SpeedSwitch = Field(
         default="auto", description="liger-kernel layer kernels when the image has them."
     )
-    compile: bool = Field(default=False, description="torch.compile the model.")
-    lightMetrics: bool = Field(
-        default=False,
-        description="Skip TRL's per-step entropy and token-accuracy metrics.",
+    compile: SpeedSwitch = Field(
+        default="auto",
+        description="torch.compile the model (auto: on with CUDA and flex attention, each "
+        "micro-batch padded to one static shape so it compiles once).",
+    )
+    lightMetrics: SpeedSwitch = Field(
+        default="auto",
+        description="Skip TRL's per-step entropy and token-accuracy metrics, computed over the "
+        "full vocabulary (auto: skipped with CUDA; off keeps them).",
     )
 
 

@@ -16,8 +16,10 @@ from sftjob_trainer.speed import (
     ModelShape,
     SpeedOptions,
     decide,
+    keep_compiled_kernels,
     micro_batch,
     options_from,
+    usable_memory_gib,
 )
 
 QWEN_15B = ModelShape(params=1_543_655_424, hidden=1536, layers=28, intermediate=8960)
@@ -56,6 +58,8 @@ def test_cpu_smoke_sides_match() -> None:
         assert len(side["losses"]) == 4
         assert all(math.isfinite(loss) for loss in side["losses"])
         assert side["settings"]["steps"] == 4
+    # Same real tokens trained on (padding, if any, is not counted).
+    assert ref["tokens_total"] == ours["tokens_total"] > 0
     rs, os_ = ref["settings"], ours["settings"]
     assert rs["effective_batch"] == os_["effective_batch"] == 16
     for key in ("data_sha", "data_rows", "packed_rows", "max_length", "learning_rate", "seed"):
@@ -81,7 +85,54 @@ def test_h100_full_picks_the_measured_best_shape() -> None:
         "per_device_train_batch_size": 4,
         "gradient_accumulation_steps": 4,
         "activation_checkpointing": False,
+        "torch_compile": True,
+        "pad_to_multiple_of": 4 * 2048,  # the chosen micro-batch, one static shape
     }
+    assert plan.static_length == 4 * 2048
+    assert plan.on("lightMetrics") and not plan.on("ligerKernel")
+    assert "compiled" in plan.summary()["ligerKernel"]["reason"]
+
+
+def test_compile_lever_rules() -> None:
+    cpu = Hardware(cuda=False, memory_gib=24.0)
+    auto = SpeedOptions()
+    assert not decide(auto, cpu, REFERENCE, QWEN_15B).on("compile")  # CPU: off, with reason
+    assert "CPU" in decide(auto, cpu, REFERENCE, QWEN_15B).summary()["compile"]["reason"]
+    no_flex = SpeedOptions(flexAttention="off")
+    assert not decide(no_flex, H100, REFERENCE, QWEN_15B).on("compile")
+    fsdp = Job(**{**REFERENCE.__dict__, "distributed": "fsdp"})
+    assert not decide(SpeedOptions(compile="on"), H100, fsdp, QWEN_15B).on("compile")
+    assert not decide(SpeedOptions(compile="off"), H100, REFERENCE, QWEN_15B).on("compile")
+    # Forced on CPU with SDPA: compiled, and still one static shape (the batch is kept).
+    forced = decide(SpeedOptions(compile="on"), cpu, REFERENCE, QWEN_15B)
+    assert forced.on("compile") and forced.static_length == 2 * 2048
+    # Padded (unpacked) batches, or the user's own padding: compiled, shapes left alone.
+    padded = Job(**{**REFERENCE.__dict__, "padding_free": False})
+    assert decide(SpeedOptions(compile="on"), H100, padded, QWEN_15B).static_length is None
+    own = Job(**{**REFERENCE.__dict__, "extra_args": ("pad_to_multiple_of",)})
+    plan = decide(auto, H100, own, QWEN_15B)
+    assert plan.on("compile") and plan.static_length is None
+    assert "pad_to_multiple_of" not in plan.sft_kwargs()
+
+
+def test_light_metrics_and_liger_rules() -> None:
+    cpu = Hardware(cuda=False, memory_gib=24.0)
+    assert not decide(SpeedOptions(), cpu, REFERENCE, QWEN_15B).on("lightMetrics")
+    assert decide(SpeedOptions(lightMetrics="on"), cpu, REFERENCE, QWEN_15B).on("lightMetrics")
+    assert not decide(SpeedOptions(lightMetrics="off"), H100, REFERENCE, QWEN_15B).on(
+        "lightMetrics"
+    )
+    # Without compile, liger is wanted where it is installed (not in this test venv).
+    plan = decide(SpeedOptions(compile="off"), H100, REFERENCE, QWEN_15B)
+    assert "compiled" not in plan.summary()["ligerKernel"]["reason"]
+
+
+def test_memory_cap_from_env() -> None:
+    assert usable_memory_gib(139.8, {}) == 139.8
+    assert usable_memory_gib(139.8, {"SFTJOB_GPU_MEMORY_GIB": "80"}) == 80.0
+    assert usable_memory_gib(40.0, {"SFTJOB_GPU_MEMORY_GIB": "80"}) == 40.0
+    with pytest.raises(ConfigError, match="SFTJOB_GPU_MEMORY_GIB"):
+        usable_memory_gib(139.8, {"SFTJOB_GPU_MEMORY_GIB": "lots"})
 
 
 @pytest.mark.parametrize("per_device,accumulation", [(2, 8), (1, 12), (3, 5), (4, 4), (1, 1)])
@@ -124,7 +175,7 @@ def test_micro_batch_respects_switches_and_spec() -> None:
 
 def test_extra_args_win_over_levers() -> None:
     job = Job(**{**REFERENCE.__dict__, "extra_args": ("use_liger_kernel", "torch_compile")})
-    plan = decide(SpeedOptions(ligerKernel="on", compile=True), H100, job, QWEN_15B)
+    plan = decide(SpeedOptions(ligerKernel="on", compile="on"), H100, job, QWEN_15B)
     assert "use_liger_kernel" not in plan.sft_kwargs()
     assert "torch_compile" not in plan.sft_kwargs()
 
@@ -136,7 +187,14 @@ def test_speed_options_from_env() -> None:
 
     assert options_from(Spec, {}) == SpeedOptions()
     opts = options_from(Spec, {"SFTJOB_SPEED": '{"flexAttention": false, "compile": true}'})
-    assert opts.flexAttention == "off" and opts.compile
+    assert opts.flexAttention == "off" and opts.compile == "on"
     for bad in ("{", "[]", '{"flex": "on"}', '{"ligerKernel": "maybe"}'):
         with pytest.raises(ConfigError):
             options_from(Spec, {"SFTJOB_SPEED": bad})
+
+
+def test_compiled_kernels_kept_on_the_output_volume() -> None:
+    env: dict[str, str] = {}
+    assert keep_compiled_kernels("/out", env) == "/out/.sftjob-cache/torchinductor"
+    env = {"TORCHINDUCTOR_CACHE_DIR": "/cache"}  # the platform's own choice wins
+    assert keep_compiled_kernels("/out", env) == "/cache"

@@ -22,7 +22,11 @@ class Logs(TrainerCallback):
 
 
 def train_logs(make_config: Any, light: bool) -> list[dict[str, Any]]:
-    speed = {"lightMetrics": light, "autoMicroBatch": "off", "flexAttention": "off"}
+    speed = {
+        "lightMetrics": "on" if light else "off",
+        "autoMicroBatch": "off",
+        "flexAttention": "off",
+    }
     spec = {"training": {"maxSteps": 3, "loggingSteps": 1, "speed": speed}}
     recorder = Logs()
     trainer = build_trainer(load_config(make_config(spec)), callbacks=[recorder])

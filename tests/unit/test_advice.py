@@ -131,3 +131,31 @@ def test_too_many_epochs() -> None:
         ].field
         == "spec.training.maxSteps"
     )
+
+
+PACKED = {"packing": True, "numTrainEpochs": 3}
+
+
+def test_short_packed_gpu_run_is_told_compile_may_not_pay() -> None:
+    # 1000 rows, 3 epochs, 2 x 8 x 2048: at most 189 x 16 x 2048 = 6.2M tokens per GPU.
+    advice = codes({"training": PACKED})["ShortRunCompiles"]
+    assert advice.field == "spec.training.speed.compile" and advice.suggested == "off"
+    assert advice.severity == "Info" and "6.2M" in advice.message
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"training": {**PACKED, "speed": {"compile": "off"}}},  # the user decided
+        {"training": {**PACKED, "speed": {"compile": "on"}}},
+        {"training": {**PACKED, "speed": {"flexAttention": "off"}}},  # no compile by default
+        {"training": {**PACKED, "packingStrategy": "wrapped"}},
+        {"training": {"numTrainEpochs": 3}},  # not packed
+        {"training": PACKED, "resources": {"gpusPerNode": 0}},  # CPU
+        {"training": {**PACKED, "numTrainEpochs": 5}},  # 315 steps: 10.3M tokens, pays off
+    ],
+)
+def test_compile_advice_only_where_compile_is_the_default_and_the_run_is_short(
+    changes: dict[str, Any],
+) -> None:
+    assert "ShortRunCompiles" not in codes(changes)

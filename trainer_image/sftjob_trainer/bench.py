@@ -1,6 +1,7 @@
 """Throughput benchmark: the plain-TRL reference settings against our trainer's defaults.
 
     python -m sftjob_trainer.bench --case full|lora|cpu-smoke [--steps N] [--sides reference,sftjob]
+                                   [--memory-gib G] [--isolation]
 
 Both sides run in ONE process on the same random-init model (re-created from the same
 seed for each side), the same synthetic pre-tokenized rows (log-normal lengths, same
@@ -197,7 +198,9 @@ def isolation_check(
     }
 
 
-def make_callback(trainer_ref: dict[str, Any], cuda: bool) -> Any:
+def make_callback(
+    trainer_ref: dict[str, Any], cuda: bool, skip: int, sync_every_step: bool = False
+) -> Any:
     import torch
     from transformers import TrainerCallback
 
@@ -205,15 +208,23 @@ def make_callback(trainer_ref: dict[str, Any], cuda: bool) -> Any:
         def __init__(self) -> None:
             self.marks: list[tuple[float, int]] = []
             self.losses: list[float] = []
+            self.graphs: list[int] = []
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.marks.append((time.perf_counter(), 0))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if cuda:
+            from torch._dynamo.utils import counters
+
+            # Synchronise only at the two marks the rate is taken between (the end of the
+            # untimed steps and the last step): a sync every step would idle the GPU each
+            # step, which a real run does not, and cost the faster side more.
+            if cuda and (sync_every_step or state.global_step in (skip, state.max_steps)):
                 torch.cuda.synchronize()
             tokens = int(getattr(trainer_ref["trainer"], "_total_train_tokens", 0))
             self.marks.append((time.perf_counter(), tokens))
+            # Graphs dynamo has compiled so far: flat after step 1 means no recompiles.
+            self.graphs.append(int(counters["stats"]["unique_graphs"]))
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and "loss" in logs:
@@ -222,8 +233,47 @@ def make_callback(trainer_ref: dict[str, Any], cuda: bool) -> Any:
     return Meter()
 
 
+def make_profiler(start_step: int, steps: int, report: Path) -> Any:
+    """Profiles `steps` optimizer steps after `start_step`; writes the top kernels to `report`."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.profiler: Any = None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == start_step:
+                self.profiler = torch.profiler.profile(
+                    activities=[
+                        torch.profiler.ProfilerActivity.CPU,
+                        torch.profiler.ProfilerActivity.CUDA,
+                    ]
+                )
+                self.profiler.__enter__()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.profiler is not None and state.global_step == start_step + steps:
+                torch.cuda.synchronize()
+                self.profiler.__exit__(None, None, None)
+                table = self.profiler.key_averages().table(
+                    sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90
+                )
+                report.write_text(table)
+                self.profiler = None
+
+    return Profile()
+
+
 def run_side(
-    side: str, case: Case, steps: int, rows: list[list[int]], work: Path, skip: int
+    side: str,
+    case: Case,
+    steps: int,
+    rows: list[list[int]],
+    work: Path,
+    skip: int,
+    profile: Path | None = None,
+    sync_every_step: bool = False,
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
@@ -276,7 +326,7 @@ def run_side(
     params = sum(p.numel() for p in model.parameters())
     peft = lora_config(job.resolved.get("lora"))
     ref: dict[str, Any] = {}
-    meter = make_callback(ref, cuda)
+    meter = make_callback(ref, cuda, skip, sync_every_step)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(SEED)  # LoRA init and dropout draw the same numbers on both sides
@@ -286,7 +336,8 @@ def run_side(
         train_dataset=Dataset.from_dict({"input_ids": rows}),
         processing_class=tokenizer(),
         peft_config=peft,
-        callbacks=[meter],
+        callbacks=[meter]
+        + ([make_profiler(skip, 2, profile / f"profile-{side}.txt")] if profile and cuda else []),
     )
     ref["trainer"] = trainer
     if speed is not None:
@@ -297,6 +348,8 @@ def run_side(
     marks = meter.marks
     first = min(skip, len(marks) - 2)
     (t0, n0), (t1, n1) = marks[first], marks[-1]
+    # Untimed: the first steps, where torch.compile (when on) compiles; reported, not hidden.
+    untimed_s = t0 - marks[0][0]
     tokens_per_s = (n1 - n0) / (t1 - t0) if t1 > t0 else None
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
@@ -310,6 +363,10 @@ def run_side(
         "mfu": round(6 * params * tokens_per_s / peak, 4) if peak and tokens_per_s else None,
         "peak_mem_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "losses": meter.losses,
+        # Tokens trained on over all steps (padding excluded): both sides see the same data,
+        # so this must be equal on both sides.
+        "tokens_total": marks[-1][1],
+        "untimed_s": round(untimed_s, 1),
         "settings": {
             "device": name,
             "params": params,
@@ -338,6 +395,9 @@ def run_side(
             "packed_rows": len(trainer.train_dataset),
             "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "speed": speed.summary() if speed else None,
+            # Dynamo graphs after the first step and at the end (compile on: equal = no
+            # recompiles; counted since the process started).
+            "compiled_graphs": [meter.graphs[0], meter.graphs[-1]] if meter.graphs else None,
         },
     }
     del trainer, model, ref
@@ -345,6 +405,19 @@ def run_side(
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def cap_gpu_memory(gib: float) -> None:
+    import os
+
+    import torch
+
+    from .speed import ENV_MEMORY_GIB
+
+    os.environ[ENV_MEMORY_GIB] = str(gib)
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,7 +432,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--isolation", action="store_true", help="first check packed isolation (sdpa, flex)"
     )
+    parser.add_argument(
+        "--memory-gib",
+        type=float,
+        default=None,
+        help="act as if the GPU had this much memory (both sides capped; the speed plan "
+        "sizes batches for it), e.g. 80 to run an H100's plan on an H200",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="folder for a kernel profile of two steps after the untimed ones (GPU only)",
+    )
+    parser.add_argument(
+        "--sync-every-step",
+        action="store_true",
+        help="synchronise CUDA at every step end (how runs before 2026-11-28 09:30 timed)",
+    )
     args = parser.parse_args(argv)
+    if args.memory_gib:
+        cap_gpu_memory(args.memory_gib)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     case = CASES[args.case]
     skip = args.skip if args.skip is not None else (1 if case.name == "cpu-smoke" else 5)
@@ -378,7 +471,10 @@ def main(argv: list[str] | None = None) -> int:
         if side not in ("reference", "sftjob"):
             parser.error(f"unknown side {side!r}")
         started = time.monotonic()
-        result = run_side(side, case, args.steps, rows, work, skip)
+        result = run_side(
+            side, case, args.steps, rows, work, skip, args.profile, args.sync_every_step
+        )
+        result["settings"]["sync_every_step"] = args.sync_every_step
         result["settings"]["wall_s"] = round(time.monotonic() - started, 1)
         print(json.dumps(result), flush=True)
     return 0

@@ -19,14 +19,15 @@ Levers (measured on one H100 in docs/performance.md):
 - ligerKernel: liger's RMSNorm/SwiGLU/RoPE kernels when liger_kernel imports. TRL 1.16
   already fuses the LM head with the loss (chunked, no full logits) and refuses liger's
   fused linear cross-entropy, so only the layer kernels are left to gain.
-- compile: SFTConfig torch_compile; off unless asked.
+- compile: SFTConfig torch_compile, with every packed micro-batch padded to one static
+  shape so the model compiles once (CUDA with flex attention under "auto").
 - lightMetrics: TRL 1.16 folds entropy and top-1 accuracy into its chunked LM-head
   kernel on every micro-step (no SFTConfig switch turns them off); this re-patches the
   head to compute the log-probabilities only and drops the two metrics from the logs.
-  Off unless asked (the extra work is small; measure before turning it on).
+  On with CUDA under "auto"; "off" keeps the metrics.
 
 Overrides: the JSON object in $SFTJOB_SPEED (e.g. '{"flexAttention": "off"}'), on top of
-`spec.training.speed` once the API has it.
+`spec.training.speed`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -44,6 +46,16 @@ log = logging.getLogger("sftjob_trainer.speed")
 ENV_SPEED = "SFTJOB_SPEED"
 Switch = Literal["auto", "on", "off"]
 SWITCHES = ("auto", "on", "off")
+SWITCH_NAMES = ("flexAttention", "autoMicroBatch", "ligerKernel", "compile", "lightMetrics")
+# Set on a sized run to size batches for less memory than the device has (a shared card,
+# or the bench imitating an 80 GB H100 on a larger one).
+ENV_MEMORY_GIB = "SFTJOB_GPU_MEMORY_GIB"
+# Keys of TRL's padding-free batches that only varlen kernels (flash attention) read. Their
+# lengths and values change with every micro-batch, so a compiled model would recompile.
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# The collator's note of how many padding tokens a static batch carries; taken out of the
+# batch before the model sees it and subtracted from TRL's token count.
+PADDING_KEY = "sftjob_padding_tokens"
 
 # Fraction of device memory the estimate may fill; the rest absorbs allocator
 # fragmentation, the CUDA context and the estimate's error.
@@ -61,8 +73,8 @@ class SpeedOptions:
     flexAttention: Switch = "auto"
     autoMicroBatch: Switch = "auto"
     ligerKernel: Switch = "auto"
-    compile: bool = False
-    lightMetrics: bool = False
+    compile: Switch = "auto"
+    lightMetrics: Switch = "auto"
 
     @classmethod
     def parse(cls, *layers: dict[str, Any] | None) -> SpeedOptions:
@@ -74,7 +86,7 @@ class SpeedOptions:
                 if key not in names:
                     raise ValueError(f"unknown speed option {key!r}; known: {sorted(names)}")
                 merged[key] = value
-        for key in ("flexAttention", "autoMicroBatch", "ligerKernel"):
+        for key in SWITCH_NAMES:
             value = merged.get(key)
             if isinstance(value, bool):
                 merged[key] = "on" if value else "off"
@@ -101,7 +113,19 @@ class Hardware:
                 host = None
             return cls(cuda=False, memory_gib=host)
         props = torch.cuda.get_device_properties(0)
-        return cls(cuda=True, memory_gib=props.total_memory / 2**30, name=props.name)
+        memory = usable_memory_gib(props.total_memory / 2**30, os.environ)
+        return cls(cuda=True, memory_gib=memory, name=props.name)
+
+
+def usable_memory_gib(total_gib: float, env: Mapping[str, str]) -> float:
+    """The device's memory, or less when $SFTJOB_GPU_MEMORY_GIB says so."""
+    cap = env.get(ENV_MEMORY_GIB, "").strip()
+    if not cap:
+        return total_gib
+    try:
+        return min(total_gib, float(cap))
+    except ValueError:
+        raise ConfigError(f"{ENV_MEMORY_GIB} must be a number of GiB, got {cap!r}") from None
 
 
 @dataclass(frozen=True)
@@ -296,7 +320,7 @@ def micro_batch(
     )
 
 
-def liger(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
+def liger(opt: SpeedOptions, hw: Hardware, job: Job, compiled: bool = False) -> Choice:
     name = "ligerKernel"
     if opt.ligerKernel == "off":
         return Choice(name, False, "turned off")
@@ -304,6 +328,10 @@ def liger(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
         return Choice(name, False, "use_liger_kernel is set in extraArgs: kept as given")
     if opt.ligerKernel == "auto" and not hw.cuda:
         return Choice(name, False, "no CUDA device: liger's kernels are Triton GPU kernels")
+    if opt.ligerKernel == "auto" and compiled:
+        return Choice(
+            name, False, "the model is compiled: inductor fuses the same norm/activation ops"
+        )
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
@@ -316,19 +344,51 @@ def liger(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
     )
 
 
-def compile_model(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
-    if not opt.compile:
-        return Choice("compile", False, "off unless asked (speed.compile)")
+def compile_model(opt: SpeedOptions, hw: Hardware, job: Job, flex: bool, per_device: int) -> Choice:
+    """torch.compile, with every packed micro-batch padded to ONE shape.
+
+    TRL's padding-free batches change length with every micro-batch (and carry varlen
+    keys whose sizes change too); a compiled model then recompiles again and again (about
+    200 s of a 274 s run, measured). Padding each micro-batch to per_device x maxLength
+    (padding tokens at position 0, so flex or SDPA puts each in its own document, labels
+    -100) gives one graph. The padding is masked out of the loss and not counted as tokens.
+    """
+    name = "compile"
+    if opt.compile == "off":
+        return Choice(name, False, "turned off")
     if "torch_compile" in job.extra_args:
-        return Choice("compile", False, "torch_compile is set in extraArgs: kept as given")
-    return Choice("compile", True, "torch.compile of the model", sft={"torch_compile": True})
+        return Choice(name, False, "torch_compile is set in extraArgs: kept as given")
+    if job.distributed == "fsdp":
+        return Choice(name, False, "fsdp: sharded parameters are not compiled here")
+    if opt.compile == "auto":
+        if not hw.cuda:
+            return Choice(
+                name, False, "no CUDA device: compiling on CPU takes minutes and gains little"
+            )
+        if not flex:
+            return Choice(name, False, "needs flex attention over packed batches (one shape)")
+    sft: dict[str, Any] = {"torch_compile": True}
+    if not job.padding_free or "pad_to_multiple_of" in job.extra_args:
+        return Choice(name, True, "torch.compile (batch shapes vary: expect recompiles)", sft=sft)
+    static = per_device * job.max_length
+    sft["pad_to_multiple_of"] = static
+    return Choice(
+        name,
+        True,
+        f"torch.compile with every micro-batch padded to {static} tokens (one graph; "
+        "padding masked, not trained on, not counted)",
+        sft=sft,
+    )
 
 
 def light_metrics(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
-    if not opt.lightMetrics:
-        return Choice("lightMetrics", False, "off unless asked: entropy and accuracy are logged")
+    name = "lightMetrics"
+    if opt.lightMetrics == "off":
+        return Choice(name, False, "turned off: entropy and mean_token_accuracy are logged")
+    if opt.lightMetrics == "auto" and not hw.cuda:
+        return Choice(name, False, "no CUDA device: metrics kept (a test run wants them)")
     return Choice(
-        "lightMetrics",
+        name,
         True,
         "LM head computes log-probabilities only; entropy and mean_token_accuracy are not logged",
     )
@@ -368,19 +428,34 @@ class SpeedPlan:
         for c in self.choices:
             log.info("speed %s: %s (%s)", c.lever, "on" if c.on else "off", c.reason)
 
+    @property
+    def static_length(self) -> int | None:
+        """Tokens every packed micro-batch is padded to, when the compile lever pads."""
+        for choice in self.choices:
+            if choice.on and "pad_to_multiple_of" in choice.sft:
+                return int(choice.sft["pad_to_multiple_of"])
+        return None
+
     def apply(self, trainer: Any) -> None:
         """The levers that act on the built trainer rather than on its arguments."""
         if self.on("lightMetrics"):
             drop_entropy_metrics(trainer)
+        if self.static_length is not None:
+            use_static_batches(trainer, self.static_length)
+        if self.on("compile"):
+            keep_compiled_kernels(trainer.args.output_dir)
 
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
     flex = flex_attention(opt, hw, job)
+    micro = micro_batch(opt, hw, job, shape, attention_sparse=flex.on)
+    per_device = int(micro.sft.get("per_device_train_batch_size", job.per_device))
+    compiled = compile_model(opt, hw, job, flex=flex.on, per_device=per_device)
     choices = (
         flex,
-        micro_batch(opt, hw, job, shape, attention_sparse=flex.on),
-        liger(opt, hw, job),
-        compile_model(opt, hw, job),
+        micro,
+        liger(opt, hw, job, compiled=compiled.on),
+        compiled,
         light_metrics(opt, hw, job),
     )
     return SpeedPlan(choices)
@@ -488,3 +563,62 @@ def drop_entropy_metrics(trainer: Any) -> None:
         original_log(logs, start_time)
 
     trainer.log = log_without
+
+
+def use_static_batches(trainer: Any, length: int) -> None:
+    """Make every packed micro-batch one shape, and keep TRL's token count honest.
+
+    TRL pads the padding-free row to `length` (pad_to_multiple_of, set by the compile
+    lever: position 0 and label -100 for each padding token, so under flex attention each
+    is a document of its own and nothing attends to it). This drops the varlen keys,
+    whose sizes change per batch and which flex attention does not read, and counts the
+    padding; TRL counts `position_ids.size(1)` as tokens, so the padding is subtracted
+    again after each loss, summed over ranks as TRL sums its count.
+    """
+    import torch
+
+    collate = trainer.data_collator
+
+    def static_collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(examples)
+        for key in VARLEN_KEYS:
+            batch.pop(key, None)
+        width = int(batch["input_ids"].size(1))
+        real = sum(len(example["input_ids"]) for example in examples)
+        if width != length:  # a row longer than maxLength: TRL truncates, so never here
+            log.warning("static batches: a micro-batch came out %d tokens, not %d", width, length)
+        batch[PADDING_KEY] = width - real
+        return batch
+
+    trainer.data_collator = static_collate
+    compute_loss = trainer.compute_loss
+
+    def compute_loss_without_padding(model: Any, inputs: dict[str, Any], *a: Any, **kw: Any) -> Any:
+        padding = int(inputs.pop(PADDING_KEY, 0))
+        result = compute_loss(model, inputs, *a, **kw)
+        if model.training and hasattr(trainer, "_total_train_tokens"):
+            local = torch.tensor(padding, device=trainer.accelerator.device)
+            total = int(trainer.accelerator.gather_for_metrics(local).sum().item())
+            trainer._total_train_tokens -= total // int(getattr(trainer, "_tp_size", 1) or 1)
+            trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
+        return result
+
+    trainer.compute_loss = compute_loss_without_padding
+
+
+ENV_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
+COMPILE_CACHE = ".sftjob-cache/torchinductor"
+
+
+def keep_compiled_kernels(output_dir: str, env: Any = None) -> str:
+    """Keep inductor's compiled kernels beside the checkpoints, unless told otherwise.
+
+    The default cache is in /tmp, which a restarted pod loses: a resume after an OOM or a
+    preemption would compile for minutes again. On the output volume the next attempt
+    finds the kernels already built (inductor's cache tolerates concurrent ranks).
+    """
+    env = os.environ if env is None else env
+    if not env.get(ENV_INDUCTOR_CACHE):
+        env[ENV_INDUCTOR_CACHE] = os.path.join(output_dir, COMPILE_CACHE)
+    log.info("speed compile: kernel cache in %s", env[ENV_INDUCTOR_CACHE])
+    return str(env[ENV_INDUCTOR_CACHE])
