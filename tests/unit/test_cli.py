@@ -32,7 +32,8 @@ def test_reference_job_plans_16_63_189_as_an_estimate() -> None:
     assert plan["datasetSize"] == 1000 and plan["estimate"] is True
     for key in ("worldSize", "epochs", "warmupSteps", "advisories"):
         assert key in plan
-    assert {a["code"] for a in plan["advisories"]} == {"LearningRateOutOfRange"}
+    # The reference job is short (at most 6.2M tokens per GPU): compiling may not pay off.
+    assert {a["code"] for a in plan["advisories"]} == {"LearningRateOutOfRange", "ShortRunCompiles"}
 
 
 def test_table_output_shows_the_figures() -> None:
