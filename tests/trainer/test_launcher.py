@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from sftjob_trainer.failures import ConfigError, Outcome
@@ -10,6 +12,7 @@ from sftjob_trainer.launcher import (
     fsdp_config_yaml,
     launch_command,
     resolve_main_addr,
+    worker_env,
 )
 from sftjob_trainer.settings import Topology, load_config, topology_from_env
 
@@ -103,3 +106,16 @@ def test_pod_outcome_prefers_the_most_specific_worker_report():
     assert (silent.reason, silent.exit_code) == ("InternalError", 1)
     assert "code -9" in silent.message
     assert final_outcome(143, [], interrupted=True).exit_code == 14
+
+
+def test_workers_keep_compiled_kernels_on_the_output_volume(tmp_path: Path) -> None:
+    env = worker_env({"PATH": "/bin"}, tmp_path / "out", tmp_path / "reports")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(
+        tmp_path / "out" / ".sftjob-cache" / "torchinductor"
+    )
+    assert env["PATH"] == "/bin" and env["SFTJOB_WORKER_REPORT_DIR"] == str(tmp_path / "reports")
+    # A cache the platform set for the pod wins; a blank one does not count.
+    own = worker_env({"TORCHINDUCTOR_CACHE_DIR": "/cache"}, tmp_path, tmp_path)
+    assert own["TORCHINDUCTOR_CACHE_DIR"] == "/cache"
+    blank = worker_env({"TORCHINDUCTOR_CACHE_DIR": ""}, tmp_path, tmp_path)
+    assert blank["TORCHINDUCTOR_CACHE_DIR"].endswith("torchinductor")

@@ -109,7 +109,8 @@ def test_static_batches_have_one_shape_and_no_varlen_keys(
     trainer = trainer_for(COMPILED, EAGER_BACKEND)
     # Compiled kernels are kept on the output volume, for the next attempt of the job.
     cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    assert cache == Path(trainer.args.output_dir) / ".sftjob-cache" / "torchinductor"
+    output = Path(trainer.args.output_dir).parent  # the job's output; checkpoints below it
+    assert cache == output / ".sftjob-cache" / "torchinductor"
     assert trainer.args.torch_compile and trainer.args.pad_to_multiple_of == STATIC
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     widths, paddings = set(), []

@@ -42,6 +42,7 @@ from .failures import (
     write_outcome,
 )
 from .settings import Topology, load_config, topology_from_env
+from .speed import COMPILE_CACHE, ENV_INDUCTOR_CACHE
 
 log = logging.getLogger("sftjob_trainer.launcher")
 
@@ -169,6 +170,19 @@ def final_outcome(returncode: int, reports: list[Outcome], interrupted: bool) ->
     )
 
 
+def worker_env(base_env: dict[str, str], output: Path, reports: Path) -> dict[str, str]:
+    """The workers' environment: the pod's, plus where to report and to keep kernels.
+
+    Compiled kernels (torch.compile, flex attention) go to the output volume unless the
+    pod sets TORCHINDUCTOR_CACHE_DIR: /tmp dies with the pod, and a resumed attempt would
+    compile for minutes again.
+    """
+    env = {**base_env, ENV_WORKER_REPORT_DIR: str(reports)}
+    if not env.get(ENV_INDUCTOR_CACHE):
+        env[ENV_INDUCTOR_CACHE] = str(output / COMPILE_CACHE)
+    return env
+
+
 def run(config_path: Path | str | None = None, *, env: dict[str, str] | None = None) -> int:
     """Launch this node's workers, wait, write the termination message; the exit code."""
     base_env = dict(os.environ if env is None else env)
@@ -209,7 +223,7 @@ def run(config_path: Path | str | None = None, *, env: dict[str, str] | None = N
             distributed=config.spec.distributed,
             fsdp_config_path=fsdp_path,
         )
-        child_env = {**base_env, ENV_WORKER_REPORT_DIR: str(reports)}
+        child_env = worker_env(base_env, config.output_path, reports)
         print("sftjob-trainer: " + " ".join(command), file=sys.stderr, flush=True)
         returncode, interrupted = _run_forwarding_signals(command, child_env, reports)
         outcome = final_outcome(returncode, read_worker_reports(reports), interrupted)

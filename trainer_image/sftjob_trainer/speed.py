@@ -442,8 +442,6 @@ class SpeedPlan:
             drop_entropy_metrics(trainer)
         if self.static_length is not None:
             use_static_batches(trainer, self.static_length)
-        if self.on("compile"):
-            keep_compiled_kernels(trainer.args.output_dir)
 
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
@@ -528,6 +526,9 @@ def plan_speed(config: Any) -> SpeedPlan:
         model_shape(spec.model),
     )
     plan.log()
+    if plan.on("compile"):
+        # Before anything asks inductor for its cache: the first ask pins the /tmp default.
+        keep_compiled_kernels(str(config.resolved["outputPath"]))
     return plan
 
 
