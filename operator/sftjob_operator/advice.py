@@ -221,6 +221,7 @@ def short_run_compiles(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
     training, speed = spec.training, spec.training.speed
     compiles_by_default = (
         spec.resources.gpusPerNode > 0
+        and spec.method != "qlora"
         and training.packing
         and training.packingStrategy in ("bfd", "bfd_split")
         and speed.compile == "auto"

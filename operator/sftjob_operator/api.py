@@ -267,8 +267,8 @@ class SpeedSpec(SpecModel):
     )
     compile: SpeedSwitch = Field(
         default="auto",
-        description="torch.compile the model (auto: on with CUDA and flex attention, each "
-        "micro-batch padded to one static shape so it compiles once).",
+        description="torch.compile the model (auto: on with CUDA and flex attention, not for "
+        "qlora or fsdp; each micro-batch padded to one static shape so it compiles once).",
     )
     lightMetrics: SpeedSwitch = Field(
         default="auto",

@@ -122,7 +122,14 @@ def tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=fast, pad_token="<pad>", eos_token="<eos>")
 
 
-def job_manifest(case: Case, steps: int, model: Path, output: Path, gpus: int) -> dict[str, Any]:
+def job_manifest(
+    case: Case,
+    steps: int,
+    model: Path,
+    output: Path,
+    gpus: int,
+    extra_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "model": {"path": str(model)},
         "dataset": {"path": "/synthetic.jsonl", "format": "text"},  # rows come in memory
@@ -137,6 +144,7 @@ def job_manifest(case: Case, steps: int, model: Path, output: Path, gpus: int) -
             "loggingSteps": 1,
             "saveSteps": 1_000_000,
             "seed": SEED,
+            "extraArgs": extra_args or {},
         },
         "resources": {"gpusPerNode": gpus},
         "output": {"path": str(output)},
@@ -151,13 +159,20 @@ def job_manifest(case: Case, steps: int, model: Path, output: Path, gpus: int) -
     }
 
 
-def trainer_config(case: Case, steps: int, model: Path, output: Path, gpus: int) -> Any:
+def trainer_config(
+    case: Case,
+    steps: int,
+    model: Path,
+    output: Path,
+    gpus: int,
+    extra_args: dict[str, Any] | None = None,
+) -> Any:
     from sftjob_operator.api import parse_sftjob
     from sftjob_operator.trainer_config import build_trainer_config
 
     from .settings import parse_config
 
-    job = parse_sftjob(job_manifest(case, steps, model, output, gpus))
+    job = parse_sftjob(job_manifest(case, steps, model, output, gpus, extra_args))
     return parse_config(build_trainer_config(job))
 
 
@@ -274,6 +289,7 @@ def run_side(
     skip: int,
     profile: Path | None = None,
     sync_every_step: bool = False,
+    extra_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
@@ -289,7 +305,8 @@ def run_side(
     model_dir = work / "model-config"
     config = Qwen2Config(**case.shape, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
     config.save_pretrained(model_dir)  # the speed plan sizes batches from config.json
-    job = trainer_config(case, steps, model_dir, work / side, gpus=1 if cuda else 0)
+    extra = extra_args if side == "sftjob" else None
+    job = trainer_config(case, steps, model_dir, work / side, 1 if cuda else 0, extra)
     ours = build_sft_config(job, speed=None)  # to copy lr/schedule/warmup to the reference
     speed = None
     if side == "sftjob":
@@ -395,6 +412,7 @@ def run_side(
             "packed_rows": len(trainer.train_dataset),
             "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "speed": speed.summary() if speed else None,
+            "extra_args": extra if side == "sftjob" else None,
             # Dynamo graphs after the first step and at the end (compile on: equal = no
             # recompiles; counted since the process started).
             "compiled_graphs": [meter.graphs[0], meter.graphs[-1]] if meter.graphs else None,
@@ -450,6 +468,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="synchronise CUDA at every step end (how runs before 2026-11-28 09:30 timed)",
     )
+    parser.add_argument(
+        "--extra-args",
+        type=json.loads,
+        default=None,
+        help="JSON object of SFTConfig settings for the sftjob side only (spec.training."
+        'extraArgs), e.g. \'{"torch_compile_mode": "reduce-overhead"}\'',
+    )
     args = parser.parse_args(argv)
     if args.memory_gib:
         cap_gpu_memory(args.memory_gib)
@@ -472,7 +497,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown side {side!r}")
         started = time.monotonic()
         result = run_side(
-            side, case, args.steps, rows, work, skip, args.profile, args.sync_every_step
+            side,
+            case,
+            args.steps,
+            rows,
+            work,
+            skip,
+            args.profile,
+            args.sync_every_step,
+            args.extra_args,
         )
         result["settings"]["sync_every_step"] = args.sync_every_step
         result["settings"]["wall_s"] = round(time.monotonic() - started, 1)

@@ -367,6 +367,10 @@ def compile_model(opt: SpeedOptions, hw: Hardware, job: Job, flex: bool, per_dev
             )
         if not flex:
             return Choice(name, False, "needs flex attention over packed batches (one shape)")
+        if job.method == "qlora":
+            return Choice(
+                name, False, "qlora: bitsandbytes 4-bit layers under compile are not measured"
+            )
     sft: dict[str, Any] = {"torch_compile": True}
     if not job.padding_free or "pad_to_multiple_of" in job.extra_args:
         return Choice(name, True, "torch.compile (batch shapes vary: expect recompiles)", sft=sft)
