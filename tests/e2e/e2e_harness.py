@@ -126,7 +126,9 @@ class E2ECluster:
         self.image = image
         self.storage_class = storage_class
         self.timeout_scale = timeout_scale
-        self.run_id = uuid.uuid4().hex[:5]
+        # A letter first: a hex id like "12e45" is a number to kubectl's YAML parser, and
+        # label values must be strings.
+        self.run_id = "r" + uuid.uuid4().hex[:5]
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
 
     # ------------------------------------------------------------------ kubectl

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from sftjob_trainer.bench_report import report
 from sftjob_trainer.failures import ConfigError
 from sftjob_trainer.speed import (
     Hardware,
@@ -75,6 +76,15 @@ def test_cpu_smoke_sides_match() -> None:
     assert not speed["flexAttention"]["on"] and "CUDA" in speed["flexAttention"]["reason"]
     assert not speed["ligerKernel"]["on"] and speed["ligerKernel"]["reason"]
     assert "speed flexAttention: off" in done.stderr
+
+    # The report for docs/performance.md takes its figures from these lines.
+    text = report(lines, title="cpu-smoke")
+    assert f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x" in text
+    assert "| reference | per_device 2, accum 8, checkpointing, sdpa |" in text
+    assert "| sftjob | per_device 16, accum 1, no checkpointing, sdpa |" in text
+    loss_rows = [row for row in text.splitlines() if row[:4] in ("| 1 ", "| 2 ", "| 3 ", "| 4 ")]
+    assert len(loss_rows) == 4 and f"{ref['losses'][0]:.4f}" in loss_rows[0]
+    assert "NOT the same" not in text
 
 
 def test_h100_full_picks_the_measured_best_shape() -> None:
@@ -203,3 +213,30 @@ def test_compiled_kernels_kept_on_the_output_volume() -> None:
     assert keep_compiled_kernels("/out", env) == "/out/.sftjob-cache/torchinductor"
     env = {"TORCHINDUCTOR_CACHE_DIR": "/cache"}  # the platform's own choice wins
     assert keep_compiled_kernels("/out", env) == "/cache"
+
+
+def test_report_flags_sides_that_saw_different_data() -> None:
+    settings = {
+        "device": "cpu",
+        "steps": 2,
+        "timed_steps": 1,
+        "per_device": 2,
+        "accumulation": 8,
+        "gradient_checkpointing": True,
+        "attn_implementation": "sdpa",
+    }
+    side = {"case": "cpu-smoke", "tokens_per_s": 10.0, "settings": settings, "losses": [2.0, 1.0]}
+    lines = [
+        {**side, "side": "reference", "tokens_total": 100},
+        {**side, "side": "sftjob", "tokens_per_s": 25.0, "tokens_total": 90, "losses": [2.0, 1.1]},
+        {
+            "check": "packed_isolation",
+            "attn_implementation": "sdpa",
+            "max_abs_diff": 3e-7,
+            "leak_if_unmasked": 0.77,
+        },
+    ]
+    text = report(lines)
+    assert "2.50x" in text and "NOT the same" in text
+    assert "Largest relative loss difference: 1.0e-01" in text
+    assert "| sdpa | 3.0e-07 | 0.77 |" in text
