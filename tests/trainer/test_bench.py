@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from sftjob_trainer.bench_report import report
@@ -240,3 +241,27 @@ def test_report_flags_sides_that_saw_different_data() -> None:
     assert "2.50x" in text and "NOT the same" in text
     assert "Largest relative loss difference: 1.0e-01" in text
     assert "| sdpa | 3.0e-07 | 0.77 |" in text
+
+
+def test_throughput_script_runs_and_reports(tmp_path) -> None:
+    # bench/throughput.sh is what a device call runs; here with the CPU case only.
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [
+            "bash",
+            str(root / "bench" / "throughput.sh"),
+            str(tmp_path),
+            "smoke|180|--case cpu-smoke --steps 2 --sides sftjob "
+            '--extra-args {"dataloader_num_workers": 0}',
+        ],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "exits.txt").read_text().strip() == "smoke: exit 0"
+    line = json.loads((tmp_path / "smoke.jsonl").read_text().splitlines()[-1])
+    assert line["settings"]["extra_args"] == {"dataloader_num_workers": 0}
+    report_text = (tmp_path / "report.md").read_text()
+    assert "### smoke" in report_text and "extraArgs" in report_text
