@@ -412,7 +412,8 @@ def run_side(
             "packed_rows": len(trainer.train_dataset),
             "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "speed": speed.summary() if speed else None,
-            "extra_args": extra if side == "sftjob" else None,
+            "extra_args": extra,
+            "sync_every_step": sync_every_step,
             # Dynamo graphs after the first step and at the end (compile on: equal = no
             # recompiles; counted since the process started).
             "compiled_graphs": [meter.graphs[0], meter.graphs[-1]] if meter.graphs else None,
@@ -507,7 +508,6 @@ def main(argv: list[str] | None = None) -> int:
             args.sync_every_step,
             args.extra_args,
         )
-        result["settings"]["sync_every_step"] = args.sync_every_step
         result["settings"]["wall_s"] = round(time.monotonic() - started, 1)
         print(json.dumps(result), flush=True)
     return 0

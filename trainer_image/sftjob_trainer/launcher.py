@@ -42,7 +42,7 @@ from .failures import (
     write_outcome,
 )
 from .settings import Topology, load_config, topology_from_env
-from .speed import COMPILE_CACHE, ENV_INDUCTOR_CACHE
+from .speed import keep_compiled_kernels
 
 log = logging.getLogger("sftjob_trainer.launcher")
 
@@ -178,8 +178,7 @@ def worker_env(base_env: dict[str, str], output: Path, reports: Path) -> dict[st
     compile for minutes again.
     """
     env = {**base_env, ENV_WORKER_REPORT_DIR: str(reports)}
-    if not env.get(ENV_INDUCTOR_CACHE):
-        env[ENV_INDUCTOR_CACHE] = str(output / COMPILE_CACHE)
+    keep_compiled_kernels(str(output), env)
     return env
 
 

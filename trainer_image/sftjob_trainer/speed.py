@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -602,8 +602,10 @@ def use_static_batches(trainer: Any, length: int) -> None:
         padding = int(inputs.pop(PADDING_KEY, 0))
         result = compute_loss(model, inputs, *a, **kw)
         if model.training and hasattr(trainer, "_total_train_tokens"):
-            local = torch.tensor(padding, device=trainer.accelerator.device)
-            total = int(trainer.accelerator.gather_for_metrics(local).sum().item())
+            total = padding
+            if trainer.accelerator.num_processes > 1:  # one process: no device round trip
+                local = torch.tensor(padding, device=trainer.accelerator.device)
+                total = int(trainer.accelerator.gather_for_metrics(local).sum().item())
             trainer._total_train_tokens -= total // int(getattr(trainer, "_tp_size", 1) or 1)
             trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
         return result
@@ -615,7 +617,7 @@ ENV_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
 COMPILE_CACHE = ".sftjob-cache/torchinductor"
 
 
-def keep_compiled_kernels(output_dir: str, env: Any = None) -> str:
+def keep_compiled_kernels(output_dir: str, env: MutableMapping[str, str] | None = None) -> str:
     """Keep inductor's compiled kernels beside the checkpoints, unless told otherwise.
 
     The default cache is in /tmp, which a restarted pod loses: a resume after an OOM or a
@@ -625,5 +627,7 @@ def keep_compiled_kernels(output_dir: str, env: Any = None) -> str:
     env = os.environ if env is None else env
     if not env.get(ENV_INDUCTOR_CACHE):
         env[ENV_INDUCTOR_CACHE] = os.path.join(output_dir, COMPILE_CACHE)
-    log.info("speed compile: kernel cache in %s", env[ENV_INDUCTOR_CACHE])
+    log.info(
+        "compiled kernels (torch.compile, flex attention) cached in %s", env[ENV_INDUCTOR_CACHE]
+    )
     return str(env[ENV_INDUCTOR_CACHE])
