@@ -98,6 +98,7 @@ def test_h100_full_picks_the_measured_best_shape() -> None:
         "activation_checkpointing": False,
         "torch_compile": True,
         "pad_to_multiple_of": 4 * 2048,  # the chosen micro-batch, one static shape
+        "logging_nan_inf_filter": False,  # a host sync per micro-step
     }
     assert plan.static_length == 4 * 2048
     assert plan.on("lightMetrics") and not plan.on("ligerKernel")
@@ -138,6 +139,9 @@ def test_light_metrics_and_liger_rules() -> None:
     assert not decide(SpeedOptions(lightMetrics="off"), H100, REFERENCE, QWEN_15B).on(
         "lightMetrics"
     )
+    # The user's own NaN filter setting is kept.
+    own = Job(**{**REFERENCE.__dict__, "extra_args": ("logging_nan_inf_filter",)})
+    assert "logging_nan_inf_filter" not in decide(SpeedOptions(), H100, own, QWEN_15B).sft_kwargs()
     # Without compile, liger is wanted where it is installed (not in this test venv).
     plan = decide(SpeedOptions(compile="off"), H100, REFERENCE, QWEN_15B)
     assert "compiled" not in plan.summary()["ligerKernel"]["reason"]

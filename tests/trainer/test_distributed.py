@@ -142,9 +142,14 @@ def test_two_nodes_compiled_with_static_batches_count_the_same_tokens(make_confi
         assert [pod.returncode for pod in pods] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
         return logged_steps(logs[0])
 
-    compiled = train({"compile": "on"}, {"torch_compile_backend": "eager"}, "compiled")
+    eager = {"torch_compile_backend": "eager"}
+    compiled = train({"compile": "on"}, eager, "compiled")
+    # lightMetrics: tokens counted on the host, summed over the ranks once per log.
+    lean = train({"compile": "on", "lightMetrics": "on"}, eager, "lean")
     plain = train({"compile": "off"}, {}, "plain")
-    assert len(compiled) == len(plain) >= 3
-    for ours, reference in zip(compiled, plain, strict=True):
-        assert ours["num_tokens"] == reference["num_tokens"]
+    assert len(compiled) == len(lean) == len(plain) >= 3
+    for ours, light, reference in zip(compiled, lean, plain, strict=True):
+        assert ours["num_tokens"] == light["num_tokens"] == reference["num_tokens"]
         assert ours["loss"] == pytest.approx(reference["loss"], rel=2e-3)
+        assert light["loss"] == pytest.approx(reference["loss"], rel=2e-3)
+        assert "entropy" in ours and "entropy" not in light

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from sftjob_trainer.settings import load_config
 from sftjob_trainer.train import build_trainer
 from transformers import TrainerCallback
@@ -42,3 +43,64 @@ def test_light_metrics_drop_entropy_and_accuracy_but_not_the_loss(make_config: A
     assert not any("entropy" in log or "mean_token_accuracy" in log for log in light)
     for a, b in zip(full, light, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        # Counted on the host and folded in at each log: the same tokens as TRL counts.
+        assert b["num_tokens"] == a["num_tokens"]
+
+
+# Ops that make the host wait for the device: `.item()`/`bool()` read a value back, and a
+# boolean index or nonzero must read how many elements it selects before allocating.
+HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "item"}
+
+
+class SyncOps:
+    """Records the host-sync ops run inside a block, by name (a torch dispatch mode)."""
+
+    def __enter__(self) -> list[str]:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen: list[str] = []
+
+        class Recorder(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                name = func.overloadpacket.__name__
+                index_by_mask = name == "index" and any(
+                    t is not None and getattr(t, "dtype", None) == torch.bool
+                    for t in (args[1] if len(args) > 1 else [])
+                )
+                if name in HOST_SYNC_OPS or index_by_mask:
+                    seen.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Recorder()
+        self.mode.__enter__()
+        return seen
+
+    def __exit__(self, *exc: object) -> None:
+        self.mode.__exit__(*exc)
+
+
+def micro_step_sync_ops(make_config: Any, light: bool) -> tuple[list[str], list[str], Any]:
+    """The host-sync ops of one training micro-step (forward, loss, backward), and those of
+    the backbone's forward alone on the same batch."""
+    speed = {"lightMetrics": "on" if light else "off", "autoMicroBatch": "off"}
+    spec = {"training": {"maxSteps": 1, "packing": True, "speed": speed}}
+    trainer = build_trainer(load_config(make_config(spec)))
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.train()
+    with SyncOps() as backbone:
+        # transformers' packed-mask check reads the position ids back in eager mode only
+        # (skipped while torch.compile traces): the model's own, not the loss path's.
+        trainer.model.base_model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"])
+    with SyncOps() as step:
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+    return step, backbone, loss
+
+
+def test_lean_micro_step_adds_no_host_sync(make_config: Any) -> None:
+    trl_path, backbone, trl_loss = micro_step_sync_ops(make_config, light=False)
+    lean_path, _, lean_loss = micro_step_sync_ops(make_config, light=True)
+    # The control: TRL's own path reads its metrics and token count back every micro-step.
+    assert len(trl_path) > len(backbone), trl_path
+    assert lean_path == backbone
+    assert float(lean_loss) == pytest.approx(float(trl_loss), rel=1e-5)

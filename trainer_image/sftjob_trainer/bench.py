@@ -219,6 +219,8 @@ def make_callback(
     import torch
     from transformers import TrainerCallback
 
+    from .lean_steps import trained_tokens
+
     class Meter(TrainerCallback):  # type: ignore[misc]
         def __init__(self) -> None:
             self.marks: list[tuple[float, int]] = []
@@ -236,7 +238,7 @@ def make_callback(
             # step, which a real run does not, and cost the faster side more.
             if cuda and (sync_every_step or state.global_step in (skip, state.max_steps)):
                 torch.cuda.synchronize()
-            tokens = int(getattr(trainer_ref["trainer"], "_total_train_tokens", 0))
+            tokens = trained_tokens(trainer_ref["trainer"])
             self.marks.append((time.perf_counter(), tokens))
             # Graphs dynamo has compiled so far: flat after step 1 means no recompiles.
             self.graphs.append(int(counters["stats"]["unique_graphs"]))

@@ -22,9 +22,10 @@ Levers (measured on one H100 in docs/performance.md):
 - compile: SFTConfig torch_compile, with every packed micro-batch padded to one static
   shape so the model compiles once (CUDA with flex attention under "auto").
 - lightMetrics: TRL 1.16 folds entropy and top-1 accuracy into its chunked LM-head
-  kernel on every micro-step (no SFTConfig switch turns them off); this re-patches the
-  head to compute the log-probabilities only and drops the two metrics from the logs.
-  On with CUDA under "auto"; "off" keeps the metrics.
+  kernel on every micro-step (no SFTConfig switch turns them off) and reads them, and
+  the token count, back to the host each micro-step, which stalls the GPU queue. This
+  computes the log-probabilities only, with no host sync (lean_steps.py), and drops the
+  two metrics from the logs. On with CUDA under "auto"; "off" keeps the metrics.
 
 Overrides: the JSON object in $SFTJOB_SPEED (e.g. '{"flexAttention": "off"}'), on top of
 `spec.training.speed`.
@@ -391,10 +392,17 @@ def light_metrics(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
         return Choice(name, False, "turned off: entropy and mean_token_accuracy are logged")
     if opt.lightMetrics == "auto" and not hw.cuda:
         return Choice(name, False, "no CUDA device: metrics kept (a test run wants them)")
+    sft: dict[str, Any] = {}
+    if "logging_nan_inf_filter" not in job.extra_args:
+        # The filter reads each micro-step's loss on the host: a sync that idles the GPU.
+        # Without it a NaN loss is logged as NaN rather than hidden in the average.
+        sft["logging_nan_inf_filter"] = False
     return Choice(
         name,
         True,
-        "LM head computes log-probabilities only; entropy and mean_token_accuracy are not logged",
+        "no host sync per micro-step: LM head computes log-probabilities only, tokens "
+        "counted on the host; entropy and mean_token_accuracy are not logged",
+        sft=sft,
     )
 
 
@@ -443,7 +451,9 @@ class SpeedPlan:
     def apply(self, trainer: Any) -> None:
         """The levers that act on the built trainer rather than on its arguments."""
         if self.on("lightMetrics"):
-            drop_entropy_metrics(trainer)
+            from .lean_steps import use_lean_steps
+
+            log.info("speed lightMetrics: %s", use_lean_steps(trainer))
         if self.static_length is not None:
             use_static_batches(trainer, self.static_length)
 
@@ -533,41 +543,9 @@ def plan_speed(config: Any) -> SpeedPlan:
     if plan.on("compile"):
         # Before anything asks inductor for its cache: the first ask pins the /tmp default.
         keep_compiled_kernels(str(config.resolved["outputPath"]))
+        if plan.on("flexAttention"):
+            block_mask_in_graph()
     return plan
-
-
-def drop_entropy_metrics(trainer: Any) -> None:
-    """Re-patch TRL's fused LM head to compute log-probabilities only.
-
-    TRL's compute_loss still reads `entropy` and `is_top1`, so they come back as zero
-    scalars, and the two metrics are removed before each log so no fake zeros appear.
-    """
-    from trl.trainer.utils import add_fused_lm_head
-
-    # A peft wrapper exposes the base model; not every TRL build exports is_peft_model.
-    get_base = getattr(trainer.model, "get_base_model", None)
-    model = get_base() if callable(get_base) else trainer.model
-    add_fused_lm_head(model, outputs=("log_probs",))
-    fused = model.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        out = fused(*args, **kwargs)
-        if kwargs.get("fused_lm_head") and getattr(out, "entropy", 0) is None:
-            zero = out.log_probs.new_zeros(())
-            out.entropy = zero
-            out.is_top1 = zero
-        return out
-
-    model.forward = forward
-    original_log = trainer.log
-
-    def log_without(logs: dict[str, float], start_time: float | None = None) -> None:
-        for metrics in trainer._metrics.values():
-            metrics.pop("entropy", None)
-            metrics.pop("mean_token_accuracy", None)
-        original_log(logs, start_time)
-
-    trainer.log = log_without
 
 
 def use_static_batches(trainer: Any, length: int) -> None:
@@ -578,10 +556,11 @@ def use_static_batches(trainer: Any, length: int) -> None:
     is a document of its own and nothing attends to it). This drops the varlen keys,
     whose sizes change per batch and which flex attention does not read, and counts the
     padding; TRL counts `position_ids.size(1)` as tokens, so the padding is subtracted
-    again after each loss, summed over ranks as TRL sums its count.
+    again (summed over ranks once per log, see lean_steps.TokenTally).
     """
-    import torch
+    from .lean_steps import token_tally
 
+    tally = token_tally(trainer)
     collate = trainer.data_collator
 
     def static_collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -601,13 +580,8 @@ def use_static_batches(trainer: Any, length: int) -> None:
     def compute_loss_without_padding(model: Any, inputs: dict[str, Any], *a: Any, **kw: Any) -> Any:
         padding = int(inputs.pop(PADDING_KEY, 0))
         result = compute_loss(model, inputs, *a, **kw)
-        if model.training and hasattr(trainer, "_total_train_tokens"):
-            total = padding
-            if trainer.accelerator.num_processes > 1:  # one process: no device round trip
-                local = torch.tensor(padding, device=trainer.accelerator.device)
-                total = int(trainer.accelerator.gather_for_metrics(local).sum().item())
-            trainer._total_train_tokens -= total // int(getattr(trainer, "_tp_size", 1) or 1)
-            trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
+        if model.training:
+            tally.add(-padding)  # summed over ranks at the next log, with no sync now
         return result
 
     trainer.compute_loss = compute_loss_without_padding
@@ -631,3 +605,55 @@ def keep_compiled_kernels(output_dir: str, env: MutableMapping[str, str] | None 
         "compiled kernels (torch.compile, flex attention) cached in %s", env[ENV_INDUCTOR_CACHE]
     )
     return str(env[ENV_INDUCTOR_CACHE])
+
+
+def block_mask_in_graph() -> None:
+    """Let torch.compile trace flex attention's block mask into the model's graph.
+
+    transformers (5.17) builds the mask with create_block_mask(_compile=True), which warns
+    that the flag is deprecated on every call. Under torch.compile that warning is a graph
+    break: the forward splits into about ten graphs, with the mask built eagerly between
+    them, on every micro-step (measured on the GPU with TORCH_LOGS=graph_breaks). While
+    tracing, this builds the same mask without the flag; eager calls, and masks that
+    carry a padding mask, go to transformers' own function unchanged.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers import masking_utils
+
+    try:
+        library_mask = masking_utils.flex_attention_mask
+        offsets = masking_utils.add_offsets_to_mask_function
+        causal = masking_utils.causal_mask_function
+        interface = masking_utils.AttentionMaskInterface
+    except AttributeError as exc:  # another transformers: its own mask, graph breaks and all
+        log.info("speed compile: flex block mask left to transformers (%s)", exc)
+        return
+
+    def flex_mask(
+        batch_size: int,
+        q_length: int,
+        kv_length: int,
+        q_offset: int = 0,
+        kv_offset: int = 0,
+        mask_function: Any = causal,
+        attention_mask: Any = None,
+        device: Any = "cpu",
+        **kwargs: Any,
+    ) -> Any:
+        if attention_mask is not None or not torch.compiler.is_compiling():
+            return library_mask(
+                batch_size,
+                q_length,
+                kv_length,
+                q_offset,
+                kv_offset,
+                mask_function,
+                attention_mask,
+                device,
+                **kwargs,
+            )
+        shifted = offsets(mask_function, q_offset, kv_offset)
+        return create_block_mask(shifted, batch_size, None, q_length, kv_length, device=device)
+
+    interface.register("flex_attention", flex_mask)

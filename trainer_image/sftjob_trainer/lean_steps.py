@@ -1,0 +1,245 @@
+"""Micro-steps without host syncs: the lightMetrics lever's work on a built SFTTrainer.
+
+A CUDA step runs fast only while the host queues kernels ahead of the GPU. TRL 1.16 makes
+the host wait for the GPU several times in every micro-step, for metrics only:
+- `.item()` on entropy, token accuracy and the token count, and `if num_valid > 0`;
+- its fused LM head scores `hidden_states[mask]`, a boolean index whose size the host must
+  read back from the GPU (and which breaks the compiled graph on a data-dependent shape);
+- transformers' `logging_nan_inf_filter` tests each micro-step's loss for NaN on the host
+  (the lever turns that filter off in SFTConfig, see speed.light_metrics).
+
+Here the LM head computes log-probabilities only, over every position of the (static)
+micro-batch with ignored labels zeroed, so nothing depends on a value on the GPU; the loss
+is TRL's own (sum of -log p over the labelled tokens / their count); and tokens are counted
+on the host (padding-free rows: the row width, a Python int) and summed over ranks once
+per log, not once per micro-step. Entropy and mean_token_accuracy are not logged.
+
+Where TRL's loss is not the plain one (a compute_loss_func, label smoothing, the dft loss,
+MoE aux loss, sequence parallelism) or the head has a temperature, scale or soft-cap, TRL's
+path is kept and only the two metrics are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("sftjob_trainer.lean_steps")
+
+# Vocabulary columns per tile of TRL's chunked log-probability kernel (TRL's own default).
+VOCAB_CHUNK = 32768
+METRICS_DROPPED = ("entropy", "mean_token_accuracy")
+# Config fields by which a model scales or caps its logits; the lean head supports none.
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+class TokenTally:
+    """Trained tokens counted on the host and folded into TRL's count once per log.
+
+    TRL adds each micro-batch's tokens to `trainer._total_train_tokens` through a gather and
+    `.item()`. Counts added here (a padding-free row's width, minus static padding) are
+    Python ints, or device sums when batches carry an attention mask; they are summed over
+    ranks only when the trainer logs (every rank logs, so the collective always matches).
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.host = 0
+        self.device: Any = None
+
+    def add(self, tokens: Any) -> None:
+        if isinstance(tokens, int):
+            self.host += tokens
+        else:
+            self.device = tokens if self.device is None else self.device + tokens
+
+    def pending(self) -> int:
+        """This rank's tokens not yet folded into TRL's count (syncs only for device sums)."""
+        return self.host + (int(self.device.item()) if self.device is not None else 0)
+
+    def flush(self) -> None:
+        import torch
+
+        trainer = self.trainer
+        local = self.pending()
+        self.host, self.device = 0, None
+        total = local
+        if trainer.accelerator.num_processes > 1:
+            count = torch.tensor(local, device=trainer.accelerator.device, dtype=torch.int64)
+            total = int(trainer.accelerator.reduce(count, reduction="sum").item())
+        trainer._total_train_tokens += total // int(getattr(trainer, "_tp_size", 1) or 1)
+        trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
+
+
+def token_tally(trainer: Any) -> TokenTally:
+    """The trainer's tally, made on first use; flushed before every training log."""
+    tally = getattr(trainer, "sftjob_token_tally", None)
+    if tally is not None:
+        return tally
+    tally = TokenTally(trainer)
+    trainer.sftjob_token_tally = tally
+    original_log = trainer.log
+
+    def log_with_tokens(logs: dict[str, float], start_time: float | None = None) -> None:
+        if trainer.model.training:
+            tally.flush()
+        original_log(logs, start_time)
+
+    trainer.log = log_with_tokens
+    return tally
+
+
+def trained_tokens(trainer: Any) -> int:
+    """TRL's token count plus what this rank has not yet folded into it (one process: exact)."""
+    tally = getattr(trainer, "sftjob_token_tally", None)
+    return int(getattr(trainer, "_total_train_tokens", 0)) + (tally.pending() if tally else 0)
+
+
+def base_model(trainer: Any) -> Any:
+    # A peft wrapper exposes the base model; not every TRL build exports is_peft_model.
+    get_base = getattr(trainer.model, "get_base_model", None)
+    return get_base() if callable(get_base) else trainer.model
+
+
+def plain_head(model: Any) -> bool:
+    """Whether the model's logits are hidden @ lm_head.T, unscaled (what the lean head does)."""
+    config = model.config
+    text = config.get_text_config()
+    if text is not config:  # a vision-language wrapper: TRL knows where its backbone is
+        return False
+    return all(getattr(text, name, None) is None for name in LOGIT_TRANSFORMS)
+
+
+def plain_loss(trainer: Any) -> bool:
+    """Whether TRL's compute_loss takes its plain path (-sum log p / tokens, nothing else)."""
+    args = trainer.args
+    parallelism = getattr(trainer.accelerator, "parallelism_config", None)
+    return (
+        trainer.compute_loss_func is None
+        and trainer.label_smoother is None
+        and getattr(args, "loss_type", "nll") == "nll"
+        and not getattr(trainer, "aux_loss_enabled", False)
+        and not (parallelism is not None and getattr(parallelism, "sp_enabled", False))
+    )
+
+
+def lean_lm_head(model: Any) -> None:
+    """Patch `model(..., fused_lm_head=True)` to score every position, log-probs only.
+
+    TRL's head scores only `hidden_states[labels != -100]`, which costs a host sync and a
+    graph break per micro-step. Scoring the ignored positions too (a packed static batch
+    has few: each document's first token and the padding) keeps every shape static; their
+    log-probabilities are zeroed, exactly as TRL returns them.
+    """
+    import torch
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    fused = model.forward  # TRL's forward: the plain forward when fused_lm_head is False
+
+    def forward(*args: Any, fused_lm_head: bool = False, **kwargs: Any) -> Any:
+        labels = kwargs.get("labels")
+        if not fused_lm_head or labels is None or kwargs.get("shift_labels") is not None:
+            return fused(*args, fused_lm_head=fused_lm_head, **kwargs)
+        kwargs.pop("labels")
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs["use_cache"] = False
+        hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        mask = targets != -100
+        head = model.get_output_embeddings()
+        log_probs = ChunkedLogProbFunction.apply(
+            hidden.reshape(-1, hidden.size(-1)),
+            head.weight,
+            head.bias,
+            targets.clamp(min=0).reshape(-1),
+            1.0,
+            VOCAB_CHUNK,
+            None,
+            1.0,
+            ("log_probs",),
+        )[0]
+        log_probs = log_probs.view(mask.shape).masked_fill(~mask, 0)
+        count = mask.sum().clamp(min=1) if num_items is None else num_items
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / torch.as_tensor(count), log_probs=log_probs, label_mask=mask
+        )
+
+    model.forward = forward
+
+
+def use_lean_steps(trainer: Any) -> str:
+    """Install the sync-free micro-step where TRL's path allows it; says what was done."""
+    tally = token_tally(trainer)
+    model = base_model(trainer)
+    if not (plain_loss(trainer) and plain_head(model)):
+        drop_metrics_only(trainer, model)
+        return "TRL's loss path kept (custom loss or scaled logits): metrics dropped only"
+    lean_lm_head(model)
+    trl_compute_loss = trainer.compute_loss
+
+    def compute_loss(
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        if return_outputs or not model.training:  # evaluation: TRL's path, metrics and all
+            return trl_compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        import torch
+
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
+        if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (trainer.accelerator.num_processes // trainer.get_tp_size())
+        # What TRL counts: attention-mask tokens, else the padding-free row's width.
+        if "attention_mask" in inputs:
+            tally.add(inputs["attention_mask"].sum())
+        else:
+            tally.add(int(inputs["position_ids"].size(1)))
+        return loss
+
+    trainer.compute_loss = compute_loss
+    trainer.log = without_dropped_metrics(trainer, trainer.log)
+    return "LM head log-probabilities only, no host sync per micro-step"
+
+
+def drop_metrics_only(trainer: Any, model: Any) -> None:
+    """TRL's loss path, with the head computing log-probabilities only.
+
+    TRL's compute_loss still reads `entropy` and `is_top1`, so they come back as zero
+    scalars, and the two metrics are removed before each log so no fake zeros appear.
+    """
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model, outputs=("log_probs",))
+    fused = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = fused(*args, **kwargs)
+        if kwargs.get("fused_lm_head") and getattr(out, "entropy", 0) is None:
+            zero = out.log_probs.new_zeros(())
+            out.entropy = zero
+            out.is_top1 = zero
+        return out
+
+    model.forward = forward
+    trainer.log = without_dropped_metrics(trainer, trainer.log)
+
+
+def without_dropped_metrics(trainer: Any, original_log: Any) -> Any:
+    def log_without(logs: dict[str, float], start_time: float | None = None) -> None:
+        for metrics in trainer._metrics.values():
+            for name in METRICS_DROPPED:
+                metrics.pop(name, None)
+        original_log(logs, start_time)
+
+    return log_without
