@@ -7,7 +7,7 @@
 # e.g. on the GPU machine (wheels of .whl/ carried, see docs/performance.md):
 #   bash bench/throughput.sh $OUT \
 #     'full|330|--case full --steps 25 --memory-gib 80 --isolation' \
-#     'full-cudagraphs|200|--case full --steps 25 --memory-gib 80 --sides sftjob --extra-args {"torch_compile_mode":"reduce-overhead"}'
+#     'lora|330|--case lora --steps 25 --memory-gib 80'
 # Each run writes OUT_DIR/NAME.jsonl (stdout) and OUT_DIR/NAME.log (stderr).
 set -u
 out=${1:?usage: bench/throughput.sh OUT_DIR "NAME|SECONDS|BENCH ARGS" ...}

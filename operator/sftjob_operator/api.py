@@ -272,8 +272,8 @@ class SpeedSpec(SpecModel):
     )
     lightMetrics: SpeedSwitch = Field(
         default="auto",
-        description="Skip TRL's per-step entropy and token-accuracy metrics, computed over the "
-        "full vocabulary (auto: skipped with CUDA; off keeps them).",
+        description="Skip TRL's per-step entropy and token-accuracy metrics and the host syncs "
+        "that read them back every micro-step (auto: skipped with CUDA; off keeps them).",
     )
 
 

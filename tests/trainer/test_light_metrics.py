@@ -104,3 +104,17 @@ def test_lean_micro_step_adds_no_host_sync(make_config: Any) -> None:
     assert len(trl_path) > len(backbone), trl_path
     assert lean_path == backbone
     assert float(lean_loss) == pytest.approx(float(trl_loss), rel=1e-5)
+
+
+def test_evaluation_takes_trls_path_through_the_lean_head(make_config: Any) -> None:
+    # Out of training, TRL's compute_loss runs (it reads entropy and accuracy): same loss.
+    losses = []
+    for light in (False, True):
+        speed = {"lightMetrics": "on" if light else "off", "autoMicroBatch": "off"}
+        spec = {"training": {"maxSteps": 1, "packing": True, "speed": speed}}
+        trainer = build_trainer(load_config(make_config(spec)))
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        trainer.model.eval()
+        with torch.no_grad():
+            losses.append(float(trainer.compute_loss(trainer.model, inputs)))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -167,8 +167,15 @@ def lean_lm_head(model: Any) -> None:
         )[0]
         log_probs = log_probs.view(mask.shape).masked_fill(~mask, 0)
         count = mask.sum().clamp(min=1) if num_items is None else num_items
+        # TRL's own compute_loss (evaluation) reads entropy and is_top1: zero scalars, and
+        # the two metrics are dropped from the logs (without_dropped_metrics).
+        zero = log_probs.new_zeros(())
         return FusedCausalLMOutput(
-            loss=-log_probs.sum() / torch.as_tensor(count), log_probs=log_probs, label_mask=mask
+            loss=-log_probs.sum() / torch.as_tensor(count),
+            log_probs=log_probs,
+            label_mask=mask,
+            entropy=zero,
+            is_top1=zero,
         )
 
     model.forward = forward
