@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from sftjob_trainer.lean_steps import IGNORED_SHARE_MAX, ignored_label_share
 from sftjob_trainer.settings import load_config
 from sftjob_trainer.train import build_trainer
 from transformers import TrainerCallback
@@ -79,12 +80,31 @@ class SyncOps:
         self.mode.__exit__(*exc)
 
 
-def micro_step_sync_ops(make_config: Any, light: bool) -> tuple[list[str], list[str], Any]:
+# Static batches need the compile lever; dynamo's eager backend keeps a CPU run cheap (and
+# compute_loss is called on the uncompiled model here anyway).
+STATIC = {"compile": "on", "flexAttention": "off"}
+EAGER_BACKEND = {"torch_compile_backend": "eager"}
+
+
+def lean_trainer(make_config: Any, speed: dict[str, str], dataset: Any = None) -> Any:
+    training = {
+        "maxSteps": 1,
+        "packing": True,
+        "speed": {"autoMicroBatch": "off", **speed},
+        "extraArgs": EAGER_BACKEND if speed.get("compile") == "on" else {},
+    }
+    spec = {"training": training, **({"dataset": dataset} if dataset else {})}
+    return build_trainer(load_config(make_config(spec)))
+
+
+def head_of(trainer: Any) -> str:
+    """Which patch answers the model's fused forward: the lean head or TRL's."""
+    return trainer.model.forward.__qualname__.split(".")[0]
+
+
+def micro_step_sync_ops(trainer: Any) -> tuple[list[str], list[str], Any]:
     """The host-sync ops of one training micro-step (forward, loss, backward), and those of
     the backbone's forward alone on the same batch."""
-    speed = {"lightMetrics": "on" if light else "off", "autoMicroBatch": "off"}
-    spec = {"training": {"maxSteps": 1, "packing": True, "speed": speed}}
-    trainer = build_trainer(load_config(make_config(spec)))
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     trainer.model.train()
     with SyncOps() as backbone:
@@ -97,13 +117,44 @@ def micro_step_sync_ops(make_config: Any, light: bool) -> tuple[list[str], list[
     return step, backbone, loss
 
 
-def test_lean_micro_step_adds_no_host_sync(make_config: Any) -> None:
-    trl_path, backbone, trl_loss = micro_step_sync_ops(make_config, light=False)
-    lean_path, _, lean_loss = micro_step_sync_ops(make_config, light=True)
+def test_lean_micro_step_adds_no_host_sync(make_config: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # the compile lever points it at output
+    trl = lean_trainer(make_config, {**STATIC, "lightMetrics": "off"})
+    lean = lean_trainer(make_config, {**STATIC, "lightMetrics": "on"})
+    assert head_of(lean) == "lean_lm_head"  # static batches, all labels trained on
+    trl_path, backbone, trl_loss = micro_step_sync_ops(trl)
+    lean_path, _, lean_loss = micro_step_sync_ops(lean)
     # The control: TRL's own path reads its metrics and token count back every micro-step.
     assert len(trl_path) > len(backbone), trl_path
     assert lean_path == backbone
-    assert float(lean_loss) == pytest.approx(float(trl_loss), rel=1e-5)
+    assert float(lean_loss.detach()) == pytest.approx(float(trl_loss.detach()), rel=1e-5)
+
+
+def test_trls_head_is_kept_where_scoring_every_position_would_waste_work(
+    make_config: Any, tiny: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")
+    # Completion-only loss: the prompts' labels are ignored, too many to score for nothing.
+    prompts = {"path": str(tiny.data["prompt-completion"]), "format": "prompt-completion"}
+    masked = lean_trainer(make_config, {**STATIC, "lightMetrics": "on"}, dataset=prompts)
+    share = ignored_label_share(masked.train_dataset)
+    assert share is not None and share > IGNORED_SHARE_MAX
+    assert head_of(masked) == "log_probs_only_head"
+    # Batches whose width varies (no compile lever): TRL's head too.
+    dynamic = lean_trainer(make_config, {"lightMetrics": "on"})
+    assert head_of(dynamic) == "log_probs_only_head"
+    # Either way the micro-step makes no more host syncs than the backbone (on CPU TRL's
+    # head does not index by mask).
+    step, backbone, _ = micro_step_sync_ops(masked)
+    assert step == backbone
+
+
+def test_ignored_label_share_counts_the_prepared_labels() -> None:
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"labels": [[-100, -100, 5, 6], [7, 8, 9, -100]]})
+    assert ignored_label_share(rows) == pytest.approx(3 / 8)
+    assert ignored_label_share(Dataset.from_dict({"input_ids": [[1, 2]]})) is None
 
 
 def test_evaluation_takes_trls_path_through_the_lean_head(make_config: Any) -> None:

@@ -8,11 +8,12 @@ the host wait for the GPU several times in every micro-step, for metrics only:
 - transformers' `logging_nan_inf_filter` tests each micro-step's loss for NaN on the host
   (the lever turns that filter off in SFTConfig, see speed.light_metrics).
 
-Here the LM head computes log-probabilities only, over every position of the (static)
-micro-batch with ignored labels zeroed, so nothing depends on a value on the GPU; the loss
-is TRL's own (sum of -log p over the labelled tokens / their count); and tokens are counted
-on the host (padding-free rows: the row width, a Python int) and summed over ranks once
-per log, not once per micro-step. Entropy and mean_token_accuracy are not logged.
+Here the loss is TRL's own (sum of -log p over the labelled tokens / their count) with
+the LM head computing log-probabilities only; tokens are counted on the host (padding-free
+rows: the row width, a Python int) and summed over ranks once per log, not once per
+micro-step. With static packed batches whose labels are nearly all trained on, the head
+scores every position (ignored labels zeroed), so nothing in the step depends on a value
+on the GPU. Entropy and mean_token_accuracy are not logged.
 
 Where TRL's loss is not the plain one (a compute_loss_func, label smoothing, the dft loss,
 MoE aux loss, sequence parallelism) or the head has a temperature, scale or soft-cap, TRL's
@@ -29,6 +30,11 @@ log = logging.getLogger("sftjob_trainer.lean_steps")
 # Vocabulary columns per tile of TRL's chunked log-probability kernel (TRL's own default).
 VOCAB_CHUNK = 32768
 METRICS_DROPPED = ("entropy", "mean_token_accuracy")
+# Scoring every position wastes the LM head's work on the ignored ones (prompts under a
+# completion-only or assistant-only loss, padding): past this share of ignored labels,
+# TRL's head, which scores only labelled positions at the price of one sync, is kept.
+IGNORED_SHARE_MAX = 0.10
+LABEL_SAMPLE_ROWS = 256
 # Config fields by which a model scales or caps its logits; the lean head supports none.
 LOGIT_TRANSFORMS = (
     "final_logit_softcapping",
@@ -181,14 +187,38 @@ def lean_lm_head(model: Any) -> None:
     model.forward = forward
 
 
-def use_lean_steps(trainer: Any) -> str:
+def ignored_label_share(dataset: Any, rows: int = LABEL_SAMPLE_ROWS) -> float | None:
+    """Share of -100 labels in the first rows of the prepared dataset; None if unknown."""
+    try:
+        sample = dataset.select(range(min(rows, len(dataset))))["labels"]
+    except (AttributeError, KeyError, TypeError, ValueError):  # iterable, or no labels column
+        return None
+    total = sum(len(row) for row in sample)
+    if not total:
+        return None
+    return sum(label == -100 for row in sample for label in row) / total
+
+
+def use_lean_steps(trainer: Any, static_batches: bool) -> str:
     """Install the sync-free micro-step where TRL's path allows it; says what was done."""
     tally = token_tally(trainer)
     model = base_model(trainer)
     if not (plain_loss(trainer) and plain_head(model)):
         drop_metrics_only(trainer, model)
         return "TRL's loss path kept (custom loss or scaled logits): metrics dropped only"
-    lean_lm_head(model)
+    share = ignored_label_share(trainer.train_dataset)
+    if static_batches and share is not None and share <= IGNORED_SHARE_MAX:
+        lean_lm_head(model)
+        head = f"every position scored ({share:.0%} of labels ignored), no host sync"
+    else:
+        log_probs_only_head(model)
+        if not static_batches:
+            why = "batches are not static"
+        elif share is None:
+            why = "labels could not be sampled"
+        else:
+            why = f"{share:.0%} of labels ignored"
+        head = f"labelled positions only (TRL's head, one host sync per micro-step: {why})"
     trl_compute_loss = trainer.compute_loss
 
     def compute_loss(
@@ -216,14 +246,21 @@ def use_lean_steps(trainer: Any) -> str:
 
     trainer.compute_loss = compute_loss
     trainer.log = without_dropped_metrics(trainer, trainer.log)
-    return "LM head log-probabilities only, no host sync per micro-step"
+    return f"loss without metric reads; LM head: {head}"
 
 
 def drop_metrics_only(trainer: Any, model: Any) -> None:
-    """TRL's loss path, with the head computing log-probabilities only.
+    """TRL's loss path, with the head computing log-probabilities only; the two metrics
+    are removed before each log so no fake zeros appear."""
+    log_probs_only_head(model)
+    trainer.log = without_dropped_metrics(trainer, trainer.log)
+
+
+def log_probs_only_head(model: Any) -> None:
+    """TRL's fused head (labelled positions only) computing log-probabilities only.
 
     TRL's compute_loss still reads `entropy` and `is_top1`, so they come back as zero
-    scalars, and the two metrics are removed before each log so no fake zeros appear.
+    scalars.
     """
     from trl.trainer.utils import add_fused_lm_head
 
@@ -239,7 +276,6 @@ def drop_metrics_only(trainer: Any, model: Any) -> None:
         return out
 
     model.forward = forward
-    trainer.log = without_dropped_metrics(trainer, trainer.log)
 
 
 def without_dropped_metrics(trainer: Any, original_log: Any) -> Any:

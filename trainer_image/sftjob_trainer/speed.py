@@ -453,7 +453,8 @@ class SpeedPlan:
         if self.on("lightMetrics"):
             from .lean_steps import use_lean_steps
 
-            log.info("speed lightMetrics: %s", use_lean_steps(trainer))
+            done = use_lean_steps(trainer, static_batches=self.static_length is not None)
+            log.info("speed lightMetrics: %s", done)
         if self.static_length is not None:
             use_static_batches(trainer, self.static_length)
 
