@@ -31,9 +31,9 @@ FEW_STEPS = 10
 MANY_EPOCHS = 20
 # Above this size a full fine-tune's activations rarely fit without checkpointing.
 LARGE_MODEL_BILLIONS = 3.0
-# torch.compile (on by default for packed GPU runs) spends about 2 minutes compiling at
-# start; at the 1.5B shape it then trains 28.6k -> 45.4k tokens/s per GPU, which pays the
-# compile back after about 8M tokens per GPU (docs/performance.md).
+# torch.compile (on by default for packed GPU runs) spends up to about 2 minutes compiling
+# at start; at the 1.5B shape the defaults then train 28.6k (uncompiled) -> 47.4k tokens/s
+# per GPU, which pays the compile back after about 8-9M tokens per GPU (docs/performance.md).
 COMPILE_PAYBACK_TOKENS = 8_000_000
 # GPUs before Ampere have no bfloat16 units: bf16 is emulated (slow) or refused.
 PRE_AMPERE_GPUS = ("V100", "T4", "P100", "P40", "P4", "K80", "M60", "TITAN V", "QUADRO RTX")

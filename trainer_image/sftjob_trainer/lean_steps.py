@@ -16,16 +16,13 @@ scores every position (ignored labels zeroed), so nothing in the step depends on
 on the GPU. Entropy and mean_token_accuracy are not logged.
 
 Where TRL's loss is not the plain one (a compute_loss_func, label smoothing, the dft loss,
-MoE aux loss, sequence parallelism) or the head has a temperature, scale or soft-cap, TRL's
-path is kept and only the two metrics are dropped.
+MoE aux loss, sequence parallelism) or the model scales or soft-caps its logits, TRL's path
+is kept and only the two metrics are dropped.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-log = logging.getLogger("sftjob_trainer.lean_steps")
 
 # Vocabulary columns per tile of TRL's chunked log-probability kernel (TRL's own default).
 VOCAB_CHUNK = 32768
