@@ -16,7 +16,7 @@ import pytest
 import torch
 from sftjob_trainer.speed import block_mask_in_graph
 from torch._dynamo.utils import counters
-from transformers import Qwen2Config, Qwen2ForCausalLM, masking_utils
+from transformers import Qwen2ForCausalLM, masking_utils
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(300)]
 
@@ -44,19 +44,11 @@ def compiled_forward(model: Any, ids: torch.Tensor, positions: torch.Tensor) -> 
     return sum(counters["graph_break"].values()), out.last_hidden_state
 
 
-def test_block_mask_is_traced_into_the_graph(library_masks: None) -> None:
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="flex_attention",
-    )
+def test_block_mask_is_traced_into_the_graph(library_masks: None, tiny: Any) -> None:
+    model = Qwen2ForCausalLM.from_pretrained(tiny.model, attn_implementation="flex_attention")
+    model.requires_grad_(False)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).requires_grad_(False)
-    ids = torch.randint(0, 128, (1, 192))
+    ids = torch.randint(0, model.config.vocab_size, (1, 192))
     # Two packed documents and static padding (each padding token at position 0).
     positions = torch.cat([torch.arange(80), torch.arange(100), torch.zeros(12, dtype=torch.long)])
     positions = positions.unsqueeze(0)

@@ -140,7 +140,6 @@ def lean_lm_head(model: Any) -> None:
     has few: each document's first token and the padding) keeps every shape static; their
     log-probabilities are zeroed, exactly as TRL returns them.
     """
-    import torch
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import FusedCausalLMOutput
 
@@ -151,7 +150,8 @@ def lean_lm_head(model: Any) -> None:
         if not fused_lm_head or labels is None or kwargs.get("shift_labels") is not None:
             return fused(*args, fused_lm_head=fused_lm_head, **kwargs)
         kwargs.pop("labels")
-        num_items = kwargs.pop("num_items_in_batch", None)
+        # The loss is taken in compute_loss (as TRL does): its normaliser is not needed here.
+        kwargs.pop("num_items_in_batch", None)
         kwargs["use_cache"] = False
         hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
@@ -169,17 +169,10 @@ def lean_lm_head(model: Any) -> None:
             ("log_probs",),
         )[0]
         log_probs = log_probs.view(mask.shape).masked_fill(~mask, 0)
-        count = mask.sum().clamp(min=1) if num_items is None else num_items
         # TRL's own compute_loss (evaluation) reads entropy and is_top1: zero scalars, and
         # the two metrics are dropped from the logs (without_dropped_metrics).
         zero = log_probs.new_zeros(())
-        return FusedCausalLMOutput(
-            loss=-log_probs.sum() / torch.as_tensor(count),
-            log_probs=log_probs,
-            label_mask=mask,
-            entropy=zero,
-            is_top1=zero,
-        )
+        return FusedCausalLMOutput(log_probs=log_probs, label_mask=mask, entropy=zero, is_top1=zero)
 
     model.forward = forward
 
