@@ -275,6 +275,12 @@ class SpeedSpec(SpecModel):
         description="Skip TRL's per-step entropy and token-accuracy metrics and the host syncs "
         "that read them back every micro-step (auto: skipped with CUDA; off keeps them).",
     )
+    dataWorkers: SpeedSwitch = Field(
+        default="auto",
+        description="Collate and prefetch batches in 2 DataLoader worker processes; same "
+        "batches in the same order (auto: on with CUDA and at least 4 CPUs per GPU process; "
+        "ignored when extraArgs sets dataloader_num_workers).",
+    )
 
 
 class TrainingSpec(SpecModel):

@@ -17,14 +17,18 @@ from sftjob_trainer.speed import (
     Job,
     ModelShape,
     SpeedOptions,
+    cpus_per_process,
     decide,
     keep_compiled_kernels,
+    kept_logits_bytes,
     micro_batch,
     options_from,
     usable_memory_gib,
 )
 
-QWEN_15B = ModelShape(params=1_543_655_424, hidden=1536, layers=28, intermediate=8960)
+QWEN_15B = ModelShape(
+    params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
+)
 H100 = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3")
 REFERENCE = Job(
     method="full",
@@ -99,10 +103,24 @@ def test_h100_full_picks_the_measured_best_shape() -> None:
         "torch_compile": True,
         "pad_to_multiple_of": 4 * 2048,  # the chosen micro-batch, one static shape
         "logging_nan_inf_filter": False,  # a host sync per micro-step
+        "dataloader_num_workers": 2,  # CPUs unknown here: the workers are wanted
+        "dataloader_persistent_workers": True,
     }
     assert plan.static_length == 4 * 2048
     assert plan.on("lightMetrics") and not plan.on("ligerKernel")
     assert "compiled" in plan.summary()["ligerKernel"]["reason"]
+
+
+def test_estimate_counts_the_logits_the_lean_head_keeps() -> None:
+    full = Job(**{**REFERENCE.__dict__, "checkpointing": False})
+    lean = micro_batch(SpeedOptions(), H100, full, QWEN_15B, True, lean_head=True)
+    plain = micro_batch(SpeedOptions(), H100, full, QWEN_15B, True, lean_head=False)
+    assert lean.sft == plain.sft  # 4 x 2048 still fits on 80 GB
+    # 8192 tokens x 151,936 bf16 logits: 2.3 GiB more in the estimate (measured peak
+    # 49.6 GiB with them, estimate 51.0).
+    assert "estimate 51.0 of 79 GiB" in lean.reason and "estimate 48.7 of" in plain.reason
+    assert kept_logits_bytes(QWEN_15B, 8192, 79.1) == 2 * 8192 * 151_936
+    assert kept_logits_bytes(QWEN_15B, 16384, 79.1) == 0  # over 5%: TRL's tiles, nothing kept
 
 
 def test_compile_lever_rules() -> None:
@@ -145,6 +163,37 @@ def test_light_metrics_and_liger_rules() -> None:
     # Without compile, liger is wanted where it is installed (not in this test venv).
     plan = decide(SpeedOptions(compile="off"), H100, REFERENCE, QWEN_15B)
     assert "compiled" not in plan.summary()["ligerKernel"]["reason"]
+
+
+def test_data_workers_rules() -> None:
+    cpu = Hardware(cuda=False, memory_gib=24.0, cpus=2.0)
+    assert not decide(SpeedOptions(), cpu, REFERENCE, QWEN_15B).on("dataWorkers")
+    assert (
+        "CUDA"
+        in decide(SpeedOptions(), cpu, REFERENCE, QWEN_15B).summary()["dataWorkers"]["reason"]
+    )
+    forced = decide(SpeedOptions(dataWorkers="on"), cpu, REFERENCE, QWEN_15B)
+    assert forced.sft_kwargs()["dataloader_num_workers"] == 2
+    roomy = Hardware(cuda=True, memory_gib=79.1, cpus=16.0)
+    assert decide(SpeedOptions(), roomy, REFERENCE, QWEN_15B).on("dataWorkers")
+    cramped = Hardware(cuda=True, memory_gib=79.1, cpus=3.0)
+    plan = decide(SpeedOptions(), cramped, REFERENCE, QWEN_15B)
+    assert not plan.on("dataWorkers") and "3 CPUs" in plan.summary()["dataWorkers"]["reason"]
+    assert not decide(SpeedOptions(dataWorkers="off"), roomy, REFERENCE, QWEN_15B).on("dataWorkers")
+    own = Job(**{**REFERENCE.__dict__, "extra_args": ("dataloader_num_workers",)})
+    assert "dataloader_num_workers" not in decide(SpeedOptions(), roomy, own, QWEN_15B).sft_kwargs()
+    own = Job(**{**REFERENCE.__dict__, "extra_args": ("dataloader_persistent_workers",)})
+    kwargs = decide(SpeedOptions(), roomy, own, QWEN_15B).sft_kwargs()
+    assert kwargs["dataloader_num_workers"] == 2 and "dataloader_persistent_workers" not in kwargs
+
+
+def test_cpus_per_process_reads_the_cgroup_quota() -> None:
+    assert cpus_per_process({}, "400000 100000") == 4.0
+    assert cpus_per_process({"LOCAL_WORLD_SIZE": "2"}, "800000 100000") == 4.0
+    assert cpus_per_process({}, "150000 100000") == 1.5
+    # No quota ("max") or no cgroup v2 file: the cores this process may run on.
+    assert cpus_per_process({}, "max 100000") == float(len(os.sched_getaffinity(0)))
+    assert cpus_per_process({}, "") == float(len(os.sched_getaffinity(0)))
 
 
 def test_memory_cap_from_env() -> None:

@@ -267,6 +267,8 @@ def make_profiler(start_step: int, steps: int, report: Path) -> Any:
                         torch.profiler.ProfilerActivity.CUDA,
                     ]
                 )
+                torch.cuda.synchronize()
+                self.started = time.monotonic()
                 self.profiler.__enter__()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -276,7 +278,9 @@ def make_profiler(start_step: int, steps: int, report: Path) -> Any:
                 table = self.profiler.key_averages().table(
                     sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90
                 )
-                report.write_text(table)
+                # The wall time beside the kernels' time says how much the GPU idled.
+                wall = time.monotonic() - self.started
+                report.write_text(f"wall time of the {steps} profiled steps: {wall:.3f} s\n{table}")
                 self.profiler = None
 
     return Profile()
@@ -494,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() and case.name != "cpu-smoke" else "cpu"
         for attn in ("sdpa", "flex_attention"):
             print(json.dumps(isolation_check(attn, device)), flush=True)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix=f"sftjob-bench-{case.name}-"))
     for side in [s.strip() for s in args.sides.split(",") if s.strip()]:
         if side not in ("reference", "sftjob"):

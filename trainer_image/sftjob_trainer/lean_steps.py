@@ -132,18 +132,42 @@ def plain_loss(trainer: Any) -> bool:
     )
 
 
-def lean_lm_head(model: Any) -> None:
+def lean_lm_head(model: Any, kept_logits_budget: int | None = None) -> None:
     """Patch `model(..., fused_lm_head=True)` to score every position, log-probs only.
 
     TRL's head scores only `hidden_states[labels != -100]`, which costs a host sync and a
     graph break per micro-step. Scoring the ignored positions too (a packed static batch
     has few: each document's first token and the padding) keeps every shape static; their
-    log-probabilities are zeroed, exactly as TRL returns them.
+    log-probabilities are zeroed, exactly as TRL returns them. Where the micro-batch's
+    logits fit `kept_logits_budget` bytes (default: a share of the device), they are kept
+    for the backward instead of computed twice (kept_logits.py).
     """
+    import torch
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import FusedCausalLMOutput
 
+    from .kept_logits import KeptLogitsLogProb, fits
+    from .kept_logits import kept_logits_budget as device_budget
+
     fused = model.forward  # TRL's forward: the plain forward when fused_lm_head is False
+
+    # Eager, outside the compiled graph: dynamo would otherwise trace TRL's Triton launches
+    # and recompile for each tile shape. The head is a few large GEMMs and fold kernels,
+    # which compiling would not speed up.
+    @torch.compiler.disable
+    def target_log_probs(hidden: Any, targets: Any) -> Any:
+        head = model.get_output_embeddings()
+        budget = device_budget(hidden.device) if kept_logits_budget is None else kept_logits_budget
+        dtype = (
+            torch.get_autocast_dtype(hidden.device.type)
+            if torch.is_autocast_enabled(hidden.device.type)
+            else hidden.dtype
+        )
+        if fits(hidden.size(0), head.weight.size(0), dtype, budget):
+            return KeptLogitsLogProb.apply(hidden, head.weight, head.bias, targets)
+        return ChunkedLogProbFunction.apply(
+            hidden, head.weight, head.bias, targets, 1.0, VOCAB_CHUNK, None, 1.0, ("log_probs",)
+        )[0]
 
     def forward(*args: Any, fused_lm_head: bool = False, **kwargs: Any) -> Any:
         labels = kwargs.get("labels")
@@ -156,18 +180,9 @@ def lean_lm_head(model: Any) -> None:
         hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         mask = targets != -100
-        head = model.get_output_embeddings()
-        log_probs = ChunkedLogProbFunction.apply(
-            hidden.reshape(-1, hidden.size(-1)),
-            head.weight,
-            head.bias,
-            targets.clamp(min=0).reshape(-1),
-            1.0,
-            VOCAB_CHUNK,
-            None,
-            1.0,
-            ("log_probs",),
-        )[0]
+        log_probs = target_log_probs(
+            hidden.reshape(-1, hidden.size(-1)), targets.clamp(min=0).reshape(-1)
+        )
         log_probs = log_probs.view(mask.shape).masked_fill(~mask, 0)
         # TRL's own compute_loss (evaluation) reads entropy and is_top1: zero scalars, and
         # the two metrics are dropped from the logs (without_dropped_metrics).

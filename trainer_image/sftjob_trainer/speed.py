@@ -26,6 +26,9 @@ Levers (measured on one H100 in docs/performance.md):
   the token count, back to the host each micro-step, which stalls the GPU queue. This
   computes the log-probabilities only, with no host sync (lean_steps.py), and drops the
   two metrics from the logs. On with CUDA under "auto"; "off" keeps the metrics.
+- dataWorkers: DataLoader worker processes collate and prefetch the next micro-batches,
+  so the training process only queues GPU work (same batches, same order: the sampler
+  stays in the training process). On with CUDA and CPUs to spare under "auto".
 
 Overrides: the JSON object in $SFTJOB_SPEED (e.g. '{"flexAttention": "off"}'), on top of
 `spec.training.speed`.
@@ -47,7 +50,14 @@ log = logging.getLogger("sftjob_trainer.speed")
 ENV_SPEED = "SFTJOB_SPEED"
 Switch = Literal["auto", "on", "off"]
 SWITCHES = ("auto", "on", "off")
-SWITCH_NAMES = ("flexAttention", "autoMicroBatch", "ligerKernel", "compile", "lightMetrics")
+SWITCH_NAMES = (
+    "flexAttention",
+    "autoMicroBatch",
+    "ligerKernel",
+    "compile",
+    "lightMetrics",
+    "dataWorkers",
+)
 # Set on a sized run to size batches for less memory than the device has (a shared card,
 # or the bench imitating an 80 GB H100 on a larger one).
 ENV_MEMORY_GIB = "SFTJOB_GPU_MEMORY_GIB"
@@ -65,6 +75,12 @@ MEMORY_HEADROOM = 0.80
 MAX_MICRO_BATCH_TOKENS = 16384
 # Below this a micro-batch leaves the GPU under-used: then checkpoint and take more rows.
 MIN_MICRO_BATCH_TOKENS = 4096
+# DataLoader worker processes per training process (measured: two were enough to take
+# collation off the critical path); they need cores beyond the training process's own.
+DATA_WORKERS = 2
+# Share of the device's memory the lean LM head may fill with one micro-batch's bf16
+# logits, kept for its backward instead of computed twice (kept_logits.py): 4 GiB of 80.
+KEPT_LOGITS_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,7 @@ class SpeedOptions:
     ligerKernel: Switch = "auto"
     compile: Switch = "auto"
     lightMetrics: Switch = "auto"
+    dataWorkers: Switch = "auto"
 
     @classmethod
     def parse(cls, *layers: dict[str, Any] | None) -> SpeedOptions:
@@ -101,6 +118,7 @@ class Hardware:
     cuda: bool
     memory_gib: float | None = None  # of one device
     name: str = "cpu"
+    cpus: float | None = None  # CPUs for each training process on this node
 
     @classmethod
     def detect(cls, *, use_cpu: bool) -> Hardware:
@@ -112,10 +130,37 @@ class Hardware:
                 host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
             except (ValueError, OSError, AttributeError):
                 host = None
-            return cls(cuda=False, memory_gib=host)
+            return cls(cuda=False, memory_gib=host, cpus=cpus_per_process(os.environ))
         props = torch.cuda.get_device_properties(0)
         memory = usable_memory_gib(props.total_memory / 2**30, os.environ)
-        return cls(cuda=True, memory_gib=memory, name=props.name)
+        return cls(cuda=True, memory_gib=memory, name=props.name, cpus=cpus_per_process(os.environ))
+
+
+def cpus_per_process(env: Mapping[str, str], cpu_max: str | None = None) -> float | None:
+    """CPUs this container may use (its cgroup quota, else its affinity) per local rank.
+
+    A pod's affinity lists every core of the node; its limit is in cgroup v2's cpu.max
+    ("QUOTA PERIOD", or "max PERIOD" without a limit).
+    """
+    if cpu_max is None:
+        try:
+            with open("/sys/fs/cgroup/cpu.max") as f:
+                cpu_max = f.read()
+        except OSError:
+            cpu_max = ""
+    quota, _, period = cpu_max.strip().partition(" ")
+    try:
+        cpus = int(quota) / int(period)
+    except ValueError:  # "max", or no cgroup v2 file
+        try:
+            cpus = float(len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return None
+    try:
+        local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return cpus / local
 
 
 def usable_memory_gib(total_gib: float, env: Mapping[str, str]) -> float:
@@ -135,6 +180,7 @@ class ModelShape:
     hidden: int
     layers: int
     intermediate: int
+    vocab: int = 0  # 0: unknown, nothing counted for the LM head's logits
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -153,6 +199,7 @@ class ModelShape:
             hidden=hidden,
             layers=layers,
             intermediate=intermediate,
+            vocab=vocab,
         )
 
 
@@ -246,8 +293,19 @@ def static_bytes(shape: ModelShape, method: str) -> float:
     return per_param * shape.params + overhead
 
 
+def kept_logits_bytes(shape: ModelShape, tokens: int, memory_gib: float) -> float:
+    """The bf16 logits the lean LM head keeps for a micro-batch, if within its share."""
+    size = 2.0 * tokens * shape.vocab
+    return size if size <= KEPT_LOGITS_SHARE * memory_gib * 2**30 else 0.0
+
+
 def micro_batch(
-    opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None, attention_sparse: bool
+    opt: SpeedOptions,
+    hw: Hardware,
+    job: Job,
+    shape: ModelShape | None,
+    attention_sparse: bool,
+    lean_head: bool = False,
 ) -> Choice:
     name = "autoMicroBatch"
     effective = job.per_device * job.accumulation
@@ -277,9 +335,16 @@ def micro_batch(
     budget = MEMORY_HEADROOM * hw.memory_gib * 2**30 - static_bytes(shape, job.method)
     lora = job.method != "full"
 
-    def fits(per_device: int, ckpt: bool) -> bool:
+    memory_gib = hw.memory_gib
+
+    def batch_bytes(per_device: int, ckpt: bool) -> float:
+        tokens = per_device * job.max_length
         per_token = activation_bytes_per_token(shape, checkpointing=ckpt, lora=lora, bf16=job.bf16)
-        return per_device * job.max_length * per_token <= budget
+        logits = kept_logits_bytes(shape, tokens, memory_gib) if lean_head else 0.0
+        return tokens * per_token + logits
+
+    def fits(per_device: int, ckpt: bool) -> bool:
+        return batch_bytes(per_device, ckpt) <= budget
 
     divisors = [d for d in range(1, effective + 1) if effective % d == 0]
     capped = [d for d in divisors if d * job.max_length <= MAX_MICRO_BATCH_TOKENS] or [1]
@@ -306,11 +371,7 @@ def micro_batch(
     }
     if ckpt != job.checkpointing:
         sft["gradient_checkpointing"] = ckpt
-    estimate = static_bytes(
-        shape, job.method
-    ) + per_device * job.max_length * activation_bytes_per_token(
-        shape, checkpointing=ckpt, lora=lora, bf16=job.bf16
-    )
+    estimate = static_bytes(shape, job.method) + batch_bytes(per_device, ckpt)
     return Choice(
         name,
         True,
@@ -406,6 +467,38 @@ def light_metrics(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
     )
 
 
+def data_workers(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
+    name = "dataWorkers"
+    if opt.dataWorkers == "off":
+        return Choice(name, False, "turned off: batches are collated in the training process")
+    if "dataloader_num_workers" in job.extra_args:
+        return Choice(name, False, "dataloader_num_workers is set in extraArgs: kept as given")
+    if opt.dataWorkers == "auto":
+        if not hw.cuda:
+            return Choice(name, False, "no CUDA device: workers would take the training's cores")
+        if hw.cpus is not None and hw.cpus < DATA_WORKERS + 2:
+            return Choice(
+                name,
+                False,
+                f"{hw.cpus:g} CPUs per training process: too few to spare {DATA_WORKERS} "
+                "for loading",
+            )
+    return Choice(
+        name,
+        True,
+        f"{DATA_WORKERS} DataLoader workers collate and prefetch the next micro-batches "
+        "(same batches, same order), so the training process only queues GPU work",
+        sft={
+            "dataloader_num_workers": DATA_WORKERS,
+            **(
+                {}
+                if "dataloader_persistent_workers" in job.extra_args
+                else {"dataloader_persistent_workers": True}  # no re-fork at each epoch
+            ),
+        },
+    )
+
+
 # --- putting it together ---------------------------------------------------------------
 
 
@@ -461,7 +554,8 @@ class SpeedPlan:
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
     flex = flex_attention(opt, hw, job)
-    micro = micro_batch(opt, hw, job, shape, attention_sparse=flex.on)
+    light = light_metrics(opt, hw, job)
+    micro = micro_batch(opt, hw, job, shape, attention_sparse=flex.on, lean_head=light.on)
     per_device = int(micro.sft.get("per_device_train_batch_size", job.per_device))
     compiled = compile_model(opt, hw, job, flex=flex.on, per_device=per_device)
     choices = (
@@ -469,7 +563,8 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) 
         micro,
         liger(opt, hw, job, compiled=compiled.on),
         compiled,
-        light_metrics(opt, hw, job),
+        light,
+        data_workers(opt, hw, job),
     )
     return SpeedPlan(choices)
 

@@ -1,0 +1,155 @@
+"""The LM head's log-probabilities from logits kept for the backward: no GEMM computed twice.
+
+TRL 1.16's `ChunkedLogProbFunction` never holds a micro-batch's `[tokens, vocab]` logits:
+it folds them tile by tile into an online log-sum-exp, and its backward computes every
+tile again before turning it into the gradient. That second projection is one more GEMM
+of the LM head's size per micro-step (about 5% of the FLOPs of a 1.5B step with a
+152k vocabulary), and the tiles cost dozens of small launches.
+
+When a micro-batch's bf16 logits fit in a small share of the device (2.3 GiB for 8192
+tokens x 151,936 fit in `speed.KEPT_LOGITS_SHARE` of 80 GiB; the micro-batch lever counts
+them in its memory estimate), `KeptLogitsLogProb` computes them in one GEMM, folds them
+with TRL's own kernels (the same fp32 online log-sum-exp over the same 1024-column
+blocks, so the log-probabilities are TRL's), keeps them, and in the backward turns them
+into the logits' gradient in place (TRL's backward kernel) followed by the two gradient
+GEMMs, which accumulate in fp32 as TRL's do. Otherwise `lean_lm_head` uses TRL's
+function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def kept_logits_budget(device: torch.device) -> int:
+    """Bytes the kept logits may take on this device (host RAM when there is no GPU).
+
+    A cap in $SFTJOB_GPU_MEMORY_GIB (a shared card, the bench's --memory-gib) counts, as
+    it does for the micro-batch lever.
+    """
+    import os
+
+    from .speed import KEPT_LOGITS_SHARE, usable_memory_gib
+
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        total = int(usable_memory_gib(total / 2**30, os.environ) * 2**30)
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(KEPT_LOGITS_SHARE * total)
+
+
+def fits(tokens: int, vocab: int, dtype: torch.dtype, budget: int) -> bool:
+    return tokens * vocab * dtype.itemsize <= budget
+
+
+def _fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` accumulated and returned in fp32, without rounding to the inputs' dtype."""
+    if a.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+class KeptLogitsLogProb(torch.autograd.Function):
+    """log p(target) per row of `hidden @ weight.T (+ bias)`; the logits stay for the backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,  # [N, H]
+        weight: torch.Tensor,  # [V, H]
+        bias: torch.Tensor | None,  # [V]
+        targets: torch.Tensor,  # [N], each in [0, V)
+    ) -> torch.Tensor:
+        from trl.kernels import chunked_logprob as trl_kernels
+
+        device = hidden.device
+        dtype = (
+            torch.get_autocast_dtype(device.type)
+            if torch.is_autocast_enabled(device.type)
+            else hidden.dtype
+        )
+        rows = hidden.to(dtype)
+        logits = torch.mm(rows, weight.to(dtype).t())
+        if bias is not None:
+            logits.add_(bias.to(dtype))
+        tokens, vocab = logits.shape
+        running_max = torch.full((tokens,), float("-inf"), device=device, dtype=torch.float32)
+        sum_exp = torch.zeros((tokens,), device=device, dtype=torch.float32)
+        target_logit = torch.zeros((tokens,), device=device, dtype=torch.float32)
+        unused = torch.zeros((tokens,), device=device, dtype=torch.float32)  # metrics not asked
+        triton = trl_kernels._use_triton(device)
+        fold = trl_kernels._forward_kernel[(tokens,)] if triton else trl_kernels._forward_tile
+        fold(
+            logits,
+            logits.stride(0),
+            targets,
+            running_max,
+            sum_exp,
+            unused,
+            unused,
+            unused,
+            unused,
+            target_logit,
+            0,
+            vocab,
+            logit_scale=1.0,
+            softcap=1.0,
+            inv_t=1.0,
+            HAS_SOFTCAP=False,
+            HAS_ENTROPY=False,
+            HAS_LOG_SUM_SQ_PROBS=False,
+            HAS_MEAN_LOGITS=False,
+            HAS_IS_TOP1=False,
+            BLOCK_SIZE=trl_kernels._BLOCK_SIZE,
+        )
+        log_z = running_max + torch.log(sum_exp)
+        # The weight is kept as the parameter (cast again in the backward) rather than as
+        # a bf16 copy, which would hold another vocab x hidden matrix until then.
+        ctx.save_for_backward(rows, weight, bias, targets, log_z, logits)
+        ctx.hidden_dtype = hidden.dtype
+        return target_logit - log_z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_log_probs: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        from trl.kernels import chunked_logprob as trl_kernels
+
+        rows, weight, bias, targets, log_z, logits = ctx.saved_tensors
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        tokens, vocab = logits.shape
+        grad = grad_log_probs.float().contiguous()
+        triton = trl_kernels._use_triton(logits.device)
+        blocks = -(-vocab // trl_kernels._BLOCK_SIZE)
+        to_gradient = (
+            trl_kernels._backward_kernel[(tokens, blocks)] if triton else trl_kernels._backward_tile
+        )
+        # In place: the kept logits become d(loss)/d(logits); they are not needed after.
+        to_gradient(
+            logits,
+            logits.stride(0),
+            targets,
+            log_z,
+            log_z,  # entropy: no entropy gradient is asked for
+            grad,
+            grad,
+            0,
+            vocab,
+            logit_scale=1.0,
+            softcap=1.0,
+            inv_t=1.0,
+            HAS_SOFTCAP=False,
+            HAS_LOGPROB_GRAD=True,
+            HAS_ENTROPY_GRAD=False,
+            BLOCK_SIZE=trl_kernels._BLOCK_SIZE,
+        )
+        grad_hidden = grad_weight = grad_bias = None
+        if needs_hidden:
+            grad_hidden = _fp32_product(logits, weight.to(logits.dtype)).to(ctx.hidden_dtype)
+        if needs_weight:
+            grad_weight = _fp32_product(logits.t(), rows).to(weight.dtype)
+        if needs_bias:
+            grad_bias = logits.sum(dim=0, dtype=torch.float32).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None
