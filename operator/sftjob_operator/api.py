@@ -273,7 +273,8 @@ class SpeedSpec(SpecModel):
     lightMetrics: SpeedSwitch = Field(
         default="auto",
         description="Skip TRL's per-step entropy and token-accuracy metrics and the host syncs "
-        "that read them back every micro-step (auto: skipped with CUDA; off keeps them).",
+        "that read them back every micro-step, and keep the LM head's logits for its backward "
+        "when they fit in 5% of the GPU (auto: with CUDA; off keeps TRL's path and metrics).",
     )
     dataWorkers: SpeedSwitch = Field(
         default="auto",

@@ -119,6 +119,8 @@ def logged_steps(log: str) -> list[dict[str, float]]:
 def test_two_nodes_compiled_with_static_batches_count_the_same_tokens(make_config, tmp_path):
     # The padding each rank adds is summed over both ranks and taken out of TRL's count:
     # the compiled static run logs the same tokens and losses as the uncompiled one.
+    lever_lines: dict[str, list[str]] = {}
+
     def train(speed: dict, extra: dict, folder: str) -> list[dict[str, float]]:
         work = tmp_path / folder
         work.mkdir()
@@ -140,13 +142,16 @@ def test_two_nodes_compiled_with_static_batches_count_the_same_tokens(make_confi
         pods = start_pods(make_config(spec), work, TORCHINDUCTOR_CACHE_DIR="")
         logs = [pod.communicate(timeout=240)[0] for pod in pods]
         assert [pod.returncode for pod in pods] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+        lever_lines[folder] = [line for line in logs[0].splitlines() if "speed dataWorkers" in line]
         return logged_steps(logs[0])
 
     eager = {"torch_compile_backend": "eager"}
     compiled = train({"compile": "on"}, eager, "compiled")
-    # lightMetrics: tokens counted on the host, summed over the ranks once per log.
-    lean = train({"compile": "on", "lightMetrics": "on"}, eager, "lean")
+    # lightMetrics: tokens counted on the host, summed over the ranks once per log; with
+    # dataWorkers, as on a GPU by default: the static batches are collated in workers.
+    lean = train({"compile": "on", "lightMetrics": "on", "dataWorkers": "on"}, eager, "lean")
     plain = train({"compile": "off"}, {}, "plain")
+    assert any("dataWorkers: on" in line for line in lever_lines["lean"]), lever_lines
     assert len(compiled) == len(lean) == len(plain) >= 3
     for ours, light, reference in zip(compiled, lean, plain, strict=True):
         assert ours["num_tokens"] == light["num_tokens"] == reference["num_tokens"]
