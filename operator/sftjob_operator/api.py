@@ -273,8 +273,9 @@ class SpeedSpec(SpecModel):
     lightMetrics: SpeedSwitch = Field(
         default="auto",
         description="Skip TRL's per-step entropy and token-accuracy metrics and the host syncs "
-        "that read them back every micro-step, and keep the LM head's logits for its backward "
-        "when they fit in 5% of the GPU (auto: with CUDA; off keeps TRL's path and metrics).",
+        "that read them back every micro-step; over compiled static batches that train on "
+        "nearly every token, keep the LM head's logits for its backward when they fit in 5% "
+        "of the GPU (auto: with CUDA; off keeps TRL's path and metrics).",
     )
     dataWorkers: SpeedSwitch = Field(
         default="auto",

@@ -116,11 +116,19 @@ def test_estimate_counts_the_logits_the_lean_head_keeps() -> None:
     lean = micro_batch(SpeedOptions(), H100, full, QWEN_15B, True, lean_head=True)
     plain = micro_batch(SpeedOptions(), H100, full, QWEN_15B, True, lean_head=False)
     assert lean.sft == plain.sft  # 4 x 2048 still fits on 80 GB
-    # 8192 tokens x 151,936 bf16 logits: 2.3 GiB more in the estimate (measured peak
-    # 49.6 GiB with them, estimate 51.0).
+    # 8192 tokens x 151,936 bf16 logits: 2.3 GiB more in the estimate (measured peaks
+    # 48.7-49.9 GiB with them, estimate 51.0).
     assert "estimate 51.0 of 79 GiB" in lean.reason and "estimate 48.7 of" in plain.reason
-    assert kept_logits_bytes(QWEN_15B, 8192, 79.1) == 2 * 8192 * 151_936
-    assert kept_logits_bytes(QWEN_15B, 16384, 79.1) == 0  # over 5%: TRL's tiles, nothing kept
+    assert kept_logits_bytes(QWEN_15B, 8192, 79.1, bf16=True) == 2 * 8192 * 151_936
+    assert kept_logits_bytes(QWEN_15B, 8192, 79.1, bf16=False) == 0  # fp32: 4.6 GiB, over 5%
+    assert kept_logits_bytes(QWEN_15B, 16384, 79.1, bf16=True) == 0  # TRL's tiles, none kept
+    # Through decide: counted only where the lean head keeps them, over static batches.
+    kept = decide(SpeedOptions(), H100, REFERENCE, QWEN_15B)
+    assert "estimate 51.0 of" in kept.summary()["autoMicroBatch"]["reason"]
+    no_static = decide(SpeedOptions(compile="off"), H100, REFERENCE, QWEN_15B)
+    assert "estimate 48.7 of" in no_static.summary()["autoMicroBatch"]["reason"]
+    no_lean = decide(SpeedOptions(lightMetrics="off"), H100, REFERENCE, QWEN_15B)
+    assert "estimate 48.7 of" in no_lean.summary()["autoMicroBatch"]["reason"]
 
 
 def test_compile_lever_rules() -> None:

@@ -16,6 +16,10 @@ pytestmark = [pytest.mark.trainer, pytest.mark.timeout(300)]
 class Logs(TrainerCallback):
     def __init__(self) -> None:
         self.logs: list[dict[str, Any]] = []
+        self.loader: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.loader = kwargs.get("train_dataloader")  # the loader that trains
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
         if logs and "loss" in logs:
@@ -23,19 +27,20 @@ class Logs(TrainerCallback):
 
 
 def trained(make_config: Any, workers: str) -> tuple[Any, list[dict[str, Any]]]:
+    """The training DataLoader and the logged steps of a 3-step run."""
     speed = {"dataWorkers": workers, "autoMicroBatch": "off", "flexAttention": "off"}
     spec = {"training": {"maxSteps": 3, "loggingSteps": 1, "speed": speed}}
     recorder = Logs()
     trainer = build_trainer(load_config(make_config(spec)), callbacks=[recorder])
     trainer.train()
-    return trainer, recorder.logs
+    return recorder.loader, recorder.logs
 
 
 def test_workers_collate_the_same_batches_in_the_same_order(make_config: Any) -> None:
-    plain_trainer, plain = trained(make_config, "off")
-    worker_trainer, with_workers = trained(make_config, "on")
-    assert plain_trainer.get_train_dataloader().num_workers == 0
-    loader = worker_trainer.get_train_dataloader()
+    plain_loader, plain = trained(make_config, "off")
+    loader, with_workers = trained(make_config, "on")
+    assert plain_loader.num_workers == 0
+    loader = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper, if any
     assert loader.num_workers == 2 and loader.persistent_workers
     assert len(plain) == len(with_workers) == 3
     for a, b in zip(plain, with_workers, strict=True):

@@ -69,6 +69,16 @@ def test_same_log_probs_and_gradients_as_trl_under_bf16_autocast() -> None:
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
+def test_a_second_backward_is_refused() -> None:
+    hidden, weight, bias = head_inputs(bias=True)
+    targets = torch.randint(0, VOCAB, (TOKENS,), generator=torch.Generator().manual_seed(4))
+    log_probs = KeptLogitsLogProb.apply(hidden, weight, bias, targets)
+    log_probs.sum().backward(retain_graph=True)
+    # The kept logits became their gradient: a second pass would read gradients as logits.
+    with pytest.raises(RuntimeError, match="ran twice"):
+        log_probs.sum().backward()
+
+
 def test_budget_is_bytes_of_the_logits() -> None:
     assert fits(8192, 151_936, torch.bfloat16, 4 * 2**30)  # 2.3 GiB
     assert not fits(16384, 151_936, torch.bfloat16, 4 * 2**30)  # 4.6 GiB

@@ -10,7 +10,8 @@ When a micro-batch's bf16 logits fit in a small share of the device (2.3 GiB for
 tokens x 151,936 fit in `speed.KEPT_LOGITS_SHARE` of 80 GiB; the micro-batch lever counts
 them in its memory estimate), `KeptLogitsLogProb` computes them in one GEMM, folds them
 with TRL's own kernels (the same fp32 online log-sum-exp over the same 1024-column
-blocks, so the log-probabilities are TRL's), keeps them, and in the backward turns them
+blocks, so the log-probabilities are TRL's up to the rounding of one GEMM against
+its tiles), keeps them, and in the backward turns them
 into the logits' gradient in place (TRL's backward kernel) followed by the two gradient
 GEMMs, which accumulate in fp32 as TRL's do. Otherwise `lean_lm_head` uses TRL's
 function.
@@ -21,6 +22,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+# fp32 temporaries of the logits' size (and twice their bytes) that TRL's CPU fallbacks
+# allocate while folding the whole matrix: about 12 times the kept bf16 logits, rounded up.
+CPU_TEMPORARIES = 16
 
 
 def kept_logits_budget(device: torch.device) -> int:
@@ -36,9 +41,11 @@ def kept_logits_budget(device: torch.device) -> int:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         total = int(usable_memory_gib(total / 2**30, os.environ) * 2**30)
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(KEPT_LOGITS_SHARE * total)
+        return int(KEPT_LOGITS_SHARE * total)
+    # Without Triton, TRL's torch fallbacks fold the whole [N, V] at once in fp32, with a
+    # few temporaries of that size: budget for them, not just for the kept logits.
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(KEPT_LOGITS_SHARE * total / CPU_TEMPORARIES)
 
 
 def fits(tokens: int, vocab: int, dtype: torch.dtype, budget: int) -> bool:
@@ -65,6 +72,7 @@ class KeptLogitsLogProb(torch.autograd.Function):
     ) -> torch.Tensor:
         from trl.kernels import chunked_logprob as trl_kernels
 
+        targets = targets.contiguous()  # the kernels read it with stride 1
         device = hidden.device
         dtype = (
             torch.get_autocast_dtype(device.type)
@@ -110,6 +118,7 @@ class KeptLogitsLogProb(torch.autograd.Function):
         # a bf16 copy, which would hold another vocab x hidden matrix until then.
         ctx.save_for_backward(rows, weight, bias, targets, log_z, logits)
         ctx.hidden_dtype = hidden.dtype
+        ctx.spent = False
         return target_logit - log_z
 
     @staticmethod
@@ -117,6 +126,14 @@ class KeptLogitsLogProb(torch.autograd.Function):
     def backward(ctx: Any, grad_log_probs: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         from trl.kernels import chunked_logprob as trl_kernels
 
+        # The backward overwrites the kept logits with their gradient (on CUDA through a
+        # raw pointer, which autograd's version check does not see): it can run once only.
+        if ctx.spent:
+            raise RuntimeError(
+                "KeptLogitsLogProb's backward ran twice (retain_graph=True): its logits "
+                "are spent; turn speed.lightMetrics off for double backward"
+            )
+        ctx.spent = True
         rows, weight, bias, targets, log_z, logits = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         tokens, vocab = logits.shape

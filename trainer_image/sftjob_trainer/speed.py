@@ -293,9 +293,9 @@ def static_bytes(shape: ModelShape, method: str) -> float:
     return per_param * shape.params + overhead
 
 
-def kept_logits_bytes(shape: ModelShape, tokens: int, memory_gib: float) -> float:
-    """The bf16 logits the lean LM head keeps for a micro-batch, if within its share."""
-    size = 2.0 * tokens * shape.vocab
+def kept_logits_bytes(shape: ModelShape, tokens: int, memory_gib: float, bf16: bool) -> float:
+    """The logits the lean LM head keeps for a micro-batch, if within its share."""
+    size = (2.0 if bf16 else 4.0) * tokens * shape.vocab
     return size if size <= KEPT_LOGITS_SHARE * memory_gib * 2**30 else 0.0
 
 
@@ -340,7 +340,7 @@ def micro_batch(
     def batch_bytes(per_device: int, ckpt: bool) -> float:
         tokens = per_device * job.max_length
         per_token = activation_bytes_per_token(shape, checkpointing=ckpt, lora=lora, bf16=job.bf16)
-        logits = kept_logits_bytes(shape, tokens, memory_gib) if lean_head else 0.0
+        logits = kept_logits_bytes(shape, tokens, memory_gib, job.bf16) if lean_head else 0.0
         return tokens * per_token + logits
 
     def fits(per_device: int, ckpt: bool) -> bool:
@@ -555,7 +555,12 @@ class SpeedPlan:
 def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
     flex = flex_attention(opt, hw, job)
     light = light_metrics(opt, hw, job)
-    micro = micro_batch(opt, hw, job, shape, attention_sparse=flex.on, lean_head=light.on)
+    # The lean head keeps its logits only over static batches (lean_steps.use_lean_steps);
+    # whether batches are static does not depend on the micro-batch chosen.
+    static = "pad_to_multiple_of" in compile_model(opt, hw, job, flex.on, job.per_device).sft
+    micro = micro_batch(
+        opt, hw, job, shape, attention_sparse=flex.on, lean_head=light.on and static
+    )
     per_device = int(micro.sft.get("per_device_train_batch_size", job.per_device))
     compiled = compile_model(opt, hw, job, flex=flex.on, per_device=per_device)
     choices = (
