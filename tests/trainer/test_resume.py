@@ -70,6 +70,64 @@ def test_sigterm_checkpoints_then_restart_resumes_to_planned_steps(make_config, 
     assert (output / "final" / "model.safetensors").is_file()
 
 
+def test_sigterm_to_the_process_group_spares_the_data_workers(make_config, tmp_path):
+    # The local node (and Slurm) signal the pod's whole process group, DataLoader workers
+    # included: the workers ignore it, so the run still checkpoints and exits Interrupted
+    # (without that, a killed worker failed the run with an InternalError, no checkpoint).
+    config = make_config({"dataset": {"limit": 64}, "training": {"saveSteps": 100}})
+    output = tmp_path / "output"
+    log = tmp_path / "termination-log"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "sftjob_trainer", "--config", str(config)],
+        env={
+            **os.environ,
+            "SFTJOB_TERMINATION_LOG": str(log),
+            "SFTJOB_TEST_SLEEP_PER_STEP": "0.25",
+            "SFTJOB_SPEED": '{"dataWorkers": "on"}',
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while not any(step >= 3 for step in progress_steps(output)):
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "training never reached step 3"
+        time.sleep(0.1)
+    workers = descendants(first.pid)
+    assert len(workers) >= 2  # the two DataLoader workers (and any launcher children)
+    os.killpg(first.pid, signal.SIGTERM)
+    out, _ = first.communicate(timeout=60)
+    assert "speed dataWorkers: on" in out
+    assert first.returncode == 14, out[-3000:]
+    interrupted = json.loads(log.read_text())
+    assert interrupted["reason"] == "Interrupted"
+    checkpoint = newest_checkpoint(output / "checkpoints")
+    assert checkpoint is not None and checkpoint.name == f"checkpoint-{interrupted['step']}"
+    # Out of the process group, the workers still end with the training process.
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, f"workers left running: {workers}"
+        time.sleep(0.2)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            text = Path(f"/proc/{parent}/task/{parent}/children").read_text()
+        except OSError:
+            continue
+        children = [int(child) for child in text.split()]
+        found.extend(children)
+        stack.extend(children)
+    return found
+
+
 def test_incomplete_checkpoints_are_not_resumed(tmp_path):
     (tmp_path / "checkpoint-4").mkdir()
     (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")

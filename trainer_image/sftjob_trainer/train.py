@@ -11,11 +11,13 @@ Output folder (spec.output.path):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,37 @@ def install_sigterm_handler() -> None:
             raise Interrupted(f"stopped by signal {signal.Signals(signum).name} before training")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def _worker_in_own_session(init: Callable[[int], None] | None, worker_id: int) -> None:
+    os.setsid()
+    if init is not None:
+        init(worker_id)
+
+
+def shield_loader_workers(trainer: Any) -> None:
+    """DataLoader worker processes leave the pod's process group at start.
+
+    A SIGTERM to the whole process group (the local node deleting a pod, Slurm, `kill --
+    -PGID`) would otherwise kill the workers too, and PyTorch's SIGCHLD check would fail
+    the training process with "DataLoader worker ... killed by signal" before it could
+    save its checkpoint. In their own session the workers get only what the training
+    process sends them: they stop with their loader (terminated by pid at exit), or when
+    the training process dies (they watch their parent).
+    """
+    for name in ("get_train_dataloader", "get_eval_dataloader"):
+        build = getattr(trainer, name)
+
+        def shielded(*args: Any, _build: Any = build, **kwargs: Any) -> Any:
+            loader = _build(*args, **kwargs)
+            # accelerate's loader wraps the torch DataLoader that starts the workers.
+            torch_loader = getattr(loader, "base_dataloader", loader)
+            torch_loader.worker_init_fn = functools.partial(
+                _worker_in_own_session, torch_loader.worker_init_fn
+            )
+            return loader
+
+        setattr(trainer, name, shielded)
 
 
 def _callbacks(per_device: int) -> list[Any]:
@@ -164,6 +197,7 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
         callbacks=_callbacks(args.per_device_train_batch_size) + list(callbacks or []),
     )
     speed.apply(trainer)
+    shield_loader_workers(trainer)
     if spec.distributed == "fsdp" and not trainer.is_fsdp_enabled:
         # accelerate turns FSDP on only for GPU-like process groups; on CPU it runs plain DDP.
         log.warning(
