@@ -46,3 +46,21 @@ def test_workers_collate_the_same_batches_in_the_same_order(make_config: Any) ->
     for a, b in zip(plain, with_workers, strict=True):
         assert b["loss"] == a["loss"]  # the same rows, so bit for bit the same step
         assert b["num_tokens"] == a["num_tokens"]
+
+
+def test_evaluation_loaders_are_shielded_once(make_config: Any) -> None:
+    # Persistent evaluation loaders come back cached: their workers' start-up hook (leave
+    # the pod's process group, test_resume.py) is added once, not once per evaluation.
+    from sftjob_trainer.train import _worker_in_own_session
+
+    speed = {"dataWorkers": "on", "autoMicroBatch": "off", "flexAttention": "off"}
+    config = make_config({"training": {"maxSteps": 1, "speed": speed}})
+    trainer = build_trainer(load_config(config))
+    for _ in range(3):
+        loader = trainer.get_eval_dataloader(trainer.train_dataset)
+    init = getattr(loader, "base_dataloader", loader).worker_init_fn
+    assert init.func is _worker_in_own_session
+    assert getattr(init.args[0], "func", None) is not _worker_in_own_session
+    train_loader = trainer.get_train_dataloader()
+    train_init = getattr(train_loader, "base_dataloader", train_loader).worker_init_fn
+    assert train_init.func is _worker_in_own_session

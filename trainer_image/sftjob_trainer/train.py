@@ -11,6 +11,7 @@ Output folder (spec.output.path):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -80,7 +81,8 @@ def install_sigterm_handler() -> None:
 
 
 def _worker_in_own_session(init: Callable[[int], None] | None, worker_id: int) -> None:
-    os.setsid()
+    with contextlib.suppress(OSError):  # already a session leader (spawned, not forked)
+        os.setsid()
     if init is not None:
         init(worker_id)
 
@@ -102,9 +104,10 @@ def shield_loader_workers(trainer: Any) -> None:
             loader = _build(*args, **kwargs)
             # accelerate's loader wraps the torch DataLoader that starts the workers.
             torch_loader = getattr(loader, "base_dataloader", loader)
-            torch_loader.worker_init_fn = functools.partial(
-                _worker_in_own_session, torch_loader.worker_init_fn
-            )
+            init = torch_loader.worker_init_fn
+            # Evaluation loaders with persistent workers come back cached: wrap them once.
+            if getattr(init, "func", None) is not _worker_in_own_session:
+                torch_loader.worker_init_fn = functools.partial(_worker_in_own_session, init)
             return loader
 
         setattr(trainer, name, shielded)
