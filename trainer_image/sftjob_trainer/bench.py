@@ -258,6 +258,7 @@ def make_profiler(start_step: int, steps: int, report: Path) -> Any:
     class Profile(TrainerCallback):  # type: ignore[misc]
         def __init__(self) -> None:
             self.profiler: Any = None
+            self.started = 0.0
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == start_step:

@@ -19,6 +19,7 @@ function.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -26,8 +27,11 @@ import torch
 # fp32 temporaries of the logits' size (and twice their bytes) that TRL's CPU fallbacks
 # allocate while folding the whole matrix: about 12 times the kept bf16 logits, rounded up.
 CPU_TEMPORARIES = 16
+# The kernels' arguments for plain logits: no scale, no soft-cap, temperature 1.
+PLAIN_LOGITS = {"logit_scale": 1.0, "softcap": 1.0, "inv_t": 1.0, "HAS_SOFTCAP": False}
 
 
+@functools.cache
 def kept_logits_budget(device: torch.device) -> int:
     """Bytes the kept logits may take on this device (host RAM when there is no GPU).
 
@@ -46,6 +50,12 @@ def kept_logits_budget(device: torch.device) -> int:
     # few temporaries of that size: budget for them, not just for the kept logits.
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(KEPT_LOGITS_SHARE * total / CPU_TEMPORARIES)
+
+
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's GEMM runs in: autocast's, else the hidden states' (as TRL's)."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
 def fits(tokens: int, vocab: int, dtype: torch.dtype, budget: int) -> bool:
@@ -74,11 +84,7 @@ class KeptLogitsLogProb(torch.autograd.Function):
 
         targets = targets.contiguous()  # the kernels read it with stride 1
         device = hidden.device
-        dtype = (
-            torch.get_autocast_dtype(device.type)
-            if torch.is_autocast_enabled(device.type)
-            else hidden.dtype
-        )
+        dtype = compute_dtype(hidden)
         rows = hidden.to(dtype)
         logits = torch.mm(rows, weight.to(dtype).t())
         if bias is not None:
@@ -103,10 +109,7 @@ class KeptLogitsLogProb(torch.autograd.Function):
             target_logit,
             0,
             vocab,
-            logit_scale=1.0,
-            softcap=1.0,
-            inv_t=1.0,
-            HAS_SOFTCAP=False,
+            **PLAIN_LOGITS,
             HAS_ENTROPY=False,
             HAS_LOG_SUM_SQ_PROBS=False,
             HAS_MEAN_LOGITS=False,
@@ -154,10 +157,7 @@ class KeptLogitsLogProb(torch.autograd.Function):
             grad,
             0,
             vocab,
-            logit_scale=1.0,
-            softcap=1.0,
-            inv_t=1.0,
-            HAS_SOFTCAP=False,
+            **PLAIN_LOGITS,
             HAS_LOGPROB_GRAD=True,
             HAS_ENTROPY_GRAD=False,
             BLOCK_SIZE=trl_kernels._BLOCK_SIZE,

@@ -146,7 +146,7 @@ def lean_lm_head(model: Any, kept_logits_budget: int | None = None) -> None:
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from .kept_logits import KeptLogitsLogProb, fits
+    from .kept_logits import KeptLogitsLogProb, compute_dtype, fits
     from .kept_logits import kept_logits_budget as device_budget
 
     fused = model.forward  # TRL's forward: the plain forward when fused_lm_head is False
@@ -158,12 +158,7 @@ def lean_lm_head(model: Any, kept_logits_budget: int | None = None) -> None:
     def target_log_probs(hidden: Any, targets: Any) -> Any:
         head = model.get_output_embeddings()
         budget = device_budget(hidden.device) if kept_logits_budget is None else kept_logits_budget
-        dtype = (
-            torch.get_autocast_dtype(hidden.device.type)
-            if torch.is_autocast_enabled(hidden.device.type)
-            else hidden.dtype
-        )
-        if fits(hidden.size(0), head.weight.size(0), dtype, budget):
+        if fits(hidden.size(0), head.weight.size(0), compute_dtype(hidden), budget):
             return KeptLogitsLogProb.apply(hidden, head.weight, head.bias, targets)
         return ChunkedLogProbFunction.apply(
             hidden, head.weight, head.bias, targets, 1.0, VOCAB_CHUNK, None, 1.0, ("log_probs",)

@@ -124,16 +124,17 @@ class Hardware:
     def detect(cls, *, use_cpu: bool) -> Hardware:
         import torch
 
+        cpus = cpus_per_process(os.environ)
         if use_cpu or not torch.cuda.is_available():
             # Host memory, for a forced ("on") lever; "auto" levers stay off without CUDA.
             try:
                 host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
             except (ValueError, OSError, AttributeError):
                 host = None
-            return cls(cuda=False, memory_gib=host, cpus=cpus_per_process(os.environ))
+            return cls(cuda=False, memory_gib=host, cpus=cpus)
         props = torch.cuda.get_device_properties(0)
         memory = usable_memory_gib(props.total_memory / 2**30, os.environ)
-        return cls(cuda=True, memory_gib=memory, name=props.name, cpus=cpus_per_process(os.environ))
+        return cls(cuda=True, memory_gib=memory, name=props.name, cpus=cpus)
 
 
 def cpus_per_process(env: Mapping[str, str], cpu_max: str | None = None) -> float | None:
