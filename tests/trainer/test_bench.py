@@ -326,3 +326,80 @@ def test_throughput_script_runs_and_reports(tmp_path) -> None:
     assert line["settings"]["extra_args"] == {"dataloader_num_workers": 0}
     report_text = (tmp_path / "report.md").read_text()
     assert "### smoke" in report_text and "extraArgs" in report_text
+
+
+def test_logging_steps_apply_to_both_sides() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sftjob_trainer.bench", "--case", "cpu-smoke", "--steps", "4"]
+        + ["--logging-steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sides = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [side["side"] for side in sides] == ["reference", "sftjob"]
+    ref, ours = sides
+    for side in sides:
+        assert side["settings"]["logging_steps"] == 2
+        assert len(side["losses"]) == 2  # steps 2 and 4, each the mean of its two steps
+    for a, b in zip(ref["losses"], ours["losses"], strict=True):
+        assert abs(a - b) < 1e-3
+
+
+def test_sync_report_counts_each_call_stack(tmp_path) -> None:
+    import types
+    import warnings
+
+    from sftjob_trainer.bench import make_sync_report
+
+    modes: list[str] = []
+    report = tmp_path / "syncs.txt"
+    callback = make_sync_report(5, 2, report, set_mode=modes.append)
+    state = types.SimpleNamespace(global_step=4)
+
+    def copy_to_device() -> None:
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+    def read_loss() -> None:
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+    callback.on_step_begin(None, state, None)  # before the window: nothing switched
+    assert modes == []
+    state.global_step = 5
+    callback.on_step_begin(None, state, None)
+    for _ in range(3):
+        copy_to_device()
+    read_loss()
+    with pytest.warns(UserWarning, match="unrelated"):
+        warnings.warn("unrelated", UserWarning, stacklevel=1)  # passed on, not counted
+    state.global_step = 7
+    callback.on_step_end(None, state, None)
+    assert modes == ["warn", "default"]
+    text = report.read_text()
+    assert text.startswith("4 syncs in 2 steps")
+    blocks = text.split("--- ")[1:]
+    assert blocks[0].startswith("3 times") and "copy_to_device" in blocks[0]
+    assert blocks[1].startswith("1 times") and "read_loss" in blocks[1]
+    # Warnings are handled as before once the window is over.
+    with pytest.warns(UserWarning, match="synchronizing"):
+        copy_to_device()
+    assert report.read_text() == text
+
+
+def test_attention_variants_pack_the_full_case_into_whole_micro_batches() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "attention_variants.py"
+    spec = importlib.util.spec_from_file_location("attention_variants", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    batches = module.packed_batches(3)
+    assert len(batches) == 3
+    for docs in batches:
+        # One micro-batch: 4 rows of 2048 tokens, padding as one-token documents.
+        assert sum(docs) == module.ROWS * module.WIDTH
+        assert max(docs) <= module.WIDTH and min(docs) >= 1
+    # Causal attention inside each document: 4 * heads * dim * n(n+1)/2 per document.
+    assert module.causal_flops([2, 1]) == 4 * 12 * 128 * (3 + 1)

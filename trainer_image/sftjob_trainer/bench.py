@@ -32,6 +32,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ def job_manifest(
     output: Path,
     gpus: int,
     extra_args: dict[str, Any] | None = None,
+    logging_steps: int = 1,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "model": {"path": str(model)},
@@ -141,7 +143,7 @@ def job_manifest(
             "learningRate": case.learning_rate,
             "maxLength": case.max_length,
             "packing": True,
-            "loggingSteps": 1,
+            "loggingSteps": logging_steps,
             "saveSteps": 1_000_000,
             "seed": SEED,
             "extraArgs": extra_args or {},
@@ -166,13 +168,14 @@ def trainer_config(
     output: Path,
     gpus: int,
     extra_args: dict[str, Any] | None = None,
+    logging_steps: int = 1,
 ) -> Any:
     from sftjob_operator.api import parse_sftjob
     from sftjob_operator.trainer_config import build_trainer_config
 
     from .settings import parse_config
 
-    job = parse_sftjob(job_manifest(case, steps, model, output, gpus, extra_args))
+    job = parse_sftjob(job_manifest(case, steps, model, output, gpus, extra_args, logging_steps))
     return parse_config(build_trainer_config(job))
 
 
@@ -287,6 +290,57 @@ def make_profiler(start_step: int, steps: int, report: Path) -> Any:
     return Profile()
 
 
+def make_sync_report(
+    start_step: int, steps: int, report: Path, set_mode: Callable[[str], None] | None = None
+) -> Any:
+    """Records every host-device sync in `steps` optimizer steps after `start_step` (GPU).
+
+    torch's sync debug mode warns at each synchronizing CUDA call; each distinct call stack
+    is written to `report` with how many times it synced. A sync makes the host wait for
+    the GPU's whole queue, after which the GPU idles until the host queues work again.
+    `set_mode` switches torch's mode (torch.cuda.set_sync_debug_mode unless given).
+    """
+    import traceback
+    import warnings
+
+    import torch
+    from transformers import TrainerCallback
+
+    switch = set_mode or torch.cuda.set_sync_debug_mode
+
+    class SyncReport(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.stacks: dict[str, int] = {}
+            self.saved: Any = None
+            self.filters: Any = None
+
+        def record(self, message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            if "synchronizing" not in str(message):
+                return self.saved(message, category, *args, **kwargs)
+            stack = "".join(traceback.format_stack(limit=14)[:-2])
+            self.stacks[stack] = self.stacks.get(stack, 0) + 1
+            return None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == start_step:
+                self.saved, self.filters = warnings.showwarning, warnings.filters[:]
+                warnings.simplefilter("always")
+                warnings.showwarning = self.record
+                switch("warn")
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.saved is not None and state.global_step == start_step + steps:
+                switch("default")
+                warnings.showwarning, warnings.filters[:] = self.saved, self.filters
+                self.saved = None
+                ranked = sorted(self.stacks.items(), key=lambda item: -item[1])
+                lines = [f"{sum(self.stacks.values())} syncs in {steps} steps\n"]
+                lines += [f"--- {count} times:\n{stack}" for stack, count in ranked]
+                report.write_text("\n".join(lines))
+
+    return SyncReport()
+
+
 def run_side(
     side: str,
     case: Case,
@@ -297,6 +351,8 @@ def run_side(
     profile: Path | None = None,
     sync_every_step: bool = False,
     extra_args: dict[str, Any] | None = None,
+    logging_steps: int = 1,
+    syncs: Path | None = None,
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
@@ -313,7 +369,9 @@ def run_side(
     config = Qwen2Config(**case.shape, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
     config.save_pretrained(model_dir)  # the speed plan sizes batches from config.json
     extra = extra_args if side == "sftjob" else None
-    job = trainer_config(case, steps, model_dir, work / side, 1 if cuda else 0, extra)
+    job = trainer_config(
+        case, steps, model_dir, work / side, 1 if cuda else 0, extra, logging_steps
+    )
     ours = build_sft_config(job, speed=None)  # to copy lr/schedule/warmup to the reference
     speed = None
     if side == "sftjob":
@@ -333,7 +391,7 @@ def run_side(
             lr_scheduler_type=ours.lr_scheduler_type,
             warmup_steps=ours.warmup_steps,
             max_steps=steps,
-            logging_steps=1,
+            logging_steps=logging_steps,
             save_strategy="no",
             report_to="none",
             seed=SEED,
@@ -361,7 +419,8 @@ def run_side(
         processing_class=tokenizer(),
         peft_config=peft,
         callbacks=[meter]
-        + ([make_profiler(skip, 2, profile / f"profile-{side}.txt")] if profile and cuda else []),
+        + ([make_profiler(skip, 2, profile / f"profile-{side}.txt")] if profile and cuda else [])
+        + ([make_sync_report(skip, 2, syncs / f"syncs-{side}.txt")] if syncs and cuda else []),
     )
     ref["trainer"] = trainer
     if speed is not None:
@@ -421,6 +480,7 @@ def run_side(
             "speed": speed.summary() if speed else None,
             "extra_args": extra,
             "sync_every_step": sync_every_step,
+            "logging_steps": args.logging_steps,
             # Dynamo graphs after the first step and at the end (compile on: equal = no
             # recompiles; counted since the process started).
             "compiled_graphs": [meter.graphs[0], meter.graphs[-1]] if meter.graphs else None,
@@ -472,9 +532,23 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for a kernel profile of two steps after the untimed ones (GPU only)",
     )
     parser.add_argument(
+        "--syncs",
+        type=Path,
+        default=None,
+        help="folder for the call stacks of every host-GPU sync in two steps after the "
+        "untimed ones (GPU only; slows those steps)",
+    )
+    parser.add_argument(
         "--sync-every-step",
         action="store_true",
         help="synchronise CUDA at every step end (how runs before 2026-11-28 09:30 timed)",
+    )
+    parser.add_argument(
+        "--logging-steps",
+        type=int,
+        default=1,
+        help="log (and read the loss back from the GPU) every N steps, both sides; "
+        "the losses printed are those logs",
     )
     parser.add_argument(
         "--extra-args",
@@ -499,8 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() and case.name != "cpu-smoke" else "cpu"
         for attn in ("sdpa", "flex_attention"):
             print(json.dumps(isolation_check(attn, device)), flush=True)
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
+    for folder in (args.profile, args.syncs):
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix=f"sftjob-bench-{case.name}-"))
     for side in [s.strip() for s in args.sides.split(",") if s.strip()]:
         if side not in ("reference", "sftjob"):
@@ -516,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             args.profile,
             args.sync_every_step,
             args.extra_args,
+            args.logging_steps,
+            args.syncs,
         )
         result["settings"]["wall_s"] = round(time.monotonic() - started, 1)
         print(json.dumps(result), flush=True)
