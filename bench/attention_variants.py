@@ -1,7 +1,11 @@
 """Time packed-document causal attention, forward and backward, by several kernels (GPU).
 
-The full case's micro-batch (4 rows of 2048 packed tokens, documents log-normal around 500
-tokens, the 1.5B shape's 12 query and 2 key/value heads of 128) through:
+Micro-batches of the full case's shape (4 rows of 2048 packed tokens, the 1.5B shape's 12
+query and 2 key/value heads of 128) through the kernels below. The documents are the
+bench's (log-normal around 500 tokens), packed best-fit-decreasing, and the first rows
+are timed without shuffling: they hold the longest documents (7 to 12 real documents per
+micro-batch, one of 2048 tokens), a heavier attention load than training's average.
+Kernels:
 - flex_attention with the document block mask, as the model runs it (compiled), with the
   default kernel options and a few block shapes;
 - torch's varlen_attn (FlashAttention 2 kernels built into PyTorch), over cu_seqlens.

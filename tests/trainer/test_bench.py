@@ -345,6 +345,10 @@ def test_logging_steps_apply_to_both_sides() -> None:
         assert len(side["losses"]) == 2  # steps 2 and 4, each the mean of its two steps
     for a, b in zip(ref["losses"], ours["losses"], strict=True):
         assert abs(a - b) < 1e-3
+    # The report labels each logged loss with its step.
+    rows = [row for row in report(sides).splitlines() if row[:4] in ("| 1 ", "| 2 ", "| 4 ")]
+    assert [row.split("|")[1].strip() for row in rows] == ["2", "4"]
+    assert f"{ref['losses'][1]:.4f}" in rows[1]
 
 
 def test_sync_report_counts_each_call_stack(tmp_path) -> None:
@@ -353,38 +357,63 @@ def test_sync_report_counts_each_call_stack(tmp_path) -> None:
 
     from sftjob_trainer.bench import make_sync_report
 
-    modes: list[str] = []
-    report = tmp_path / "syncs.txt"
-    callback = make_sync_report(5, 2, report, set_mode=modes.append)
-    state = types.SimpleNamespace(global_step=4)
-
     def copy_to_device() -> None:
         warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
 
     def read_loss() -> None:
         warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
 
-    callback.on_step_begin(None, state, None)  # before the window: nothing switched
-    assert modes == []
-    state.global_step = 5
-    callback.on_step_begin(None, state, None)
-    for _ in range(3):
-        copy_to_device()
-    read_loss()
-    with pytest.warns(UserWarning, match="unrelated"):
-        warnings.warn("unrelated", UserWarning, stacklevel=1)  # passed on, not counted
-    state.global_step = 7
-    callback.on_step_end(None, state, None)
+    modes: list[str] = []
+    report = tmp_path / "syncs.txt"
+    callback = make_sync_report(5, 2, report, set_mode=modes.append)
+    state = types.SimpleNamespace(global_step=4)
+    shown: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+
+        def show(message, *args, **kwargs) -> None:
+            shown.append(str(message))
+
+        warnings.showwarning = show
+        filters = warnings.filters[:]
+        callback.on_step_end(None, state, None)  # before the window: nothing switched
+        assert modes == []
+        state.global_step = 5
+        callback.on_step_end(None, state, None)
+        assert modes == ["warn"] and warnings.showwarning is not show
+        for _ in range(3):
+            copy_to_device()
+        read_loss()
+        warnings.warn("unrelated", UserWarning, stacklevel=1)
+        assert shown == ["unrelated"]  # passed on to the handler that was there, not counted
+        state.global_step = 6
+        callback.on_step_end(None, state, None)
+        assert modes == ["warn"] and not report.exists()
+        state.global_step = 7
+        callback.on_step_end(None, state, None)
+        assert modes == ["warn", "default"]
+        assert warnings.showwarning is show and warnings.filters == filters
+        text = report.read_text()
+        assert text.startswith("4 syncs in 2 steps")
+        blocks = text.split("--- ")[1:]
+        assert len(blocks) == 2
+        assert blocks[0].startswith("3 times") and "in copy_to_device" in blocks[0]
+        assert blocks[1].startswith("1 times") and "in read_loss" in blocks[1]
+        assert not any("in record" in block or "warnings.py" in block for block in blocks)
+        copy_to_device()  # after the window: shown as before, not counted
+        assert shown[-1].startswith("called a synchronizing")
+        assert report.read_text() == text
+
+    # Training that ends inside the window still writes the report and switches back.
+    modes.clear()
+    early = make_sync_report(5, 2, tmp_path / "early.txt", set_mode=modes.append)
+    with warnings.catch_warnings():
+        state.global_step = 5
+        early.on_step_end(None, state, None)
+        read_loss()
+        early.on_train_end(None, state, None)
     assert modes == ["warn", "default"]
-    text = report.read_text()
-    assert text.startswith("4 syncs in 2 steps")
-    blocks = text.split("--- ")[1:]
-    assert blocks[0].startswith("3 times") and "copy_to_device" in blocks[0]
-    assert blocks[1].startswith("1 times") and "read_loss" in blocks[1]
-    # Warnings are handled as before once the window is over.
-    with pytest.warns(UserWarning, match="synchronizing"):
-        copy_to_device()
-    assert report.read_text() == text
+    assert (tmp_path / "early.txt").read_text().startswith("1 syncs in 2 steps")
 
 
 def test_attention_variants_pack_the_full_case_into_whole_micro_batches() -> None:
@@ -401,5 +430,6 @@ def test_attention_variants_pack_the_full_case_into_whole_micro_batches() -> Non
         # One micro-batch: 4 rows of 2048 tokens, padding as one-token documents.
         assert sum(docs) == module.ROWS * module.WIDTH
         assert max(docs) <= module.WIDTH and min(docs) >= 1
+        assert sum(doc for doc in docs if doc > 1) > module.ROWS * module.WIDTH // 2  # not padding
     # Causal attention inside each document: 4 * heads * dim * n(n+1)/2 per document.
     assert module.causal_flops([2, 1]) == 4 * 12 * 128 * (3 + 1)

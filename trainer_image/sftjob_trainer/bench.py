@@ -16,7 +16,8 @@ $SFTJOB_SPEED, e.g. '{"flexAttention": "off"}' to measure one lever).
 
 Prints one JSON line per side on stdout: side, case, tokens_per_s (timed after the first
 steps), mfu (6 x params x tokens/s over the card's bf16 peak; null on CPU), peak_mem_gib
-(torch's peak reserved memory, close to nvidia-smi), losses (per step) and settings.
+(torch's peak reserved memory, close to nvidia-smi), losses (one per log: every step
+unless --logging-steps says otherwise) and settings.
 Everything else (trainer logs, speed decisions) goes to stderr.
 """
 
@@ -293,11 +294,15 @@ def make_profiler(start_step: int, steps: int, report: Path) -> Any:
 def make_sync_report(
     start_step: int, steps: int, report: Path, set_mode: Callable[[str], None] | None = None
 ) -> Any:
-    """Records every host-device sync in `steps` optimizer steps after `start_step` (GPU).
+    """Records every host-device sync in `steps` whole steps after `start_step` (GPU).
 
     torch's sync debug mode warns at each synchronizing CUDA call; each distinct call stack
     is written to `report` with how many times it synced. A sync makes the host wait for
     the GPU's whole queue, after which the GPU idles until the host queues work again.
+    The window opens at the end of step `start_step`, so it holds `steps` of each part of
+    a step: the log after a step, the next step's batch fetch (transformers fetches
+    before on_step_begin), its micro-steps and its optimizer step. It closes at the end
+    of step `start_step + steps`, or at the end of training if that comes first.
     `set_mode` switches torch's mode (torch.cuda.set_sync_debug_mode unless given).
     """
     import traceback
@@ -317,26 +322,40 @@ def make_sync_report(
         def record(self, message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
             if "synchronizing" not in str(message):
                 return self.saved(message, category, *args, **kwargs)
-            stack = "".join(traceback.format_stack(limit=14)[:-2])
+            frames = [
+                frame
+                for frame in traceback.extract_stack(limit=16)
+                if not frame.filename.endswith("warnings.py") and frame.name != "record"
+            ]
+            stack = "".join(traceback.format_list(frames[-12:]))
             self.stacks[stack] = self.stacks.get(stack, 0) + 1
             return None
 
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step == start_step:
-                self.saved, self.filters = warnings.showwarning, warnings.filters[:]
-                warnings.simplefilter("always")
-                warnings.showwarning = self.record
-                switch("warn")
+        def open(self) -> None:
+            switch("warn")  # before the hook, so switching is not counted as a sync
+            self.saved, self.filters = warnings.showwarning, warnings.filters[:]
+            # Every sync, not only the first from each line; other warnings as before.
+            warnings.filterwarnings("always", message=".*synchronizing")
+            warnings.showwarning = self.record
+
+        def close(self) -> None:
+            switch("default")
+            warnings.showwarning, warnings.filters[:] = self.saved, self.filters
+            self.saved = None
+            ranked = sorted(self.stacks.items(), key=lambda item: -item[1])
+            lines = [f"{sum(self.stacks.values())} syncs in {steps} steps\n"]
+            lines += [f"--- {count} times:\n{stack}" for stack, count in ranked]
+            report.write_text("\n".join(lines))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.saved is not None and state.global_step == start_step + steps:
-                switch("default")
-                warnings.showwarning, warnings.filters[:] = self.saved, self.filters
-                self.saved = None
-                ranked = sorted(self.stacks.items(), key=lambda item: -item[1])
-                lines = [f"{sum(self.stacks.values())} syncs in {steps} steps\n"]
-                lines += [f"--- {count} times:\n{stack}" for stack, count in ranked]
-                report.write_text("\n".join(lines))
+            if self.saved is None and state.global_step == start_step:
+                self.open()
+            elif self.saved is not None and state.global_step == start_step + steps:
+                self.close()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.saved is not None:
+                self.close()
 
     return SyncReport()
 

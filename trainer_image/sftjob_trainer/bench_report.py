@@ -63,14 +63,14 @@ def side_table(sides: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def loss_table(reference: list[float], ours: list[float]) -> tuple[str, float]:
-    """Step-by-step losses and the largest relative difference."""
+def loss_table(reference: list[float], ours: list[float], every: int = 1) -> tuple[str, float]:
+    """The logged losses (one every `every` steps) and the largest relative difference."""
     rows = ["| step | reference | sftjob | rel. diff |", "|---|---|---|---|"]
     worst = 0.0
-    for step, (a, b) in enumerate(zip(reference, ours, strict=False), start=1):
+    for index, (a, b) in enumerate(zip(reference, ours, strict=False), start=1):
         relative = abs(a - b) / abs(a) if a else abs(b)
         worst = max(worst, relative)
-        rows.append(f"| {step} | {a:.4f} | {b:.4f} | {relative:.1e} |")
+        rows.append(f"| {index * every} | {a:.4f} | {b:.4f} | {relative:.1e} |")
     return "\n".join(rows), worst
 
 
@@ -87,7 +87,8 @@ def report(lines: list[dict[str, Any]], title: str = "") -> str:
         out += ["", side_table(sides)]
     if "reference" in sides and "sftjob" in sides:
         reference, ours = sides["reference"], sides["sftjob"]
-        table, worst = loss_table(reference["losses"], ours["losses"])
+        every = int(reference.get("settings", {}).get("logging_steps") or 1)
+        table, worst = loss_table(reference["losses"], ours["losses"], every)
         same_tokens = reference.get("tokens_total") == ours.get("tokens_total")
         out += [
             "",
