@@ -283,6 +283,12 @@ class SpeedSpec(SpecModel):
         "batches in the same order (auto: on with CUDA and at least 4 CPUs per GPU process; "
         "ignored when extraArgs sets dataloader_num_workers).",
     )
+    castWeightsOncePerStep: SpeedSwitch = Field(
+        default="auto",
+        description="Linear layers compute with bf16 copies of their fp32 weights, made once "
+        "per optimizer step instead of cast at every micro-step; the same arithmetic (auto: "
+        "off until measured on a GPU; on needs bf16 and one process).",
+    )
 
 
 class TrainingSpec(SpecModel):

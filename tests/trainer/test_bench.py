@@ -433,3 +433,80 @@ def test_attention_variants_pack_the_full_case_into_whole_micro_batches() -> Non
         assert sum(doc for doc in docs if doc > 1) > module.ROWS * module.WIDTH // 2  # not padding
     # Causal attention inside each document: 4 * heads * dim * n(n+1)/2 per document.
     assert module.causal_flops([2, 1]) == 4 * 12 * 128 * (3 + 1)
+
+
+def test_acceptance_judges_issue_7_done_when(tmp_path) -> None:
+    import copy
+
+    from sftjob_trainer.bench_report import acceptance, main, read_lines
+
+    results = Path(__file__).resolve().parents[2] / "docs" / "bench-results"
+    measured = read_lines(results / "2026-11-28-h200-session5" / "call7-full.jsonl")
+    verdicts = {criterion: passed for criterion, passed, _ in acceptance(measured)}
+    # Session 5's run passes everything but the card: it is an H200, not an H100.
+    assert verdicts == {
+        "card is an H100": False,
+        "same data on both sides": True,
+        "speed-up at least 3.5x (full)": True,
+        "losses agree within 1%": True,
+        "packed sequences isolated (each attention)": True,
+    }
+
+    def variant(change) -> list[dict]:
+        lines = copy.deepcopy(measured)
+        for line in lines:
+            if "side" in line:
+                line["settings"]["device"] = "NVIDIA H100 80GB HBM3"
+        change(lines)
+        return lines
+
+    def failures(lines: list[dict]) -> list[str]:
+        return [criterion for criterion, passed, _ in acceptance(lines) if not passed]
+
+    on_h100 = variant(lambda lines: None)
+    assert failures(on_h100) == []
+    path = tmp_path / "h100.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in on_h100))
+    assert main(["--check", str(path)]) == 0
+    assert (
+        main([str(path), "--check", str(results / "2026-11-28-h200-session5" / "call7-full.jsonl")])
+        == 1
+    )
+
+    def slower(lines: list[dict]) -> None:
+        lines[-1]["tokens_per_s"] = lines[-2]["tokens_per_s"] * 3.4
+
+    def drifting(lines: list[dict]) -> None:
+        lines[-1]["losses"][10] *= 1.02
+
+    def other_data(lines: list[dict]) -> None:
+        lines[-1]["tokens_total"] += 1
+
+    assert failures(variant(slower)) == ["speed-up at least 3.5x (full)"]
+    assert failures(variant(drifting)) == ["losses agree within 1%"]
+    assert failures(variant(other_data)) == ["same data on both sides"]
+    no_isolation = [line for line in on_h100 if "side" in line]
+    assert failures(no_isolation) == ["packed sequences isolated (each attention)"]
+    assert failures([on_h100[-1]]) == ["both sides in the same run"]
+    # LoRA: its own bar (3x), and no isolation check asked of it.
+    lora = variant(lambda lines: None)
+    for line in lora:
+        line["case"] = "lora"
+    lora[-1]["tokens_per_s"] = lora[-2]["tokens_per_s"] * 3.1
+    lora = [line for line in lora if "side" in line]
+    assert failures(lora) == []
+
+
+def test_report_names_the_weight_copies_when_on() -> None:
+    from sftjob_trainer.bench_report import describe
+
+    settings = {
+        "per_device": 4,
+        "accumulation": 4,
+        "gradient_checkpointing": False,
+        "attn_implementation": "flex_attention",
+        "speed": {"castWeightsOncePerStep": {"on": True, "reason": "on"}},
+    }
+    assert describe(settings).endswith("weights cast once per step")
+    settings["speed"] = {"castWeightsOncePerStep": {"on": False, "reason": "off"}}
+    assert "weights cast" not in describe(settings)

@@ -29,6 +29,10 @@ Levers (measured on one H100 in docs/performance.md):
 - dataWorkers: DataLoader worker processes collate and prefetch the next micro-batches,
   so the training process only queues GPU work (same batches, same order: the sampler
   stays in the training process). On with CUDA and CPUs to spare under "auto".
+- castWeightsOncePerStep: linear layers compute with bf16 copies of their fp32 weights,
+  made once per optimizer step instead of cast at every micro-step, their gradients added
+  into the fp32 parameters by a hook (weight_copies.py; the same arithmetic). One process
+  only. Not yet measured on a GPU, so "auto" leaves it off; "on" turns it on.
 
 Overrides: the JSON object in $SFTJOB_SPEED (e.g. '{"flexAttention": "off"}'), on top of
 `spec.training.speed`.
@@ -57,6 +61,7 @@ SWITCH_NAMES = (
     "compile",
     "lightMetrics",
     "dataWorkers",
+    "castWeightsOncePerStep",
 )
 # Set on a sized run to size batches for less memory than the device has (a shared card,
 # or the bench imitating an 80 GB H100 on a larger one).
@@ -93,6 +98,7 @@ class SpeedOptions:
     compile: Switch = "auto"
     lightMetrics: Switch = "auto"
     dataWorkers: Switch = "auto"
+    castWeightsOncePerStep: Switch = "auto"
 
     @classmethod
     def parse(cls, *layers: dict[str, Any] | None) -> SpeedOptions:
@@ -219,6 +225,7 @@ class Job:
     attn_set: bool = False  # model.attnImplementation given by the user
     shrunk: bool = False  # the operator shrank the batch after an OOM
     extra_args: tuple[str, ...] = ()
+    world_size: int = 1  # training processes in the whole run
 
 
 @dataclass(frozen=True)
@@ -500,6 +507,29 @@ def data_workers(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
     )
 
 
+def cast_weights_once(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
+    name = "castWeightsOncePerStep"
+    if opt.castWeightsOncePerStep == "off":
+        return Choice(name, False, "turned off: autocast casts the weights at every micro-step")
+    if not job.bf16:
+        return Choice(name, False, "bf16 is off: there are no casts to save")
+    if job.world_size > 1:
+        return Choice(
+            name,
+            False,
+            f"{job.world_size} processes: DDP and FSDP reduce the gradients autograd puts on "
+            "the parameters, and the copies' gradients reach them through a hook instead",
+        )
+    if opt.castWeightsOncePerStep == "auto":
+        return Choice(name, False, "not yet measured on a GPU; 'on' turns it on")
+    return Choice(
+        name,
+        True,
+        "linear layers compute with bf16 copies of their fp32 weights, made once per "
+        "optimizer step instead of at every micro-step (the same arithmetic)",
+    )
+
+
 # --- putting it together ---------------------------------------------------------------
 
 
@@ -551,6 +581,10 @@ class SpeedPlan:
             log.info("speed lightMetrics: %s", done)
         if self.static_length is not None:
             use_static_batches(trainer, self.static_length)
+        if self.on("castWeightsOncePerStep"):
+            from .weight_copies import use_weight_copies
+
+            log.info("speed castWeightsOncePerStep: %s", use_weight_copies(trainer))
 
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
@@ -571,6 +605,7 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) 
         compiled,
         light,
         data_workers(opt, hw, job),
+        cast_weights_once(opt, hw, job),
     )
     return SpeedPlan(choices)
 
@@ -613,7 +648,16 @@ def job_from(config: Any) -> Job:
         shrunk=(per_device, accumulation)
         != (training.perDeviceTrainBatchSize, training.gradientAccumulationSteps),
         extra_args=tuple(training.extraArgs),
+        world_size=world_size(config),
     )
+
+
+def world_size(config: Any) -> int:
+    """Training processes in the run: the pod topology, or the launcher's WORLD_SIZE."""
+    from .settings import topology_from_env
+
+    launched = int(os.environ.get("WORLD_SIZE") or 1)
+    return max(topology_from_env(config).world_size, launched)
 
 
 def model_shape(model: Any) -> ModelShape | None:
