@@ -287,7 +287,7 @@ class SpeedSpec(SpecModel):
         default="auto",
         description="Linear layers compute with bf16 copies of their fp32 weights, made once "
         "per optimizer step instead of cast at every micro-step; the same arithmetic (auto: "
-        "off until measured on a GPU; on needs bf16 and one process).",
+        "off until measured on a GPU; on needs bf16 and one process, not fsdp).",
     )
 
 

@@ -131,6 +131,22 @@ def test_estimate_counts_the_logits_the_lean_head_keeps() -> None:
     assert "estimate 48.7 of" in no_lean.summary()["autoMicroBatch"]["reason"]
 
 
+def test_estimate_counts_the_weight_copies() -> None:
+    from sftjob_trainer.speed import static_bytes
+
+    copies = 2 * (QWEN_15B.params - QWEN_15B.vocab * QWEN_15B.hidden)  # bf16, no embedding
+    assert static_bytes(QWEN_15B, "full", weight_copies=True) - static_bytes(
+        QWEN_15B, "full"
+    ) == pytest.approx(copies)
+    on = decide(SpeedOptions(castWeightsOncePerStep="on"), H100, REFERENCE, QWEN_15B)
+    assert on.on("castWeightsOncePerStep")
+    # 2.4 GiB more than the 51.0 without them; 4 x 2048 still fits on 80 GB.
+    assert "estimate 53.4 of" in on.summary()["autoMicroBatch"]["reason"]
+    assert on.sft_kwargs()["per_device_train_batch_size"] == 4
+    default = decide(SpeedOptions(), H100, REFERENCE, QWEN_15B)
+    assert not default.on("castWeightsOncePerStep")  # off under auto until measured
+
+
 def test_compile_lever_rules() -> None:
     cpu = Hardware(cuda=False, memory_gib=24.0)
     auto = SpeedOptions()

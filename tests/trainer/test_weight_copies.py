@@ -48,7 +48,11 @@ def train_steps(
             loss.backward()
         # (a compiled model names its parameters "_orig_mod.<name>")
         grads.append(
-            {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+            {
+                n.removeprefix("_orig_mod."): p.grad.clone()
+                for n, p in model.named_parameters()
+                if p.grad is not None
+            }
         )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -64,10 +68,10 @@ def test_copies_give_autocasts_gradients_and_weights_bit_for_bit(tied: bool) -> 
     reference = tiny_model(tied)
     model = copy.deepcopy(reference)
     copies = WeightCopies(model)
-    # 7 linear layers per decoder layer; the LM head too when it is not the embedding.
-    assert copies.layers == 2 * 7 + (0 if tied else 1)
+    # 7 linear layers per decoder layer; never the LM head, whose weight the heads read.
+    assert copies.layers == 2 * 7
     assert isinstance(model.model.layers[0].self_attn.q_proj, LinearWithWeightCopies)
-    assert type(model.lm_head) is torch.nn.Linear if tied else LinearWithWeightCopies
+    assert type(model.lm_head) is torch.nn.Linear
     # The copies are not part of the checkpoint.
     assert model.state_dict().keys() == reference.state_dict().keys()
     q_proj = model.model.layers[0].self_attn.q_proj
@@ -103,7 +107,7 @@ def test_stale_copies_are_what_the_refresh_prevents() -> None:
     assert not torch.equal(expected[1][Q_PROJ], got[1][Q_PROJ])
 
 
-def test_frozen_weights_get_copies_without_gradients() -> None:
+def test_frozen_weights_copies_carry_no_gradients() -> None:
     model = tiny_model(tied=True)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -132,11 +136,18 @@ def test_lever_rules() -> None:
     assert not choose("on", job=no_bf16).on and "bf16" in choose("on", job=no_bf16).reason
     two = Job("full", 2, 8, 2048, True, True, True, world_size=2)
     assert not choose("on", job=two).on and "2 processes" in choose("on", job=two).reason
+    fsdp = Job("full", 2, 8, 2048, True, True, True, distributed="fsdp")  # even one process
+    assert not choose("on", job=fsdp).on and "fsdp" in choose("on", job=fsdp).reason
 
 
 class Losses(TrainerCallback):
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.layers_with_copies: list[int] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
+        layers = [m for m in model.modules() if isinstance(m, LinearWithWeightCopies)]
+        self.layers_with_copies.append(len(layers))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
         if logs and "loss" in logs:
@@ -146,7 +157,7 @@ class Losses(TrainerCallback):
 def test_trainer_with_copies_learns_the_same(make_config: Any, tmp_path: Any) -> None:
     """Through the real SFTTrainer on CPU with bf16 autocast: the same losses and weights."""
 
-    def run(switch: str) -> tuple[list[float], dict[str, torch.Tensor], Any]:
+    def run(switch: str) -> tuple[Losses, dict[str, torch.Tensor], Any]:
         speed = {"castWeightsOncePerStep": switch, "autoMicroBatch": "off", "flexAttention": "off"}
         spec = {
             "training": {
@@ -162,17 +173,19 @@ def test_trainer_with_copies_learns_the_same(make_config: Any, tmp_path: Any) ->
         trainer = build_trainer(load_config(make_config(spec)), callbacks=[recorder])
         trainer.train()
         weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-        return recorder.losses, weights, trainer
+        return recorder, weights, trainer
 
-    plain_losses, plain_weights, _ = run("off")
-    losses, weights, trainer = run("on")
-    assert len(losses) == len(plain_losses) == 3
-    assert losses == plain_losses
+    plain, plain_weights, _ = run("off")
+    ours, weights, trainer = run("on")
+    assert len(ours.losses) == len(plain.losses) == 3
+    assert ours.losses == plain.losses
     assert weights.keys() == plain_weights.keys()
     for name, value in weights.items():
         assert torch.equal(value, plain_weights[name]), name
-    layers = [m for m in trainer.model.modules() if isinstance(m, LinearWithWeightCopies)]
-    assert layers, "the lever was not applied"
+    # The layers computed with copies at every step; plain layers again after training.
+    assert plain.layers_with_copies == [0, 0, 0]
+    assert len(ours.layers_with_copies) == 3 and min(ours.layers_with_copies) > 0
+    assert not any(isinstance(m, LinearWithWeightCopies) for m in trainer.model.modules())
 
 
 def test_compiled_model_reads_the_refreshed_copies_without_recompiling() -> None:
@@ -201,17 +214,15 @@ def test_compiled_model_reads_the_refreshed_copies_without_recompiling() -> None
             torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7)
 
 
-def test_copies_replaced_by_a_device_move_are_hooked_again_at_train_start() -> None:
-    # Module.to() onto another device puts new tensors in the buffers; those would keep
-    # their gradients to themselves, and the parameters would silently stop learning.
+def test_copies_replaced_by_a_move_are_leaves_and_hooked_again_at_train_start() -> None:
+    # Module.to() puts new tensors in the buffers, made by an autograd op since the copies
+    # require grad: without the check at the start of training they would keep their
+    # gradients to themselves (or refuse the hook), and the parameters would stop learning.
     model = tiny_model(tied=True)
     copies = WeightCopies(model)
-    for module in model.modules():
-        if isinstance(module, LinearWithWeightCopies):
-            for name in ("weight_copy", "bias_copy"):
-                if module._buffers.get(name) is not None:
-                    module._buffers[name] = module._buffers[name].detach().clone()
+    model.to(torch.float64)  # a real move: new buffer tensors (here of another dtype)
     q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight_copy.grad_fn is not None  # no longer a leaf
     ids = torch.arange(12).reshape(1, 12)
 
     def backward() -> None:
@@ -219,10 +230,52 @@ def test_copies_replaced_by_a_device_move_are_hooked_again_at_train_start() -> N
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(input_ids=ids, labels=ids).loss.backward()
 
-    backward()
-    assert q_proj.weight.grad is None  # the failure the start-of-training check prevents
     copies.callback().on_train_begin(None, None, None)
+    assert q_proj.weight_copy.grad_fn is None and q_proj.weight_copy.requires_grad
     backward()
     assert q_proj.weight.grad is not None and q_proj.bias.grad is not None
     assert q_proj.weight_copy.grad is None
-    assert torch.equal(q_proj.weight_copy, q_proj.weight.to(torch.bfloat16))
+    assert torch.equal(q_proj.weight_copy, q_proj.weight.to(q_proj.weight_copy.dtype))
+
+
+def test_lora_adapters_learn_the_same_with_copies() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    def lora(model: Any) -> Any:
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+        return get_peft_model(model, config)
+
+    torch.manual_seed(0)
+    reference = lora(tiny_model(tied=True))
+    model = copy.deepcopy(reference)
+    copies = WeightCopies(model)
+    # Base layers (frozen) and both adapter matrices (trainable) of the 7 targets per layer.
+    assert copies.layers == 2 * 7 * 3
+    expected = train_steps(reference, None, steps=2)
+    got = train_steps(model, copies, steps=2)
+    for want, have in zip(expected, got, strict=True):
+        trained = [name for name in want if "lora_" in name]
+        assert trained and want.keys() == have.keys()
+        for name in trained:
+            assert torch.equal(want[name], have[name]), name
+
+
+def test_after_training_the_layers_are_plain_and_unfrozen_layers_learn() -> None:
+    model = tiny_model(tied=True)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    copies = WeightCopies(model)
+    callback = copies.callback()
+    callback.on_train_begin(None, None, None)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    ids = torch.arange(12).reshape(1, 12)
+    q_proj.weight.requires_grad_(True)  # unfrozen during training
+    callback.on_optimizer_step(None, None, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert q_proj.weight.grad is not None and q_proj.weight.grad.dtype == torch.float32
+    callback.on_train_end(None, None, None)
+    assert not any(isinstance(m, LinearWithWeightCopies) for m in model.modules())
+    assert not any("_copy" in name for name, _ in model.named_buffers())
+    # A forward outside autocast (as after training) works on the fp32 weights again.
+    assert model(input_ids=ids).logits.dtype == torch.float32

@@ -288,17 +288,21 @@ def activation_bytes_per_token(
     return layer * shape.layers
 
 
-def static_bytes(shape: ModelShape, method: str) -> float:
+def static_bytes(shape: ModelShape, method: str, weight_copies: bool = False) -> float:
     """Memory that does not grow with the micro-batch, calibrated on the H100 reference runs.
 
     Full: fp32 weights, gradients and AdamW state (16 B/param) plus buffers (the fused LM
     head's fp32 weight gradient, its tiles, the CUDA context): 26.7 GiB measured at 2 x 2048
     tokens with checkpointing. LoRA: frozen fp32 weights plus what peft and the head keep,
     about 7 B/param (12.4 GiB measured, same batch). QLoRA: 4-bit weights, a guess.
+    With castWeightsOncePerStep, the linear layers' bf16 copies stay for the whole run:
+    2 B for each parameter outside the embedding (an upper bound where autocast's own
+    casts were kept for the backward anyway).
     """
     overhead = 2.5 * 2**30
     per_param = {"full": 16.0, "qlora": 1.5}.get(method, 7.0)
-    return per_param * shape.params + overhead
+    copies = 2.0 * max(shape.params - shape.vocab * shape.hidden, 0) if weight_copies else 0.0
+    return per_param * shape.params + overhead + copies
 
 
 def kept_logits_bytes(shape: ModelShape, tokens: int, memory_gib: float, bf16: bool) -> float:
@@ -314,6 +318,7 @@ def micro_batch(
     shape: ModelShape | None,
     attention_sparse: bool,
     lean_head: bool = False,
+    weight_copies: bool = False,
 ) -> Choice:
     name = "autoMicroBatch"
     effective = job.per_device * job.accumulation
@@ -340,7 +345,8 @@ def micro_batch(
     if hw.memory_gib is None:
         return Choice(name, False, "device memory unknown: batch kept")
 
-    budget = MEMORY_HEADROOM * hw.memory_gib * 2**30 - static_bytes(shape, job.method)
+    static = static_bytes(shape, job.method, weight_copies)
+    budget = MEMORY_HEADROOM * hw.memory_gib * 2**30 - static
     lora = job.method != "full"
 
     memory_gib = hw.memory_gib
@@ -379,7 +385,7 @@ def micro_batch(
     }
     if ckpt != job.checkpointing:
         sft["gradient_checkpointing"] = ckpt
-    estimate = static_bytes(shape, job.method) + batch_bytes(per_device, ckpt)
+    estimate = static + batch_bytes(per_device, ckpt)
     return Choice(
         name,
         True,
@@ -513,12 +519,13 @@ def cast_weights_once(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
         return Choice(name, False, "turned off: autocast casts the weights at every micro-step")
     if not job.bf16:
         return Choice(name, False, "bf16 is off: there are no casts to save")
+    # DDP and FSDP take the gradients autograd puts on the parameters themselves; the
+    # copies' gradients reach the parameters through a hook instead.
+    if job.distributed == "fsdp":
+        return Choice(name, False, "fsdp shards the parameters and takes their own gradients")
     if job.world_size > 1:
         return Choice(
-            name,
-            False,
-            f"{job.world_size} processes: DDP and FSDP reduce the gradients autograd puts on "
-            "the parameters, and the copies' gradients reach them through a hook instead",
+            name, False, f"{job.world_size} processes: DDP reduces the parameters' own gradients"
         )
     if opt.castWeightsOncePerStep == "auto":
         return Choice(name, False, "not yet measured on a GPU; 'on' turns it on")
@@ -590,11 +597,18 @@ class SpeedPlan:
 def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
     flex = flex_attention(opt, hw, job)
     light = light_metrics(opt, hw, job)
+    copies = cast_weights_once(opt, hw, job)  # its copies count in the micro-batch estimate
     # The lean head keeps its logits only over static batches (lean_steps.use_lean_steps);
     # whether batches are static does not depend on the micro-batch chosen.
     static = "pad_to_multiple_of" in compile_model(opt, hw, job, flex.on, job.per_device).sft
     micro = micro_batch(
-        opt, hw, job, shape, attention_sparse=flex.on, lean_head=light.on and static
+        opt,
+        hw,
+        job,
+        shape,
+        attention_sparse=flex.on,
+        lean_head=light.on and static,
+        weight_copies=copies.on,
     )
     per_device = int(micro.sft.get("per_device_train_batch_size", job.per_device))
     compiled = compile_model(opt, hw, job, flex=flex.on, per_device=per_device)
@@ -605,7 +619,7 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) 
         compiled,
         light,
         data_workers(opt, hw, job),
-        cast_weights_once(opt, hw, job),
+        copies,
     )
     return SpeedPlan(choices)
 

@@ -6,18 +6,21 @@ the bf16 weight gradient back to fp32 before autograd adds it into `.grad`. The 
 only change at the optimizer step, so with N micro-steps per step the same casts are made
 N times. Here each plain `nn.Linear` with fp32 weights keeps a bf16 copy of its weight and
 bias (non-persistent buffers, so checkpoints and the state dict do not change) and
-computes with them; the copies are made again after every optimizer step, at the start of
-training (after a checkpoint has loaded) and at its end. A hook adds each copy's bf16
-gradient into the fp32 parameter's `.grad`, in fp32.
+computes with them; the copies are made again at the start of training (after a
+checkpoint has loaded) and after every optimizer step. A hook adds each copy's bf16
+gradient into the fp32 parameter's `.grad`, in fp32. When training ends the layers become
+plain `nn.Linear` again, so whatever runs after (a LoRA merge, a forward outside
+autocast) sees ordinary layers.
 
 The arithmetic is the same as autocast's: a copy rounds the fp32 weight to bf16 as
 autocast's cast does, the layer then runs the same bf16 matmul, and adding a bf16
 gradient into an fp32 `.grad` promotes it to fp32 first, as the cast back did. The
 optimizer, gradient clipping and checkpoints see only the fp32 parameters.
 
-Not for several processes: DDP and FSDP reduce the gradients that autograd accumulates
-into the parameters themselves, and these arrive through the hook instead (speed.py turns
-the lever off there).
+Not for FSDP, DeepSpeed or several processes: they take the gradients autograd puts on the
+parameters themselves, and these arrive through the hook instead (speed.py turns the lever
+off there, and `use_weight_copies` refuses a trainer set up for them). Not for the LM head
+either: TRL's and the lean LM head read its weight directly.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import nn
 log = logging.getLogger("sftjob_trainer.weight_copies")
 
 COPY_DTYPE = torch.bfloat16
+SLOTS = ("weight", "bias")
 
 
 class LinearWithWeightCopies(nn.Linear):
@@ -50,7 +54,7 @@ def _add_into_parameter(module: nn.Module, name: str, copy: torch.Tensor) -> Non
     grad = copy.grad
     copy.grad = None
     parameter = getattr(module, name)
-    if grad is None or parameter is None:
+    if grad is None or parameter is None or not parameter.requires_grad:
         return
     if parameter.grad is None:
         parameter.grad = grad.to(parameter.dtype)
@@ -63,81 +67,130 @@ def eligible(module: nn.Module, skip: set[int]) -> bool:
     return (
         type(module) is nn.Linear
         and module.weight.dtype == torch.float32
+        and id(module) not in skip
         and id(module.weight) not in skip
     )
 
 
+def not_for_copies(trainer: Any) -> str | None:
+    """Why this trainer's set-up cannot take the copies, or None."""
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(
+        trainer, "is_deepspeed_enabled", False
+    ):
+        return "FSDP or DeepSpeed wraps the parameters"
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is not None and accelerator.num_processes > 1:
+        return f"{accelerator.num_processes} processes reduce the parameters' own gradients"
+    if getattr(getattr(trainer, "args", None), "n_gpu", 1) > 1:
+        return "DataParallel over several GPUs replicates the layers"
+    return None
+
+
 class WeightCopies:
-    """The copies of one model, and the callback that makes them again after each step."""
+    """The copies of one model, and the callback that keeps them current during training."""
 
     def __init__(self, model: nn.Module) -> None:
-        # The LM head tied to the input embedding: the lean LM head casts it itself, and
-        # the embedding lookup reads the same fp32 tensor.
-        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
-        skip = {id(embeddings.weight)} if embeddings is not None else set()
-        self.slots: list[tuple[nn.Module, str]] = []  # (layer, "weight" | "bias")
-        self.layers = 0
+        # The LM head (tied to the embedding or not): TRL's fused head and the lean head
+        # read its weight directly, so a copy would never be used.
+        skip: set[int] = set()
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            module = getattr(model, get, lambda: None)()
+            if module is not None:
+                skip.update((id(module), id(module.weight)))
+        self.modules: list[LinearWithWeightCopies] = []
         for module in model.modules():
             if not eligible(module, skip):
                 continue
-            for name in ("weight", "bias"):
+            for name in SLOTS:
                 parameter = getattr(module, name)
                 copy = None if parameter is None else parameter.detach().to(COPY_DTYPE)
                 module.register_buffer(f"{name}_copy", copy, persistent=False)
-                if parameter is not None:
-                    self.slots.append((module, name))
             module.__class__ = LinearWithWeightCopies
-            self.layers += 1
+            self.modules.append(module)  # type: ignore[arg-type]
         self.hook_gradients()
 
+    @property
+    def layers(self) -> int:
+        return len(self.modules)
+
     def pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """(fp32 parameter, bf16 copy) of every slot, looked up now."""
-        return [(getattr(m, name), getattr(m, f"{name}_copy")) for m, name in self.slots]
+        """(fp32 parameter, bf16 copy) of every weight and bias, looked up now."""
+        return [
+            (getattr(module, name), getattr(module, f"{name}_copy"))
+            for module in self.modules
+            for name in SLOTS
+            if getattr(module, name) is not None
+        ]
 
     def hook_gradients(self) -> None:
-        """Route each trainable copy's gradient into its parameter.
+        """Route each copy's gradient into its parameter; again at the start of training.
 
-        Looked up again at the start of training: moving a module to another device
-        (`.to()`) replaces its buffers, and a copy without the hook would keep its gradient
-        to itself while the parameter got none.
+        Moving a module (`.to()`) puts new tensors in its buffers, made by an autograd op
+        since the copies require grad: each is made a leaf again and hooked, else it would
+        keep its gradient to itself while the parameter got none.
         """
-        for module, name in self.slots:
-            parameter, copy = getattr(module, name), getattr(module, f"{name}_copy")
-            if not parameter.requires_grad or getattr(copy, "_sftjob_hooked", False):
-                continue
-            copy.requires_grad_(True)
-            copy.register_post_accumulate_grad_hook(partial(_add_into_parameter, module, name))
-            copy._sftjob_hooked = True  # type: ignore[attr-defined]
+        for module in self.modules:
+            for name in SLOTS:
+                key = f"{name}_copy"
+                copy = module._buffers.get(key)
+                if copy is None:
+                    continue
+                if copy.grad_fn is not None:
+                    copy = module._buffers[key] = copy.detach()
+                if not getattr(copy, "_sftjob_hooked", False):
+                    # Hooked even while its parameter is frozen (a hook needs requires_grad;
+                    # refresh sets it to the parameter's), in case it is unfrozen later.
+                    copy.requires_grad_(True)
+                    copy.register_post_accumulate_grad_hook(
+                        partial(_add_into_parameter, module, name)
+                    )
+                    copy._sftjob_hooked = True  # type: ignore[attr-defined]
+        self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Round each fp32 parameter into its bf16 copy, in place (the buffers stay put)."""
+        """Round each fp32 parameter into its bf16 copy, in place (the buffers stay put).
+
+        A copy needs a gradient exactly when its parameter does (a layer unfrozen during
+        training gets one from its next micro-step on).
+        """
         for parameter, copy in self.pairs():
             copy.copy_(parameter)
+            copy.requires_grad_(parameter.requires_grad)
+
+    def remove(self) -> None:
+        """Plain nn.Linear layers again, without the copies."""
+        for module in self.modules:
+            for name in SLOTS:
+                module._buffers.pop(f"{name}_copy", None)
+            module.__class__ = nn.Linear
+        self.modules = []
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
 
         copies = self
 
-        class RefreshWeightCopies(TrainerCallback):  # type: ignore[misc]
-            # The optimizer changes the weights at each step; a resume loads them after the
-            # trainer was built; load_best_model_at_end loads them before the end.
+        class KeepWeightCopiesCurrent(TrainerCallback):  # type: ignore[misc]
+            # A resume loads the weights after the trainer was built, before this; the
+            # optimizer changes them at each step; after training nothing refreshes them.
             def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 copies.hook_gradients()
-                copies.refresh()
 
             def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 copies.refresh()
 
             def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                copies.refresh()
+                copies.remove()
 
-        return RefreshWeightCopies()
+        return KeepWeightCopiesCurrent()
 
 
 def use_weight_copies(trainer: Any) -> str:
     """Give the trainer's model bf16 weight copies; what was done, for the log."""
+    refused = not_for_copies(trainer)
+    if refused:
+        return f"not applied: {refused}"
     copies = WeightCopies(trainer.model)
     if not copies.layers:
         return "no plain nn.Linear with fp32 weights: nothing to copy"
