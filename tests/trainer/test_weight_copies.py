@@ -279,3 +279,36 @@ def test_after_training_the_layers_are_plain_and_unfrozen_layers_learn() -> None
     assert not any("_copy" in name for name, _ in model.named_buffers())
     # A forward outside autocast (as after training) works on the fp32 weights again.
     assert model(input_ids=ids).logits.dtype == torch.float32
+
+
+def test_a_trainer_set_up_for_sharding_or_several_processes_is_refused() -> None:
+    import types
+
+    from sftjob_trainer.weight_copies import use_weight_copies
+
+    def trainer(**kw: Any) -> Any:
+        accelerator = types.SimpleNamespace(num_processes=kw.pop("processes", 1))
+        args = types.SimpleNamespace(n_gpu=kw.pop("n_gpu", 1))
+        callbacks: list[Any] = []
+        return types.SimpleNamespace(
+            model=tiny_model(tied=True),
+            accelerator=accelerator,
+            args=args,
+            add_callback=callbacks.append,
+            callbacks=callbacks,
+            **kw,
+        )
+
+    for setup, reason in (
+        ({"is_fsdp_enabled": True}, "FSDP or DeepSpeed"),
+        ({"is_deepspeed_enabled": True}, "FSDP or DeepSpeed"),
+        ({"processes": 2}, "2 processes"),
+        ({"n_gpu": 2}, "DataParallel"),
+    ):
+        refused = trainer(**setup)
+        said = use_weight_copies(refused)
+        assert said.startswith("not applied") and reason in said, said
+        assert not refused.callbacks
+        assert not any(isinstance(m, LinearWithWeightCopies) for m in refused.model.modules())
+    accepted = trainer()
+    assert "14 linear layers" in use_weight_copies(accepted) and len(accepted.callbacks) == 1
