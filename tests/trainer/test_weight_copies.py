@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from sftjob_trainer.bench import TINY
 from sftjob_trainer.settings import load_config
 from sftjob_trainer.speed import Hardware, Job, SpeedOptions, cast_weights_once
 from sftjob_trainer.train import build_trainer
@@ -20,16 +21,9 @@ Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 
 
 def tiny_model(tied: bool) -> Qwen2ForCausalLM:
+    """The bench's CPU shape (2 layers of 64), with a small vocabulary for these ids."""
     torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=tied,
-    )
+    config = Qwen2Config(**{**TINY, "vocab_size": 256, "tie_word_embeddings": tied})
     return Qwen2ForCausalLM(config).float()
 
 
