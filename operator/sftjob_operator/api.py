@@ -287,7 +287,15 @@ class SpeedSpec(SpecModel):
         default="auto",
         description="Linear layers compute with bf16 copies of their fp32 weights, made once "
         "per optimizer step instead of cast at every micro-step; the same arithmetic (auto: "
-        "off until measured on a GPU; on needs bf16 and one process, not fsdp).",
+        "on with CUDA unless the copies' memory would shrink the micro-batch; needs bf16 and one "
+        "process, not fsdp).",
+    )
+    bf16ResidualStream: SpeedSwitch = Field(
+        default="auto",
+        description="Cast the input embedding's output to bf16, so hidden states and residual "
+        "additions between layers are bf16 (weights and optimizer stay fp32); rounds the "
+        "residual additions, losses within 1.3e-4 on the bench (auto: on with CUDA and bf16 "
+        "for full fine-tunes, off for LoRA and QLoRA).",
     )
 
 

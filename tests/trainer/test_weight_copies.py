@@ -123,7 +123,8 @@ def test_lever_rules() -> None:
     def choose(switch: str, job: Job = job, hw: Hardware = gpu) -> Any:
         return cast_weights_once(SpeedOptions(castWeightsOncePerStep=switch), hw, job)  # type: ignore[arg-type]
 
-    assert not choose("auto").on and "not yet measured" in choose("auto").reason
+    assert choose("auto").on
+    assert not choose("auto", hw=cpu).on and "CUDA" in choose("auto", hw=cpu).reason
     assert choose("on").on and choose("on", hw=cpu).on
     assert not choose("off").on
     no_bf16 = Job("full", 2, 8, 2048, True, True, False)

@@ -40,6 +40,8 @@ def describe(settings: dict[str, Any]) -> str:
         parts.append("light metrics")
     if speed.get("castWeightsOncePerStep", {}).get("on"):
         parts.append("weights cast once per step")
+    if speed.get("bf16ResidualStream", {}).get("on"):
+        parts.append("bf16 residual stream")
     if settings.get("extra_args"):
         parts.append(f"extraArgs {json.dumps(settings['extra_args'])}")
     return ", ".join(parts)

@@ -1,0 +1,155 @@
+"""bf16ResidualStream: hidden states between layers in bf16, removed when training ends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from sftjob_trainer.bench import TINY
+from sftjob_trainer.residual_stream import Bf16ResidualStream
+from sftjob_trainer.settings import load_config
+from sftjob_trainer.speed import Hardware, Job, SpeedOptions, bf16_residual_stream
+from sftjob_trainer.train import build_trainer
+from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+
+pytestmark = [pytest.mark.trainer, pytest.mark.timeout(300)]
+
+
+def tiny_model() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(**{**TINY, "vocab_size": 256})).float()
+
+
+def layer_output_dtypes(model: Any, run: Any) -> list[torch.dtype]:
+    """The dtype of each decoder layer's hidden-state output while `run()` runs."""
+    seen: list[torch.dtype] = []
+
+    def record(module: Any, args: Any, output: Any) -> None:
+        seen.append((output[0] if isinstance(output, tuple) else output).dtype)
+
+    handles = [layer.register_forward_hook(record) for layer in model.model.layers]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_lever_rules() -> None:
+    job = Job("full", 2, 8, 2048, True, True, True)
+    cpu, gpu = Hardware(cuda=False), Hardware(cuda=True, memory_gib=79.1)
+
+    def choose(switch: str, job: Job = job, hw: Hardware = gpu) -> Any:
+        return bf16_residual_stream(SpeedOptions(bf16ResidualStream=switch), hw, job)  # type: ignore[arg-type]
+
+    assert choose("auto").on and "bf16" in choose("auto").reason
+    assert not choose("auto", hw=cpu).on and "CUDA" in choose("auto", hw=cpu).reason
+    assert choose("on", hw=cpu).on  # forced on CPU: autocast runs there too
+    assert not choose("off").on
+    no_bf16 = Job("full", 2, 8, 2048, True, True, False)
+    assert not choose("on", job=no_bf16).on and "bf16 is off" in choose("on", job=no_bf16).reason
+    for method in ("lora", "qlora"):  # no gain measured for adapters
+        adapters = Job(method, 2, 8, 2048, True, True, True)
+        assert not choose("auto", job=adapters).on and method in choose("auto", job=adapters).reason
+        assert choose("on", job=adapters).on
+
+
+def test_the_stream_is_bf16_and_gradients_reach_the_fp32_weights() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def loss() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids, labels=ids).loss
+
+    holder: dict[str, torch.Tensor] = {}
+    plain = layer_output_dtypes(model, lambda: holder.update(fp32=loss()))
+    assert plain == [torch.float32] * TINY["num_hidden_layers"]  # autocast alone: fp32 stream
+
+    stream = Bf16ResidualStream(model)
+    bf16 = layer_output_dtypes(model, lambda: holder.update(bf16=loss()))
+    assert bf16 == [torch.bfloat16] * TINY["num_hidden_layers"]
+    # The rounding of the residual additions moves the loss a little, not a lot.
+    torch.testing.assert_close(holder["bf16"], holder["fp32"], rtol=1e-2, atol=0)
+    holder["bf16"].backward()
+    embedding = model.get_input_embeddings().weight
+    assert embedding.dtype == torch.float32 and embedding.grad is not None
+    assert embedding.grad.dtype == torch.float32 and embedding.grad.abs().sum() > 0
+
+    stream.on_train_end(None, None, None)
+    assert layer_output_dtypes(model, loss) == [torch.float32] * TINY["num_hidden_layers"]
+
+
+class StreamDtypes(TrainerCallback):  # type: ignore[misc]
+    """Losses, and the first layer's output dtype at every step, seen from the trainer."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.dtypes: list[torch.dtype] = []
+        self.handle: Any = None
+
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, **_: Any
+    ) -> None:
+        layer = model.get_decoder().layers[0]
+
+        def record(module: Any, inputs: Any, output: Any) -> None:
+            self.dtypes.append((output[0] if isinstance(output, tuple) else output).dtype)
+
+        self.handle = layer.register_forward_hook(record)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self.handle.remove()
+
+
+def test_trainer_with_the_bf16_stream_learns_nearly_the_same(make_config: Any) -> None:
+    """Through the real SFTTrainer on CPU with bf16 autocast; the model is plain afterwards."""
+
+    def run(switch: str) -> tuple[StreamDtypes, Any]:
+        speed = {"bf16ResidualStream": switch, "autoMicroBatch": "off", "flexAttention": "off"}
+        spec = {
+            "training": {
+                "maxSteps": 3,
+                "loggingSteps": 1,
+                "bf16": True,
+                "perDeviceTrainBatchSize": 1,
+                "gradientAccumulationSteps": 2,
+                "speed": speed,
+            }
+        }
+        recorder = StreamDtypes()
+        trainer = build_trainer(load_config(make_config(spec)), callbacks=[recorder])
+        trainer.train()
+        return recorder, trainer
+
+    plain, _ = run("off")
+    ours, trainer = run("on")
+    assert set(plain.dtypes) == {torch.float32}
+    assert ours.dtypes and set(ours.dtypes) == {torch.bfloat16}
+    assert len(ours.losses) == len(plain.losses) == 3
+    assert ours.losses != plain.losses  # the rounding is real...
+    for got, want in zip(ours.losses, plain.losses, strict=True):
+        assert got == pytest.approx(want, rel=1e-2)  # ...and small
+    # After training: no cast left, so a forward outside autocast is plain fp32.
+    model = trainer.model
+    ids = torch.tensor([[1, 2, 3, 4]], device=model.device)
+    with torch.no_grad():
+        dtypes = layer_output_dtypes(model, lambda: model(input_ids=ids))
+    assert set(dtypes) == {torch.float32}
+
+
+def test_the_plan_carries_the_stream_for_full_fine_tunes_on_a_gpu() -> None:
+    from sftjob_trainer.speed import decide
+
+    gpu = Hardware(cuda=True, memory_gib=79.1)
+    full = Job("full", 2, 8, 2048, True, True, True)
+    lora = Job("lora", 2, 8, 2048, True, True, True)
+    assert decide(SpeedOptions(), gpu, full, None).on("bf16ResidualStream")
+    assert not decide(SpeedOptions(), gpu, lora, None).on("bf16ResidualStream")
+    assert not decide(SpeedOptions(), Hardware(cuda=False), full, None).on("bf16ResidualStream")
