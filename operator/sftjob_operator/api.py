@@ -287,8 +287,8 @@ class SpeedSpec(SpecModel):
         default="auto",
         description="Linear layers compute with bf16 copies of their fp32 weights, made once "
         "per optimizer step instead of cast at every micro-step; the same arithmetic (auto: "
-        "on with CUDA unless the copies' memory would shrink the micro-batch; needs bf16 and one "
-        "process, not fsdp).",
+        "on with CUDA where the micro-batch estimate holds the copies without a smaller "
+        "micro-batch, not for qlora; needs bf16 and one process, not fsdp).",
     )
     bf16ResidualStream: SpeedSwitch = Field(
         default="auto",

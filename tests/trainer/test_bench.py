@@ -155,13 +155,53 @@ def test_auto_weight_copies_give_way_to_the_micro_batch() -> None:
     auto = decide(SpeedOptions(), tight, REFERENCE, QWEN_15B)
     copies = auto.summary()["castWeightsOncePerStep"]
     assert not copies["on"]
-    assert "per_device 4, checkpointing off without them" in copies["reason"]
+    assert (
+        "without them: per_device 4, checkpointing off; with them: per_device 2"
+        in (copies["reason"])
+    )
     assert auto.sft_kwargs()["per_device_train_batch_size"] == 4
     assert "estimate 51.0 of 65" in auto.summary()["autoMicroBatch"]["reason"]
     # "on" is obeyed, and the micro-batch makes room for the copies instead.
     forced = decide(SpeedOptions(castWeightsOncePerStep="on"), tight, REFERENCE, QWEN_15B)
     assert forced.on("castWeightsOncePerStep")
     assert forced.sft_kwargs()["per_device_train_batch_size"] < 4
+    # 48 GiB: 2 x 2048 fits without checkpointing and without the copies; with them only
+    # a checkpointed micro-batch fits. Checkpointing costs more than the copies save.
+    smaller = decide(SpeedOptions(), Hardware(cuda=True, memory_gib=48.0), REFERENCE, QWEN_15B)
+    assert not smaller.on("castWeightsOncePerStep")
+    assert "checkpointing on)" in smaller.summary()["castWeightsOncePerStep"]["reason"]
+    assert "gradient_checkpointing" in smaller.sft_kwargs()  # turned off, as without copies
+    assert not smaller.sft_kwargs()["gradient_checkpointing"]
+
+
+def test_auto_weight_copies_need_a_memory_estimate() -> None:
+    # Without the micro-batch lever's estimate nothing checks the copies' memory.
+    def copies(options: SpeedOptions, job: Job = REFERENCE, shape=QWEN_15B, hw=H100) -> dict:
+        return decide(options, hw, job, shape).summary()["castWeightsOncePerStep"]
+
+    unpacked = Job(**{**REFERENCE.__dict__, "padding_free": False})
+    shrunk = Job(**{**REFERENCE.__dict__, "shrunk": True})
+    cases = {
+        "turned off": copies(SpeedOptions(autoMicroBatch="off")),
+        "dense-mask": copies(SpeedOptions(), job=unpacked),  # no flex without packing
+        "shape unknown": copies(SpeedOptions(), shape=None),
+        "memory unknown": copies(SpeedOptions(), hw=Hardware(cuda=True)),
+        "shrank": copies(SpeedOptions(), job=shrunk),
+    }
+    for words, choice in cases.items():
+        assert not choice["on"], words
+        assert choice["reason"].startswith("auto: no memory estimate"), choice["reason"]
+        assert words in choice["reason"], choice["reason"]
+    # 35 GiB: nothing fits with the copies; 4 x 2048 with checkpointing without them.
+    nothing = copies(SpeedOptions(), hw=Hardware(cuda=True, memory_gib=35.0))
+    assert not nothing["on"]
+    assert nothing["reason"] == (
+        "auto: nothing fits with them (without them: per_device 4, checkpointing on)"
+    )
+    qlora = copies(SpeedOptions(), job=Job(**{**REFERENCE.__dict__, "method": "qlora"}))
+    assert not qlora["on"] and "qlora" in qlora["reason"]
+    # "on" is the user's call: kept without an estimate.
+    assert copies(SpeedOptions(castWeightsOncePerStep="on", autoMicroBatch="off"))["on"]
 
 
 def test_compile_lever_rules() -> None:

@@ -7,11 +7,19 @@ from typing import Any
 import pytest
 import torch
 from sftjob_trainer.bench import TINY
-from sftjob_trainer.residual_stream import Bf16ResidualStream
+from sftjob_trainer.residual_stream import Bf16ResidualStream, use_bf16_residual_stream
 from sftjob_trainer.settings import load_config
 from sftjob_trainer.speed import Hardware, Job, SpeedOptions, bf16_residual_stream
 from sftjob_trainer.train import build_trainer
-from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    TrainerCallback,
+)
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(300)]
 
@@ -68,7 +76,10 @@ def test_the_stream_is_bf16_and_gradients_reach_the_fp32_weights() -> None:
     plain = layer_output_dtypes(model, lambda: holder.update(fp32=loss()))
     assert plain == [torch.float32] * TINY["num_hidden_layers"]  # autocast alone: fp32 stream
 
-    stream = Bf16ResidualStream(model)
+    stream = Bf16ResidualStream(model.get_input_embeddings())
+    stream.on_train_begin(None, None, None)
+    stream.on_train_begin(None, None, None)  # a retry after a failed train(): one cast only
+    assert len(model.get_input_embeddings()._forward_hooks) == 1
     bf16 = layer_output_dtypes(model, lambda: holder.update(bf16=loss()))
     assert bf16 == [torch.bfloat16] * TINY["num_hidden_layers"]
     # The rounding of the residual additions moves the loss a little, not a lot.
@@ -136,7 +147,7 @@ def test_trainer_with_the_bf16_stream_learns_nearly_the_same(make_config: Any) -
     assert ours.losses != plain.losses  # the rounding is real...
     for got, want in zip(ours.losses, plain.losses, strict=True):
         assert got == pytest.approx(want, rel=1e-2)  # ...and small
-    # After training: no cast left, so a forward outside autocast is plain fp32.
+    # After training: no cast left, the stream is fp32 again.
     model = trainer.model
     ids = torch.tensor([[1, 2, 3, 4]], device=model.device)
     with torch.no_grad():
@@ -153,3 +164,84 @@ def test_the_plan_carries_the_stream_for_full_fine_tunes_on_a_gpu() -> None:
     assert decide(SpeedOptions(), gpu, full, None).on("bf16ResidualStream")
     assert not decide(SpeedOptions(), gpu, lora, None).on("bf16ResidualStream")
     assert not decide(SpeedOptions(), Hardware(cuda=False), full, None).on("bf16ResidualStream")
+
+
+def test_a_second_train_call_casts_again(make_config: Any) -> None:
+    spec = {"training": {"maxSteps": 2, "bf16": True, "perDeviceTrainBatchSize": 1}}
+    spec["training"]["speed"] = {"bf16ResidualStream": "on", "autoMicroBatch": "off"}
+    recorder = StreamDtypes()
+    trainer = build_trainer(load_config(make_config(spec)), callbacks=[recorder])
+    trainer.train()
+    first = len(recorder.dtypes)
+    trainer.args.max_steps = 4
+    trainer.train()  # e.g. a notebook training on: the stream is bf16 again, then fp32
+    assert first > 0 and len(recorder.dtypes) > first
+    assert set(recorder.dtypes) == {torch.bfloat16}
+    assert not trainer.model.get_input_embeddings()._forward_hooks
+
+
+class Recorder:
+    """Stands in for a trainer: only the two attributes the lever reads."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.callbacks: list[Any] = []
+
+    def add_callback(self, callback: Any) -> None:
+        self.callbacks.append(callback)
+
+
+def test_not_applied_where_it_would_not_take_or_cannot_find_the_embedding() -> None:
+    # GPT-2 adds its learned fp32 position embeddings after the token embedding.
+    config = GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0
+    )
+    gpt2 = GPT2LMHeadModel(config)
+    trainer = Recorder(gpt2)
+    assert use_bf16_residual_stream(trainer) == (
+        "not applied: the model adds another embedding (transformer.wpe, such as learned "
+        "positions) in fp32 after the token embedding, so the stream would stay fp32"
+    )
+    assert trainer.callbacks == []
+
+    class Odd(PreTrainedModel):  # an embedding transformers cannot find by name
+        config_class = PretrainedConfig
+
+        def __init__(self, config: PretrainedConfig) -> None:
+            super().__init__(config)
+            self.tokens = torch.nn.Embedding(8, 4)
+
+    trainer = Recorder(Odd(PretrainedConfig()))
+    assert use_bf16_residual_stream(trainer) == (
+        "not applied: the model's input embedding cannot be found"
+    )
+    qwen = Recorder(tiny_model())
+    assert use_bf16_residual_stream(qwen).startswith("Embedding output cast to bf16")
+    assert len(qwen.callbacks) == 1
+
+
+def test_lora_adapters_learn_through_the_bf16_stream_with_checkpointing(
+    make_config: Any,
+) -> None:
+    # peft and transformers hook the same embedding (enable_input_require_grads) so that
+    # checkpointed layers see an input that requires grad; with the cast in between the
+    # adapters must still get their gradients.
+    spec = {
+        "method": "lora",
+        "training": {
+            "maxSteps": 2,
+            "bf16": True,
+            "perDeviceTrainBatchSize": 1,
+            "gradientCheckpointing": True,
+            "learningRate": 1e-2,
+            "speed": {"bf16ResidualStream": "on", "autoMicroBatch": "off"},
+        },
+    }
+    recorder = StreamDtypes()
+    trainer = build_trainer(load_config(make_config(spec)), callbacks=[recorder])
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert before and set(recorder.dtypes) == {torch.bfloat16}
+    after = dict(trainer.model.named_parameters())
+    unchanged = [n for n, value in before.items() if torch.equal(after[n].detach(), value)]
+    assert unchanged == []  # lora_B starts at zero: each one moved, so each got a gradient

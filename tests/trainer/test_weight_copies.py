@@ -307,3 +307,25 @@ def test_a_trainer_set_up_for_sharding_or_several_processes_is_refused() -> None
         assert not any(isinstance(m, LinearWithWeightCopies) for m in refused.model.modules())
     accepted = trainer()
     assert "14 linear layers" in use_weight_copies(accepted) and len(accepted.callbacks) == 1
+
+
+def test_not_applied_where_the_lm_head_cannot_be_found() -> None:
+    from types import SimpleNamespace
+
+    from sftjob_trainer.weight_copies import use_weight_copies
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class Odd(PreTrainedModel):  # embeddings under names transformers does not know
+        config_class = PretrainedConfig
+
+        def __init__(self, config: PretrainedConfig) -> None:
+            super().__init__(config)
+            self.tokens = torch.nn.Embedding(8, 4)
+            self.head = torch.nn.Linear(4, 8)
+
+    model = Odd(PretrainedConfig())
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(), accelerator=None)
+    assert use_weight_copies(trainer) == (
+        "not applied: the model's embeddings or LM head cannot be found"
+    )
+    assert type(model.head) is torch.nn.Linear  # the head got no copy

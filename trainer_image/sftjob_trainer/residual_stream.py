@@ -13,9 +13,15 @@ gradients and the optimizer stay fp32 here). Measured on the bench's full case: 
 more tokens/s, losses within 1.3e-4 of the fp32 stream's over 25 steps; on the LoRA case
 no gain, so "auto" keeps it for full fine-tunes (docs/performance.md).
 
-The cast is a forward hook on the input embedding, removed when training ends, so a
-forward outside autocast afterwards (a LoRA merge, an evaluation in fp32) sees the model
-as it was loaded.
+It also moves what models derive from the hidden states' dtype: rotary embeddings
+(Llama, Qwen2) return their cos/sin tables in it, so the rotation of queries and keys is
+computed in bf16 too (an error of up to 2e-3 in the tables at 32k positions; the bench's
+2048-token rows do not probe long contexts).
+
+The cast is a forward hook on the input embedding, present while training runs (added at
+train begin, removed at train end), so an evaluation or a LoRA merge after training sees
+the model as it was loaded. Models that add absolute position embeddings after the token
+embedding (GPT-2, OPT) would add them back in fp32, so the lever is not applied to them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import TrainerCallback
 
 
@@ -33,24 +40,58 @@ def _to_bf16(module: Any, args: Any, output: Any) -> Any:
 
 
 class Bf16ResidualStream(TrainerCallback):  # type: ignore[misc]
-    """Casts the input embedding's output to bf16 from now until training ends."""
+    """Casts the input embedding's output to bf16 while training runs."""
 
-    def __init__(self, model: Any) -> None:
-        self.embedding = model.get_input_embeddings()
-        self.handle: Any = self.embedding.register_forward_hook(_to_bf16)
+    def __init__(self, embedding: nn.Module) -> None:
+        self.embedding = embedding
+        self.handle: Any = None
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def start(self) -> None:
+        if self.handle is None:  # a train() that raised never reached on_train_end
+            self.handle = self.embedding.register_forward_hook(_to_bf16)
+
+    def stop(self) -> None:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop()
+
+
+def input_embedding(model: Any) -> nn.Module | None:
+    """The token embedding, or None where transformers cannot find it."""
+    try:
+        module = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # not found under a name it knows
+        return None
+    return module if isinstance(module, nn.Module) else None
+
+
+def other_embeddings(model: nn.Module, embedding: nn.Module) -> list[str]:
+    """Embeddings besides the token embedding: learned positions (GPT-2's wpe, OPT's
+    embed_positions) whose fp32 output is added to the stream after the cast."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding) and module is not embedding
+    ]
 
 
 def use_bf16_residual_stream(trainer: Any) -> str:
     """Make the trainer's model carry bf16 hidden states; what was done, for the log."""
     model = trainer.model
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not isinstance(embedding, torch.nn.Module):
-        return "not applied: the model has no input embedding module"
-    stream = Bf16ResidualStream(model)
-    trainer.add_callback(stream)
-    return f"{type(embedding).__name__} output cast to bf16 until training ends"
+    embedding = input_embedding(model)
+    if embedding is None:
+        return "not applied: the model's input embedding cannot be found"
+    added = other_embeddings(model, embedding)
+    if added:
+        return (
+            f"not applied: the model adds another embedding ({added[0]}, such as learned "
+            "positions) in fp32 after the token embedding, so the stream would stay fp32"
+        )
+    trainer.add_callback(Bf16ResidualStream(embedding))
+    return f"{type(embedding).__name__} output cast to bf16 while training runs"

@@ -32,8 +32,9 @@ Levers (measured on one H100 in docs/performance.md):
 - castWeightsOncePerStep: linear layers compute with bf16 copies of their fp32 weights,
   made once per optimizer step instead of cast at every micro-step, their gradients added
   into the fp32 parameters by a hook (weight_copies.py; the same arithmetic). One process
-  only. About 1% faster on an H200 (session 6); "auto" turns it on with CUDA unless its
-  memory would shrink the micro-batch or turn checkpointing on.
+  only. About 1% faster on an H200 (session 6); "auto" turns it on with CUDA where the
+  micro-batch estimate holds the copies without a smaller micro-batch or checkpointing
+  (not for qlora).
 - bf16ResidualStream: the input embedding's output is cast to bf16, so the hidden states
   between layers and the residual additions are bf16 rather than fp32 (residual_stream.py;
   weights, gradients and optimizer stay fp32). It rounds the residual additions to bf16:
@@ -535,8 +536,11 @@ def cast_weights_once(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
         return Choice(
             name, False, f"{job.world_size} processes: DDP reduces the parameters' own gradients"
         )
-    if opt.castWeightsOncePerStep == "auto" and not hw.cuda:
-        return Choice(name, False, "no CUDA device: its gain is measured on GPUs only")
+    if opt.castWeightsOncePerStep == "auto":
+        if not hw.cuda:
+            return Choice(name, False, "no CUDA device: its gain is measured on GPUs only")
+        if job.method == "qlora":
+            return Choice(name, False, "qlora: the 4-bit layers are not copied; not measured")
     return Choice(
         name,
         True,
@@ -653,19 +657,24 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) 
         weight_copies=copies.on,
     )
     if copies.on and opt.castWeightsOncePerStep == "auto":
-        # The copies save about 1% (measured); a smaller micro-batch, or checkpointing
-        # turned on to make room for them, costs more than that.
+        # The copies save about 1% (measured), and their memory (2 B per parameter) is
+        # only checked by the micro-batch estimate: without one, or where they would
+        # shrink the micro-batch or turn checkpointing on, they are not worth it.
         roomier = micro_batch(
             opt, hw, job, shape, attention_sparse=flex.on, lean_head=light.on and static
         )
-        if roomier.sft != micro.sft:
-            copies = Choice(
-                copies.lever,
-                False,
-                "auto: the copies' memory would change the micro-batch "
-                f"({describe_batch(roomier, job)} without them, {describe_batch(micro, job)} "
-                "with them)",
+        reason = None
+        if not roomier.on:
+            reason = f"no memory estimate to hold them (autoMicroBatch: {roomier.reason})"
+        elif not micro.on:
+            reason = f"nothing fits with them (without them: {describe_batch(roomier, job)})"
+        elif roomier.sft != micro.sft:
+            reason = (
+                f"they would change the micro-batch (without them: "
+                f"{describe_batch(roomier, job)}; with them: {describe_batch(micro, job)})"
             )
+        if reason:
+            copies = Choice(copies.lever, False, f"auto: {reason}")
             micro = roomier
     per_device = int(micro.sft.get("per_device_train_batch_size", job.per_device))
     compiled = compile_model(opt, hw, job, flex=flex.on, per_device=per_device)

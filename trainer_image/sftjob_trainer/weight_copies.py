@@ -86,6 +86,16 @@ def not_for_copies(trainer: Any) -> str | None:
     return None
 
 
+def embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embedding and the LM head; NotImplementedError where either cannot be found."""
+    found = []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, get, lambda: None)()  # transformers raises if not found
+        if module is not None:
+            found.append(module)
+    return found
+
+
 class WeightCopies:
     """The copies of one model, and the callback that keeps them current during training."""
 
@@ -93,10 +103,8 @@ class WeightCopies:
         # The LM head (tied to the embedding or not): TRL's fused head and the lean head
         # read its weight directly, so a copy would never be used.
         skip: set[int] = set()
-        for get in ("get_input_embeddings", "get_output_embeddings"):
-            module = getattr(model, get, lambda: None)()
-            if module is not None:
-                skip.update((id(module), id(module.weight)))
+        for module in embeddings(model):
+            skip.update((id(module), id(module.weight)))
         self.modules: list[LinearWithWeightCopies] = []
         for module in model.modules():
             if not eligible(module, skip):
@@ -191,6 +199,11 @@ def use_weight_copies(trainer: Any) -> str:
     refused = not_for_copies(trainer)
     if refused:
         return f"not applied: {refused}"
+    try:
+        embeddings(trainer.model)
+    except (AttributeError, NotImplementedError):
+        # The LM head must not get a copy (its weight is read directly): it must be found.
+        return "not applied: the model's embeddings or LM head cannot be found"
     copies = WeightCopies(trainer.model)
     if not copies.layers:
         return "no plain nn.Linear with fp32 weights: nothing to copy"
