@@ -367,7 +367,8 @@ class TrainingSpec(SpecModel):
     speed: SpeedSpec = Field(
         default_factory=SpeedSpec,
         description="Speed levers (flex attention, micro-batch sizing, liger, compile, "
-        "metrics); each can be turned off.",
+        "metrics, data workers, weight copies, bf16 residual stream); each can be turned off "
+        "(see docs/performance.md).",
     )
     extraArgs: dict[str, Any] = Field(
         default_factory=dict,
