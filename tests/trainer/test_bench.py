@@ -172,6 +172,19 @@ def test_auto_weight_copies_give_way_to_the_micro_batch() -> None:
     assert "checkpointing on)" in smaller.summary()["castWeightsOncePerStep"]["reason"]
     assert "gradient_checkpointing" in smaller.sft_kwargs()  # turned off, as without copies
     assert not smaller.sft_kwargs()["gradient_checkpointing"]
+    # Only checkpointing differs: 2 x 1 at 48 GiB fits without checkpointing, but with the
+    # copies only with it. That alone is reason enough to leave the copies off.
+    two = Job(**{**REFERENCE.__dict__, "per_device": 2, "accumulation": 1})
+    at_48 = Hardware(cuda=True, memory_gib=48.0)
+    only_ckpt = decide(SpeedOptions(), at_48, two, QWEN_15B)
+    assert only_ckpt.summary()["castWeightsOncePerStep"]["reason"] == (
+        "auto: they would change the micro-batch (without them: per_device 2, checkpointing "
+        "off; with them: per_device 2, checkpointing on)"
+    )
+    assert (
+        only_ckpt.sft_kwargs()
+        == decide(SpeedOptions(castWeightsOncePerStep="off"), at_48, two, QWEN_15B).sft_kwargs()
+    )
 
 
 def test_auto_weight_copies_need_a_memory_estimate() -> None:
@@ -190,11 +203,20 @@ def test_auto_weight_copies_need_a_memory_estimate() -> None:
     }
     for words, choice in cases.items():
         assert not choice["on"], words
-        assert choice["reason"].startswith("auto: no memory estimate"), choice["reason"]
+        assert choice["reason"].startswith("auto: no fitting micro-batch estimate"), choice
+
         assert words in choice["reason"], choice["reason"]
     # 35 GiB: nothing fits with the copies; 4 x 2048 with checkpointing without them.
-    nothing = copies(SpeedOptions(), hw=Hardware(cuda=True, memory_gib=35.0))
+    at_35 = Hardware(cuda=True, memory_gib=35.0)
+    nothing = copies(SpeedOptions(), hw=at_35)
     assert not nothing["on"]
+    # The micro-batch is the one picked without the copies, not the copies' (none fits).
+    assert (
+        decide(SpeedOptions(), at_35, REFERENCE, QWEN_15B).sft_kwargs()
+        == decide(
+            SpeedOptions(castWeightsOncePerStep="off"), at_35, REFERENCE, QWEN_15B
+        ).sft_kwargs()
+    )
     assert nothing["reason"] == (
         "auto: nothing fits with them (without them: per_device 4, checkpointing on)"
     )

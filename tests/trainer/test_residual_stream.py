@@ -18,6 +18,8 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     TrainerCallback,
 )
 
@@ -194,15 +196,35 @@ class Recorder:
 def test_not_applied_where_it_would_not_take_or_cannot_find_the_embedding() -> None:
     # GPT-2 adds its learned fp32 position embeddings after the token embedding.
     config = GPT2Config(
-        n_embd=32, n_layer=1, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0
+        n_embd=32, n_layer=2, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0
     )
     gpt2 = GPT2LMHeadModel(config)
     trainer = Recorder(gpt2)
-    assert use_bf16_residual_stream(trainer) == (
-        "not applied: the model adds another embedding (transformer.wpe, such as learned "
-        "positions) in fp32 after the token embedding, so the stream would stay fp32"
+    not_applied = (
+        "not applied: with the cast the hidden states between layers are still float32 "
+        "(the model adds fp32 tensors after its embedding: learned positions, MoE experts "
+        "or norms with fp32 weights), so it would round without gaining"
     )
+    assert use_bf16_residual_stream(trainer) == not_applied
     assert trainer.callbacks == []
+    # A mixture of experts sums its experts into a buffer shaped like the fp32 norm output.
+    moe = Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_experts=4,
+            num_experts_per_tok=2,
+            vocab_size=64,
+        )
+    )
+    trainer = Recorder(moe)
+    assert use_bf16_residual_stream(trainer).startswith("not applied: with the cast")
+    assert trainer.callbacks == [] and not moe.get_input_embeddings()._forward_hooks
 
     class Odd(PreTrainedModel):  # an embedding transformers cannot find by name
         config_class = PretrainedConfig
@@ -216,7 +238,7 @@ def test_not_applied_where_it_would_not_take_or_cannot_find_the_embedding() -> N
         "not applied: the model's input embedding cannot be found"
     )
     qwen = Recorder(tiny_model())
-    assert use_bf16_residual_stream(qwen).startswith("Embedding output cast to bf16")
+    assert use_bf16_residual_stream(qwen) == "Embedding output cast to bf16 while training runs"
     assert len(qwen.callbacks) == 1
 
 
@@ -245,3 +267,14 @@ def test_lora_adapters_learn_through_the_bf16_stream_with_checkpointing(
     after = dict(trainer.model.named_parameters())
     unchanged = [n for n, value in before.items() if torch.equal(after[n].detach(), value)]
     assert unchanged == []  # lora_B starts at zero: each one moved, so each got a gradient
+
+
+def test_the_check_leaves_the_random_state_as_it_found_it() -> None:
+    # With attention dropout the probe's forward draws random numbers.
+    model = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "vocab_size": 256, "attention_dropout": 0.5}))
+    model.train()
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert use_bf16_residual_stream(Recorder(model)).startswith("Embedding output cast")
+    assert torch.equal(torch.rand(4), expected)

@@ -329,3 +329,14 @@ def test_not_applied_where_the_lm_head_cannot_be_found() -> None:
         "not applied: the model's embeddings or LM head cannot be found"
     )
     assert type(model.head) is torch.nn.Linear  # the head got no copy
+
+    class HeadElsewhere(Odd):  # the embedding is found, the head (named "head") is not
+        def __init__(self, config: PretrainedConfig) -> None:
+            super().__init__(config)
+            self.embed_tokens = torch.nn.Embedding(8, 4)
+
+    model = HeadElsewhere(PretrainedConfig())
+    assert model.get_input_embeddings() is model.embed_tokens
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(), accelerator=None)
+    assert use_weight_copies(trainer).startswith("not applied")
+    assert type(model.head) is torch.nn.Linear

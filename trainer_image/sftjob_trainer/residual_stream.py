@@ -14,14 +14,17 @@ more tokens/s, losses within 1.3e-4 of the fp32 stream's over 25 steps; on the L
 no gain, so "auto" keeps it for full fine-tunes (docs/performance.md).
 
 It also moves what models derive from the hidden states' dtype: rotary embeddings
-(Llama, Qwen2) return their cos/sin tables in it, so the rotation of queries and keys is
-computed in bf16 too (an error of up to 2e-3 in the tables at 32k positions; the bench's
-2048-token rows do not probe long contexts).
+(Llama, Qwen2) compute their cos/sin tables in fp32 and return them in it, so the tables
+are rounded to bf16 (half a bf16 step, up to 2e-3) and the rotation of queries and keys
+is bf16 too; the bench's loss curves include this.
 
 The cast is a forward hook on the input embedding, present while training runs (added at
 train begin, removed at train end), so an evaluation or a LoRA merge after training sees
-the model as it was loaded. Models that add absolute position embeddings after the token
-embedding (GPT-2, OPT) would add them back in fp32, so the lever is not applied to them.
+the model as it was loaded. Some models turn the stream back to fp32 after the cast
+(GPT-2's and OPT's learned positions, MoE blocks that sum experts into an fp32 buffer,
+norms whose fp32 weight promotes their output): a one-off forward of a few tokens checks
+the hidden states between layers with the cast in place, and the lever is not applied
+where they are not all bf16 (the rounding would come without the gain).
 """
 
 from __future__ import annotations
@@ -71,14 +74,32 @@ def input_embedding(model: Any) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
-def other_embeddings(model: nn.Module, embedding: nn.Module) -> list[str]:
-    """Embeddings besides the token embedding: learned positions (GPT-2's wpe, OPT's
-    embed_positions) whose fp32 output is added to the stream after the cast."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Embedding) and module is not embedding
-    ]
+def stream_dtypes(model: Any, embedding: nn.Module) -> set[torch.dtype] | None:
+    """The dtypes of the hidden states between layers with the cast in place, from one
+    forward of a few tokens under bf16 autocast; None where the model does not report
+    them (fewer than two layers, no hidden states, parameters not materialised)."""
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        return None
+    # Dropout in the probe must not move the random state training starts from.
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    handle = embedding.register_forward_hook(_to_bf16)
+    try:
+        ids = torch.zeros((1, 4), dtype=torch.long, device=device)
+        with (
+            torch.random.fork_rng(devices=cuda_devices),
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=torch.bfloat16),
+        ):
+            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    finally:
+        handle.remove()
+    states = getattr(out, "hidden_states", None)
+    # The first is the embedding's output, the last is after the final norm (fp32 where
+    # its weight is): the ones in between are the stream.
+    if not states or len(states) < 3:
+        return None
+    return {state.dtype for state in states[1:-1]}
 
 
 def use_bf16_residual_stream(trainer: Any) -> str:
@@ -87,11 +108,17 @@ def use_bf16_residual_stream(trainer: Any) -> str:
     embedding = input_embedding(model)
     if embedding is None:
         return "not applied: the model's input embedding cannot be found"
-    added = other_embeddings(model, embedding)
-    if added:
+    try:
+        dtypes = stream_dtypes(model, embedding)
+        unchecked = "" if dtypes else " (not checked: the model reports no hidden states)"
+    except Exception as exc:  # the check is a courtesy: the lever was measured without it
+        dtypes, unchecked = None, f" (not checked: {type(exc).__name__}: {exc})"
+    if dtypes and dtypes != {torch.bfloat16}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         return (
-            f"not applied: the model adds another embedding ({added[0]}, such as learned "
-            "positions) in fp32 after the token embedding, so the stream would stay fp32"
+            f"not applied: with the cast the hidden states between layers are still {names} "
+            "(the model adds fp32 tensors after its embedding: learned positions, MoE "
+            "experts or norms with fp32 weights), so it would round without gaining"
         )
     trainer.add_callback(Bf16ResidualStream(embedding))
-    return f"{type(embedding).__name__} output cast to bf16 while training runs"
+    return f"{type(embedding).__name__} output cast to bf16 while training runs{unchecked}"

@@ -665,7 +665,7 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) 
         )
         reason = None
         if not roomier.on:
-            reason = f"no memory estimate to hold them (autoMicroBatch: {roomier.reason})"
+            reason = f"no fitting micro-batch estimate (autoMicroBatch: {roomier.reason})"
         elif not micro.on:
             reason = f"nothing fits with them (without them: {describe_batch(roomier, job)})"
         elif roomier.sft != micro.sft:

@@ -87,10 +87,13 @@ def not_for_copies(trainer: Any) -> str | None:
 
 
 def embeddings(model: nn.Module) -> list[nn.Module]:
-    """The input embedding and the LM head; NotImplementedError where either cannot be found."""
+    """The input embedding and the LM head, those that can be found."""
     found = []
     for get in ("get_input_embeddings", "get_output_embeddings"):
-        module = getattr(model, get, lambda: None)()  # transformers raises if not found
+        try:
+            module = getattr(model, get, lambda: None)()
+        except (AttributeError, NotImplementedError):  # transformers raises if not found
+            module = None
         if module is not None:
             found.append(module)
     return found
@@ -199,9 +202,7 @@ def use_weight_copies(trainer: Any) -> str:
     refused = not_for_copies(trainer)
     if refused:
         return f"not applied: {refused}"
-    try:
-        embeddings(trainer.model)
-    except (AttributeError, NotImplementedError):
+    if len(embeddings(trainer.model)) < 2:
         # The LM head must not get a copy (its weight is read directly): it must be found.
         return "not applied: the model's embeddings or LM head cannot be found"
     copies = WeightCopies(trainer.model)
