@@ -68,3 +68,22 @@ def make_config(tiny: Tiny, tmp_path: Path) -> MakeConfig:
         return path
 
     return make
+
+
+@pytest.fixture
+def bf16_trainer(make_config: MakeConfig) -> Callable[..., Any]:
+    """Builds a real SFTTrainer on the tiny model with bf16 (autocast on CPU) and one row
+    per micro-batch; `speed` switches go on top of micro-batch sizing and flex attention
+    turned off, other keywords are spec.training fields."""
+    from sftjob_trainer.settings import load_config
+    from sftjob_trainer.train import build_trainer
+
+    def build(
+        speed: dict[str, str], callbacks: list[Any], method: str | None = None, **training: Any
+    ) -> Any:
+        switches = {"autoMicroBatch": "off", "flexAttention": "off", **speed}
+        fields = {"bf16": True, "perDeviceTrainBatchSize": 1, **training, "speed": switches}
+        spec: dict[str, Any] = {"training": fields, **({"method": method} if method else {})}
+        return build_trainer(load_config(make_config(spec)), callbacks=callbacks)
+
+    return build

@@ -8,9 +8,7 @@ import pytest
 import torch
 from sftjob_trainer.bench import TINY
 from sftjob_trainer.residual_stream import Bf16ResidualStream, use_bf16_residual_stream
-from sftjob_trainer.settings import load_config
 from sftjob_trainer.speed import Hardware, Job, SpeedOptions, bf16_residual_stream
-from sftjob_trainer.train import build_trainer
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -121,23 +119,18 @@ class StreamDtypes(TrainerCallback):  # type: ignore[misc]
         self.handle.remove()
 
 
-def test_trainer_with_the_bf16_stream_learns_nearly_the_same(make_config: Any) -> None:
+def test_trainer_with_the_bf16_stream_learns_nearly_the_same(bf16_trainer: Any) -> None:
     """Through the real SFTTrainer on CPU with bf16 autocast; the model is plain afterwards."""
 
     def run(switch: str) -> tuple[StreamDtypes, Any]:
-        speed = {"bf16ResidualStream": switch, "autoMicroBatch": "off", "flexAttention": "off"}
-        spec = {
-            "training": {
-                "maxSteps": 3,
-                "loggingSteps": 1,
-                "bf16": True,
-                "perDeviceTrainBatchSize": 1,
-                "gradientAccumulationSteps": 2,
-                "speed": speed,
-            }
-        }
         recorder = StreamDtypes()
-        trainer = build_trainer(load_config(make_config(spec)), callbacks=[recorder])
+        trainer = bf16_trainer(
+            {"bf16ResidualStream": switch},
+            [recorder],
+            maxSteps=3,
+            loggingSteps=1,
+            gradientAccumulationSteps=2,
+        )
         trainer.train()
         return recorder, trainer
 
@@ -168,11 +161,9 @@ def test_the_plan_carries_the_stream_for_full_fine_tunes_on_a_gpu() -> None:
     assert not decide(SpeedOptions(), Hardware(cuda=False), full, None).on("bf16ResidualStream")
 
 
-def test_a_second_train_call_casts_again(make_config: Any) -> None:
-    spec = {"training": {"maxSteps": 2, "bf16": True, "perDeviceTrainBatchSize": 1}}
-    spec["training"]["speed"] = {"bf16ResidualStream": "on", "autoMicroBatch": "off"}
+def test_a_second_train_call_casts_again(bf16_trainer: Any) -> None:
     recorder = StreamDtypes()
-    trainer = build_trainer(load_config(make_config(spec)), callbacks=[recorder])
+    trainer = bf16_trainer({"bf16ResidualStream": "on"}, [recorder], maxSteps=2)
     trainer.train()
     first = len(recorder.dtypes)
     trainer.args.max_steps = 4
@@ -243,24 +234,20 @@ def test_not_applied_where_it_would_not_take_or_cannot_find_the_embedding() -> N
 
 
 def test_lora_adapters_learn_through_the_bf16_stream_with_checkpointing(
-    make_config: Any,
+    bf16_trainer: Any,
 ) -> None:
     # peft and transformers hook the same embedding (enable_input_require_grads) so that
     # checkpointed layers see an input that requires grad; with the cast in between the
     # adapters must still get their gradients.
-    spec = {
-        "method": "lora",
-        "training": {
-            "maxSteps": 2,
-            "bf16": True,
-            "perDeviceTrainBatchSize": 1,
-            "gradientCheckpointing": True,
-            "learningRate": 1e-2,
-            "speed": {"bf16ResidualStream": "on", "autoMicroBatch": "off"},
-        },
-    }
     recorder = StreamDtypes()
-    trainer = build_trainer(load_config(make_config(spec)), callbacks=[recorder])
+    trainer = bf16_trainer(
+        {"bf16ResidualStream": "on"},
+        [recorder],
+        method="lora",
+        maxSteps=2,
+        gradientCheckpointing=True,
+        learningRate=1e-2,
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
     assert before and set(recorder.dtypes) == {torch.bfloat16}

@@ -8,9 +8,7 @@ from typing import Any
 import pytest
 import torch
 from sftjob_trainer.bench import TINY
-from sftjob_trainer.settings import load_config
 from sftjob_trainer.speed import Hardware, Job, SpeedOptions, cast_weights_once
-from sftjob_trainer.train import build_trainer
 from sftjob_trainer.weight_copies import LinearWithWeightCopies, WeightCopies
 from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
@@ -149,23 +147,18 @@ class Losses(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
-def test_trainer_with_copies_learns_the_same(make_config: Any, tmp_path: Any) -> None:
+def test_trainer_with_copies_learns_the_same(bf16_trainer: Any) -> None:
     """Through the real SFTTrainer on CPU with bf16 autocast: the same losses and weights."""
 
     def run(switch: str) -> tuple[Losses, dict[str, torch.Tensor], Any]:
-        speed = {"castWeightsOncePerStep": switch, "autoMicroBatch": "off", "flexAttention": "off"}
-        spec = {
-            "training": {
-                "maxSteps": 3,
-                "loggingSteps": 1,
-                "bf16": True,
-                "perDeviceTrainBatchSize": 1,
-                "gradientAccumulationSteps": 3,
-                "speed": speed,
-            }
-        }
         recorder = Losses()
-        trainer = build_trainer(load_config(make_config(spec)), callbacks=[recorder])
+        trainer = bf16_trainer(
+            {"castWeightsOncePerStep": switch},
+            [recorder],
+            maxSteps=3,
+            loggingSteps=1,
+            gradientAccumulationSteps=3,
+        )
         trainer.train()
         weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         return recorder, weights, trainer

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .weight_copies import found_module
+
 
 def _to_bf16(module: Any, args: Any, output: Any) -> Any:
     if isinstance(output, torch.Tensor) and output.is_floating_point():
@@ -63,15 +65,6 @@ class Bf16ResidualStream(TrainerCallback):  # type: ignore[misc]
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.stop()
-
-
-def input_embedding(model: Any) -> nn.Module | None:
-    """The token embedding, or None where transformers cannot find it."""
-    try:
-        module = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):  # not found under a name it knows
-        return None
-    return module if isinstance(module, nn.Module) else None
 
 
 def stream_dtypes(model: Any, embedding: nn.Module) -> set[torch.dtype] | None:
@@ -105,7 +98,7 @@ def stream_dtypes(model: Any, embedding: nn.Module) -> set[torch.dtype] | None:
 def use_bf16_residual_stream(trainer: Any) -> str:
     """Make the trainer's model carry bf16 hidden states; what was done, for the log."""
     model = trainer.model
-    embedding = input_embedding(model)
+    embedding = found_module(model, "get_input_embeddings")
     if embedding is None:
         return "not applied: the model's input embedding cannot be found"
     try:

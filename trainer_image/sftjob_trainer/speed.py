@@ -47,6 +47,7 @@ Overrides: the JSON object in $SFTJOB_SPEED (e.g. '{"flexAttention": "off"}'), o
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -647,22 +648,15 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) 
     # The lean head keeps its logits only over static batches (lean_steps.use_lean_steps);
     # whether batches are static does not depend on the micro-batch chosen.
     static = "pad_to_multiple_of" in compile_model(opt, hw, job, flex.on, job.per_device).sft
-    micro = micro_batch(
-        opt,
-        hw,
-        job,
-        shape,
-        attention_sparse=flex.on,
-        lean_head=light.on and static,
-        weight_copies=copies.on,
+    sized = functools.partial(
+        micro_batch, opt, hw, job, shape, attention_sparse=flex.on, lean_head=light.on and static
     )
+    micro = sized(weight_copies=copies.on)
     if copies.on and opt.castWeightsOncePerStep == "auto":
         # The copies save about 1% (measured), and their memory (2 B per parameter) is
         # only checked by the micro-batch estimate: without one, or where they would
         # shrink the micro-batch or turn checkpointing on, they are not worth it.
-        roomier = micro_batch(
-            opt, hw, job, shape, attention_sparse=flex.on, lean_head=light.on and static
-        )
+        roomier = sized(weight_copies=False)
         reason = None
         if not roomier.on:
             reason = f"no fitting micro-batch estimate (autoMicroBatch: {roomier.reason})"

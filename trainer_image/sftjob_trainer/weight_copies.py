@@ -86,17 +86,20 @@ def not_for_copies(trainer: Any) -> str | None:
     return None
 
 
+def found_module(model: Any, getter: str) -> nn.Module | None:
+    """`model.<getter>()` (get_input_embeddings, get_output_embeddings), or None where
+    transformers cannot find that module."""
+    try:
+        module = getattr(model, getter, lambda: None)()
+    except (AttributeError, NotImplementedError):  # not found under a name it knows
+        return None
+    return module if isinstance(module, nn.Module) else None
+
+
 def embeddings(model: nn.Module) -> list[nn.Module]:
     """The input embedding and the LM head, those that can be found."""
-    found = []
-    for get in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            module = getattr(model, get, lambda: None)()
-        except (AttributeError, NotImplementedError):  # transformers raises if not found
-            module = None
-        if module is not None:
-            found.append(module)
-    return found
+    getters = ("get_input_embeddings", "get_output_embeddings")
+    return [module for get in getters if (module := found_module(model, get)) is not None]
 
 
 class WeightCopies:
