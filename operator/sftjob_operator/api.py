@@ -297,6 +297,13 @@ class SpeedSpec(SpecModel):
         "residual additions, losses within 1.3e-4 on the bench (auto: on with CUDA and bf16 "
         "for full fine-tunes, off for LoRA and QLoRA).",
     )
+    fuseGradientAccumulation: SpeedSwitch = Field(
+        default="auto",
+        description="With castWeightsOncePerStep, each layer's weight gradient is added into "
+        "the fp32 gradient inside the matmul that computes it (fp32 output, not rounded to "
+        "bf16; no separate add kernel) (auto: on with CUDA for full fine-tunes wherever the "
+        "copies are).",
+    )
 
 
 class TrainingSpec(SpecModel):
@@ -367,7 +374,8 @@ class TrainingSpec(SpecModel):
     speed: SpeedSpec = Field(
         default_factory=SpeedSpec,
         description="Speed levers (flex attention, micro-batch sizing, liger, compile, "
-        "metrics, data workers, weight copies, bf16 residual stream); each can be turned off "
+        "metrics, data workers, weight copies, bf16 residual stream, gradient accumulation in "
+        "the matmul); each can be turned off "
         "(see docs/performance.md).",
     )
     extraArgs: dict[str, Any] = Field(

@@ -8,8 +8,21 @@ from typing import Any
 import pytest
 import torch
 from sftjob_trainer.bench import TINY
-from sftjob_trainer.speed import Hardware, Job, SpeedOptions, cast_weights_once
-from sftjob_trainer.weight_copies import LinearWithWeightCopies, WeightCopies
+from sftjob_trainer.speed import (
+    Hardware,
+    Job,
+    ModelShape,
+    SpeedOptions,
+    cast_weights_once,
+    decide,
+    fuse_gradient_accumulation,
+)
+from sftjob_trainer.weight_copies import (
+    LinearAccumulatingInMatmul,
+    LinearWithWeightCopies,
+    WeightCopies,
+    matmul_adds_in_fp32,
+)
 from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(300)]
@@ -333,3 +346,198 @@ def test_not_applied_where_the_lm_head_cannot_be_found() -> None:
     trainer = SimpleNamespace(model=model, args=SimpleNamespace(), accelerator=None)
     assert use_weight_copies(trainer).startswith("not applied")
     assert type(model.head) is torch.nn.Linear
+
+
+# --- fuseGradientAccumulation: the weight gradient added into .grad inside the matmul ---
+
+
+def fused_copies(model: Any) -> WeightCopies:
+    copies = WeightCopies(model, accumulate_in_matmul=True)
+    copies.hand_over_grad_sums()  # as at train begin
+    return copies
+
+
+def train_fused(model: Any, copies: WeightCopies, steps: int, **kw: Any) -> list[dict[str, Any]]:
+    """`train_steps` with the sums handed over after each step's zero_grad (on_step_end)."""
+    return train_steps(model, copies, steps, after_step=copies.hand_over_grad_sums, **kw)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_accumulation_gives_autocasts_gradients_on_cpu(tied: bool) -> None:
+    # On CPU there is no fp32-output matmul: the custom op multiplies in bf16 and adds in
+    # fp32, which is autocast's arithmetic, so the gradients must be equal bit for bit.
+    # (On CUDA the product stays fp32: checked against float64 by matmul_adds_in_fp32.)
+    reference = tiny_model(tied)
+    model = copy.deepcopy(reference)
+    copies = fused_copies(model)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LinearAccumulatingInMatmul) and not q_proj.fp32_output
+    assert len(copies.grad_sums()) == 2 * 7 * 2 - 2 * 4  # weights, plus q/k/v biases
+    assert q_proj.weight.grad is q_proj.weight_grad_sum  # handed over, zeroed
+    assert model.state_dict().keys() == reference.state_dict().keys()
+
+    expected = train_steps(reference, None, steps=3)
+    got = train_fused(model, copies, steps=3)
+    for step, (want, have) in enumerate(zip(expected, got, strict=True)):
+        assert want.keys() == have.keys()
+        for name in want:
+            assert torch.equal(want[name], have[name]), f"step {step}: {name}.grad differs"
+    for (name, a), (_, b) in zip(
+        reference.named_parameters(), model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), f"{name} differs after 3 steps"
+    # The sums are the gradients: the copies themselves never hold one.
+    assert q_proj.weight_copy.grad is None
+
+
+def test_fused_gradients_sit_in_the_sums_until_handed_over() -> None:
+    # Without the hand-over after zero_grad the optimizer would see no gradient for the
+    # fused layers: the test above must be able to fail.
+    model = tiny_model(tied=True)
+    copies = WeightCopies(model, accumulate_in_matmul=True)  # never handed over
+    got = train_steps(model, copies, steps=1)
+    assert Q_PROJ not in got[0]
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.grad is None and q_proj.weight_grad_sum.abs().sum() > 0
+
+
+def test_fused_accumulation_compiles_into_one_graph_and_accumulates_in_place() -> None:
+    # Through dynamo and AOTAutograd (aot_eager keeps it on CPU): the custom op declares
+    # the sums it mutates, so the compiled backward adds into them in place, with no graph
+    # break and no recompile after the hand-over or the refresh.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    reference = tiny_model(tied=True)
+    model = copy.deepcopy(reference)
+    copies = fused_copies(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    expected = train_steps(reference, None, steps=3)
+    graphs: list[int] = []
+
+    def after_step() -> None:
+        copies.hand_over_grad_sums()
+        graphs.append(counters["stats"]["unique_graphs"])
+
+    got = train_steps(compiled, copies, steps=3, after_step=after_step)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs[0] > 0 and graphs == [graphs[0]] * 3
+    for want, have in zip(expected, got, strict=True):
+        assert want.keys() == have.keys()
+        for name in want:
+            torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_fused_accumulation_under_checkpointing_adds_each_gradient_once(reentrant: bool) -> None:
+    # Checkpointing runs each layer's forward again in the backward: the sums must still
+    # get each micro-step's gradient exactly once.
+    reference = tiny_model(tied=True)
+    model = copy.deepcopy(reference)
+    for each in (reference, model):
+        each.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        each.train()
+    copies = fused_copies(model)
+    expected = train_steps(reference, None, steps=2)
+    got = train_fused(model, copies, steps=2)
+    for want, have in zip(expected, got, strict=True):
+        assert want.keys() == have.keys()
+        for name in want:
+            assert torch.equal(want[name], have[name]), name
+
+
+def test_fused_lora_adapters_learn_the_same_and_frozen_layers_keep_the_hook() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    reference = get_peft_model(tiny_model(tied=True), config)
+    model = copy.deepcopy(reference)
+    copies = fused_copies(model)
+    fused = [m for m in copies.modules if isinstance(m, LinearAccumulatingInMatmul)]
+    assert len(fused) == 2 * 7 * 2  # both adapter matrices; the frozen bases keep the hook
+    assert all(not m.weight.requires_grad for m in copies.modules if m not in fused)
+    expected = train_steps(reference, None, steps=2)
+    got = train_fused(model, copies, steps=2)
+    for want, have in zip(expected, got, strict=True):
+        trained = [name for name in want if "lora_" in name]
+        assert trained and want.keys() == have.keys()
+        for name in trained:
+            assert torch.equal(want[name], have[name]), name
+
+
+def test_a_replaced_grad_stops_the_step_and_an_unfrozen_one_gets_its_sum() -> None:
+    model = tiny_model(tied=True)
+    copies = fused_copies(model)
+    callback = copies.callback()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    ids = torch.arange(12).reshape(1, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    callback.on_pre_optimizer_step(None, None, None)  # every .grad is its sum: passes
+    assert q_proj.weight.grad is q_proj.weight_grad_sum
+    q_proj.weight.grad = None  # e.g. a layer unfrozen during the step
+    callback.on_pre_optimizer_step(None, None, None)
+    assert q_proj.weight.grad is q_proj.weight_grad_sum
+    q_proj.weight.grad = torch.zeros_like(q_proj.weight)  # someone else's .grad
+    with pytest.raises(RuntimeError, match=r"self_attn\.q_proj\.weight: .*fuseGradientAccum"):
+        callback.on_pre_optimizer_step(None, None, None)
+
+
+def test_trainer_with_fused_accumulation_learns_the_same(bf16_trainer: Any) -> None:
+    """Through the real SFTTrainer on CPU (bf16 products, autocast's arithmetic): the same
+    losses and weights as the plain layers; plain layers and no gradients afterwards."""
+
+    def run(speed: dict[str, str]) -> tuple[Losses, dict[str, torch.Tensor], Any]:
+        recorder = Losses()
+        trainer = bf16_trainer(
+            speed, [recorder], maxSteps=3, loggingSteps=1, gradientAccumulationSteps=3
+        )
+        trainer.train()
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        return recorder, weights, trainer
+
+    plain, plain_weights, _ = run({"castWeightsOncePerStep": "off"})
+    ours, weights, trainer = run({"castWeightsOncePerStep": "on", "fuseGradientAccumulation": "on"})
+    assert len(ours.losses) == 3 and ours.losses == plain.losses
+    for name, value in weights.items():
+        assert torch.equal(value, plain_weights[name]), name
+    assert len(ours.layers_with_copies) == 3 and min(ours.layers_with_copies) > 0
+    assert not any(isinstance(m, LinearWithWeightCopies) for m in trainer.model.modules())
+    assert not any("_grad_sum" in name for name, _ in trainer.model.named_buffers())
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_fused_lever_rules_and_the_cpu_check() -> None:
+    job = Job("full", 2, 8, 2048, True, True, True)
+    cpu, gpu = Hardware(cuda=False), Hardware(cuda=True, memory_gib=79.1)
+    copies_on = cast_weights_once(SpeedOptions(castWeightsOncePerStep="on"), gpu, job)
+    copies_off = cast_weights_once(SpeedOptions(castWeightsOncePerStep="off"), gpu, job)
+
+    def choose(switch: str, hw: Hardware = gpu, copies: Any = copies_on) -> Any:
+        options = SpeedOptions(fuseGradientAccumulation=switch)  # type: ignore[arg-type]
+        return fuse_gradient_accumulation(options, hw, job, copies)
+
+    assert choose("auto").on
+    assert not choose("auto", hw=cpu).on and "CUDA" in choose("auto", hw=cpu).reason
+    assert choose("on", hw=cpu).on
+    assert not choose("off").on
+    lora = Job("lora", 2, 8, 2048, True, True, True)
+    lora_copies = cast_weights_once(SpeedOptions(), gpu, lora)
+    options = SpeedOptions()
+    assert not fuse_gradient_accumulation(options, gpu, lora, lora_copies).on  # no gain
+    forced = SpeedOptions(fuseGradientAccumulation="on")
+    assert fuse_gradient_accumulation(forced, gpu, lora, lora_copies).on
+    assert not choose("on", copies=copies_off).on
+    assert "castWeightsOncePerStep is off" in choose("on", copies=copies_off).reason
+    # The default plan for the bench's full case on an H100 has both; without a
+    # micro-batch estimate (shape unknown) the auto copies are off, and so is this.
+    qwen_15b = ModelShape(
+        params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
+    )
+    packed = Job("full", 2, 8, 2048, True, True, True)
+    assert decide(SpeedOptions(), gpu, packed, qwen_15b).on("fuseGradientAccumulation")
+    without_estimate = decide(SpeedOptions(), gpu, packed, None).summary()
+    assert not without_estimate["fuseGradientAccumulation"]["on"]
+    assert not decide(SpeedOptions(), cpu, packed, qwen_15b).on("fuseGradientAccumulation")
+    assert matmul_adds_in_fp32(torch.device("cpu")) == "no fp32-output matmul on cpu"

@@ -42,6 +42,8 @@ def describe(settings: dict[str, Any]) -> str:
         parts.append("weights cast once per step")
     if speed.get("bf16ResidualStream", {}).get("on"):
         parts.append("bf16 residual stream")
+    if speed.get("fuseGradientAccumulation", {}).get("on"):
+        parts.append("gradients accumulated in the matmul")
     if settings.get("extra_args"):
         parts.append(f"extraArgs {json.dumps(settings['extra_args'])}")
     return ", ".join(parts)

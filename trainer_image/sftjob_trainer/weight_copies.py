@@ -21,6 +21,19 @@ Not for FSDP, DeepSpeed or several processes: they take the gradients autograd p
 parameters themselves, and these arrive through the hook instead (speed.py turns the lever
 off there, and `use_weight_copies` refuses a trainer set up for them). Not for the LM head
 either: TRL's and the lean LM head read its weight directly.
+
+With `accumulate_in_matmul` (the fuseGradientAccumulation lever) a trainable layer's
+backward adds its weight gradient straight into the fp32 `.grad`, inside the matmul that
+computes it: on CUDA one cuBLAS call with bf16 inputs, fp32 output and beta 1
+(`torch.addmm(..., out_dtype=torch.float32, out=grad)`), as Megatron-LM's gradient
+accumulation fusion does. The bf16 weight gradient is never written, read back and
+added by a separate kernel (about 3% of the kernel time in session 7's profile). It is
+not bit for bit autocast's arithmetic: the product is kept in fp32 instead of rounded to
+bf16 before the add, so the gradients are the more precise ones. Each such layer keeps
+an fp32 buffer per trainable parameter that IS that parameter's `.grad` while training
+runs: handed over, zeroed, at train begin and after each step's `zero_grad`, checked
+before each optimizer step. Where the fp32-output matmul is not there (CPU, an older
+torch), the same path multiplies in bf16 and adds, which is autocast's arithmetic again.
 """
 
 from __future__ import annotations
@@ -47,6 +60,114 @@ class LinearWithWeightCopies(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, self.weight_copy, self.bias_copy)
+
+
+class LinearAccumulatingInMatmul(LinearWithWeightCopies):
+    """Weight copies whose backward adds the weight gradient into `.grad` in the matmul.
+
+    `weight_grad_sum` (and `bias_grad_sum` for a trainable bias, else None) are fp32
+    buffers that the parameters hold as `.grad` while training runs.
+    """
+
+    weight_grad_sum: torch.Tensor
+    bias_grad_sum: torch.Tensor | None
+    # True where cuBLAS adds the bf16 product into the fp32 sum itself (checked by
+    # `matmul_adds_in_fp32` when the lever is applied); else bf16 product, then add.
+    fp32_output: bool
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _LinearAccumulating.apply(
+            input,
+            self.weight_copy,
+            self.bias_copy,
+            self.weight_grad_sum,
+            self.bias_grad_sum,
+            self.fp32_output,
+        )
+
+
+@torch.library.custom_op("sftjob::accumulate_linear_grads", mutates_args=("weight_sum", "bias_sum"))
+def accumulate_linear_grads(
+    weight_sum: torch.Tensor,
+    bias_sum: torch.Tensor | None,
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    fp32_output: bool,
+) -> None:
+    """weight_sum += grad_output^T @ input, bias_sum += its column sums (fp32 sums).
+
+    A custom op that declares what it mutates: under torch.compile it stays one opaque
+    call inside the compiled backward, writing into the buffers in place (a plain
+    in-place add in an autograd.Function's backward would not be traced that way).
+    """
+    grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
+    input_2d = input.reshape(-1, input.shape[-1])
+    if fp32_output:
+        torch.addmm(weight_sum, grad_2d.t(), input_2d, out_dtype=torch.float32, out=weight_sum)
+        if bias_sum is not None:
+            bias_sum.add_(grad_2d.sum(0, dtype=torch.float32))
+    else:  # autocast's arithmetic: the bf16 product (and bf16 sum), added in fp32
+        weight_sum.add_(grad_2d.t().mm(input_2d))
+        if bias_sum is not None:
+            bias_sum.add_(grad_2d.sum(0))
+
+
+@accumulate_linear_grads.register_fake
+def _(weight_sum: Any, bias_sum: Any, grad_output: Any, input: Any, fp32_output: bool) -> None:
+    return None
+
+
+class _LinearAccumulating(torch.autograd.Function):
+    """F.linear with the bf16 copies; the backward accumulates the fp32 gradient sums.
+
+    The input is cast to the copies' dtype as autocast would; the gradient for the input
+    goes back in the input's own dtype. The copies get no gradient (it is in the sums).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_sum: torch.Tensor,
+        bias_sum: torch.Tensor | None,
+        fp32_output: bool,
+    ) -> torch.Tensor:
+        rounded = input.to(weight.dtype)
+        ctx.save_for_backward(rounded, weight, weight_sum, bias_sum)
+        ctx.input_dtype = input.dtype
+        ctx.fp32_output = fp32_output
+        return F.linear(rounded, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rounded, weight, weight_sum, bias_sum = ctx.saved_tensors
+        torch.ops.sftjob.accumulate_linear_grads(
+            weight_sum, bias_sum, grad_output, rounded, ctx.fp32_output
+        )
+        grad_input = grad_output.matmul(weight).to(ctx.input_dtype)
+        return grad_input, None, None, None, None, None
+
+
+def matmul_adds_in_fp32(device: torch.device) -> str | None:
+    """Whether torch.addmm accumulates a bf16 product into an fp32 tensor in place on
+    this device, checked against float64 on a small product; None if it does, else why."""
+    if device.type != "cuda":
+        return f"no fp32-output matmul on {device.type}"
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(256, 192, device=device, generator=generator).to(torch.bfloat16)
+    b = torch.randn(192, 128, device=device, generator=generator).to(torch.bfloat16)
+    total = torch.randn(256, 128, device=device, generator=generator)
+    expected = total.double() + a.double() @ b.double()
+    try:
+        torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+    except (RuntimeError, TypeError) as error:  # torch without out_dtype, or no kernel
+        return f"torch.addmm with out_dtype=float32 failed: {error}"
+    error = ((total.double() - expected).abs().max() / expected.abs().max()).item()
+    if error > 1e-5:
+        return f"torch.addmm into fp32 is off by {error:.1e} relative"
+    return None
 
 
 def _add_into_parameter(module: nn.Module, name: str, copy: torch.Tensor) -> None:
@@ -105,7 +226,7 @@ def embeddings(model: nn.Module) -> list[nn.Module]:
 class WeightCopies:
     """The copies of one model, and the callback that keeps them current during training."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, accumulate_in_matmul: bool = False) -> None:
         # The LM head (tied to the embedding or not): TRL's fused head and the lean head
         # read its weight directly, so a copy would never be used.
         skip: set[int] = set()
@@ -120,7 +241,21 @@ class WeightCopies:
                 copy = None if parameter is None else parameter.detach().to(COPY_DTYPE)
                 module.register_buffer(f"{name}_copy", copy, persistent=False)
             module.__class__ = LinearWithWeightCopies
+            if accumulate_in_matmul and module.weight.requires_grad:
+                # Layers frozen now keep the hook (a layer unfrozen later still learns).
+                for name in SLOTS:
+                    parameter = getattr(module, name)
+                    grad_sum = None
+                    if parameter is not None and parameter.requires_grad:
+                        grad_sum = torch.zeros_like(
+                            parameter, memory_format=torch.contiguous_format
+                        )
+                    module.register_buffer(f"{name}_grad_sum", grad_sum, persistent=False)
+                module.fp32_output = False  # set by use_weight_copies after its check
+                module.__class__ = LinearAccumulatingInMatmul
             self.modules.append(module)  # type: ignore[arg-type]
+        # For messages: the layers' names as the model calls them.
+        self.names = {id(module): name for name, module in model.named_modules()}
         self.hook_gradients()
 
     @property
@@ -172,11 +307,59 @@ class WeightCopies:
             copy.copy_(parameter)
             copy.requires_grad_(parameter.requires_grad)
 
+    def grad_sums(self) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
+        """(name, fp32 parameter, its gradient sum) of the layers that add in the matmul."""
+        return [
+            (f"{self.names.get(id(module), '?')}.{name}", getattr(module, name), grad_sum)
+            for module in self.modules
+            if isinstance(module, LinearAccumulatingInMatmul)
+            for name in SLOTS
+            if (grad_sum := module._buffers.get(f"{name}_grad_sum")) is not None
+        ]
+
+    @torch.no_grad()
+    def hand_over_grad_sums(self) -> None:
+        """Zero each gradient sum and make it its trainable parameter's `.grad`.
+
+        At train begin and after each step's zero_grad, which set `.grad` to None: the
+        backward adds into the sums whether or not a parameter holds one.
+        """
+        for _, parameter, grad_sum in self.grad_sums():
+            grad_sum.zero_()
+            if parameter.requires_grad:
+                parameter.grad = grad_sum
+
+    def check_grad_sums(self) -> None:
+        """Before the optimizer step: each trainable parameter's `.grad` is its sum.
+
+        A parameter unfrozen during this step gets its sum now (it was zeroed at the last
+        hand-over, so it holds this step's gradient; only the clipped norm missed it). A
+        `.grad` put there by anything else would be stepped with while the gradient sat in
+        the sum: that stops the run rather than training on the wrong gradient.
+        """
+        for name, parameter, grad_sum in self.grad_sums():
+            if not parameter.requires_grad or parameter.grad is grad_sum:
+                continue
+            if parameter.grad is None:
+                parameter.grad = grad_sum
+                continue
+            raise RuntimeError(
+                f"{name}: its .grad was replaced during the step, but fuseGradientAccumulation "
+                "adds the gradient into its own buffer; set spec.training.speed."
+                "fuseGradientAccumulation: off for a training loop that manages .grad itself"
+            )
+
     def remove(self) -> None:
-        """Plain nn.Linear layers again, without the copies."""
+        """Plain nn.Linear layers again, without the copies (and gradients None, as after
+        the last step's zero_grad)."""
+        for _, parameter, grad_sum in self.grad_sums():
+            if parameter.grad is grad_sum:
+                parameter.grad = None
         for module in self.modules:
             for name in SLOTS:
                 module._buffers.pop(f"{name}_copy", None)
+                module._buffers.pop(f"{name}_grad_sum", None)
+            module.__dict__.pop("fp32_output", None)
             module.__class__ = nn.Linear
         self.modules = []
 
@@ -190,9 +373,16 @@ class WeightCopies:
             # optimizer changes them at each step; after training nothing refreshes them.
             def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 copies.hook_gradients()
+                copies.hand_over_grad_sums()
+
+            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                copies.check_grad_sums()
 
             def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 copies.refresh()
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                copies.hand_over_grad_sums()  # after the step's zero_grad
 
             def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 copies.remove()
@@ -200,20 +390,35 @@ class WeightCopies:
         return KeepWeightCopiesCurrent()
 
 
-def use_weight_copies(trainer: Any) -> str:
-    """Give the trainer's model bf16 weight copies; what was done, for the log."""
+def use_weight_copies(trainer: Any, accumulate_in_matmul: bool = False) -> str:
+    """Give the trainer's model bf16 weight copies (whose backward adds the weight gradient
+    into `.grad` inside the matmul, with `accumulate_in_matmul`); what was done, for the log."""
     refused = not_for_copies(trainer)
     if refused:
         return f"not applied: {refused}"
     if len(embeddings(trainer.model)) < 2:
         # The LM head must not get a copy (its weight is read directly): it must be found.
         return "not applied: the model's embeddings or LM head cannot be found"
-    copies = WeightCopies(trainer.model)
+    copies = WeightCopies(trainer.model, accumulate_in_matmul=accumulate_in_matmul)
     if not copies.layers:
         return "no plain nn.Linear with fp32 weights: nothing to copy"
     trainer.add_callback(copies.callback())
     size = sum(copy.numel() * copy.element_size() for _, copy in copies.pairs())
-    return (
+    done = (
         f"{copies.layers} linear layers compute with bf16 copies of their weights "
         f"({size / 2**30:.2f} GiB), made once per optimizer step"
     )
+    fused = [m for m in copies.modules if isinstance(m, LinearAccumulatingInMatmul)]
+    if not accumulate_in_matmul:
+        return done
+    if not fused:
+        return f"{done}; fuseGradientAccumulation: no trainable layer to fuse"
+    why_not = matmul_adds_in_fp32(fused[0].weight.device)
+    for module in fused:
+        module.fp32_output = why_not is None
+    how = (
+        "added into the fp32 .grad inside the matmul (fp32 output, beta 1)"
+        if why_not is None
+        else f"bf16 products added into the fp32 .grad, autocast's arithmetic ({why_not})"
+    )
+    return f"{done}; fuseGradientAccumulation: {len(fused)} layers' weight gradients {how}"
