@@ -408,6 +408,7 @@ def test_fused_accumulation_compiles_into_one_graph_and_accumulates_in_place() -
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()  # global to the process: earlier tests' graph breaks are not ours
     reference = tiny_model(tied=True)
     model = copy.deepcopy(reference)
     copies = fused_copies(model)
