@@ -66,13 +66,13 @@ def gradients(model: Any, batches: list[torch.Tensor], autocast: bool) -> dict[s
 
 
 def fused_gradients(
-    base: Any, batches: list[torch.Tensor], fp32_output: bool, compiled: bool
+    base: Any, batches: list[torch.Tensor], fp32_products: bool, compiled: bool
 ) -> dict[str, Any]:
     model = copy.deepcopy(base)
     copies = WeightCopies(model, accumulate_in_matmul=True)
     for module in copies.modules:
         if isinstance(module, LinearAccumulatingInMatmul):
-            module.fp32_output = fp32_output
+            module.fp32_products = fp32_products
     copies.hand_over_grad_sums()  # as at train begin
     return gradients(torch.compile(model) if compiled else model, batches, autocast=True)
 

@@ -150,10 +150,13 @@ class Losses(TrainerCallback):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.layers_with_copies: list[int] = []
+        self.fused_layers: list[int] = []
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
         layers = [m for m in model.modules() if isinstance(m, LinearWithWeightCopies)]
         self.layers_with_copies.append(len(layers))
+        fused = [m for m in model.modules() if isinstance(m, LinearAccumulatingInMatmul)]
+        self.fused_layers.append(len(fused))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
         if logs and "loss" in logs:
@@ -371,8 +374,8 @@ def test_fused_accumulation_gives_autocasts_gradients_on_cpu(tied: bool) -> None
     model = copy.deepcopy(reference)
     copies = fused_copies(model)
     q_proj = model.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, LinearAccumulatingInMatmul) and not q_proj.fp32_output
-    assert len(copies.grad_sums()) == 2 * 7 * 2 - 2 * 4  # weights, plus q/k/v biases
+    assert isinstance(q_proj, LinearAccumulatingInMatmul) and not q_proj.fp32_products
+    assert len(copies.grad_sums) == 2 * 7 * 2 - 2 * 4  # weights, plus q/k/v biases
     assert q_proj.weight.grad is q_proj.weight_grad_sum  # handed over, zeroed
     assert model.state_dict().keys() == reference.state_dict().keys()
 
@@ -467,22 +470,204 @@ def test_fused_lora_adapters_learn_the_same_and_frozen_layers_keep_the_hook() ->
             assert torch.equal(want[name], have[name]), name
 
 
-def test_a_replaced_grad_stops_the_step_and_an_unfrozen_one_gets_its_sum() -> None:
+def fused_backward(model: Any, ids: torch.Tensor) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_before_the_step_each_grad_is_what_plain_autograd_would_leave() -> None:
     model = tiny_model(tied=True)
     copies = fused_copies(model)
     callback = copies.callback()
     q_proj = model.model.layers[0].self_attn.q_proj
+    k_proj = model.model.layers[0].self_attn.k_proj
     ids = torch.arange(12).reshape(1, 12)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(input_ids=ids, labels=ids).loss.backward()
-    callback.on_pre_optimizer_step(None, None, None)  # every .grad is its sum: passes
+    fused_backward(model, ids)
+    callback.on_pre_optimizer_step(None, None, None)  # every .grad is its sum: kept
     assert q_proj.weight.grad is q_proj.weight_grad_sum
-    q_proj.weight.grad = None  # e.g. a layer unfrozen during the step
+    assert q_proj.weight.grad.abs().sum() > 0
+
+    # Frozen during the step: not stepped (None), as with plain autograd.
+    copies.hand_over_grad_sums()
+    fused_backward(model, ids)
+    q_proj.weight.requires_grad_(False)
     callback.on_pre_optimizer_step(None, None, None)
+    assert q_proj.weight.grad is None
+    assert k_proj.weight.grad is k_proj.weight_grad_sum  # the others keep theirs
+
+    # Unfrozen during the step: stays None this step, gets its sum at the next hand-over.
+    q_proj.weight.requires_grad_(True)
+    callback.on_pre_optimizer_step(None, None, None)
+    assert q_proj.weight.grad is None
+    callback.on_step_end(None, None, None)
     assert q_proj.weight.grad is q_proj.weight_grad_sum
-    q_proj.weight.grad = torch.zeros_like(q_proj.weight)  # someone else's .grad
+
+    # A step in which no backward reached the layers: None, so AdamW skips them instead
+    # of stepping with zeros.
+    callback.on_pre_optimizer_step(None, None, None)
+    assert all(p.grad is None for p in q_proj.parameters())
+
+    # Someone else's .grad: the step stops, naming the parameter and the switch.
+    copies.hand_over_grad_sums()
+    fused_backward(model, ids)
+    q_proj.weight.grad = torch.zeros_like(q_proj.weight)
     with pytest.raises(RuntimeError, match=r"self_attn\.q_proj\.weight: .*fuseGradientAccum"):
         callback.on_pre_optimizer_step(None, None, None)
+
+
+def test_an_unused_layer_is_not_stepped_and_a_frozen_one_not_moved() -> None:
+    # Through a real optimizer: a layer that gets no gradient in a step, and one frozen
+    # during it, end the step where plain autograd leaves them (AdamW skips them).
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {
+            "used": torch.nn.Linear(8, 8),
+            "unused": torch.nn.Linear(8, 8),
+            "frozen": torch.nn.Linear(8, 8),
+        }
+    )
+    copies = WeightCopies(model, accumulate_in_matmul=True)
+    callback = copies.callback()
+    callback.on_train_begin(None, None, None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(4, 8)
+    model["frozen"].requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (model["used"](x).float().sum() + model["frozen"](x).float().sum()).backward()
+    callback.on_pre_optimizer_step(None, None, None)
+    optimizer.step()
+    for name, value in model.named_parameters():
+        moved = not torch.equal(value, before[name])
+        assert moved == name.startswith("used"), name
+
+
+def assert_bf16_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to bf16 rounding (2^-8 relative) of the largest entries."""
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 2**-7 * scale, (got, want)
+
+
+def test_layers_sharing_a_weight_share_its_sum() -> None:
+    # (Zamba2 ties its shared block's linear layers across depths.) Two nn.Linear with one
+    # weight Parameter: one sum that both add into, which is the parameter's .grad.
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    second.weight = first.weight
+    reference = copy.deepcopy(torch.nn.ModuleList([first, second]))
+    model = torch.nn.ModuleList([first, second])
+    copies = WeightCopies(model, accumulate_in_matmul=True)
+    assert first.weight_grad_sum is second.weight_grad_sum
+    assert len(copies.grad_sums) == 3  # the shared weight and two biases
+    # A move (as `.to()` to another device does) gives each module its own new buffer.
+    model._apply(lambda tensor: tensor.clone())
+    assert first.weight_grad_sum is not second.weight_grad_sum
+    copies.callback().on_train_begin(None, None, None)  # shared again
+    assert first.weight_grad_sum is second.weight_grad_sum
+    x = torch.randn(4, 8)
+    for net in (reference, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net[1](net[0](x)).float().sum().backward()
+    copies.check_grad_sums()  # no "replaced" error: one .grad for the one parameter
+    # Both layers' gradients, each added in fp32 (autocast casts the shared weight once
+    # and sums the two bf16 gradients in bf16 first, hence the tolerance; one layer's
+    # gradient alone would be about half).
+    assert_bf16_close(first.weight.grad, reference[0].weight.grad)
+    assert torch.equal(second.bias.grad, reference[1].bias.grad)
+
+
+def test_a_layer_called_twice_in_one_forward_adds_both_gradients() -> None:
+    # The sums are not saved tensors: the first backward's add does not trip autograd's
+    # version check for the second.
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(8, 8)
+    layer = copy.deepcopy(reference)
+    copies = WeightCopies(torch.nn.ModuleList([layer]), accumulate_in_matmul=True)
+    copies.hand_over_grad_sums()
+    x = torch.randn(4, 8)
+    for net in (reference, layer):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(net(x)).float().sum().backward()
+    assert_bf16_close(layer.weight.grad, reference.weight.grad)  # (as above)
+    assert_bf16_close(layer.bias.grad, reference.bias.grad)
+
+
+def test_the_sums_survive_saved_tensor_hooks_that_hand_back_new_tensors() -> None:
+    # Activation offloading packs saved tensors away and unpacks new ones: the sums ride
+    # outside them, so the adds still reach the parameters' .grad.
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(8, 8)
+    layer = copy.deepcopy(reference)
+    copies = WeightCopies(torch.nn.ModuleList([layer]), accumulate_in_matmul=True)
+    copies.hand_over_grad_sums()
+    x = torch.randn(4, 8, requires_grad=True)
+    for net in (reference, layer):
+        offloading = torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+        with offloading, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x).float().sum()
+        out.backward()
+    assert torch.equal(layer.weight.grad, reference.weight.grad)
+
+
+def test_a_bias_frozen_at_the_start_learns_once_unfrozen() -> None:
+    model = tiny_model(tied=True)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj.bias.requires_grad_(False)
+    copies = fused_copies(model)
+    callback = copies.callback()
+    ids = torch.arange(12).reshape(1, 12)
+    fused_backward(model, ids)
+    callback.on_pre_optimizer_step(None, None, None)
+    assert q_proj.bias.grad is None
+    q_proj.bias.requires_grad_(True)
+    callback.on_step_end(None, None, None)
+    fused_backward(model, ids)
+    callback.on_pre_optimizer_step(None, None, None)
+    assert q_proj.bias.grad is q_proj.bias_grad_sum and q_proj.bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fp32_products", [False, True])
+def test_the_op_adds_the_product_and_the_column_sums(fp32_products: bool) -> None:
+    # The fp32 branch runs as an fp32 matmul off CUDA: the adding, not cuBLAS's epilogue,
+    # is what this checks (matmul_adds_in_fp32 checks the CUDA kernel on the device).
+    from sftjob_trainer.weight_copies import gradient_seen
+
+    generator = torch.Generator().manual_seed(0)
+    grad_output = torch.randn(3, 5, 6, generator=generator).to(torch.bfloat16)
+    input = torch.randn(3, 5, 4, generator=generator).to(torch.bfloat16)
+    weight_sum, bias_sum = torch.ones(6, 4), torch.ones(6)
+    for _ in range(2):
+        torch.ops.sftjob.accumulate_linear_grads(
+            weight_sum, bias_sum, grad_output, input, fp32_products, 12345
+        )
+    g, x = grad_output.reshape(15, 6), input.reshape(15, 4)
+    if fp32_products:
+        product, columns = g.float().t() @ x.float(), g.float().sum(0)
+    else:
+        product, columns = (g.t() @ x).float(), g.sum(0).float()
+    torch.testing.assert_close(weight_sum, 1 + 2 * product, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bias_sum, 1 + 2 * columns, rtol=1e-6, atol=1e-6)
+    assert 12345 in gradient_seen
+    gradient_seen.discard(12345)
+
+
+def test_not_fused_with_activation_offloading() -> None:
+    from types import SimpleNamespace
+
+    from sftjob_trainer.weight_copies import use_weight_copies
+
+    model = tiny_model(tied=True)
+    callbacks: list[Any] = []
+    trainer = SimpleNamespace(
+        model=model,
+        args=SimpleNamespace(activation_offloading=True),
+        accelerator=None,
+        add_callback=callbacks.append,
+    )
+    said = use_weight_copies(trainer, accumulate_in_matmul=True)
+    assert said.endswith("fuseGradientAccumulation: not applied with activation_offloading")
+    assert not any(isinstance(m, LinearAccumulatingInMatmul) for m in model.modules())
+    assert any(isinstance(m, LinearWithWeightCopies) for m in model.modules())
 
 
 def test_trainer_with_fused_accumulation_learns_the_same(bf16_trainer: Any) -> None:
@@ -504,6 +689,8 @@ def test_trainer_with_fused_accumulation_learns_the_same(bf16_trainer: Any) -> N
     for name, value in weights.items():
         assert torch.equal(value, plain_weights[name]), name
     assert len(ours.layers_with_copies) == 3 and min(ours.layers_with_copies) > 0
+    # Every copied layer of the tiny model is trainable, so every one was fused.
+    assert ours.fused_layers == ours.layers_with_copies
     assert not any(isinstance(m, LinearWithWeightCopies) for m in trainer.model.modules())
     assert not any("_grad_sum" in name for name, _ in trainer.model.named_buffers())
     assert all(p.grad is None for p in trainer.model.parameters())

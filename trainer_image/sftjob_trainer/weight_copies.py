@@ -29,16 +29,21 @@ computes it: on CUDA one cuBLAS call with bf16 inputs, fp32 output and beta 1
 accumulation fusion does. The bf16 weight gradient is never written, read back and
 added by a separate kernel (about 3% of the kernel time in session 7's profile). It is
 not bit for bit autocast's arithmetic: the product is kept in fp32 instead of rounded to
-bf16 before the add, so the gradients are the more precise ones. Each such layer keeps
-an fp32 buffer per trainable parameter that IS that parameter's `.grad` while training
-runs: handed over, zeroed, at train begin and after each step's `zero_grad`, checked
-before each optimizer step. Where the fp32-output matmul is not there (CPU, an older
+bf16 before the add (measured against float64, the gradients' errors are the same size
+as autocast's, set by the bf16 activations). Each such layer keeps an fp32 buffer per
+parameter (shared by layers that share the parameter) that IS that parameter's `.grad`
+while training runs: handed over, zeroed, at train begin and after each step's
+`zero_grad`; before each optimizer step a parameter that got no gradient in the step (a
+branch not taken, or frozen meanwhile) goes back to `.grad` None, as plain autograd
+leaves it. Where the fp32-output matmul is not there (CPU, an older
 torch), the same path multiplies in bf16 and adds, which is autocast's arithmetic again.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -65,15 +70,17 @@ class LinearWithWeightCopies(nn.Linear):
 class LinearAccumulatingInMatmul(LinearWithWeightCopies):
     """Weight copies whose backward adds the weight gradient into `.grad` in the matmul.
 
-    `weight_grad_sum` (and `bias_grad_sum` for a trainable bias, else None) are fp32
-    buffers that the parameters hold as `.grad` while training runs.
+    `weight_grad_sum` and `bias_grad_sum` (None without a bias) are fp32 buffers that the
+    parameters hold as `.grad` while training runs; layers that share a weight share its
+    sum. `grad_key` names the layer to `gradient_seen` (which layers had a backward).
     """
 
     weight_grad_sum: torch.Tensor
     bias_grad_sum: torch.Tensor | None
-    # True where cuBLAS adds the bf16 product into the fp32 sum itself (checked by
+    # True where the product is added in fp32 (on CUDA inside the matmul, checked by
     # `matmul_adds_in_fp32` when the lever is applied); else bf16 product, then add.
-    fp32_output: bool
+    fp32_products: bool
+    grad_key: int
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return _LinearAccumulating.apply(
@@ -82,8 +89,27 @@ class LinearAccumulatingInMatmul(LinearWithWeightCopies):
             self.bias_copy,
             self.weight_grad_sum,
             self.bias_grad_sum,
-            self.fp32_output,
+            self.fp32_products,
+            self.grad_key,
         )
+
+
+# Keys of the fused layers whose backward has added into their sums since their last
+# hand-over: a trainable layer with no backward in a step keeps `.grad` None, as plain
+# autograd leaves it, so the optimizer skips it instead of stepping with zeros. Kept on
+# the host by the op (it runs as Python even inside a compiled graph) by key, not by
+# tensor: a compiled graph may hand the op a functional copy of the sum to add into.
+gradient_seen: set[int] = set()
+_next_key = itertools.count()
+
+
+def add_fp32_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a @ b, the bf16 product kept in fp32: on CUDA in cuBLAS's epilogue (fp32
+    output, beta 1), with no bf16 result written; elsewhere by an fp32 matmul."""
+    if total.is_cuda:
+        torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+    else:
+        total.addmm_(a.float(), b.float())
 
 
 @torch.library.custom_op("sftjob::accumulate_linear_grads", mutates_args=("weight_sum", "bias_sum"))
@@ -92,7 +118,8 @@ def accumulate_linear_grads(
     bias_sum: torch.Tensor | None,
     grad_output: torch.Tensor,
     input: torch.Tensor,
-    fp32_output: bool,
+    fp32_products: bool,
+    key: int,
 ) -> None:
     """weight_sum += grad_output^T @ input, bias_sum += its column sums (fp32 sums).
 
@@ -102,18 +129,21 @@ def accumulate_linear_grads(
     """
     grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
     input_2d = input.reshape(-1, input.shape[-1])
-    if fp32_output:
-        torch.addmm(weight_sum, grad_2d.t(), input_2d, out_dtype=torch.float32, out=weight_sum)
+    if fp32_products:
+        add_fp32_product(weight_sum, grad_2d.t(), input_2d)
         if bias_sum is not None:
             bias_sum.add_(grad_2d.sum(0, dtype=torch.float32))
     else:  # autocast's arithmetic: the bf16 product (and bf16 sum), added in fp32
         weight_sum.add_(grad_2d.t().mm(input_2d))
         if bias_sum is not None:
             bias_sum.add_(grad_2d.sum(0))
+    gradient_seen.add(key)
 
 
 @accumulate_linear_grads.register_fake
-def _(weight_sum: Any, bias_sum: Any, grad_output: Any, input: Any, fp32_output: bool) -> None:
+def _(
+    weight_sum: Any, bias_sum: Any, grad_output: Any, input: Any, fp32_products: bool, key: int
+) -> None:
     return None
 
 
@@ -122,6 +152,12 @@ class _LinearAccumulating(torch.autograd.Function):
 
     The input is cast to the copies' dtype as autocast would; the gradient for the input
     goes back in the input's own dtype. The copies get no gradient (it is in the sums).
+    Run eagerly, the sums ride on `ctx`, not among the saved tensors: saved tensors may
+    be packed away and handed back as new tensors (saved-tensor hooks, activation
+    offloading), and they carry a version check that a layer called twice in one forward
+    would fail, since the first backward has already added into the sum. Traced by
+    torch.compile, they are saved with the activations, the form measured on the GPU
+    (torch 2.11); AOTAutograd hands the compiled backward its inputs itself.
     """
 
     @staticmethod
@@ -132,22 +168,54 @@ class _LinearAccumulating(torch.autograd.Function):
         bias: torch.Tensor | None,
         weight_sum: torch.Tensor,
         bias_sum: torch.Tensor | None,
-        fp32_output: bool,
+        fp32_products: bool,
+        key: int,
     ) -> torch.Tensor:
         rounded = input.to(weight.dtype)
-        ctx.save_for_backward(rounded, weight, weight_sum, bias_sum)
+        if torch.compiler.is_compiling():
+            ctx.save_for_backward(rounded, weight, weight_sum, bias_sum)
+        else:
+            ctx.save_for_backward(rounded, weight)
+            ctx.sums = (weight_sum, bias_sum)
         ctx.input_dtype = input.dtype
-        ctx.fp32_output = fp32_output
+        ctx.fp32_products = fp32_products
+        ctx.key = key
         return F.linear(rounded, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        rounded, weight, weight_sum, bias_sum = ctx.saved_tensors
+        rounded, weight, *saved_sums = ctx.saved_tensors
+        weight_sum, bias_sum = saved_sums or ctx.sums
         torch.ops.sftjob.accumulate_linear_grads(
-            weight_sum, bias_sum, grad_output, rounded, ctx.fp32_output
+            weight_sum, bias_sum, grad_output, rounded, ctx.fp32_products, ctx.key
         )
         grad_input = grad_output.matmul(weight).to(ctx.input_dtype)
-        return grad_input, None, None, None, None, None
+        return grad_input, None, None, None, None, None, None
+
+
+@dataclass
+class GradSum:
+    """One fp32 parameter's gradient sum: the buffer `<slot>_grad_sum` of each fused layer
+    that uses the parameter (one tensor, shared when layers share the parameter)."""
+
+    name: str
+    parameter: nn.Parameter
+    places: list[tuple[LinearAccumulatingInMatmul, str]]
+
+    @property
+    def total(self) -> torch.Tensor:
+        module, slot = self.places[0]
+        return module._buffers[f"{slot}_grad_sum"]  # type: ignore[return-value]
+
+    @property
+    def keys(self) -> list[int]:
+        return [module.grad_key for module, _ in self.places]
+
+    def share(self) -> None:
+        """One tensor in every place again (a `.to()` gives each module its own)."""
+        total = self.total
+        for module, slot in self.places[1:]:
+            module._buffers[f"{slot}_grad_sum"] = total
 
 
 def matmul_adds_in_fp32(device: torch.device) -> str | None:
@@ -161,7 +229,7 @@ def matmul_adds_in_fp32(device: torch.device) -> str | None:
     total = torch.randn(256, 128, device=device, generator=generator)
     expected = total.double() + a.double() @ b.double()
     try:
-        torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+        add_fp32_product(total, a, b)
     except (RuntimeError, TypeError) as error:  # torch without out_dtype, or no kernel
         return f"torch.addmm with out_dtype=float32 failed: {error}"
     error = ((total.double() - expected).abs().max() / expected.abs().max()).item()
@@ -230,6 +298,7 @@ class WeightCopies:
         # The LM head (tied to the embedding or not): TRL's fused head and the lean head
         # read its weight directly, so a copy would never be used.
         skip: set[int] = set()
+        sums: dict[int, GradSum] = {}
         for module in embeddings(model):
             skip.update((id(module), id(module.weight)))
         self.modules: list[LinearWithWeightCopies] = []
@@ -243,20 +312,35 @@ class WeightCopies:
             module.__class__ = LinearWithWeightCopies
             if accumulate_in_matmul and module.weight.requires_grad:
                 # Layers frozen now keep the hook (a layer unfrozen later still learns).
-                for name in SLOTS:
-                    parameter = getattr(module, name)
-                    grad_sum = None
-                    if parameter is not None and parameter.requires_grad:
-                        grad_sum = torch.zeros_like(
-                            parameter, memory_format=torch.contiguous_format
-                        )
-                    module.register_buffer(f"{name}_grad_sum", grad_sum, persistent=False)
-                module.fp32_output = False  # set by use_weight_copies after its check
-                module.__class__ = LinearAccumulatingInMatmul
+                self._add_grad_sums(module, sums)
             self.modules.append(module)  # type: ignore[arg-type]
-        # For messages: the layers' names as the model calls them.
-        self.names = {id(module): name for name, module in model.named_modules()}
+        names = {id(module): name for name, module in model.named_modules()}
+        self.grad_sums = list(sums.values())
+        for grad_sum in self.grad_sums:  # for messages: the name the model gives it
+            module, slot = grad_sum.places[0]
+            grad_sum.name = f"{names.get(id(module), '?')}.{slot}"
         self.hook_gradients()
+
+    @staticmethod
+    def _add_grad_sums(module: nn.Module, sums: dict[int, GradSum]) -> None:
+        """Make `module` add its gradients into fp32 sums, one per parameter (shared with
+        the layers already given the same parameter). A bias gets one even while frozen,
+        so that it learns if it is unfrozen later."""
+        module.__class__ = LinearAccumulatingInMatmul
+        module.grad_key = next(_next_key)
+        module.fp32_products = False  # set by use_weight_copies after its check
+        for slot in SLOTS:
+            parameter = getattr(module, slot)
+            total = None
+            if parameter is not None:
+                shared = sums.get(id(parameter))
+                if shared is None:
+                    shared = sums[id(parameter)] = GradSum("", parameter, [])
+                    total = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
+                else:
+                    total = shared.total
+                shared.places.append((module, slot))  # type: ignore[arg-type]
+            module.register_buffer(f"{slot}_grad_sum", total, persistent=False)
 
     @property
     def layers(self) -> int:
@@ -294,6 +378,8 @@ class WeightCopies:
                         partial(_add_into_parameter, module, name)
                     )
                     copy._sftjob_hooked = True  # type: ignore[attr-defined]
+        for grad_sum in self.grad_sums:
+            grad_sum.share()
         self.refresh()
 
     @torch.no_grad()
@@ -307,16 +393,6 @@ class WeightCopies:
             copy.copy_(parameter)
             copy.requires_grad_(parameter.requires_grad)
 
-    def grad_sums(self) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
-        """(name, fp32 parameter, its gradient sum) of the layers that add in the matmul."""
-        return [
-            (f"{self.names.get(id(module), '?')}.{name}", getattr(module, name), grad_sum)
-            for module in self.modules
-            if isinstance(module, LinearAccumulatingInMatmul)
-            for name in SLOTS
-            if (grad_sum := module._buffers.get(f"{name}_grad_sum")) is not None
-        ]
-
     @torch.no_grad()
     def hand_over_grad_sums(self) -> None:
         """Zero each gradient sum and make it its trainable parameter's `.grad`.
@@ -324,42 +400,49 @@ class WeightCopies:
         At train begin and after each step's zero_grad, which set `.grad` to None: the
         backward adds into the sums whether or not a parameter holds one.
         """
-        for _, parameter, grad_sum in self.grad_sums():
-            grad_sum.zero_()
-            if parameter.requires_grad:
-                parameter.grad = grad_sum
+        for grad_sum in self.grad_sums:
+            grad_sum.total.zero_()
+            if grad_sum.parameter.requires_grad:
+                grad_sum.parameter.grad = grad_sum.total
+            gradient_seen.difference_update(grad_sum.keys)
 
     def check_grad_sums(self) -> None:
-        """Before the optimizer step: each trainable parameter's `.grad` is its sum.
+        """Before the optimizer step, each `.grad` is what plain autograd would leave.
 
-        A parameter unfrozen during this step gets its sum now (it was zeroed at the last
-        hand-over, so it holds this step's gradient; only the clipped norm missed it). A
-        `.grad` put there by anything else would be stepped with while the gradient sat in
-        the sum: that stops the run rather than training on the wrong gradient.
+        A parameter frozen during the step, or one whose layers had no backward in it (a
+        branch not taken), gets `.grad` None, so the optimizer skips it rather than
+        stepping with its sum or with zeros. One unfrozen during the step stays None and
+        learns from the next step on. A `.grad` put there by anything else would be
+        stepped with while the gradient sat in the sum: that stops the run.
         """
-        for name, parameter, grad_sum in self.grad_sums():
-            if not parameter.requires_grad or parameter.grad is grad_sum:
-                continue
-            if parameter.grad is None:
-                parameter.grad = grad_sum
-                continue
-            raise RuntimeError(
-                f"{name}: its .grad was replaced during the step, but fuseGradientAccumulation "
-                "adds the gradient into its own buffer; set spec.training.speed."
-                "fuseGradientAccumulation: off for a training loop that manages .grad itself"
-            )
+        for grad_sum in self.grad_sums:
+            parameter = grad_sum.parameter
+            if parameter.grad is grad_sum.total:
+                trained = any(key in gradient_seen for key in grad_sum.keys)
+                if not parameter.requires_grad or not trained:
+                    parameter.grad = None
+            elif parameter.grad is not None:
+                raise RuntimeError(
+                    f"{grad_sum.name}: its .grad was replaced during the step, but "
+                    "fuseGradientAccumulation adds the gradient into its own buffer; set "
+                    "spec.training.speed.fuseGradientAccumulation: off for a training loop "
+                    "that manages .grad itself"
+                )
 
     def remove(self) -> None:
         """Plain nn.Linear layers again, without the copies (and gradients None, as after
         the last step's zero_grad)."""
-        for _, parameter, grad_sum in self.grad_sums():
-            if parameter.grad is grad_sum:
-                parameter.grad = None
+        for grad_sum in self.grad_sums:
+            if grad_sum.parameter.grad is grad_sum.total:
+                grad_sum.parameter.grad = None
+            gradient_seen.difference_update(grad_sum.keys)
+        self.grad_sums = []
         for module in self.modules:
             for name in SLOTS:
                 module._buffers.pop(f"{name}_copy", None)
                 module._buffers.pop(f"{name}_grad_sum", None)
-            module.__dict__.pop("fp32_output", None)
+            for attribute in ("fp32_products", "grad_key"):
+                module.__dict__.pop(attribute, None)
             module.__class__ = nn.Linear
         self.modules = []
 
@@ -399,6 +482,11 @@ def use_weight_copies(trainer: Any, accumulate_in_matmul: bool = False) -> str:
     if len(embeddings(trainer.model)) < 2:
         # The LM head must not get a copy (its weight is read directly): it must be found.
         return "not applied: the model's embeddings or LM head cannot be found"
+    offloading = accumulate_in_matmul and getattr(trainer.args, "activation_offloading", False)
+    if offloading:
+        # Its saved-tensor hooks hand the backward new tensors; the sums are kept off the
+        # saved tensors in eager mode, but a compiled graph saves its inputs: not checked.
+        accumulate_in_matmul = False
     copies = WeightCopies(trainer.model, accumulate_in_matmul=accumulate_in_matmul)
     if not copies.layers:
         return "no plain nn.Linear with fp32 weights: nothing to copy"
@@ -409,13 +497,15 @@ def use_weight_copies(trainer: Any, accumulate_in_matmul: bool = False) -> str:
         f"({size / 2**30:.2f} GiB), made once per optimizer step"
     )
     fused = [m for m in copies.modules if isinstance(m, LinearAccumulatingInMatmul)]
+    if offloading:
+        return f"{done}; fuseGradientAccumulation: not applied with activation_offloading"
     if not accumulate_in_matmul:
         return done
     if not fused:
         return f"{done}; fuseGradientAccumulation: no trainable layer to fuse"
     why_not = matmul_adds_in_fp32(fused[0].weight.device)
     for module in fused:
-        module.fp32_output = why_not is None
+        module.fp32_products = why_not is None
     how = (
         "added into the fp32 .grad inside the matmul (fp32 output, beta 1)"
         if why_not is None
