@@ -33,15 +33,14 @@ bf16 before the add (measured against float64, the gradients' errors are the sam
 as autocast's, set by the bf16 activations). Each such layer keeps an fp32 buffer per
 parameter (shared by layers that share the parameter) that IS that parameter's `.grad`
 while training runs: handed over, zeroed, at train begin and after each step's
-`zero_grad`; before each optimizer step a parameter that got no gradient in the step (a
-branch not taken, or frozen meanwhile) goes back to `.grad` None, as plain autograd
-leaves it. Where the fp32-output matmul is not there (CPU, an older
+`zero_grad`; before each optimizer step a parameter whose sum stayed zero (no backward
+reached it) or that was frozen meanwhile goes back to `.grad` None, so the optimizer
+skips it as it skips plain autograd's None. Where the fp32-output matmul is not there (CPU, an older
 torch), the same path multiplies in bf16 and adds, which is autocast's arithmetic again.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -72,7 +71,7 @@ class LinearAccumulatingInMatmul(LinearWithWeightCopies):
 
     `weight_grad_sum` and `bias_grad_sum` (None without a bias) are fp32 buffers that the
     parameters hold as `.grad` while training runs; layers that share a weight share its
-    sum. `grad_key` names the layer to `gradient_seen` (which layers had a backward).
+    sum.
     """
 
     weight_grad_sum: torch.Tensor
@@ -80,7 +79,6 @@ class LinearAccumulatingInMatmul(LinearWithWeightCopies):
     # True where the product is added in fp32 (on CUDA inside the matmul, checked by
     # `matmul_adds_in_fp32` when the lever is applied); else bf16 product, then add.
     fp32_products: bool
-    grad_key: int
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return _LinearAccumulating.apply(
@@ -90,17 +88,7 @@ class LinearAccumulatingInMatmul(LinearWithWeightCopies):
             self.weight_grad_sum,
             self.bias_grad_sum,
             self.fp32_products,
-            self.grad_key,
         )
-
-
-# Keys of the fused layers whose backward has added into their sums since their last
-# hand-over: a trainable layer with no backward in a step keeps `.grad` None, as plain
-# autograd leaves it, so the optimizer skips it instead of stepping with zeros. Kept on
-# the host by the op (it runs as Python even inside a compiled graph) by key, not by
-# tensor: a compiled graph may hand the op a functional copy of the sum to add into.
-gradient_seen: set[int] = set()
-_next_key = itertools.count()
 
 
 def add_fp32_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -119,7 +107,6 @@ def accumulate_linear_grads(
     grad_output: torch.Tensor,
     input: torch.Tensor,
     fp32_products: bool,
-    key: int,
 ) -> None:
     """weight_sum += grad_output^T @ input, bias_sum += its column sums (fp32 sums).
 
@@ -137,13 +124,10 @@ def accumulate_linear_grads(
         weight_sum.add_(grad_2d.t().mm(input_2d))
         if bias_sum is not None:
             bias_sum.add_(grad_2d.sum(0))
-    gradient_seen.add(key)
 
 
 @accumulate_linear_grads.register_fake
-def _(
-    weight_sum: Any, bias_sum: Any, grad_output: Any, input: Any, fp32_products: bool, key: int
-) -> None:
+def _(weight_sum: Any, bias_sum: Any, grad_output: Any, input: Any, fp32_products: bool) -> None:
     return None
 
 
@@ -152,12 +136,11 @@ class _LinearAccumulating(torch.autograd.Function):
 
     The input is cast to the copies' dtype as autocast would; the gradient for the input
     goes back in the input's own dtype. The copies get no gradient (it is in the sums).
-    Run eagerly, the sums ride on `ctx`, not among the saved tensors: saved tensors may
-    be packed away and handed back as new tensors (saved-tensor hooks, activation
-    offloading), and they carry a version check that a layer called twice in one forward
-    would fail, since the first backward has already added into the sum. Traced by
-    torch.compile, they are saved with the activations, the form measured on the GPU
-    (torch 2.11); AOTAutograd hands the compiled backward its inputs itself.
+    The sums ride on `ctx`, not among the saved tensors: saved tensors may be packed away
+    and handed back as new tensors (saved-tensor hooks, activation offloading), and they
+    carry a version check that a layer used twice (called twice, or two layers sharing
+    a weight) fails once the first backward has added into the sum, also when the two
+    uses are in different compiled graphs.
     """
 
     @staticmethod
@@ -169,28 +152,23 @@ class _LinearAccumulating(torch.autograd.Function):
         weight_sum: torch.Tensor,
         bias_sum: torch.Tensor | None,
         fp32_products: bool,
-        key: int,
     ) -> torch.Tensor:
         rounded = input.to(weight.dtype)
-        if torch.compiler.is_compiling():
-            ctx.save_for_backward(rounded, weight, weight_sum, bias_sum)
-        else:
-            ctx.save_for_backward(rounded, weight)
-            ctx.sums = (weight_sum, bias_sum)
+        ctx.save_for_backward(rounded, weight)
+        ctx.sums = (weight_sum, bias_sum)
         ctx.input_dtype = input.dtype
         ctx.fp32_products = fp32_products
-        ctx.key = key
         return F.linear(rounded, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        rounded, weight, *saved_sums = ctx.saved_tensors
-        weight_sum, bias_sum = saved_sums or ctx.sums
+        rounded, weight = ctx.saved_tensors
+        weight_sum, bias_sum = ctx.sums
         torch.ops.sftjob.accumulate_linear_grads(
-            weight_sum, bias_sum, grad_output, rounded, ctx.fp32_products, ctx.key
+            weight_sum, bias_sum, grad_output, rounded, ctx.fp32_products
         )
         grad_input = grad_output.matmul(weight).to(ctx.input_dtype)
-        return grad_input, None, None, None, None, None, None
+        return grad_input, None, None, None, None, None
 
 
 @dataclass
@@ -206,10 +184,6 @@ class GradSum:
     def total(self) -> torch.Tensor:
         module, slot = self.places[0]
         return module._buffers[f"{slot}_grad_sum"]  # type: ignore[return-value]
-
-    @property
-    def keys(self) -> list[int]:
-        return [module.grad_key for module, _ in self.places]
 
     def share(self) -> None:
         """One tensor in every place again (a `.to()` gives each module its own)."""
@@ -327,7 +301,6 @@ class WeightCopies:
         the layers already given the same parameter). A bias gets one even while frozen,
         so that it learns if it is unfrozen later."""
         module.__class__ = LinearAccumulatingInMatmul
-        module.grad_key = next(_next_key)
         module.fp32_products = False  # set by use_weight_copies after its check
         for slot in SLOTS:
             parameter = getattr(module, slot)
@@ -404,22 +377,27 @@ class WeightCopies:
             grad_sum.total.zero_()
             if grad_sum.parameter.requires_grad:
                 grad_sum.parameter.grad = grad_sum.total
-            gradient_seen.difference_update(grad_sum.keys)
 
+    @torch.no_grad()
     def check_grad_sums(self) -> None:
-        """Before the optimizer step, each `.grad` is what plain autograd would leave.
+        """Before the optimizer step, each `.grad` is close to what plain autograd leaves.
 
-        A parameter frozen during the step, or one whose layers had no backward in it (a
-        branch not taken), gets `.grad` None, so the optimizer skips it rather than
-        stepping with its sum or with zeros. One unfrozen during the step stays None and
-        learns from the next step on. A `.grad` put there by anything else would be
-        stepped with while the gradient sat in the sum: that stops the run.
+        A parameter frozen since the hand-over gets `.grad` None, and so does one whose sum
+        is all zeros: no backward reached it (a branch not taken), where plain autograd
+        leaves None too, so the optimizer skips it rather than stepping with zeros. (An
+        exact-zero gradient of a used layer is skipped as well: it would only have decayed
+        AdamW's moments.) One unfrozen since the hand-over stays None and learns from the
+        next step on. A `.grad` put there by anything else would be stepped with while
+        the gradient sat in the sum: that stops the run. The clipped norm, computed
+        before this, counted the gradient of a layer frozen during the step.
         """
+        held = []
         for grad_sum in self.grad_sums:
             parameter = grad_sum.parameter
             if parameter.grad is grad_sum.total:
-                trained = any(key in gradient_seen for key in grad_sum.keys)
-                if not parameter.requires_grad or not trained:
+                if parameter.requires_grad:
+                    held.append(grad_sum)
+                else:
                     parameter.grad = None
             elif parameter.grad is not None:
                 raise RuntimeError(
@@ -428,6 +406,14 @@ class WeightCopies:
                     "spec.training.speed.fuseGradientAccumulation: off for a training loop "
                     "that manages .grad itself"
                 )
+        if not held:
+            return
+        # One norm per sum in a few fused kernels, read back once per step.
+        norms = torch._foreach_norm([grad_sum.total for grad_sum in held])
+        unused = (torch.stack([norm.to(norms[0].device) for norm in norms]) == 0).tolist()
+        for grad_sum, empty in zip(held, unused, strict=True):
+            if empty:
+                grad_sum.parameter.grad = None
 
     def remove(self) -> None:
         """Plain nn.Linear layers again, without the copies (and gradients None, as after
@@ -435,14 +421,12 @@ class WeightCopies:
         for grad_sum in self.grad_sums:
             if grad_sum.parameter.grad is grad_sum.total:
                 grad_sum.parameter.grad = None
-            gradient_seen.difference_update(grad_sum.keys)
         self.grad_sums = []
         for module in self.modules:
             for name in SLOTS:
                 module._buffers.pop(f"{name}_copy", None)
                 module._buffers.pop(f"{name}_grad_sum", None)
-            for attribute in ("fp32_products", "grad_key"):
-                module.__dict__.pop(attribute, None)
+            module.__dict__.pop("fp32_products", None)
             module.__class__ = nn.Linear
         self.modules = []
 
@@ -484,8 +468,9 @@ def use_weight_copies(trainer: Any, accumulate_in_matmul: bool = False) -> str:
         return "not applied: the model's embeddings or LM head cannot be found"
     offloading = accumulate_in_matmul and getattr(trainer.args, "activation_offloading", False)
     if offloading:
-        # Its saved-tensor hooks hand the backward new tensors; the sums are kept off the
-        # saved tensors in eager mode, but a compiled graph saves its inputs: not checked.
+        # Its saved-tensor hooks hand the backward new tensors. The sums are kept off the
+        # saved tensors (checked eagerly and compiled on CPU with such hooks), but the
+        # offloader together with a compiled GPU graph is not checked.
         accumulate_in_matmul = False
     copies = WeightCopies(trainer.model, accumulate_in_matmul=accumulate_in_matmul)
     if not copies.layers:
