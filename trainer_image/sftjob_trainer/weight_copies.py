@@ -35,8 +35,9 @@ parameter (shared by layers that share the parameter) that IS that parameter's `
 while training runs: handed over, zeroed, at train begin and after each step's
 `zero_grad`; before each optimizer step a parameter whose sum stayed zero (no backward
 reached it) or that was frozen meanwhile goes back to `.grad` None, so the optimizer
-skips it as it skips plain autograd's None. Where the fp32-output matmul is not there (CPU, an older
-torch), the same path multiplies in bf16 and adds, which is autocast's arithmetic again.
+skips it as it skips plain autograd's None. Where the fp32-output matmul is not there
+(CPU, an older torch), the same path multiplies in bf16 and adds, which is autocast's
+arithmetic again.
 """
 
 from __future__ import annotations
