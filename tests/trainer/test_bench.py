@@ -27,6 +27,8 @@ from sftjob_trainer.speed import (
     usable_memory_gib,
 )
 
+# Stored GPU runs (JSON lines) that the issue's criteria are checked against.
+BENCH_RESULTS = Path(__file__).resolve().parents[2] / "docs" / "bench-results"
 QWEN_15B = ModelShape(
     params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
 )
@@ -562,8 +564,7 @@ def test_acceptance_judges_issue_7_done_when(tmp_path) -> None:
 
     from sftjob_trainer.bench_report import acceptance, main, read_lines
 
-    results = Path(__file__).resolve().parents[2] / "docs" / "bench-results"
-    measured = read_lines(results / "2026-11-28-h200-session5" / "call7-full.jsonl")
+    measured = read_lines(BENCH_RESULTS / "2026-11-28-h200-session5" / "call7-full.jsonl")
     verdicts = {criterion: passed for criterion, passed, _ in acceptance(measured)}
     # Session 5's run passes everything but the card: it is an H200, not an H100.
     assert verdicts == {
@@ -591,7 +592,13 @@ def test_acceptance_judges_issue_7_done_when(tmp_path) -> None:
     path.write_text("\n".join(json.dumps(line) for line in on_h100))
     assert main(["--check", str(path)]) == 0
     assert (
-        main([str(path), "--check", str(results / "2026-11-28-h200-session5" / "call7-full.jsonl")])
+        main(
+            [
+                str(path),
+                "--check",
+                str(BENCH_RESULTS / "2026-11-28-h200-session5" / "call7-full.jsonl"),
+            ]
+        )
         == 1
     )
 
@@ -642,14 +649,17 @@ def test_report_names_the_weight_copies_when_on() -> None:
     assert "accumulated" not in describe(settings)
 
 
-def test_check_on_session_6_runs() -> None:
+def failed_checks(session: str, name: str) -> list[str]:
+    """The issue's criteria that a stored run of docs/bench-results fails."""
     from sftjob_trainer.bench_report import acceptance, read_lines
 
-    results = Path(__file__).resolve().parents[2] / "docs" / "bench-results"
-    session6 = results / "2026-11-28-h200-session6"
+    lines = read_lines(BENCH_RESULTS / session / name)
+    return [criterion for criterion, passed, _ in acceptance(lines) if not passed]
 
+
+def test_check_on_session_6_runs() -> None:
     def failed(name: str) -> list[str]:
-        return [c for c, passed, _ in acceptance(read_lines(session6 / name)) if not passed]
+        return failed_checks("2026-11-28-h200-session6", name)
 
     # The defaults (call 4): all but the card. Call 2's reference ran at 15.3k: 3.34x.
     assert failed("call4-full.jsonl") == ["card is an H100"]
@@ -658,13 +668,8 @@ def test_check_on_session_6_runs() -> None:
 
 
 def test_check_on_session_7_runs() -> None:
-    from sftjob_trainer.bench_report import acceptance, read_lines
-
-    results = Path(__file__).resolve().parents[2] / "docs" / "bench-results"
-    session7 = results / "2026-11-28-h200-session7"
-
     def failed(name: str) -> list[str]:
-        return [c for c, passed, _ in acceptance(read_lines(session7 / name)) if not passed]
+        return failed_checks("2026-11-28-h200-session7", name)
 
     # The defaults with the gradient sums in the matmul (call 2) and before them (call 1),
     # and LoRA (call 3): all but the card. A one-sided A/B file is not a comparison.

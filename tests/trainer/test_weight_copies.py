@@ -68,6 +68,20 @@ def train_steps(
     return grads
 
 
+def assert_trained_bit_for_bit(
+    expected: list[dict[str, Any]], got: list[dict[str, Any]], reference: Any, model: Any
+) -> None:
+    """The same gradients at every step, and the same weights after the last."""
+    for step, (want, have) in enumerate(zip(expected, got, strict=True)):
+        assert want.keys() == have.keys()
+        for name in want:
+            assert torch.equal(want[name], have[name]), f"step {step}: {name}.grad differs"
+    for (name, a), (_, b) in zip(
+        reference.named_parameters(), model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), f"{name} differs after {len(got)} steps"
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_copies_give_autocasts_gradients_and_weights_bit_for_bit(tied: bool) -> None:
     reference = tiny_model(tied)
@@ -85,15 +99,8 @@ def test_copies_give_autocasts_gradients_and_weights_bit_for_bit(tied: bool) -> 
 
     expected = train_steps(reference, None, steps=3)
     got = train_steps(model, copies, steps=3)
-    for step, (want, have) in enumerate(zip(expected, got, strict=True)):
-        assert want.keys() == have.keys()
-        for name in want:
-            assert torch.equal(want[name], have[name]), f"step {step}: {name}.grad differs"
-    for (name, a), (_, b) in zip(
-        reference.named_parameters(), model.named_parameters(), strict=True
-    ):
-        assert torch.equal(a, b), f"{name} differs after 3 steps"
-        assert b.dtype == torch.float32
+    assert_trained_bit_for_bit(expected, got, reference, model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     # After the last refresh the copies are the parameters rounded to bf16.
     assert torch.equal(q_proj.weight_copy, q_proj.weight.to(torch.bfloat16))
     assert q_proj.weight_copy.grad is None  # handed to the parameter, not kept
@@ -381,14 +388,7 @@ def test_fused_accumulation_gives_autocasts_gradients_on_cpu(tied: bool) -> None
 
     expected = train_steps(reference, None, steps=3)
     got = train_fused(model, copies, steps=3)
-    for step, (want, have) in enumerate(zip(expected, got, strict=True)):
-        assert want.keys() == have.keys()
-        for name in want:
-            assert torch.equal(want[name], have[name]), f"step {step}: {name}.grad differs"
-    for (name, a), (_, b) in zip(
-        reference.named_parameters(), model.named_parameters(), strict=True
-    ):
-        assert torch.equal(a, b), f"{name} differs after 3 steps"
+    assert_trained_bit_for_bit(expected, got, reference, model)
     # The sums are the gradients: the copies themselves never hold one.
     assert q_proj.weight_copy.grad is None
 
