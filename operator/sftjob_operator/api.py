@@ -304,6 +304,12 @@ class SpeedSpec(SpecModel):
         "bf16; no separate add kernel) (auto: on with CUDA for full fine-tunes wherever the "
         "copies are).",
     )
+    rotaryTablesOnce: SpeedSwitch = Field(
+        default="auto",
+        description="Compute the rotary embedding's cos/sin tables once per forward into one "
+        "buffer, instead of letting the compiler recompute them inside every layer's "
+        "query/key rotation; the same values (auto: on wherever the model is compiled).",
+    )
 
 
 class TrainingSpec(SpecModel):

@@ -5,7 +5,7 @@ the settings it adds and the reason, logged at start so a slow or odd run can be
 to a lever. Every lever has a switch (see `SpeedOptions`); "auto" means "on where it is
 known to help and to be exact, off otherwise, with the reason".
 
-Levers (measured on one H100 in docs/performance.md):
+Levers (measured in docs/performance.md: one H100 in session 1, H200s capped at 80 GiB since):
 - flexAttention: packed (bfd, padding-free) batches are one concatenated row with
   position_ids resets. SDPA needs a dense block-diagonal mask for that, whose cost grows
   with the square of the micro-batch; flex_attention builds a sparse block mask from the
@@ -44,8 +44,14 @@ Levers (measured on one H100 in docs/performance.md):
   its weight gradient into the fp32 `.grad` inside the matmul that computes it (cuBLAS
   with fp32 output and beta 1), instead of writing a bf16 gradient and adding it in a
   separate kernel. The product is no longer rounded to bf16 before the add. +1.3% and
-  +1.7% on the bench's full case (session 7, each GPU both ways), none on LoRA. On with
-  CUDA for full fine-tunes wherever the copies are, under "auto".
+  +1.7% on the bench's full case (session 7, each GPU both ways; +1.0% and +0.9% for the
+  version after its reviews, session 8), none on LoRA. On with CUDA for full
+  fine-tunes wherever the copies are, under "auto".
+- rotaryTablesOnce: compiled, inductor inlines the rotary embedding's cos/sin tables
+  (a short pointwise chain) into every layer's query/key rotation, forward and backward,
+  so each layer recomputes them; an opaque copy of the tables makes them one buffer
+  computed once per forward (rotary_tables.py; the same values). +1.8% and +2.4% on the
+  bench's full case (session 8, each GPU both ways). On with compile under "auto".
 
 Overrides: the JSON object in $SFTJOB_SPEED (e.g. '{"flexAttention": "off"}'), on top of
 `spec.training.speed`.
@@ -78,6 +84,7 @@ SWITCH_NAMES = (
     "castWeightsOncePerStep",
     "bf16ResidualStream",
     "fuseGradientAccumulation",
+    "rotaryTablesOnce",
 )
 # Set on a sized run to size batches for less memory than the device has (a shared card,
 # or the bench imitating an 80 GB H100 on a larger one).
@@ -117,6 +124,7 @@ class SpeedOptions:
     castWeightsOncePerStep: Switch = "auto"
     bf16ResidualStream: Switch = "auto"
     fuseGradientAccumulation: Switch = "auto"
+    rotaryTablesOnce: Switch = "auto"
 
     @classmethod
     def parse(cls, *layers: dict[str, Any] | None) -> SpeedOptions:
@@ -607,6 +615,20 @@ def fuse_gradient_accumulation(
     )
 
 
+def rotary_tables_once(opt: SpeedOptions, compiled: Choice) -> Choice:
+    name = "rotaryTablesOnce"
+    if opt.rotaryTablesOnce == "off":
+        return Choice(name, False, "turned off: compiled layers may recompute the rotary tables")
+    if opt.rotaryTablesOnce == "auto" and not compiled.on:
+        return Choice(name, False, "not compiled: eager computes the rotary tables once already")
+    return Choice(
+        name,
+        True,
+        "the rotary cos/sin tables are computed once per forward into one buffer, not "
+        "recomputed inside every layer's compiled rotation (the same values)",
+    )
+
+
 # --- putting it together ---------------------------------------------------------------
 
 
@@ -674,6 +696,10 @@ class SpeedPlan:
             from .residual_stream import use_bf16_residual_stream
 
             log.info("speed bf16ResidualStream: %s", use_bf16_residual_stream(trainer))
+        if self.on("rotaryTablesOnce"):
+            from .rotary_tables import use_rotary_tables_once
+
+            log.info("speed rotaryTablesOnce: %s", use_rotary_tables_once(trainer))
 
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
@@ -717,6 +743,7 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) 
         copies,
         bf16_residual_stream(opt, hw, job),
         fuse_gradient_accumulation(opt, hw, job, copies),
+        rotary_tables_once(opt, compiled),
     )
     return SpeedPlan(choices)
 
