@@ -308,7 +308,8 @@ class SpeedSpec(SpecModel):
         default="auto",
         description="Compute the rotary embedding's cos/sin tables once per forward into one "
         "buffer, instead of letting the compiler recompute them inside every layer's "
-        "query/key rotation; the same values (auto: on wherever the model is compiled).",
+        "query/key rotation; the same values, bf16 tables rounded as eager rounds them (auto: "
+        "on wherever the model is compiled).",
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from sftjob_trainer.bench import TINY
+from sftjob_trainer.residual_stream import Bf16ResidualStream
 from sftjob_trainer.rotary_tables import (
     RotaryTablesOnce,
     _tables_once,
@@ -178,6 +179,54 @@ def test_compiled_the_tables_are_computed_once_with_the_same_values() -> None:
         assert (grads[name] - want).norm() <= 0.05 * want.norm(), name
 
 
+def test_compiled_bf16_tables_change_only_by_their_rounding() -> None:
+    """With bf16 tables (the bf16 residual stream makes the hidden states, and so the
+    tables, bf16) the inlined chain skips the tables' rounding to bf16: inductor does not
+    emulate a cast whose result it never stores. The lever stores them, rounded, as eager
+    does. So it moves the loss slightly, by that rounding only:
+    with inductor told to emulate such casts, the runs with and without it are bit for
+    bit the same."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    def compiled(lever: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
+        model = tiny_model(LAYERS)
+        stream = Bf16ResidualStream(model.get_input_embeddings())
+        tables = RotaryTablesOnce([model.model.rotary_emb])
+        stream.start()
+        if lever:
+            tables.start()
+        try:
+            with inductor_config.patch(emulate_precision_casts=True):
+                loss, codes = run_and_get_code(loss_and_backward, torch.compile(model))
+        finally:
+            tables.stop()
+            stream.stop()
+            torch._dynamo.reset()
+        return loss, gradients(model), "\n".join(codes)
+
+    # The premise: with the stream, the layers are handed bf16 tables.
+    model, seen = tiny_model(LAYERS), TablesSeen()
+    stream = Bf16ResidualStream(model.get_input_embeddings())
+    stream.start()
+    seen.attach(model)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=IDS)
+    finally:
+        seen.detach()
+        stream.stop()
+    assert [table.dtype for table in seen.received[0]] == [torch.bfloat16] * 2
+
+    loss, grads, code = compiled(lever=True)
+    plain_loss, plain_grads, plain_code = compiled(lever=False)
+    assert "torch.ops.sftjob.rotary_table" in code and "rotary_table" not in plain_code
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.equal(grad, plain_grads[name]), name
+
+
 def test_eager_the_same_bits_and_the_hook_comes_off() -> None:
     plain, model = tiny_model(), tiny_model()
     rotary = model.model.rotary_emb
@@ -265,7 +314,7 @@ def test_added_to_a_real_trainer(bf16_trainer: Any) -> None:
     trainer = bf16_trainer({}, [], maxSteps=1)
     assert lever_callbacks(trainer) == []  # auto on CPU: not compiled, so off
     message = use_rotary_tables_once(trainer)
-    assert message == "1 Qwen2RotaryEmbedding output(s) computed once per forward"
+    assert message.startswith("1 module(s) hooked (Qwen2RotaryEmbedding): the (cos, sin)")
     (callback,) = lever_callbacks(trainer)
     assert callback.modules == [trainer.model.get_decoder().rotary_emb]
 
@@ -311,3 +360,46 @@ def test_trainer_trains_through_the_copies_and_learns_the_same(bf16_trainer: Any
     assert len(ours.losses) == len(plain.losses) == 3
     assert ours.losses == plain.losses  # a copy changes no value
     assert not trainer.model.get_decoder().rotary_emb._forward_hooks  # removed at the end
+
+
+class Losses(TrainerCallback):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+
+def test_a_compiled_trainer_computes_the_tables_once_and_learns_the_same(
+    bf16_trainer: Any,
+) -> None:
+    """Trainer compiles the model after train begin, when the hook is in place: the op is
+    in the code it generates, cos is evaluated by one kernel launch, and (fp32 tables, as
+    on CPU) the logged losses are the run's without the lever, bit for bit."""
+    from torch._inductor.utils import run_and_get_code
+
+    def run(switch: str) -> tuple[list[float], list[str]]:
+        losses = Losses()
+        trainer = bf16_trainer(
+            {"compile": "on", "bf16ResidualStream": "off", "rotaryTablesOnce": switch},
+            [losses],
+            maxSteps=2,
+            loggingSteps=1,
+        )
+        assert trainer.args.torch_compile
+        try:
+            _, codes = run_and_get_code(trainer.train)
+        finally:
+            torch._dynamo.reset()
+        return losses.losses, codes
+
+    plain, plain_codes = run("off")
+    ours, codes = run("on")
+    assert "rotary_table" not in "\n".join(plain_codes)
+    assert "torch.ops.sftjob.rotary_table" in "\n".join(codes)
+    layers = TINY["num_hidden_layers"]
+    assert launches_computing(plain_codes, "cos") >= layers
+    assert launches_computing(codes, "cos") == launches_computing(codes, "sin") == 1
+    assert len(ours) == len(plain) == 2
+    assert ours == plain

@@ -50,7 +50,8 @@ Levers (measured in docs/performance.md: one H100 in session 1, H200s capped at 
 - rotaryTablesOnce: compiled, inductor inlines the rotary embedding's cos/sin tables
   (a short pointwise chain) into every layer's query/key rotation, forward and backward,
   so each layer recomputes them; an opaque copy of the tables makes them one buffer
-  computed once per forward (rotary_tables.py; the same values). +1.8% and +2.4% on the
+  computed once per forward (rotary_tables.py; the same values, except that bf16 tables
+  are rounded to bf16 as eager rounds them). +1.8% and +2.4% on the
   bench's full case (session 8, each GPU both ways). On with compile under "auto".
 
 Overrides: the JSON object in $SFTJOB_SPEED (e.g. '{"flexAttention": "off"}'), on top of
@@ -625,7 +626,8 @@ def rotary_tables_once(opt: SpeedOptions, compiled: Choice) -> Choice:
         name,
         True,
         "the rotary cos/sin tables are computed once per forward into one buffer, not "
-        "recomputed inside every layer's compiled rotation (the same values)",
+        "recomputed inside every layer's compiled rotation (the same values; bf16 tables "
+        "rounded to bf16 as eager rounds them)",
     )
 
 
