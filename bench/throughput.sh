@@ -6,8 +6,8 @@
 #
 # e.g. on the GPU machine (wheels of .whl/ carried, see docs/performance.md):
 #   bash bench/throughput.sh $OUT \
-#     'full|330|--case full --steps 25 --memory-gib 80 --isolation' \
-#     'lora|330|--case lora --steps 25 --memory-gib 80'
+#     'full|400|--case full --steps 25 --memory-gib 80 --isolation' \
+#     'lora|480|--case lora --steps 25 --memory-gib 80'
 # Each run writes OUT_DIR/NAME.jsonl (stdout) and OUT_DIR/NAME.log (stderr).
 set -u
 out=${1:?usage: bench/throughput.sh OUT_DIR "NAME|SECONDS|BENCH ARGS" ...}
