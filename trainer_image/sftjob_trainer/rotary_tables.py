@@ -5,9 +5,9 @@ sin tables once per forward from the position ids and hand them to every layer. 
 that is not what runs: the tables are a short chain of pointwise operations (positions
 times inverse frequencies, cos, sin, a cast), and inductor inlines such a chain into each
 kernel that reads it. So every layer's query/key rotation kernels, forward and backward,
-recompute cos and sin for each element they rotate (four such kernels per layer on the
-bench's GPU profile, 3.4% of its kernel time), at a fraction of the card's memory
-bandwidth.
+recompute cos and sin for each element they rotate (on the bench's GPU profile, three
+pointwise kernels per layer, 3.4% of the kernel time at a fraction of the card's memory
+bandwidth, and flex attention's forward).
 
 This passes the rotary module's output through an opaque custom op (a copy). Inductor
 must then compute the tables into a buffer once, before the op, and every rotation reads

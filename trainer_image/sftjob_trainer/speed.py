@@ -51,8 +51,8 @@ Levers (measured in docs/performance.md: one H100 in session 1, H200s capped at 
   (a short pointwise chain) into every layer's query/key rotation, forward and backward,
   so each layer recomputes them; an opaque copy of the tables makes them one buffer
   computed once per forward (rotary_tables.py; the same values, except that bf16 tables
-  are rounded to bf16 as eager rounds them). +1.8% and +2.4% on the
-  bench's full case (session 8, each GPU both ways). On with compile under "auto".
+  are rounded to bf16 as eager rounds them). +1.8% and +2.4% on the bench's full case
+  (session 8, each GPU both ways). On with compile under "auto".
 
 Overrides: the JSON object in $SFTJOB_SPEED (e.g. '{"flexAttention": "off"}'), on top of
 `spec.training.speed`.
