@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from sftjob_trainer.bench import TINY
+from sftjob_trainer.bench import QWEN25_15B, TINY
 from sftjob_trainer.residual_stream import Bf16ResidualStream
 from sftjob_trainer.rotary_tables import (
     RotaryTablesOnce,
@@ -30,9 +30,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(300)]
 
 LAYERS = 4
-QWEN_15B = ModelShape(
-    params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
-)
+QWEN_15B = ModelShape.from_config(Qwen2Config(**QWEN25_15B))  # the bench's full case
 PACKED = Job("full", 2, 8, 2048, True, True, True)
 
 
@@ -319,21 +317,28 @@ def test_added_to_a_real_trainer(bf16_trainer: Any) -> None:
     assert callback.modules == [trainer.model.get_decoder().rotary_emb]
 
 
-class TrainingTables(TrainerCallback):  # type: ignore[misc]
-    """Losses, and what the first layer was handed at every forward, seen from the trainer."""
+class Losses(TrainerCallback):  # type: ignore[misc]
+    """The logged losses, seen from the trainer."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+
+class TrainingTables(Losses):
+    """Losses, and what the first layer was handed at every forward, seen from the trainer."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.seen = TablesSeen()
 
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: Any = None, **_: Any
     ) -> None:
         self.seen.attach(model)
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
-        if logs and "loss" in logs:
-            self.losses.append(float(logs["loss"]))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         self.seen.detach()
@@ -360,15 +365,6 @@ def test_trainer_trains_through_the_copies_and_learns_the_same(bf16_trainer: Any
     assert len(ours.losses) == len(plain.losses) == 3
     assert ours.losses == plain.losses  # a copy changes no value
     assert not trainer.model.get_decoder().rotary_emb._forward_hooks  # removed at the end
-
-
-class Losses(TrainerCallback):  # type: ignore[misc]
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
-        if logs and "loss" in logs:
-            self.losses.append(float(logs["loss"]))
 
 
 def test_a_compiled_trainer_computes_the_tables_once_and_learns_the_same(
