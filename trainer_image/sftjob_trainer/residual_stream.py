@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
+from .training_hooks import ForwardHooksWhileTraining
 from .weight_copies import found_module
 
 
@@ -44,27 +44,11 @@ def _to_bf16(module: Any, args: Any, output: Any) -> Any:
     return output
 
 
-class Bf16ResidualStream(TrainerCallback):  # type: ignore[misc]
+class Bf16ResidualStream(ForwardHooksWhileTraining):
     """Casts the input embedding's output to bf16 while training runs."""
 
     def __init__(self, embedding: nn.Module) -> None:
-        self.embedding = embedding
-        self.handle: Any = None
-
-    def start(self) -> None:
-        if self.handle is None:  # a train() that raised never reached on_train_end
-            self.handle = self.embedding.register_forward_hook(_to_bf16)
-
-    def stop(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.start()
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.stop()
+        super().__init__([embedding], _to_bf16)
 
 
 def stream_dtypes(model: Any, embedding: nn.Module) -> set[torch.dtype] | None:

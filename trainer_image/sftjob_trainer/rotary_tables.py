@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+
+from .training_hooks import ForwardHooksWhileTraining
 
 
 @torch.library.custom_op("sftjob::rotary_table", mutates_args=())
@@ -66,27 +67,11 @@ def rotary_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
 
 
-class RotaryTablesOnce(TrainerCallback):  # type: ignore[misc]
+class RotaryTablesOnce(ForwardHooksWhileTraining):
     """Passes the rotary tables through `rotary_table` while training runs."""
 
     def __init__(self, modules: list[nn.Module]) -> None:
-        self.modules = modules
-        self.handles: list[Any] = []
-
-    def start(self) -> None:
-        if not self.handles:  # a train() that raised never reached on_train_end
-            self.handles = [m.register_forward_hook(_tables_once) for m in self.modules]
-
-    def stop(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.start()
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.stop()
+        super().__init__(modules, _tables_once)
 
 
 def use_rotary_tables_once(trainer: Any) -> str:

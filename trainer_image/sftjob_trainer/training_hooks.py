@@ -1,0 +1,34 @@
+"""Forward hooks that a speed lever keeps on some modules while training runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback
+
+
+class ForwardHooksWhileTraining(TrainerCallback):
+    """`hook` on each of `modules`, added at train begin and removed at train end, so an
+    evaluation or a LoRA merge after training sees the model as it was loaded."""
+
+    def __init__(self, modules: Iterable[nn.Module], hook: Callable[..., Any]) -> None:
+        self.modules = list(modules)
+        self.hook = hook
+        self.handles: list[Any] = []
+
+    def start(self) -> None:
+        if not self.handles:  # a train() that raised never reached on_train_end
+            self.handles = [m.register_forward_hook(self.hook) for m in self.modules]
+
+    def stop(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop()
