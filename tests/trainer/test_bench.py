@@ -333,6 +333,15 @@ def test_micro_batch_keeps_the_effective_batch_exact(
         assert sft["per_device_train_batch_size"] * 2048 <= 16384
 
 
+def test_micro_batch_reason_states_the_jobs_effective_batch_over_all_processes() -> None:
+    one = micro_batch(SpeedOptions(), H100, REFERENCE, QWEN_15B, True)
+    assert "per_device 4 x accumulation 4 (effective 16 kept)" in one.reason
+    # Two GPUs: each process keeps 2 x 8; the status's plan says effective 32.
+    two = Job(**{**REFERENCE.__dict__, "world_size": 2})
+    reason = micro_batch(SpeedOptions(), H100, two, QWEN_15B, True).reason
+    assert "per_device 4 x accumulation 4 x 2 processes (effective 32 kept)" in reason
+
+
 def test_micro_batch_respects_switches_and_spec() -> None:
     sparse = True
     assert not micro_batch(SpeedOptions(autoMicroBatch="off"), H100, REFERENCE, QWEN_15B, sparse).on

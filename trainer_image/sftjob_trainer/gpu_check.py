@@ -1,13 +1,23 @@
-"""GPU check: the real entrypoint trains a Qwen2.5-1.5B-shaped model on one GPU.
+"""GPU check: the real entrypoint trains a Qwen2.5-1.5B-shaped model on one or more GPUs.
 
     python -m sftjob_trainer.gpu_check --workdir /tmp/gpu-check --steps 30
 
 No hub is needed: it trains a byte-level BPE tokenizer on generated text, builds a
 random-init model of the Qwen2.5-1.5B shape on the GPU, writes synthetic rows with a
 log-normal length spread around 500 tokens, and runs `python -m sftjob_trainer` with
-the reference settings (per-device 2, accumulation 8, packing to 2048, bf16, full
-fine-tune). It prints one JSON line with tokens/s, MFU and peak memory as the
-trainer measured them.
+the reference settings (per-device 2, accumulation 8, packing to 2048, bf16; a full
+fine-tune, or LoRA with `--method lora`) and the trainer's speed defaults. It prints
+one JSON line with tokens/s and MFU as the trainer reported them, and the losses it
+logged.
+
+Two GPUs of one machine, with the same effective batch as one GPU at accumulation 16
+(2 x 8 x 2 = 2 x 16 x 1), so the two runs' losses can be compared step by step:
+
+    python -m sftjob_trainer.gpu_check --gpus 2 --accumulation 8 --memory-gib 80
+    python -m sftjob_trainer.gpu_check --gpus 1 --accumulation 16 --memory-gib 80
+
+`--memory-gib` sizes the speed plan for a card of that many GiB (an H200 planning as
+an 80 GB H100 would), as the bench's option of the same name does.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +39,10 @@ from sftjob_operator.trainer_config import build_trainer_config
 
 from .bench import PEAK_FLOPS, QWEN25_15B
 from .bench import TINY as SMOKE_SHAPE
+from .config_map import CHECKPOINT_DIR
+from .speed import ENV_MEMORY_GIB
 from .tiny import build_tokenizer
+from .train import newest_checkpoint
 
 H100_BF16_PEAK_FLOPS = PEAK_FLOPS["H100"]
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "po", "qu", "xe", "da", "fi"]
@@ -71,8 +85,30 @@ def write_rows(path: Path, rows: int, seed: int = 1) -> None:
             out.write(json.dumps({"text": " ".join(_word(rng) for _ in range(words))}) + "\n")
 
 
+def logged_losses(checkpoints: Path) -> dict[str, float]:
+    """Step -> loss as the Trainer logged it, from the last checkpoint's log history.
+
+    Not from progress.jsonl: a progress report carries the newest loss logged BEFORE
+    its step ended (the Trainer logs after its step-end callbacks), so its step is not
+    the loss's step.
+    """
+    last = newest_checkpoint(checkpoints)
+    if last is None:
+        return {}
+    history = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    return {str(entry["step"]): entry["loss"] for entry in history if "loss" in entry}
+
+
 def job_manifest(
-    model: Path, data: Path, steps: int, gpus: int, distributed: str = "ddp"
+    model: Path,
+    data: Path,
+    steps: int,
+    gpus: int,
+    distributed: str = "ddp",
+    accumulation: int = 8,
+    logging_steps: int = 5,
+    extra_args: dict[str, Any] | None = None,
+    method: str = "full",
 ) -> dict[str, Any]:
     return {
         "apiVersion": "tuning.sftjob.dev/v1alpha1",
@@ -81,17 +117,18 @@ def job_manifest(
         "spec": {
             "model": {"path": str(model)},
             "dataset": {"path": str(data), "format": "text"},
-            "method": "full",
+            "method": method,
             "training": {
                 "perDeviceTrainBatchSize": 2,
-                "gradientAccumulationSteps": 8,
+                "gradientAccumulationSteps": accumulation,
                 "maxSteps": steps,
-                "learningRate": 2e-5,
+                "learningRate": 2e-5 if method == "full" else 2e-4,  # the spec's defaults
                 "maxLength": 2048,
                 "packing": True,
                 "bf16": gpus > 0,
-                "loggingSteps": 5,
+                "loggingSteps": logging_steps,
                 "saveSteps": 100_000,
+                **({"extraArgs": extra_args} if extra_args else {}),
             },
             "resources": {"gpusPerNode": gpus, "gpuType": "H100" if gpus else None},
             "distributed": distributed,
@@ -108,6 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (harness check)")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs (processes) on this machine")
     parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp")
+    parser.add_argument("--method", choices=["full", "lora"], default="full")
+    parser.add_argument("--accumulation", type=int, default=8, help="per process")
+    parser.add_argument("--logging-steps", type=int, default=5)
+    parser.add_argument(
+        "--extra-args", type=json.loads, help="spec.training.extraArgs as JSON (SFTConfig fields)"
+    )
+    parser.add_argument(
+        "--memory-gib", type=float, help="plan micro-batches for a card of this many GiB"
+    )
     args = parser.parse_args(argv)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -118,17 +164,32 @@ def main(argv: list[str] | None = None) -> int:
 
     gpus = 0 if args.smoke else args.gpus
     job = parse_sftjob(
-        job_manifest(work / "model", work / "rows.jsonl", args.steps, gpus, args.distributed)
+        job_manifest(
+            work / "model",
+            work / "rows.jsonl",
+            args.steps,
+            gpus,
+            args.distributed,
+            accumulation=args.accumulation,
+            logging_steps=args.logging_steps,
+            extra_args=args.extra_args,
+            method=args.method,
+        )
     )
     config_path = work / "config.json"
     config_path.write_text(json.dumps(build_trainer_config(job)))
     output = work / "output"
+    # A fresh run each time: an earlier run's checkpoints would be resumed from.
+    shutil.rmtree(output, ignore_errors=True)
+    (work / "termination.json").unlink(missing_ok=True)
     env = {
         **os.environ,
         "SFTJOB_REPORT": "console",
         "SFTJOB_OUTPUT_DIR": str(output),
         "SFTJOB_TERMINATION_LOG": str(work / "termination.json"),
     }
+    if args.memory_gib:
+        env[ENV_MEMORY_GIB] = str(args.memory_gib)
     run_started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "sftjob_trainer", "--config", str(config_path)], env=env
@@ -143,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "gpus": gpus,
+        "method": args.method,
+        "accumulation": args.accumulation,
+        "memory_gib": args.memory_gib,
+        "extra_args": args.extra_args,
         "distributed": args.distributed,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "exit_code": result.returncode,
@@ -150,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         "steps": max((r.get("step") or 0 for r in reports), default=None),
         "tokens_per_s_reports": rates,
         "tokens_per_s": tokens_per_second,
-        "mfu": round(6 * params * tokens_per_second / H100_BF16_PEAK_FLOPS, 4)
+        # Of the H100's peak, per GPU: the rate is the whole run's (all ranks' tokens).
+        "mfu": round(6 * params * tokens_per_second / (H100_BF16_PEAK_FLOPS * max(gpus, 1)), 4)
         if tokens_per_second
         else None,
+        "losses": logged_losses(output / CHECKPOINT_DIR),
         "trainer_wall_s": round(wall, 1),
         "setup_s": round(built, 1),
         "termination": json.loads((work / "termination.json").read_text())

@@ -413,11 +413,14 @@ def micro_batch(
     if ckpt != job.checkpointing:
         sft["gradient_checkpointing"] = ckpt
     estimate = static + batch_bytes(per_device, ckpt)
+    # The job's effective batch, as the plan in the status states it (all processes).
+    processes = f" x {job.world_size} processes" if job.world_size > 1 else ""
     return Choice(
         name,
         True,
-        f"per_device {per_device} x accumulation {effective // per_device} (effective "
-        f"{effective} kept), checkpointing {'on' if ckpt else 'off'}; estimate "
+        f"per_device {per_device} x accumulation {effective // per_device}{processes} "
+        f"(effective {effective * job.world_size} kept), checkpointing "
+        f"{'on' if ckpt else 'off'}; estimate "
         f"{estimate / 2**30:.1f} of {hw.memory_gib:.0f} GiB",
         sft=sft,
     )
