@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ from sftjob_operator.trainer_config import build_trainer_config
 
 from .bench import PEAK_FLOPS, QWEN25_15B
 from .bench import TINY as SMOKE_SHAPE
-from .config_map import CHECKPOINT_DIR
+from .config_map import CHECKPOINT_DIR, FINAL_DIR
+from .progress import PROGRESS_FILE
 from .speed import ENV_MEMORY_GIB
 from .tiny import build_tokenizer
 from .train import newest_checkpoint
@@ -97,6 +99,53 @@ def logged_losses(checkpoints: Path) -> dict[str, float]:
         return {}
     history = json.loads((last / "trainer_state.json").read_text())["log_history"]
     return {str(entry["step"]): entry["loss"] for entry in history if "loss" in entry}
+
+
+def clear_previous_run(output: Path, termination_log: Path) -> None:
+    """Remove what an earlier run in the same workdir left that this one would pick up.
+
+    Its checkpoints would be resumed from, and its progress reports and outcome read as
+    this run's. The compiled-kernel cache (output/.sftjob-cache) stays: it changes how
+    long the first step takes, not what is measured after it.
+    """
+    for folder in (output / CHECKPOINT_DIR, output / FINAL_DIR):
+        if folder.exists():
+            shutil.rmtree(folder)
+    (output / PROGRESS_FILE).unlink(missing_ok=True)
+    termination_log.unlink(missing_ok=True)
+
+
+def trainer_env(
+    base: Mapping[str, str], work: Path, output: Path, memory_gib: float | None
+) -> dict[str, str]:
+    """The entrypoint's environment: progress to the console and output/progress.jsonl."""
+    env = {
+        **base,
+        "SFTJOB_REPORT": "console",
+        "SFTJOB_OUTPUT_DIR": str(output),
+        "SFTJOB_TERMINATION_LOG": str(work / "termination.json"),
+    }
+    if memory_gib:
+        env[ENV_MEMORY_GIB] = str(memory_gib)
+    return env
+
+
+def progress_reports(output: Path) -> list[dict[str, Any]]:
+    """The trainer's progress reports; none when it failed before training began."""
+    path = output / PROGRESS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line).get("progress") or {} for line in path.read_text().splitlines()]
+
+
+def mfu_per_gpu(params: int, tokens_per_second: float, gpus: int) -> float:
+    """6 x parameters x tokens/s over the H100's bf16 peak, per GPU.
+
+    The trainer's tokens/s counts every rank's tokens, so it is divided over the GPUs.
+    6 x ALL parameters per token, as the bench counts: for LoRA, whose frozen weights
+    get no weight gradient, this overstates the FLOPs done.
+    """
+    return round(6 * params * tokens_per_second / (H100_BF16_PEAK_FLOPS * max(gpus, 1)), 4)
 
 
 def job_manifest(
@@ -179,24 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     config_path = work / "config.json"
     config_path.write_text(json.dumps(build_trainer_config(job)))
     output = work / "output"
-    # A fresh run each time: an earlier run's checkpoints would be resumed from.
-    shutil.rmtree(output, ignore_errors=True)
-    (work / "termination.json").unlink(missing_ok=True)
-    env = {
-        **os.environ,
-        "SFTJOB_REPORT": "console",
-        "SFTJOB_OUTPUT_DIR": str(output),
-        "SFTJOB_TERMINATION_LOG": str(work / "termination.json"),
-    }
-    if args.memory_gib:
-        env[ENV_MEMORY_GIB] = str(args.memory_gib)
+    clear_previous_run(output, work / "termination.json")
+    env = trainer_env(os.environ, work, output, args.memory_gib)
     run_started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "sftjob_trainer", "--config", str(config_path)], env=env
     )
     wall = time.monotonic() - run_started
-    lines = (output / "progress.jsonl").read_text().splitlines()
-    reports = [json.loads(line).get("progress") or {} for line in lines]
+    reports = progress_reports(output)
     rates = [r["tokensPerSecond"] for r in reports if r.get("tokensPerSecond")]
     steady = rates[len(rates) // 2 :] or rates
     tokens_per_second = sorted(steady)[len(steady) // 2] if steady else None
@@ -206,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpus": gpus,
         "method": args.method,
         "accumulation": args.accumulation,
-        "memory_gib": args.memory_gib,
+        "memory_gib": float(env[ENV_MEMORY_GIB]) if env.get(ENV_MEMORY_GIB) else None,
         "extra_args": args.extra_args,
         "distributed": args.distributed,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -215,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": max((r.get("step") or 0 for r in reports), default=None),
         "tokens_per_s_reports": rates,
         "tokens_per_s": tokens_per_second,
-        # Of the H100's peak, per GPU: the rate is the whole run's (all ranks' tokens).
-        "mfu": round(6 * params * tokens_per_second / (H100_BF16_PEAK_FLOPS * max(gpus, 1)), 4)
-        if tokens_per_second
-        else None,
+        "mfu": mfu_per_gpu(params, tokens_per_second, gpus) if tokens_per_second else None,
         "losses": logged_losses(output / CHECKPOINT_DIR),
         "trainer_wall_s": round(wall, 1),
         "setup_s": round(built, 1),
