@@ -127,7 +127,7 @@ def test_smoke_run_starts_fresh_and_reports_the_logged_losses(tmp_path):
     result, summary = run_smoke(
         tmp_path,
         *("--steps", "4", "--accumulation", "2", "--logging-steps", "2", "--method", "lora"),
-        *("--extra-args", '{"adam_beta2": 0.99}'),
+        *("--extra-args", '{"adam_beta2": 0.99}', "--memory-gib", "3"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # The options reached the config the entrypoint trained from.
@@ -137,6 +137,7 @@ def test_smoke_run_starts_fresh_and_reports_the_logged_losses(tmp_path):
     assert spec["training"]["loggingSteps"] == 2
     assert spec["training"]["extraArgs"] == {"adam_beta2": 0.99}
     assert summary["exit_code"] == 0
+    assert summary["memory_gib"] == "3.0"  # the cap the trainer's environment carried
     assert summary["steps"] == 4
     assert summary["termination"]["reason"] == "Completed"
     assert "resumed" not in summary["termination"]["message"]

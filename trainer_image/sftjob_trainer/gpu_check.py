@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpus": gpus,
         "method": args.method,
         "accumulation": args.accumulation,
-        "memory_gib": float(env[ENV_MEMORY_GIB]) if env.get(ENV_MEMORY_GIB) else None,
+        "memory_gib": env.get(ENV_MEMORY_GIB),  # as the trainer got it (it checks the value)
         "extra_args": args.extra_args,
         "distributed": args.distributed,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
