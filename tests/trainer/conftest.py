@@ -87,3 +87,30 @@ def bf16_trainer(make_config: MakeConfig) -> Callable[..., Any]:
         return build_trainer(load_config(make_config(spec)), callbacks=callbacks)
 
     return build
+
+
+class TrainerStandIn:
+    """Stands in for a trainer where a lever reads only its model and adds a callback."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.callbacks: list[Any] = []
+
+    def add_callback(self, callback: Any) -> None:
+        self.callbacks.append(callback)
+
+
+@pytest.fixture
+def trainer_stand_in() -> type[TrainerStandIn]:
+    return TrainerStandIn
+
+
+@pytest.fixture
+def tiny_gpt2() -> Any:
+    """A model with learned positions and no rotary embedding (GPT-2)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config)

@@ -10,8 +10,6 @@ from sftjob_trainer.bench import TINY
 from sftjob_trainer.residual_stream import Bf16ResidualStream, use_bf16_residual_stream
 from sftjob_trainer.speed import Hardware, Job, SpeedOptions, bf16_residual_stream
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -173,24 +171,11 @@ def test_a_second_train_call_casts_again(bf16_trainer: Any) -> None:
     assert not trainer.model.get_input_embeddings()._forward_hooks
 
 
-class Recorder:
-    """Stands in for a trainer: only the two attributes the lever reads."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.callbacks: list[Any] = []
-
-    def add_callback(self, callback: Any) -> None:
-        self.callbacks.append(callback)
-
-
-def test_not_applied_where_it_would_not_take_or_cannot_find_the_embedding() -> None:
+def test_not_applied_where_it_would_not_take_or_cannot_find_the_embedding(
+    trainer_stand_in: Any, tiny_gpt2: Any
+) -> None:
     # GPT-2 adds its learned fp32 position embeddings after the token embedding.
-    config = GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0
-    )
-    gpt2 = GPT2LMHeadModel(config)
-    trainer = Recorder(gpt2)
+    trainer = trainer_stand_in(tiny_gpt2)
     not_applied = (
         "not applied: with the cast the hidden states between layers are still float32 "
         "(the model adds fp32 tensors after its embedding: learned positions, MoE experts "
@@ -213,7 +198,7 @@ def test_not_applied_where_it_would_not_take_or_cannot_find_the_embedding() -> N
             vocab_size=64,
         )
     )
-    trainer = Recorder(moe)
+    trainer = trainer_stand_in(moe)
     assert use_bf16_residual_stream(trainer).startswith("not applied: with the cast")
     assert trainer.callbacks == [] and not moe.get_input_embeddings()._forward_hooks
 
@@ -224,11 +209,11 @@ def test_not_applied_where_it_would_not_take_or_cannot_find_the_embedding() -> N
             super().__init__(config)
             self.tokens = torch.nn.Embedding(8, 4)
 
-    trainer = Recorder(Odd(PretrainedConfig()))
+    trainer = trainer_stand_in(Odd(PretrainedConfig()))
     assert use_bf16_residual_stream(trainer) == (
         "not applied: the model's input embedding cannot be found"
     )
-    qwen = Recorder(tiny_model())
+    qwen = trainer_stand_in(tiny_model())
     assert use_bf16_residual_stream(qwen) == "Embedding output cast to bf16 while training runs"
     assert len(qwen.callbacks) == 1
 
@@ -256,12 +241,12 @@ def test_lora_adapters_learn_through_the_bf16_stream_with_checkpointing(
     assert unchanged == []  # lora_B starts at zero: each one moved, so each got a gradient
 
 
-def test_the_check_leaves_the_random_state_as_it_found_it() -> None:
+def test_the_check_leaves_the_random_state_as_it_found_it(trainer_stand_in: Any) -> None:
     # With attention dropout the probe's forward draws random numbers.
     model = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "vocab_size": 256, "attention_dropout": 0.5}))
     model.train()
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
-    assert use_bf16_residual_stream(Recorder(model)).startswith("Embedding output cast")
+    assert use_bf16_residual_stream(trainer_stand_in(model)).startswith("Embedding output cast")
     assert torch.equal(torch.rand(4), expected)

@@ -25,7 +25,7 @@ from sftjob_trainer.speed import (
     decide,
     rotary_tables_once,
 )
-from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(300)]
 
@@ -282,23 +282,9 @@ def test_the_hook_leaves_other_outputs_alone_and_the_op_is_a_copy() -> None:
     assert learned.grad is not None and torch.equal(learned.grad, upstream)
 
 
-class Recorder:
-    """Stands in for a trainer: only the two attributes the lever reads."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.callbacks: list[Any] = []
-
-    def add_callback(self, callback: Any) -> None:
-        self.callbacks.append(callback)
-
-
-def test_not_applied_without_a_rotary_module() -> None:
+def test_not_applied_without_a_rotary_module(trainer_stand_in: Any, tiny_gpt2: Any) -> None:
     # GPT-2 learns its positions: no rotary tables to keep.
-    config = GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0
-    )
-    gpt2 = Recorder(GPT2LMHeadModel(config))
+    gpt2 = trainer_stand_in(tiny_gpt2)
     message = use_rotary_tables_once(gpt2)
     assert message.startswith("not applied") and "no rotary embedding module" in message
     assert gpt2.callbacks == []

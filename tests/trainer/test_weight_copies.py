@@ -38,6 +38,23 @@ def tiny_model(tied: bool) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config).float()
 
 
+def tiny_lora_model() -> Any:
+    """The tied tiny model with rank-4 adapters on every linear layer, no dropout."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    return get_peft_model(tiny_model(tied=True), config)
+
+
+def assert_same_adapter_weights(expected: list[dict], got: list[dict]) -> None:
+    """Every step's adapter (lora_) tensors bit for bit equal, and some were recorded."""
+    for want, have in zip(expected, got, strict=True):
+        trained = [name for name in want if "lora_" in name]
+        assert trained and want.keys() == have.keys()
+        for name in trained:
+            assert torch.equal(want[name], have[name]), name
+
+
 def train_steps(
     model: Any, copies: WeightCopies | None, steps: int, after_step: Any = None
 ) -> list[dict[str, Any]]:
@@ -250,25 +267,15 @@ def test_copies_replaced_by_a_move_are_leaves_and_hooked_again_at_train_start() 
 
 
 def test_lora_adapters_learn_the_same_with_copies() -> None:
-    from peft import LoraConfig, get_peft_model
-
-    def lora(model: Any) -> Any:
-        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-        return get_peft_model(model, config)
-
     torch.manual_seed(0)
-    reference = lora(tiny_model(tied=True))
+    reference = tiny_lora_model()
     model = copy.deepcopy(reference)
     copies = WeightCopies(model)
     # Base layers (frozen) and both adapter matrices (trainable) of the 7 targets per layer.
     assert copies.layers == 2 * 7 * 3
     expected = train_steps(reference, None, steps=2)
     got = train_steps(model, copies, steps=2)
-    for want, have in zip(expected, got, strict=True):
-        trained = [name for name in want if "lora_" in name]
-        assert trained and want.keys() == have.keys()
-        for name in trained:
-            assert torch.equal(want[name], have[name]), name
+    assert_same_adapter_weights(expected, got)
 
 
 def test_after_training_the_layers_are_plain_and_unfrozen_layers_learn() -> None:
@@ -451,11 +458,8 @@ def test_fused_accumulation_under_checkpointing_adds_each_gradient_once(reentran
 
 
 def test_fused_lora_adapters_learn_the_same_and_frozen_layers_keep_the_hook() -> None:
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-    reference = get_peft_model(tiny_model(tied=True), config)
+    reference = tiny_lora_model()
     model = copy.deepcopy(reference)
     copies = fused_copies(model)
     fused = [m for m in copies.modules if isinstance(m, LinearAccumulatingInMatmul)]
@@ -463,11 +467,7 @@ def test_fused_lora_adapters_learn_the_same_and_frozen_layers_keep_the_hook() ->
     assert all(not m.weight.requires_grad for m in copies.modules if m not in fused)
     expected = train_steps(reference, None, steps=2)
     got = train_fused(model, copies, steps=2)
-    for want, have in zip(expected, got, strict=True):
-        trained = [name for name in want if "lora_" in name]
-        assert trained and want.keys() == have.keys()
-        for name in trained:
-            assert torch.equal(want[name], have[name]), name
+    assert_same_adapter_weights(expected, got)
 
 
 def fused_backward(model: Any, ids: torch.Tensor) -> None:
