@@ -7,13 +7,12 @@ import copy
 import datetime
 import json
 import random
-import re
 import string
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from . import errors, schema
+from . import errors, schema, validation
 from .errors import ApiError
 from .patching import PatchError, json_patch, merge_patch, strategic_merge
 from .resources import Registry, ResourceType
@@ -30,8 +29,6 @@ SERVER_META = (
     "name",
     "namespace",
 )
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 BOOT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
@@ -205,10 +202,7 @@ class ApiCore:
                 )
             suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
             meta["name"] = meta["generateName"] + suffix
-        self._check_name(rt, meta["name"])
         key = self._storage_key(rt)
-        if self.store.get(key, meta.get("namespace", ""), meta["name"]) is not None:
-            raise errors.already_exists(rt.plural, rt.group, meta["name"])
         for field in (
             "deletionTimestamp",
             "deletionGracePeriodSeconds",
@@ -222,6 +216,10 @@ class ApiCore:
         if rt.status_subresource and not rt.keep_status_on_create:
             obj.pop("status", None)
         self._prepare_create(rt, obj)
+        self._admit(rt, obj)
+        # Validation comes first, as on a real server; storage then finds the name taken.
+        if self.store.get(key, meta.get("namespace", ""), meta["name"]) is not None:
+            raise errors.already_exists(rt.plural, rt.group, meta["name"])
         if rt.custom:
             self._apply_schema(rt, obj, strict, warnings)
         if rt.group == "apiextensions.k8s.io":
@@ -248,26 +246,24 @@ class ApiCore:
             obj.update(converted)
         else:
             obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
+        # What a real server refuses while decoding the body (400), e.g. a malformed quantity.
+        message = validation.decode_error(rt.kind, rt.group, obj)
+        if message:
+            raise errors.bad_request(message)
+        if rt.kind == "Secret" and not rt.group:
+            validation.secret_string_data(obj)
 
-    def _check_name(self, rt: ResourceType, name: str) -> None:
-        label_only = rt.kind == "Namespace"
-        pattern = DNS_LABEL if label_only else DNS_SUBDOMAIN
-        if rt.kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"):
-            return  # RBAC names are path segments, nearly anything goes
-        if not pattern.match(name) or len(name) > (63 if label_only else 253):
-            what = "RFC 1123 label" if label_only else "RFC 1123 subdomain"
-            raise errors.invalid(
-                rt.kind,
-                rt.group,
-                name,
-                [
-                    {
-                        "reason": "FieldValueInvalid",
-                        "field": "metadata.name",
-                        "message": f"Invalid value: \"{name}\": a lowercase {what} must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
-                    }
-                ],
-            )
+    def _admit(
+        self, rt: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None = None
+    ) -> None:
+        """Built-in validation (validation.py): a refusal is 422 Invalid and nothing is stored."""
+        if old is None:
+            errs = validation.validate_create(rt.kind, rt.group, obj, rt.namespaced)
+        else:
+            errs = validation.validate_update(rt.kind, rt.group, obj, old, rt.namespaced)
+        if errs:
+            name = obj["metadata"].get("name", "")
+            raise errors.invalid(rt.kind, rt.group, name, validation.causes(errs))
 
     def _prepare_create(self, rt: ResourceType, obj: dict[str, Any]) -> None:
         if rt.group != "":
@@ -293,12 +289,13 @@ class ApiCore:
         elif rt.kind == "Service":
             assert spec is not None
             spec.setdefault("type", "ClusterIP")
-            if not spec.get("clusterIP"):
-                self._service_ips += 1
-                spec["clusterIP"] = (
-                    f"10.96.{self._service_ips // 250}.{self._service_ips % 250 + 1}"
-                )
-            spec.setdefault("clusterIPs", [spec["clusterIP"]])
+            if spec["type"] != "ExternalName":  # an ExternalName service gets no cluster IP
+                if not spec.get("clusterIP"):
+                    self._service_ips += 1
+                    spec["clusterIP"] = (
+                        f"10.96.{self._service_ips // 250}.{self._service_ips % 250 + 1}"
+                    )
+                spec.setdefault("clusterIPs", [spec["clusterIP"]])
             for port in spec.get("ports") or []:
                 port.setdefault("protocol", "TCP")
                 port.setdefault("targetPort", port.get("port"))
@@ -386,6 +383,7 @@ class ApiCore:
                 result.pop("status", None)
         else:
             result = new
+            self._check_uid(rt, old, meta, is_put)
             for field in SERVER_META:
                 if field in old["metadata"]:
                     meta[field] = old["metadata"][field]
@@ -396,8 +394,9 @@ class ApiCore:
                     result["status"] = old["status"]
                 else:
                     result.pop("status", None)
-            if rt.kind == "Pod" and not rt.group:
-                self._check_pod_update(old, result)
+            if rt.kind == "Service" and not rt.group:
+                validation.prepare_service_update(result, old)
+            self._admit(rt, result, old)
             if old["metadata"].get("deletionTimestamp"):
                 added = set(meta.get("finalizers") or []) - set(
                     old["metadata"].get("finalizers") or []
@@ -442,23 +441,19 @@ class ApiCore:
             stored = self._register_crd(stored)
         return self.present(rt, stored)
 
-    def _check_pod_update(self, old: dict[str, Any], new: dict[str, Any]) -> None:
-        # Binding is one-way: a node, once assigned, cannot be replaced by a plain update.
-        old_node = (old.get("spec") or {}).get("nodeName")
-        new_node = (new.get("spec") or {}).get("nodeName")
-        if old_node and new_node != old_node:
-            raise errors.invalid(
-                "Pod",
-                "",
-                old["metadata"]["name"],
-                [
-                    {
-                        "reason": "FieldValueForbidden",
-                        "field": "spec",
-                        "message": "Forbidden: pod updates may not change spec.nodeName",
-                    }
-                ],
-            )
+    def _check_uid(
+        self, rt: ResourceType, old: dict[str, Any], meta: dict[str, Any], is_put: bool
+    ) -> None:
+        """A uid in a PUT body is a precondition (409); a patch changing it fails validation."""
+        uid, old_uid = meta.get("uid"), old["metadata"]["uid"]
+        if not uid or uid == old_uid:
+            return
+        name = old["metadata"]["name"]
+        if is_put:
+            why = f"Precondition failed: UID in precondition: {uid}, UID in object meta: {old_uid}"
+            raise errors.conflict(rt.plural, rt.group, name, why)
+        error = validation.invalid("metadata.uid", uid, "field is immutable")
+        raise errors.invalid(rt.kind, rt.group, name, validation.causes([error]))
 
     def patch(
         self,

@@ -134,12 +134,21 @@ class ApiEmulator(kmock.KubernetesEmulator):
     async def start(self) -> None:
         await self.__aenter__()  # kmock: the stream feeder and error accounting
         self._stopping = asyncio.Event()
-        server = aiohttp.web.Server(self, handler_cancellation=True)
+        server = aiohttp.web.Server(
+            self, handler_cancellation=True, request_factory=self._make_request
+        )
         self._runner = aiohttp.web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
         site = aiohttp.web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self._bound_port = self._runner.addresses[0][1]
+
+    @staticmethod
+    def _make_request(*args: Any) -> aiohttp.web.BaseRequest:
+        # The apiserver reads bodies up to 3 MiB (MaxRequestBodyBytes); aiohttp stops at 1 MiB,
+        # which would refuse a ConfigMap that validation must see (its own limit is 1 MiB of data).
+        loop = asyncio.get_running_loop()
+        return aiohttp.web.BaseRequest(*args, loop, client_max_size=3 * 1024 * 1024)
 
     async def stop(self) -> None:
         self._stopping.set()
