@@ -717,3 +717,59 @@ def test_event_involved_object_namespace(cluster, ns, uniq):
     c = cause(answer, "involvedObject.namespace")
     assert c["message"] == 'Invalid value: "elsewhere": does not match event.namespace'
     absent(cluster, api(ns, "events", name))
+
+
+def test_v1_event_names_are_only_path_segments(cluster, ns, uniq):
+    """v1 Events have no name rule of their own (ValidateEventCreate skips ObjectMeta for v1);
+    the common check (rest.BeforeCreate, path.ValidatePathSegmentName) lets 'job.' prefixes
+    through, as the operator and client-go recorders use them."""
+    body = {
+        "metadata": {"generateName": f"Job_{uniq}."},
+        "involvedObject": {"kind": "Pod", "name": "p", "namespace": ns},
+        "reason": "Test",
+        "message": "m",
+    }
+    status, created = cluster.request("POST", api(ns, "events"), body)
+    assert status == 201, created
+    assert created["metadata"]["name"].startswith(f"Job_{uniq}.")
+
+
+def test_events_k8s_io_needs_event_time_and_type(cluster, ns, uniq):
+    """ValidateEventCreate for events.k8s.io/v1: eventTime Required, type Normal or Warning."""
+    name = f"ev-{uniq}"
+    body = {
+        "metadata": {"name": name},
+        "regarding": {"kind": "Pod", "name": "p", "namespace": ns},
+        "reason": "Test",
+        "note": "n",
+        "type": "Odd",
+    }
+    path = f"/apis/events.k8s.io/v1/namespaces/{ns}/events"
+    answer = refused(cluster, "POST", path, body)
+    assert cause(answer, "eventTime")["message"] == "Required value"
+    assert cause(answer, "type")["message"] == 'Invalid value: "": has invalid value: Odd'
+    absent(cluster, f"{path}/{name}")
+
+
+def test_owner_references_and_finalizers(cluster, ns, uniq):
+    """ValidateOwnerReferences ('must not be empty' per field) and, for core kinds,
+    validateKubeFinalizerName ('name is neither a standard finalizer name nor is it fully
+    qualified')."""
+    name = f"cm-{uniq}"
+    body = {
+        "metadata": {
+            "name": name,
+            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "o"}],
+            "finalizers": ["cleanup"],
+        }
+    }
+    answer = refused(cluster, "POST", api(ns, "configmaps"), body)
+    assert (
+        cause(answer, "metadata.ownerReferences.uid")["message"]
+        == 'Invalid value: "": must not be empty'
+    )
+    c = cause(answer, "metadata.finalizers[0]")
+    assert c["message"] == (
+        'Invalid value: "cleanup": name is neither a standard finalizer name nor is it fully qualified'
+    )
+    absent(cluster, api(ns, "configmaps", name))

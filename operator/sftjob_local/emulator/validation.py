@@ -338,6 +338,10 @@ def _mask_trailing_dash(name: str) -> str:
 
 # Name rules per kind (ValidateXName in the real validation).
 def _name_rule(kind: str, group: str) -> Any:
+    if group == "" and kind == "Event":
+        # v1 Events get no name rule of their own, only the common path-segment check
+        # (rest.BeforeCreate → ValidateObjectMetaAccessor with path.ValidatePathSegmentName).
+        return is_path_segment_name
     if group == "" and kind == "Service":
         return is_dns1035_label
     if group == "" and kind == "Namespace":
@@ -1436,8 +1440,15 @@ def _default_role_ref(ref: Obj) -> Obj:
 
 
 # ---------------------------------------------------------------------------- events
+EVENT_LIMITS = (("reportingInstance", 128), ("action", 128), ("reason", 128), ("message", 1024))
+
+
 def validate_event(obj: Obj) -> list[FieldError]:
-    """legacyValidateEvent for core/v1 Events (the emulator stores events.k8s.io ones as v1)."""
+    """legacyValidateEvent (events.go), which every Event passes, in either API.
+
+    The emulator stores events.k8s.io Events in the v1 form: ``reportingComponent`` there is
+    the internal ``ReportingController`` the real messages name.
+    """
     errs: list[FieldError] = []
     namespace = (obj.get("metadata") or {}).get("namespace") or ""
     involved = obj.get("involvedObject") or {}
@@ -1454,13 +1465,32 @@ def validate_event(obj: Obj) -> list[FieldError]:
             errs.append(mismatch)
         controller = obj.get("reportingComponent") or ""
         if not controller:
-            errs.append(required("reportingComponent"))
+            errs.append(required("reportingController"))
         errs += [
-            invalid("reportingComponent", controller, m) for m in is_qualified_name(controller)
+            invalid("reportingController", controller, m) for m in is_qualified_name(controller)
         ]
-        for fld in ("reportingInstance", "action", "reason"):
-            if not obj.get(fld):
+        for fld, limit in EVENT_LIMITS:
+            value = obj.get(fld) or ""
+            if not value and fld != "message":
                 errs.append(required(fld))
+            if len(value) > limit:
+                errs.append(invalid(fld, "", f"can have at most {limit} characters"))
+    errs += [invalid("namespace", namespace, m) for m in is_dns1123_subdomain(namespace)]
+    return errs
+
+
+def validate_events_v1(obj: Obj) -> list[FieldError]:
+    """ValidateEventCreate's strict part for events.k8s.io/v1: eventTime and type.
+
+    (Its "needs to be unset" checks on the deprecated fields are not made: the emulator keeps
+    only the v1 form, in which they cannot be told apart from the conversion's.)
+    """
+    errs: list[FieldError] = []
+    if not obj.get("eventTime"):
+        errs.append(required("eventTime"))
+    event_type = obj.get("type") or ""
+    if event_type not in ("Normal", "Warning"):
+        errs.append(invalid("type", "", f"has invalid value: {event_type}"))
     return errs
 
 
@@ -1479,6 +1509,8 @@ def _kind_rules(kind: str, group: str, obj: Obj) -> list[FieldError]:
             return validate_pvc(obj)
         if kind == "Event":
             return validate_event(obj)
+    if group == "events.k8s.io" and kind == "Event":
+        return validate_event(obj) + validate_events_v1(obj)
     if group == RBAC_GROUP:
         if kind in ("Role", "ClusterRole"):
             return _validate_rules(obj.get("rules") or [], kind == "Role")
