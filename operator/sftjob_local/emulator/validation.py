@@ -1002,6 +1002,28 @@ def spec_diff(kind_type: str, old: Obj, new: Obj) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_pod_defaults(spec: Obj) -> Obj:
+    """The spec as a real server holds it: the v1 defaults (SetDefaults_PodSpec/_Container) that
+    the emulator does not write, so a client leaving them out changes nothing."""
+    spec = json.loads(json.dumps(spec))
+    for fld, default in (
+        ("restartPolicy", "Always"),
+        ("terminationGracePeriodSeconds", 30),
+        ("dnsPolicy", "ClusterFirst"),
+        ("schedulerName", "default-scheduler"),
+        ("securityContext", {}),
+    ):
+        if spec.get(fld) in (None, ""):
+            spec[fld] = default
+    for c in _all_containers(spec):
+        c.setdefault("terminationMessagePath", "/dev/termination-log")
+        c.setdefault("terminationMessagePolicy", "File")
+        c.setdefault("resources", {})
+        for port in c.get("ports") or []:
+            port.setdefault("protocol", "TCP")
+    return spec
+
+
 def _validate_tolerations_only_added(new: list[Obj], old: list[Obj]) -> list[FieldError]:
     for tol in old:
         probe = {k: v for k, v in tol.items() if k != "tolerationSeconds"}
@@ -1053,6 +1075,7 @@ def validate_pod_update(new: Obj, old: Obj) -> list[FieldError]:
     errs += _validate_tolerations_only_added(
         ns.get("tolerations") or [], os_.get("tolerations") or []
     )
+    ns, os_ = _with_pod_defaults(ns), _with_pod_defaults(os_)
     if ns == os_:
         return errs
     munged = json.loads(json.dumps(ns))
