@@ -51,12 +51,30 @@ collected); CRD schemas: pruning (x-kubernetes-preserve-unknown-fields honoured)
 jsonschema validation with apiserver-style 422 causes, ``fieldValidation=Strict`` → 400 on unknown
 fields; Tables for ``kubectl get`` (additionalPrinterColumns for CRs; pods, services, nodes, ...).
 
+Admission validation of built-in objects (``validation.py``, after the apiserver's
+``pkg/apis/core/validation``, ``pkg/apis/rbac/validation`` and apimachinery's name/label rules):
+names per kind (DNS-1123 subdomain; DNS-1035 label for Services; DNS-1123 label for Namespaces;
+path segments for RBAC kinds and v1 Events), generateName, labels, annotations (256 KiB), owner
+references, finalizers on every kind; pods (containers, images, ports, env, volumes and mounts,
+resources incl. extended resources, enums, tolerations, ranges) and pod updates (only images,
+activeDeadlineSeconds and added tolerations change); services (ports, types, clusterIP kept and
+immutable); configmaps and secrets (keys, 1 MiB, ``immutable``, Secret type; ``stringData``
+folded into ``data``); PVCs (access modes, storage, immutable spec); roles and bindings (rules,
+roleRef immutable, subjects); events. A refusal is 422 ``Invalid`` with ``details.causes`` and
+the real message (``Pod "x" is invalid: spec.containers[1].name: Duplicate value: "a"``, several
+as ``[a, b]``); malformed quantities and non-base64 Secret data are 400 decode errors; a PUT
+whose uid differs is 409 (precondition), a patch changing it 422. Nothing is stored on refusal.
+
 Pod logs: ``pods/{name}/log`` serves ``{log_dir}/{namespace}/{pod}/{container}.log`` (container,
 tailLines, limitBytes, follow until the pod is terminal or gone; previous → 400; no file → 400
 "waiting to start"). The local node writes those files.
 
 Simplified or absent: server-side apply is a plain merge (create when missing, no managedFields
-conflicts); no admission, RBAC or authentication (any token is accepted); no CEL validation
+conflicts); no admission plugins, RBAC or authentication (any token is accepted); built-in
+validation covers the kinds above (Deployments, Leases, Nodes get the metadata rules only; the
+diff after "pod updates may not change fields other than ..." lists the changed top-level fields
+as JSON, not go-cmp's rendering of the Go struct; defaults such as imagePullPolicy are assumed,
+not written; status writes are not validated); no CEL validation
 (x-kubernetes-validations), no conversion webhooks (all versions of a CRD share one storage);
 no pagination (``limit`` is ignored, everything is returned); protobuf is never served for
 objects (JSON only; only the OpenAPI v2 document has a protobuf form).
