@@ -907,6 +907,15 @@ def parse_sftjob(document: Any) -> SFTJob:
     # may carry one, which is not the user's to set.
     doc.pop("status", None)
     try:
-        return SFTJob.model_validate(doc)
+        job = SFTJob.model_validate(doc)
     except ValidationError as exc:
         raise SpecError(errors_from_validation(exc, SFTJob)) from None
+    if job.spec.resources.nodes > 1 and job.metadata.name[:1].isdigit():
+        # The rendezvous Service is named after the job, and a real API server takes only
+        # DNS-1035 labels (starting with a letter) as Service names.
+        message = (
+            "must start with a letter for a multi-node job (its rendezvous Service "
+            "is named after it, and Service names must start with a letter)"
+        )
+        raise SpecError([FieldError(path="metadata.name", message=message)])
+    return job

@@ -339,6 +339,21 @@ def test_job_name_must_suit_child_names(metadata: dict[str, Any], fragment: str)
     assert any(e.path == "metadata.name" and fragment in e.message for e in caught.value.errors)
 
 
+def test_multi_node_job_name_must_start_with_a_letter() -> None:
+    """Its rendezvous Service is named after it; Service names are DNS-1035 labels."""
+    document = {
+        "apiVersion": "tuning.sftjob.dev/v1alpha1",
+        "kind": "SFTJob",
+        "metadata": {"name": "1job"},
+        "spec": {**MINIMAL, "resources": {"nodes": 2}},
+    }
+    with pytest.raises(SpecError) as caught:
+        parse_sftjob(document)
+    assert [e.path for e in caught.value.errors] == ["metadata.name"]
+    assert "start with a letter" in caught.value.errors[0].message
+    assert parse_sftjob({**document, "spec": MINIMAL}).metadata.name == "1job"
+
+
 def test_wrong_kind_or_top_level_field() -> None:
     with pytest.raises(SpecError) as caught:
         parse_sftjob(

@@ -495,3 +495,26 @@ class TestNameLimits:
         )
         for volume in build_pod(job, 0, 1)["spec"]["volumes"]:
             assert len(volume["name"]) <= 63, volume["name"]
+
+
+class TestChildrenPassApiServerValidation:
+    """Every child passes the apiserver's validation as the local control plane models it
+    (sftjob_local.emulator.validation, after pkg/apis/core/validation and rbac/validation)."""
+
+    @pytest.mark.parametrize("name", ["j" * 48 + "-x", "demo", "a1"])
+    def test_longest_and_shortest_names_multi_node(self, name: str) -> None:
+        from sftjob_local.emulator import validation
+
+        job = make_job(
+            name=name,
+            resources={"nodes": 16},
+            volumes=[{"name": "models", "claimName": "models-pvc", "mountPath": "/models"}],
+        )
+        children = [
+            *build_static_children(job, build_trainer_config(job)),
+            build_pod(job, rank=15, attempt=99),
+        ]
+        for child in children:
+            group = child["apiVersion"].rpartition("/")[0]
+            errors = validation.validate_create(child["kind"], group, child, namespaced=True)
+            assert errors == [], (child["kind"], [e.cause() for e in errors])
