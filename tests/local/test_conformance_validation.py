@@ -773,3 +773,21 @@ def test_owner_references_and_finalizers(cluster, ns, uniq):
         'Invalid value: "cleanup": name is neither a standard finalizer name nor is it fully qualified'
     )
     absent(cluster, api(ns, "configmaps", name))
+
+
+def test_dry_run_update_is_validated_too(cluster, ns, uniq):
+    """An update with dryRun=All goes through the same ValidateUpdate (here the pod's
+    immutable spec) and changes nothing."""
+    name = f"p-{uniq}"
+    cluster.ok("POST", api(ns, "pods"), pod(name, {"name": "c", "image": "busybox"}))
+    patch = {"spec": {"restartPolicy": "Never"}}
+    answer = refused(
+        cluster,
+        "PATCH",
+        api(ns, "pods", name),
+        patch,
+        query={"dryRun": "All"},
+        content_type="application/merge-patch+json",
+    )
+    assert cause(answer, "spec")["reason"] == "FieldValueForbidden"
+    assert cluster.ok("GET", api(ns, "pods", name))["spec"]["restartPolicy"] == "Always"
