@@ -17,7 +17,7 @@ import kmock
 import yaml
 from kmock._internal import apps, rendering
 
-from . import openapi, tables
+from . import bodies, openapi, tables
 from .core import TERMINAL_PHASES, ApiCore
 from .errors import ApiError, bad_request
 from .preinstalled import KOPF_PEERING_CRDS, as_applied
@@ -370,24 +370,31 @@ class ApiEmulator(kmock.KubernetesEmulator):
         )
 
     def _body(self, request: rendering.Request, content_type: str = "") -> Any:
+        """The request body as JSON data: by Content-Type (JSON, YAML or protobuf; 415 for
+        others: see bodies.py), or as the given PATCH type."""
         if not request.body:
             raise bad_request("the request body is empty")
-        sent_type = request.headers.get("Content-Type", "")
-        if "protobuf" in sent_type or "cbor" in sent_type:
-            # JSON only: client-go falls back to JSON when the server refuses a binary encoding.
-            raise ApiError(
-                415,
-                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml",
-                "UnsupportedMediaType",
+        if not content_type:
+            return bodies.decode_body(
+                request.body, request.headers.get("Content-Type", ""), self._endpoint_kind(request)
             )
         try:
             if content_type == "application/apply-patch+yaml":
-                return yaml.safe_load(request.body)
+                return bodies.load_yaml(request.body)
             return json.loads(request.body)
         except (ValueError, yaml.YAMLError) as exc:
             raise ApiError(
                 400, f"the request body could not be decoded as JSON: {exc}", "BadRequest"
             ) from exc
+
+    def _endpoint_kind(self, request: rendering.Request) -> str:
+        """The kind a body sent to this URL should be, for error messages ("" when unknown)."""
+        if request.resource is None or request.subresource not in (None, "status"):
+            return ""
+        with contextlib.suppress(ApiError):
+            resource = request.resource
+            return self.core.rt(resource.group, resource.version, resource.plural).kind
+        return ""
 
     def _delete_options(self, request: rendering.Request) -> dict[str, Any]:
         options: dict[str, Any] = {}
