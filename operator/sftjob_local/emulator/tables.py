@@ -132,6 +132,207 @@ def _pod_cells(pod: dict[str, Any]) -> list[Any]:
         age(pod["metadata"].get("creationTimestamp")),
         status.get("podIP") or "<none>",
         spec.get("nodeName") or "<none>",
+        status.get("nominatedNodeName") or "<none>",
+        _readiness_gates(pod),
+    ]
+
+
+def _readiness_gates(pod: dict[str, Any]) -> str:
+    """printPod's READINESS GATES: "<ready>/<total>" over spec.readinessGates, "<none>" without."""
+    gates = (pod.get("spec") or {}).get("readinessGates") or []
+    if not gates:
+        return "<none>"
+    conditions = {
+        c.get("type"): c.get("status") for c in (pod.get("status") or {}).get("conditions") or []
+    }
+    ready = sum(1 for g in gates if conditions.get(g.get("conditionType")) == "True")
+    return f"{ready}/{len(gates)}"
+
+
+def format_labels(labels: dict[str, str] | None) -> str:
+    """labels.FormatLabels: sorted ``k=v`` pairs, "<none>" when empty."""
+    if not labels:
+        return "<none>"
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def format_selector(selector: dict[str, Any] | None) -> str:
+    """metav1.LabelSelectorAsSelector(...).String(): requirements sorted by key; "" for none."""
+    requirements = [(k, f"{k}={v}") for k, v in ((selector or {}).get("matchLabels") or {}).items()]
+    for expr in (selector or {}).get("matchExpressions") or []:
+        key, op, values = expr.get("key", ""), expr.get("operator", ""), expr.get("values") or []
+        text = {
+            "In": f"{key} in ({','.join(sorted(values))})",
+            "NotIn": f"{key} notin ({','.join(sorted(values))})",
+            "Exists": key,
+            "DoesNotExist": f"!{key}",
+        }.get(op, f"{key} {op}")
+        requirements.append((key, text))
+    return ",".join(text for _, text in sorted(requirements, key=lambda r: r[0]))
+
+
+def _service_cells(o: dict[str, Any]) -> list[Any]:
+    """printService: ports as port[:nodePort]/protocol, external IPs per service type."""
+    spec = o.get("spec") or {}
+    kind = spec.get("type") or "ClusterIP"
+    ports = ",".join(
+        f"{p.get('port')}:{p['nodePort']}/{p.get('protocol', 'TCP')}"
+        if p.get("nodePort")
+        else f"{p.get('port')}/{p.get('protocol', 'TCP')}"
+        for p in spec.get("ports") or []
+    )
+    external = list(spec.get("externalIPs") or [])
+    if kind == "LoadBalancer":
+        ingress = ((o.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+        found = [i.get("ip") or i.get("hostname") for i in ingress] + external
+        external_ip = ",".join(x for x in found if x) or "<pending>"
+    elif kind == "ExternalName":
+        external_ip = spec.get("externalName") or "<none>"
+    else:
+        external_ip = ",".join(external) or "<none>"
+    return [
+        kind,
+        spec.get("clusterIP") or "<none>",
+        external_ip,
+        ports or "<none>",
+        age(o["metadata"].get("creationTimestamp")),
+        format_labels(spec.get("selector")),
+    ]
+
+
+_ACCESS_MODES = {
+    "ReadWriteOnce": "RWO",
+    "ReadOnlyMany": "ROX",
+    "ReadWriteMany": "RWX",
+    "ReadWriteOncePod": "RWOP",
+}
+
+
+def _pvc_cells(o: dict[str, Any]) -> list[Any]:
+    """printPersistentVolumeClaim: capacity and access modes only once bound to a volume."""
+    spec, status = o.get("spec") or {}, o.get("status") or {}
+    capacity = access_modes = ""
+    if spec.get("volumeName"):
+        capacity = str((status.get("capacity") or {}).get("storage", ""))
+        access_modes = ",".join(_ACCESS_MODES.get(m, m) for m in status.get("accessModes") or [])
+    storage_class = spec.get("storageClassName")
+    if storage_class is None:
+        storage_class = (o["metadata"].get("annotations") or {}).get(
+            "volume.beta.kubernetes.io/storage-class", ""
+        )
+    return [
+        status.get("phase") or "",
+        spec.get("volumeName") or "",
+        capacity,
+        access_modes,
+        storage_class,
+        spec.get("volumeAttributesClassName") or "<unset>",
+        age(o["metadata"].get("creationTimestamp")),
+        spec.get("volumeMode") or "<unset>",
+    ]
+
+
+def _binding_cells(o: dict[str, Any]) -> list[Any]:
+    """printRoleBinding/printClusterRoleBinding: Kind/name of the role, subjects when wide."""
+    ref = o.get("roleRef") or {}
+    users, groups, service_accounts = [], [], []
+    for subject in o.get("subjects") or []:
+        kind, name = subject.get("kind"), subject.get("name", "")
+        if kind == "User":
+            users.append(name)
+        elif kind == "Group":
+            groups.append(name)
+        elif kind == "ServiceAccount":
+            service_accounts.append(f"{subject.get('namespace', '')}/{name}")
+    return [
+        f"{ref.get('kind', '')}/{ref.get('name', '')}",
+        age(o["metadata"].get("creationTimestamp")),
+        ", ".join(users),
+        ", ".join(groups),
+        ", ".join(service_accounts),
+    ]
+
+
+def _deployment_cells(o: dict[str, Any]) -> list[Any]:
+    spec, status = o.get("spec") or {}, o.get("status") or {}
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    return [
+        f"{status.get('readyReplicas', 0)}/{spec.get('replicas', 1)}",
+        status.get("updatedReplicas", 0),
+        status.get("availableReplicas", 0),
+        age(o["metadata"].get("creationTimestamp")),
+        ",".join(c.get("name", "") for c in containers),
+        ",".join(c.get("image", "") for c in containers),
+        format_selector(spec.get("selector")),
+    ]
+
+
+def _event_doc(field: str) -> str:
+    return EVENT_FIELD_DOCS.get(field, "")
+
+
+EVENT_FIELD_DOCS = {
+    "lastTimestamp": "The time at which the most recent occurrence of this event was recorded.",
+    "type": "Type of this event (Normal, Warning), new types could be added in the future",
+    "reason": "This should be a short, machine understandable string that gives the reason for the transition into the object's current status.",
+    "involvedObject": "The object that this event is about.",
+    "fieldPath": 'If referring to a piece of an object instead of an entire object, this string should contain a valid JSON/Go field access statement, such as desiredState.manifest.containers[2]. For example, if the object reference is to a container within a pod, this would take on a value like: "spec.containers{name}" (where "name" refers to the name of the container that triggered the event) or if no container name is specified "spec.containers[2]" (container with index 2 in this pod). This syntax is chosen only to have some well-defined way of referencing a part of an object.',
+    "source": "The component reporting this event. Should be a short machine understandable string.",
+    "message": "A human-readable description of the status of this operation.",
+    "firstTimestamp": "The time at which the event was first recorded. (Time of server receipt is in TypeMeta.)",
+    "count": "The number of times this event has occurred.",
+}
+
+# printers.go's eventColumnDefinitions: the only built-in table without Name first (it is the
+# last, wide-only column).
+EVENT_COLUMNS = [
+    _column("Last Seen", description=_event_doc("lastTimestamp")),
+    _column("Type", description=_event_doc("type")),
+    _column("Reason", description=_event_doc("reason")),
+    _column("Object", description=_event_doc("involvedObject")),
+    _column("Subobject", priority=1, description=_event_doc("fieldPath")),
+    _column("Source", priority=1, description=_event_doc("source")),
+    _column("Message", description=_event_doc("message")),
+    _column("First Seen", priority=1, description=_event_doc("firstTimestamp")),
+    _column("Count", priority=1, description=_event_doc("count")),
+    {**NAME, "priority": 1},
+]
+
+
+def event_cells(event: dict[str, Any]) -> list[Any]:
+    """printEvent's cells (the server always prints wide; kubectl hides priority-1 columns)."""
+    if "regarding" in event or (event.get("apiVersion") or "").startswith("events.k8s.io/"):
+        from .core import new_event_to_core  # the events.k8s.io shape, read as core/v1
+
+        event = new_event_to_core(event)
+    first_seen = age(event.get("firstTimestamp")) if event.get("firstTimestamp") else None
+    if first_seen is None:
+        first_seen = age(event.get("eventTime"))
+    last_seen = age(event["lastTimestamp"]) if event.get("lastTimestamp") else first_seen
+    count = event.get("count") or 0
+    series = event.get("series")
+    if series:
+        last_seen = age(series.get("lastObservedTime"))
+        count = series.get("count") or 0
+    elif count == 0:
+        count = 1  # singleton events of the new API carry no count
+    involved = event.get("involvedObject") or {}
+    kind = (involved.get("kind") or "").lower()
+    target = f"{kind}/{involved['name']}" if involved.get("name") else kind
+    source = event.get("source") or {}
+    component = source.get("component") or event.get("reportingComponent") or ""
+    instance = source.get("host") or event.get("reportingInstance") or ""
+    return [
+        last_seen,
+        event.get("type", ""),
+        event.get("reason", ""),
+        target,
+        involved.get("fieldPath", ""),
+        f"{component}, {instance}" if instance else component,
+        (event.get("message") or "").strip(),
+        first_seen,
+        int(count),
+        event["metadata"]["name"],
     ]
 
 
@@ -145,6 +346,8 @@ def _builtin_columns(rt: ResourceType) -> tuple[list[dict[str, Any]], Any]:
             AGE,
             _column("IP", priority=1),
             _column("Node", priority=1),
+            _column("Nominated Node", priority=1),
+            _column("Readiness Gates", priority=1),
         ]
         return cols, _pod_cells
     if rt.kind == "Namespace":
@@ -164,27 +367,50 @@ def _builtin_columns(rt: ResourceType) -> tuple[list[dict[str, Any]], Any]:
             age(o["metadata"].get("creationTimestamp")),
         ]
     if rt.kind == "Service":
-
-        def service(o: dict[str, Any]) -> list[Any]:
-            spec = o.get("spec") or {}
-            ports = ",".join(
-                f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in spec.get("ports") or []
-            )
-            return [
-                spec.get("type", "ClusterIP"),
-                spec.get("clusterIP") or "<none>",
-                "<none>",
-                ports or "<none>",
-                age(o["metadata"].get("creationTimestamp")),
-            ]
-
         return [
             _column("Type"),
             _column("Cluster-IP"),
             _column("External-IP"),
             _column("Port(s)"),
             AGE,
-        ], service
+            _column("Selector", priority=1),
+        ], _service_cells
+    if rt.kind == "ServiceAccount":
+        return [_column("Secrets", "integer"), AGE], lambda o: [
+            len(o.get("secrets") or []),
+            age(o["metadata"].get("creationTimestamp")),
+        ]
+    if rt.kind == "PersistentVolumeClaim":
+        return [
+            _column("Status"),
+            _column("Volume"),
+            _column("Capacity"),
+            _column("Access Modes"),
+            _column("StorageClass"),
+            _column("VolumeAttributesClass"),
+            AGE,
+            _column("VolumeMode", priority=1),
+        ], _pvc_cells
+    if rt.kind in ("Role", "ClusterRole") and rt.group == "rbac.authorization.k8s.io":
+        return [_column("Created At", "date")], lambda o: [o["metadata"].get("creationTimestamp")]
+    if rt.kind in ("RoleBinding", "ClusterRoleBinding") and rt.group == "rbac.authorization.k8s.io":
+        return [
+            _column("Role"),
+            AGE,
+            _column("Users", priority=1),
+            _column("Groups", priority=1),
+            _column("ServiceAccounts", priority=1),
+        ], _binding_cells
+    if rt.kind == "Deployment":
+        return [
+            _column("Ready"),
+            _column("Up-to-date", "integer"),
+            _column("Available", "integer"),
+            AGE,
+            _column("Containers", priority=1),
+            _column("Images", priority=1),
+            _column("Selector", priority=1),
+        ], _deployment_cells
     if rt.kind == "Node":
 
         def node(o: dict[str, Any]) -> list[Any]:
@@ -236,10 +462,18 @@ def _custom_columns(rt: ResourceType) -> tuple[list[dict[str, Any]], Any]:
 def to_table(
     rt: ResourceType, objects: list[dict[str, Any]], include: str, resource_version: str
 ) -> dict[str, Any]:
-    columns, cells = _custom_columns(rt) if rt.custom else _builtin_columns(rt)
+    if rt.kind == "Event" and rt.group in ("", "events.k8s.io"):
+        columns, cells = EVENT_COLUMNS, event_cells
+    else:
+        columns, row_cells = _custom_columns(rt) if rt.custom else _builtin_columns(rt)
+        columns = [NAME, *columns]
+
+        def cells(obj: dict[str, Any]) -> list[Any]:
+            return [obj["metadata"]["name"], *row_cells(obj)]
+
     rows = []
     for obj in objects:
-        row: dict[str, Any] = {"cells": [obj["metadata"]["name"], *cells(obj)]}
+        row: dict[str, Any] = {"cells": cells(obj)}
         if include == "Object":
             row["object"] = obj
         elif include != "None":
@@ -253,7 +487,7 @@ def to_table(
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
         "metadata": {"resourceVersion": resource_version},
-        "columnDefinitions": [NAME, *columns],
+        "columnDefinitions": columns,
         "rows": rows,
     }
 
