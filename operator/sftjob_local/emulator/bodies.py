@@ -48,7 +48,9 @@ def media_type(header: str) -> str | None:
     match = _MEDIA_TYPE_RE.match(essence)
     if match is None:
         return None
-    if any(p.strip() and not _PARAMETER_RE.match(p) for p in parameters):
+    if parameters and not parameters[-1].strip():
+        parameters.pop()  # Go ignores one trailing semicolon, nothing more
+    if any(not _PARAMETER_RE.match(p) for p in parameters):
         return None
     return f"{match.group(1)}/{match.group(2)}".lower()
 
