@@ -202,3 +202,16 @@ def test_event_table_cells_follow_print_event():
     assert [c["priority"] for c in tables.EVENT_COLUMNS] == [0, 0, 0, 0, 1, 1, 0, 1, 1, 1]
     # An event without timestamps (events.k8s.io, series) shows <unknown> rather than failing.
     assert tables.event_cells({"metadata": {"name": "e"}})[0] == "<unknown>"
+
+
+def test_delete_options_decode_under_any_group_version():
+    # meta/v1 DeleteOptions: 1 gracePeriodSeconds, 4 propagationPolicy, 5 dryRun (all pointers or
+    # repeated, so a zero grace period is kept).
+    body = k8s_body("apps/v1", "DeleteOptions", message((1, 0), (4, "Foreground"), (5, "All")))
+    assert protobuf.decode(body) == {
+        "kind": "DeleteOptions",
+        "apiVersion": "apps/v1",
+        "gracePeriodSeconds": 0,
+        "propagationPolicy": "Foreground",
+        "dryRun": ["All"],
+    }

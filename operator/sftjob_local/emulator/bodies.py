@@ -125,6 +125,8 @@ def decode_body(body: bytes, content_type: str, kind: str = "") -> Any:
     media = media_type(content_type)
     if media is None or media not in ("", *ACCEPTED_MEDIA_TYPES):
         raise unsupported_media_type(ACCEPTED_MEDIA_TYPES)
+    if not body and media != protobuf.MEDIA_TYPE:
+        raise ApiError(400, "the request body is empty", "BadRequest")
     if media == protobuf.MEDIA_TYPE:
         try:
             return protobuf.decode(body)

@@ -44,7 +44,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from .protobuf_messages import API_VERSIONS, MESSAGES, ROOT_KINDS
+from .protobuf_messages import ANY_VERSION_KINDS, API_VERSIONS, MESSAGES, ROOT_KINDS
 
 MEDIA_TYPE = "application/vnd.kubernetes.protobuf"
 MAGIC = b"k8s\x00"
@@ -133,8 +133,9 @@ ROOTS: dict[tuple[str, str], str] = {
 }
 
 
-def decodable(api_version: str, kind: str) -> bool:
-    return (api_version, kind) in ROOTS
+def message_for(api_version: str, kind: str) -> str | None:
+    """The table's message for a top-level kind, None when this module cannot decode it."""
+    return ROOTS.get((api_version, kind)) or ANY_VERSION_KINDS.get(kind)
 
 
 # ------------------------------------------------------------------ values
@@ -312,7 +313,7 @@ def decode(body: bytes) -> dict[str, Any]:
     Raises :class:`UnsupportedKind` for a kind without a field table, :class:`ProtobufError`
     for a malformed body."""
     api_version, kind, raw = envelope(body)
-    message = ROOTS.get((api_version, kind))
+    message = message_for(api_version, kind)
     if message is None:
         raise UnsupportedKind(api_version, kind)
     return {"kind": kind, "apiVersion": api_version, **decode_message(message, raw)}

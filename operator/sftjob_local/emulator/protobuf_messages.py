@@ -59,6 +59,10 @@ ROOT_KINDS = (
     "authorization.SelfSubjectAccessReview",
 )
 
+# Kinds registered in every group version (metav1.AddToGroupVersion): client-go's typed Delete
+# sends its DeleteOptions in the client's content type, under the resource's apiVersion.
+ANY_VERSION_KINDS = {"DeleteOptions": "meta.DeleteOptions"}
+
 MESSAGES: dict[str, str] = {
     "apps.Deployment": "1 metadata meta.ObjectMeta; 2 spec apps.DeploymentSpec; 3 status apps.DeploymentStatus",
     "apps.DeploymentCondition": "1 type =string; 2 status =string; 6 lastUpdateTime Time; 7 lastTransitionTime Time; 4 reason string; 5 message string",
@@ -253,4 +257,6 @@ MESSAGES: dict[str, str] = {
     "rbac.RoleRef": "1 apiGroup =string; 2 kind =string; 3 name =string",
     "rbac.Subject": "1 kind =string; 2 apiGroup string; 3 name =string; 4 namespace string",
     "scheduling.PriorityClass": "1 metadata meta.ObjectMeta; 2 value =int; 3 globalDefault bool; 4 description string; 5 preemptionPolicy *string",
+    "meta.DeleteOptions": "1 gracePeriodSeconds *int; 2 preconditions *meta.Preconditions; 3 orphanDependents *bool; 4 propagationPolicy *string; 5 dryRun []string; 6 ignoreStoreReadErrorWithClusterBreakingPotential *bool",
+    "meta.Preconditions": "1 uid *string; 2 resourceVersion *string",
 }

@@ -372,12 +372,12 @@ class ApiEmulator(kmock.KubernetesEmulator):
     def _body(self, request: rendering.Request, content_type: str = "") -> Any:
         """The request body as JSON data: by Content-Type (JSON, YAML or protobuf; 415 for
         others: see bodies.py), or as the given PATCH type."""
-        if not request.body:
-            raise bad_request("the request body is empty")
-        if not content_type:
+        if not content_type:  # the media type is negotiated before the body is read
             return bodies.decode_body(
                 request.body, request.headers.get("Content-Type", ""), self._endpoint_kind(request)
             )
+        if not request.body:
+            raise bad_request("the request body is empty")
         try:
             if content_type == "application/apply-patch+yaml":
                 return bodies.load_yaml(request.body)
@@ -398,9 +398,10 @@ class ApiEmulator(kmock.KubernetesEmulator):
 
     def _delete_options(self, request: rendering.Request) -> dict[str, Any]:
         options: dict[str, Any] = {}
-        if request.body:
-            with contextlib.suppress(ValueError):
-                options = dict(json.loads(request.body) or {})
+        if request.body:  # JSON, YAML or protobuf (client-go's typed Delete); else ignored
+            with contextlib.suppress(ApiError, ValueError, TypeError):
+                content_type = request.headers.get("Content-Type", "")
+                options = dict(bodies.decode_body(request.body, content_type) or {})
         query = request._raw_request.query if request._raw_request is not None else {}
         if "gracePeriodSeconds" in query:
             options["gracePeriodSeconds"] = int(query["gracePeriodSeconds"])
