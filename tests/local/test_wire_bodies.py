@@ -148,12 +148,15 @@ def test_missing_content_type_reads_json():
 
 
 def test_yaml_reads_like_sigs_k8s_yaml():
-    text = b"a: 2024-01-01\nb: yes\n1: one\nc: '007'\n---\nsecond: document\n"
+    text = b"a: 2024-01-01\nb: yes\n1: one\nc: '007'\nd: 2.0\ne: 2.5\nf: n\n---\nsecond: document\n"
     assert bodies.decode_body(text, "application/yaml", "ConfigMap") == {
         "a": "2024-01-01",  # timestamps stay strings
         "b": True,  # YAML 1.1 boolean
         "1": "one",  # keys become strings
         "c": "007",
+        "d": 2,  # Go's JSON text of the float64 2.0 is 2
+        "e": 2.5,
+        "f": False,  # go-yaml v2's one-letter boolean
     }
 
 

@@ -94,14 +94,22 @@ _YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+# go-yaml v2 also reads the one-letter y/Y/n/N as booleans (its resolve table).
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN")
+)
+_YamlLoader.bool_values = {**yaml.SafeLoader.bool_values, "y": True, "n": False}
 
 
 def _json_keys(value: Any) -> Any:
-    """sigs.k8s.io/yaml's conversion to a JSON-able object: every mapping key becomes a string."""
+    """sigs.k8s.io/yaml's conversion to JSON: every mapping key becomes a string, and numbers read
+    as they would from the JSON text Go writes."""
     if isinstance(value, dict):
         return {_key(k): _json_keys(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_json_keys(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        return int(value)  # Go's JSON writes a whole float64 without a fraction: 1.0 is 1
     return value
 
 
