@@ -15,8 +15,11 @@ the 415 reaches the user as an error. A real apiserver accepts protobuf for ever
 factory's ``application/json``, ``application/yaml``, ``application/vnd.kubernetes.protobuf``
 (apimachinery ``runtime/serializer/codec_factory.go``). So the emulator decodes these bodies.
 
-Responses stay JSON: the clients that send protobuf also accept JSON, and client-go decodes a
-response by its Content-Type.
+Responses stay JSON: kubectl asks for ``application/vnd.kubernetes.protobuf,application/json``, and
+client-go decodes a response with the decoder of the response's own Content-Type
+(``Request.transformResponse`` in client-go ``rest/request.go``), so a JSON answer is read even by
+a client that accepts protobuf only (to which the emulator also answers JSON, where a real server
+would answer protobuf).
 
 Wire format
 ===========
