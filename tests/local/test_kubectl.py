@@ -172,6 +172,30 @@ def test_kubectl_create_builtins_with_typed_clients(kubectl, cluster):
         lines = kubectl("get", "serviceaccount", account, "-n", ns).stdout.splitlines()
         assert lines[0].split() == ["NAME", "SECRETS", "AGE"]
         assert lines[1].split()[:2] == [account, "0"]
+
+        # RBAC objects come the same way (the RBAC rules of the issue are set up with these).
+        role, binding = f"r-{suffix}", f"rb-{suffix}"
+        kubectl("create", "role", role, "--verb=get,list", "--resource=pods", "-n", ns)
+        kubectl(
+            "create", "rolebinding", binding, f"--role={role}",
+            f"--serviceaccount={ns}:{account}", "--user=jane", "-n", ns,
+        )  # fmt: skip
+        rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}"
+        stored = cluster.ok("GET", f"{rbac}/roles/{role}")
+        assert stored["rules"] == [
+            {"verbs": ["get", "list"], "apiGroups": [""], "resources": ["pods"]}
+        ]
+        stored = cluster.ok("GET", f"{rbac}/rolebindings/{binding}")
+        assert stored["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role,
+        }
+        assert {"kind": "ServiceAccount", "name": account, "namespace": ns} in stored["subjects"]
+        lines = kubectl("get", "rolebinding", binding, "-n", ns, "-o", "wide").stdout.splitlines()
+        assert lines[0].split() == ["NAME", "ROLE", "AGE", "USERS", "GROUPS", "SERVICEACCOUNTS"]
+        assert lines[1].split()[:2] == [binding, f"Role/{role}"]
+        assert lines[1].split()[-2:] == ["jane", f"{ns}/{account}"]
     finally:
         kubectl("delete", "ns", namespace, "--wait=false", check=False)
 
