@@ -107,30 +107,101 @@ AGE = _column(
 )
 
 
+def _terminated_reason(terminated: dict[str, Any], prefix: str = "") -> str:
+    if terminated.get("reason"):
+        return prefix + terminated["reason"]
+    if terminated.get("signal"):
+        return f"{prefix}Signal:{terminated['signal']}"
+    return f"{prefix}ExitCode:{terminated.get('exitCode', 0)}"
+
+
+def _finished_at(container_status: dict[str, Any]) -> str:
+    return ((container_status.get("lastState") or {}).get("terminated") or {}).get(
+        "finishedAt"
+    ) or ""
+
+
 def _pod_cells(pod: dict[str, Any]) -> list[Any]:
+    """printPod (v1.32): READY, STATUS (init progress, waiting/terminated reasons, Terminating),
+    RESTARTS with the time of the last restart, AGE; wide: IP, NODE, NOMINATED NODE, READINESS
+    GATES. Timestamps compare as RFC 3339 strings (all UTC, same format)."""
     spec, status = pod.get("spec") or {}, pod.get("status") or {}
-    statuses = status.get("containerStatuses") or []
-    total = len(spec.get("containers") or [])
-    ready = sum(1 for s in statuses if s.get("ready"))
-    reason = status.get("reason") or status.get("phase") or "Pending"
-    for s in statuses:
-        state = s.get("state") or {}
-        if (state.get("waiting") or {}).get("reason"):
-            reason = state["waiting"]["reason"]
-        elif (state.get("terminated") or {}).get("reason") and reason not in (
-            "Succeeded",
-            "Failed",
-        ):
-            reason = state["terminated"]["reason"]
+    phase = status.get("phase") or "Pending"  # the apiserver sets Pending on create
+    reason = status.get("reason") or phase
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("reason") == "SchedulingGated":
+            reason = "SchedulingGated"
+    init_specs = {c.get("name"): c for c in spec.get("initContainers") or []}
+
+    def sidecar(name: str) -> bool:  # a restartable init container
+        return (init_specs.get(name) or {}).get("restartPolicy") == "Always"
+
+    total = len(spec.get("containers") or []) + sum(1 for n in init_specs if sidecar(n))
+    ready = restarts = sidecar_restarts = 0
+    last_restart = last_sidecar_restart = ""
+    initializing = False
+    init_statuses = status.get("initContainerStatuses") or []
+    for index, container in enumerate(init_statuses):
+        restarts += int(container.get("restartCount") or 0)
+        last_restart = max(last_restart, _finished_at(container))
+        if sidecar(container.get("name")):
+            sidecar_restarts += int(container.get("restartCount") or 0)
+            last_sidecar_restart = max(last_sidecar_restart, _finished_at(container))
+        state = container.get("state") or {}
+        terminated, waiting = state.get("terminated"), state.get("waiting") or {}
+        if terminated is not None and int(terminated.get("exitCode") or 0) == 0:
+            continue
+        if sidecar(container.get("name")) and container.get("started"):
+            ready += 1 if container.get("ready") else 0
+            continue
+        if terminated is not None:
+            reason = _terminated_reason(terminated, "Init:")
+        elif waiting.get("reason") and waiting["reason"] != "PodInitializing":
+            reason = "Init:" + waiting["reason"]
+        else:
+            reason = f"Init:{index}/{len(init_specs)}"
+        initializing = True
+        break
+    initialized = any(
+        c.get("type") == "Initialized" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    if not initializing or initialized:
+        restarts, last_restart = sidecar_restarts, last_sidecar_restart
+        running = False
+        for container in reversed(status.get("containerStatuses") or []):
+            restarts += int(container.get("restartCount") or 0)
+            last_restart = max(last_restart, _finished_at(container))
+            state = container.get("state") or {}
+            waiting, terminated = state.get("waiting") or {}, state.get("terminated")
+            if waiting.get("reason"):
+                reason = waiting["reason"]
+            elif terminated is not None:
+                reason = _terminated_reason(terminated)
+            elif container.get("ready") and state.get("running") is not None:
+                running = True
+                ready += 1
+        if reason == "Completed" and running:
+            pod_ready = any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or []
+            )
+            reason = "Running" if pod_ready else "NotReady"
     if (pod.get("metadata") or {}).get("deletionTimestamp"):
-        reason = "Terminating"
-    restarts = sum(int(s.get("restartCount") or 0) for s in statuses)
+        if status.get("reason") == "NodeLost":
+            reason = "Unknown"
+        elif phase not in ("Succeeded", "Failed"):
+            reason = "Terminating"
+    restarts_text = str(restarts)
+    if restarts and last_restart:
+        restarts_text = f"{restarts} ({age(last_restart)} ago)"
+    pod_ips = status.get("podIPs") or []
     return [
         f"{ready}/{total}",
         reason,
-        restarts,
+        restarts_text,
         age(pod["metadata"].get("creationTimestamp")),
-        status.get("podIP") or "<none>",
+        (pod_ips[0].get("ip") if pod_ips else status.get("podIP")) or "<none>",
         spec.get("nodeName") or "<none>",
         status.get("nominatedNodeName") or "<none>",
         _readiness_gates(pod),
@@ -376,7 +447,7 @@ def _builtin_columns(rt: ResourceType) -> tuple[list[dict[str, Any]], Any]:
             _column("Selector", priority=1),
         ], _service_cells
     if rt.kind == "ServiceAccount":
-        return [_column("Secrets", "integer"), AGE], lambda o: [
+        return [_column("Secrets"), AGE], lambda o: [
             len(o.get("secrets") or []),
             age(o["metadata"].get("creationTimestamp")),
         ]
@@ -391,8 +462,6 @@ def _builtin_columns(rt: ResourceType) -> tuple[list[dict[str, Any]], Any]:
             AGE,
             _column("VolumeMode", priority=1),
         ], _pvc_cells
-    if rt.kind in ("Role", "ClusterRole") and rt.group == "rbac.authorization.k8s.io":
-        return [_column("Created At", "date")], lambda o: [o["metadata"].get("creationTimestamp")]
     if rt.kind in ("RoleBinding", "ClusterRoleBinding") and rt.group == "rbac.authorization.k8s.io":
         return [
             _column("Role"),
@@ -412,22 +481,61 @@ def _builtin_columns(rt: ResourceType) -> tuple[list[dict[str, Any]], Any]:
             _column("Selector", priority=1),
         ], _deployment_cells
     if rt.kind == "Node":
+        return [
+            _column("Status"),
+            _column("Roles"),
+            AGE,
+            _column("Version"),
+            _column("Internal-IP", priority=1),
+            _column("External-IP", priority=1),
+            _column("OS-Image", priority=1),
+            _column("Kernel-Version", priority=1),
+            _column("Container-Runtime", priority=1),
+        ], _node_cells
+    if rt.kind == "Lease":
+        return [_column("Holder"), AGE], lambda o: [
+            (o.get("spec") or {}).get("holderIdentity") or "",
+            age(o["metadata"].get("creationTimestamp")),
+        ]
+    # Built-ins without a printer (roles, CRDs, ...) get the apiserver's default table
+    # convertor (apiserver pkg/registry/rest/table.go): Name and "Created At" in RFC 3339.
+    return [_column("Created At", "date")], lambda o: [o["metadata"].get("creationTimestamp")]
 
-        def node(o: dict[str, Any]) -> list[Any]:
-            conditions = (o.get("status") or {}).get("conditions") or []
-            ready = next((c.get("status") for c in conditions if c.get("type") == "Ready"), None)
-            version = ((o.get("status") or {}).get("nodeInfo") or {}).get("kubeletVersion", "")
-            return [
-                "Ready" if ready == "True" else "NotReady",
-                "<none>",
-                age(o["metadata"].get("creationTimestamp")),
-                version,
-            ]
 
-        return [_column("Status"), _column("Roles"), AGE, _column("Version")], node
-    if rt.kind == "CustomResourceDefinition":
-        return [_column("Created At", "date")], lambda o: [o["metadata"].get("creationTimestamp")]
-    return [AGE], lambda o: [age(o["metadata"].get("creationTimestamp"))]
+def _node_cells(o: dict[str, Any]) -> list[Any]:
+    """printNode: readiness (plus SchedulingDisabled), roles from node-role labels, wide info."""
+    status = o.get("status") or {}
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    ready = conditions.get("Ready")
+    state = {"True": "Ready", "False": "NotReady"}.get(ready or "", "Unknown")
+    if (o.get("spec") or {}).get("unschedulable"):
+        state += ",SchedulingDisabled"
+    labels = o["metadata"].get("labels") or {}
+    roles = {
+        k.removeprefix("node-role.kubernetes.io/")
+        for k in labels
+        if k.startswith("node-role.kubernetes.io/")
+    }
+    if labels.get("kubernetes.io/role"):
+        roles.add(labels["kubernetes.io/role"])
+    roles.discard("")
+    info = status.get("nodeInfo") or {}
+    addresses = status.get("addresses") or []
+
+    def address(kind: str) -> str:
+        return next((a.get("address") for a in addresses if a.get("type") == kind), "<none>")
+
+    return [
+        state,
+        ",".join(sorted(roles)) or "<none>",
+        age(o["metadata"].get("creationTimestamp")),
+        info.get("kubeletVersion", ""),
+        address("InternalIP"),
+        address("ExternalIP"),
+        info.get("osImage") or "<unknown>",
+        info.get("kernelVersion") or "<unknown>",
+        info.get("containerRuntimeVersion") or "<unknown>",
+    ]
 
 
 def _custom_columns(rt: ResourceType) -> tuple[list[dict[str, Any]], Any]:
