@@ -106,9 +106,9 @@ def test_malformed_protobuf_is_an_error_with_the_serializers_message(body, probl
 
 def test_kind_without_a_table_is_unsupported():
     with pytest.raises(protobuf.UnsupportedKind):
-        protobuf.decode(k8s_body("v1", "Pod", message((1, message((1, "p"))))))
+        protobuf.decode(k8s_body("apps/v1", "StatefulSet", message((1, message((1, "s"))))))
     with pytest.raises(ApiError) as err:
-        bodies.decode_body(k8s_body("v1", "Pod", b""), protobuf.MEDIA_TYPE, "Pod")
+        bodies.decode_body(k8s_body("apps/v1", "StatefulSet", b""), protobuf.MEDIA_TYPE, "")
     assert err.value.code == 415 and err.value.reason == "UnsupportedMediaType"
 
 
@@ -218,3 +218,47 @@ def test_delete_options_decode_under_any_group_version():
         "propagationPolicy": "Foreground",
         "dryRun": ["All"],
     }
+
+
+def test_field_tables_are_closed():
+    """Every message a field names has its own table entry (the closure was extracted whole)."""
+    from sftjob_local.emulator.protobuf_messages import MESSAGES, ROOT_KINDS
+
+    named = set(ROOT_KINDS)
+    for fields_ in MESSAGES.values():
+        for spec in fields_.split(";"):
+            type_ = spec.split()[2].lstrip("*=")
+            for prefix in ("[]", "map:", "wrap[]"):
+                type_ = type_.removeprefix(prefix)
+            if "." in type_:
+                named.add(type_)
+    assert named <= set(MESSAGES)
+
+
+def test_pod_with_status_and_eviction_and_micro_time():
+    # Pod: 1 metadata, 2 spec {2 containers [{1 name, 2 image}]}, 3 status {1 phase,
+    # 8 containerStatuses [{1 name, 2 state {3 terminated {1 exitCode, 3 reason}}, 5 restartCount}]}.
+    terminated = message((1, 137), (3, "OOMKilled"))
+    container_status = message((1, "main"), (2, message((3, terminated))), (4, False), (5, 2))
+    status = message((1, "Failed"), (8, container_status))
+    spec = message((2, message((1, "main"), (2, "busybox"))))
+    pod = protobuf.decode(
+        k8s_body("v1", "Pod", message((1, message((1, "p"))), (2, spec), (3, status)))
+    )
+    assert pod["spec"] == {"containers": [{"name": "main", "image": "busybox"}]}
+    assert pod["status"]["phase"] == "Failed"
+    statuses = pod["status"]["containerStatuses"]
+    assert statuses[0]["state"] == {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    assert (statuses[0]["ready"], statuses[0]["restartCount"]) == (False, 2)  # no omitempty
+    # policy/v1 Eviction: 1 metadata, 2 deleteOptions {1 gracePeriodSeconds}.
+    eviction = k8s_body(
+        "policy/v1", "Eviction", message((1, message((1, "p"))), (2, message((1, 30))))
+    )
+    assert protobuf.decode(eviction)["deleteOptions"] == {"gracePeriodSeconds": 30}
+    # events.k8s.io/v1 Event: 2 eventTime, a MicroTime (microseconds kept).
+    event = k8s_body(
+        "events.k8s.io/v1",
+        "Event",
+        message((1, message((1, "e"))), (2, message((1, 1_700_000_000), (2, 123_456_789)))),
+    )
+    assert protobuf.decode(event)["eventTime"] == "2023-11-14T22:13:20.123456Z"

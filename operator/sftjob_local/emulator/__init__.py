@@ -59,7 +59,8 @@ sigs.k8s.io/yaml reads it), ``application/vnd.kubernetes.protobuf`` (``protobuf.
 ``k8s\x00`` + runtime.Unknown envelope, decoded to the JSON dict of the same object for the kinds
 kubectl's typed clients send: namespaces, secrets, configmaps, serviceaccounts, services,
 resourcequotas, RBAC roles and bindings, deployments, jobs, cronjobs, PDBs, priorityclasses,
-ingresses, TokenRequest, SelfSubjectAccessReview, SelfSubjectReview, DeleteOptions; client-go never
+ingresses, TokenRequest, SelfSubjectAccessReview, SelfSubjectReview, Eviction, DeleteOptions; and
+pods, bindings, PVCs, nodes, events (both groups) and leases, for Go clients; client-go never
 falls back from protobuf to JSON, so ``kubectl create secret|configmap|ns|...`` need this);
 anything else is 415 UnsupportedMediaType with the real message. PATCH bodies are negotiated
 against the patch types.

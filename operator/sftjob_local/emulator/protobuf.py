@@ -142,15 +142,25 @@ def message_for(api_version: str, kind: str) -> str | None:
 
 
 # ------------------------------------------------------------------ values
-def _time(data: bytes) -> str | None:
-    """meta/v1 Timestamp {1 seconds, 2 nanos}; empty is Go's zero time (JSON null)."""
+def _time(data: bytes, micro: bool = False) -> str | None:
+    """meta/v1 Timestamp {1 seconds, 2 nanos} as metav1.Time (RFC 3339, seconds) or MicroTime
+    (six fraction digits) writes it in JSON; empty is Go's zero time (JSON null)."""
     if not data:
         return None
-    seconds = 0
+    seconds = nanos = 0
     for number, wire_type, value in fields(data):
         if number == 1 and wire_type == _VARINT:
             seconds = _signed(value)
-    when = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(seconds=seconds)
+        elif number == 2 and wire_type == _VARINT:
+            nanos = _signed(value)
+    try:
+        when = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(
+            seconds=seconds, microseconds=nanos // 1000 if micro else 0
+        )
+    except OverflowError as exc:
+        raise ProtobufError(f"timestamp out of range: {seconds}s") from exc
+    if micro:
+        return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -206,8 +216,8 @@ def _value(type_: str, wire_type: int, value: Any) -> Any:
     if type_ in _SCALARS:
         return _scalar(type_, wire_type, value)
     _expect(wire_type, _LENGTH)
-    if type_ == "Time":
-        return _time(value)
+    if type_ in ("Time", "MicroTime"):
+        return _time(value, micro=type_ == "MicroTime")
     if type_ == "Quantity":
         return _first_string(value)
     if type_ == "IntOrString":
