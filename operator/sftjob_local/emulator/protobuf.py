@@ -5,8 +5,10 @@ Why the emulator must read protobuf
 kubectl's typed clients (``kubectl create namespace|secret|configmap|serviceaccount|role|...``,
 ``kubectl create token``, ``kubectl auth can-i``, ``kubectl auth whoami``) send their bodies as
 ``Content-Type: application/vnd.kubernetes.protobuf`` with ``Accept:
-application/vnd.kubernetes.protobuf,application/json`` (seen with ``kubectl -v=9``; kubectl's
-factory sets that content type on the clientset config). client-go does not fall back to JSON when
+application/vnd.kubernetes.protobuf,application/json`` (seen with ``kubectl -v=9``): since v1.32,
+client-go's generated typed clients for built-in kinds are built with ``gentype.PrefersProtobuf``
+and their requests call ``Request.UseProtobufAsDefault`` (client-go ``rest/request.go``) when no
+content type was configured. client-go does not fall back to JSON when
 a server answers 415 to protobuf: ``rest.Request`` reports a 415 to
 ``requestClientContentConfigProvider.UnsupportedMediaType`` (client-go ``rest/client.go``), which
 only remembers it for CBOR (KEP-4222, behind the ClientsAllowCBOR gate); for any other content type
