@@ -3,6 +3,7 @@ describe, logs, delete."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import secrets
 import shutil
@@ -135,3 +136,102 @@ def test_kubectl_pods_get_describe_logs_delete(kubectl, cluster, tmp_path):
 
     assert f'pod "{name}" deleted' in kubectl("delete", "pod", name, "-n", ns).stdout
     assert cluster.request("GET", f"/api/v1/namespaces/{ns}/pods/{name}")[0] == 404
+
+
+def test_kubectl_create_builtins_with_typed_clients(kubectl, cluster):
+    """``kubectl create secret|configmap|namespace|serviceaccount`` send protobuf bodies
+    (client-go's typed clients, with no fallback to JSON on 415): the server must read them."""
+    ns = cluster.namespace
+    suffix = secrets.token_hex(3)
+    secret, configmap, namespace, account = (
+        f"s-{suffix}",
+        f"cm-{suffix}",
+        f"ns-{suffix}",
+        f"sa-{suffix}",
+    )
+    out = kubectl("create", "secret", "generic", secret, "--from-literal=a=b", "-n", ns).stdout
+    assert f"secret/{secret} created" in out
+    out = kubectl(
+        "create", "configmap", configmap, "--from-literal=k=v", "--from-literal=k2=", "-n", ns
+    ).stdout
+    assert f"configmap/{configmap} created" in out
+    assert f"namespace/{namespace} created" in kubectl("create", "ns", namespace).stdout
+    try:
+        out = kubectl("create", "serviceaccount", account, "-n", ns).stdout
+        assert f"serviceaccount/{account} created" in out
+
+        stored = cluster.ok("GET", f"/api/v1/namespaces/{ns}/secrets/{secret}")
+        assert stored["data"] == {"a": "Yg=="} and stored["type"] == "Opaque"
+        stored = cluster.ok("GET", f"/api/v1/namespaces/{ns}/configmaps/{configmap}")
+        assert stored["data"] == {"k": "v", "k2": ""}
+        stored = cluster.ok("GET", f"/api/v1/namespaces/{namespace}")
+        assert stored["status"]["phase"] == "Active"
+        stored = cluster.ok("GET", f"/api/v1/namespaces/{ns}/serviceaccounts/{account}")
+        assert stored["metadata"]["name"] == account
+
+        lines = kubectl("get", "serviceaccount", account, "-n", ns).stdout.splitlines()
+        assert lines[0].split() == ["NAME", "SECRETS", "AGE"]
+        assert lines[1].split()[:2] == [account, "0"]
+
+        # RBAC objects come the same way (the RBAC rules of the issue are set up with these).
+        role, binding = f"r-{suffix}", f"rb-{suffix}"
+        kubectl("create", "role", role, "--verb=get,list", "--resource=pods", "-n", ns)
+        kubectl(
+            "create", "rolebinding", binding, f"--role={role}",
+            f"--serviceaccount={ns}:{account}", "--user=jane", "-n", ns,
+        )  # fmt: skip
+        rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}"
+        stored = cluster.ok("GET", f"{rbac}/roles/{role}")
+        assert stored["rules"] == [
+            {"verbs": ["get", "list"], "apiGroups": [""], "resources": ["pods"]}
+        ]
+        stored = cluster.ok("GET", f"{rbac}/rolebindings/{binding}")
+        assert stored["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role,
+        }
+        assert {"kind": "ServiceAccount", "name": account, "namespace": ns} in stored["subjects"]
+        lines = kubectl("get", "rolebinding", binding, "-n", ns, "-o", "wide").stdout.splitlines()
+        assert lines[0].split() == ["NAME", "ROLE", "AGE", "USERS", "GROUPS", "SERVICEACCOUNTS"]
+        assert lines[1].split()[:2] == [binding, f"Role/{role}"]
+        assert lines[1].split()[-2:] == ["jane", f"{ns}/{account}"]
+    finally:
+        kubectl("delete", "ns", namespace, "--wait=false", check=False)
+
+
+def test_kubectl_get_events_prints_the_event_columns(kubectl, cluster):
+    """Columns and cells of printers.go's printEvent (server-side Table)."""
+    ns = cluster.namespace
+    name = f"ev-{secrets.token_hex(3)}"
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cluster.ok(
+        "POST",
+        f"/api/v1/namespaces/{ns}/events",
+        {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": name},
+            "involvedObject": {"kind": "Pod", "name": "web-0", "namespace": ns},
+            "reason": "Pulled",
+            "message": "Container image already present on machine",
+            "type": "Normal",
+            "source": {"component": "kubelet", "host": "node-1"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 2,
+        },
+    )
+    lines = kubectl("get", "events", "-n", ns).stdout.splitlines()
+    assert lines[0].split() == ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]
+    row = next(line for line in lines[1:] if "pod/web-0" in line)
+    assert row.split()[1:4] == ["Normal", "Pulled", "pod/web-0"]
+    assert row.endswith("Container image already present on machine")
+
+    lines = kubectl("get", "events", "-n", ns, "-o", "wide").stdout.splitlines()
+    assert lines[0].split() == [
+        "LAST", "SEEN", "TYPE", "REASON", "OBJECT", "SUBOBJECT", "SOURCE", "MESSAGE",
+        "FIRST", "SEEN", "COUNT", "NAME",
+    ]  # fmt: skip
+    row = next(line for line in lines[1:] if "pod/web-0" in line)
+    assert "kubelet, node-1" in row and row.split()[-2:] == ["2", name]

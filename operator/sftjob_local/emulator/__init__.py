@@ -49,7 +49,21 @@ deleted with gracePeriodSeconds=0, as a kubelet does); ownerReference garbage co
 Orphan strips the references; Foreground behaves as Background; owners that never existed are not
 collected); CRD schemas: pruning (x-kubernetes-preserve-unknown-fields honoured), defaults,
 jsonschema validation with apiserver-style 422 causes, ``fieldValidation=Strict`` → 400 on unknown
-fields; Tables for ``kubectl get`` (additionalPrinterColumns for CRs; pods, services, nodes, ...).
+fields; Tables for ``kubectl get`` (additionalPrinterColumns for CRs; for built-ins the columns and
+cells of kubernetes' printers.go: pods, services, nodes, events (LAST SEEN, TYPE, REASON, OBJECT,
+MESSAGE), serviceaccounts, PVCs, roles, bindings, deployments, ...; see ``tables.py``).
+
+Request bodies (``bodies.py``): chosen by Content-Type as the apiserver's input negotiation does:
+``application/json`` (also when the header is missing), ``application/yaml`` (read as
+sigs.k8s.io/yaml reads it), ``application/vnd.kubernetes.protobuf`` (``protobuf.py``: the
+``k8s\x00`` + runtime.Unknown envelope, decoded to the JSON dict of the same object for the kinds
+kubectl's typed clients send: namespaces, secrets, configmaps, serviceaccounts, services,
+resourcequotas, RBAC roles and bindings, deployments, jobs, cronjobs, PDBs, priorityclasses,
+ingresses, TokenRequest, SelfSubjectAccessReview, SelfSubjectReview, Eviction, DeleteOptions; and
+pods, bindings, PVCs, nodes, events (both groups) and leases, for Go clients; client-go never
+falls back from protobuf to JSON, so ``kubectl create secret|configmap|ns|...`` need this);
+anything else is 415 UnsupportedMediaType with the real message. PATCH bodies are negotiated
+against the patch types.
 
 Admission validation of built-in objects (``validation.py``, after the apiserver's
 ``pkg/apis/core/validation``, ``pkg/apis/rbac/validation`` and apimachinery's name/label rules):
@@ -76,8 +90,11 @@ diff after "pod updates may not change fields other than ..." lists the changed 
 as JSON, not go-cmp's rendering of the Go struct; defaults such as imagePullPolicy are assumed,
 not written; status writes are not validated); no CEL validation
 (x-kubernetes-validations), no conversion webhooks (all versions of a CRD share one storage);
-no pagination (``limit`` is ignored, everything is returned); protobuf is never served for
-objects (JSON only; only the OpenAPI v2 document has a protobuf form).
+no pagination (``limit`` is ignored, everything is returned); responses are always JSON, whatever
+the Accept header asks (a real server answers protobuf or YAML when asked for them alone; client-go
+decodes a response by its Content-Type, so its clients read the JSON; only the OpenAPI v2 document
+has a protobuf form); a protobuf body of a kind without a field table in ``protobuf_messages.py``
+(e.g. a Pod, which kubectl sends as JSON) is 415 listing JSON and YAML.
 """
 
 from .core import ApiCore

@@ -17,7 +17,7 @@ import kmock
 import yaml
 from kmock._internal import apps, rendering
 
-from . import openapi, tables
+from . import bodies, openapi, tables
 from .core import TERMINAL_PHASES, ApiCore
 from .errors import ApiError, bad_request
 from .preinstalled import KOPF_PEERING_CRDS, as_applied
@@ -379,30 +379,38 @@ class ApiEmulator(kmock.KubernetesEmulator):
         )
 
     def _body(self, request: rendering.Request, content_type: str = "") -> Any:
+        """The request body as JSON data: by Content-Type (JSON, YAML or protobuf; 415 for
+        others: see bodies.py), or as the given PATCH type."""
+        if not content_type:  # the media type is negotiated before the body is read
+            return bodies.decode_body(
+                request.body, request.headers.get("Content-Type", ""), self._endpoint_kind(request)
+            )
         if not request.body:
             raise bad_request("the request body is empty")
-        sent_type = request.headers.get("Content-Type", "")
-        if "protobuf" in sent_type or "cbor" in sent_type:
-            # JSON only: client-go falls back to JSON when the server refuses a binary encoding.
-            raise ApiError(
-                415,
-                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml",
-                "UnsupportedMediaType",
-            )
         try:
             if content_type == "application/apply-patch+yaml":
-                return yaml.safe_load(request.body)
+                return bodies.load_yaml(request.body)
             return json.loads(request.body)
         except (ValueError, yaml.YAMLError) as exc:
             raise ApiError(
                 400, f"the request body could not be decoded as JSON: {exc}", "BadRequest"
             ) from exc
 
+    def _endpoint_kind(self, request: rendering.Request) -> str:
+        """The kind a body sent to this URL should be, for error messages ("" when unknown)."""
+        if request.resource is None or request.subresource not in (None, "status"):
+            return ""
+        with contextlib.suppress(ApiError):
+            resource = request.resource
+            return self.core.rt(resource.group, resource.version, resource.plural).kind
+        return ""
+
     def _delete_options(self, request: rendering.Request) -> dict[str, Any]:
         options: dict[str, Any] = {}
-        if request.body:
-            with contextlib.suppress(ValueError):
-                options = dict(json.loads(request.body) or {})
+        if request.body:  # JSON, YAML or protobuf (client-go's typed Delete); else ignored
+            with contextlib.suppress(ApiError, ValueError, TypeError):
+                content_type = request.headers.get("Content-Type", "")
+                options = dict(bodies.decode_body(request.body, content_type) or {})
         query = request._raw_request.query if request._raw_request is not None else {}
         if "gracePeriodSeconds" in query:
             options["gracePeriodSeconds"] = int(query["gracePeriodSeconds"])
