@@ -176,10 +176,17 @@ def cmd_reference(args: argparse.Namespace) -> int:
 def cmd_local_up(args: argparse.Namespace) -> int:
     # Development tooling only: production code paths never import sftjob_local.
     from sftjob_local.cluster import parse_node_labels, parse_node_taints, run_local_up
+    from sftjob_local.node_spec import parse_quantity
 
     try:
         labels = parse_node_labels(args.node_labels)
         taints = parse_node_taints(args.node_taints)
+        if args.memory is not None and parse_quantity(args.memory) <= 0:
+            raise ValueError(f"--memory must be positive, not {args.memory!r}")
+        if args.cpus is not None and args.cpus <= 0:
+            raise ValueError("--cpus must be positive")
+        if args.nodes < 1 or (args.max_pods is not None and args.max_pods < 0):
+            raise ValueError("--nodes must be at least 1 and --max-pods not negative")
     except ValueError as exc:
         print(f"sftjob local up: {exc}", file=sys.stderr)
         return 2
