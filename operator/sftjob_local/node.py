@@ -21,9 +21,13 @@ to the API only over HTTP, from a kubeconfig, like any client:
   `LocalCluster` runs one scheduler for all of its nodes (`--nodes N`);
 * watches Pods (list + watch, resumed from the last resourceVersion, relist on
   410) and runs those bound to it (`spec.nodeName`). Pods bound to another
-  node are ignored. A pod bound here directly (`spec.nodeName` set by its
-  creator) bypasses the scheduler and is run without a capacity check (the
-  kubelet's admission, OutOfcpu etc., is not modelled);
+  node are ignored. Before running a pod the node admits it as the kubelet
+  does (`node_scheduler.kubelet_admission`): a pod bound here directly
+  (`spec.nodeName` set by its creator, bypassing the scheduler) that does not
+  fit the resources left, the node's labels or its NoExecute taints is failed
+  with reason `OutOfcpu`/`OutOfmemory`/`OutOfpods`/..., `NodeAffinity` or
+  `TaintToleration`, message `Pod was rejected: ...` and a Warning Event, and
+  no process is started;
 * runs each container's `command` + `args` as a local process in the current
   Python environment. **The image is recorded in the status but never pulled**:
   a container needs an explicit `command` (or an entry in `image_commands`);
@@ -136,6 +140,7 @@ from .node_dns import (
 )
 from .node_kube import ApiError, Informer, KubeHttp, cancel_and_wait
 from .node_pod import PodWorker, now
+from .node_scheduler import kubelet_admission
 from .node_spec import gpu_requests, is_terminal
 
 __all__ = ["LocalNode", "NODE_NAME", "default_max_pods", "machine_cpus", "machine_memory_bytes"]
@@ -257,6 +262,9 @@ class LocalNode:
         self._bg: set[asyncio.Task[Any]] = set()
         self.pods: Informer | None = None
         self.services: Informer | None = None
+        self.nodes: Informer | None = None
+        self._node_body: Obj = {}  # the Node as registered (until the watch has it)
+        self._rejected: set[str] = set()  # uids failed by admission
 
     # ----------------------------------------------------------------- public
     @property
@@ -300,12 +308,17 @@ class LocalNode:
         await self._register()
         self.pods = Informer(self.api, "/api/v1/pods", self._on_pod, name="pods")
         self.services = Informer(self.api, "/api/v1/services", self._on_service, name="services")
+        self.nodes = Informer(self.api, "/api/v1/nodes", lambda *_: None, name="nodes")
         self._tasks = [
             asyncio.create_task(self.pods.run(), name="node pods watch"),
             asyncio.create_task(self.services.run(), name="node services watch"),
+            asyncio.create_task(self.nodes.run(), name="node nodes watch"),
         ]
         await asyncio.wait_for(
-            asyncio.gather(self.pods.synced.wait(), self.services.synced.wait()), 30
+            asyncio.gather(
+                self.pods.synced.wait(), self.services.synced.wait(), self.nodes.synced.wait()
+            ),
+            30,
         )
         if self.scheduler is not None:
             await self.scheduler.start()
@@ -389,6 +402,7 @@ class LocalNode:
             "status": self._node_status(),
         }
         try:
+            self._node_body = body
             await self.api.create("/api/v1/nodes", body)
         except ApiError as exc:
             if exc.status != 409:
@@ -450,6 +464,7 @@ class LocalNode:
         meta = pod["metadata"]
         uid = meta["uid"]
         if etype == "DELETED":
+            self._rejected.discard(uid)
             worker = self.workers.pop(uid, None)
             if worker is not None:
                 worker.object_deleted()
@@ -461,8 +476,13 @@ class LocalNode:
             elif meta.get("deletionTimestamp"):
                 # bound here but never run by this node instance: nothing to stop
                 self._spawn(self._force_delete(pod))
-            elif not is_terminal(pod):
-                self._start_worker(pod)
+            elif not is_terminal(pod) and uid not in self._rejected:
+                rejection = self._admit(pod)
+                if rejection is None:
+                    self._start_worker(pod)
+                else:
+                    self._rejected.add(uid)
+                    self._spawn(self._reject(pod, *rejection))
         self.refresh_dns()
 
     def _on_service(self, etype: str, svc: Obj) -> None:
@@ -491,6 +511,36 @@ class LocalNode:
     async def _cleanup(self, worker: PodWorker) -> None:
         await worker.finished.wait()
         worker.cleanup()
+
+    def _admit(self, pod: Obj) -> tuple[str, str] | None:
+        """The kubelet's admission (node_scheduler.kubelet_admission) against the
+        pods this node runs: a pod bound here without the scheduler (spec.nodeName
+        set by its creator) that does not fit is failed, not run."""
+        node = self._node_body
+        for obj in self.nodes.cache.values() if self.nodes else []:
+            if obj["metadata"]["name"] == self.name:
+                node = {**obj, "status": {**(obj.get("status") or {}), "allocatable": self.allocatable}}  # fmt: skip
+        active = [
+            w.pod
+            for w in self.workers.values()
+            if not w.finished.is_set() and w.phase not in ("Succeeded", "Failed")
+        ]
+        if not node:
+            return None
+        if not (node.get("status") or {}).get("allocatable"):
+            node = {**node, "status": {"allocatable": self.allocatable}}
+        return kubelet_admission(pod, node, active)
+
+    async def _reject(self, pod: Obj, reason: str, message: str) -> None:
+        """Fail a pod the node cannot admit, as the kubelet's rejectPod does."""
+        meta = pod["metadata"]
+        self.event(pod, reason, message, type_="Warning")
+        status = {"phase": "Failed", "reason": reason, "message": f"Pod was rejected: {message}"}
+        with contextlib.suppress(ApiError):
+            await self.api.merge_patch(
+                f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}/status",
+                {"status": status},
+            )
 
     async def _force_delete(self, pod: Obj) -> None:
         meta = pod["metadata"]

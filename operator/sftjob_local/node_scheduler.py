@@ -302,23 +302,79 @@ class Status:
     reasons: list[str]
 
 
-def insufficient_resources(pod: Obj, state: NodeState, exclude: Iterable[Obj] = ()) -> list[str]:
-    """NodeResourcesFit's reasons (fitsRequest), in its order."""
+@dataclass
+class Insufficient:
+    """One lacking resource (noderesources.InsufficientResource)."""
+
+    resource: str
+    reason: str
+    requested: int
+    used: int
+    capacity: int
+
+
+def lacking_resources(
+    pod: Obj, state: NodeState, exclude: Iterable[Obj] = (), asked: dict[str, int] | None = None
+) -> list[Insufficient]:
+    """NodeResourcesFit's fitsRequest, in its order: pods, cpu, memory,
+    ephemeral-storage, then scalar resources (sorted here; a Go map there)."""
     exclude = list(exclude)
     allocatable = node_allocatable(state.node)
     requested = state.requested(exclude)
-    reasons = []
-    if len(state.pods) - len(exclude) + 1 > allocatable.get("pods", 0):
-        reasons.append(REASON_TOO_MANY_PODS)
-    asked = pod_requests(pod)
-    for name in ("cpu", "memory", "ephemeral-storage"):
-        want = asked.get(name, 0)
-        if want > 0 and want > allocatable.get(name, 0) - requested.get(name, 0):
-            reasons.append(f"Insufficient {name}")
-    for name in sorted(n for n in asked if _is_scalar_resource(n)):
-        if asked[name] > allocatable.get(name, 0) - requested.get(name, 0):
-            reasons.append(f"Insufficient {name}")
-    return reasons
+    out = []
+    count = len(state.pods) - len(exclude)
+    if count + 1 > allocatable.get("pods", 0):
+        out.append(Insufficient("pods", REASON_TOO_MANY_PODS, 1, count, allocatable.get("pods", 0)))  # fmt: skip
+    asked = pod_requests(pod) if asked is None else asked
+    names = ["cpu", "memory", "ephemeral-storage", *sorted(n for n in asked if _is_scalar_resource(n))]  # fmt: skip
+    for name in names:
+        want, used, cap = asked.get(name, 0), requested.get(name, 0), allocatable.get(name, 0)
+        if want > 0 and want > cap - used:
+            out.append(Insufficient(name, f"Insufficient {name}", want, used, cap))
+    return out
+
+
+def insufficient_resources(pod: Obj, state: NodeState, exclude: Iterable[Obj] = ()) -> list[str]:
+    """NodeResourcesFit's reasons (fitsRequest), in its order."""
+    return [r.reason for r in lacking_resources(pod, state, exclude)]
+
+
+def kubelet_admission(pod: Obj, node: Obj, active_pods: Sequence[Obj]) -> tuple[str, str] | None:
+    """The kubelet's admission of a pod bound to its node (pkg/kubelet/lifecycle/
+    predicate.go, v1.32): None when admitted, else (reason, message) of the
+    FIRST failure: `OutOf<resource>` / `Node didn't have enough resource: <r>,
+    requested: N, used: N, capacity: N` (cpu in millicores), then
+    `NodeAffinity` / `Predicate NodeAffinity failed`, then an untolerated
+    NoExecute taint, `TaintToleration` / `Predicate TaintToleration failed`.
+    Extended resources the node does not advertise at all are dropped first
+    (removeMissingExtendedResources). The kubelet then fails the pod with
+    message `Pod was rejected: <message>`."""
+    allocatable = node_allocatable(node)
+    asked = {
+        name: n
+        for name, n in pod_requests(pod).items()
+        if name in allocatable or not _is_extended_resource(name)
+    }
+    lacking = lacking_resources(pod, NodeState(node, list(active_pods)), asked=asked)
+    if lacking:
+        r = lacking[0]
+        return (
+            f"OutOf{r.resource}",
+            f"Node didn't have enough resource: {r.resource}, requested: {r.requested}, "
+            f"used: {r.used}, capacity: {r.capacity}",
+        )
+    if not matches_node_affinity(pod, node):
+        return "NodeAffinity", "Predicate NodeAffinity failed"
+    taints = [t for t in (node.get("spec") or {}).get("taints") or [] if t.get("effect") == "NoExecute"]  # fmt: skip
+    if untolerated_taint(pod, taints) is not None:
+        return "TaintToleration", "Predicate TaintToleration failed"
+    return None
+
+
+def _is_extended_resource(name: str) -> bool:
+    """v1helper.IsExtendedResourceName: a domain-prefixed name outside kubernetes.io."""
+    domain = name.split("/", 1)[0] if "/" in name else ""
+    return bool(domain) and domain != "kubernetes.io" and not domain.endswith(".kubernetes.io")
 
 
 def filter_node(pod: Obj, state: NodeState) -> Status | None:

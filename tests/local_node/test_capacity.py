@@ -166,6 +166,41 @@ def test_pod_count_capacity_and_scheduling_once_a_slot_frees(
     assert core.read_namespaced_pod_log("third", ns).strip() == "ran"
 
 
+def test_pod_bound_directly_is_admitted_like_the_kubelet_does(
+    small: tuple[LocalCluster, CoreV1Api],
+) -> None:
+    """pkg/kubelet/lifecycle/predicate.go (v1.32): a pod that skips the
+    scheduler (spec.nodeName set) and does not fit is failed by the kubelet
+    with reason OutOf<resource> and `Pod was rejected: ...`; nothing runs."""
+    cluster, core = small
+    ns = namespace(core, "direct")
+    pod = asking("direct", cpu="2")
+    pod["spec"]["nodeName"] = "local-node"
+    core.create_namespaced_pod(ns, pod)
+    failed = wait_phase(core, ns, "direct", "Failed", "Succeeded")
+    assert failed.status.phase == "Failed"
+    assert failed.status.reason == "OutOfcpu"
+    assert failed.status.message == (
+        "Pod was rejected: Node didn't have enough resource: cpu, requested: 2000, used: 0, "
+        "capacity: 1000"
+    )
+    assert not failed.status.container_statuses
+    assert not (cluster.log_dir / ns / "direct").exists()
+    pinned = py_pod("pinned", "print('ran')")
+    pinned["spec"]["nodeName"] = "local-node"
+    pinned["spec"]["nodeSelector"] = {"pool": "elsewhere"}
+    core.create_namespaced_pod(ns, pinned)
+    failed = wait_phase(core, ns, "pinned", "Failed", "Succeeded")
+    assert (failed.status.reason, failed.status.message) == (
+        "NodeAffinity",
+        "Pod was rejected: Predicate NodeAffinity failed",
+    )
+    fits = asking("fits", cpu="500m")
+    fits["spec"]["nodeName"] = "local-node"
+    core.create_namespaced_pod(ns, fits)
+    assert wait_phase(core, ns, "fits", "Succeeded", "Failed").status.phase == "Succeeded"
+
+
 # ---------------------------------------------------------------------------- two nodes
 def test_nodes_are_named_and_pods_spread_to_the_least_allocated(
     pair: tuple[LocalCluster, CoreV1Api],

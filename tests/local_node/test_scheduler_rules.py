@@ -27,6 +27,7 @@ from sftjob_local.node import default_max_pods
 from sftjob_local.node_scheduler import (
     NodeState,
     filter_node,
+    kubelet_admission,
     matches_node_affinity,
     pod_requests,
     schedule,
@@ -316,6 +317,34 @@ def test_match_fields_prefilter_narrows_nodes() -> None:
 
 def test_no_nodes() -> None:
     assert schedule(pod(), []).message == "no nodes available to schedule pods"
+
+
+# ---------------------------------------------------------------------------- kubelet
+def test_kubelet_admission_reports_the_first_failure() -> None:
+    n = node(cpu="1", pods="2", labels={"zone": "a"})
+    assert kubelet_admission(pod({"cpu": "500m"}), n, []) is None
+    assert kubelet_admission(pod({"cpu": "800m", "memory": "8Gi"}), n, [pod({"cpu": "500m"})]) == (
+        "OutOfcpu",
+        "Node didn't have enough resource: cpu, requested: 800, used: 500, capacity: 1000",
+    )
+    assert kubelet_admission(pod(), n, [pod(name="a"), pod(name="b")]) == (
+        "OutOfpods",
+        "Node didn't have enough resource: pods, requested: 1, used: 2, capacity: 2",
+    )
+    # extended resources the node does not advertise are dropped (cluster-level resources)
+    assert kubelet_admission(pod({"example.com/widget": "1"}), n, []) is None
+    assert kubelet_admission(pod(nodeSelector={"zone": "b"}), n, []) == (
+        "NodeAffinity",
+        "Predicate NodeAffinity failed",
+    )
+    # only NoExecute taints matter to the kubelet
+    tainted = node(taints=[{"key": "a", "effect": "NoSchedule"}])
+    assert kubelet_admission(pod(), tainted, []) is None
+    tainted["spec"]["taints"].append({"key": "b", "effect": "NoExecute"})
+    assert kubelet_admission(pod(), tainted, []) == (
+        "TaintToleration",
+        "Predicate TaintToleration failed",
+    )
 
 
 # ---------------------------------------------------------------------------- score
