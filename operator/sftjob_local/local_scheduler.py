@@ -189,6 +189,14 @@ class LocalScheduler:
             return
         self._reported[uid] = message
         ns, name = meta.get("namespace", "default"), meta["name"]
+        previous = next(
+            (
+                c
+                for c in (pod.get("status") or {}).get("conditions") or []
+                if c.get("type") == "PodScheduled" and c.get("status") == "False"
+            ),
+            {},
+        )
         status = {
             "phase": "Pending",
             "conditions": [
@@ -198,7 +206,8 @@ class LocalScheduler:
                     "reason": "Unschedulable",
                     "message": message,
                     "lastProbeTime": None,
-                    "lastTransitionTime": _now(),
+                    # only a change of status moves the transition time
+                    "lastTransitionTime": previous.get("lastTransitionTime") or _now(),
                 }
             ],
         }
