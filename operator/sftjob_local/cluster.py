@@ -17,6 +17,13 @@
 
 The emulator keeps objects in memory: a restart starts an empty cluster
 (the PVC folders and logs stay on disk).
+
+Nodes: `nodes=N` registers N `LocalNode`s named `local-node`, `local-node-2`,
+... (the first keeps the single-node name that scripts and docs use), every
+one with the same capacity (`cpus`, `memory`, `max_pods`, `gpus`, labels,
+taints: a node pool of one shape; None takes this machine's values for each
+node, so N nodes promise N times this machine). One `LocalScheduler` binds the
+pods among them. `cluster.node` is the first node, `cluster.nodes` all of them.
 """
 
 from __future__ import annotations
@@ -29,12 +36,56 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .node import LocalNode
+from .local_scheduler import LocalScheduler
+from .node import NODE_NAME, LocalNode
 
 DEFAULT_PORT = 8765
 DEFAULT_WORKDIR = Path(".sftjob-local")
 
-__all__ = ["LocalCluster", "run_local_up", "DEFAULT_PORT", "DEFAULT_WORKDIR"]
+__all__ = [
+    "LocalCluster",
+    "run_local_up",
+    "node_names",
+    "parse_node_labels",
+    "parse_node_taints",
+    "DEFAULT_PORT",
+    "DEFAULT_WORKDIR",
+]
+
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+def node_names(count: int) -> list[str]:
+    """`local-node`, `local-node-2`, ...: the first keeps the single-node name."""
+    return [NODE_NAME if i == 0 else f"{NODE_NAME}-{i + 1}" for i in range(count)]
+
+
+def parse_node_labels(text: str | None) -> dict[str, str]:
+    """`key=value,key2=value2`, the kubelet's --node-labels format."""
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"invalid node label {item!r}: expected key=value")
+        labels[key] = value
+    return labels
+
+
+def parse_node_taints(text: str | None) -> list[dict[str, str]]:
+    """`key=value:Effect,key2:Effect`, the kubelet's --register-with-taints format."""
+    taints: list[dict[str, str]] = []
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        head, sep, effect = item.rpartition(":")
+        key, _, value = head.partition("=")
+        if not sep or not key or effect not in TAINT_EFFECTS:
+            raise ValueError(
+                f"invalid node taint {item!r}: expected key[=value]:{'|'.join(TAINT_EFFECTS)}"
+            )
+        taint = {"key": key, "effect": effect}
+        if value:
+            taint["value"] = value
+        taints.append(taint)
+    return taints
 
 
 class LocalCluster:
@@ -49,6 +100,7 @@ class LocalCluster:
         *,
         host: str = "127.0.0.1",
         namespace: str = "default",
+        nodes: int = 1,
         **node_options: Any,
     ) -> None:
         self.port = port
@@ -58,10 +110,15 @@ class LocalCluster:
         self.kubeconfig = Path(kubeconfig).resolve() if kubeconfig else self.workdir / "kubeconfig"
         self.log_dir = self.workdir / "logs"
         self.gpus = gpus
+        if nodes < 1:
+            raise ValueError("a local cluster needs at least one node")
+        self.node_count = nodes
         self.node_options = node_options
         self.url: str = ""
         self.emulator: Any = None
         self.node: LocalNode | None = None
+        self.nodes: list[LocalNode] = []
+        self.scheduler: LocalScheduler | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -79,23 +136,39 @@ class LocalCluster:
         self.url = self.emulator.url
         self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)
         write_kubeconfig(self.kubeconfig, self.url, namespace=self.namespace)
-        self.node = LocalNode(
-            self.kubeconfig,
-            self.workdir,
-            log_dir=self.log_dir,
-            gpus=self.gpus,
-            **self.node_options,
-        )
+        for index, name in enumerate(node_names(self.node_count)):
+            node = LocalNode(
+                self.kubeconfig,
+                self.workdir,
+                log_dir=self.log_dir,
+                name=name,
+                gpus=self.gpus,
+                gpu_device_offset=index * self.gpus,
+                schedule=False,
+                **self.node_options,
+            )
+            if self.nodes:
+                node.join(self.nodes[0])
+            self.nodes.append(node)
+        self.node = self.nodes[0]
+        self.scheduler = LocalScheduler(self.kubeconfig)
         try:
-            await self.node.start()
+            for node in self.nodes:
+                await node.start()
+            await self.scheduler.start()  # after the nodes: it sees their capacity
         except BaseException:
-            await self.emulator.stop()
+            await self.stop()
             raise
 
     async def stop(self) -> None:
-        if self.node is not None:
-            await self.node.stop()
-            self.node = None
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+            self.scheduler = None
+        # the first node last: it writes the DNS of the others' pods until they stop
+        for node in reversed(self.nodes):
+            await node.stop()
+        self.nodes = []
+        self.node = None
         if self.emulator is not None:
             await self.emulator.stop()
             self.emulator = None
@@ -148,20 +221,42 @@ def run_local_up(
     kubeconfig: Path | str | None = None,
     workdir: Path | str | None = None,
     gpus: int = 0,
+    *,
+    nodes: int = 1,
+    cpus: float | None = None,
+    memory: str | None = None,
+    max_pods: int | None = None,
+    node_labels: dict[str, str] | None = None,
+    node_taints: list[dict[str, str]] | None = None,
 ) -> int:
     """Run the local control plane in the foreground until SIGINT/SIGTERM."""
 
     async def main() -> None:
-        cluster = LocalCluster(port=port, workdir=workdir, kubeconfig=kubeconfig, gpus=gpus)
+        cluster = LocalCluster(
+            port=port,
+            workdir=workdir,
+            kubeconfig=kubeconfig,
+            gpus=gpus,
+            nodes=nodes,
+            cpus=cpus,
+            memory=memory,
+            max_pods=max_pods,
+            labels=node_labels,
+            taints=node_taints,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await cluster.start()
         try:
+            shape = cluster.nodes[0].allocatable
+            names = ", ".join(n.name for n in cluster.nodes)
             print(
-                f"sftjob local control plane: API {cluster.url}, node local-node "
-                f"({gpus} GPU{'s' if gpus != 1 else ''}), workdir {cluster.workdir}\n"
+                f"sftjob local control plane: API {cluster.url}, "
+                f"node{'s' if nodes != 1 else ''} {names} (each: cpu {shape['cpu']}, "
+                f"memory {shape['memory']}, pods {shape['pods']}, "
+                f"{gpus} GPU{'s' if gpus != 1 else ''}), workdir {cluster.workdir}\n"
                 f"kubeconfig: {cluster.kubeconfig}\n"
                 f"  export KUBECONFIG={cluster.kubeconfig}\n"
                 f"  kubectl get pods\n"

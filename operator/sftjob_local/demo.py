@@ -51,7 +51,10 @@ class DemoEnvironment:
         namespace: str = "default",
         reconcile_interval: float = 1.0,
         fresh: bool = True,
+        **cluster_options: Any,
     ) -> None:
+        """`cluster_options` go to `LocalCluster` (nodes, cpus, memory, max_pods, gpus, ...)."""
+        self.cluster_options = cluster_options
         self.workdir = workdir.resolve()
         self.port = port
         self.namespace = namespace
@@ -66,7 +69,7 @@ class DemoEnvironment:
         if self.fresh and self.workdir.exists():
             shutil.rmtree(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.cluster = LocalCluster(port=self.port, workdir=self.workdir)
+        self.cluster = LocalCluster(port=self.port, workdir=self.workdir, **self.cluster_options)
         self.cluster.__enter__()
         try:
             self._register_crd()

@@ -1,19 +1,33 @@
 """The local node: runs Pods of the local control plane as processes on this machine.
 
-`LocalNode` plays kube-scheduler + kubelet for one Node (`local-node`) and talks
+`LocalNode` plays the kubelet for one Node (`local-node` by default) and talks
 to the API only over HTTP, from a kubeconfig, like any client:
 
-* registers the Node (capacity/allocatable cpu, memory, pods and
-  `nvidia.com/gpu: N` from the configured GPU count; condition Ready);
+* registers the Node like a kubelet: capacity = allocatable `cpu` (default
+  `os.cpu_count()`), `memory` (default MemTotal of /proc/meminfo),
+  `ephemeral-storage` (the size of the workdir's filesystem), `pods` (default
+  `default_max_pods`: 4 per CPU, not the kubelet's 110, so a big job cannot
+  start a hundred trainer processes on a laptop) and `nvidia.com/gpu: N` from
+  the configured GPU count; labels `kubernetes.io/hostname`, `kubernetes.io/os`,
+  `kubernetes.io/arch`, `node.kubernetes.io/instance-type` plus any given;
+  `spec.taints` as given; condition Ready;
+* scheduling is `sftjob_local.local_scheduler.LocalScheduler` (kube-scheduler's
+  filters and messages, see `sftjob_local.node_scheduler`): unbound pods are
+  bound to a node that fits their cpu/memory/ephemeral-storage/extended
+  resource requests and pod count, nodeSelector, required node affinity and
+  taints; the others stay Pending with `PodScheduled=False`/`Unschedulable`,
+  the scheduler's message and a `FailedScheduling` Event, and no process is
+  started for them. A `LocalNode` on its own runs one (`schedule=True`);
+  `LocalCluster` runs one scheduler for all of its nodes (`--nodes N`);
 * watches Pods (list + watch, resumed from the last resourceVersion, relist on
-  410) and binds unscheduled ones (`pods/<name>/binding`) when their GPU
-  requests fit: any `<vendor>/gpu` in requests/limits, summed over containers,
-  against the GPUs of this node's non-terminal pods. Otherwise the pod stays
-  Pending with `PodScheduled=False`, reason `Unschedulable`, message
-  `0/1 nodes are available: 1 Insufficient nvidia.com/gpu.` and a
-  `FailedScheduling` Event; it is retried on every pod change (GPUs freed).
-  cpu/memory requests, nodeSelector, affinity and taints are NOT considered.
-  Pods bound to another node, or with another `schedulerName`, are ignored;
+  410) and runs those bound to it (`spec.nodeName`). Pods bound to another
+  node are ignored. Before running a pod the node admits it as the kubelet
+  does (`node_scheduler.kubelet_admission`): a pod bound here directly
+  (`spec.nodeName` set by its creator, bypassing the scheduler) that does not
+  fit the resources left, the node's labels or its NoExecute taints is failed
+  with reason `OutOfcpu`/`OutOfmemory`/`OutOfpods`/..., `NodeAffinity` or
+  `TaintToleration`, message `Pod was rejected: ...` and a Warning Event, and
+  no process is started;
 * runs each container's `command` + `args` as a local process in the current
   Python environment. **The image is recorded in the status but never pulled**:
   a container needs an explicit `command` (or an entry in `image_commands`);
@@ -71,6 +85,12 @@ address, so two rendezvous on one port would still clash. Cluster names are
 served as described in `sftjob_local.node_dns` (/etc/hosts block when writable
 + a Python `getaddrinfo` hook from PYTHONPATH).
 
+Several nodes in one process (`LocalCluster(nodes=N)`): every node after the
+first `join()`s the first, which then allocates the pod IPs and writes the
+cluster DNS for the pods of all of them (one hosts file, one /etc/hosts
+block). They share the workdir and log dir; node k hands out GPU device
+indices k*gpus .. k*gpus+gpus-1, so no two nodes give a pod the same device.
+
 Not enforced: securityContext (processes run as the node's user), resource
 limits (cpu/memory), readOnly mounts, readiness/liveness probes, image pulls.
 
@@ -105,9 +125,11 @@ import logging
 import os
 import random
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
+from .local_scheduler import LocalScheduler
 from .node_dns import (
     compute_records,
     etc_hosts_writable,
@@ -118,9 +140,10 @@ from .node_dns import (
 )
 from .node_kube import ApiError, Informer, KubeHttp, cancel_and_wait
 from .node_pod import PodWorker, now
-from .node_spec import gpu_requests, is_terminal, unschedulable_message
+from .node_scheduler import kubelet_admission
+from .node_spec import gpu_requests, is_terminal
 
-__all__ = ["LocalNode", "NODE_NAME"]
+__all__ = ["LocalNode", "NODE_NAME", "default_max_pods", "machine_cpus", "machine_memory_bytes"]
 
 log = logging.getLogger("sftjob_local.node")
 
@@ -128,7 +151,8 @@ Obj = dict[str, Any]
 NODE_NAME = "local-node"
 
 
-def _memory_bytes() -> int:
+def machine_memory_bytes() -> int:
+    """This machine's memory (MemTotal of /proc/meminfo), what a kubelet reports."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
@@ -136,11 +160,37 @@ def _memory_bytes() -> int:
     return 16 * 2**30
 
 
+def machine_cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def default_max_pods(cpus: float) -> int:
+    """Pod capacity when none is given: 4 per CPU (at least 4). A real kubelet
+    says 110 whatever the machine, but here every pod is a process of this
+    machine: 110 trainer processes on 2 cores is what the cap must prevent."""
+    return max(4, int(4 * cpus))
+
+
+def _format_cpus(cpus: float) -> str:
+    return str(int(cpus)) if float(cpus).is_integer() else f"{round(float(cpus) * 1000)}m"
+
+
+def _disk_bytes(path: Path) -> int:
+    """Size of the filesystem that holds `path` (the kubelet reports its root fs)."""
+    for folder in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).total
+    return 100 * 2**30
+
+
 class LocalNode:
-    """Scheduler + kubelet for one local Node; see the module docstring.
+    """Kubelet for one local Node (plus, with `schedule=True`, a scheduler); see
+    the module docstring.
 
     `async with LocalNode(kubeconfig, workdir) as node:` or `await start()` /
-    `await stop()`. Everything runs on the caller's event loop.
+    `await stop()`. Everything runs on the caller's event loop. Capacity:
+    `cpus` (number), `memory` (bytes or a quantity such as "8Gi"), `max_pods`,
+    `gpus`; None takes this machine's values (see the module docstring).
     """
 
     def __init__(
@@ -158,6 +208,13 @@ class LocalNode:
         max_restart_backoff: float = 10.0,
         config_retry: float = 1.0,
         shutdown_grace: float = 2.0,
+        cpus: float | None = None,
+        memory: int | str | None = None,
+        max_pods: int | None = None,
+        labels: dict[str, str] | None = None,
+        taints: list[dict[str, str]] | None = None,
+        gpu_device_offset: int = 0,
+        schedule: bool = True,
     ) -> None:
         self.kubeconfig = Path(kubeconfig).resolve()
         self.workdir = Path(workdir).resolve()
@@ -165,7 +222,7 @@ class LocalNode:
         self.name = name
         self.gpus = int(gpus)
         self.gpu_resource = gpu_resource
-        self.manage_etc_hosts = (
+        self._manage_etc_hosts = (
             etc_hosts_writable() if manage_etc_hosts is None else manage_etc_hosts
         )
         self.etc_hosts = Path("/etc/hosts")
@@ -176,29 +233,38 @@ class LocalNode:
         self.shutdown_grace = shutdown_grace
         self.hosts_file = self.workdir / "hosts"
         self.pyhook_dir = self.workdir / "pyhook"
-        cpu = os.cpu_count() or 1
+        cpus = machine_cpus() if cpus is None else cpus
+        memory_text = f"{machine_memory_bytes() // 1024}Ki" if memory is None else str(memory)
         self.allocatable: dict[str, str] = {
-            "cpu": str(cpu),
-            "memory": f"{_memory_bytes() // 1024}Ki",
-            "pods": "110",
-            "ephemeral-storage": "100Gi",
+            "cpu": _format_cpus(cpus),
+            "memory": memory_text,
+            "pods": str(default_max_pods(cpus) if max_pods is None else int(max_pods)),
+            "ephemeral-storage": str(_disk_bytes(self.workdir)),
         }
         if self.gpus:
             self.allocatable[gpu_resource] = str(self.gpus)
+        self.labels = dict(labels or {})
+        self.taints = [dict(t) for t in taints or []]
+        self.gpu_device_offset = int(gpu_device_offset)
+        self.scheduler: LocalScheduler | None = (
+            LocalScheduler(self.kubeconfig) if schedule else None
+        )
         self._api: KubeHttp | None = None
         self.workers: dict[str, PodWorker] = {}
-        self._assumed: dict[str, int] = {}  # uid → GPUs, bound but not yet seen bound
-        self._unschedulable: dict[str, str] = {}  # uid → last reported message
+        self._group: LocalNode = self  # the node that owns pod IPs and DNS (see join)
+        self._members: list[LocalNode] = [self]
         self._ips_used: set[str] = set()
         self._ip_next = random.randrange(256, 254 * 256)
         self._devices_used: set[int] = set()
-        self._sched_kick = asyncio.Event()
         self._dns_text: str | None = None
         self.etc_hosts_block_id = f"{name}-{secrets.token_hex(4)}"
         self._tasks: list[asyncio.Task[Any]] = []
         self._bg: set[asyncio.Task[Any]] = set()
         self.pods: Informer | None = None
         self.services: Informer | None = None
+        self.nodes: Informer | None = None
+        self._node_body: Obj = {}  # the Node as registered (until the watch has it)
+        self._rejected: set[str] = set()  # uids failed by admission
 
     # ----------------------------------------------------------------- public
     @property
@@ -207,6 +273,24 @@ class LocalNode:
         if self._api is None:
             raise RuntimeError("the local node is not started")
         return self._api
+
+    @property
+    def manage_etc_hosts(self) -> bool:
+        """Whether /etc/hosts carries the cluster names (the group's first node decides)."""
+        return self._group._manage_etc_hosts
+
+    @manage_etc_hosts.setter
+    def manage_etc_hosts(self, value: bool) -> None:
+        self._manage_etc_hosts = value
+
+    def join(self, first: LocalNode) -> None:
+        """Share `first`'s pod IPs and cluster DNS (several nodes in one process);
+        call before `start()`."""
+        self._group = first
+        self._ips_used = first._ips_used
+        self.hosts_file = first.hosts_file
+        self.pyhook_dir = first.pyhook_dir
+        first._members.append(self)
 
     async def __aenter__(self) -> LocalNode:
         await self.start()
@@ -224,17 +308,25 @@ class LocalNode:
         await self._register()
         self.pods = Informer(self.api, "/api/v1/pods", self._on_pod, name="pods")
         self.services = Informer(self.api, "/api/v1/services", self._on_service, name="services")
+        self.nodes = Informer(self.api, "/api/v1/nodes", lambda *_: None, name="nodes")
         self._tasks = [
             asyncio.create_task(self.pods.run(), name="node pods watch"),
             asyncio.create_task(self.services.run(), name="node services watch"),
-            asyncio.create_task(self._scheduler(), name="node scheduler"),
+            asyncio.create_task(self.nodes.run(), name="node nodes watch"),
         ]
         await asyncio.wait_for(
-            asyncio.gather(self.pods.synced.wait(), self.services.synced.wait()), 30
+            asyncio.gather(
+                self.pods.synced.wait(), self.services.synced.wait(), self.nodes.synced.wait()
+            ),
+            30,
         )
+        if self.scheduler is not None:
+            await self.scheduler.start()
         log.info("local node %s ready (gpus=%d, /etc/hosts=%s)", self.name, self.gpus, self.manage_etc_hosts)  # fmt: skip
 
     async def stop(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         await cancel_and_wait(*self._tasks)
         self._tasks = []
         workers = list(self.workers.values())
@@ -244,7 +336,7 @@ class LocalNode:
         if self._bg:
             await asyncio.wait(self._bg, timeout=2)
         await cancel_and_wait(*self._bg)
-        if self.manage_etc_hosts:
+        if self._group is self and self.manage_etc_hosts:
             with contextlib.suppress(OSError):
                 update_etc_hosts(self.etc_hosts, self.etc_hosts_block_id, None)
         if self._api is not None:
@@ -303,12 +395,14 @@ class LocalNode:
                     "kubernetes.io/os": "linux",
                     "kubernetes.io/arch": "amd64",
                     "node.kubernetes.io/instance-type": "local",
+                    **self.labels,
                 },
             },
-            "spec": {},
+            "spec": {"taints": self.taints} if self.taints else {},
             "status": self._node_status(),
         }
         try:
+            self._node_body = body
             await self.api.create("/api/v1/nodes", body)
         except ApiError as exc:
             if exc.status != 409:
@@ -370,24 +464,25 @@ class LocalNode:
         meta = pod["metadata"]
         uid = meta["uid"]
         if etype == "DELETED":
-            self._assumed.pop(uid, None)
-            self._unschedulable.pop(uid, None)
+            self._rejected.discard(uid)
             worker = self.workers.pop(uid, None)
             if worker is not None:
                 worker.object_deleted()
                 self._spawn(self._cleanup(worker))
         elif (pod.get("spec") or {}).get("nodeName") == self.name:
-            self._assumed.pop(uid, None)
-            self._unschedulable.pop(uid, None)
             worker = self.workers.get(uid)
             if worker is not None:
                 worker.update(pod)
             elif meta.get("deletionTimestamp"):
                 # bound here but never run by this node instance: nothing to stop
                 self._spawn(self._force_delete(pod))
-            elif not is_terminal(pod):
-                self._start_worker(pod)
-        self._sched_kick.set()
+            elif not is_terminal(pod) and uid not in self._rejected:
+                rejection = self._admit(pod)
+                if rejection is None:
+                    self._start_worker(pod)
+                else:
+                    self._rejected.add(uid)
+                    self._spawn(self._reject(pod, *rejection))
         self.refresh_dns()
 
     def _on_service(self, etype: str, svc: Obj) -> None:
@@ -397,7 +492,8 @@ class LocalNode:
         host_network = bool((pod.get("spec") or {}).get("hostNetwork"))
         ip = "127.0.0.1" if host_network else self._alloc_ip()
         want = sum(gpu_requests(pod).values())
-        free = [d for d in range(self.gpus) if d not in self._devices_used]
+        own = range(self.gpu_device_offset, self.gpu_device_offset + self.gpus)
+        free = [d for d in own if d not in self._devices_used]
         devices = free[:want]
         self._devices_used.update(devices)
         worker = PodWorker(self, pod, ip, devices)
@@ -416,6 +512,36 @@ class LocalNode:
         await worker.finished.wait()
         worker.cleanup()
 
+    def _admit(self, pod: Obj) -> tuple[str, str] | None:
+        """The kubelet's admission (node_scheduler.kubelet_admission) against the
+        pods this node runs: a pod bound here without the scheduler (spec.nodeName
+        set by its creator) that does not fit is failed, not run."""
+        node = self._node_body
+        for obj in self.nodes.cache.values() if self.nodes else []:
+            if obj["metadata"]["name"] == self.name:
+                node = {**obj, "status": {**(obj.get("status") or {}), "allocatable": self.allocatable}}  # fmt: skip
+        active = [
+            w.pod
+            for w in self.workers.values()
+            if not w.finished.is_set() and w.phase not in ("Succeeded", "Failed")
+        ]
+        if not node:
+            return None
+        if not (node.get("status") or {}).get("allocatable"):
+            node = {**node, "status": {"allocatable": self.allocatable}}
+        return kubelet_admission(pod, node, active)
+
+    async def _reject(self, pod: Obj, reason: str, message: str) -> None:
+        """Fail a pod the node cannot admit, as the kubelet's rejectPod does."""
+        meta = pod["metadata"]
+        self.event(pod, reason, message, type_="Warning")
+        status = {"phase": "Failed", "reason": reason, "message": f"Pod was rejected: {message}"}
+        with contextlib.suppress(ApiError):
+            await self.api.merge_patch(
+                f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}/status",
+                {"status": status},
+            )
+
     async def _force_delete(self, pod: Obj) -> None:
         meta = pod["metadata"]
         with contextlib.suppress(ApiError):
@@ -432,6 +558,8 @@ class LocalNode:
     def _alloc_ip(self) -> str:
         """Next free 127.0.X.Y, round-robin: a freed address is reused last, so
         a new pod does not inherit a just-ended pod's sockets or DNS entries."""
+        if self._group is not self:
+            return self._group._alloc_ip()
         while True:
             n = self._ip_next
             self._ip_next = 256 if n >= 254 * 256 else n + 1
@@ -441,115 +569,15 @@ class LocalNode:
                 self._ips_used.add(ip)
                 return ip
 
-    # ----------------------------------------------------------------- scheduler
-    def _gpus_in_use(self) -> int:
-        assert self.pods is not None
-        used = sum(self._assumed.values())
-        for pod in self.pods.cache.values():
-            if (pod.get("spec") or {}).get("nodeName") == self.name and not is_terminal(pod):
-                used += sum(gpu_requests(pod).values())
-        return used
-
-    async def _scheduler(self) -> None:
-        while True:
-            await self._sched_kick.wait()
-            self._sched_kick.clear()
-            try:
-                await self._schedule_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("scheduler pass failed")
-                await asyncio.sleep(0.5)
-                self._sched_kick.set()
-
-    async def _schedule_once(self) -> None:
-        assert self.pods is not None
-        pending = []
-        for pod in self.pods.cache.values():
-            spec = pod.get("spec") or {}
-            meta = pod["metadata"]
-            if spec.get("nodeName") or meta["uid"] in self._assumed:
-                continue
-            if spec.get("schedulerName") not in (None, "", "default-scheduler"):
-                continue
-            if is_terminal(pod) or meta.get("deletionTimestamp"):
-                continue
-            pending.append(pod)
-        pending.sort(key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))  # fmt: skip
-        free = self.gpus - self._gpus_in_use()
-        for pod in pending:
-            asked = gpu_requests(pod)
-            lacking = [
-                name for name, n in sorted(asked.items()) if name != self.gpu_resource or n > free
-            ]
-            if lacking:
-                await self._mark_unschedulable(pod, lacking)
-                continue
-            if await self._bind(pod):
-                n = sum(asked.values())
-                self._assumed[pod["metadata"]["uid"]] = n
-                free -= n
-
-    async def _bind(self, pod: Obj) -> bool:
-        meta = pod["metadata"]
-        ns, name = meta.get("namespace", "default"), meta["name"]
-        body = {
-            "apiVersion": "v1",
-            "kind": "Binding",
-            "metadata": {"name": name, "namespace": ns, "uid": meta["uid"]},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": self.name},
-        }
-        try:
-            await self.api.create(f"/api/v1/namespaces/{ns}/pods/{name}/binding", body)
-            return True
-        except ApiError as exc:
-            if exc.status == 409:
-                return False  # already bound (our own earlier binding, or another scheduler)
-            if exc.status not in (404, 405):
-                log.warning("binding %s/%s failed: %s", ns, name, exc)
-                return False
-        # an API without the binding subresource: set spec.nodeName directly
-        try:
-            await self.api.merge_patch(
-                f"/api/v1/namespaces/{ns}/pods/{name}", {"spec": {"nodeName": self.name}}
-            )
-            return True
-        except ApiError as exc:
-            log.warning("binding %s/%s failed: %s", ns, name, exc)
-            return False
-
-    async def _mark_unschedulable(self, pod: Obj, lacking: list[str]) -> None:
-        meta = pod["metadata"]
-        message = unschedulable_message(lacking[0]) if len(lacking) == 1 else (
-            "0/1 nodes are available: " + ", ".join(f"1 Insufficient {r}" for r in lacking) + "."
-        )  # fmt: skip
-        if self._unschedulable.get(meta["uid"]) == message:
-            return
-        self._unschedulable[meta["uid"]] = message
-        ns, name = meta.get("namespace", "default"), meta["name"]
-        status = {
-            "phase": "Pending",
-            "conditions": [
-                {
-                    "type": "PodScheduled",
-                    "status": "False",
-                    "reason": "Unschedulable",
-                    "message": message,
-                    "lastProbeTime": None,
-                    "lastTransitionTime": now(),
-                }
-            ],
-        }
-        with contextlib.suppress(ApiError):
-            await self.api.merge_patch(f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": status})  # fmt: skip
-        self.event(pod, "FailedScheduling", message, type_="Warning", source="default-scheduler")
-
     # ----------------------------------------------------------------- DNS
     def refresh_dns(self, force: bool = False) -> None:
-        """Recompute cluster names from this node's running pods and all Services."""
+        """Recompute cluster names from the running pods of this node (and of the
+        nodes that joined it) and all Services."""
+        if self._group is not self:
+            self._group.refresh_dns(force)
+            return
         pods = []
-        for w in self.workers.values():
+        for w in (w for node in self._members for w in node.workers.values()):
             if not w.finished.is_set() and not w.deleting:
                 phase = "Running" if w.dns_ready else "Pending"
                 pods.append({"metadata": w.pod["metadata"], "spec": w.pod.get("spec") or {},

@@ -175,10 +175,32 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 def cmd_local_up(args: argparse.Namespace) -> int:
     # Development tooling only: production code paths never import sftjob_local.
-    from sftjob_local.cluster import run_local_up
+    from sftjob_local.cluster import parse_node_labels, parse_node_taints, run_local_up
+    from sftjob_local.node_spec import parse_quantity
 
+    try:
+        labels = parse_node_labels(args.node_labels)
+        taints = parse_node_taints(args.node_taints)
+        if args.memory is not None and parse_quantity(args.memory) <= 0:
+            raise ValueError(f"--memory must be positive, not {args.memory!r}")
+        if args.cpus is not None and args.cpus <= 0:
+            raise ValueError("--cpus must be positive")
+        if args.nodes < 1 or (args.max_pods is not None and args.max_pods < 0):
+            raise ValueError("--nodes must be at least 1 and --max-pods not negative")
+    except ValueError as exc:
+        print(f"sftjob local up: {exc}", file=sys.stderr)
+        return 2
     code: int = run_local_up(
-        port=args.port, kubeconfig=args.kubeconfig, workdir=args.workdir, gpus=args.gpus
+        port=args.port,
+        kubeconfig=args.kubeconfig,
+        workdir=args.workdir,
+        gpus=args.gpus,
+        nodes=args.nodes,
+        cpus=args.cpus,
+        memory=args.memory,
+        max_pods=args.max_pods,
+        node_labels=labels,
+        node_taints=taints,
     )
     return code
 
@@ -252,7 +274,31 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8765)
     up.add_argument("--workdir", type=Path, default=Path(".sftjob-local"))
     up.add_argument("--kubeconfig", type=Path, default=None, help="default: WORKDIR/kubeconfig")
-    up.add_argument("--gpus", type=int, default=0, help="GPUs the local node advertises")
+    up.add_argument("--gpus", type=int, default=0, help="GPUs each local node advertises")
+    up.add_argument(
+        "--nodes", type=int, default=1, help="nodes: local-node, local-node-2, ... (default 1)"
+    )
+    up.add_argument(
+        "--cpus", type=float, default=None, help="CPUs of each node (default: this machine's)"
+    )
+    up.add_argument(
+        "--memory",
+        default=None,
+        help="memory of each node, a quantity such as 8Gi (default: this machine's MemTotal)",
+    )
+    up.add_argument(
+        "--max-pods",
+        type=int,
+        default=None,
+        help="pods each node runs at once (default: 4 per CPU, at least 4; a real kubelet "
+        "says 110, but every pod here is a process on this machine)",
+    )
+    up.add_argument("--node-labels", default=None, help="extra node labels: key=value,key2=value2")
+    up.add_argument(
+        "--node-taints",
+        default=None,
+        help="node taints: key[=value]:NoSchedule|PreferNoSchedule|NoExecute, comma-separated",
+    )
     up.set_defaults(func=cmd_local_up)
     return parser
 

@@ -35,7 +35,12 @@ def test_pod_asking_more_gpus_than_the_node_has_stays_unschedulable(
         what="PodScheduled=False",
     )
     assert cond.reason == "Unschedulable"
-    assert cond.message == "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    # kube-scheduler v1.32 appends the DefaultPreemption PostFilter's verdict
+    # (pkg/scheduler/framework/types.go FitError.Error, preemption.go).
+    assert cond.message == (
+        "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: 0/1 nodes are "
+        "available: 1 No preemption victims found for incoming pod."
+    )
     pod = core.read_namespaced_pod("greedy", ns)
     assert pod.status.phase == "Pending" and not pod.spec.node_name
     events = wait_for(
