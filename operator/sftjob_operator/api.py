@@ -395,7 +395,9 @@ class TrainingSpec(SpecModel):
         description="Fraction of total steps spent warming up (ceil(total x ratio) steps).",
     )
     warmupSteps: int | None = Field(
-        default=None, ge=0, description="Warm-up steps, instead of warmupRatio (set one of the two)."
+        default=None,
+        ge=0,
+        description="Warm-up steps, instead of warmupRatio (set one of the two).",
     )
     maxLength: PositiveInt = Field(
         default=2048, description="Maximum tokens per sequence (or per packed row)."
