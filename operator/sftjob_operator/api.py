@@ -76,7 +76,7 @@ class CrossFieldRule:
     null fields read as absent (``has()`` is false), as ``None`` does here. Fields in
     ``presence`` are ones whose being *set* the rule reads: the CRD gives them no default
     (the model's default still applies when the operator parses the spec).
-    tests/unit/test_cross_field_rules.py runs both sides on the same cases.
+    tests/local/test_sftjob_cross_field_rules.py runs both sides on the same cases.
     """
 
     field: str
