@@ -74,7 +74,16 @@ def gizmo_crd(group: str) -> dict[str, Any]:
                                         "maxReplicas": {"type": "integer", "default": 10},
                                         "mode": {"type": "string"},
                                         "tier": {"type": "string", "maxLength": 16},
-                                        "owner": {"type": "string", "maxLength": 63},
+                                        "owner": {
+                                            "type": "string",
+                                            "maxLength": 63,
+                                            "x-kubernetes-validations": [
+                                                {
+                                                    "rule": "self.findAll('[A-Z]').size() == 0",
+                                                    "message": "owner is lowercase",
+                                                }
+                                            ],
+                                        },
                                         "ratio": {
                                             "type": "number",
                                             "x-kubernetes-validations": [{"rule": "self < 1"}],
@@ -82,6 +91,12 @@ def gizmo_crd(group: str) -> dict[str, Any]:
                                         "ports": {
                                             "type": "array",
                                             "maxItems": 8,
+                                            "x-kubernetes-validations": [
+                                                {
+                                                    "rule": "self.map(p, p.port).isSorted()",
+                                                    "message": "ports are sorted",
+                                                }
+                                            ],
                                             "items": {
                                                 "type": "object",
                                                 "properties": {"port": {"type": "integer"}},
@@ -184,14 +199,16 @@ def test_rules_see_schema_defaults_and_pass(cluster, gizmos, uniq):
 
 
 def test_rules_at_any_depth_report_their_own_path(cluster, gizmos, uniq):
-    """Rules on a number, on list items and on additionalProperties values run with self bound
-    to that node; without ``message`` the detail is ``failed rule: <rule>``
-    (ruleMessageOrDefault); each cause carries the node's path and type."""
+    """Rules on a number, a list, list items, a string and additionalProperties values run
+    with self bound to that node; without ``message`` the detail is ``failed rule: <rule>``
+    (ruleMessageOrDefault); each cause carries the node's path and type. Kubernetes' lists
+    and regex libraries (isSorted, findAll) are there."""
     body = gizmos.body(
         f"deep-{uniq}",
         ratio=1.5,
         ports=[{"port": 8080}, {"port": 80}],
         labels={"team": "ML"},
+        owner="Bob",
     )
     status, error = cluster.request("POST", gizmos.path(), body)
     assert status == 422, error
@@ -199,6 +216,8 @@ def test_rules_at_any_depth_report_their_own_path(cluster, gizmos, uniq):
     assert causes["spec.ratio"]["message"] == 'Invalid value: "number": failed rule: self < 1'
     assert causes["spec.ports[1]"]["message"] == 'Invalid value: "object": use an unprivileged port'
     assert "spec.ports[0]" not in causes
+    assert causes["spec.ports"]["message"] == 'Invalid value: "array": ports are sorted'
+    assert causes["spec.owner"]["message"] == 'Invalid value: "string": owner is lowercase'
     assert causes["spec.labels[team]"]["message"] == (
         'Invalid value: "string": failed rule: self.lowerAscii() == self'
     )

@@ -61,9 +61,10 @@ tailLines, limitBytes, follow until the pod is terminal or gone; previous → 40
 Simplified or absent: server-side apply is a plain merge (create when missing, no managedFields
 conflicts); no admission, RBAC or authentication (any token is accepted); CEL rules have no cost
 budget and object fields are typed ``dyn`` (a misspelled field fails at evaluation, not at CRD
-creation), Kubernetes' quantity/lists/regex/urls CEL libraries are absent; no conversion
-webhooks (all versions of a CRD share one storage); no pagination (``limit`` is ignored, everything is returned); protobuf is never served for
-objects (JSON only; only the OpenAPI v2 document has a protobuf form).
+creation), of Kubernetes' CEL libraries only lists and regex are there; no conversion
+webhooks (all versions of a CRD share one storage); no pagination (``limit`` is ignored,
+everything is returned); protobuf is never served for objects (JSON only; only the OpenAPI v2
+document has a protobuf form).
 """
 
 from .core import ApiCore

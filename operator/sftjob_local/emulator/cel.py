@@ -24,9 +24,10 @@ apiserver does around it, after k8s.io/apiextensions-apiserver/pkg/apiserver/sch
 
 Simplified: no cost estimation or runtime cost budget; object fields are typed ``dyn`` (a
 misspelled field compiles here and fails at evaluation, while a real server refuses the
-CRD); ``format: date-time``/``duration`` strings stay strings; Kubernetes' own libraries
-(quantity, lists, regex, urls, authz) are not declared, so rules using them are refused at
-CRD creation with "undeclared reference".
+CRD); ``format: date-time``/``duration`` strings stay strings; of Kubernetes' own libraries
+only lists (isSorted, sum, min, max, indexOf, lastIndexOf) and regex (find, findAll) are
+declared: rules using quantity, urls or authz are refused at CRD creation ("undeclared
+reference"), where a real server accepts them.
 """
 
 from __future__ import annotations
@@ -111,6 +112,94 @@ def to_cel_value(value: Any, schema: dict[str, Any] | None, resource_root: bool 
     return value
 
 
+# --------------------------------------------------------------------------- libraries
+
+
+def _index_of(items: list[Any], wanted: Any) -> int:
+    return next((i for i, item in enumerate(items) if item == wanted), -1)
+
+
+def _last_index_of(items: list[Any], wanted: Any) -> int:
+    found = [i for i, item in enumerate(items) if item == wanted]
+    return found[-1] if found else -1
+
+
+def _extreme(pick: Any, name: str) -> Any:
+    def impl(items: list[Any]) -> Any:
+        if not items:
+            raise ValueError(f"{name} called on empty list")
+        return pick(items)
+
+    return impl
+
+
+def _find_all(text: str, pattern: str, limit: int = -1) -> list[str]:
+    found = [m.group(0) for m in re.finditer(pattern, text)]
+    return found if limit < 0 else found[:limit]
+
+
+def _kubernetes_libraries() -> Any:
+    """Kubernetes' CEL lists and regex libraries (k8s.io/apiserver/pkg/cel/library lists.go,
+    regex.go); regexes run on Python's re, which agrees with RE2 on the common syntax."""
+    any_list = cel.Type.List(cel.Type.DYN)
+    string, integer = cel.Type.STRING, cel.Type.INT
+
+    def member(name: str, overload: str, result: Any, params: list[Any], impl: Any) -> Any:
+        return cel.FunctionDecl(
+            name, [cel.Overload(overload, result, params, is_member=True, impl=impl)]
+        )
+
+    return cel.CelExtension(
+        "kubernetes",
+        [
+            member(
+                "isSorted",
+                "list_is_sorted",
+                cel.Type.BOOL,
+                [any_list],
+                lambda xs: all(a <= b for a, b in zip(xs, xs[1:], strict=False)),
+            ),
+            member("sum", "list_sum", cel.Type.DYN, [any_list], lambda xs: sum(xs)),
+            member("min", "list_min", cel.Type.DYN, [any_list], _extreme(min, "min")),
+            member("max", "list_max", cel.Type.DYN, [any_list], _extreme(max, "max")),
+            member("indexOf", "list_index_of", integer, [any_list, cel.Type.DYN], _index_of),
+            member(
+                "lastIndexOf",
+                "list_last_index_of",
+                integer,
+                [any_list, cel.Type.DYN],
+                _last_index_of,
+            ),
+            member(
+                "find",
+                "string_find",
+                string,
+                [string, string],
+                lambda text, pattern: next(iter(_find_all(text, pattern, 1)), ""),
+            ),
+            cel.FunctionDecl(
+                "findAll",
+                [
+                    cel.Overload(
+                        "string_find_all",
+                        cel.Type.List(string),
+                        [string, string],
+                        is_member=True,
+                        impl=_find_all,
+                    ),
+                    cel.Overload(
+                        "string_find_all_n",
+                        cel.Type.List(string),
+                        [string, string, integer],
+                        is_member=True,
+                        impl=_find_all,
+                    ),
+                ],
+            ),
+        ],
+    )
+
+
 # --------------------------------------------------------------------------- compilation
 
 _ENVS: dict[tuple[str, bool], Any] = {}
@@ -133,6 +222,7 @@ def _env(schema: dict[str, Any] | None, optional_old_self: bool) -> Any:
                 ext_strings.ExtStrings(),
                 ext_optional.ExtOptional(),
                 ext_bindings.ExtBindings(),
+                _kubernetes_libraries(),
             ],
         )
     return _ENVS[key]
