@@ -65,6 +65,12 @@ def gizmo_crd(group: str) -> dict[str, Any]:
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
+                            "x-kubernetes-validations": [
+                                {
+                                    "rule": "!self.metadata.name.startsWith('forbidden-')",
+                                    "message": "names must not start with forbidden-",
+                                }
+                            ],
                             "properties": {
                                 "spec": {
                                     "type": "object",
@@ -189,6 +195,19 @@ def test_a_broken_rule_refuses_the_create_with_its_message_and_nothing_is_stored
         "message": 'Invalid value: "object": minReplicas must not exceed maxReplicas',
         "field": "spec",
     }
+    assert cluster.request("GET", gizmos.path(name))[0] == 404
+
+
+def test_a_rule_at_the_root_reads_metadata_name_and_reports_a_nil_path(cluster, gizmos, uniq):
+    """At the resource root ``self.metadata`` holds name and generateName (WithTypeAndObjectMeta);
+    the root is validated at a nil field.Path, printed ``<nil>``."""
+    name = f"forbidden-{uniq}"
+    status, error = cluster.request("POST", gizmos.path(), gizmos.body(name))
+    assert status == 422, error
+    assert error["message"] == (
+        f'Gizmo.{gizmos.group} "{name}" is invalid: <nil>: Invalid value: "object": '
+        "names must not start with forbidden-"
+    )
     assert cluster.request("GET", gizmos.path(name))[0] == 404
 
 
@@ -358,9 +377,18 @@ def test_unchanged_values_keep_passing_when_a_rule_is_added_later(cluster, gizmo
             "messageExpression compilation failed",
         ),
         ({"rule": "true", "reason": "FieldValueWrong"}, "reason", "Unsupported value"),
-        ({"rule": "true", "fieldPath": ".nosuchfield"}, "fieldPath", "Invalid value"),
+        (
+            {"rule": "true", "fieldPath": ".nosuchfield"},
+            "fieldPath",
+            'Invalid value: ".nosuchfield": fieldPath must be a valid path',
+        ),
+        (
+            {"rule": "self.minReplicas > 0", "optionalOldSelf": True},
+            "optionalOldSelf",
+            "Invalid value: true: may not be set if oldSelf is not used in rule",
+        ),
     ],
-    ids=["syntax", "type", "undeclared", "message-expression", "reason", "field-path"],
+    ids=["syntax", "type", "undeclared", "message-expression", "reason", "field-path", "optional"],
 )
 def test_a_crd_whose_rule_does_not_compile_is_refused(cluster, rule, field, words):
     """pkg/apis/apiextensions/validation: rules are compiled at CRD create/update; a
@@ -378,5 +406,28 @@ def test_a_crd_whose_rule_does_not_compile_is_refused(cluster, rule, field, word
     assert words in causes[path]["message"]
     assert error["message"].startswith(
         f'CustomResourceDefinition.apiextensions.k8s.io "gizmos.{group}" is invalid: '
+    )
+    assert cluster.request("GET", f"{CRDS}/gizmos.{group}")[0] == 404
+
+
+def test_old_self_is_refused_where_items_do_not_correlate(cluster):
+    """Items of a list that is not a map-list have no old value to compare with: a transition
+    rule there makes the CRD invalid (apiextensions validation, uncorrelatable oldSelf)."""
+    group = f"u{secrets.token_hex(3)}.test.sftjob.dev"
+    body = gizmo_crd(group)
+    spec_schema = body["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec_schema["properties"]["ports"]["items"]["x-kubernetes-validations"] = [
+        {"rule": "self.port == oldSelf.port"}
+    ]
+    status, error = cluster.request("POST", CRDS, body)
+    assert status == 422, error
+    field = (
+        "spec.validation.openAPIV3Schema.properties[spec].properties[ports].items"
+        ".x-kubernetes-validations[0].rule"
+    )
+    assert causes_of(error)[field]["message"] == (
+        'Invalid value: "self.port == oldSelf.port": oldSelf cannot be used on the '
+        "uncorrelatable portion of the schema within "
+        "spec.validation.openAPIV3Schema.properties[spec].properties[ports].items"
     )
     assert cluster.request("GET", f"{CRDS}/gizmos.{group}")[0] == 404

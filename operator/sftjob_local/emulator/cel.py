@@ -252,26 +252,86 @@ class CompiledRule:
     # (what: rule|messageExpression|reason|fieldPath|optionalOldSelf, cause reason, value, message)
 
 
-def compile_rule(rule: dict[str, Any], schema: dict[str, Any]) -> CompiledRule:
-    """Compile one x-kubernetes-validations entry for a schema node; errors are collected."""
-    result = CompiledRule(rule=rule)
-    text = rule.get("rule") or ""
-    if not isinstance(text, str) or not text.strip():
-        result.errors.append(("rule", "FieldValueRequired", None, "Required value"))
-        return result
-    result.uses_old_self = bool(_OLD_SELF.search(text))
-    result.optional_old_self = bool(rule.get("optionalOldSelf"))
-    if result.optional_old_self and not result.uses_old_self:
-        result.errors.append(
+def _newlines(text: str) -> bool:
+    return bool(re.search(r"[\n\r]", text))
+
+
+def _rule_schema_errors(
+    rule: dict[str, Any], schema: dict[str, Any]
+) -> list[tuple[str, str, Any, str]]:
+    """The checks the apiserver makes before compiling (message, reason, fieldPath)."""
+    errors: list[tuple[str, str, Any, str]] = []
+    text = str(rule.get("rule") or "").strip()
+    message = rule.get("message") or ""
+    if message and not message.strip():
+        errors.append(
+            ("message", "FieldValueInvalid", message, "message must be non-empty if specified")
+        )
+    elif _newlines(message.strip()):
+        errors.append(
+            ("message", "FieldValueInvalid", message, "message must not contain line breaks")
+        )
+    elif _newlines(text) and not message.strip():
+        errors.append(
             (
-                "optionalOldSelf",
-                "FieldValueInvalid",
-                True,
-                "may not be set if oldSelf is not used in rule",
+                "message",
+                "FieldValueRequired",
+                None,
+                "message must be specified if rule contains line breaks",
             )
         )
+    expression = rule.get("messageExpression") or ""
+    if expression and not expression.strip():
+        errors.append(
+            (
+                "messageExpression",
+                "FieldValueRequired",
+                None,
+                "messageExpression must be non-empty if specified",
+            )
+        )
+    reason = rule.get("reason")
+    if reason is not None and reason not in REASONS:
+        supported = ", ".join(json.dumps(r) for r in REASONS)
+        errors.append(
+            ("reason", "FieldValueNotSupported", reason, f"supported values: {supported}")
+        )
+    path = rule.get("fieldPath") or ""
+    if path and not path.strip():
+        errors.append(
+            ("fieldPath", "FieldValueInvalid", path, "fieldPath must be non-empty if specified")
+        )
+    elif _newlines(path):
+        errors.append(
+            ("fieldPath", "FieldValueInvalid", path, "fieldPath must not contain line breaks")
+        )
+    elif path:
+        try:
+            normalize_field_path(path, schema)
+        except ValueError:
+            errors.append(
+                ("fieldPath", "FieldValueInvalid", path, "fieldPath must be a valid path")
+            )
+    return errors
+
+
+def compile_rule(rule: dict[str, Any], schema: dict[str, Any]) -> CompiledRule:
+    """Compile one x-kubernetes-validations entry for a schema node; errors are collected
+    (in the order and words of ValidateCustomResourceDefinitionOpenAPISchema)."""
+    result = CompiledRule(rule=rule)
+    result.errors = _rule_schema_errors(rule, schema)
+    if result.errors:
+        return result  # the apiserver does not compile rules of a node with schema errors
+    text = rule.get("rule") or ""
+    if not isinstance(text, str) or not text.strip():
+        result.errors.append(("rule", "FieldValueRequired", None, "rule is not specified"))
+        return result
+    if rule.get("fieldPath"):
+        result.field_path = normalize_field_path(rule["fieldPath"], schema)
+    result.uses_old_self = bool(_OLD_SELF.search(text))
+    result.optional_old_self = bool(rule.get("optionalOldSelf"))
     try:
-        if result.optional_old_self:
+        if result.optional_old_self and result.uses_old_self:
             # Parse errors keep the user's columns; then check the rule with oldSelf optional.
             _env(schema, False).compile(text, disable_check=True)
             result.program = _env(schema, True).compile(_wrap_optional(text))
@@ -290,24 +350,19 @@ def compile_rule(rule: dict[str, Any], schema: dict[str, Any]) -> CompiledRule:
                 (
                     "messageExpression",
                     "FieldValueInvalid",
-                    expression,
+                    rule,
                     f"messageExpression compilation failed: {_compile_error(exc)}",
                 )
             )
-    reason = rule.get("reason")
-    if reason is not None and reason not in REASONS:
-        supported = ", ".join(json.dumps(r) for r in REASONS)
+    if not result.uses_old_self and rule.get("optionalOldSelf") is not None:
         result.errors.append(
-            ("reason", "FieldValueNotSupported", reason, f"supported values: {supported}")
-        )
-    path = rule.get("fieldPath")
-    if path:
-        try:
-            result.field_path = normalize_field_path(path, schema)
-        except ValueError as exc:
-            result.errors.append(
-                ("fieldPath", "FieldValueInvalid", path, f"fieldPath must be a valid path: {exc}")
+            (
+                "optionalOldSelf",
+                "FieldValueInvalid",
+                rule["optionalOldSelf"],
+                "may not be set if oldSelf is not used in rule",
             )
+        )
     return result
 
 
@@ -365,21 +420,24 @@ def _show(value: Any) -> str:
 
 
 def _schema_nodes(
-    schema: dict[str, Any], path: str, under_plain_list: bool
-) -> list[tuple[dict[str, Any], str, bool]]:
-    """Every schema node with its CRD field path, and whether it sits under a plain list."""
-    nodes = [(schema, path, under_plain_list)]
+    schema: dict[str, Any], path: str, uncorrelatable: str | None
+) -> list[tuple[dict[str, Any], str, str | None]]:
+    """Every schema node with its CRD field path, and the path of the highest node below which
+    old values do not correlate (items of lists that are not map-lists, atomic maps)."""
+    nodes = [(schema, path, uncorrelatable)]
     for name, child in (schema.get("properties") or {}).items():
         if isinstance(child, dict):
-            nodes += _schema_nodes(child, f"{path}.properties[{name}]", under_plain_list)
+            nodes += _schema_nodes(child, f"{path}.properties[{name}]", uncorrelatable)
     items = schema.get("items")
     if isinstance(items, dict):
+        inner = f"{path}.items"
         plain = schema.get("x-kubernetes-list-type") != "map"
-        nodes += _schema_nodes(items, f"{path}.items", under_plain_list or plain)
+        nodes += _schema_nodes(items, inner, uncorrelatable or (inner if plain else None))
     extra = schema.get("additionalProperties")
     if isinstance(extra, dict):
+        inner = f"{path}.additionalProperties"
         atomic = schema.get("x-kubernetes-map-type") == "atomic"
-        nodes += _schema_nodes(extra, f"{path}.additionalProperties", under_plain_list or atomic)
+        nodes += _schema_nodes(extra, inner, uncorrelatable or (inner if atomic else None))
     return nodes
 
 
@@ -398,20 +456,20 @@ def check_crd_rules(crd_spec: dict[str, Any]) -> list[dict[str, str]]:
     for base, schema in located:
         if not isinstance(schema, dict):
             continue
-        for node, path, uncorrelatable in _schema_nodes(schema, base, False):
+        for node, path, uncorrelatable in _schema_nodes(schema, base, None):
             for index, rule in enumerate(node.get("x-kubernetes-validations") or []):
                 where = f"{path}.x-kubernetes-validations[{index}]"
                 if not isinstance(rule, dict):
                     continue
                 compiled = compile_rule(rule, node)
-                if compiled.uses_old_self and uncorrelatable and not compiled.errors:
+                if compiled.uses_old_self and uncorrelatable:
                     compiled.errors.append(
                         (
                             "rule",
                             "FieldValueInvalid",
-                            rule,
+                            rule.get("rule"),
                             "oldSelf cannot be used on the uncorrelatable portion of the schema "
-                            f"within {path}",
+                            f"within {uncorrelatable}",
                         )
                     )
                 for what, reason, value, message in compiled.errors:
@@ -460,6 +518,8 @@ def _runtime_error(text: str) -> str:
 
 
 def _failure(path: str, node_type: str, detail: str, reason: str | None) -> dict[str, str]:
+    # The resource root is validated at a nil field.Path, which prints as "<nil>".
+    path = path or "<nil>"
     if reason == "FieldValueForbidden":
         return {"reason": reason, "message": f"Forbidden: {detail}", "field": path}
     if reason == "FieldValueRequired":
