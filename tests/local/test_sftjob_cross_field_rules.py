@@ -249,3 +249,13 @@ def test_kubectl_apply_of_a_job_keeping_every_rule_is_accepted(cluster, kubectl,
         assert parse_spec(stored["spec"]).training.warmupSteps == 5
     finally:
         kubectl("delete", "sftjob", name, "-n", cluster.namespace, "--wait=false")
+
+
+@pytest.mark.parametrize(
+    "example", sorted((ROOT / "deploy" / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_examples_keep_every_rule(example: Path):
+    jobs = [d for d in yaml.safe_load_all(example.read_text()) if (d or {}).get("kind") == "SFTJob"]
+    assert jobs, f"{example} has no SFTJob"
+    for job in jobs:
+        assert cel_causes(job["spec"]) == []

@@ -484,16 +484,20 @@ def check_crd_rules(crd_spec: dict[str, Any]) -> list[dict[str, str]]:
 
 # --------------------------------------------------------------------------- evaluation
 
-_COMPILED: dict[tuple[str, str], CompiledRule] = {}
+# Compiled rules per (rule, schema node) object: a registered CRD's schema lives as long as
+# the CRD, and the cached references keep the ids from being reused meanwhile.
+_COMPILED: dict[tuple[int, int], tuple[dict[str, Any], dict[str, Any], CompiledRule]] = {}
 
 
 def _compiled(rule: dict[str, Any], schema: dict[str, Any]) -> CompiledRule:
-    key = (json.dumps(rule, sort_keys=True), _type_key(schema))
-    if key not in _COMPILED:
+    key = (id(rule), id(schema))
+    cached = _COMPILED.get(key)
+    if cached is None or cached[0] is not rule or cached[1] is not schema:
         if len(_COMPILED) > 4096:
             _COMPILED.clear()
-        _COMPILED[key] = compile_rule(rule, schema)
-    return _COMPILED[key]
+        cached = (rule, schema, compile_rule(rule, schema))
+        _COMPILED[key] = cached
+    return cached[2]
 
 
 def _child(path: str, name: str) -> str:
@@ -677,8 +681,20 @@ def _walk(
     return causes
 
 
+_HAS_RULES: dict[int, tuple[Any, bool]] = {}
+
+
 def has_rules(schema: Any) -> bool:
-    return "x-kubernetes-validations" in json.dumps(schema) if schema else False
+    """Whether a schema holds any rule (cached per schema object, as _compiled is)."""
+    if not schema:
+        return False
+    cached = _HAS_RULES.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        if len(_HAS_RULES) > 1024:
+            _HAS_RULES.clear()
+        cached = (schema, "x-kubernetes-validations" in json.dumps(schema))
+        _HAS_RULES[id(schema)] = cached
+    return cached[1]
 
 
 def validate(
