@@ -5,9 +5,11 @@ the strings, optional and bindings extensions); this module only does what the a
 apiserver does around it, after k8s.io/apiextensions-apiserver/pkg/apiserver/schema/cel
 (validation.go, compilation.go) and pkg/apis/apiextensions/validation/validation.go:
 
-- ``check_crd_rules``: at CRD create/update every rule and messageExpression must compile,
-  ``reason`` must be one of the four field error reasons, ``fieldPath`` must name a field of
-  the schema, ``optionalOldSelf`` needs a rule that reads ``oldSelf``; else 422 on the CRD
+- ``check_crd_rules``: at CRD create/update ``message`` must be one line (and is required
+  for a multi-line rule), ``reason`` one of the four field error reasons, ``fieldPath`` a
+  field of the schema; then every rule and messageExpression must compile, ``oldSelf`` may
+  not be used below items of a list that is not a map-list, ``optionalOldSelf`` needs a
+  rule that reads ``oldSelf``; else 422 on the CRD
   (``spec.validation.openAPIV3Schema.properties[spec].x-kubernetes-validations[0].rule:
   Invalid value: apiextensions.ValidationRule{...}: compilation failed: ERROR: <input>:...``).
 - ``validate``: on every write of a custom resource, each rule runs with ``self`` bound to
