@@ -114,6 +114,26 @@ def gizmo_crd(group: str) -> dict[str, Any]:
                                                 ],
                                             },
                                         },
+                                        "containers": {
+                                            "type": "array",
+                                            "maxItems": 8,
+                                            "x-kubernetes-list-type": "map",
+                                            "x-kubernetes-list-map-keys": ["name"],
+                                            "items": {
+                                                "type": "object",
+                                                "required": ["name"],
+                                                "properties": {
+                                                    "name": {"type": "string", "maxLength": 63},
+                                                    "image": {"type": "string", "maxLength": 256},
+                                                },
+                                                "x-kubernetes-validations": [
+                                                    {
+                                                        "rule": "self.image == oldSelf.image",
+                                                        "message": "image is immutable",
+                                                    }
+                                                ],
+                                            },
+                                        },
                                         "labels": {
                                             "type": "object",
                                             "maxProperties": 8,
@@ -302,6 +322,30 @@ def test_transition_rule_runs_only_on_update(cluster, gizmos, uniq):
         content_type="application/merge-patch+json",
     )
     assert patched["spec"]["maxReplicas"] == 4 and patched["spec"]["mode"] == "fast"
+
+
+def test_transition_rule_on_map_list_items_compares_items_by_key(cluster, gizmos, uniq):
+    """Items of an ``x-kubernetes-list-type: map`` list correlate with the old item of the same
+    key: a new item has no oldSelf (rule skipped), a changed one is compared, wherever it
+    moved in the list."""
+    name = f"ctr-{uniq}"
+    created = cluster.ok(
+        "POST", gizmos.path(), gizmos.body(name, containers=[{"name": "a", "image": "x"}])
+    )
+    grown = copy.deepcopy(created)
+    grown["spec"]["containers"] = [{"name": "b", "image": "y"}, {"name": "a", "image": "x"}]
+    grown = cluster.ok("PUT", gizmos.path(name), grown)
+    changed = copy.deepcopy(grown)
+    changed["spec"]["containers"] = [{"name": "b", "image": "y"}, {"name": "a", "image": "z"}]
+    status, error = cluster.request("PUT", gizmos.path(name), changed)
+    assert status == 422, error
+    assert causes_of(error) == {
+        "spec.containers[1]": {
+            "reason": "FieldValueInvalid",
+            "message": 'Invalid value: "object": image is immutable',
+            "field": "spec.containers[1]",
+        }
+    }
 
 
 def test_rules_are_not_run_after_blocking_schema_errors(cluster, gizmos, uniq):
