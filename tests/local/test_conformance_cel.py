@@ -415,6 +415,12 @@ def test_unchanged_values_keep_passing_when_a_rule_is_added_later(cluster, gizmo
         ({"rule": "self.minReplicas <"}, "rule", "compilation failed: ERROR: <input>:1:"),
         ({"rule": "self + 1 == 2"}, "rule", "found no matching overload for '_+_'"),
         ({"rule": "nosuchvar > 1"}, "rule", "undeclared reference to 'nosuchvar'"),
+        ({"rule": "'a' + 'b'"}, "rule", "cel expression must evaluate to a bool"),
+        (
+            {"rule": "true", "messageExpression": "1 + 2"},
+            "messageExpression",
+            "messageExpression must evaluate to a string",
+        ),
         (
             {"rule": "true", "messageExpression": "'a' +"},
             "messageExpression",
@@ -432,7 +438,17 @@ def test_unchanged_values_keep_passing_when_a_rule_is_added_later(cluster, gizmo
             "Invalid value: true: may not be set if oldSelf is not used in rule",
         ),
     ],
-    ids=["syntax", "type", "undeclared", "message-expression", "reason", "field-path", "optional"],
+    ids=[
+        "syntax",
+        "type",
+        "undeclared",
+        "not-bool",
+        "message-not-string",
+        "message-expression",
+        "reason",
+        "field-path",
+        "optional",
+    ],
 )
 def test_a_crd_whose_rule_does_not_compile_is_refused(cluster, rule, field, words):
     """pkg/apis/apiextensions/validation: rules are compiled at CRD create/update; a

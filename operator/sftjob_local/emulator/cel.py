@@ -254,6 +254,12 @@ class CompiledRule:
     # (what: rule|messageExpression|reason|fieldPath|optionalOldSelf, cause reason, value, message)
 
 
+def _may_be(program: Any, wanted: Any) -> bool:
+    """Whether a checked expression's type is ``wanted`` (or dyn: known only at run time)."""
+    kind = program.return_type()
+    return bool(kind == wanted or kind == cel.Type.DYN)
+
+
 def _newlines(text: str) -> bool:
     return bool(re.search(r"[\n\r]", text))
 
@@ -343,10 +349,19 @@ def compile_rule(rule: dict[str, Any], schema: dict[str, Any]) -> CompiledRule:
         result.errors.append(
             ("rule", "FieldValueInvalid", rule, f"compilation failed: {_compile_error(exc)}")
         )
+    if result.program is not None and not _may_be(result.program, cel.Type.BOOL):
+        result.program = None
+        result.errors.append(
+            ("rule", "FieldValueInvalid", rule, "cel expression must evaluate to a bool")
+        )
     expression = rule.get("messageExpression")
-    if expression:
+    if expression and result.program is not None:
+        # As compilation.go: the messageExpression is compiled once the rule compiled.
         try:
             result.message_program = _env(schema, False).compile(expression)
+            if not _may_be(result.message_program, cel.Type.STRING):
+                result.message_program = None
+                raise ValueError("messageExpression must evaluate to a string")
         except RuntimeError as exc:
             result.errors.append(
                 (
@@ -356,6 +371,8 @@ def compile_rule(rule: dict[str, Any], schema: dict[str, Any]) -> CompiledRule:
                     f"messageExpression compilation failed: {_compile_error(exc)}",
                 )
             )
+        except ValueError as exc:
+            result.errors.append(("messageExpression", "FieldValueInvalid", rule, str(exc)))
     if not result.uses_old_self and rule.get("optionalOldSelf") is not None:
         result.errors.append(
             (
