@@ -491,3 +491,24 @@ def test_old_self_is_refused_where_items_do_not_correlate(cluster):
         "spec.validation.openAPIV3Schema.properties[spec].properties[ports].items"
     )
     assert cluster.request("GET", f"{CRDS}/gizmos.{group}")[0] == 404
+
+
+def test_a_crd_update_with_a_rule_that_does_not_compile_is_refused(cluster, gizmos):
+    """The same CRD validation runs on update: the stored CRD keeps its rules."""
+    name = f"gizmos.{gizmos.group}"
+    stored = cluster.ok("GET", f"{CRDS}/{name}")
+    changed = copy.deepcopy(stored)
+    spec_schema = changed["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec_schema["x-kubernetes-validations"].append({"rule": "self.minReplicas >"})
+    status, error = cluster.request("PUT", f"{CRDS}/{name}", changed)
+    assert status == 422, error
+    index = len(spec_schema["x-kubernetes-validations"]) - 1
+    path = (
+        f"spec.validation.openAPIV3Schema.properties[spec].x-kubernetes-validations[{index}].rule"
+    )
+    assert "compilation failed" in causes_of(error)[path]["message"]
+    after = cluster.ok("GET", f"{CRDS}/{name}")
+    rules = after["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "x-kubernetes-validations"
+    ]
+    assert rules == SPEC_RULES
