@@ -39,6 +39,11 @@ SPEC_RULES = [
         "fieldPath": ".owner",
     },
     {
+        # Property names that are not CEL identifiers are escaped: max-surge → max__dash__surge.
+        "rule": "!has(self.max__dash__surge) || self.max__dash__surge <= 5",
+        "message": "max-surge is at most 5",
+    },
+    {
         # optionalOldSelf: also evaluated on create, where oldSelf has no value.
         "rule": "oldSelf.hasValue() || self.minReplicas >= 1",
         "optionalOldSelf": True,
@@ -79,6 +84,7 @@ def gizmo_crd(group: str) -> dict[str, Any]:
                                         "minReplicas": {"type": "integer"},
                                         "maxReplicas": {"type": "integer", "default": 10},
                                         "mode": {"type": "string"},
+                                        "max-surge": {"type": "integer"},
                                         "tier": {"type": "string", "maxLength": 16},
                                         "owner": {
                                             "type": "string",
@@ -229,6 +235,16 @@ def test_a_rule_at_the_root_reads_metadata_name_and_reports_a_nil_path(cluster, 
         "names must not start with forbidden-"
     )
     assert cluster.request("GET", gizmos.path(name))[0] == 404
+
+
+def test_property_names_are_escaped_in_rules(cluster, gizmos, uniq):
+    """apiserver/pkg/cel Escape: ``max-surge`` is ``self.max__dash__surge`` in a rule."""
+    status, error = cluster.request(
+        "POST", gizmos.path(), gizmos.body(f"surge-{uniq}", **{"max-surge": 9})
+    )
+    assert status == 422, error
+    assert causes_of(error)["spec"]["message"] == 'Invalid value: "object": max-surge is at most 5'
+    cluster.ok("POST", gizmos.path(), gizmos.body(f"surge-ok-{uniq}", **{"max-surge": 2}))
 
 
 def test_rules_see_schema_defaults_and_pass(cluster, gizmos, uniq):
@@ -415,6 +431,12 @@ def test_unchanged_values_keep_passing_when_a_rule_is_added_later(cluster, gizmo
         ({"rule": "self.minReplicas <"}, "rule", "compilation failed: ERROR: <input>:1:"),
         ({"rule": "self + 1 == 2"}, "rule", "found no matching overload for '_+_'"),
         ({"rule": "nosuchvar > 1"}, "rule", "undeclared reference to 'nosuchvar'"),
+        ({"rule": "self.nosuchfield > 1"}, "rule", "undefined field 'nosuchfield'"),
+        (
+            {"rule": "self.mode + 1 == 2"},
+            "rule",
+            "found no matching overload for '_+_' applied to '(string, int)'",
+        ),
         ({"rule": "'a' + 'b'"}, "rule", "cel expression must evaluate to a bool"),
         (
             {"rule": "true", "messageExpression": "1 + 2"},
@@ -442,6 +464,8 @@ def test_unchanged_values_keep_passing_when_a_rule_is_added_later(cluster, gizmo
         "syntax",
         "type",
         "undeclared",
+        "undefined-field",
+        "field-type",
         "not-bool",
         "message-not-string",
         "message-expression",

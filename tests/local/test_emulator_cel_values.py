@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from sftjob_local.emulator import cel
+from sftjob_local.emulator.cel_types import escape
 
 pytestmark = [pytest.mark.local]
 
@@ -85,3 +86,12 @@ def test_a_runtime_error_is_reported_as_the_apiserver_words_it():
         "message": 'Invalid value: "object": no such key: a evaluating rule: a is positive',
         "field": "spec",
     }
+
+
+def test_property_names_are_escaped_as_kubernetes_does():
+    assert escape("replicas") == "replicas"
+    assert escape("namespace") == "__namespace__"
+    assert escape("max-surge") == "max__dash__surge"
+    assert escape("a.b/c") == "a__dot__b__slash__c"
+    assert escape("x__y") == "x__underscores__y"
+    assert escape("1st") is None and escape("a b") is None

@@ -51,8 +51,9 @@ collected); CRD schemas: pruning (x-kubernetes-preserve-unknown-fields honoured)
 jsonschema validation with apiserver-style 422 causes, ``fieldValidation=Strict`` → 400 on unknown
 fields, validation rules (``x-kubernetes-validations``, CEL on Google's CEL runtime: rules at any
 depth, transition rules with ``oldSelf``/``optionalOldSelf``, message, messageExpression, reason,
-fieldPath, ratcheting of unchanged values; a rule that does not compile makes the CRD a 422; see
-``cel.py``); Tables for ``kubectl get`` (additionalPrinterColumns for CRs; pods, services, nodes, ...).
+fieldPath, ratcheting of unchanged values; rules type-checked against the schema, so a rule
+that does not compile makes the CRD a 422; see ``cel.py``); Tables for ``kubectl get``
+(additionalPrinterColumns for CRs; pods, services, nodes, ...).
 
 Pod logs: ``pods/{name}/log`` serves ``{log_dir}/{namespace}/{pod}/{container}.log`` (container,
 tailLines, limitBytes, follow until the pod is terminal or gone; previous → 400; no file → 400
@@ -60,8 +61,7 @@ tailLines, limitBytes, follow until the pod is terminal or gone; previous → 40
 
 Simplified or absent: server-side apply is a plain merge (create when missing, no managedFields
 conflicts); no admission, RBAC or authentication (any token is accepted); CEL rules have no cost
-budget and object fields are typed ``dyn`` (a misspelled field fails at evaluation, not at CRD
-creation), of Kubernetes' CEL libraries only lists and regex are there; no conversion
+budget, of Kubernetes' CEL libraries only lists and regex are there; no conversion
 webhooks (all versions of a CRD share one storage); no pagination (``limit`` is ignored,
 everything is returned); protobuf is never served for objects (JSON only; only the OpenAPI v2
 document has a protobuf form).

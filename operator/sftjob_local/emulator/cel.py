@@ -13,8 +13,8 @@ apiserver does around it, after k8s.io/apiextensions-apiserver/pkg/apiserver/sch
   (``spec.validation.openAPIV3Schema.properties[spec].x-kubernetes-validations[0].rule:
   Invalid value: apiextensions.ValidationRule{...}: compilation failed: ERROR: <input>:...``).
 - ``validate``: on every write of a custom resource, each rule runs with ``self`` bound to
-  its node (rules at any depth: properties, list items, additionalProperties values), typed
-  from the schema (integer/string/boolean/list/map; ``number`` values are doubles). Null
+  its node (rules at any depth: properties, list items, additionalProperties values; numbers
+  of ``number`` nodes are doubles). Null
   values are skipped, and null fields of an object read as absent. Transition rules (that
   read ``oldSelf``) run only on update where an old value correlates (object properties,
   map keys; items of plain lists do not correlate), unless ``optionalOldSelf`` makes
@@ -24,12 +24,16 @@ apiserver does around it, after k8s.io/apiextensions-apiserver/pkg/apiserver/sch
   Validation ratcheting (on by default since 1.30): a failing rule that does not read
   ``oldSelf`` is not an error on an update that leaves its node unchanged.
 
-Simplified: no cost estimation or runtime cost budget; object fields are typed ``dyn`` (a
-misspelled field compiles here and fails at evaluation, while a real server refuses the
-CRD); ``format: date-time``/``duration`` strings stay strings; of Kubernetes' own libraries
-only lists (isSorted, sum, min, max, indexOf, lastIndexOf) and regex (find, findAll) are
-declared: rules using quantity, urls or authz are refused at CRD creation ("undeclared
-reference"), where a real server accepts them.
+Type checking: rules and messageExpressions are checked with ``self``/``oldSelf`` typed from
+the schema (cel_types.py: objects as generated protobuf messages, so an undefined field or a
+wrong operand type refuses the CRD, as on a real server), then evaluated over plain maps with
+property names escaped (``foo-bar`` → ``self.foo__dash__bar``).
+
+Simplified: no cost estimation or runtime cost budget; ``number`` fields and formatted
+strings (date-time, duration) are dyn in the checker; of Kubernetes' own libraries only lists
+(isSorted, sum, min, max, indexOf, lastIndexOf) and regex (find, findAll) are declared:
+rules using quantity, urls or authz are refused at CRD creation ("undeclared reference"),
+where a real server accepts them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from typing import Any
 
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_bindings, ext_optional, ext_strings
+
+from . import cel_types
 
 REASONS = ("FieldValueDuplicate", "FieldValueForbidden", "FieldValueInvalid", "FieldValueRequired")
 _OLD_SELF = re.compile(r"\boldSelf\b")
@@ -78,7 +84,8 @@ def _type_key(schema: dict[str, Any] | None) -> str:
 
 def to_cel_value(value: Any, schema: dict[str, Any] | None, resource_root: bool = False) -> Any:
     """A JSON value as the rule sees it (UnstructuredToVal): numbers of ``number`` nodes are
-    doubles, null fields of objects are absent, a resource root shows only metadata.name and
+    doubles, null fields of objects are absent, property names are escaped
+    (``foo-bar`` → ``foo__dash__bar``), a resource root shows only metadata.name and
     metadata.generateName."""
     if value is None or not schema:
         return value
@@ -93,9 +100,10 @@ def to_cel_value(value: Any, schema: dict[str, Any] | None, resource_root: bool 
         out: dict[str, Any] = {}
         for key, item in value.items():
             if key in props:
-                if item is None:
+                name = cel_types.escape(key)
+                if item is None or name is None:
                     continue  # "null valued nodes shall be considered absent"
-                out[key] = to_cel_value(
+                out[name] = to_cel_value(
                     item, props[key], bool(props[key].get("x-kubernetes-embedded-resource"))
                 )
             elif isinstance(extra, dict):
@@ -230,6 +238,55 @@ def _env(schema: dict[str, Any] | None, optional_old_self: bool) -> Any:
     return _ENVS[key]
 
 
+_TYPED_ENVS: dict[tuple[str, bool], Any] = {}
+
+
+def _typed_env(schema: dict[str, Any] | None, resource_root: bool, optional_old_self: bool) -> Any:
+    """The environment rules are checked in: ``self`` typed from the schema (cel_types)."""
+    self_type = cel_types.self_type(schema, resource_root)
+    if self_type is None:
+        return _env(schema, optional_old_self)
+    key = (str(self_type.name()), optional_old_self)
+    if key not in _TYPED_ENVS:
+        variables = {"self": self_type}
+        if optional_old_self:
+            variables["__oldSelfValue"] = self_type
+            variables["__hasOldSelf"] = cel.Type.BOOL
+        else:
+            variables["oldSelf"] = self_type
+        _TYPED_ENVS[key] = cel.NewEnv(
+            descriptor_pool=cel_types.pool(),
+            variables=variables,
+            extensions=[
+                ext_strings.ExtStrings(),
+                ext_optional.ExtOptional(),
+                ext_bindings.ExtBindings(),
+                _kubernetes_libraries(),
+            ],
+        )
+    return _TYPED_ENVS[key]
+
+
+class _WrongType(Exception):
+    pass
+
+
+def _compile(
+    text: str, schema: dict[str, Any], resource_root: bool, optional: bool, want: Any
+) -> Any:
+    """Type-check ``text`` against the schema's types (RuntimeError with the checker's words,
+    _WrongType when it cannot yield ``want``), then compile it for evaluation over maps."""
+    source = text
+    if optional:
+        # Parse errors keep the user's columns; then check the rule with oldSelf optional.
+        _env(schema, False).compile(text, disable_check=True)
+        source = _wrap_optional(text)
+    checked = _typed_env(schema, resource_root, optional).compile(source)
+    if not _may_be(checked, want):
+        raise _WrongType
+    return _env(schema, optional).compile(source)
+
+
 def _wrap_optional(rule: str) -> str:
     return (
         f"cel.bind(oldSelf, __hasOldSelf ? optional.of(__oldSelfValue) : optional.none(), ({rule}))"
@@ -323,7 +380,9 @@ def _rule_schema_errors(
     return errors
 
 
-def compile_rule(rule: dict[str, Any], schema: dict[str, Any]) -> CompiledRule:
+def compile_rule(
+    rule: dict[str, Any], schema: dict[str, Any], resource_root: bool = False
+) -> CompiledRule:
     """Compile one x-kubernetes-validations entry for a schema node; errors are collected
     (in the order and words of ValidateCustomResourceDefinitionOpenAPISchema)."""
     result = CompiledRule(rule=rule)
@@ -338,19 +397,14 @@ def compile_rule(rule: dict[str, Any], schema: dict[str, Any]) -> CompiledRule:
         result.field_path = normalize_field_path(rule["fieldPath"], schema)
     result.uses_old_self = bool(_OLD_SELF.search(text))
     result.optional_old_self = bool(rule.get("optionalOldSelf"))
+    optional = result.optional_old_self and result.uses_old_self
     try:
-        if result.optional_old_self and result.uses_old_self:
-            # Parse errors keep the user's columns; then check the rule with oldSelf optional.
-            _env(schema, False).compile(text, disable_check=True)
-            result.program = _env(schema, True).compile(_wrap_optional(text))
-        else:
-            result.program = _env(schema, False).compile(text)
+        result.program = _compile(text, schema, resource_root, optional, cel.Type.BOOL)
     except RuntimeError as exc:
         result.errors.append(
             ("rule", "FieldValueInvalid", rule, f"compilation failed: {_compile_error(exc)}")
         )
-    if result.program is not None and not _may_be(result.program, cel.Type.BOOL):
-        result.program = None
+    except _WrongType:
         result.errors.append(
             ("rule", "FieldValueInvalid", rule, "cel expression must evaluate to a bool")
         )
@@ -358,10 +412,9 @@ def compile_rule(rule: dict[str, Any], schema: dict[str, Any]) -> CompiledRule:
     if expression and result.program is not None:
         # As compilation.go: the messageExpression is compiled once the rule compiled.
         try:
-            result.message_program = _env(schema, False).compile(expression)
-            if not _may_be(result.message_program, cel.Type.STRING):
-                result.message_program = None
-                raise ValueError("messageExpression must evaluate to a string")
+            result.message_program = _compile(
+                expression, schema, resource_root, False, cel.Type.STRING
+            )
         except RuntimeError as exc:
             result.errors.append(
                 (
@@ -371,8 +424,15 @@ def compile_rule(rule: dict[str, Any], schema: dict[str, Any]) -> CompiledRule:
                     f"messageExpression compilation failed: {_compile_error(exc)}",
                 )
             )
-        except ValueError as exc:
-            result.errors.append(("messageExpression", "FieldValueInvalid", rule, str(exc)))
+        except _WrongType:
+            result.errors.append(
+                (
+                    "messageExpression",
+                    "FieldValueInvalid",
+                    rule,
+                    "messageExpression must evaluate to a string",
+                )
+            )
     if not result.uses_old_self and rule.get("optionalOldSelf") is not None:
         result.errors.append(
             (
@@ -480,7 +540,8 @@ def check_crd_rules(crd_spec: dict[str, Any]) -> list[dict[str, str]]:
                 where = f"{path}.x-kubernetes-validations[{index}]"
                 if not isinstance(rule, dict):
                     continue
-                compiled = compile_rule(rule, node)
+                root = node is schema or bool(node.get("x-kubernetes-embedded-resource"))
+                compiled = compile_rule(rule, node, root)
                 if compiled.uses_old_self and uncorrelatable:
                     compiled.errors.append(
                         (
@@ -508,13 +569,13 @@ def check_crd_rules(crd_spec: dict[str, Any]) -> list[dict[str, str]]:
 _COMPILED: dict[tuple[int, int], tuple[dict[str, Any], dict[str, Any], CompiledRule]] = {}
 
 
-def _compiled(rule: dict[str, Any], schema: dict[str, Any]) -> CompiledRule:
+def _compiled(rule: dict[str, Any], schema: dict[str, Any], resource_root: bool) -> CompiledRule:
     key = (id(rule), id(schema))
     cached = _COMPILED.get(key)
     if cached is None or cached[0] is not rule or cached[1] is not schema:
         if len(_COMPILED) > 4096:
             _COMPILED.clear()
-        cached = (rule, schema, compile_rule(rule, schema))
+        cached = (rule, schema, compile_rule(rule, schema, resource_root))
         _COMPILED[key] = cached
     return cached[2]
 
@@ -576,7 +637,7 @@ def _evaluate_node(
     self_value = to_cel_value(value, schema, resource_root)
     old_value = None if old is _MISSING else to_cel_value(old, schema, resource_root)
     for rule in rules:
-        compiled = _compiled(rule, schema)
+        compiled = _compiled(rule, schema, resource_root)
         if compiled.program is None:
             if compiled.errors:
                 causes.append(
