@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -64,6 +65,48 @@ class RuleViolation(ValueError):
         self.field = field
 
 
+@dataclass(frozen=True)
+class CrossFieldRule:
+    """A rule between fields of one spec object, stated once for both places that enforce it.
+
+    The operator runs ``holds`` on the parsed model (a broken rule is a ``RuleViolation`` at
+    ``field``); the CRD carries ``cel`` as an ``x-kubernetes-validations`` rule of the same
+    object, so the API server refuses the object on ``kubectl apply`` with the same message at
+    the same field. ``cel`` sees the object after the server applied the CRD's defaults, and
+    null fields read as absent (``has()`` is false), as ``None`` does here. Fields in
+    ``presence`` are ones whose being *set* the rule reads: the CRD gives them no default
+    (the model's default still applies when the operator parses the spec).
+    tests/local/test_sftjob_cross_field_rules.py runs both sides on the same cases.
+    """
+
+    field: str
+    message: str
+    cel: str
+    holds: Callable[[Any], bool]
+    presence: tuple[str, ...] = ()
+
+    def check(self, model: Any) -> None:
+        if not self.holds(model):
+            raise RuleViolation(self.field, self.message)
+
+    def x_kubernetes_validation(self) -> dict[str, str]:
+        return {"rule": self.cel, "message": self.message, "fieldPath": f".{self.field}"}
+
+
+def _declare_cross_field_rules(schema: dict[str, Any], model: type[Any]) -> None:
+    """JSON Schema hook of every spec object: its rules as x-kubernetes-validations."""
+    rules: tuple[CrossFieldRule, ...] = getattr(model, "cross_field_rules", ())
+    if not rules:
+        return
+    schema["x-kubernetes-validations"] = [rule.x_kubernetes_validation() for rule in rules]
+    for rule in rules:
+        for name in rule.presence:
+            prop = schema.get("properties", {}).get(name, {})
+            if "default" in prop:
+                default = prop.pop("default")
+                prop["description"] = f"{prop.get('description', '')} Empty: {default}.".strip()
+
+
 class SpecModel(BaseModel):
     """Base for every spec object: camelCase, no unknown fields, no coercion of strings."""
 
@@ -72,7 +115,16 @@ class SpecModel(BaseModel):
         frozen=True,
         # YAML already types numbers and booleans; a quoted "4" is a mistake worth naming.
         strict=True,
+        json_schema_extra=_declare_cross_field_rules,
     )
+    # Rules between this object's fields; checked in order, the first broken one is reported.
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_cross_field_rules(self) -> Any:
+        for rule in self.cross_field_rules:
+            rule.check(self)
+        return self
 
 
 class StatusModel(BaseModel):
@@ -122,14 +174,14 @@ class ModelSource(SpecModel):
         "name (e.g. 1.5B) when empty.",
     )
 
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelSource:
-        if (self.name is None) == (self.path is None):
-            raise RuleViolation(
-                "name",
-                "set exactly one of model.name (a hub id) or model.path (a path in a volume)",
-            )
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            field="name",
+            message="set exactly one of model.name (a hub id) or model.path (a path in a volume)",
+            cel="has(self.name) != has(self.path)",
+            holds=lambda m: (m.name is None) != (m.path is None),
+        ),
+    )
 
 
 DatasetFormat = Literal["auto", "messages", "prompt-completion", "text"]
@@ -166,16 +218,15 @@ class DatasetSource(SpecModel):
     )
     textField: str = Field(default="text", description="Column holding the text for format text.")
 
-    @model_validator(mode="after")
-    def _one_source(self) -> DatasetSource:
-        given = [k for k in ("name", "path", "uri") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise RuleViolation(
-                "name",
-                "set exactly one of dataset.name (hub id), dataset.path (file or folder) "
-                f"or dataset.uri (fsspec URI); got {', '.join(given) or 'none'}",
-            )
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            field="name",
+            message="set exactly one of dataset.name (hub id), dataset.path (file or folder) "
+            "or dataset.uri (fsspec URI)",
+            cel="(has(self.name) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.uri) ? 1 : 0) == 1",
+            holds=lambda d: sum(v is not None for v in (d.name, d.path, d.uri)) == 1,
+        ),
+    )
 
     def known_size(self) -> int | None:
         """Rows the trainer will see before preparation, when the spec tells."""
@@ -344,7 +395,9 @@ class TrainingSpec(SpecModel):
         description="Fraction of total steps spent warming up (ceil(total x ratio) steps).",
     )
     warmupSteps: int | None = Field(
-        default=None, ge=0, description="Warm-up steps; overrides warmupRatio when set."
+        default=None,
+        ge=0,
+        description="Warm-up steps, instead of warmupRatio (set one of the two).",
     )
     maxLength: PositiveInt = Field(
         default=2048, description="Maximum tokens per sequence (or per packed row)."
@@ -402,11 +455,17 @@ class TrainingSpec(SpecModel):
             raise ValueError("has its own field, set it there instead: " + "; ".join(clashes))
         return value
 
-    @model_validator(mode="after")
-    def _warmup_once(self) -> TrainingSpec:
-        if self.warmupSteps is not None and "warmupRatio" in self.model_fields_set:
-            raise RuleViolation("warmupSteps", "set either warmupRatio or warmupSteps, not both")
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            field="warmupSteps",
+            message="set either training.warmupRatio or training.warmupSteps, not both: "
+            "remove one of them",
+            cel="!has(self.warmupSteps) || !has(self.warmupRatio)",
+            holds=lambda t: t.warmupSteps is None or "warmupRatio" not in t.model_fields_set,
+            # A server default for warmupRatio would make every warmupSteps job break the rule.
+            presence=("warmupRatio",),
+        ),
+    )
 
     def learning_rate_for(self, method: Method) -> float:
         if self.learningRate is not None:
@@ -588,21 +647,27 @@ class SFTJobSpec(SpecModel):
         default=10, description="Minimum seconds between progress reports in the status."
     )
 
-    @model_validator(mode="after")
-    def _method_rules(self) -> SFTJobSpec:
-        if self.method == "full" and self.lora is not None:
-            raise RuleViolation(
-                "lora", "is set but method is full: remove the lora block or set method: lora"
-            )
-        if self.method == "qlora" and self.resources.gpusPerNode == 0:
-            raise RuleViolation(
-                "resources.gpusPerNode",
-                "method qlora needs GPUs (4-bit bitsandbytes kernels): set "
-                "resources.gpusPerNode >= 1 or use method: lora",
-            )
-        if self.distributed == "fsdp" and self.method == "qlora":
-            raise RuleViolation("distributed", "fsdp with method qlora is not supported: use ddp")
-        return self
+    cross_field_rules = (
+        CrossFieldRule(
+            field="lora",
+            message="is set but method is full: remove the lora block or set method: lora",
+            cel="self.method != 'full' || !has(self.lora)",
+            holds=lambda s: s.method != "full" or s.lora is None,
+        ),
+        CrossFieldRule(
+            field="resources.gpusPerNode",
+            message="method qlora needs GPUs (4-bit bitsandbytes kernels): set "
+            "resources.gpusPerNode >= 1 or use method: lora",
+            cel="self.method != 'qlora' || self.resources.gpusPerNode >= 1",
+            holds=lambda s: s.method != "qlora" or s.resources.gpusPerNode >= 1,
+        ),
+        CrossFieldRule(
+            field="distributed",
+            message="fsdp with method qlora is not supported: use distributed: ddp",
+            cel="self.distributed != 'fsdp' || self.method != 'qlora'",
+            holds=lambda s: s.distributed != "fsdp" or s.method != "qlora",
+        ),
+    )
 
     @property
     def lora_settings(self) -> LoraSpec | None:

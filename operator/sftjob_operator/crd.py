@@ -95,6 +95,8 @@ _KEPT = {
     "format",
     "default",
     "required",
+    # Cross-field rules (CrossFieldRule in api.py), evaluated by the API server.
+    "x-kubernetes-validations",
 }
 
 

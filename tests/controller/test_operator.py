@@ -105,11 +105,14 @@ def test_operator_restart_mid_create_adopts_the_pods(cluster: Cluster, operator_
 def test_invalid_spec_fails_naming_the_field_and_creates_nothing(
     cluster: Cluster, operator_process
 ) -> None:
-    cluster.create_job(tiny_job("bad", lora={"r": 8}))  # lora block with method full
+    # A rule the CRD cannot state (extraArgs is free-form), so the API server stores the job
+    # and the operator's parse refuses it (the CRD's CEL rules refuse e.g. lora with full).
+    cluster.create_job(tiny_job("bad", training={"extraArgs": {"learning_rate": 0.1}}))
     job = wait_phase(cluster, "bad", "Failed")
     failed = condition(job, "Failed")
     assert failed["reason"] == "InvalidSpec"
-    assert "spec.lora" in failed["message"] and "method is full" in failed["message"]
+    assert "spec.training.extraArgs" in failed["message"]
+    assert "training.learningRate" in failed["message"]
     time.sleep(1.0)
     assert cluster.pods("bad") == []
     assert cluster.core.list_namespaced_config_map(cluster.namespace).items == []

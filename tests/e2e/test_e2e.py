@@ -252,10 +252,12 @@ def test_malformed_row_fails_with_data_error_and_no_retry(cluster: E2ECluster) -
 
 @pytest.mark.timeout(120)
 def test_invalid_specs_are_rejected_without_pods(cluster: E2ECluster) -> None:
-    # The CRD schema rejects these at kubectl apply: nothing is stored.
+    # The CRD's schema and its cross-field rules (CEL) reject these at kubectl apply: nothing
+    # is stored.
     for base, spec, field in (
         ("zerobatch", {"training": {"perDeviceTrainBatchSize": 0}}, "perDeviceTrainBatchSize"),
         ("sgd", {"method": "sgd", "lora": None}, "method"),
+        ("fullwithlora", {"lora": {"r": 8}}, "spec.lora"),
     ):
         name = cluster.name(base)
         job = cluster.job_manifest("tiny-cpu.yaml", name, merge_spec(spec))
@@ -265,17 +267,20 @@ def test_invalid_specs_are_rejected_without_pods(cluster: E2ECluster) -> None:
         assert not cluster.exists("sftjob", name)
         assert cluster.pod_names(name) == []
 
-    # Passes the schema, breaks a rule of the typed model: Failed/InvalidSpec, no pods.
-    name = cluster.name("fullwithlora")
-    job = cluster.job_manifest("tiny-cpu.yaml", name, merge_spec({"lora": {"r": 8}}))
-    assert job["spec"]["method"] == "full"
+    # Passes the CRD, breaks a rule only the typed model states (extraArgs is free-form):
+    # Failed/InvalidSpec, no pods.
+    name = cluster.name("extralr")
+    job = cluster.job_manifest(
+        "tiny-cpu.yaml", name, merge_spec({"training": {"extraArgs": {"learning_rate": 0.1}}})
+    )
     cluster.submit(job)
 
     status = cluster.wait_phase(name, "Failed", timeout=60)
     failed = condition(status, "Failed")
     assert failed["status"] == "True"
     assert failed["reason"] == "InvalidSpec"
-    assert "spec.lora" in failed["message"], failed["message"]
+    assert "spec.training.extraArgs" in failed["message"], failed["message"]
+    assert "learning_rate" in failed["message"], failed["message"]
     assert condition(status, "Planned").get("status") == "False"
     time.sleep(3 * cluster.seconds(1))  # a few reconcile passes: still nothing launched
     assert cluster.pod_names(name) == []

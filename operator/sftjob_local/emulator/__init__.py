@@ -49,7 +49,10 @@ deleted with gracePeriodSeconds=0, as a kubelet does); ownerReference garbage co
 Orphan strips the references; Foreground behaves as Background; owners that never existed are not
 collected); CRD schemas: pruning (x-kubernetes-preserve-unknown-fields honoured), defaults,
 jsonschema validation with apiserver-style 422 causes, ``fieldValidation=Strict`` → 400 on unknown
-fields; Tables for ``kubectl get`` (additionalPrinterColumns for CRs; for built-ins the columns and
+fields; validation rules (``x-kubernetes-validations``, CEL on Google's CEL runtime: rules at any
+depth, transition rules with ``oldSelf``/``optionalOldSelf``, message, messageExpression, reason,
+fieldPath, ratcheting of unchanged values; rules type-checked against the schema, so a rule
+that does not compile makes the CRD a 422; see ``cel.py``); Tables for ``kubectl get`` (additionalPrinterColumns for CRs; for built-ins the columns and
 cells of kubernetes' printers.go: pods, services, nodes, events (LAST SEEN, TYPE, REASON, OBJECT,
 MESSAGE), serviceaccounts, PVCs, roles, bindings, deployments, ...; see ``tables.py``).
 
@@ -88,8 +91,8 @@ conflicts); no admission plugins, RBAC or authentication (any token is accepted)
 validation covers the kinds above (Deployments, Leases, Nodes get the metadata rules only; the
 diff after "pod updates may not change fields other than ..." lists the changed top-level fields
 as JSON, not go-cmp's rendering of the Go struct; defaults such as imagePullPolicy are assumed,
-not written; status writes are not validated); no CEL validation
-(x-kubernetes-validations), no conversion webhooks (all versions of a CRD share one storage);
+not written; status writes are not validated); CEL rules have no cost
+budget, of Kubernetes' CEL libraries only lists and regex are there; no conversion webhooks (all versions of a CRD share one storage);
 no pagination (``limit`` is ignored, everything is returned); responses are always JSON, whatever
 the Accept header asks (a real server answers protobuf or YAML when asked for them alone; client-go
 decodes a response by its Content-Type, so its clients read the JSON; only the OpenAPI v2 document

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from . import errors, schema, validation
+from . import cel, errors, schema, validation
 from .errors import ApiError
 from .patching import PatchError, json_patch, merge_patch, strategic_merge
 from .resources import Registry, ResourceType
@@ -303,7 +303,12 @@ class ApiCore:
             obj.setdefault("type", "Opaque")
 
     def _apply_schema(
-        self, rt: ResourceType, obj: dict[str, Any], strict: bool, warnings: list[str] | None
+        self,
+        rt: ResourceType,
+        obj: dict[str, Any],
+        strict: bool,
+        warnings: list[str] | None,
+        old: dict[str, Any] | None = None,
     ) -> None:
         if not rt.schema:
             return
@@ -318,6 +323,7 @@ class ApiCore:
             warnings.extend(f'unknown field "{d}"' for d in dropped)
         schema.apply_defaults(obj, rt.schema)
         causes = schema.validate(obj, rt.schema)
+        causes += cel.validate_after_schema(obj, old, rt.schema, causes)
         if causes:
             raise errors.invalid(rt.kind, rt.group, obj["metadata"].get("name", ""), causes)
 
@@ -415,7 +421,7 @@ class ApiCore:
                         ],
                     )
         if rt.custom:
-            self._apply_schema(rt, result, strict, warnings)
+            self._apply_schema(rt, result, strict, warnings, old)
         if json.dumps(_content(result, rt), sort_keys=True) != json.dumps(
             _content(old, rt), sort_keys=True
         ):
@@ -781,6 +787,7 @@ class ApiCore:
                     "message": f'Invalid value: "{name}": must be spec.names.plural+"."+spec.group',
                 }
             )
+        causes += cel.check_crd_rules(spec)
         if causes:
             raise errors.invalid("CustomResourceDefinition", "apiextensions.k8s.io", name, causes)
         if self.registry.get(
