@@ -105,9 +105,11 @@ import logging
 import os
 import random
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
+from . import node_reaper
 from .node_dns import (
     compute_records,
     etc_hosts_writable,
@@ -158,6 +160,8 @@ class LocalNode:
         max_restart_backoff: float = 10.0,
         config_retry: float = 1.0,
         shutdown_grace: float = 2.0,
+        memory_poll: float = 0.25,
+        graceful_shutdown: bool = False,
     ) -> None:
         self.kubeconfig = Path(kubeconfig).resolve()
         self.workdir = Path(workdir).resolve()
@@ -174,6 +178,8 @@ class LocalNode:
         self.max_restart_backoff = max_restart_backoff
         self.config_retry = config_retry
         self.shutdown_grace = shutdown_grace
+        self.memory_poll = memory_poll
+        self.graceful_shutdown = graceful_shutdown
         self.hosts_file = self.workdir / "hosts"
         self.pyhook_dir = self.workdir / "pyhook"
         cpu = os.cpu_count() or 1
@@ -220,6 +226,9 @@ class LocalNode:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         write_pyhook(self.pyhook_dir)
         self.refresh_dns(force=True)
+        # what an earlier run of the node left: nothing of it may keep running
+        for pod_dir in node_reaper.pod_dirs(self.workdir / "pods"):
+            node_reaper.kill_recorded(pod_dir)
         self._api = KubeHttp(self.kubeconfig)
         await self._register()
         self.pods = Informer(self.api, "/api/v1/pods", self._on_pod, name="pods")
@@ -232,12 +241,15 @@ class LocalNode:
         await asyncio.wait_for(
             asyncio.gather(self.pods.synced.wait(), self.services.synced.wait()), 30
         )
+        self._remove_orphaned_pod_dirs()
         log.info("local node %s ready (gpus=%d, /etc/hosts=%s)", self.name, self.gpus, self.manage_etc_hosts)  # fmt: skip
 
     async def stop(self) -> None:
         await cancel_and_wait(*self._tasks)
         self._tasks = []
         workers = list(self.workers.values())
+        if self.graceful_shutdown:
+            await asyncio.gather(*(w.mark_node_shutdown() for w in workers), return_exceptions=True)
         await asyncio.gather(
             *(w.shutdown(self.shutdown_grace) for w in workers), return_exceptions=True
         )
@@ -249,6 +261,18 @@ class LocalNode:
                 update_etc_hosts(self.etc_hosts, self.etc_hosts_block_id, None)
         if self._api is not None:
             await self._api.close()
+
+    def _remove_orphaned_pod_dirs(self) -> None:
+        """Remove `<workdir>/pods/<ns>/<name>-<uid8>` of pods that no longer exist
+        (the kubelet's cleanupOrphanedPodDirs)."""
+        assert self.pods is not None
+        live = {
+            (p["metadata"].get("namespace", "default"), f"{p['metadata']['name']}-{p['metadata']['uid'][:8]}")
+            for p in self.pods.cache.values()
+        }  # fmt: skip
+        for pod_dir in node_reaper.pod_dirs(self.workdir / "pods"):
+            if node_reaper.is_orphaned(pod_dir, live):
+                shutil.rmtree(pod_dir, ignore_errors=True)
 
     def image_command(self, image: str) -> list[str] | None:
         """Default command for an image without `command` (the image is not pulled)."""
