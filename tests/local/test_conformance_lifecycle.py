@@ -223,7 +223,10 @@ def test_pod_logs_are_served_from_the_log_dir(cluster, ns, uniq):
     main = {"container": "main"}
     status, error = cluster.request("GET", pods(ns, name, "log"), query=main, accept="*/*")
     assert status == 400
-    assert error["message"] == f'container "main" in pod "{name}" is waiting to start: ContainerCreating'
+    assert (
+        error["message"]
+        == f'container "main" in pod "{name}" is waiting to start: ContainerCreating'
+    )
     status, error = cluster.request("GET", pods(ns, name, "log"), accept="*/*")
     assert status == 400
     assert error["message"] == (

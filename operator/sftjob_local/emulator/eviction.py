@@ -2,7 +2,7 @@
 
 Source: pkg/registry/core/pod/storage/eviction.go (EvictionREST.Create) and the
 pod disruption conditions (KEP-3329, docs "Pod disruption conditions"): the
-name in the URL must match the Eviction's; a pod that is not terminal gets the
+name in the URL must match the Eviction's; the pod (in any phase) gets the
 condition `DisruptionTarget=True`, reason `EvictionByEvictionAPI`, message
 `Eviction API: evicting`, then it is deleted with the Eviction's
 `deleteOptions` (graceful deletion: the node stops it); the answer is a
@@ -16,7 +16,7 @@ import copy
 from typing import Any
 
 from . import errors
-from .core import TERMINAL_PHASES, ApiCore, now
+from .core import ApiCore, now
 from .resources import ResourceType
 
 EVICTION_CONDITION = {
@@ -57,14 +57,12 @@ def evict(
     if pod is None:
         raise errors.not_found("pods", "", name)
     options = dict(body.get("deleteOptions") or {})
-    if not dry_run:
-        phase = (pod.get("status") or {}).get("phase")
-        if phase not in TERMINAL_PHASES and not pod["metadata"].get("deletionTimestamp"):
-            new = copy.deepcopy(pod)
-            status = new.setdefault("status", {})
-            status["conditions"] = with_condition(
-                status.get("conditions") or [], EVICTION_CONDITION
-            )
+    if not dry_run and not options.get("dryRun"):
+        # addConditionAndDeletePod: the condition first (any phase), then the deletion
+        new = copy.deepcopy(pod)
+        status = new.setdefault("status", {})
+        status["conditions"] = with_condition(status.get("conditions") or [], EVICTION_CONDITION)
+        if new != pod:
             core.store.put(("", "pods"), new, pod)
         core.delete(rt, namespace, name, options)
     return {
