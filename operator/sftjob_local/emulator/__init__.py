@@ -16,7 +16,7 @@ kopf_peering_crds=True)``
 
 What is served
 ==============
-Built-in kinds: v1 pods (+status, +log, +binding), services, configmaps, secrets, serviceaccounts,
+Built-in kinds: v1 pods (+status, +log, +binding, +eviction), services, configmaps, secrets, serviceaccounts,
 events, persistentvolumeclaims, nodes (cluster), namespaces (cluster); rbac roles, rolebindings,
 clusterroles, clusterrolebindings; apps deployments; coordination leases; events.k8s.io events
 (sharing storage with v1 events); apiextensions customresourcedefinitions, which register custom
@@ -51,9 +51,16 @@ collected); CRD schemas: pruning (x-kubernetes-preserve-unknown-fields honoured)
 jsonschema validation with apiserver-style 422 causes, ``fieldValidation=Strict`` → 400 on unknown
 fields; Tables for ``kubectl get`` (additionalPrinterColumns for CRs; pods, services, nodes, ...).
 
-Pod logs: ``pods/{name}/log`` serves ``{log_dir}/{namespace}/{pod}/{container}.log`` (container,
-tailLines, limitBytes, follow until the pod is terminal or gone; previous → 400; no file → 400
-"waiting to start"). The local node writes those files.
+Pod logs: ``pods/{name}/log`` serves ``{log_dir}/{namespace}_{pod}_{uid}/{container}/{run}.log``
+(CRI log format), the run chosen from the pod's container status as the kubelet does (previous →
+lastState; errors "waiting to start", "previous terminated container ... not found"); container
+(required when the pod has several), tailLines, sinceSeconds/sinceTime, timestamps, limitBytes,
+follow until that container run ends; PodLogOptions validation → 422. The local node writes
+those files (``sftjob_local.node_logs``).
+
+Eviction: ``pods/{name}/eviction`` (policy/v1 Eviction, create) adds the DisruptionTarget
+condition (EvictionByEvictionAPI) and deletes with the Eviction's deleteOptions
+(``eviction.py``); PodDisruptionBudgets are not served, so no eviction is refused for one.
 
 Simplified or absent: server-side apply is a plain merge (create when missing, no managedFields
 conflicts); no admission, RBAC or authentication (any token is accepted); no CEL validation
