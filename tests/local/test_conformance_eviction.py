@@ -58,7 +58,11 @@ def test_eviction_refusals(cluster, ns, uniq):
         pods(ns),
         {
             "metadata": {"name": name},
-            "spec": {"containers": [{"name": "main", "image": "busybox"}]},
+            # no scheduler picks it up, so it stays unbound also on a real cluster
+            "spec": {
+                "schedulerName": f"sftjob-no-scheduler-{uniq}",
+                "containers": [{"name": "main", "image": "busybox"}],
+            },
         },
     )
     status, error = cluster.request("POST", pods(ns, name, "eviction"), eviction("other", ns))
