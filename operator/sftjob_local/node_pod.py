@@ -700,6 +700,8 @@ class PodWorker:
         self.node.event(self.pod, "Started", f"Started container {c.name}")
         words = (await c.proc.stdout.readline()).decode().split()
         sup_code = await c.proc.wait()
+        if c.proc.stdin is not None:
+            c.proc.stdin.close()  # the lifeline of an ended run
         _signal_group(c.pid, signal.SIGKILL)  # the supervisor did; in case it could not
         reason = "Error"
         if words[:1] == ["exit"]:
