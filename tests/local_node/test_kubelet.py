@@ -67,7 +67,7 @@ def kubectl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[st
 
 # ---------------------------------------------------------------- waiting reasons
 def test_missing_secret_in_env_is_create_container_config_error_until_it_exists(
-    core: CoreV1Api, ns: str
+    cluster: LocalCluster, core: CoreV1Api, ns: str
 ) -> None:
     """pkg/kubelet/kubelet_pods.go makeEnvironmentVariables (`couldn't find key K in
     Secret NS/NAME`, the secret getter's NotFound `secret "NAME" not found`);
@@ -78,6 +78,8 @@ def test_missing_secret_in_env_is_create_container_config_error_until_it_exists(
     reason = wait_for(lambda: waiting_reason(core, ns, "cfg"), what="a waiting reason")
     assert reason == ("CreateContainerConfigError", 'secret "later" not found')
     assert core.read_namespaced_pod("cfg", ns).status.phase == "Pending"
+    row = kubectl(cluster, "get", "pod", "cfg", "-n", ns, "--no-headers").stdout.split()
+    assert row[:3] == ["cfg", "0/1", "CreateContainerConfigError"], row
     expected = ("Failed", 'Error: secret "later" not found', "Warning", "kubelet")
     wait_for(lambda: expected in events(core, ns, "cfg"), what="the Failed event")
 
