@@ -202,7 +202,7 @@ def test_kubectl_logs_options_previous_since_timestamps_limit_and_follow(
         "if not os.path.exists(marker):\n"
         "    open(marker, 'w').close(); print('crashed run'); sys.exit(3)\n"
         "print('old line', flush=True); time.sleep(3)\n"
-        "print('new line', flush=True); time.sleep(2.5)\n"
+        "print('new line', flush=True); time.sleep(5)\n"
         "print('last line')\n"
     )
     pod = py_pod(
