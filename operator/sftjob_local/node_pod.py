@@ -463,7 +463,12 @@ class PodWorker:
                     if item["key"] not in data:
                         if src.get("optional"):
                             continue
-                        raise ConfigError(f'{k.lower()} "{name}": key "{item["key"]}" not found')
+                        # pkg/volume/configmap, pkg/volume/secret MakePayload
+                        raise ConfigError(
+                            f"configmap references non-existent config key: {item['key']}"
+                            if k == "ConfigMap"
+                            else f"references non-existent secret key: {item['key']}"
+                        )
                     files[item["path"]] = (data[item["key"]], item.get("mode", default_mode))
             else:
                 for key, content in data.items():

@@ -99,8 +99,9 @@ def test_volume_of_a_missing_secret_is_failed_mount_and_container_creating(
     core: CoreV1Api, ns: str
 ) -> None:
     """pkg/volume/secret/secret.go SetUpAt → the volume manager's event FailedMount
-    `MountVolume.SetUp failed for volume "V" : secret "S" not found`; the pod
-    stays ContainerCreating until the mount works (kubelet WaitForAttachAndMount)."""
+    `MountVolume.SetUp failed for volume "V" : secret "S" not found` (a missing item key:
+    pkg/volume/configmap MakePayload's message); the pod stays ContainerCreating until
+    the mount works (kubelet WaitForAttachAndMount)."""
     pod = py_pod(
         "vol",
         "print(open('/creds/key').read())",
@@ -117,6 +118,20 @@ def test_volume_of_a_missing_secret_is_failed_mount_and_container_creating(
     wait_for(lambda: expected in events(core, ns, "vol"), what="the FailedMount event")
     assert waiting_reason(core, ns, "vol") == ("ContainerCreating", None)
     assert core.read_namespaced_pod("vol", ns).status.phase == "Pending"
+
+    core.create_namespaced_config_map(ns, {"metadata": {"name": "cm"}, "data": {"other": "x"}})
+    pod = py_pod("cmvol", "print(1)", volumeMounts=[{"name": "conf", "mountPath": "/conf"}])
+    items = [{"key": "wanted", "path": "wanted"}]
+    pod["spec"]["volumes"] = [{"name": "conf", "configMap": {"name": "cm", "items": items}}]
+    core.create_namespaced_pod(ns, pod)
+    expected = (
+        "FailedMount",
+        'MountVolume.SetUp failed for volume "conf" : '
+        "configmap references non-existent config key: wanted",
+        "Warning",
+        "kubelet",
+    )
+    wait_for(lambda: expected in events(core, ns, "cmvol"), what="the FailedMount of a key")
 
     core.create_namespaced_secret(ns, {"metadata": {"name": "absent"}, "data": {"key": b64("k1")}})
     pod = wait_phase(core, ns, "vol", "Succeeded", "Failed")
