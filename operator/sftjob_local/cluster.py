@@ -10,8 +10,9 @@
 `sftjob local up` calls). Layout of the workdir (default `./.sftjob-local`):
 
     kubeconfig                  unless another path is given
-    logs/<ns>/<pod>/<c>.log     container output, served as pods/<name>/log
-    pods/<ns>/<pod>-<uid8>/     per-pod volumes, termination files, rootfs
+    logs/<ns>_<pod>_<uid>/<c>/<restart>.log
+                                container output (CRI format), served as pods/<name>/log
+    pods/<ns>/<pod>-<uid8>/     per-pod volumes, termination files, rootfs, procs/
     pvc/<ns>/<claim>/           PersistentVolumeClaim folders (kept)
     hosts, pyhook/              cluster DNS for pod processes (see node_dns)
 

@@ -34,9 +34,13 @@ to the API only over HTTP, from a kubeconfig, like any client:
   `python`/`python3` run as `sys.executable`, and the interpreter's `bin/` is
   first on PATH (so `accelerate`, `torchrun` of this venv are found). Init
   containers run one after the other, then all containers concurrently.
-  Each process starts in its own session/process group; stdout+stderr are
-  appended to `<log_dir>/<ns>/<pod>/<container>.log`, which the emulator serves
-  as `pods/<name>/log`.
+  Each container run has a small supervisor process (`node_supervisor.py`, the
+  part of a runtime shim) that starts it in its own session/process group and
+  writes its stdout/stderr in the CRI log format to
+  `<log_dir>/<ns>_<pod>_<uid>/<container>/<restartCount>.log` (as the kubelet's
+  /var/log/pods), which the emulator serves as `pods/<name>/log` with
+  previous, tailLines, sinceSeconds/sinceTime, timestamps, limitBytes and
+  follow (see `sftjob_local.node_logs`).
 
 Conventions pod processes (trainer, operator) can rely on
 ---------------------------------------------------------
@@ -91,30 +95,69 @@ cluster DNS for the pods of all of them (one hosts file, one /etc/hosts
 block). They share the workdir and log dir; node k hands out GPU device
 indices k*gpus .. k*gpus+gpus-1, so no two nodes give a pod the same device.
 
-Not enforced: securityContext (processes run as the node's user), resource
-limits (cpu/memory), readOnly mounts, readiness/liveness probes, image pulls.
+Memory limits: the supervisor sums the resident set (RSS from /proc) of the
+container's whole process tree every `memory_poll` seconds (0.25 s) and kills
+the tree with SIGKILL above `resources.limits.memory`: terminated, reason
+OOMKilled, exit code 137 (lastState after a restart). Limits of this polling:
+memory allocated and touched within one interval is not seen until the next
+poll (the machine can briefly hold more), RSS counts shared pages once per
+process (a cgroup counts them once) and page cache is not counted.
+
+Not enforced: securityContext (processes run as the node's user), cpu limits,
+readOnly mounts, readiness/liveness probes, image pulls (an image reference is
+only parsed, with the docker reference grammar).
 
 Status: phase Pending → Running → Succeeded/Failed, containerStatuses (state
 running/terminated, exitCode, reason Completed/Error/StartError, started,
 ready, restartCount, lastState; a process killed by signal N reports 128+N;
-OOMKilled is never reported), `message` from the termination file (≤ 4096
+OOMKilled with 137 over the memory limit), `message` from the termination file (≤ 4096
 bytes) or, with `FallbackToLogsOnError` on error and an empty file, the log
 tail (80 lines / 2048 bytes); conditions PodScheduled, Initialized,
 ContainersReady, Ready (ready = running: probes are ignored); podIP(s),
 hostIP(s), startTime. Always patched through `pods/<name>/status`.
 restartPolicy Always/OnFailure restart the process with an exponential
 back-off (0.5 s doubling up to 10 s, state CrashLoopBackOff in between).
-A missing ConfigMap/Secret keeps the container waiting with
-CreateContainerConfigError and is retried every second.
+What the kubelet reports before a container starts, retried every
+`config_retry` seconds (1 s) until it works (the pod stays Pending):
+  a volume whose Secret/ConfigMap (or item key) is missing: every container
+    waits in ContainerCreating, Warning event FailedMount `MountVolume.SetUp
+    failed for volume "v" : secret "x" not found`;
+  an image reference that does not parse: waiting InvalidImageName with
+    `Failed to apply default image tag "i": couldn't parse image name "i": ...`,
+    events InspectFailed (that message) and Failed `Error: InvalidImageName`;
+  env/envFrom referencing a missing Secret/ConfigMap or key (not optional):
+    waiting CreateContainerConfigError (`secret "x" not found`, `couldn't find
+    key k in Secret ns/x`), Warning event Failed `Error: <message>`.
+(Only the failing container shows the reason; the pod starts no container until
+all are ready, where a kubelet would start the others.) Events are sent when a
+problem appears or changes. Normal path events, from `kubelet`: Pulled
+(`Container image "i" already present on machine`), Created (`Created
+container: c`), Started (`Started container c`), BackOff, Killing.
 activeDeadlineSeconds kills the pod: Failed, reason DeadlineExceeded.
 
-Deletion: a pod with `deletionTimestamp` gets SIGTERM on each container's
-process group, SIGKILL after `deletionGracePeriodSeconds`, then the node
-completes the deletion with `gracePeriodSeconds=0` (uid precondition).
+Deletion (also by `pods/<name>/eviction`, which the emulator serves with the
+DisruptionTarget condition): a pod with `deletionTimestamp` gets a Killing event
+and SIGTERM on each container's process group, SIGKILL on the whole tree after
+`deletionGracePeriodSeconds`, then the node completes the deletion with
+`gracePeriodSeconds=0` (uid precondition). Conditions the node does not own
+(DisruptionTarget) are kept in its status updates, as the kubelet's status
+manager does. The pod keeps its phase while terminating.
 
 Shutdown (`stop()`): pod processes get SIGTERM, then SIGKILL after
 `shutdown_grace` seconds; their pods' status is left as it was (a real node
-that disappears leaves its pods too). The /etc/hosts block is removed.
+that disappears leaves its pods too), unless `graceful_shutdown=True` (a
+kubelet with shutdownGracePeriod): then each pod is first reported Failed,
+reason Terminated, message `Pod was terminated in response to imminent node
+shutdown.`, with DisruptionTarget=True reason TerminationByKubelet. The
+/etc/hosts block is removed.
+
+A node that dies (even SIGKILL) takes its pods' processes with it: each
+supervisor holds a pipe from the node (its stdin) and kills its tree with
+SIGKILL when the pipe closes; the container's main process also has
+PR_SET_PDEATHSIG=SIGKILL. On start the node kills the processes recorded in
+`<pod folder>/procs/*.pid` (pid + start time, so a reused pid is spared) and,
+once the pod list is synced, removes the folders of pods that no longer exist
+(`sftjob_local.node_reaper`). Log folders are kept.
 """
 
 from __future__ import annotations
@@ -129,6 +172,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from . import node_reaper
 from .local_scheduler import LocalScheduler
 from .node_dns import (
     compute_records,
@@ -215,6 +259,8 @@ class LocalNode:
         taints: list[dict[str, str]] | None = None,
         gpu_device_offset: int = 0,
         schedule: bool = True,
+        memory_poll: float = 0.25,
+        graceful_shutdown: bool = False,
     ) -> None:
         self.kubeconfig = Path(kubeconfig).resolve()
         self.workdir = Path(workdir).resolve()
@@ -231,6 +277,8 @@ class LocalNode:
         self.max_restart_backoff = max_restart_backoff
         self.config_retry = config_retry
         self.shutdown_grace = shutdown_grace
+        self.memory_poll = memory_poll
+        self.graceful_shutdown = graceful_shutdown
         self.hosts_file = self.workdir / "hosts"
         self.pyhook_dir = self.workdir / "pyhook"
         cpus = machine_cpus() if cpus is None else cpus
@@ -304,6 +352,9 @@ class LocalNode:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         write_pyhook(self.pyhook_dir)
         self.refresh_dns(force=True)
+        # what an earlier run of the node left: nothing of it may keep running
+        for pod_dir in node_reaper.pod_dirs(self.workdir / "pods"):
+            node_reaper.kill_recorded(pod_dir)
         self._api = KubeHttp(self.kubeconfig)
         await self._register()
         self.pods = Informer(self.api, "/api/v1/pods", self._on_pod, name="pods")
@@ -322,6 +373,7 @@ class LocalNode:
         )
         if self.scheduler is not None:
             await self.scheduler.start()
+        self._remove_orphaned_pod_dirs()
         log.info("local node %s ready (gpus=%d, /etc/hosts=%s)", self.name, self.gpus, self.manage_etc_hosts)  # fmt: skip
 
     async def stop(self) -> None:
@@ -330,6 +382,8 @@ class LocalNode:
         await cancel_and_wait(*self._tasks)
         self._tasks = []
         workers = list(self.workers.values())
+        if self.graceful_shutdown:
+            await asyncio.gather(*(w.mark_node_shutdown() for w in workers), return_exceptions=True)
         await asyncio.gather(
             *(w.shutdown(self.shutdown_grace) for w in workers), return_exceptions=True
         )
@@ -341,6 +395,18 @@ class LocalNode:
                 update_etc_hosts(self.etc_hosts, self.etc_hosts_block_id, None)
         if self._api is not None:
             await self._api.close()
+
+    def _remove_orphaned_pod_dirs(self) -> None:
+        """Remove `<workdir>/pods/<ns>/<name>-<uid8>` of pods that no longer exist
+        (the kubelet's cleanupOrphanedPodDirs)."""
+        assert self.pods is not None
+        live = {
+            (p["metadata"].get("namespace", "default"), f"{p['metadata']['name']}-{p['metadata']['uid'][:8]}")
+            for p in self.pods.cache.values()
+        }  # fmt: skip
+        for pod_dir in node_reaper.pod_dirs(self.workdir / "pods"):
+            if node_reaper.is_orphaned(pod_dir, live):
+                shutil.rmtree(pod_dir, ignore_errors=True)
 
     def image_command(self, image: str) -> list[str] | None:
         """Default command for an image without `command` (the image is not pulled)."""

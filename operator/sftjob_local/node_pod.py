@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import node_logs
 from .node_kube import ApiError
 from .node_spec import (
     FieldError,
@@ -29,6 +30,8 @@ from .node_spec import (
     container_path_default,
     expand,
     field_ref,
+    image_reference_problem,
+    memory_limit_bytes,
     resource_field_ref,
     termination_message,
 )
@@ -40,6 +43,7 @@ log = logging.getLogger("sftjob_local.node")
 
 Obj = dict[str, Any]
 PYTHON_NAMES = ("python", "python3", f"python3.{sys.version_info.minor}")
+SUPERVISOR = str(Path(__file__).with_name("node_supervisor.py"))
 
 
 def now() -> str:
@@ -50,6 +54,19 @@ class ConfigError(Exception):
     """A referenced ConfigMap/Secret/key is missing: the kubelet's CreateContainerConfigError."""
 
 
+class MountError(Exception):
+    """A volume cannot be set up (its Secret/ConfigMap is missing): the kubelet's
+    FailedMount; the pod stays ContainerCreating and the mount is retried."""
+
+    def __init__(self, volume: str, message: str) -> None:
+        super().__init__(message)
+        self.volume = volume
+
+
+class ImageError(Exception):
+    """The image reference does not parse: the kubelet's InvalidImageName."""
+
+
 @dataclass
 class Container:
     spec: Obj
@@ -58,8 +75,8 @@ class Container:
     state: Obj = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
     last_state: Obj = field(default_factory=dict)
     started: bool = False
-    proc: asyncio.subprocess.Process | None = None
-    pid: int | None = None
+    proc: asyncio.subprocess.Process | None = None  # the container's supervisor
+    pid: int | None = None  # the container's main process (= its process group)
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     cwd: str = ""
@@ -91,7 +108,7 @@ class Container:
             "lastState": self.last_state,
         }
         if self.pid is not None:
-            out["containerID"] = f"local://{pod_uid}/{self.name}/{self.restart_count}"
+            out["containerID"] = node_logs.container_id(pod_uid, self.name, self.restart_count)
         if self.init:
             out["ready"] = self.exit_code == 0
         return out
@@ -164,6 +181,25 @@ class PodWorker:
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
 
+    async def mark_node_shutdown(self) -> None:
+        """Graceful node shutdown (pkg/kubelet/nodeshutdown, killPods): the pod is
+        reported Failed, reason Terminated, with DisruptionTarget=True, reason
+        TerminationByKubelet, before its processes are stopped."""
+        if self.finished.is_set() or self.deleting:
+            return
+        message = "Pod was terminated in response to imminent node shutdown."
+        self.phase, self.reason, self.message = "Failed", "Terminated", message
+        self.conditions["DisruptionTarget"] = {
+            "type": "DisruptionTarget",
+            "status": "True",
+            "reason": "TerminationByKubelet",
+            "message": message,
+            "lastProbeTime": None,
+            "lastTransitionTime": now(),
+        }
+        self.stopping.set()
+        await self._publish()
+
     def cleanup(self) -> None:
         """Remove the pod's folder (emptyDir, materialized volumes); logs stay."""
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -235,8 +271,9 @@ class PodWorker:
     async def _delete(self, grace: float) -> None:
         """Graceful deletion: SIGTERM, wait up to the grace period, SIGKILL, then
         finish the deletion with gracePeriodSeconds=0 (as the kubelet does)."""
-        names = ",".join(c.name for c in self.main)
-        self.node.event(self.pod, "Killing", f"Stopping container {names}")
+        for c in self.init + self.main:
+            if c.running:
+                self.node.event(self.pod, "Killing", f"Stopping container {c.name}")
         await self._kill_all(grace)
         await self.finished.wait()
         await self._publish()
@@ -252,15 +289,20 @@ class PodWorker:
             )
 
     async def _kill_all(self, grace: float) -> None:
+        """SIGTERM to each container's process group, SIGKILL to the whole tree
+        after `grace` seconds (the kubelet's killContainer with the grace period)."""
         self.stopping.set()
         procs = [c for c in self.init + self.main if c.proc and c.proc.returncode is None]
         for c in procs:
-            _signal_group(c.pid, signal.SIGTERM)
+            if c.pid is None:
+                self._kill_now(c)  # not started yet: nothing to ask politely
+            else:
+                _signal_group(c.pid, signal.SIGTERM)
         if procs:
             waits = [asyncio.ensure_future(c.proc.wait()) for c in procs if c.proc]
             _, pending = await asyncio.wait(waits, timeout=max(grace, 0.0))
             for c in procs:
-                _signal_group(c.pid, signal.SIGKILL)
+                self._kill_now(c)
             if pending:
                 await asyncio.wait(pending, timeout=5)
         if self._task is not None and self._task is not asyncio.current_task():
@@ -269,24 +311,48 @@ class PodWorker:
 
     # ----------------------------------------------------------------- config
     async def _prepare_until_ready(self) -> bool:
-        """Materialize volumes and resolve env; a missing ConfigMap/Secret keeps
-        the pod waiting (CreateContainerConfigError) and is retried, as on a real node."""
+        """Set up volumes, then each container (image reference, env), as the
+        kubelet's SyncPod does; what fails is reported as the kubelet does and
+        retried every `config_retry` seconds until it works or the pod stops:
+        a volume → FailedMount events, containers stay ContainerCreating;
+        an unparsable image → InvalidImageName (events InspectFailed, Failed);
+        a missing ConfigMap/Secret/key in env → CreateContainerConfigError
+        (event Failed). Events are sent when a problem first appears or changes."""
+        reported: set[tuple[str, str]] = set()
         while not self.stopping.is_set():
+            events: list[tuple[str, str]] = []
             try:
                 volumes = await self._materialize_volumes()
+            except MountError as exc:
+                volumes = None
+                msg = f'MountVolume.SetUp failed for volume "{exc.volume}" : {exc}'
+                events.append(("FailedMount", msg))
+            if volumes is not None:
                 for c in self.init + self.main:
-                    await self._container_setup(c, volumes)
+                    try:
+                        await self._container_setup(c, volumes)
+                    except ImageError as exc:
+                        c.state = {"waiting": {"reason": "InvalidImageName", "message": str(exc)}}
+                        events += [
+                            ("InspectFailed", str(exc)),
+                            ("Failed", "Error: InvalidImageName"),
+                        ]
+                    except ConfigError as exc:
+                        c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}  # fmt: skip
+                        events.append(("Failed", f"Error: {exc}"))
+                    else:
+                        c.state = {"waiting": {"reason": "ContainerCreating"}}
+                    if events and c.init:
+                        break  # init containers run in order: the next one is not looked at yet
+            if not events:
                 return True
-            except ConfigError as exc:
-                msg = str(exc)
-                if msg != self._config_error:
-                    self._config_error = msg
-                    self.node.event(self.pod, "Failed", f"Error: {msg}", type_="Warning")
-                for c in self.init[:1] + self.main:
-                    c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": msg}}
-                await self._publish()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), self.node.config_retry)
+            for reason, msg in events:
+                if (reason, msg) not in reported:
+                    self.node.event(self.pod, reason, msg, type_="Warning")
+            reported = set(events)
+            await self._publish()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.node.config_retry)
         return False
 
     async def _get(self, kind: str, name: str, optional: bool) -> Obj | None:
@@ -341,7 +407,10 @@ class PodWorker:
             elif (
                 "configMap" in vol or "secret" in vol or "downwardAPI" in vol or "projected" in vol
             ):
-                files = await self._volume_files(vol)
+                try:
+                    files = await self._volume_files(vol)
+                except ConfigError as exc:
+                    raise MountError(name, str(exc)) from exc
                 if target.exists():
                     shutil.rmtree(target)
                 target.mkdir(parents=True)
@@ -394,7 +463,12 @@ class PodWorker:
                     if item["key"] not in data:
                         if src.get("optional"):
                             continue
-                        raise ConfigError(f'{k.lower()} "{name}": key "{item["key"]}" not found')
+                        # pkg/volume/configmap, pkg/volume/secret MakePayload
+                        raise ConfigError(
+                            f"configmap references non-existent config key: {item['key']}"
+                            if k == "ConfigMap"
+                            else f"references non-existent secret key: {item['key']}"
+                        )
                     files[item["path"]] = (data[item["key"]], item.get("mode", default_mode))
             else:
                 for key, content in data.items():
@@ -415,6 +489,13 @@ class PodWorker:
 
     async def _container_setup(self, c: Container, volumes: dict[str, Path]) -> None:
         spec = c.spec
+        image = str(spec.get("image") or "")
+        problem = image_reference_problem(image)
+        if problem is not None:
+            # pkg/kubelet/images/image_manager.go EnsureImageExists → applyDefaultImageTag
+            raise ImageError(
+                f'Failed to apply default image tag "{image}": couldn\'t parse image name "{image}": {problem}'
+            )
         mounts = MountMap()
         for vm in spec.get("volumeMounts") or []:
             real = volumes.get(vm["name"])
@@ -429,8 +510,6 @@ class PodWorker:
         term.parent.mkdir(parents=True, exist_ok=True)
         mounts.add(container_path_default(spec), str(term))
         c.term_file = term
-        c.log_file = self.node.log_dir / self.ns / self.name / f"{c.name}.log"
-        c.log_file.parent.mkdir(parents=True, exist_ok=True)
         workdir = spec.get("workingDir")
         if workdir:
             real_wd = mounts.resolve(workdir)
@@ -564,40 +643,59 @@ class PodWorker:
         return c.exit_code == 0
 
     async def _run_once(self, c: Container) -> int:
-        assert c.term_file is not None and c.log_file is not None
+        """One run of a container under its supervisor (node_supervisor.py):
+        the supervisor writes the CRI log, enforces the memory limit and kills
+        the tree when the node goes away; it reports the main pid and the exit."""
+        assert c.term_file is not None
         c.term_file.write_bytes(b"")
-        log_start = c.log_file.stat().st_size if c.log_file.exists() else 0
+        c.log_file = node_logs.container_log_path(
+            self.node.log_dir, self.ns, self.name, self.uid, c.name, c.restart_count
+        )
+        c.log_file.parent.mkdir(parents=True, exist_ok=True)
+        procs = self.dir / "procs"
+        procs.mkdir(parents=True, exist_ok=True)
+        config = {
+            "argv": c.argv,
+            "cwd": c.cwd,
+            "log": str(c.log_file),
+            "pidfile": str(procs / f"{c.name}-{c.restart_count}.pid"),
+            "memory_limit": memory_limit_bytes(c.spec),
+            "poll": self.node.memory_poll,
+        }
+        # images are never pulled: the kubelet's message for an image already there
+        image = c.spec.get("image", "")
+        self.node.event(self.pod, "Pulled", f'Container image "{image}" already present on machine')  # fmt: skip
         started_at = now()
-        fd = os.open(c.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            c.proc = await asyncio.create_subprocess_exec(
-                *c.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=fd,
-                stderr=fd,
-                cwd=c.cwd,
-                env=c.env,
-                start_new_session=True,  # own process group: the whole tree gets the signals
-            )
-        except OSError as exc:
-            os.write(fd, f"local node: cannot start {c.argv[0]!r}: {exc}\n".encode())
+        c.pid = None
+        c.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-S", SUPERVISOR, json.dumps(config),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=self.dir,
+            env=c.env,
+            start_new_session=True,  # terminal signals to the node do not reach it
+        )  # fmt: skip
+        assert c.proc.stdout is not None
+        first = (await c.proc.stdout.readline()).decode().split(" ", 1)
+        if first[0] != "started":
+            error = json.loads(first[1]) if first[0] == "error" else "the supervisor failed"
+            await c.proc.wait()
             c.state = {
                 "terminated": {
                     "exitCode": 128,
                     "reason": "StartError",
-                    "message": str(exc),
+                    "message": error,
                     "startedAt": started_at,
                     "finishedAt": now(),
                 }
             }
-            self.node.event(self.pod, "Failed", f"Error: {exc}", type_="Warning")
+            self.node.event(self.pod, "Failed", f"Error: {error}", type_="Warning")
             await self._publish()
             return 128
-        finally:
-            os.close(fd)
-        c.pid = c.proc.pid
+        c.pid = int(first[1])
+        self.node.event(self.pod, "Created", f"Created container: {c.name}")
         if self.stopping.is_set():  # stopped while we were spawning: nobody else will kill it
-            _signal_group(c.pid, signal.SIGKILL)
+            self._kill_now(c)
         c.state = {"running": {"startedAt": started_at}}
         c.started = True
         self._readiness()
@@ -605,24 +703,36 @@ class PodWorker:
             self.phase = "Running"
         await self._publish()
         self.node.event(self.pod, "Started", f"Started container {c.name}")
-        code = await c.proc.wait()
-        _signal_group(c.pid, signal.SIGKILL)  # leftovers of the tree, like a container's PID 1 exit
-        if code < 0:
-            code = 128 - code  # killed by signal N → 128+N, as container runtimes report
+        words = (await c.proc.stdout.readline()).decode().split()
+        sup_code = await c.proc.wait()
+        if c.proc.stdin is not None:
+            c.proc.stdin.close()  # the lifeline of an ended run
+        _signal_group(c.pid, signal.SIGKILL)  # the supervisor did; in case it could not
+        reason = "Error"
+        if words[:1] == ["exit"]:
+            code = int(words[1])
+            if words[2:] == ["OOMKilled"]:
+                reason = "OOMKilled"
+        else:  # the supervisor itself died: report that signal like a runtime would
+            code = 128 - sup_code if sup_code < 0 else (sup_code or 137)
+        if code == 0:
+            reason = "Completed"
         file_bytes = c.term_file.read_bytes()[-8192:] if c.term_file.exists() else b""
         tail = b""
-        with open(c.log_file, "rb") as fh:
+        with contextlib.suppress(OSError), open(c.log_file, "rb") as fh:
             size = fh.seek(0, os.SEEK_END)
-            start = max(log_start, size - 64 * 1024)
-            fh.seek(start)
-            tail = fh.read()
+            fh.seek(max(0, size - 256 * 1024))
+            raw = fh.read()
+            if size > 256 * 1024:
+                raw = raw.split(b"\n", 1)[-1]
+            tail = node_logs.render(raw, node_logs.LogOptions())
         message = termination_message(file_bytes, tail, c.spec.get("terminationMessagePolicy"), code)  # fmt: skip
         terminated: Obj = {
             "exitCode": code,
-            "reason": "Completed" if code == 0 else "Error",
+            "reason": reason,
             "startedAt": started_at,
             "finishedAt": now(),
-            "containerID": f"local://{self.uid}/{c.name}/{c.restart_count}",
+            "containerID": node_logs.container_id(self.uid, c.name, c.restart_count),
         }
         if message:
             terminated["message"] = message
@@ -631,6 +741,14 @@ class PodWorker:
         if not self.stopping.is_set():
             await self._publish()
         return code
+
+    @staticmethod
+    def _kill_now(c: Container) -> None:
+        """SIGKILL the container's tree: its group here, everything through the supervisor."""
+        _signal_group(c.pid, signal.SIGKILL)
+        if c.proc is not None and c.proc.stdin is not None and not c.proc.stdin.is_closing():
+            with contextlib.suppress(Exception):
+                c.proc.stdin.write(b"kill\n")
 
     # ----------------------------------------------------------------- status
     def _set_cond(self, ctype: str, status: bool, reason: str | None = None) -> None:
@@ -654,12 +772,19 @@ class PodWorker:
         self._set_cond("Ready", ready, "ContainersNotReady")
 
     def status(self) -> Obj:
+        own = ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+        # conditions others set (DisruptionTarget from an eviction) are kept, as the
+        # kubelet's status manager does (mergePodStatus)
+        theirs = [
+            cond
+            for cond in (self.pod.get("status") or {}).get("conditions") or []
+            if cond.get("type") not in own and cond.get("type") not in self.conditions
+        ]
         status: Obj = {
             "phase": self.phase,
-            "conditions": [
-                self.conditions[t]
-                for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
-            ],
+            "conditions": [self.conditions[t] for t in own]
+            + [self.conditions[t] for t in self.conditions if t not in own]
+            + theirs,
             "hostIP": "127.0.0.1",
             "hostIPs": [{"ip": "127.0.0.1"}],
             "podIP": self.ip,

@@ -218,3 +218,64 @@ def unschedulable_message(resource: str, nodes: int = 1) -> str:
 
 def container_path_default(container: Obj) -> str:
     return container.get("terminationMessagePath") or "/dev/termination-log"
+
+
+# ---------------------------------------------------------------------------- images
+# The docker reference grammar (github.com/distribution/reference, regexp.go),
+# which the kubelet applies through ParseNormalizedNamed before pulling.
+_ALNUM = r"[a-z0-9]+"
+_SEPARATOR = r"(?:[._]|__|[-]+)"
+_PATH_COMPONENT = rf"{_ALNUM}(?:{_SEPARATOR}{_ALNUM})*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])"
+_DOMAIN = rf"{_HOST}(?::[0-9]+)?"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+_NAME = rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+_REFERENCE = re.compile(rf"({_NAME})(?::{_TAG})?(?:@{_DIGEST})?")
+NAME_TOTAL_LENGTH_MAX = 255
+
+
+def _split_docker_domain(name: str) -> tuple[str, str]:
+    """reference.splitDockerDomain: (domain, remainder) with docker.io/library defaults."""
+    i = name.find("/")
+    first = name[:i]
+    if i == -1 or (
+        not any(ch in first for ch in ".:") and first != "localhost" and first.lower() == first
+    ):
+        domain, remainder = "docker.io", name
+    else:
+        domain, remainder = first, name[i + 1 :]
+    if domain == "index.docker.io":
+        domain = "docker.io"
+    if domain == "docker.io" and "/" not in remainder:
+        remainder = "library/" + remainder
+    return domain, remainder
+
+
+def image_reference_problem(image: str) -> str | None:
+    """Why the kubelet cannot parse `image`, in the words of the reference library
+    (ParseNormalizedNamed: the lowercase check on the repository, then the grammar), or None."""
+    if re.fullmatch(r"[a-f0-9]{64}", image):
+        return f"invalid repository name ({image}), cannot specify 64-byte hexadecimal strings"
+    domain, remainder = _split_docker_domain(image)
+    remote = remainder.split(":", 1)[0]
+    if remote.lower() != remote:
+        return f"invalid reference format: repository name ({remote}) must be lowercase"
+    match = _REFERENCE.fullmatch(f"{domain}/{remainder}")
+    if match is None:
+        return "invalid reference format"
+    if len(match.group(1)) > NAME_TOTAL_LENGTH_MAX:
+        return "invalid reference format: repository name must not be more than 255 characters"
+    return None
+
+
+def memory_limit_bytes(container: Obj) -> int:
+    """The container's memory limit in bytes (0: none)."""
+    qty = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    if qty in (None, ""):
+        return 0
+    try:
+        return max(int(parse_quantity(qty)), 0)
+    except ValueError:
+        return 0

@@ -183,59 +183,119 @@ def test_pod_binding_sets_the_node_once(cluster, ns, uniq):
     cluster.request("DELETE", pods(ns, name), query={"gracePeriodSeconds": "0"})
 
 
+def _as_running(cluster, ns: str, pod: dict, *containers: str) -> None:
+    """Report the containers running, as the local node does (container IDs name the run)."""
+    uid = pod["metadata"]["uid"]
+    statuses = [
+        {
+            "name": c,
+            "image": "busybox",
+            "imageID": "",
+            "ready": True,
+            "restartCount": 0,
+            "containerID": f"local://{uid}/{c}/0",
+            "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+        }
+        for c in containers
+    ]
+    cluster.ok(
+        "PATCH",
+        pods(ns, pod["metadata"]["name"], "status"),
+        {"status": {"phase": "Running", "containerStatuses": statuses}},
+        content_type=MERGE,
+    )
+
+
+def _log_file(cluster, ns: str, pod: dict, container: str, run: int = 0):
+    meta = pod["metadata"]
+    path = cluster.log_dir / f"{ns}_{meta['name']}_{meta['uid']}" / container / f"{run}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def test_pod_logs_are_served_from_the_log_dir(cluster, ns, uniq):
+    """Files as the local node writes them (sftjob_local.node_logs); the errors are the
+    kubelet's (pkg/kubelet/kubelet_pods.go validateContainerLogStatus) and the
+    apiserver's (pkg/registry/core/pod/strategy.go LogLocation)."""
     cluster.require_emulator("log files are written by the local node, not by a kubelet")
     name = f"logs-{uniq}"
-    cluster.ok("POST", pods(ns), pod_body(name, node="local-node"))
+    pod = cluster.ok("POST", pods(ns), pod_body(name, node="local-node"))
+    main = {"container": "main"}
+    status, error = cluster.request("GET", pods(ns, name, "log"), query=main, accept="*/*")
+    assert status == 400
+    assert (
+        error["message"]
+        == f'container "main" in pod "{name}" is waiting to start: ContainerCreating'
+    )
     status, error = cluster.request("GET", pods(ns, name, "log"), accept="*/*")
-    assert status == 400 and "is waiting to start" in error["message"]
-    log = cluster.log_dir / ns / name / "main.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("one\ntwo\nthree\n")
-    (log.parent / "side.log").write_text("side\n")
-    assert cluster.ok("GET", pods(ns, name, "log"), accept="*/*") == "one\ntwo\nthree\n"
-    assert (
-        cluster.ok("GET", pods(ns, name, "log"), query={"tailLines": "1"}, accept="*/*")
-        == "three\n"
+    assert status == 400
+    assert error["message"] == (
+        f"a container name must be specified for pod {name}, choose one of: [main side]"
     )
-    assert (
-        cluster.ok("GET", pods(ns, name, "log"), query={"container": "side"}, accept="*/*")
-        == "side\n"
+    _as_running(cluster, ns, pod, "main", "side")
+    _log_file(cluster, ns, pod, "main").write_text(
+        "2026-01-01T00:00:01.5Z stdout F one\n"
+        "2026-01-01T00:00:02Z stderr F two\n"
+        "2026-01-01T00:00:03.123456789Z stdout P thr\n"
+        "2026-01-01T00:00:03.2Z stdout F ee\n"
     )
-    assert (
-        cluster.request("GET", pods(ns, name, "log"), query={"container": "nope"}, accept="*/*")[0]
-        == 400
+    _log_file(cluster, ns, pod, "side").write_text("2026-01-01T00:00:01Z stdout F side\n")
+
+    def logs(**query: str) -> str:
+        return cluster.ok("GET", pods(ns, name, "log"), query={**main, **query}, accept="*/*")
+
+    assert logs() == "one\ntwo\nthree\n"
+    assert logs(tailLines="1") == "ee\n"
+    assert logs(tailLines="2") == "three\n"
+    assert logs(sinceTime="2026-01-01T00:00:02Z") == "two\nthree\n"
+    assert logs(timestamps="true", tailLines="3") == (
+        "2026-01-01T00:00:02Z two\n2026-01-01T00:00:03.123456789Z thr2026-01-01T00:00:03.2Z ee\n"
     )
-    assert (
-        cluster.request("GET", pods(ns, name, "log"), query={"previous": "true"}, accept="*/*")[0]
-        == 400
+    assert logs(limitBytes="6") == "one\ntw"
+    assert logs(container="side") == "side\n"
+    status, error = cluster.request(
+        "GET", pods(ns, name, "log"), query={"container": "nope"}, accept="*/*"
     )
+    assert status == 400 and error["message"] == f"container nope is not valid for pod {name}"
+    status, error = cluster.request(
+        "GET", pods(ns, name, "log"), query={**main, "previous": "true"}, accept="*/*"
+    )
+    assert status == 400
+    assert error["message"] == f'previous terminated container "main" in pod "{name}" not found'
+    status, error = cluster.request(
+        "GET", pods(ns, name, "log"), query={**main, "tailLines": "-1"}, accept="*/*"
+    )
+    assert status == 422 and error["details"]["causes"][0]["field"] == "tailLines"
 
 
-def test_pod_log_follow_streams_until_the_pod_terminates(cluster, ns, uniq):
+def test_pod_log_follow_streams_until_the_container_ends(cluster, ns, uniq):
     cluster.require_emulator("log files are written by the local node, not by a kubelet")
     name = f"follow-{uniq}"
-    cluster.ok("POST", pods(ns), pod_body(name, node="local-node"))
-    log = cluster.log_dir / ns / name / "main.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("start\n")
+    pod = cluster.ok("POST", pods(ns), pod_body(name, node="local-node"))
+    _as_running(cluster, ns, pod, "main", "side")
+    log = _log_file(cluster, ns, pod, "main")
+    log.write_text("2026-01-01T00:00:01Z stdout F start\n")
 
     def finish() -> None:
         time.sleep(0.4)
         with log.open("a") as f:
-            f.write("more\n")
+            f.write("2026-01-01T00:00:02Z stdout F more\n")
         time.sleep(0.4)
+        terminated = {"terminated": {"exitCode": 0, "reason": "Completed"}}
+        statuses = [{"name": c, "state": terminated} for c in ("main", "side")]
         cluster.ok(
             "PATCH",
             pods(ns, name, "status"),
-            {"status": {"phase": "Succeeded"}},
+            {"status": {"phase": "Succeeded", "containerStatuses": statuses}},
             content_type=MERGE,
         )
 
     writer = threading.Thread(target=finish)
     writer.start()
     started = time.monotonic()
-    text = cluster.ok("GET", pods(ns, name, "log"), query={"follow": "true"}, accept="*/*")
+    text = cluster.ok(
+        "GET", pods(ns, name, "log"), query={"follow": "true", "container": "main"}, accept="*/*"
+    )
     writer.join()
     assert text == "start\nmore\n"
     assert time.monotonic() - started < 10

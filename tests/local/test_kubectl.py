@@ -128,9 +128,23 @@ def test_kubectl_pods_get_describe_logs_delete(kubectl, cluster, tmp_path):
     described = kubectl("describe", "pod", name, "-n", ns).stdout
     assert name in described and "busybox" in described
 
-    log = cluster.log_dir / ns / name / "main.log"
+    # the local node's files: <ns>_<pod>_<uid>/<container>/<run>.log in the CRI format,
+    # found through the container ID it reports (see sftjob_local.node_logs)
+    uid = cluster.ok("GET", f"/api/v1/namespaces/{ns}/pods/{name}")["metadata"]["uid"]
+    running = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+    status = {"name": "main", "image": "busybox", "imageID": "", "ready": True,
+              "restartCount": 0, "containerID": f"local://{uid}/main/0", "state": running}  # fmt: skip
+    cluster.ok(
+        "PATCH",
+        f"/api/v1/namespaces/{ns}/pods/{name}/status",
+        {"status": {"containerStatuses": [status]}},
+        content_type="application/merge-patch+json",
+    )
+    log = cluster.log_dir / f"{ns}_{name}_{uid}" / "main" / "0.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("hello from the pod\nsecond line\n")
+    log.write_text(
+        "2026-01-01T00:00:01Z stdout F hello from the pod\n2026-01-01T00:00:02Z stdout F second line\n"
+    )
     assert kubectl("logs", name, "-n", ns).stdout == "hello from the pod\nsecond line\n"
     assert kubectl("logs", name, "-n", ns, "--tail=1").stdout == "second line\n"
 

@@ -122,3 +122,97 @@ def test_local_up_serves_kubectl_and_stops_on_sigint_killing_pods(tmp_path: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def start_local_up(port: int, workdir: Path) -> subprocess.Popen[str]:
+    code = (
+        "import sys; from sftjob_local.cluster import run_local_up; "
+        f"sys.exit(run_local_up(port={port}, workdir={str(workdir)!r}))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the banner is printed once everything is up
+        if "kubectl get pods" in line:
+            return proc
+    proc.wait(timeout=10)
+    raise AssertionError("local up did not start")
+
+
+def test_sigkill_of_local_up_kills_the_pod_tree_and_restart_cleans_up(tmp_path: Path) -> None:
+    """A pod's processes die with the node, even when the node is SIGKILLed (each
+    container's supervisor kills its tree when its lifeline pipe closes); on the next
+    start the node kills processes recorded in pod folders and removes the folders of
+    pods that no longer exist (the kubelet's cleanupOrphanedPodDirs)."""
+    port = free_port()
+    workdir = tmp_path / "wd"
+    kubeconfig = workdir / "kubeconfig"
+    grand = "import os, time; print('PID', os.getpid(), flush=True); time.sleep(120)"
+    child = (
+        "import os, subprocess, sys, time; print('PID', os.getpid(), flush=True); "
+        f"subprocess.Popen([sys.executable, '-c', {grand!r}]); time.sleep(120)"
+    )
+    main = (
+        "import os, subprocess, sys, time; print('PID', os.getpid(), flush=True); "
+        f"subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(120)"
+    )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "tree"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {"name": "main", "image": "never-pulled", "command": ["python", "-c", main]}
+            ],  # fmt: skip
+        },
+    }
+    proc = start_local_up(port, workdir)
+    try:
+        created = kubectl(
+            kubeconfig, "create", "--validate=false", "-f", "-", stdin=json.dumps(pod)
+        )
+        assert created.returncode == 0, created.stderr
+
+        def pids() -> list[int] | None:
+            out = kubectl(kubeconfig, "logs", "tree").stdout.split()
+            found = [int(out[i + 1]) for i, word in enumerate(out[:-1]) if word == "PID"]
+            return found if len(found) == 3 else None
+
+        tree = wait_for(pids, timeout=20, interval=0.2, what="three PIDs in kubectl logs")
+        assert all(alive(p) for p in tree)
+        pod_dirs = list((workdir / "pods" / "default").glob("tree-*"))
+        assert len(pod_dirs) == 1
+        proc.kill()
+        proc.wait(timeout=5)
+        wait_for(
+            lambda: not any(alive(p) for p in tree), timeout=5, what="the pod tree to be killed"
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    # a process recorded in a pod folder that survived (its supervisor died too)
+    ghost_dir = workdir / "pods" / "default" / "ghost-12345678"
+    (ghost_dir / "procs").mkdir(parents=True)
+    ghost = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+    )
+    try:
+        with open(f"/proc/{ghost.pid}/stat") as fh:
+            starttime = fh.read().rsplit(")", 1)[1].split()[19]
+        (ghost_dir / "procs" / "main-0.pid").write_text(f"{ghost.pid} {starttime}\n")
+        proc = start_local_up(port, workdir)
+        try:
+            assert ghost.wait(timeout=5) == -signal.SIGKILL
+            assert not ghost_dir.exists()
+            assert not pod_dirs[0].exists(), "the folder of a pod that no longer exists stays"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=15)
+    finally:
+        if ghost.poll() is None:
+            ghost.kill()
+            ghost.wait()

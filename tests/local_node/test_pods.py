@@ -249,8 +249,10 @@ def test_restart_policy_on_failure_restarts_until_success(core: CoreV1Api, ns: s
     assert pod.status.phase == "Succeeded"
     assert cs.restart_count == 1
     assert cs.last_state.terminated.exit_code == 2
-    logs = core.read_namespaced_pod_log("flaky", ns)
-    assert "first run fails" in logs and "second run succeeds" in logs
+    # like the kubelet: the current run's log, the earlier one with --previous
+    assert core.read_namespaced_pod_log("flaky", ns) == "second run succeeds\n"
+    previous = core.read_namespaced_pod_log("flaky", ns, previous=True)
+    assert previous == "first run fails\n"
 
 
 def test_restart_policy_never_does_not_restart(core: CoreV1Api, ns: str) -> None:

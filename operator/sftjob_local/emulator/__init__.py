@@ -16,7 +16,7 @@ kopf_peering_crds=True)``
 
 What is served
 ==============
-Built-in kinds: v1 pods (+status, +log, +binding), services, configmaps, secrets, serviceaccounts,
+Built-in kinds: v1 pods (+status, +log, +binding, +eviction), services, configmaps, secrets, serviceaccounts,
 events, persistentvolumeclaims, nodes (cluster), namespaces (cluster); rbac roles, rolebindings,
 clusterroles, clusterrolebindings; apps deployments; coordination leases; events.k8s.io events
 (sharing storage with v1 events); apiextensions customresourcedefinitions, which register custom
@@ -82,9 +82,16 @@ the real message (``Pod "x" is invalid: spec.containers[1].name: Duplicate value
 as ``[a, b]``); malformed quantities and non-base64 Secret data are 400 decode errors; a PUT
 whose uid differs is 409 (precondition), a patch changing it 422. Nothing is stored on refusal.
 
-Pod logs: ``pods/{name}/log`` serves ``{log_dir}/{namespace}/{pod}/{container}.log`` (container,
-tailLines, limitBytes, follow until the pod is terminal or gone; previous → 400; no file → 400
-"waiting to start"). The local node writes those files.
+Pod logs: ``pods/{name}/log`` serves ``{log_dir}/{namespace}_{pod}_{uid}/{container}/{run}.log``
+(CRI log format), the run chosen from the pod's container status as the kubelet does (previous →
+lastState; errors "waiting to start", "previous terminated container ... not found"); container
+(required when the pod has several), tailLines, sinceSeconds/sinceTime, timestamps, limitBytes,
+follow until that container run ends; PodLogOptions validation → 422. The local node writes
+those files (``sftjob_local.node_logs``).
+
+Eviction: ``pods/{name}/eviction`` (policy/v1 Eviction, create) adds the DisruptionTarget
+condition (EvictionByEvictionAPI) and deletes with the Eviction's deleteOptions
+(``eviction.py``); PodDisruptionBudgets are not served, so no eviction is refused for one.
 
 Simplified or absent: server-side apply is a plain merge (create when missing, no managedFields
 conflicts); no admission plugins, RBAC or authentication (any token is accepted); built-in

@@ -72,6 +72,27 @@ class ResourceType:
                     "verbs": ["get"],
                 }
             )
+            # pods also have binding (scheduler) and eviction (policy/v1 Eviction) subresources
+            entries.append(
+                {
+                    "name": f"{self.plural}/binding",
+                    "singularName": "",
+                    "namespaced": True,
+                    "kind": "Binding",
+                    "verbs": ["create"],
+                }
+            )
+            entries.append(
+                {
+                    "name": f"{self.plural}/eviction",
+                    "singularName": "",
+                    "namespaced": True,
+                    "group": "policy",
+                    "version": "v1",
+                    "kind": "Eviction",
+                    "verbs": ["create"],
+                }
+            )
         return entries
 
 

@@ -17,8 +17,9 @@ import kmock
 import yaml
 from kmock._internal import apps, rendering
 
-from . import bodies, openapi, tables
-from .core import TERMINAL_PHASES, ApiCore
+from .. import node_logs
+from . import bodies, errors, eviction, openapi, tables
+from .core import ApiCore
 from .errors import ApiError, bad_request
 from .preinstalled import KOPF_PEERING_CRDS, as_applied
 from .resources import ResourceType
@@ -265,7 +266,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
         if route.subresource and not (
             (route.subresource == "status" and rt.status_subresource)
             or (route.subresource == "log" and rt.log_subresource)
-            or (route.subresource == "binding" and rt.kind == "Pod" and not rt.group)
+            or (route.subresource in ("binding", "eviction") and rt.kind == "Pod" and not rt.group)
         ):
             raise ApiError(404, "the server could not find the requested resource", "NotFound", {})
         method = raw.method
@@ -274,6 +275,20 @@ class ApiEmulator(kmock.KubernetesEmulator):
             if method != "GET":
                 raise ApiError(405, f"{method} is not supported on pods/log", "MethodNotAllowed")
             return await self._serve_log(raw, rt, route.namespace or "", route.name or "")
+        if route.subresource == "eviction":
+            if method != "POST":
+                raise ApiError(
+                    405, f"{method} is not supported on pods/eviction", "MethodNotAllowed"
+                )
+            status = eviction.evict(
+                self.core,
+                rt,
+                route.namespace or "",
+                route.name or "",
+                self._body(request),
+                "dryRun" in query,
+            )
+            return _json(status, 201)
         if route.subresource == "binding":
             if method != "POST":
                 raise ApiError(
@@ -623,55 +638,86 @@ class ApiEmulator(kmock.KubernetesEmulator):
         return response
 
     # ------------------------------------------------------------ pod logs
+    @staticmethod
+    def _default_log_container(pod: dict[str, Any]) -> str:
+        """The container when none is named (pkg/registry/core/pod/strategy.go LogLocation)."""
+        spec = pod.get("spec") or {}
+        containers = [c["name"] for c in spec.get("containers") or []]
+        name = pod["metadata"]["name"]
+        if len(containers) == 1:
+            return containers[0]
+        if not containers:
+            raise bad_request(f"a container name must be specified for pod {name}")
+        message = f"a container name must be specified for pod {name}, choose one of: [{' '.join(containers)}]"
+        inits = [c["name"] for c in spec.get("initContainers") or []]
+        if inits:
+            message += f" or one of the init containers: [{' '.join(inits)}]"
+        raise bad_request(message)
+
     async def _serve_log(
         self, raw: aiohttp.web.BaseRequest, rt: ResourceType, namespace: str, name: str
     ) -> aiohttp.web.StreamResponse:
+        """pods/{name}/log from the files the local node writes (see node_logs)."""
         pod = self.core.get(rt, namespace, name)
         spec = pod.get("spec") or {}
         names = [
             c["name"] for c in (spec.get("containers") or []) + (spec.get("initContainers") or [])
         ]
-        container = raw.query.get("container") or (names[0] if names else "")
+        opts, causes = node_logs.parse_options(raw.query, time.time())
+        if causes:
+            raise errors.invalid("PodLogOptions", "", "", causes)
+        container = opts.container or self._default_log_container(pod)
         if container not in names:
             raise bad_request(f"container {container} is not valid for pod {name}")
-        if _truthy(raw.query.get("previous")):
-            raise bad_request(
-                f'previous terminated container "{container}" in pod "{name}" not found'
-            )
-        path = self.log_dir / namespace / name / f"{container}.log" if self.log_dir else None
-        if path is None or not path.exists():
-            raise bad_request(
-                f'container "{container}" in pod "{name}" is waiting to start: ContainerCreating'
-            )
-        data = path.read_bytes()
-        offset = len(data)
-        if raw.query.get("tailLines"):
-            lines = data.splitlines(keepends=True)
-            tail = int(raw.query["tailLines"])
-            data = b"".join(lines[-tail:]) if tail > 0 else b""
-        if raw.query.get("limitBytes"):
-            data = data[: int(raw.query["limitBytes"])]
-        if not _truthy(raw.query.get("follow")):
-            return aiohttp.web.Response(body=data, content_type="text/plain")
+        instance, problem = node_logs.choose_instance(pod, container, opts.previous)
+        if problem is not None or instance is None or self.log_dir is None:
+            raise bad_request(problem or f"container {container!r} in pod {name!r} has no logs")
+        uid = pod["metadata"]["uid"]
+        path = node_logs.container_log_path(self.log_dir, namespace, name, uid, container, instance)
+        data = b""
+        with contextlib.suppress(OSError):
+            data = path.read_bytes()
+        whole, rest = node_logs.complete_part(data)
+        if not opts.follow:
+            # a file that is no longer written: its unterminated end is output too
+            body = node_logs.render(whole + (rest + b"\n" if rest else b""), opts)
+            if opts.limit_bytes is not None:
+                body = body[: opts.limit_bytes]
+            return aiohttp.web.Response(body=body, content_type="text/plain")
         response = aiohttp.web.StreamResponse(status=200, headers={"Content-Type": "text/plain"})
         await response.prepare(raw)
+        budget = opts.limit_bytes
+        offset = len(whole)
+        chunk = node_logs.render(whole, opts)
         try:
-            if data:
-                await response.write(data)
-            while not self._stopping.is_set():
-                await asyncio.sleep(self.log_poll_interval)
-                chunk = b""
+            while True:
+                if chunk:
+                    if budget is not None:
+                        chunk = chunk[:budget]
+                        budget -= len(chunk)
+                    await response.write(chunk)
+                if budget == 0 or self._stopping.is_set():
+                    break
+                current = self.core.store.get(("", "pods"), namespace, name)
+                running = node_logs.instance_running(current, uid, container, instance)
+                if running:
+                    await asyncio.sleep(self.log_poll_interval)
+                new = b""
                 with contextlib.suppress(OSError), path.open("rb") as f:
                     f.seek(offset)
-                    chunk = f.read()
-                if chunk:
-                    offset += len(chunk)
-                    await response.write(chunk)
-                    continue
-                current = self.core.store.get(("", "pods"), namespace, name)
-                gone = current is None or current["metadata"]["uid"] != pod["metadata"]["uid"]
-                if gone or (current.get("status") or {}).get("phase") in TERMINAL_PHASES:
+                    new = f.read()
+                whole, rest = node_logs.complete_part(new)
+                if not running:  # that run ended: send what is left and stop, as the kubelet does
+                    chunk = node_logs.render(
+                        whole + (rest + b"\n" if rest else b""), opts, tail=False
+                    )
+                    if chunk and budget is not None:
+                        chunk = chunk[:budget]
+                    if chunk:
+                        await response.write(chunk)
                     break
+                offset += len(whole)
+                chunk = node_logs.render(whole, opts, tail=False)
             await response.write_eof()
         except (ConnectionError, RuntimeError):
             pass
