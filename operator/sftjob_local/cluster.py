@@ -74,11 +74,19 @@ class LocalCluster:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.emulator = ApiEmulator(host=self.host, port=self.port, log_dir=self.log_dir)
+        self.emulator = ApiEmulator(
+            host=self.host, port=self.port, log_dir=self.log_dir, pki_dir=self.workdir / "pki"
+        )
         await self.emulator.start()
         self.url = self.emulator.url
         self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)
-        write_kubeconfig(self.kubeconfig, self.url, namespace=self.namespace)
+        write_kubeconfig(
+            self.kubeconfig,
+            self.url,
+            namespace=self.namespace,
+            token=self.emulator.admin_token,
+            ca_pem=self.emulator.ca_pem,
+        )
         self.node = LocalNode(
             self.kubeconfig,
             self.workdir,

@@ -10,7 +10,7 @@ import random
 import re
 import string
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import errors, schema
@@ -111,6 +111,11 @@ class ApiCore:
     ) -> None:
         self.registry = Registry()
         self.store = Store(history_size)
+        # Admission checks that depend on the caller (see access.py): called with
+        # (operation, rt, object, old object or None, subresource) before a write is stored.
+        self.admission: list[Callable[..., None]] = []
+        # Controllers that react at once to a created object (the default ServiceAccount).
+        self.on_created: list[Callable[[ResourceType, dict[str, Any]], None]] = []
         self._service_ips = 10
         for name in BOOT_NAMESPACES:
             self.create(self.rt("", "v1", "namespaces"), None, {"metadata": {"name": name}})
@@ -226,11 +231,15 @@ class ApiCore:
             self._apply_schema(rt, obj, strict, warnings)
         if rt.group == "apiextensions.k8s.io":
             self._check_crd(obj)
+        for admit in self.admission:
+            admit("CREATE", rt, obj, None, None)
         if dry_run:
             return self.present(rt, obj)
         stored = self.store.put(key, obj, None)
         if rt.group == "apiextensions.k8s.io":
             stored = self._register_crd(stored)
+        for react in self.on_created:
+            react(rt, stored)
         return self.present(rt, stored)
 
     def _check_type(self, rt: ResourceType, obj: dict[str, Any]) -> None:
@@ -417,6 +426,8 @@ class ApiCore:
                     )
         if rt.custom:
             self._apply_schema(rt, result, strict, warnings)
+        for admit in self.admission:
+            admit("UPDATE", rt, result, old, subresource)
         if json.dumps(_content(result, rt), sort_keys=True) != json.dumps(
             _content(old, rt), sort_keys=True
         ):
