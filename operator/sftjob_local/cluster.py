@@ -9,7 +9,8 @@
 `run_local_up()` runs the same in the foreground until Ctrl-C/SIGTERM (what
 `sftjob local up` calls). Layout of the workdir (default `./.sftjob-local`):
 
-    kubeconfig                  unless another path is given
+    kubeconfig                  unless another path is given: the cluster-admin (token + CA)
+    pki/                        the API's CA and serving certificate (https), kept across restarts
     logs/<ns>/<pod>/<c>.log     container output, served as pods/<name>/log
     pods/<ns>/<pod>-<uid8>/     per-pod volumes, termination files, rootfs
     pvc/<ns>/<claim>/           PersistentVolumeClaim folders (kept)
