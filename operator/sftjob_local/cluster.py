@@ -10,7 +10,8 @@
 `sftjob local up` calls). Layout of the workdir (default `./.sftjob-local`):
 
     kubeconfig                  unless another path is given: the cluster-admin (token + CA)
-    pki/                        the API's CA and serving certificate (https), kept across restarts
+    pki/                        the API's CA and serving certificate (https), the admin token
+                                and the service-account signing key, kept across restarts
     logs/<ns>/<pod>/<c>.log     container output, served as pods/<name>/log
     pods/<ns>/<pod>-<uid8>/     per-pod volumes, termination files, rootfs
     pvc/<ns>/<claim>/           PersistentVolumeClaim folders (kept)
@@ -72,11 +73,18 @@ class LocalCluster:
     # ----------------------------------------------------------------- async
     async def start(self) -> None:
         from .emulator import ApiEmulator, write_kubeconfig
+        from .emulator.auth import kept_secret
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        pki = self.workdir / "pki"
         self.emulator = ApiEmulator(
-            host=self.host, port=self.port, log_dir=self.log_dir, pki_dir=self.workdir / "pki"
+            host=self.host,
+            port=self.port,
+            log_dir=self.log_dir,
+            pki_dir=pki,
+            admin_token=kept_secret(pki / "admin-token"),
+            signing_key=kept_secret(pki / "service-account-signing-key"),
         )
         await self.emulator.start()
         self.url = self.emulator.url

@@ -312,14 +312,13 @@ def test_deleting_the_job_removes_every_child(cluster: Cluster, operator_process
     wait_pods(cluster, "gone", 2, 1)
     cluster.delete_job("gone")
     wait_for(lambda: cluster.pods("gone") == [], what="pods deleted")
-    for lister in (
-        cluster.core.list_namespaced_config_map,
-        cluster.core.list_namespaced_service,
-        cluster.core.list_namespaced_service_account,
-    ):
+    for lister, kept in (
+        (cluster.core.list_namespaced_config_map, []),
+        (cluster.core.list_namespaced_service, []),
         # Every namespace keeps its `default` ServiceAccount (the ServiceAccount controller's).
-        names = [o.metadata.name for o in lister(cluster.namespace).items]
-        assert names in ([], ["default"]), names
+        (cluster.core.list_namespaced_service_account, ["default"]),
+    ):
+        assert [o.metadata.name for o in lister(cluster.namespace).items] == kept
 
 
 def test_unschedulable_pod_is_reported(cluster: Cluster, operator_process) -> None:
