@@ -205,8 +205,9 @@ def test_roles_grant_verbs_subresources_and_resource_names(
 def test_self_subject_reviews_answer_for_the_caller(
     cluster: Cluster, tmp_path: Path, uniq: str
 ) -> None:
-    """SelfSubjectAccessReview (authorization.k8s.io/v1, what `kubectl auth can-i` sends) and
-    SelfSubjectReview (authentication.k8s.io/v1, `kubectl auth whoami`), both creatable by any
+    """SelfSubjectAccessReview (authorization.k8s.io/v1, what `kubectl auth can-i` sends),
+    SelfSubjectRulesReview (`kubectl auth can-i --list`) and SelfSubjectReview
+    (authentication.k8s.io/v1, `kubectl auth whoami`), all creatable by any
     authenticated user (system:basic-user); https://kubernetes.io/docs/reference/
     access-authn-authz/authorization/#checking-api-access."""
     account = f"asker-{uniq}"
@@ -247,6 +248,17 @@ def test_self_subject_reviews_answer_for_the_caller(
     cluster.wait_for(lambda: can_i(list_pods))
     other_ns = {"resourceAttributes": {"namespace": "default", "verb": "list", "resource": "pods"}}
     assert not can_i(other_ns)
+    rules = other.ok(
+        "POST",
+        "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
+        {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectRulesReview",
+            "spec": {"namespace": ns},
+        },
+    )["status"]
+    assert {"verbs": ["list"], "apiGroups": [""], "resources": ["pods"]} in rules["resourceRules"]
+    assert not any("secrets" in r.get("resources", []) for r in rules["resourceRules"]), rules
     status, body = other.request(
         "POST",
         "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",

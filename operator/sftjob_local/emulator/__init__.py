@@ -30,7 +30,7 @@ Authorization: RBAC from the stored Roles/ClusterRoles/RoleBindings/ClusterRoleB
 (verbs, apiGroups, resources with ``x/y`` subresources and ``*``, resourceNames,
 nonResourceURLs), denials 403 worded as the apiserver does; the bootstrap ClusterRoles and
 bindings cluster-admin, system:discovery, system:basic-user, system:public-info-viewer exist
-from the start. Served: SelfSubjectAccessReview, SelfSubjectReview (JSON bodies). Admission
+from the start. Served: SelfSubjectAccessReview, SelfSubjectRulesReview, SelfSubjectReview. Admission
 that depends on the caller: ServiceAccount (``serviceAccountName`` defaults to ``default``; a
 pod naming a missing ServiceAccount → 403), OwnerReferencesPermissionEnforcement
 (``blockOwnerDeletion: true`` needs ``update`` on the owner's ``finalizers``; changing an
@@ -83,7 +83,7 @@ tailLines, limitBytes, follow until the pod is terminal or gone; previous → 40
 
 Simplified or absent: server-side apply is a plain merge (create when missing, no managedFields
 conflicts); no aggregated ClusterRoles (admin, edit, view) and no other bootstrap roles than
-those above; no TokenReview/SubjectAccessReview/SelfSubjectRulesReview; no client-certificate
+those above; no TokenReview/SubjectAccessReview; no client-certificate
 auth; admission adds no projected token volume to pods (the local node provides the token
 itself, see ``sftjob_local.node_sa``); service-account tokens are not rotated (pods get
 one-year tokens, as the apiserver's token-expiration extension gives kubelets); no CEL validation

@@ -158,6 +158,7 @@ class AccessControl:
             return self.token_request(namespace or "", name or "", _object(body())), 201
         reviews = {
             ("authorization.k8s.io", "selfsubjectaccessreviews"): self.self_subject_access_review,
+            ("authorization.k8s.io", "selfsubjectrulesreviews"): self.self_subject_rules_review,
             ("authentication.k8s.io", "selfsubjectreviews"): self.self_subject_review,
         }
         handler = reviews.get((group, plural or ""))
@@ -257,6 +258,50 @@ class AccessControl:
             status["reason"] = reason
         return {
             "kind": "SelfSubjectAccessReview",
+            "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
+
+    def self_subject_rules_review(
+        self, review: dict[str, Any], user: auth.UserInfo
+    ) -> dict[str, Any]:
+        """pkg/registry/authorization/selfsubjectrulesreview/rest.go (`kubectl auth can-i
+        --list`): the caller's rules in a namespace, system:masters' `*` rules first as the
+        privileged-group authorizer lists them."""
+        spec = dict(review.get("spec") or {})
+        namespace = spec.get("namespace", "")
+        rules, failures = self.resolver.rules_for(user, namespace)
+        if auth.MASTERS in user.groups:
+            rules = [
+                {"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]},
+                {"verbs": ["*"], "nonResourceURLs": ["*"]},
+                *rules,
+            ]
+        resource_rules = [
+            {
+                k: list(r[k])
+                for k in ("verbs", "apiGroups", "resources", "resourceNames")
+                if r.get(k)
+            }
+            for r in rules
+            if r.get("resources")
+        ]
+        non_resource_rules = [
+            {"verbs": list(r.get("verbs") or []), "nonResourceURLs": list(r["nonResourceURLs"])}
+            for r in rules
+            if r.get("nonResourceURLs")
+        ]
+        status: dict[str, Any] = {
+            "resourceRules": resource_rules,
+            "nonResourceRules": non_resource_rules,
+            "incomplete": bool(failures),
+        }
+        if failures:
+            status["evaluationError"] = rbac.aggregate(failures)
+        return {
+            "kind": "SelfSubjectRulesReview",
             "apiVersion": "authorization.k8s.io/v1",
             "metadata": {"creationTimestamp": None},
             "spec": spec,

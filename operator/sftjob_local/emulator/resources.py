@@ -181,6 +181,13 @@ def builtin_types() -> list[ResourceType]:
             namespaced=False,
             verbs=("create",),
         ),
+        _rt(
+            "authorization.k8s.io/v1",
+            "selfsubjectrulesreviews",
+            "SelfSubjectRulesReview",
+            namespaced=False,
+            verbs=("create",),
+        ),
         _rt("events.k8s.io/v1", "events", "Event", short_names=("ev",)),
         _rt(
             "apiextensions.k8s.io/v1",
