@@ -376,6 +376,12 @@ def test_rbac_refuses_granting_what_the_granter_lacks(
         f'rolebindings.rbac.authorization.k8s.io "wanted-{uniq}" is forbidden: user '
     ), body
     assert "is attempting to grant RBAC permissions not currently held" in body["message"]
+    # A binding to a role that does not exist: the role registry's NotFound.
+    dangling = copy.deepcopy(binding)
+    dangling["metadata"]["name"] = dangling["roleRef"]["name"] = f"none-{uniq}"
+    status, body = other.request("POST", f"{RBAC}/namespaces/{ns}/rolebindings", dangling)
+    assert status == 404 and body["reason"] == "NotFound", body
+    assert body["message"] == f'roles.rbac.authorization.k8s.io "none-{uniq}" not found', body
     held_binding = copy.deepcopy(binding)
     held_binding["metadata"]["name"] = f"held-{uniq}"
     held_binding["roleRef"]["name"] = f"held-{uniq}"

@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import errors
 from .auth import MASTERS, UserInfo
 from .errors import ApiError
 
@@ -490,7 +491,9 @@ def check_escalation(
             return
         requested, error = resolver.role_reference_rules(role_ref, namespace)
         if error:
-            raise ApiError(404, error, "NotFound", None)
+            # The RBAC storage resolves the roleRef through the role registry: its NotFound.
+            missing = "roles" if role_ref.get("kind") == "Role" else "clusterroles"
+            raise errors.not_found(missing, RBAC_GROUP, role_ref.get("name", ""))
     owned, resolution_errors = resolver.rules_for(user, namespace)
     missing = missing_rules(owned, requested)
     if missing:
