@@ -9,7 +9,9 @@
 `run_local_up()` runs the same in the foreground until Ctrl-C/SIGTERM (what
 `sftjob local up` calls). Layout of the workdir (default `./.sftjob-local`):
 
-    kubeconfig                  unless another path is given
+    kubeconfig                  unless another path is given: the cluster-admin (token + CA)
+    pki/                        the API's CA and serving certificate (https), the admin token
+                                and the service-account signing key, kept across restarts
     logs/<ns>_<pod>_<uid>/<c>/<restart>.log
                                 container output (CRI format), served as pods/<name>/log
     pods/<ns>/<pod>-<uid8>/     per-pod volumes, termination files, rootfs, procs/
@@ -129,14 +131,29 @@ class LocalCluster:
     # ----------------------------------------------------------------- async
     async def start(self) -> None:
         from .emulator import ApiEmulator, write_kubeconfig
+        from .emulator.auth import kept_secret
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.emulator = ApiEmulator(host=self.host, port=self.port, log_dir=self.log_dir)
+        pki = self.workdir / "pki"
+        self.emulator = ApiEmulator(
+            host=self.host,
+            port=self.port,
+            log_dir=self.log_dir,
+            pki_dir=pki,
+            admin_token=kept_secret(pki / "admin-token"),
+            signing_key=kept_secret(pki / "service-account-signing-key"),
+        )
         await self.emulator.start()
         self.url = self.emulator.url
         self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)
-        write_kubeconfig(self.kubeconfig, self.url, namespace=self.namespace)
+        write_kubeconfig(
+            self.kubeconfig,
+            self.url,
+            namespace=self.namespace,
+            token=self.emulator.admin_token,
+            ca_pem=self.emulator.ca_pem,
+        )
         for index, name in enumerate(node_names(self.node_count)):
             node = LocalNode(
                 self.kubeconfig,

@@ -3,7 +3,10 @@
 `sftjob demo` (and `make demo`) runs everything on this machine, no cluster needed:
 
 1. starts the local control plane (API emulator + a node that runs pods as processes);
-2. registers the SFTJob CRD and starts the operator as its own process;
+2. registers the SFTJob CRD, installs deploy/'s Namespace, ServiceAccount and ClusterRole
+   (as the admin) and starts the operator as its own process, authenticated as that
+   ServiceAccount (a token from the TokenRequest API in its own kubeconfig), so it runs
+   under the same RBAC as on a cluster;
 3. builds a tiny Qwen2-shaped model and small datasets locally (no hub) into the
    PersistentVolumeClaim folder `sftjob-demo-data`, which the examples mount at /data;
 4. applies the tiny examples of deploy/examples with kubectl (a full fine-tune on one
@@ -34,6 +37,10 @@ from .cluster import LocalCluster
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "deploy" / "examples"
 CRD_PATH = REPO_ROOT / "crds" / "sftjob.yaml"
+OPERATOR_RBAC = (REPO_ROOT / "deploy" / "namespace.yaml", REPO_ROOT / "deploy" / "rbac.yaml")
+OPERATOR_NAMESPACE, OPERATOR_ACCOUNT = "sftjob-system", "sftjob-operator"
+# The operator's token outlives any demo or test run (`sftjob demo --keep` included).
+OPERATOR_TOKEN_SECONDS = 30 * 24 * 3600
 DEMO_EXAMPLES = ("tiny-cpu.yaml", "tiny-lora-2node.yaml")
 DATA_CLAIM = "sftjob-demo-data"
 GROUP, VERSION, PLURAL = "tuning.sftjob.dev", "v1alpha1", "sftjobs"
@@ -62,6 +69,7 @@ class DemoEnvironment:
         self.fresh = fresh
         self.cluster: LocalCluster | None = None
         self.operator: subprocess.Popen[bytes] | None = None
+        self.operator_kubeconfig: Path | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -73,6 +81,7 @@ class DemoEnvironment:
         self.cluster.__enter__()
         try:
             self._register_crd()
+            self.operator_kubeconfig = self._install_operator_rbac()
             self.operator = self._start_operator()
         except BaseException:
             self.close()
@@ -114,8 +123,45 @@ class DemoEnvironment:
             if exc.status != 409:
                 raise
 
+    def _install_operator_rbac(self) -> Path:
+        """deploy/'s Namespace, ServiceAccount, ClusterRole and binding, applied as the admin;
+        returns a kubeconfig that authenticates as that ServiceAccount."""
+        import kubernetes
+
+        from .emulator import write_kubeconfig
+
+        assert self.cluster is not None and self.cluster.emulator is not None
+        api = kubernetes.config.new_client_from_config(str(self.kubeconfig))
+        for path in OPERATOR_RBAC:
+            for obj in yaml.safe_load_all(path.read_text()):
+                if obj:
+                    kubernetes.utils.create_from_dict(api, obj)
+        core = kubernetes.client.CoreV1Api(api)
+        issued = core.create_namespaced_service_account_token(
+            OPERATOR_ACCOUNT,
+            OPERATOR_NAMESPACE,
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": OPERATOR_TOKEN_SECONDS},
+            },
+        )
+        return write_kubeconfig(
+            self.workdir / "operator-kubeconfig",
+            self.cluster.url,
+            OPERATOR_NAMESPACE,
+            token=issued.status.token,
+            ca_pem=self.cluster.emulator.ca_pem,
+            user=f"{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}",
+        )
+
     def _start_operator(self) -> subprocess.Popen[bytes]:
-        env = {**self.env, "SFTJOB_RECONCILE_INTERVAL": str(self.reconcile_interval)}
+        assert self.operator_kubeconfig is not None
+        env = {
+            **self.env,
+            "KUBECONFIG": str(self.operator_kubeconfig),
+            "SFTJOB_RECONCILE_INTERVAL": str(self.reconcile_interval),
+        }
         log = (self.workdir / "operator.log").open("wb")
         return subprocess.Popen(
             [sys.executable, "-m", "sftjob_operator.cli", "operator", "-A", "--standalone"],

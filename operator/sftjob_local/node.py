@@ -46,10 +46,12 @@ Conventions pod processes (trainer, operator) can rely on
 ---------------------------------------------------------
 Environment: the node's own environment (minus PYTEST_CURRENT_TEST and
 KUBERNETES_SERVICE_HOST/PORT), then:
-  KUBECONFIG                 the local control plane's kubeconfig. There is no
-                             in-cluster config (no https service account): code
-                             should load KUBECONFIG when in-cluster config is absent.
-                             A pod that sets KUBECONFIG itself keeps its value.
+  KUBECONFIG                 a kubeconfig of the local control plane that
+                             authenticates as the pod's ServiceAccount (the token
+                             below), or without credentials when automount is off;
+                             never the node's admin kubeconfig. There is no in-cluster
+                             config: code should load KUBECONFIG when in-cluster config
+                             is absent. A pod that sets KUBECONFIG itself keeps its value.
   TERMINATION_MESSAGE_PATH   real file behind the container's
                              `terminationMessagePath` (default /dev/termination-log).
   SFTJOB_LOCAL_MOUNTS        JSON {container path: real host path} for every
@@ -64,6 +66,12 @@ KUBERNETES_SERVICE_HOST/PORT), then:
                              GPUs: the node's device indices assigned to the pod.
   then the pod's env/envFrom (literal, secretKeyRef, configMapKeyRef, fieldRef,
   resourceFieldRef; `$(VAR)` expansion as Kubernetes does), which wins.
+
+ServiceAccount token (node_sa): as a kubelet does, unless automountServiceAccountToken
+is false (on the pod, else on its ServiceAccount), the node requests a token bound to
+the pod (TokenRequest) and maps `/var/run/secrets/kubernetes.io/serviceaccount`
+(token, ca.crt, namespace) to `<pod folder>/serviceaccount`; a missing ServiceAccount
+keeps the pod waiting (CreateContainerConfigError), retried like a missing Secret.
 
 Paths: processes cannot see container paths such as `/data`. Every
 `volumeMounts[].mountPath` (with subPath), the `terminationMessagePath` and a

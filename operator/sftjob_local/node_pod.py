@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import node_logs
 from .node_kube import ApiError
+from .node_sa import MOUNT_PATH as SA_MOUNT
+from .node_sa import PodCredentials, TokenUnavailable, pod_credentials
 from .node_spec import (
     FieldError,
     MountMap,
@@ -148,6 +150,7 @@ class PodWorker:
         self._terminate_task: asyncio.Task[None] | None = None
         self._deadline_task: asyncio.Task[None] | None = None
         self._config_error: str | None = None
+        self.credentials: PodCredentials | None = None  # the pod's ServiceAccount (node_sa)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -322,6 +325,13 @@ class PodWorker:
         while not self.stopping.is_set():
             events: list[tuple[str, str]] = []
             try:
+                if self.credentials is None:
+                    try:
+                        self.credentials = await pod_credentials(
+                            self.node.api, self.node.kubeconfig, self.pod, self.dir
+                        )
+                    except TokenUnavailable as exc:
+                        raise ConfigError(str(exc)) from exc
                 volumes = await self._materialize_volumes()
             except MountError as exc:
                 volumes = None
@@ -506,6 +516,8 @@ class PodWorker:
                 if not real.exists():
                     real.mkdir(parents=True, exist_ok=True)
             mounts.add(vm["mountPath"], str(real))
+        if self.credentials and self.credentials.folder and mounts.resolve(SA_MOUNT) is None:
+            mounts.add(SA_MOUNT, str(self.credentials.folder))
         term = self.dir / "termination" / c.name
         term.parent.mkdir(parents=True, exist_ok=True)
         mounts.add(container_path_default(spec), str(term))
@@ -586,7 +598,10 @@ class PodWorker:
         out.update(
             {
                 "HOSTNAME": spec.get("hostname") or self.name,
-                "KUBECONFIG": str(node.kubeconfig),
+                # The pod's ServiceAccount, not the node's admin credentials (node_sa).
+                "KUBECONFIG": str(
+                    self.credentials.kubeconfig if self.credentials else node.kubeconfig
+                ),
                 "PYTHONUNBUFFERED": "1",
                 "GLOO_SOCKET_IFNAME": "lo",
                 "SFTJOB_LOCAL_NODE": node.name,

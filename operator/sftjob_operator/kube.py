@@ -7,6 +7,7 @@ means the child is already there, which is what a handler running twice expects.
 
 `API_PERMISSIONS` lists every (group, resource, verb) used here; a test checks it
 against the calls in this file and against the ClusterRole in deploy/.
+`ADMISSION_PERMISSIONS` lists what admission requires on top of those calls.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ API_PERMISSIONS: dict[tuple[str, str], set[str]] = {
     ("rbac.authorization.k8s.io", "rolebindings"): {"create"},
     (GROUP, PLURAL): {"get", "list", "watch", "patch", "delete"},
     (GROUP, f"{PLURAL}/status"): {"patch"},
+}
+
+# Permissions no call here uses but the API server's admission demands of these calls:
+# children carry ownerReferences with blockOwnerDeletion: true (children.owner_reference),
+# which OwnerReferencesPermissionEnforcement allows only with `update` on the owner's
+# finalizers (plugin/pkg/admission/gc in kubernetes).
+ADMISSION_PERMISSIONS: dict[tuple[str, str], set[str]] = {
+    (GROUP, f"{PLURAL}/finalizers"): {"update"},
 }
 
 ErrorHook = Callable[[str], None]

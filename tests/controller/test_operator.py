@@ -90,11 +90,14 @@ def test_children_are_created_once_when_reconciled_concurrently(
 
 def test_operator_restart_mid_create_adopts_the_pods(cluster: Cluster, operator_process) -> None:
     # The state a crash leaves between "pods created" and "status written": pods of
-    # launch 1 exist, status.attempts is still 0.
+    # launch 1 exist (with the ServiceAccount they run as, created before them: the API
+    # server refuses a pod whose ServiceAccount is missing), status.attempts is still 0.
     manifest = tiny_job("adopt")
     job = parse_sftjob({**manifest, "metadata": {"name": "adopt", "namespace": cluster.namespace}})
     for pod in build_pods(job, attempt=1, default_image="example.test/trainer:dev"):
         pod["metadata"]["ownerReferences"] = []
+        account = {"metadata": {"name": pod["spec"]["serviceAccountName"]}}
+        cluster.core.create_namespaced_service_account(cluster.namespace, account)
         cluster.core.create_namespaced_pod(cluster.namespace, pod)
     cluster.create_job(manifest)
     wait_for(lambda: cluster.job("adopt").get("status", {}).get("attempts") == 1, what="adoption")
@@ -312,12 +315,13 @@ def test_deleting_the_job_removes_every_child(cluster: Cluster, operator_process
     wait_pods(cluster, "gone", 2, 1)
     cluster.delete_job("gone")
     wait_for(lambda: cluster.pods("gone") == [], what="pods deleted")
-    for lister in (
-        cluster.core.list_namespaced_config_map,
-        cluster.core.list_namespaced_service,
-        cluster.core.list_namespaced_service_account,
+    for lister, kept in (
+        (cluster.core.list_namespaced_config_map, []),
+        (cluster.core.list_namespaced_service, []),
+        # Every namespace keeps its `default` ServiceAccount (the ServiceAccount controller's).
+        (cluster.core.list_namespaced_service_account, ["default"]),
     ):
-        assert lister(cluster.namespace).items == []
+        assert [o.metadata.name for o in lister(cluster.namespace).items] == kept
 
 
 def test_unschedulable_pod_is_reported(cluster: Cluster, operator_process) -> None:

@@ -7,10 +7,13 @@ few minutes on two CPU cores. See conftest.py for the local and real-cluster mod
 from __future__ import annotations
 
 import re
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from e2e_harness import (
     E2ECluster,
     condition,
@@ -386,3 +389,65 @@ def test_deleting_a_running_job_stops_it_and_removes_children(cluster: E2ECluste
         output = cluster.output_dir(name)
         assert output is not None
         assert not (output / "final").exists(), "a deleted job finished its training"
+
+
+# --------------------------------------------------------------------------- 9
+
+
+def trainer_token(cluster: E2ECluster, pod: dict[str, Any]) -> str:
+    """The token the trainer pod authenticates with: on the local node, the very file mounted
+    into the pod (<pod folder>/serviceaccount/token, see sftjob_local.node_sa); on a real
+    cluster, a new token of the same ServiceAccount (same identity, same RBAC)."""
+    if cluster.local is not None:
+        meta = pod["metadata"]
+        folder = f"{meta['name']}-{meta['uid'][:8]}"
+        path = cluster.local.workdir / "pods" / cluster.namespace / folder / "serviceaccount"
+        return (path / "token").read_text()
+    return cluster.kubectl("create", "token", pod["spec"]["serviceAccountName"]).strip()
+
+
+@pytest.mark.timeout(240)
+def test_a_trainer_pods_token_reaches_only_its_own_job(cluster: E2ECluster, tmp_path: Path) -> None:
+    name = cluster.name("scoped")
+    spec = tiny(48, env=env_list(SFTJOB_TEST_SLEEP_PER_STEP="1"))
+    cluster.submit(cluster.job_manifest("tiny-cpu.yaml", name, spec))
+    cluster.wait_step(name, 1, timeout=150)  # the trainer reported progress with its token
+    pod = cluster.pod(f"{name}-a1-r0")
+    assert pod["spec"]["serviceAccountName"] == f"{name}-trainer"
+
+    config = yaml.safe_load(cluster.kubeconfig.read_text())
+    context = next(c for c in config["contexts"] if c["name"] == config["current-context"])
+    config["users"] = [
+        {"name": context["context"]["user"], "user": {"token": trainer_token(cluster, pod)}}
+    ]
+    kubeconfig = tmp_path / "trainer-kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+    env = {**cluster.env, "KUBECONFIG": str(kubeconfig)}
+
+    def as_trainer(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["kubectl", "-n", cluster.namespace, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    # Its Role (children.build_role): get its own SFTJob and its status, patch the status.
+    assert as_trainer("get", "sftjob", name, "-o", "name").returncode == 0
+    user = f"system:serviceaccount:{cluster.namespace}:{name}-trainer"
+    for args, what in [
+        (("get", "sftjobs"), 'cannot list resource "sftjobs" in API group "tuning.sftjob.dev"'),
+        (("get", "sftjob", f"{name}-other"), 'cannot get resource "sftjobs"'),
+        (("get", "pods"), 'cannot list resource "pods" in API group ""'),
+        (("get", "secret", "anything"), 'cannot get resource "secrets" in API group ""'),
+        (("get", "configmap", f"{name}-config"), 'cannot get resource "configmaps"'),
+        (("delete", "sftjob", name, "--wait=false"), 'cannot delete resource "sftjobs"'),
+    ]:
+        result = as_trainer(*args)
+        assert result.returncode != 0, (args, result.stdout)
+        assert "Forbidden" in result.stderr and f'User "{user}" {what}' in result.stderr, (
+            args,
+            result.stderr,
+        )
+    assert cluster.exists("sftjob", name)

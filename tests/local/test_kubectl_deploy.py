@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import textwrap
 import urllib.error
@@ -30,8 +31,12 @@ pytestmark = [
 
 
 class Kubectl:
-    def __init__(self, url: str, kubeconfig: Path, cache: Path) -> None:
-        self.url = url
+    def __init__(self, server: EmulatorThread, kubeconfig: Path, cache: Path) -> None:
+        assert server.emulator is not None
+        self.url = server.url
+        # Raw requests as an authenticated client: the admin's token over the emulator's TLS.
+        self.token = server.emulator.admin_token
+        self.ssl = ssl.create_default_context(cadata=server.emulator.ca_pem.decode())
         # A private discovery cache, as a user's ~/.kube/cache: kept between the calls.
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBECACHEDIR": str(cache)}
 
@@ -52,9 +57,11 @@ class Kubectl:
         return result
 
     def http(self, path: str, accept: str) -> tuple[int, str, bytes]:
-        request = urllib.request.Request(self.url + path, headers={"Accept": accept})
+        request = urllib.request.Request(
+            self.url + path, headers={"Accept": accept, "Authorization": f"Bearer {self.token}"}
+        )
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10, context=self.ssl) as response:
                 return response.status, response.headers["Content-Type"], response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.headers["Content-Type"], exc.read()
@@ -64,7 +71,7 @@ class Kubectl:
 def kubectl(tmp_path: Path) -> Iterator[Kubectl]:
     with EmulatorThread(log_dir=tmp_path / "logs") as server:
         kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
-        yield Kubectl(server.url, kubeconfig, tmp_path / "cache")
+        yield Kubectl(server, kubeconfig, tmp_path / "cache")
 
 
 def test_apply_k_deploy_works_the_first_time(kubectl: Kubectl) -> None:

@@ -216,3 +216,28 @@ def test_sigkill_of_local_up_kills_the_pod_tree_and_restart_cleans_up(tmp_path: 
         if ghost.poll() is None:
             ghost.kill()
             ghost.wait()
+
+
+def test_a_restarted_local_cluster_keeps_its_credentials(tmp_path: Path) -> None:
+    """The admin token, CA and signing key live in <workdir>/pki: a kubeconfig (and a
+    service-account token) from before a restart still work after it; a stranger's does not."""
+    from sftjob_local.cluster import LocalCluster
+
+    workdir, port = tmp_path / "wd", free_port()
+    saved = tmp_path / "kubeconfig-before"
+    with LocalCluster(workdir=workdir, port=port) as first:
+        saved.write_text(first.kubeconfig.read_text())
+        assert kubectl(saved, "get", "ns", "default", "-o", "name").returncode == 0
+        token = first.emulator.access.authority.issue(
+            {"metadata": {"name": "default", "namespace": "default", "uid": "x"}},
+            ["https://kubernetes.default.svc.cluster.local"],
+            600,
+        )[0]
+    with LocalCluster(workdir=workdir, port=port) as second:
+        got = kubectl(saved, "get", "ns", "default", "-o", "name")
+        assert got.returncode == 0 and got.stdout.strip() == "namespace/default", got.stderr
+        # Same signing key: the token verifies (it names a uid that no longer exists, so it
+        # does not authenticate, exactly as for a re-created ServiceAccount).
+        assert second.emulator.access.authority.verify(token) is not None
+        denied = kubectl(saved, "get", "ns", "--token", "not-a-token")
+        assert denied.returncode != 0 and "Unauthorized" in denied.stderr, denied.stderr

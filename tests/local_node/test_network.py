@@ -11,7 +11,7 @@ import pytest
 from kubernetes.client import CoreV1Api
 from local_node_kit import py_pod, wait_phase
 from sftjob_local.cluster import LocalCluster
-from sftjob_local.emulator import EmulatorThread, write_kubeconfig
+from sftjob_local.emulator import EmulatorThread
 from sftjob_local.node import LocalNode
 from sftjob_local.node_dns import etc_hosts_writable
 
@@ -113,7 +113,7 @@ async def test_python_resolves_service_names_without_etc_hosts(tmp_path: Path) -
     Also the node on its own: an `EmulatorThread` (other thread, other loop)
     and a `LocalNode` on this test's loop that knows only the kubeconfig."""
     with EmulatorThread(log_dir=tmp_path / "logs") as srv:
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", srv.url)
+        kubeconfig = srv.write_kubeconfig(tmp_path / "kubeconfig")
         node = LocalNode(
             kubeconfig, tmp_path / "wd", log_dir=tmp_path / "logs", manage_etc_hosts=False
         )

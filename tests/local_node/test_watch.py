@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from sftjob_local.emulator import EmulatorThread, write_kubeconfig
+from sftjob_local.emulator import EmulatorThread
 from sftjob_local.node_kube import Informer, KubeHttp, cancel_and_wait
 
 pytestmark = pytest.mark.local
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.local
 
 async def test_informer_resumes_watch_after_server_timeout(tmp_path: Path) -> None:
     with EmulatorThread() as srv:
-        api = KubeHttp(write_kubeconfig(tmp_path / "kubeconfig", srv.url))
+        api = KubeHttp(srv.write_kubeconfig(tmp_path / "kubeconfig"))
         seen: list[tuple[str, str]] = []
         path = "/api/v1/namespaces/default/configmaps"
         # 1 s server-side timeout: the stream ends and must be resumed

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from sftjob_operator import kube
 from sftjob_operator.api import GROUP, PLURAL
-from sftjob_operator.children import build_role
+from sftjob_operator.children import build_role, owner_reference
 from sftjob_operator.documents import sftjobs_in
 from sftjob_operator.lifecycle import invalid_status
 
@@ -222,9 +222,19 @@ def test_cluster_role_grants_what_the_operator_calls(rendered: list[dict[str, An
     for needed, source in [
         (kube_py_calls(), "kube.py calls"),
         (triples(kube.API_PERMISSIONS), "kube.API_PERMISSIONS"),
+        (triples(kube.ADMISSION_PERMISSIONS), "kube.ADMISSION_PERMISSIONS"),
         (triples(KOPF_PERMISSIONS), "Kopf"),
     ]:
         assert not needed - granted, f"{source} need, the ClusterRole lacks: {needed - granted}"
+
+
+def test_admission_permissions_follow_the_owner_references_children_carry() -> None:
+    # OwnerReferencesPermissionEnforcement: blockOwnerDeletion needs update on the owner's
+    # finalizers; the operator sets it on every child, so it must be listed (and granted).
+    job = sftjobs_in((DEPLOY / "examples" / "tiny-cpu.yaml").read_text())[0]
+    blocking = owner_reference(job).get("blockOwnerDeletion") is True
+    needed = {(GROUP, f"{PLURAL}/finalizers", "update")} if blocking else set()
+    assert triples(kube.ADMISSION_PERMISSIONS) == needed
 
 
 def test_cluster_role_holds_what_the_per_job_role_grants(rendered: list[dict[str, Any]]) -> None:
@@ -239,6 +249,7 @@ def test_cluster_role_grants_nothing_else(rendered: list[dict[str, Any]]) -> Non
     job = sftjobs_in((DEPLOY / "examples" / "tiny-cpu.yaml").read_text())[0]
     accounted = (
         triples(kube.API_PERMISSIONS)
+        | triples(kube.ADMISSION_PERMISSIONS)
         | triples(KOPF_PERMISSIONS)
         | rule_triples(build_role(job)["rules"])
     )

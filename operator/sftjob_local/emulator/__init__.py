@@ -3,16 +3,42 @@
 Public API
 ==========
 ``ApiEmulator(host="127.0.0.1", port=0, log_dir=None, bookmark_interval=60.0, history_size=10000,
-kopf_peering_crds=True)``
-    A kmock ``KubernetesEmulator`` subclass with real-server semantics, served over plain HTTP.
-    ``await server.start()`` binds (port 0 = a free port), ``server.url`` is ``http://HOST:PORT``,
-    ``await server.stop()`` closes all connections (open watches and log follows end cleanly).
+kopf_peering_crds=True, admin_token=<random>, signing_key=<random>, pki_dir=None)``
+    A kmock ``KubernetesEmulator`` subclass with real-server semantics, served over HTTPS with a
+    private CA (``tls.py``: kubectl sends bearer tokens only over TLS; the CA and serving
+    certificate are kept in ``pki_dir`` when given). ``await server.start()`` binds (port 0 = a
+    free port), ``server.url`` is ``https://HOST:PORT``, ``server.ca_pem`` the CA,
+    ``server.admin_token`` the cluster-admin's token; ``await server.stop()`` closes all
+    connections (open watches and log follows end cleanly).
     ``server.core`` (:class:`ApiCore`) holds the state; use it only from the server's loop.
 ``EmulatorThread(**same kwargs)``
     The same server in a background thread with its own loop: ``with EmulatorThread(log_dir=d) as srv:``
-    then ``srv.url``, ``srv.emulator``, ``srv.call(coro)``, ``srv.write_kubeconfig(path, namespace)``.
-``write_kubeconfig(path, url, namespace="default", token="sftjob-local") -> Path``
-    A kubeconfig (http server, token user) accepted by kubectl, the ``kubernetes`` client and Kopf.
+    then ``srv.url``, ``srv.emulator``, ``srv.call(coro)``,
+    ``srv.write_kubeconfig(path, namespace, token=None)`` (the admin's token unless another is given).
+``write_kubeconfig(path, url, namespace="default", *, token, ca_pem=b"", user="sftjob-local") -> Path``
+    A kubeconfig (https server with its CA, token user) accepted by kubectl, the ``kubernetes``
+    client and Kopf. ``token`` is required: the emulator answers any unknown token with 401.
+
+Who may do what (``auth.py``, ``rbac.py``, ``access.py``)
+=========================================================
+Authentication: ``Authorization: Bearer`` with the admin token (user ``sftjob-local-admin``,
+groups ``system:masters``, ``system:authenticated``: RBAC lets it do anything) or a
+service-account token (HS256 JWTs from TokenRequest, ``serviceaccounts/<name>/token``, signed
+with ``signing_key``, bound to the ServiceAccount's uid and, when asked, a Pod's uid); any other
+token → 401 Unauthorized; no token → ``system:anonymous`` (``system:unauthenticated``).
+Authorization: RBAC from the stored Roles/ClusterRoles/RoleBindings/ClusterRoleBindings
+(verbs, apiGroups, resources with ``x/y`` subresources and ``*``, resourceNames,
+nonResourceURLs), denials 403 worded as the apiserver does; the bootstrap ClusterRoles and
+bindings cluster-admin, system:discovery, system:basic-user, system:public-info-viewer exist
+from the start. Served: SelfSubjectAccessReview, SelfSubjectRulesReview, SelfSubjectReview. Admission
+that depends on the caller: ServiceAccount (``serviceAccountName`` defaults to ``default``; a
+pod naming a missing ServiceAccount → 403), OwnerReferencesPermissionEnforcement
+(``blockOwnerDeletion: true`` needs ``update`` on the owner's ``finalizers``; changing an
+object's ownerReferences needs ``delete`` on it), RBAC escalation prevention (a Role needs the
+creator to hold what it grants or ``escalate``; a binding needs the role's permissions or
+``bind``). Every namespace gets a ``default`` ServiceAccount when it is created (the
+ServiceAccount controller's part). Emulator-only: a Host header other than the served
+address:port (or ``localhost:port``) and any request with an Origin header (a browser) → 403.
 
 What is served
 ==============
@@ -94,17 +120,22 @@ condition (EvictionByEvictionAPI) and deletes with the Eviction's deleteOptions
 (``eviction.py``); PodDisruptionBudgets are not served, so no eviction is refused for one.
 
 Simplified or absent: server-side apply is a plain merge (create when missing, no managedFields
-conflicts); no admission plugins, RBAC or authentication (any token is accepted); built-in
-validation covers the kinds above (Deployments, Leases, Nodes get the metadata rules only; the
-diff after "pod updates may not change fields other than ..." lists the changed top-level fields
-as JSON, not go-cmp's rendering of the Go struct; defaults such as imagePullPolicy are assumed,
-not written; status writes are not validated); CEL rules have no cost
-budget, of Kubernetes' CEL libraries only lists and regex are there; no conversion webhooks (all versions of a CRD share one storage);
-no pagination (``limit`` is ignored, everything is returned); responses are always JSON, whatever
-the Accept header asks (a real server answers protobuf or YAML when asked for them alone; client-go
-decodes a response by its Content-Type, so its clients read the JSON; only the OpenAPI v2 document
-has a protobuf form); a protobuf body of a kind without a field table in ``protobuf_messages.py``
-(e.g. a Pod, which kubectl sends as JSON) is 415 listing JSON and YAML.
+conflicts); admission plugins: ServiceAccount, OwnerReferencesPermissionEnforcement and RBAC
+escalation prevention only; no aggregated ClusterRoles (admin, edit, view) and no other bootstrap
+roles than those above; no TokenReview/SubjectAccessReview; no client-certificate auth; admission
+adds no projected token volume to pods (the local node provides the token itself, see
+``sftjob_local.node_sa``); service-account tokens are not rotated (pods get one-year tokens, as
+the apiserver's token-expiration extension gives kubelets); built-in validation covers the kinds
+above (Deployments, Leases, Nodes get the metadata rules only; the diff after "pod updates may
+not change fields other than ..." lists the changed top-level fields as JSON, not go-cmp's
+rendering of the Go struct; defaults such as imagePullPolicy are assumed, not written; status
+writes are not validated); CEL rules have no cost budget, of Kubernetes' CEL libraries only lists
+and regex are there; no conversion webhooks (all versions of a CRD share one storage); no
+pagination (``limit`` is ignored, everything is returned); responses are always JSON, whatever
+the Accept header asks (a real server answers protobuf or YAML when asked for them alone;
+client-go decodes a response by its Content-Type, so its clients read the JSON; only the OpenAPI
+v2 document has a protobuf form); a protobuf body of a kind without a field table in
+``protobuf_messages.py`` (e.g. a Pod, which kubectl sends as JSON) is 415 listing JSON and YAML.
 """
 
 from .core import ApiCore

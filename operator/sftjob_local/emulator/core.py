@@ -9,7 +9,7 @@ import json
 import random
 import string
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import cel, errors, schema, validation
@@ -108,6 +108,11 @@ class ApiCore:
     ) -> None:
         self.registry = Registry()
         self.store = Store(history_size)
+        # Admission checks that depend on the caller (see access.py): called with
+        # (operation, rt, object, old object or None, subresource) before a write is stored.
+        self.admission: list[Callable[..., None]] = []
+        # Controllers that react at once to a created object (the default ServiceAccount).
+        self.on_created: list[Callable[[ResourceType, dict[str, Any]], None]] = []
         self._service_ips = 10
         for name in BOOT_NAMESPACES:
             self.create(self.rt("", "v1", "namespaces"), None, {"metadata": {"name": name}})
@@ -224,11 +229,15 @@ class ApiCore:
             self._apply_schema(rt, obj, strict, warnings)
         if rt.group == "apiextensions.k8s.io":
             self._check_crd(obj)
+        for admit in self.admission:
+            admit("CREATE", rt, obj, None, None)
         if dry_run:
             return self.present(rt, obj)
         stored = self.store.put(key, obj, None)
         if rt.group == "apiextensions.k8s.io":
             stored = self._register_crd(stored)
+        for react in self.on_created:
+            react(rt, stored)
         return self.present(rt, stored)
 
     def _check_type(self, rt: ResourceType, obj: dict[str, Any]) -> None:
@@ -422,6 +431,8 @@ class ApiCore:
                     )
         if rt.custom:
             self._apply_schema(rt, result, strict, warnings, old)
+        for admit in self.admission:
+            admit("UPDATE", rt, result, old, subresource)
         if json.dumps(_content(result, rt), sort_keys=True) != json.dumps(
             _content(old, rt), sort_keys=True
         ):

@@ -25,6 +25,10 @@ class ResourceType:
     printer_columns: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # Nodes (registered by kubelets) may carry status on create; pods/CRs/others may not.
     keep_status_on_create: bool = False
+    # Create-only APIs (access reviews) are served by access.py, never stored.
+    verbs: tuple[str, ...] = tuple(VERBS)
+    # serviceaccounts/token (TokenRequest), served by access.py.
+    token_subresource: bool = False
 
     @property
     def api_version(self) -> str:
@@ -45,7 +49,7 @@ class ResourceType:
             "singularName": self.singular,
             "namespaced": self.namespaced,
             "kind": self.kind,
-            "verbs": list(VERBS),
+            "verbs": list(self.verbs),
         }
         if self.short_names:
             entry["shortNames"] = list(self.short_names)
@@ -93,6 +97,18 @@ class ResourceType:
                     "verbs": ["create"],
                 }
             )
+        if self.token_subresource:
+            entries.append(
+                {
+                    "name": f"{self.plural}/token",
+                    "singularName": "",
+                    "namespaced": True,
+                    "group": "authentication.k8s.io",
+                    "version": "v1",
+                    "kind": "TokenRequest",
+                    "verbs": ["create"],
+                }
+            )
         return entries
 
 
@@ -122,7 +138,13 @@ def builtin_types() -> list[ResourceType]:
         ),
         _rt("v1", "configmaps", "ConfigMap", short_names=("cm",)),
         _rt("v1", "secrets", "Secret"),
-        _rt("v1", "serviceaccounts", "ServiceAccount", short_names=("sa",)),
+        _rt(
+            "v1",
+            "serviceaccounts",
+            "ServiceAccount",
+            short_names=("sa",),
+            token_subresource=True,
+        ),
         _rt("v1", "events", "Event", short_names=("ev",)),
         _rt(
             "v1",
@@ -166,6 +188,27 @@ def builtin_types() -> list[ResourceType]:
             status_subresource=True,
         ),
         _rt("coordination.k8s.io/v1", "leases", "Lease"),
+        _rt(
+            "authentication.k8s.io/v1",
+            "selfsubjectreviews",
+            "SelfSubjectReview",
+            namespaced=False,
+            verbs=("create",),
+        ),
+        _rt(
+            "authorization.k8s.io/v1",
+            "selfsubjectaccessreviews",
+            "SelfSubjectAccessReview",
+            namespaced=False,
+            verbs=("create",),
+        ),
+        _rt(
+            "authorization.k8s.io/v1",
+            "selfsubjectrulesreviews",
+            "SelfSubjectRulesReview",
+            namespaced=False,
+            verbs=("create",),
+        ),
         _rt("events.k8s.io/v1", "events", "Event", short_names=("ev",)),
         _rt(
             "apiextensions.k8s.io/v1",

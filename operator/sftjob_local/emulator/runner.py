@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
@@ -17,22 +19,34 @@ T = TypeVar("T")
 
 
 def write_kubeconfig(
-    path: str | Path, url: str, namespace: str = "default", token: str = "sftjob-local"
+    path: str | Path,
+    url: str,
+    namespace: str = "default",
+    *,
+    token: str,
+    ca_pem: bytes = b"",
+    user: str = "sftjob-local",
 ) -> Path:
-    """Write a kubeconfig for a plain-http server with a token user (kubectl, kubernetes, Kopf)."""
+    """Write a kubeconfig for a plain-http server with a token user (kubectl, kubernetes, Kopf).
+
+    ``token``: the emulator's ``admin_token`` (cluster-admin) or a service-account token; the
+    emulator refuses any other (401). ``ca_pem``: the emulator's CA (``emulator.ca_pem``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    cluster: dict[str, str] = {"server": url}
+    if ca_pem:
+        cluster["certificate-authority-data"] = base64.b64encode(ca_pem).decode()
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "sftjob-local", "cluster": {"server": url}}],
-        "users": [{"name": "sftjob-local", "user": {"token": token}}],
+        "clusters": [{"name": "sftjob-local", "cluster": cluster}],
+        "users": [{"name": user, "user": {"token": token}}],
         "contexts": [
             {
                 "name": "sftjob-local",
                 "context": {
                     "cluster": "sftjob-local",
-                    "user": "sftjob-local",
+                    "user": user,
                     "namespace": namespace,
                 },
             }
@@ -40,7 +54,11 @@ def write_kubeconfig(
         "current-context": "sftjob-local",
         "preferences": {},
     }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    # It holds a credential: readable by its owner only.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
     return path
 
 
@@ -104,8 +122,18 @@ class EmulatorThread:
         self._thread.join(10)
         self._thread = None
 
-    def write_kubeconfig(self, path: str | Path, namespace: str = "default") -> Path:
-        return write_kubeconfig(path, self.url, namespace)
+    def write_kubeconfig(
+        self, path: str | Path, namespace: str = "default", token: str | None = None
+    ) -> Path:
+        """A kubeconfig for this server: the cluster admin unless another token is given."""
+        assert self.emulator is not None
+        return write_kubeconfig(
+            path,
+            self.url,
+            namespace,
+            token=token or self.emulator.admin_token,
+            ca_pem=self.emulator.ca_pem,
+        )
 
     def __enter__(self) -> EmulatorThread:
         return self.start()

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ import yaml
 from kmock._internal import apps, rendering
 
 from .. import node_logs
-from . import bodies, errors, eviction, openapi, tables
+from . import auth, bodies, errors, eviction, openapi, tables, tls
+from .access import AccessControl, allowed_hosts, check_transport
 from .core import ApiCore
 from .errors import ApiError, bad_request
 from .preinstalled import KOPF_PEERING_CRDS, as_applied
@@ -114,6 +116,13 @@ class ApiEmulator(kmock.KubernetesEmulator):
     history_size: int = 10000
     log_poll_interval: float = 0.1
     kopf_peering_crds: bool = True
+    # The cluster-admin's bearer token and the service-account token signing key (auth.py):
+    # random unless given (a cluster that keeps its state keeps them too).
+    admin_token: str = attrs.field(factory=auth.new_secret)
+    signing_key: str = attrs.field(factory=auth.new_secret)
+    # https with a private CA (tls.py: kubectl sends tokens only over TLS); the CA and serving
+    # certificate are kept in pki_dir when given, else made for this run only.
+    pki_dir: Path | None = None
 
     def __attrs_post_init__(self) -> None:
         # kmock's own fallback reactions are deliberately not registered: ApiCore replaces them.
@@ -121,16 +130,23 @@ class ApiEmulator(kmock.KubernetesEmulator):
             [as_applied(crd) for crd in KOPF_PEERING_CRDS] if self.kopf_peering_crds else []
         )
         self.core = ApiCore(self.history_size, preinstalled)
+        self.access = AccessControl(self.core, self.admin_token, self.signing_key)
+        self.core.admission.append(self.access.admit)
+        self.core.on_created.append(self._on_created)
+        self.access.bootstrap()
+        self.core.store.compact()
         self._runner: aiohttp.web.ServerRunner | None = None
         self._stopping = asyncio.Event()
         self._bound_port: int | None = None
+        self.ca_pem: bytes = b""
 
     # ------------------------------------------------------------ lifecycle
     @property
     def url(self) -> str:  # type: ignore[override]
         if self._bound_port is None:
             raise RuntimeError("the emulator is not started")
-        return f"http://{self.host}:{self._bound_port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self._bound_port}"
 
     async def start(self) -> None:
         await self.__aenter__()  # kmock: the stream feeder and error accounting
@@ -140,7 +156,12 @@ class ApiEmulator(kmock.KubernetesEmulator):
         )
         self._runner = aiohttp.web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = aiohttp.web.TCPSite(self._runner, self.host, self.port)
+        certificate = tls.serving_certificate(self.host, self.pki_dir)
+        self.ca_pem = certificate.ca_pem
+        ssl_context = certificate.server_context()
+        if self.pki_dir is None:
+            shutil.rmtree(certificate.directory, ignore_errors=True)
+        site = aiohttp.web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_context)
         await site.start()
         self._bound_port = self._runner.addresses[0][1]
 
@@ -210,13 +231,33 @@ class ApiEmulator(kmock.KubernetesEmulator):
         self._requests.append(request)
         return await self._handle(request)
 
+    def _on_created(self, rt: ResourceType, obj: dict[str, Any]) -> None:
+        if rt.kind == "Namespace" and not rt.group:
+            self.access.ensure_default_service_account(obj)
+
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        raw = request._raw_request
+        assert raw is not None
+        try:
+            check_transport(raw.headers, allowed_hosts(self.host, self._bound_port or self.port))
+            user = self.access.check_request(raw.method, raw.path, raw.query, raw.headers)
+        except ApiError as exc:
+            return _json(exc.status(), exc.code)
+        current = auth.current_user.set(user)
+        try:
+            return await self._handle_as_user(request, user)
+        finally:
+            auth.current_user.reset(current)
+
+    async def _handle_as_user(
+        self, request: rendering.Request, user: auth.UserInfo
+    ) -> aiohttp.web.StreamResponse:
         try:
             try:
                 return await apps.RawHandler._handle(self, request)  # user reactions, if any match
             except NotImplementedError:
                 pass
-            return await self._serve(request)
+            return await self._serve(request, user)
         except ApiError as exc:
             return _json(exc.status(), exc.code)
         except asyncio.CancelledError:
@@ -226,7 +267,9 @@ class ApiEmulator(kmock.KubernetesEmulator):
             return _json(ApiError(500, f"{type(exc).__name__}: {exc}").status(), 500)
 
     # ------------------------------------------------------------ routing
-    async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+    async def _serve(
+        self, request: rendering.Request, user: auth.UserInfo
+    ) -> aiohttp.web.StreamResponse:
         raw = request._raw_request
         assert raw is not None
         path = raw.path.rstrip("/") or "/"
@@ -260,6 +303,18 @@ class ApiEmulator(kmock.KubernetesEmulator):
         if route.plural is None:
             return self._serve_discovery(route)
         assert route.version is not None
+        served = self.access.serve(
+            raw.method,
+            route.group,
+            route.namespace,
+            route.plural,
+            route.name,
+            route.subresource,
+            lambda: self._body(request),
+            user,
+        )
+        if served is not None:
+            return _json(*served)
         rt = self.core.rt(route.group, route.version, route.plural)
         if rt.namespaced is False and route.namespace:
             raise ApiError(404, "the server could not find the requested resource", "NotFound", {})
