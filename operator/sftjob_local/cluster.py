@@ -10,13 +10,17 @@
 `sftjob local up` calls). Layout of the workdir (default `./.sftjob-local`):
 
     kubeconfig                  unless another path is given
+    state.db (-wal)             the cluster's objects (SQLite; see emulator/statedb.py)
     logs/<ns>/<pod>/<c>.log     container output, served as pods/<name>/log
     pods/<ns>/<pod>-<uid8>/     per-pod volumes, termination files, rootfs
     pvc/<ns>/<claim>/           PersistentVolumeClaim folders (kept)
     hosts, pyhook/              cluster DNS for pod processes (see node_dns)
 
-The emulator keeps objects in memory: a restart starts an empty cluster
-(the PVC folders and logs stay on disk).
+State survives a restart, as etcd gives a real cluster: stopping and starting on the
+same workdir keeps every object with its uid and resourceVersion. Pod processes do
+not survive: the node reports the pods it finds bound to it but not running as a
+kubelet does after a reboot (see node.py). `ephemeral=True` (`sftjob local up
+--ephemeral`) keeps everything in memory instead: each start is an empty cluster.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .node import LocalNode
+from .persistence import state_db_path
 
 DEFAULT_PORT = 8765
 DEFAULT_WORKDIR = Path(".sftjob-local")
@@ -49,12 +54,14 @@ class LocalCluster:
         *,
         host: str = "127.0.0.1",
         namespace: str = "default",
+        ephemeral: bool = False,
         **node_options: Any,
     ) -> None:
         self.port = port
         self.host = host
         self.namespace = namespace
         self.workdir = Path(workdir or DEFAULT_WORKDIR).resolve()
+        self.state_path = None if ephemeral else state_db_path(self.workdir)
         self.kubeconfig = Path(kubeconfig).resolve() if kubeconfig else self.workdir / "kubeconfig"
         self.log_dir = self.workdir / "logs"
         self.gpus = gpus
@@ -74,8 +81,14 @@ class LocalCluster:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.emulator = ApiEmulator(host=self.host, port=self.port, log_dir=self.log_dir)
-        await self.emulator.start()
+        self.emulator = ApiEmulator(
+            host=self.host, port=self.port, log_dir=self.log_dir, state_path=self.state_path
+        )
+        try:
+            await self.emulator.start()
+        except BaseException:
+            self.emulator.core.store.close()
+            raise
         self.url = self.emulator.url
         self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)
         write_kubeconfig(self.kubeconfig, self.url, namespace=self.namespace)
@@ -148,11 +161,14 @@ def run_local_up(
     kubeconfig: Path | str | None = None,
     workdir: Path | str | None = None,
     gpus: int = 0,
+    ephemeral: bool = False,
 ) -> int:
     """Run the local control plane in the foreground until SIGINT/SIGTERM."""
 
     async def main() -> None:
-        cluster = LocalCluster(port=port, workdir=workdir, kubeconfig=kubeconfig, gpus=gpus)
+        cluster = LocalCluster(
+            port=port, workdir=workdir, kubeconfig=kubeconfig, gpus=gpus, ephemeral=ephemeral
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -162,6 +178,7 @@ def run_local_up(
             print(
                 f"sftjob local control plane: API {cluster.url}, node local-node "
                 f"({gpus} GPU{'s' if gpus != 1 else ''}), workdir {cluster.workdir}\n"
+                f"state: {cluster.state_path or 'in memory (--ephemeral): lost when it stops'}\n"
                 f"kubeconfig: {cluster.kubeconfig}\n"
                 f"  export KUBECONFIG={cluster.kubeconfig}\n"
                 f"  kubectl get pods\n"

@@ -95,6 +95,15 @@ completes the deletion with `gracePeriodSeconds=0` (uid precondition).
 Shutdown (`stop()`): pod processes get SIGTERM, then SIGKILL after
 `shutdown_grace` seconds; their pods' status is left as it was (a real node
 that disappears leaves its pods too). The /etc/hosts block is removed.
+
+Start after a restart (the API keeps its objects, see cluster.py): pods bound to
+this node that are not terminal and that this instance is not running are
+handled as a kubelet does after a reboot (`node_reboot`): restartPolicy Never
+pods whose containers had started are marked Failed, each such container
+terminated with reason ContainerStatusUnknown, exit code 137, "The container
+could not be located when the pod was terminated"; Always/OnFailure pods and
+pods that never started a container are started again (restartCount starts
+over at 0, unlike a kubelet's).
 """
 
 from __future__ import annotations
@@ -118,6 +127,7 @@ from .node_dns import (
 )
 from .node_kube import ApiError, Informer, KubeHttp, cancel_and_wait
 from .node_pod import PodWorker, now
+from .node_reboot import lost_on_reboot, terminated_after_reboot
 from .node_spec import gpu_requests, is_terminal, unschedulable_message
 
 __all__ = ["LocalNode", "NODE_NAME"]
@@ -189,6 +199,7 @@ class LocalNode:
         self.workers: dict[str, PodWorker] = {}
         self._assumed: dict[str, int] = {}  # uid → GPUs, bound but not yet seen bound
         self._unschedulable: dict[str, str] = {}  # uid → last reported message
+        self._reporting_lost: set[str] = set()  # uids being marked Failed (node_reboot)
         self._ips_used: set[str] = set()
         self._ip_next = random.randrange(256, 254 * 256)
         self._devices_used: set[int] = set()
@@ -238,6 +249,10 @@ class LocalNode:
         await cancel_and_wait(*self._tasks)
         self._tasks = []
         workers = list(self.workers.values())
+        for worker in workers:
+            # The pods' status stays as it was (no "exited 143" from our own SIGTERM): the
+            # next start reports them as a kubelet does after a reboot (node_reboot).
+            worker.gone = True
         await asyncio.gather(
             *(w.shutdown(self.shutdown_grace) for w in workers), return_exceptions=True
         )
@@ -385,6 +400,9 @@ class LocalNode:
             elif meta.get("deletionTimestamp"):
                 # bound here but never run by this node instance: nothing to stop
                 self._spawn(self._force_delete(pod))
+            elif lost_on_reboot(pod):
+                # its processes died with an earlier instance of this node
+                self._report_lost(pod)
             elif not is_terminal(pod):
                 self._start_worker(pod)
         self._sched_kick.set()
@@ -415,6 +433,26 @@ class LocalNode:
     async def _cleanup(self, worker: PodWorker) -> None:
         await worker.finished.wait()
         worker.cleanup()
+
+    def _report_lost(self, pod: Obj) -> None:
+        """Mark Failed a pod whose containers this node cannot find (see node_reboot)."""
+        meta = pod["metadata"]
+        if meta["uid"] in self._reporting_lost:
+            return
+        self._reporting_lost.add(meta["uid"])
+        ns, name = meta.get("namespace", "default"), meta["name"]
+        status = terminated_after_reboot(pod, now())
+
+        async def patch() -> None:
+            try:
+                await self.api.merge_patch(f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": status})  # fmt: skip
+                log.info("pod %s/%s: containers lost with the previous node instance; Failed", ns, name)  # fmt: skip
+            except ApiError as exc:  # a later event of the pod tries again
+                log.warning("pod %s/%s: cannot mark it Failed: %s", ns, name, exc)
+            finally:
+                self._reporting_lost.discard(meta["uid"])
+
+        self._spawn(patch())
 
     async def _force_delete(self, pod: Obj) -> None:
         meta = pod["metadata"]

@@ -178,7 +178,11 @@ def cmd_local_up(args: argparse.Namespace) -> int:
     from sftjob_local.cluster import run_local_up
 
     code: int = run_local_up(
-        port=args.port, kubeconfig=args.kubeconfig, workdir=args.workdir, gpus=args.gpus
+        port=args.port,
+        kubeconfig=args.kubeconfig,
+        workdir=args.workdir,
+        gpus=args.gpus,
+        ephemeral=args.ephemeral,
     )
     return code
 
@@ -253,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workdir", type=Path, default=Path(".sftjob-local"))
     up.add_argument("--kubeconfig", type=Path, default=None, help="default: WORKDIR/kubeconfig")
     up.add_argument("--gpus", type=int, default=0, help="GPUs the local node advertises")
+    up.add_argument(
+        "--ephemeral",
+        action="store_true",
+        help="keep the cluster's objects in memory only (default: WORKDIR/state.db, kept "
+        "across restarts)",
+    )
     up.set_defaults(func=cmd_local_up)
     return parser
 

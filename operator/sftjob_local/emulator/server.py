@@ -113,13 +113,15 @@ class ApiEmulator(kmock.KubernetesEmulator):
     history_size: int = 10000
     log_poll_interval: float = 0.1
     kopf_peering_crds: bool = True
+    # The SQLite database that keeps the cluster's state across restarts; None: memory only.
+    state_path: Path | None = None
 
     def __attrs_post_init__(self) -> None:
         # kmock's own fallback reactions are deliberately not registered: ApiCore replaces them.
         preinstalled = (
             [as_applied(crd) for crd in KOPF_PEERING_CRDS] if self.kopf_peering_crds else []
         )
-        self.core = ApiCore(self.history_size, preinstalled)
+        self.core = ApiCore(self.history_size, preinstalled, self.state_path)
         self._runner: aiohttp.web.ServerRunner | None = None
         self._stopping = asyncio.Event()
         self._bound_port: int | None = None
@@ -144,10 +146,13 @@ class ApiEmulator(kmock.KubernetesEmulator):
     async def stop(self) -> None:
         self._stopping.set()
         self.core.store.close_all()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        await self.__aexit__(None, None, None)
+        try:
+            if self._runner is not None:
+                await self._runner.cleanup()
+                self._runner = None
+            await self.__aexit__(None, None, None)
+        finally:
+            self.core.store.close()  # no request is served any more: release the database
 
     # ------------------------------------------------------------ kmock entry points
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
