@@ -250,3 +250,18 @@ def test_a_second_server_on_the_same_database_is_refused(tmp_path: Path) -> None
         with pytest.raises(StateLocked, match="in use by another local control plane"):
             EmulatorThread(state_path=state).start()
         api.ok("GET", cm_path("mine"))  # the first one is unaffected
+
+
+def test_workdir_secrets_are_created_once_private_and_read_back(tmp_path: Path) -> None:
+    from sftjob_local.persistence import persistent_secret, state_db_path
+
+    first = persistent_secret(tmp_path, "admin-token")
+    assert len(first) >= 40
+    assert persistent_secret(tmp_path, "admin-token") == first  # a restart reads it back
+    assert persistent_secret(tmp_path, "signing-key") != first
+    path = tmp_path / "secrets" / "admin-token"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["admin-token", "signing-key"]
+    with pytest.raises(ValueError):
+        persistent_secret(tmp_path, "../escape")
+    assert state_db_path(tmp_path) == tmp_path / "state.db"

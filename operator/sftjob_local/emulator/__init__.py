@@ -3,11 +3,13 @@
 Public API
 ==========
 ``ApiEmulator(host="127.0.0.1", port=0, log_dir=None, bookmark_interval=60.0, history_size=10000,
-kopf_peering_crds=True)``
+kopf_peering_crds=True, state_path=None)``
     A kmock ``KubernetesEmulator`` subclass with real-server semantics, served over plain HTTP.
     ``await server.start()`` binds (port 0 = a free port), ``server.url`` is ``http://HOST:PORT``,
     ``await server.stop()`` closes all connections (open watches and log follows end cleanly).
     ``server.core`` (:class:`ApiCore`) holds the state; use it only from the server's loop.
+    ``state_path``: an SQLite file that keeps the state across restarts (see "Persistence");
+    None keeps it in memory only.
 ``EmulatorThread(**same kwargs)``
     The same server in a background thread with its own loop: ``with EmulatorThread(log_dir=d) as srv:``
     then ``srv.url``, ``srv.emulator``, ``srv.call(coro)``, ``srv.write_kubeconfig(path, namespace)``.
@@ -51,6 +53,15 @@ collected); CRD schemas: pruning (x-kubernetes-preserve-unknown-fields honoured)
 jsonschema validation with apiserver-style 422 causes, ``fieldValidation=Strict`` → 400 on unknown
 fields; Tables for ``kubectl get`` (additionalPrinterColumns for CRs; pods, services, nodes, ...).
 
+Persistence (``state_path``, ``statedb.py``): every object, with its uid, resourceVersion,
+generation and timestamps, and the global resourceVersion counter (deletions' versions too) are
+written through to SQLite (WAL) before the response is sent, and loaded back by the next server on
+the same file: the version sequence continues, never repeats. Not kept: the watch history (a watch
+from a version older than the start gets 410 Expired, so clients relist) and open watches. On a
+restored database the stored CRDs are served again; the system namespaces are recreated only if
+missing and the preinstalled CRDs only come with a new database (one a user deleted stays deleted).
+One server per database: a second one fails at start with ``StateLocked``, an ``OSError``.
+
 Pod logs: ``pods/{name}/log`` serves ``{log_dir}/{namespace}/{pod}/{container}.log`` (container,
 tailLines, limitBytes, follow until the pod is terminal or gone; previous → 400; no file → 400
 "waiting to start"). The local node writes those files.
@@ -59,7 +70,9 @@ Simplified or absent: server-side apply is a plain merge (create when missing, n
 conflicts); no admission, RBAC or authentication (any token is accepted); no CEL validation
 (x-kubernetes-validations), no conversion webhooks (all versions of a CRD share one storage);
 no pagination (``limit`` is ignored, everything is returned); protobuf is never served for
-objects (JSON only; only the OpenAPI v2 document has a protobuf form).
+objects (JSON only; only the OpenAPI v2 document has a protobuf form); persisted state is
+written with ``synchronous=NORMAL`` (it survives the process being killed, not a power loss),
+and Events are kept until deleted (no --event-ttl expiry).
 """
 
 from .core import ApiCore
