@@ -10,16 +10,21 @@
 `sftjob local up` calls). Layout of the workdir (default `./.sftjob-local`):
 
     kubeconfig                  unless another path is given: the cluster-admin (token + CA)
-    pki/                        the API's CA and serving certificate (https), the admin token
-                                and the service-account signing key, kept across restarts
+    state.db (-wal)             the cluster's objects (SQLite; see emulator/statedb.py)
+    pki/                        the API's CA and serving certificate (https)
+    secrets/                    the admin token and the service-account signing key
+                                (persistence.py), kept across restarts with the CA
     logs/<ns>_<pod>_<uid>/<c>/<restart>.log
                                 container output (CRI format), served as pods/<name>/log
     pods/<ns>/<pod>-<uid8>/     per-pod volumes, termination files, rootfs, procs/
     pvc/<ns>/<claim>/           PersistentVolumeClaim folders (kept)
     hosts, pyhook/              cluster DNS for pod processes (see node_dns)
 
-The emulator keeps objects in memory: a restart starts an empty cluster
-(the PVC folders and logs stay on disk).
+State survives a restart, as etcd gives a real cluster: stopping and starting on the
+same workdir keeps every object with its uid and resourceVersion. Pod processes do
+not survive: the node reports the pods it finds bound to it but not running as a
+kubelet does after a reboot (see node.py). `ephemeral=True` (`sftjob local up
+--ephemeral`) keeps everything in memory instead: each start is an empty cluster.
 
 Nodes: `nodes=N` registers N `LocalNode`s named `local-node`, `local-node-2`,
 ... (the first keeps the single-node name that scripts and docs use), every
@@ -41,6 +46,7 @@ from typing import Any
 
 from .local_scheduler import LocalScheduler
 from .node import NODE_NAME, LocalNode
+from .persistence import persistent_secret, state_db_path
 
 DEFAULT_PORT = 8765
 DEFAULT_WORKDIR = Path(".sftjob-local")
@@ -104,12 +110,14 @@ class LocalCluster:
         host: str = "127.0.0.1",
         namespace: str = "default",
         nodes: int = 1,
+        ephemeral: bool = False,
         **node_options: Any,
     ) -> None:
         self.port = port
         self.host = host
         self.namespace = namespace
         self.workdir = Path(workdir or DEFAULT_WORKDIR).resolve()
+        self.state_path = None if ephemeral else state_db_path(self.workdir)
         self.kubeconfig = Path(kubeconfig).resolve() if kubeconfig else self.workdir / "kubeconfig"
         self.log_dir = self.workdir / "logs"
         self.gpus = gpus
@@ -131,7 +139,6 @@ class LocalCluster:
     # ----------------------------------------------------------------- async
     async def start(self) -> None:
         from .emulator import ApiEmulator, write_kubeconfig
-        from .emulator.auth import kept_secret
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -141,10 +148,15 @@ class LocalCluster:
             port=self.port,
             log_dir=self.log_dir,
             pki_dir=pki,
-            admin_token=kept_secret(pki / "admin-token"),
-            signing_key=kept_secret(pki / "service-account-signing-key"),
+            admin_token=persistent_secret(self.workdir, "admin-token"),
+            signing_key=persistent_secret(self.workdir, "service-account-signing-key"),
+            state_path=self.state_path,
         )
-        await self.emulator.start()
+        try:
+            await self.emulator.start()
+        except BaseException:
+            self.emulator.core.store.close()
+            raise
         self.url = self.emulator.url
         self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)
         write_kubeconfig(
@@ -246,6 +258,7 @@ def run_local_up(
     max_pods: int | None = None,
     node_labels: dict[str, str] | None = None,
     node_taints: list[dict[str, str]] | None = None,
+    ephemeral: bool = False,
 ) -> int:
     """Run the local control plane in the foreground until SIGINT/SIGTERM."""
 
@@ -261,6 +274,7 @@ def run_local_up(
             max_pods=max_pods,
             labels=node_labels,
             taints=node_taints,
+            ephemeral=ephemeral,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -275,6 +289,7 @@ def run_local_up(
                 f"node{'s' if nodes != 1 else ''} {names} (each: cpu {shape['cpu']}, "
                 f"memory {shape['memory']}, pods {shape['pods']}, "
                 f"{gpus} GPU{'s' if gpus != 1 else ''}), workdir {cluster.workdir}\n"
+                f"state: {cluster.state_path or 'in memory (--ephemeral): lost when it stops'}\n"
                 f"kubeconfig: {cluster.kubeconfig}\n"
                 f"  export KUBECONFIG={cluster.kubeconfig}\n"
                 f"  kubectl get pods\n"

@@ -166,6 +166,15 @@ PR_SET_PDEATHSIG=SIGKILL. On start the node kills the processes recorded in
 `<pod folder>/procs/*.pid` (pid + start time, so a reused pid is spared) and,
 once the pod list is synced, removes the folders of pods that no longer exist
 (`sftjob_local.node_reaper`). Log folders are kept.
+
+Start after a restart (the API keeps its objects, see cluster.py): pods bound to
+this node that are not terminal and that this instance is not running are
+handled as a kubelet does after a reboot (`node_reboot`): restartPolicy Never
+pods whose containers had started are marked Failed, each such container
+terminated with reason ContainerStatusUnknown, exit code 137, "The container
+could not be located when the pod was terminated"; Always/OnFailure pods and
+pods that never started a container are started again (restartCount starts
+over at 0, unlike a kubelet's).
 """
 
 from __future__ import annotations
@@ -192,6 +201,7 @@ from .node_dns import (
 )
 from .node_kube import ApiError, Informer, KubeHttp, cancel_and_wait
 from .node_pod import PodWorker, now
+from .node_reboot import lost_on_reboot, terminated_after_reboot
 from .node_scheduler import kubelet_admission
 from .node_spec import gpu_requests, is_terminal
 
@@ -309,6 +319,7 @@ class LocalNode:
         self.workers: dict[str, PodWorker] = {}
         self._group: LocalNode = self  # the node that owns pod IPs and DNS (see join)
         self._members: list[LocalNode] = [self]
+        self._reporting_lost: set[str] = set()  # uids being marked Failed (node_reboot)
         self._ips_used: set[str] = set()
         self._ip_next = random.randrange(256, 254 * 256)
         self._devices_used: set[int] = set()
@@ -392,6 +403,10 @@ class LocalNode:
         workers = list(self.workers.values())
         if self.graceful_shutdown:
             await asyncio.gather(*(w.mark_node_shutdown() for w in workers), return_exceptions=True)
+        for worker in workers:
+            # The pods' status stays as it was (no "exited 143" from our own SIGTERM): the
+            # next start reports them as a kubelet does after a reboot (node_reboot).
+            worker.gone = True
         await asyncio.gather(
             *(w.shutdown(self.shutdown_grace) for w in workers), return_exceptions=True
         )
@@ -550,6 +565,9 @@ class LocalNode:
             elif meta.get("deletionTimestamp"):
                 # bound here but never run by this node instance: nothing to stop
                 self._spawn(self._force_delete(pod))
+            elif lost_on_reboot(pod):
+                # its processes died with an earlier instance of this node
+                self._report_lost(pod)
             elif not is_terminal(pod) and uid not in self._rejected:
                 rejection = self._admit(pod)
                 if rejection is None:
@@ -615,6 +633,26 @@ class LocalNode:
                 f"/api/v1/namespaces/{meta.get('namespace', 'default')}/pods/{meta['name']}/status",
                 {"status": status},
             )
+
+    def _report_lost(self, pod: Obj) -> None:
+        """Mark Failed a pod whose containers this node cannot find (see node_reboot)."""
+        meta = pod["metadata"]
+        if meta["uid"] in self._reporting_lost:
+            return
+        self._reporting_lost.add(meta["uid"])
+        ns, name = meta.get("namespace", "default"), meta["name"]
+        status = terminated_after_reboot(pod, now())
+
+        async def patch() -> None:
+            try:
+                await self.api.merge_patch(f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": status})  # fmt: skip
+                log.info("pod %s/%s: containers lost with the previous node instance; Failed", ns, name)  # fmt: skip
+            except ApiError as exc:  # a later event of the pod tries again
+                log.warning("pod %s/%s: cannot mark it Failed: %s", ns, name, exc)
+            finally:
+                self._reporting_lost.discard(meta["uid"])
+
+        self._spawn(patch())
 
     async def _force_delete(self, pod: Obj) -> None:
         meta = pod["metadata"]

@@ -201,6 +201,7 @@ def cmd_local_up(args: argparse.Namespace) -> int:
         max_pods=args.max_pods,
         node_labels=labels,
         node_taints=taints,
+        ephemeral=args.ephemeral,
     )
     return code
 
@@ -298,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--node-taints",
         default=None,
         help="node taints: key[=value]:NoSchedule|PreferNoSchedule|NoExecute, comma-separated",
+    )
+    up.add_argument(
+        "--ephemeral",
+        action="store_true",
+        help="keep the cluster's objects in memory only (default: WORKDIR/state.db, kept "
+        "across restarts)",
     )
     up.set_defaults(func=cmd_local_up)
     return parser

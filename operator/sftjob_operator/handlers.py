@@ -22,6 +22,10 @@ from .reconciler import OperatorSettings, reconcile
 RECONCILE_INTERVAL = float(os.environ.get("SFTJOB_RECONCILE_INTERVAL", "2"))
 ANNOTATION_PREFIX = "sftjob.dev"
 
+# A tick that failed (the API unreachable for a moment: a control plane restart, a network
+# blip) is retried after this many seconds instead of Kopf's default 60: meanwhile the job's
+# pods may have been lost and need relaunching.
+FAILED_TICK_BACKOFF = max(RECONCILE_INTERVAL, 5.0)
 # Finished jobs only wait for their TTL (or a last teardown): look at them less often.
 FINISHED_TICK_EVERY = 10
 FINISHED_PHASES = ("Succeeded", "Failed")
@@ -72,7 +76,14 @@ async def on_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _reconcile(body, memo)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, initial_delay=RECONCILE_INTERVAL)
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=RECONCILE_INTERVAL,
+    initial_delay=RECONCILE_INTERVAL,
+    backoff=FAILED_TICK_BACKOFF,
+)
 async def on_tick(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     uid = body["metadata"]["uid"]
     _ticks[uid] = _ticks.get(uid, 0) + 1

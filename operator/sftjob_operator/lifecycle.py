@@ -29,6 +29,10 @@ TRAINER_EXIT_CODES = {
 FATAL_REASONS = ("DataError", "ConfigError", "ModelLoadError")
 # Pod-level reasons a kubelet or scheduler gives when the pod, not the training, failed.
 LOST_POD_REASONS = ("Evicted", "Preempted", "NodeLost", "Shutdown", "NodeShutdown", "Terminated")
+# The kubelet's container reason when it cannot find the container any more (its node rebooted,
+# its runtime lost it): exit code 137 then says nothing about the training, the pod was lost.
+# pkg/kubelet/kubelet_pods.go convertToAPIContainerStatuses, status_manager.go TerminatePod.
+LOST_CONTAINER_REASON = "ContainerStatusUnknown"
 
 EventType = Literal["Normal", "Warning"]
 
@@ -118,6 +122,10 @@ def classify_failure(pod: dict[str, Any]) -> Failure:
         )
     terminated = _terminated(pod)
     message = str(terminated.get("message") or "").strip()
+    if terminated.get("reason") == LOST_CONTAINER_REASON:
+        return Failure(
+            "PodLost", f"container {LOST_CONTAINER_REASON}: {message}".strip(), rank=rank
+        )
     report = _trainer_report(message)
     if report is not None:
         return Failure(

@@ -12,11 +12,13 @@ import copy
 import http.client
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-from conftest import Cluster
+
+if TYPE_CHECKING:  # conftest is imported by path: another tier's conftest may be first
+    from conftest import Cluster
 
 pytestmark = pytest.mark.local
 
@@ -35,7 +37,7 @@ def kubeconfig_with_user(cluster: Cluster, path: Path, user: dict[str, Any]) -> 
 
 
 def as_user(cluster: Cluster, path: Path, user: dict[str, Any]) -> Cluster:
-    return Cluster(kubeconfig_with_user(cluster, path, user), cluster.namespace, None, None)
+    return type(cluster)(kubeconfig_with_user(cluster, path, user), cluster.namespace, None, None)
 
 
 def service_account_token(cluster: Cluster, name: str, **spec: Any) -> dict[str, Any]:

@@ -219,7 +219,7 @@ def test_sigkill_of_local_up_kills_the_pod_tree_and_restart_cleans_up(tmp_path: 
 
 
 def test_a_restarted_local_cluster_keeps_its_credentials(tmp_path: Path) -> None:
-    """The admin token, CA and signing key live in <workdir>/pki: a kubeconfig (and a
+    """The admin token and signing key (<workdir>/secrets) and the CA (<workdir>/pki) are kept: a kubeconfig (and a
     service-account token) from before a restart still work after it; a stranger's does not."""
     from sftjob_local.cluster import LocalCluster
 
@@ -241,3 +241,178 @@ def test_a_restarted_local_cluster_keeps_its_credentials(tmp_path: Path) -> None
         assert second.emulator.access.authority.verify(token) is not None
         denied = kubectl(saved, "get", "ns", "--token", "not-a-token")
         assert denied.returncode != 0 and "Unauthorized" in denied.stderr, denied.stderr
+
+
+# ---------------------------------------------------------------- restarts (state.db)
+
+
+class LocalUp:
+    """`sftjob local up` as a subprocess on a fixed port and workdir (restartable)."""
+
+    def __init__(self, workdir: Path, *flags: str) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.flags = flags
+        self.kubeconfig = workdir / "kubeconfig"
+        self.proc: subprocess.Popen[str] | None = None
+        self.banner = ""
+
+    def start(self) -> LocalUp:
+        args = ["local", "up", "--port", str(self.port), "--workdir", str(self.workdir)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sftjob_operator.cli", *args, *self.flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines = []
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # the banner is printed once everything is up
+            lines.append(line)
+            if "kubectl get pods" in line:
+                break
+        self.banner = "".join(lines)
+        assert "kubectl get pods" in self.banner, self.banner
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=20)
+        self.proc = None
+        return code
+
+    def kill_if_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def create(self, obj: dict) -> dict:
+        done = kubectl(
+            self.kubeconfig, "create", "--validate=false", "-o", "json", "-f", "-",
+            stdin=json.dumps(obj),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def get(self, *args: str) -> dict | None:
+        got = kubectl(self.kubeconfig, "get", *args, "-o", "json")
+        if got.returncode != 0:
+            assert "NotFound" in got.stderr, got.stderr
+            return None
+        return json.loads(got.stdout)
+
+
+SLEEPER_POD = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": "sleeper"},
+    "spec": {
+        "restartPolicy": "Never",
+        "containers": [
+            {
+                "name": "main",
+                "image": "never-pulled",
+                "command": [
+                    "python",
+                    "-c",
+                    "import os, time; print('PID', os.getpid(), flush=True); time.sleep(120)",
+                ],  # fmt: skip
+            }
+        ],
+    },
+}
+
+
+def sleeper_pid(up: LocalUp) -> int:
+    def pid() -> int | None:
+        pod = up.get("pod", "sleeper")
+        out = kubectl(up.kubeconfig, "logs", "sleeper").stdout
+        running = pod is not None and pod["status"].get("phase") == "Running"
+        return int(out.split()[1]) if running and out.startswith("PID") else None
+
+    return int(wait_for(pid, timeout=20, interval=0.2, what="the sleeper running"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_local_up_restarted_on_its_workdir_keeps_objects_and_history(
+    tmp_path: Path, sig: int
+) -> None:
+    up = LocalUp(tmp_path / "wd")
+    pod_pid = None
+    try:
+        up.start()
+        assert f"state: {up.workdir / 'state.db'}" in up.banner, up.banner
+        settings = up.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"}, "data": {"k": "v"}})  # fmt: skip
+        pod = up.create(SLEEPER_POD)
+        pod_pid = sleeper_pid(up)
+        events = up.get("events", "--field-selector", "involvedObject.name=sleeper")
+        assert events and events["items"], "the node records events about the pod"
+        code = up.stop(sig)
+        assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+
+        up.start()
+        kept = up.get("configmap", "settings")
+        assert kept is not None, "the ConfigMap must survive the restart"
+        assert kept["metadata"]["uid"] == settings["metadata"]["uid"]
+        assert kept["metadata"]["resourceVersion"] == settings["metadata"]["resourceVersion"]
+        after = up.get("events", "--field-selector", "involvedObject.name=sleeper")
+        assert after is not None
+        before_uids = {e["metadata"]["uid"] for e in events["items"]}
+        assert before_uids <= {e["metadata"]["uid"] for e in after["items"]}
+
+        def lost() -> dict | None:
+            current = up.get("pod", "sleeper")
+            return current if current and current["status"]["phase"] == "Failed" else None
+
+        failed = wait_for(lost, timeout=20, interval=0.2, what="the sleeper reported Failed")
+        assert failed["metadata"]["uid"] == pod["metadata"]["uid"]
+        state = failed["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert (state["reason"], state["exitCode"]) == ("ContainerStatusUnknown", 137), state
+        assert up.stop() == 0
+    finally:
+        up.kill_if_running()
+        if pod_pid is not None and alive(pod_pid):  # SIGKILL: reaping orphans is not this test's
+            os.kill(pod_pid, signal.SIGKILL)
+
+
+def test_local_up_ephemeral_starts_empty_every_time(tmp_path: Path) -> None:
+    up = LocalUp(tmp_path / "wd", "--ephemeral")
+    try:
+        up.start()
+        assert "in memory (--ephemeral)" in up.banner, up.banner
+        up.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "gone"}})
+        assert up.stop() == 0
+        up.start()
+        assert up.get("configmap", "gone") is None
+        assert up.stop() == 0
+        assert not (up.workdir / "state.db").exists()
+    finally:
+        up.kill_if_running()
+
+
+def test_second_local_up_on_the_same_workdir_is_refused(tmp_path: Path) -> None:
+    up = LocalUp(tmp_path / "wd")
+    try:
+        up.start()
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sftjob_operator.cli",
+                "local",
+                "up",
+                "--port",
+                str(free_port()),
+                "--workdir",
+                str(up.workdir),
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert other.returncode == 1, other.stdout + other.stderr
+        assert "in use by another local control plane" in other.stderr
+        assert up.get("namespace", "default") is not None  # the first one is unaffected
+    finally:
+        up.kill_if_running()

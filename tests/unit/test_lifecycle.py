@@ -571,6 +571,39 @@ class TestClassifyFailure:
     def test_lost_pod_reasons(self, reason: str) -> None:
         assert classify_failure(failed(1, 0, reason=reason)).reason == "PodLost"
 
+    def test_container_the_kubelet_cannot_locate_is_a_lost_pod(self) -> None:
+        # What a kubelet reports for a container gone with its node (status_manager.go
+        # TerminatePod): exit code 137 here is not a signal the trainer got.
+        lost = failed(
+            1,
+            1,
+            exit_code=137,
+            term_reason="ContainerStatusUnknown",
+            message="The container could not be located when the pod was terminated",
+        )
+        failure = classify_failure(lost)
+        assert (failure.reason, failure.rank, failure.step) == ("PodLost", 1, None)
+        assert "could not be located" in failure.message
+
+    def test_lost_container_relaunches_from_the_checkpoint_with_the_same_batch(self) -> None:
+        job = running_job()
+        lost = failed(
+            1,
+            0,
+            exit_code=137,
+            term_reason="ContainerStatusUnknown",
+            message="The container could not be located when the pod was terminated",
+        )
+        actions = reconcile_job(job, [lost], NOW, IMAGE)
+        assert names(actions.create_pods) == ["demo-a2-r0"]
+        assert actions.status["phase"] == "Restarting"
+        assert actions.status["restarts"] == 1
+        assert actions.status["lastFailure"]["reason"] == "PodLost"
+        restarting = conditions_of(actions.status)["Restarting"]
+        assert restarting["reason"] == "PodLost"
+        assert "resuming from the newest checkpoint" in restarting["message"]
+        assert "effectiveTraining" not in actions.status
+
 
 class TestRetryPolicy:
     @pytest.mark.parametrize(

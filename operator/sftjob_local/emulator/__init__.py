@@ -3,7 +3,7 @@
 Public API
 ==========
 ``ApiEmulator(host="127.0.0.1", port=0, log_dir=None, bookmark_interval=60.0, history_size=10000,
-kopf_peering_crds=True, admin_token=<random>, signing_key=<random>, pki_dir=None)``
+kopf_peering_crds=True, admin_token=<random>, signing_key=<random>, pki_dir=None, state_path=None)``
     A kmock ``KubernetesEmulator`` subclass with real-server semantics, served over HTTPS with a
     private CA (``tls.py``: kubectl sends bearer tokens only over TLS; the CA and serving
     certificate are kept in ``pki_dir`` when given). ``await server.start()`` binds (port 0 = a
@@ -11,6 +11,8 @@ kopf_peering_crds=True, admin_token=<random>, signing_key=<random>, pki_dir=None
     ``server.admin_token`` the cluster-admin's token; ``await server.stop()`` closes all
     connections (open watches and log follows end cleanly).
     ``server.core`` (:class:`ApiCore`) holds the state; use it only from the server's loop.
+    ``state_path``: an SQLite file that keeps the state across restarts (see "Persistence");
+    None keeps it in memory only.
 ``EmulatorThread(**same kwargs)``
     The same server in a background thread with its own loop: ``with EmulatorThread(log_dir=d) as srv:``
     then ``srv.url``, ``srv.emulator``, ``srv.call(coro)``,
@@ -107,6 +109,14 @@ roleRef immutable, subjects); events. A refusal is 422 ``Invalid`` with ``detail
 the real message (``Pod "x" is invalid: spec.containers[1].name: Duplicate value: "a"``, several
 as ``[a, b]``); malformed quantities and non-base64 Secret data are 400 decode errors; a PUT
 whose uid differs is 409 (precondition), a patch changing it 422. Nothing is stored on refusal.
+Persistence (``state_path``, ``statedb.py``): every object, with its uid, resourceVersion,
+generation and timestamps, and the global resourceVersion counter (deletions' versions too) are
+written through to SQLite (WAL) before the response is sent, and loaded back by the next server on
+the same file: the version sequence continues, never repeats. Not kept: the watch history (a watch
+from a version older than the start gets 410 Expired, so clients relist) and open watches. On a
+restored database the stored CRDs are served again; the system namespaces are recreated only if
+missing and the preinstalled CRDs only come with a new database (one a user deleted stays deleted).
+One server per database: a second one fails at start with ``StateLocked``, an ``OSError``.
 
 Pod logs: ``pods/{name}/log`` serves ``{log_dir}/{namespace}_{pod}_{uid}/{container}/{run}.log``
 (CRI log format), the run chosen from the pod's container status as the kubelet does (previous →
@@ -135,7 +145,9 @@ pagination (``limit`` is ignored, everything is returned); responses are always 
 the Accept header asks (a real server answers protobuf or YAML when asked for them alone;
 client-go decodes a response by its Content-Type, so its clients read the JSON; only the OpenAPI
 v2 document has a protobuf form); a protobuf body of a kind without a field table in
-``protobuf_messages.py`` (e.g. a Pod, which kubectl sends as JSON) is 415 listing JSON and YAML.
+``protobuf_messages.py`` (e.g. a Pod, which kubectl sends as JSON) is 415 listing JSON and YAML; persisted state is
+written with ``synchronous=NORMAL`` (it survives the process being killed, not a power loss),
+and Events are kept until deleted (no --event-ttl expiry).
 """
 
 from .core import ApiCore

@@ -25,11 +25,9 @@ import dataclasses
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from . import errors
@@ -107,19 +105,6 @@ def _unb64(text: str) -> bytes:
 
 def new_secret() -> str:
     return secrets.token_urlsafe(32)
-
-
-def kept_secret(path: Path) -> str:
-    """A secret kept in a file readable by its owner only, made on first use (a restarted
-    local cluster keeps its admin token and signing key, so kubeconfigs and tokens stay valid)."""
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = new_secret()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value)
-    return value
 
 
 class TokenAuthority:

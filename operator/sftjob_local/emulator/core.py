@@ -10,6 +10,7 @@ import random
 import string
 import uuid
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from . import cel, errors, schema, validation
@@ -104,22 +105,32 @@ def new_event_to_core(ev: dict[str, Any]) -> dict[str, Any]:
 
 class ApiCore:
     def __init__(
-        self, history_size: int = 10000, preinstalled: Iterable[dict[str, Any]] = ()
+        self,
+        history_size: int = 10000,
+        preinstalled: Iterable[dict[str, Any]] = (),
+        state_path: str | Path | None = None,
     ) -> None:
         self.registry = Registry()
-        self.store = Store(history_size)
+        self.store = Store(history_size, state_path)
         # Admission checks that depend on the caller (see access.py): called with
         # (operation, rt, object, old object or None, subresource) before a write is stored.
         self.admission: list[Callable[..., None]] = []
         # Controllers that react at once to a created object (the default ServiceAccount).
         self.on_created: list[Callable[[ResourceType, dict[str, Any]], None]] = []
         self._service_ips = 10
+        crds = self.rt("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+        # A restored cluster serves its custom resources again from the stored CRDs.
+        for crd in self.store.list(crds.storage_key):
+            self._register_crd(crd)
+        # The system namespaces always exist, as the apiserver's bootstrap controller ensures.
         for name in BOOT_NAMESPACES:
-            self.create(self.rt("", "v1", "namespaces"), None, {"metadata": {"name": name}})
-        for crd in preinstalled:
-            self.create(
-                self.rt("apiextensions.k8s.io", "v1", "customresourcedefinitions"), None, crd
-            )
+            if self.store.get(("", "namespaces"), "", name) is None:
+                self.create(self.rt("", "v1", "namespaces"), None, {"metadata": {"name": name}})
+        # Preinstalled CRDs come with a new cluster only: one a user deleted stays deleted.
+        if not self.store.restored:
+            for crd in preinstalled:
+                self.create(crds, None, crd)
+        self.store.mark_bootstrapped()
         # History starts after bootstrap: watching from an older resourceVersion is 410 Gone.
         self.store.compact()
 
@@ -300,10 +311,17 @@ class ApiCore:
             spec.setdefault("type", "ClusterIP")
             if spec["type"] != "ExternalName":  # an ExternalName service gets no cluster IP
                 if not spec.get("clusterIP"):
-                    self._service_ips += 1
-                    spec["clusterIP"] = (
-                        f"10.96.{self._service_ips // 250}.{self._service_ips % 250 + 1}"
-                    )
+                    # Skip addresses in use: after a restart the counter starts over.
+                    taken = {
+                        (svc.get("spec") or {}).get("clusterIP")
+                        for svc in self.store.list(("", "services"))
+                    }
+                    while True:
+                        self._service_ips += 1
+                        ip = f"10.96.{self._service_ips // 250}.{self._service_ips % 250 + 1}"
+                        if ip not in taken:
+                            break
+                    spec["clusterIP"] = ip
                 spec.setdefault("clusterIPs", [spec["clusterIP"]])
             for port in spec.get("ports") or []:
                 port.setdefault("protocol", "TCP")

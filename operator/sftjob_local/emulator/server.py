@@ -123,13 +123,15 @@ class ApiEmulator(kmock.KubernetesEmulator):
     # https with a private CA (tls.py: kubectl sends tokens only over TLS); the CA and serving
     # certificate are kept in pki_dir when given, else made for this run only.
     pki_dir: Path | None = None
+    # The SQLite database that keeps the cluster's state across restarts; None: memory only.
+    state_path: Path | None = None
 
     def __attrs_post_init__(self) -> None:
         # kmock's own fallback reactions are deliberately not registered: ApiCore replaces them.
         preinstalled = (
             [as_applied(crd) for crd in KOPF_PEERING_CRDS] if self.kopf_peering_crds else []
         )
-        self.core = ApiCore(self.history_size, preinstalled)
+        self.core = ApiCore(self.history_size, preinstalled, self.state_path)
         self.access = AccessControl(self.core, self.admin_token, self.signing_key)
         self.core.admission.append(self.access.admit)
         self.core.on_created.append(self._on_created)
@@ -175,10 +177,13 @@ class ApiEmulator(kmock.KubernetesEmulator):
     async def stop(self) -> None:
         self._stopping.set()
         self.core.store.close_all()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        await self.__aexit__(None, None, None)
+        try:
+            if self._runner is not None:
+                await self._runner.cleanup()
+                self._runner = None
+            await self.__aexit__(None, None, None)
+        finally:
+            self.core.store.close()  # no request is served any more: release the database
 
     # ------------------------------------------------------------ kmock entry points
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:

@@ -1,4 +1,9 @@
-"""In-memory object storage with a global resourceVersion, a bounded event history and watchers.
+"""Object storage with a global resourceVersion, a bounded event history and watchers.
+
+Reads are served from memory. With a database (``Store(path=...)``, see :mod:`.statedb`) every
+write goes through to it before the caller answers, and a new Store loads it back: objects,
+uids and the resourceVersion counter survive a restart; the event history does not (watches
+from a version older than the restart get 410 Expired, so clients relist).
 
 Stored objects are never mutated in place: every write stores a fresh dict. Event history and
 watchers can therefore share references with the store without copying.
@@ -9,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+from pathlib import Path
 from typing import Any
+
+from .statedb import StateDatabase
 
 Key = tuple[str, str]  # (group, plural): one storage for all versions of a resource
 
@@ -24,7 +32,7 @@ class Event:
 
 
 class Store:
-    def __init__(self, history_size: int = 10000) -> None:
+    def __init__(self, history_size: int = 10000, path: str | Path | None = None) -> None:
         self.objects: dict[Key, dict[tuple[str, str], dict[str, Any]]] = collections.defaultdict(
             dict
         )
@@ -34,6 +42,30 @@ class Store:
         # Watches from a resourceVersion older than this get 410 Gone (the history is gone).
         self.compacted_rv = 0
         self.subscribers: set[asyncio.Queue[Event | None]] = set()
+        self.db = StateDatabase(path) if path is not None else None
+        # True when this store continues a database written before (not a fresh cluster).
+        self.restored = False
+        if self.db is not None:
+            self._load(self.db)
+
+    def _load(self, db: StateDatabase) -> None:
+        for key, obj in db.objects():
+            meta = obj["metadata"]
+            self.objects[key][(meta.get("namespace", ""), meta["name"])] = obj
+            self.uids[meta["uid"]] = (key, meta.get("namespace", ""), meta["name"])
+        self.rv = self.compacted_rv = db.resource_version()
+        self.restored = db.meta("bootstrapped") == "true"
+
+    def mark_bootstrapped(self) -> None:
+        """Record that the cluster's first-start objects exist, so a restart does not redo them."""
+        if self.db is not None and not self.restored:
+            self.db.set_meta("bootstrapped", "true")
+
+    def close(self) -> None:
+        """Close the database (after the server stopped writing)."""
+        if self.db is not None:
+            self.db.close()
+            self.db = None
 
     def next_rv(self) -> int:
         self.rv += 1
@@ -61,6 +93,8 @@ class Store:
         meta = obj["metadata"]
         rv = self.next_rv()
         meta["resourceVersion"] = str(rv)
+        if self.db is not None:
+            self.db.put(key, obj, rv)  # committed before the caller answers
         self.objects[key][(meta.get("namespace", ""), meta["name"])] = obj
         self.uids[meta["uid"]] = (key, meta.get("namespace", ""), meta["name"])
         self._emit(Event(rv, key, "MODIFIED" if old is not None else "ADDED", obj, old))
@@ -68,11 +102,13 @@ class Store:
 
     def remove(self, key: Key, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
-        self.objects[key].pop((meta.get("namespace", ""), meta["name"]), None)
-        self.uids.pop(meta["uid"], None)
         # The DELETED event carries the deletion's own resourceVersion, as on a real server.
         final = {**obj, "metadata": {**meta}}
         rv = self.next_rv()
+        if self.db is not None:
+            self.db.delete(key, meta.get("namespace", ""), meta["name"], rv)
+        self.objects[key].pop((meta.get("namespace", ""), meta["name"]), None)
+        self.uids.pop(meta["uid"], None)
         final["metadata"]["resourceVersion"] = str(rv)
         self._emit(Event(rv, key, "DELETED", final, obj))
         return final
