@@ -21,6 +21,7 @@ guarantees across its own restarts, because its state lives in etcd:
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -39,10 +40,12 @@ GROUP = "persist.sftjob.dev"
 
 
 class Api:
-    """Plain HTTP to one emulator (JSON in, JSON out, errors as (status, body))."""
+    """HTTPS to one emulator as its admin (JSON in, JSON out, errors as (status, body))."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str, ca_pem: bytes) -> None:
         self.url = url
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.tls = ssl.create_default_context(cadata=ca_pem.decode())
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
@@ -50,10 +53,10 @@ class Api:
             self.url + path,
             data=data,
             method=method,
-            headers={"Content-Type": "application/json", "Authorization": "Bearer sftjob-local"},
+            headers={"Content-Type": "application/json", **self.headers},
         )
         try:
-            with urllib.request.urlopen(req, timeout=10) as response:
+            with urllib.request.urlopen(req, timeout=10, context=self.tls) as response:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
@@ -65,17 +68,16 @@ class Api:
 
     def watch(self, path: str, since: str, timeout: int = 1) -> list[dict[str, Any]]:
         query = f"?watch=true&resourceVersion={since}&timeoutSeconds={timeout}"
-        req = urllib.request.Request(
-            self.url + path + query, headers={"Authorization": "Bearer sftjob-local"}
-        )
-        with urllib.request.urlopen(req, timeout=timeout + 10) as response:
+        req = urllib.request.Request(self.url + path + query, headers=self.headers)
+        with urllib.request.urlopen(req, timeout=timeout + 10, context=self.tls) as response:
             return [json.loads(line) for line in response.read().splitlines() if line.strip()]
 
 
 @contextmanager
 def emulator(state: Path | None, **kwargs: Any) -> Iterator[Api]:
     with EmulatorThread(state_path=state, **kwargs) as server:
-        yield Api(server.url)
+        assert server.emulator is not None
+        yield Api(server.url, server.emulator.admin_token, server.emulator.ca_pem)
 
 
 def cm_path(name: str = "") -> str:

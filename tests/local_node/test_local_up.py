@@ -124,10 +124,10 @@ def test_local_up_serves_kubectl_and_stops_on_sigint_killing_pods(tmp_path: Path
             proc.wait()
 
 
-def start_local_up(port: int, workdir: Path) -> subprocess.Popen[str]:
+def start_local_up(port: int, workdir: Path, ephemeral: bool = False) -> subprocess.Popen[str]:
     code = (
         "import sys; from sftjob_local.cluster import run_local_up; "
-        f"sys.exit(run_local_up(port={port}, workdir={str(workdir)!r}))"
+        f"sys.exit(run_local_up(port={port}, workdir={str(workdir)!r}, ephemeral={ephemeral}))"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -204,7 +204,8 @@ def test_sigkill_of_local_up_kills_the_pod_tree_and_restart_cleans_up(tmp_path: 
         with open(f"/proc/{ghost.pid}/stat") as fh:
             starttime = fh.read().rsplit(")", 1)[1].split()[19]
         (ghost_dir / "procs" / "main-0.pid").write_text(f"{ghost.pid} {starttime}\n")
-        proc = start_local_up(port, workdir)
+        # --ephemeral: a cluster that lost its state, so the pod is gone and its folder orphaned
+        proc = start_local_up(port, workdir, ephemeral=True)
         try:
             assert ghost.wait(timeout=5) == -signal.SIGKILL
             assert not ghost_dir.exists()

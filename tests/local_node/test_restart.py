@@ -24,7 +24,7 @@ import pytest
 from kubernetes.client import CoreV1Api
 from local_node_kit import alive, py_pod, wait_for
 from sftjob_local.cluster import LocalCluster
-from sftjob_local.emulator import EmulatorThread, write_kubeconfig
+from sftjob_local.emulator import EmulatorThread
 from sftjob_local.node_kube import Informer, KubeHttp, cancel_and_wait
 from sftjob_local.node_reboot import (
     UNKNOWN_MESSAGE,
@@ -135,8 +135,11 @@ async def test_informer_follows_the_api_across_a_restart(tmp_path: Path) -> None
     address with its state: it resumes or relists (410) and misses nothing."""
     port, state = free_port(), tmp_path / "state.db"
     path = "/api/v1/namespaces/default/configmaps"
-    server = EmulatorThread(port=port, state_path=state).start()
-    api = KubeHttp(write_kubeconfig(tmp_path / "kubeconfig", server.url))
+    # The same address, state, CA and credentials, as `sftjob local up` keeps them in its workdir.
+    same = {"port": port, "state_path": state, "pki_dir": tmp_path / "pki"}
+    same |= {"admin_token": "admin-token", "signing_key": "signing-key"}
+    server = EmulatorThread(**same).start()
+    api = KubeHttp(server.write_kubeconfig(tmp_path / "kubeconfig"))
     seen: list[tuple[str, str]] = []
     informer = Informer(api, path, lambda t, o: seen.append((t, o["metadata"]["name"])))
     task = asyncio.create_task(informer.run())
@@ -146,7 +149,7 @@ async def test_informer_follows_the_api_across_a_restart(tmp_path: Path) -> None
         await asyncio.sleep(0.3)
         await asyncio.to_thread(server.stop)
         await asyncio.sleep(0.5)  # the informer's watch fails and it retries meanwhile
-        server = await asyncio.to_thread(EmulatorThread(port=port, state_path=state).start)
+        server = await asyncio.to_thread(EmulatorThread(**same).start)
         await api.create(path, {"metadata": {"name": "after"}})
         for _ in range(200):
             if ("ADDED", "after") in seen:
