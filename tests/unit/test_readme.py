@@ -61,10 +61,32 @@ RUN_ELSEWHERE = {
 }
 
 
+# A block run as written, top to bottom, by the test its marker names.
+RUN_AS_A_BLOCK = re.compile(
+    r"<!-- run as written, top to bottom, by (\S+) -->\n```sh\n(.*?)```", re.S
+)
+
+
+def test_blocks_run_as_written_are_run_by_the_test_they_name() -> None:
+    blocks = RUN_AS_A_BLOCK.findall(README)
+    assert blocks, "the local control plane by hand block lost its marker"
+    for where, _ in blocks:
+        test = (ROOT / where).read_text()
+        assert f"by {where} -->" in test, f"{where} does not look for its README block"
+
+
 def test_every_readme_command_is_run_somewhere() -> None:
+    run_as_blocks = {
+        line.split("#")[0].strip()
+        for _, block in RUN_AS_A_BLOCK.findall(README)
+        for line in block.splitlines()
+    }
     commands = [command for block in shell_blocks() for command in block]
     assert commands, "no shell commands found in README"
     for command in commands:
+        if command in run_as_blocks:
+            continue  # run as written by test_blocks_run_as_written_are_run_by_the_test_they_name
+
         if command.startswith(".venv/bin/sftjob plan"):
             continue  # run by test_plan_commands_from_the_readme below
         where = RUN_ELSEWHERE.get(command)
