@@ -7,6 +7,7 @@ then works in a throwaway namespace ``sftjob-conf-<random>`` that is deleted at 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
@@ -281,3 +282,29 @@ def widgets(cluster: Cluster) -> Iterator[Widgets]:
             "DELETE",
             f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}",
         )
+
+
+class _ServerFailures(logging.Handler):
+    """Records what the emulator logs at ERROR: a refusal must be an answer, not a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_traceback_in_the_server_log() -> Iterator[None]:
+    """Every probe's bad input gets a 4xx from the emulator, never an internal failure (it
+    logs those with their traceback and answers 500)."""
+    handler = _ServerFailures()
+    emulator_log = logging.getLogger("sftjob_local.emulator")
+    emulator_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        emulator_log.removeHandler(handler)
+    failures = [handler.format(r) for r in handler.records]
+    assert not failures, "the emulator logged failures:\n" + "\n".join(failures)

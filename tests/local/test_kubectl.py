@@ -4,11 +4,13 @@ describe, logs, delete."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +251,54 @@ def test_kubectl_get_events_prints_the_event_columns(kubectl, cluster):
     ]  # fmt: skip
     row = next(line for line in lines[1:] if "pod/web-0" in line)
     assert "kubelet, node-1" in row and row.split()[-2:] == ["2", name]
+
+
+def test_kubectl_auth_can_i_whoami_and_create_token(kubectl, cluster, tmp_path):
+    """``kubectl create token`` (TokenRequest), ``kubectl auth whoami`` (SelfSubjectReview)
+    and ``kubectl auth can-i`` (SelfSubjectAccessReview) with plain kubectl: a
+    ServiceAccount's token is that account (``system:serviceaccount:<ns>:<name>``, groups
+    system:serviceaccounts, system:serviceaccounts:<ns>, system:authenticated — the
+    ServiceAccount authenticator's user info, pkg/serviceaccount/util.go) and may do what its
+    RoleBinding grants and nothing else ("yes"/"no", exit 0/1, as kubectl's can-i prints)."""
+    ns = cluster.namespace
+    suffix = secrets.token_hex(3)
+    account, role = f"sa-{suffix}", f"r-{suffix}"
+    kubectl("create", "serviceaccount", account, "-n", ns)
+    kubectl("create", "role", role, "--verb=get,list", "--resource=configmaps", "-n", ns)
+    kubectl(
+        "create", "rolebinding", role, f"--role={role}", f"--serviceaccount={ns}:{account}",
+        "-n", ns,
+    )  # fmt: skip
+    token = kubectl("create", "token", account, "-n", ns).stdout.strip()
+    assert token.count(".") == 2, token  # a JWT, as the apiserver issues
+
+    user = f"system:serviceaccount:{ns}:{account}"
+    assert kubectl("auth", "can-i", "list", "configmaps", "-n", ns).stdout.strip() == "yes"
+    as_account = ("--token", token)
+    whoami = kubectl("auth", "whoami", "-o", "json", *as_account).stdout
+    info = json.loads(whoami)["status"]["userInfo"]
+    assert info["username"] == user
+    assert set(info["groups"]) >= {
+        "system:serviceaccounts",
+        f"system:serviceaccounts:{ns}",
+        "system:authenticated",
+    }
+
+    def can_i(*args: str) -> tuple[int, str]:
+        # RBAC changes reach a real server's authorizer through informers: allow a moment.
+        result = kubectl("auth", "can-i", *args, "-n", ns, *as_account, check=False)
+        return result.returncode, result.stdout.strip()
+
+    deadline = time.monotonic() + 10
+    while can_i("list", "configmaps") != (0, "yes") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert can_i("list", "configmaps") == (0, "yes")
+    assert can_i("get", "configmaps") == (0, "yes")
+    assert can_i("delete", "configmaps") == (1, "no")
+    assert can_i("list", "secrets") == (1, "no")
+    denied = kubectl("get", "secrets", "-n", ns, *as_account, check=False)
+    assert denied.returncode != 0
+    assert (
+        f'User "{user}" cannot list resource "secrets" in API group "" in the namespace "{ns}"'
+        in denied.stderr
+    ), denied.stderr
