@@ -162,14 +162,9 @@ def restart_control_plane(
 
     env.stop_control_plane(sig)
     marker = f"/pods/{cluster.namespace}/{pod_name}-"
-    if sig == signal.SIGKILL:
-        # The node is gone without stopping its pods. Whatever of them outlived it (until
-        # pod processes die with the node, another part of issue 18) is stopped here, as
-        # a node's reboot stops it: it must not train on next to the relaunch.
-        time.sleep(1)
-        for pid, _ in processes_matching(marker):
-            os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not processes_matching(marker), 30, "the trainer processes to be gone")
+    # Even after SIGKILL the trainer dies with the node (each container's supervisor kills
+    # its tree when the node's pipe closes): nothing trains on next to the relaunch.
+    wait_for(lambda: not processes_matching(marker), 10, "the trainer processes to be gone")
     output = cluster.output_dir(name)
     assert output is not None
     newest = max(complete_checkpoints(output))
