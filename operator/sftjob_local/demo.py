@@ -125,19 +125,16 @@ class DemoEnvironment:
 
     def _install_operator_rbac(self) -> Path:
         """deploy/'s Namespace, ServiceAccount, ClusterRole and binding, applied as the admin;
-        returns a kubeconfig that authenticates as that ServiceAccount."""
+        returns a copy of the admin's kubeconfig that authenticates as that ServiceAccount
+        (only the API is used, so this works whatever runs the control plane)."""
         import kubernetes
 
-        from .emulator import write_kubeconfig
-
-        assert self.cluster is not None and self.cluster.emulator is not None
         api = kubernetes.config.new_client_from_config(str(self.kubeconfig))
         for path in OPERATOR_RBAC:
             for obj in yaml.safe_load_all(path.read_text()):
                 if obj:
                     kubernetes.utils.create_from_dict(api, obj)
-        core = kubernetes.client.CoreV1Api(api)
-        issued = core.create_namespaced_service_account_token(
+        issued = kubernetes.client.CoreV1Api(api).create_namespaced_service_account_token(
             OPERATOR_ACCOUNT,
             OPERATOR_NAMESPACE,
             {
@@ -146,14 +143,17 @@ class DemoEnvironment:
                 "spec": {"expirationSeconds": OPERATOR_TOKEN_SECONDS},
             },
         )
-        return write_kubeconfig(
-            self.workdir / "operator-kubeconfig",
-            self.cluster.url,
-            OPERATOR_NAMESPACE,
-            token=issued.status.token,
-            ca_pem=self.cluster.emulator.ca_pem,
-            user=f"{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}",
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        context = next(
+            c["context"] for c in config["contexts"] if c["name"] == config["current-context"]
         )
+        context["namespace"] = OPERATOR_NAMESPACE
+        for user in config["users"]:
+            if user["name"] == context["user"]:
+                user["user"] = {"token": issued.status.token}
+        path = self.workdir / "operator-kubeconfig"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
 
     def _start_operator(self) -> subprocess.Popen[bytes]:
         assert self.operator_kubeconfig is not None

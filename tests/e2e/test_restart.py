@@ -71,6 +71,7 @@ class RestartableEnvironment(DemoEnvironment):
         self.start_control_plane()
         try:
             self._register_crd()
+            self.operator_kubeconfig = self._install_operator_rbac()
             self.operator = self._start_operator()
         except BaseException:
             self.close()
