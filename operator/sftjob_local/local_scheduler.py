@@ -24,14 +24,14 @@ import asyncio
 import contextlib
 import logging
 import re
-import secrets
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .node_kube import ApiError, Informer, KubeHttp, cancel_and_wait
+from .node_kube import ApiError, Informer, KubeHttp, cancel_and_wait, post_event
 from .node_scheduler import NodeState, is_terminal, needs_scheduling, queue_order, schedule
+from .node_spec import pod_event
 
 __all__ = ["LocalScheduler", "SCHEDULER_NAME"]
 
@@ -221,37 +221,18 @@ class LocalScheduler:
         """A Warning Event as kube-scheduler's events.k8s.io recorder writes it,
         in its core/v1 form (reportingController → reportingComponent; no
         `source`, no `count`: `eventTime` instead of first/lastTimestamp)."""
-        meta = pod["metadata"]
-        ns = meta.get("namespace", "default")
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": ns},
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": meta["name"],
-                "namespace": ns,
-                "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "reason": reason,
-            "message": message,
-            "type": "Warning",
-            "action": "Scheduling",
-            "eventTime": _micro_now(),
-            "reportingComponent": self.name,
-            "reportingInstance": self.instance,
-        }
-        api = self.api
-
-        async def send() -> None:
-            with contextlib.suppress(Exception):
-                await api.create(f"/api/v1/namespaces/{ns}/events", body)
-
-        task = asyncio.create_task(send())
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        event = pod_event(
+            pod,
+            reason,
+            message,
+            "Warning",
+            resource_version=True,
+            action="Scheduling",
+            eventTime=_micro_now(),
+            reportingComponent=self.name,
+            reportingInstance=self.instance,
+        )
+        post_event(self.api, self._bg, event)
 
 
 def _natural(name: str) -> tuple[Any, ...]:

@@ -199,11 +199,11 @@ from .node_dns import (
     write_atomic,
     write_pyhook,
 )
-from .node_kube import ApiError, Informer, KubeHttp, cancel_and_wait
+from .node_kube import ApiError, Informer, KubeHttp, cancel_and_wait, post_event
 from .node_pod import PodWorker, now
 from .node_reboot import lost_on_reboot, terminated_after_reboot
 from .node_scheduler import kubelet_admission
-from .node_spec import gpu_requests, is_terminal
+from .node_spec import gpu_requests, is_terminal, pod_event
 
 __all__ = ["LocalNode", "NODE_NAME", "default_max_pods", "machine_cpus", "machine_memory_bytes"]
 
@@ -514,39 +514,20 @@ class LocalNode:
         """Record an Event about a pod (fire and forget)."""
         if self._api is None:
             return
-        meta = pod["metadata"]
-        ns = meta.get("namespace", "default")
         ts = now()
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": ns},
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": meta["name"],
-                "namespace": ns,
-                "uid": meta.get("uid"),
-            },
-            "reason": reason,
-            "message": message,
-            "type": type_,
-            "source": {"component": source, "host": self.name},
-            "reportingComponent": source,
-            "reportingInstance": self.name,
-            "firstTimestamp": ts,
-            "lastTimestamp": ts,
-            "count": 1,
-        }
-        api = self.api
-
-        async def send() -> None:
-            with contextlib.suppress(Exception):
-                await api.create(f"/api/v1/namespaces/{ns}/events", body)
-
-        task = asyncio.create_task(send())
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        event = pod_event(
+            pod,
+            reason,
+            message,
+            type_,
+            source={"component": source, "host": self.name},
+            reportingComponent=source,
+            reportingInstance=self.name,
+            firstTimestamp=ts,
+            lastTimestamp=ts,
+            count=1,
+        )
+        post_event(self.api, self._bg, event)
 
     # ----------------------------------------------------------------- pods
     def _on_pod(self, etype: str, pod: Obj) -> None:

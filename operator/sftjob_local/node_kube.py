@@ -274,3 +274,17 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
     for task in live:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+
+
+def post_event(api: KubeHttp, background: set[asyncio.Task[Any]], event: dict[str, Any]) -> None:
+    """Create `event` in its namespace without waiting (fire and forget): the
+    task is kept in `background` until it is done; failures are dropped."""
+    path = f"/api/v1/namespaces/{event['metadata']['namespace']}/events"
+
+    async def send() -> None:
+        with contextlib.suppress(Exception):
+            await api.create(path, event)
+
+    task = asyncio.create_task(send())
+    background.add(task)
+    task.add_done_callback(background.discard)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -279,3 +280,42 @@ def memory_limit_bytes(container: Obj) -> int:
         return max(int(parse_quantity(qty)), 0)
     except ValueError:
         return 0
+
+
+def pod_event(
+    pod: dict[str, Any],
+    reason: str,
+    message: str,
+    type_: str,
+    *,
+    resource_version: bool = False,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A core/v1 Event about a pod, as the kubelet and the scheduler write it.
+
+    The common part: a fresh `<pod>.<hex>` name in the pod's namespace, the pod
+    as involvedObject (with its resourceVersion where `resource_version`),
+    reason, message and type; `fields` adds the recorder's own keys after them
+    (the kubelet's source/first/lastTimestamp/count, the scheduler's
+    action/eventTime/reportingController form)."""
+    meta = pod["metadata"]
+    ns = meta.get("namespace", "default")
+    involved = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": meta["name"],
+        "namespace": ns,
+        "uid": meta.get("uid"),
+    }
+    if resource_version:
+        involved["resourceVersion"] = meta.get("resourceVersion")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": ns},
+        "involvedObject": involved,
+        "reason": reason,
+        "message": message,
+        "type": type_,
+        **fields,
+    }

@@ -164,6 +164,14 @@ class Supervisor:
         with contextlib.suppress(OSError, ValueError):
             self.report_fh.write(line + "\n")
 
+    def pump(self, sel: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
+        """Copy one read of a ready child stream to its file; at its end, stop watching it."""
+        chunk = os.read(key.fd, 65536)
+        if chunk:
+            self.write(key.data, chunk)
+        else:
+            sel.unregister(key.fileobj)
+
     def write(self, stream: str, data: bytes, final: bool = False) -> None:
         records, self.buffers[stream] = split_records(self.buffers[stream] + data, final)
         if records:
@@ -230,11 +238,7 @@ class Supervisor:
                     if b"kill" in data:
                         self.kill_tree()
                     continue
-                chunk = os.read(key.fd, 65536)
-                if chunk:
-                    self.write(key.data, chunk)
-                else:
-                    sel.unregister(key.fileobj)
+                self.pump(sel, key)
             if time.monotonic() >= next_check:
                 # without a limit the scan only reaps orphans: once a second is enough
                 next_check = time.monotonic() + (self.poll if self.limit else 1.0)
@@ -252,11 +256,7 @@ class Supervisor:
             for key, _ in sel.select(timeout=0.1):
                 if key.data == "lifeline":
                     continue
-                chunk = os.read(key.fd, 65536)
-                if chunk:
-                    self.write(key.data, chunk)
-                else:
-                    sel.unregister(key.fileobj)
+                self.pump(sel, key)
         for stream in ("stdout", "stderr"):
             self.write(stream, b"", final=True)
         self.reap_orphans()

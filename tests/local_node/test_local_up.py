@@ -33,26 +33,72 @@ def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> subproces
     )
 
 
-def test_local_up_serves_kubectl_and_stops_on_sigint_killing_pods(tmp_path: Path) -> None:
-    port = free_port()
-    workdir = tmp_path / "wd"
-    code = (
-        "import sys; from sftjob_local.cluster import run_local_up; "
-        f"sys.exit(run_local_up(port={port}, workdir={str(workdir)!r}, gpus=1))"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        kubeconfig = workdir / "kubeconfig"
+class LocalUp:
+    """`sftjob local up` as a subprocess on a fixed port and workdir (restartable)."""
+
+    def __init__(self, workdir: Path, *flags: str) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.flags = flags
+        self.kubeconfig = workdir / "kubeconfig"
+        self.proc: subprocess.Popen[str] | None = None
+        self.banner = ""
+
+    def start(self, *flags: str) -> LocalUp:
+        """Start it (with `flags` for this start only) and read its banner."""
+        args = ["local", "up", "--port", str(self.port), "--workdir", str(self.workdir)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sftjob_operator.cli", *args, *self.flags, *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         lines = []
-        for line in proc.stdout:  # the banner is printed once everything is up
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # the banner is printed once everything is up
             lines.append(line)
             if "kubectl get pods" in line:
                 break
-        banner = "".join(lines)
-        assert f"export KUBECONFIG={kubeconfig}" in banner, banner
-        assert f":{port}" in banner
+        self.banner = "".join(lines)
+        assert "kubectl get pods" in self.banner, self.banner
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=20)
+        self.proc = None
+        return code
+
+    def kill_if_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def create(self, obj: dict) -> dict:
+        done = kubectl(
+            self.kubeconfig, "create", "--validate=false", "-o", "json", "-f", "-",
+            stdin=json.dumps(obj),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def get(self, *args: str) -> dict | None:
+        got = kubectl(self.kubeconfig, "get", *args, "-o", "json")
+        if got.returncode != 0:
+            assert "NotFound" in got.stderr, got.stderr
+            return None
+        return json.loads(got.stdout)
+
+
+def test_local_up_serves_kubectl_and_stops_on_sigint_killing_pods(tmp_path: Path) -> None:
+    up = LocalUp(tmp_path / "wd", "--gpus", "1")
+    try:
+        proc = up.start().proc
+        assert proc is not None
+        kubeconfig = up.kubeconfig
+        assert f"export KUBECONFIG={kubeconfig}" in up.banner, up.banner
+        assert f":{up.port}" in up.banner
 
         got = kubectl(kubeconfig, "get", "pods")
         assert got.returncode == 0, got.stderr
@@ -119,25 +165,7 @@ def test_local_up_serves_kubectl_and_stops_on_sigint_killing_pods(tmp_path: Path
         assert not alive(pod_pid), "pod processes must die with the local control plane"
         assert block not in Path("/etc/hosts").read_text(), "the node must remove its block"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def start_local_up(port: int, workdir: Path, ephemeral: bool = False) -> subprocess.Popen[str]:
-    code = (
-        "import sys; from sftjob_local.cluster import run_local_up; "
-        f"sys.exit(run_local_up(port={port}, workdir={str(workdir)!r}, ephemeral={ephemeral}))"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:  # the banner is printed once everything is up
-        if "kubectl get pods" in line:
-            return proc
-    proc.wait(timeout=10)
-    raise AssertionError("local up did not start")
+        up.kill_if_running()
 
 
 def test_sigkill_of_local_up_kills_the_pod_tree_and_restart_cleans_up(tmp_path: Path) -> None:
@@ -145,9 +173,8 @@ def test_sigkill_of_local_up_kills_the_pod_tree_and_restart_cleans_up(tmp_path: 
     container's supervisor kills its tree when its lifeline pipe closes); on the next
     start the node kills processes recorded in pod folders and removes the folders of
     pods that no longer exist (the kubelet's cleanupOrphanedPodDirs)."""
-    port = free_port()
-    workdir = tmp_path / "wd"
-    kubeconfig = workdir / "kubeconfig"
+    up = LocalUp(tmp_path / "wd")
+    workdir, kubeconfig = up.workdir, up.kubeconfig
     grand = "import os, time; print('PID', os.getpid(), flush=True); time.sleep(120)"
     child = (
         "import os, subprocess, sys, time; print('PID', os.getpid(), flush=True); "
@@ -168,7 +195,8 @@ def test_sigkill_of_local_up_kills_the_pod_tree_and_restart_cleans_up(tmp_path: 
             ],  # fmt: skip
         },
     }
-    proc = start_local_up(port, workdir)
+    proc = up.start().proc
+    assert proc is not None
     try:
         created = kubectl(
             kubeconfig, "create", "--validate=false", "-f", "-", stdin=json.dumps(pod)
@@ -190,9 +218,7 @@ def test_sigkill_of_local_up_kills_the_pod_tree_and_restart_cleans_up(tmp_path: 
             lambda: not any(alive(p) for p in tree), timeout=5, what="the pod tree to be killed"
         )
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        up.kill_if_running()
 
     # a process recorded in a pod folder that survived (its supervisor died too)
     ghost_dir = workdir / "pods" / "default" / "ghost-12345678"
@@ -205,7 +231,8 @@ def test_sigkill_of_local_up_kills_the_pod_tree_and_restart_cleans_up(tmp_path: 
             starttime = fh.read().rsplit(")", 1)[1].split()[19]
         (ghost_dir / "procs" / "main-0.pid").write_text(f"{ghost.pid} {starttime}\n")
         # --ephemeral: a cluster that lost its state, so the pod is gone and its folder orphaned
-        proc = start_local_up(port, workdir, ephemeral=True)
+        proc = up.start("--ephemeral").proc
+        assert proc is not None
         try:
             assert ghost.wait(timeout=5) == -signal.SIGKILL
             assert not ghost_dir.exists()
@@ -245,63 +272,6 @@ def test_a_restarted_local_cluster_keeps_its_credentials(tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------- restarts (state.db)
-
-
-class LocalUp:
-    """`sftjob local up` as a subprocess on a fixed port and workdir (restartable)."""
-
-    def __init__(self, workdir: Path, *flags: str) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.flags = flags
-        self.kubeconfig = workdir / "kubeconfig"
-        self.proc: subprocess.Popen[str] | None = None
-        self.banner = ""
-
-    def start(self) -> LocalUp:
-        args = ["local", "up", "--port", str(self.port), "--workdir", str(self.workdir)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sftjob_operator.cli", *args, *self.flags],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        lines = []
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:  # the banner is printed once everything is up
-            lines.append(line)
-            if "kubectl get pods" in line:
-                break
-        self.banner = "".join(lines)
-        assert "kubectl get pods" in self.banner, self.banner
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=20)
-        self.proc = None
-        return code
-
-    def kill_if_running(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def create(self, obj: dict) -> dict:
-        done = kubectl(
-            self.kubeconfig, "create", "--validate=false", "-o", "json", "-f", "-",
-            stdin=json.dumps(obj),
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
-
-    def get(self, *args: str) -> dict | None:
-        got = kubectl(self.kubeconfig, "get", *args, "-o", "json")
-        if got.returncode != 0:
-            assert "NotFound" in got.stderr, got.stderr
-            return None
-        return json.loads(got.stdout)
 
 
 SLEEPER_POD = {

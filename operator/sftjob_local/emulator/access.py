@@ -374,10 +374,12 @@ class AccessControl:
         name = meta.get("name", "")
         if operation != "CREATE":
             # Changing the owners of an existing object needs the power to delete it.
-            attrs = rbac.Attributes(
+            self._require(
                 user,
+                rt,
+                name,
+                "cannot set an ownerRef on a resource you can't delete",
                 "delete",
-                True,
                 api_group=rt.group,
                 api_version=rt.version,
                 resource=rt.plural,
@@ -385,14 +387,6 @@ class AccessControl:
                 name=name,
                 namespace=namespace,
             )
-            allowed, reason = self.resolver.authorize(attrs)
-            if not allowed:
-                raise rbac.forbidden(
-                    rt.plural,
-                    rt.group,
-                    name,
-                    f"cannot set an ownerRef on a resource you can't delete: {reason}, <nil>",
-                )
         old_blocking = {r.get("uid") for r in old_refs if r.get("blockOwnerDeletion") is True}
         for ref in refs:
             if ref.get("blockOwnerDeletion") is not True or ref.get("uid") in old_blocking:
@@ -414,10 +408,13 @@ class AccessControl:
                     f'"{ref.get("kind")}" in version "{api_version}"',
                 )
             for owner in owners:
-                attrs = rbac.Attributes(
+                self._require(
                     user,
+                    rt,
+                    name,
+                    "cannot set blockOwnerDeletion if an ownerReference refers to a resource "
+                    "you can't set finalizers on",
                     "update",
-                    True,
                     api_group=group,
                     api_version=version,
                     resource=owner.plural,
@@ -425,15 +422,16 @@ class AccessControl:
                     name=ref.get("name", ""),
                     namespace=namespace,
                 )
-                allowed, reason = self.resolver.authorize(attrs)
-                if not allowed:
-                    raise rbac.forbidden(
-                        rt.plural,
-                        rt.group,
-                        name,
-                        "cannot set blockOwnerDeletion if an ownerReference refers to a resource "
-                        f"you can't set finalizers on: {reason}, <nil>",
-                    )
+
+    def _require(
+        self, user: auth.UserInfo, rt: ResourceType, written: str, why: str, verb: str, **where: str
+    ) -> None:
+        """Forbid the write of `written` (of type `rt`) unless `user` may `verb`
+        the resource `where` names: `why` opens the message, the authorizer's
+        reason closes it."""
+        allowed, reason = self.resolver.authorize(rbac.Attributes(user, verb, True, **where))
+        if not allowed:
+            raise rbac.forbidden(rt.plural, rt.group, written, f"{why}: {reason}, <nil>")
 
 
 def _object(body: Any) -> dict[str, Any]:

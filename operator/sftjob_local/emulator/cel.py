@@ -218,23 +218,7 @@ _ENVS: dict[tuple[str, bool], Any] = {}
 def _env(schema: dict[str, Any] | None, optional_old_self: bool) -> Any:
     key = (_type_key(schema), optional_old_self)
     if key not in _ENVS:
-        self_type = _cel_type(schema)
-        variables = {"self": self_type}
-        if optional_old_self:
-            # oldSelf is bound to an optional inside cel.bind (see _wrap_optional).
-            variables["__oldSelfValue"] = self_type
-            variables["__hasOldSelf"] = cel.Type.BOOL
-        else:
-            variables["oldSelf"] = self_type
-        _ENVS[key] = cel.NewEnv(
-            variables=variables,
-            extensions=[
-                ext_strings.ExtStrings(),
-                ext_optional.ExtOptional(),
-                ext_bindings.ExtBindings(),
-                _kubernetes_libraries(),
-            ],
-        )
+        _ENVS[key] = _new_env(_cel_type(schema), optional_old_self)
     return _ENVS[key]
 
 
@@ -248,23 +232,30 @@ def _typed_env(schema: dict[str, Any] | None, resource_root: bool, optional_old_
         return _env(schema, optional_old_self)
     key = (str(self_type.name()), optional_old_self)
     if key not in _TYPED_ENVS:
-        variables = {"self": self_type}
-        if optional_old_self:
-            variables["__oldSelfValue"] = self_type
-            variables["__hasOldSelf"] = cel.Type.BOOL
-        else:
-            variables["oldSelf"] = self_type
-        _TYPED_ENVS[key] = cel.NewEnv(
-            descriptor_pool=cel_types.pool(),
-            variables=variables,
-            extensions=[
-                ext_strings.ExtStrings(),
-                ext_optional.ExtOptional(),
-                ext_bindings.ExtBindings(),
-                _kubernetes_libraries(),
-            ],
-        )
+        _TYPED_ENVS[key] = _new_env(self_type, optional_old_self, descriptor_pool=cel_types.pool())
     return _TYPED_ENVS[key]
+
+
+def _new_env(self_type: Any, optional_old_self: bool, **options: Any) -> Any:
+    """A CEL environment with ``self`` (and ``oldSelf``) of `self_type` and the
+    Kubernetes extensions; `options` go to ``cel.NewEnv`` as they are."""
+    variables = {"self": self_type}
+    if optional_old_self:
+        # oldSelf is bound to an optional inside cel.bind (see _wrap_optional).
+        variables["__oldSelfValue"] = self_type
+        variables["__hasOldSelf"] = cel.Type.BOOL
+    else:
+        variables["oldSelf"] = self_type
+    return cel.NewEnv(
+        **options,
+        variables=variables,
+        extensions=[
+            ext_strings.ExtStrings(),
+            ext_optional.ExtOptional(),
+            ext_bindings.ExtBindings(),
+            _kubernetes_libraries(),
+        ],
+    )
 
 
 class _WrongType(Exception):
