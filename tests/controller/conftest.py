@@ -13,7 +13,9 @@ from operator_harness import ROOT, Cluster, start_operator, stop_operator
 from sftjob_local.emulator import EmulatorThread
 
 
-@pytest.fixture(scope="session")
+# Module scope: the operator reconciles every 0.3 s; it must stop with its tier, not load
+# the machine for the rest of the run.
+@pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmulatorThread, Path]]:
     workdir = tmp_path_factory.mktemp("emulator")
     with EmulatorThread(log_dir=workdir / "logs") as server:
@@ -24,7 +26,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Emulato
         yield server, kubeconfig
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator_process(
     emulator: tuple[EmulatorThread, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[object]:

@@ -90,7 +90,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.timeout(marker.args[0] * scale), append=False)
 
 
-@pytest.fixture(scope="session")
+# Module scope: the local cluster and its operator stop with the tier that uses them.
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2ECluster]:
     real = _real_cluster()
     if real is not None:
