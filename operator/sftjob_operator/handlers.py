@@ -32,6 +32,10 @@ FINISHED_PHASES = ("Succeeded", "Failed")
 
 _locks: dict[str, asyncio.Lock] = {}
 _ticks: dict[str, int] = {}
+# uids whose job is gone (deleted, or re-created under the same name): never reconciled again.
+_gone: set[str] = set()
+
+log = logging.getLogger(__name__)
 
 
 @kopf.on.startup()
@@ -62,11 +66,40 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         METRICS.serve(int(metrics_port))
 
 
-async def _reconcile(body: kopf.Body, memo: kopf.Memo) -> str:
+async def _reconcile(body: kopf.Body, memo: kopf.Memo) -> str | None:
+    """The job's phase after one pass; None when the job is gone (then never again)."""
+    uid = body["metadata"]["uid"]
+    if uid in _gone:
+        return None
     # Events and timer ticks of one job must not interleave their writes.
-    lock = _locks.setdefault(body["metadata"]["uid"], asyncio.Lock())
+    lock = _locks.setdefault(uid, asyncio.Lock())
     async with lock:
-        return await reconcile(body, memo.kube, memo.settings)
+        phase = await reconcile(body, memo.kube, memo.settings)
+    if phase is None and uid not in _gone:
+        _gone.add(uid)
+        _locks.pop(uid, None)
+        _ticks.pop(uid, None)
+        log.info(
+            "SFTJob %s/%s (uid %s) no longer exists: its reconcile loop ends",
+            body["metadata"]["namespace"],
+            body["metadata"]["name"],
+            uid,
+        )
+    return phase
+
+
+def _stop_timer(stopped: kopf.DaemonStopped) -> None:
+    """End this timer for good.
+
+    A job deleted before Kopf's finalizer lands is forgotten by Kopf without its timer
+    being stopped, and Kopf 1.45 gives a timer no public way to end itself (after a
+    PermanentError it still ticks again). So set the stop flag the handler's `stopped`
+    waits on, as Kopf does when the object is deleted. Should that internal ever move,
+    `_gone` still answers every later tick without an API call.
+    """
+    setter = getattr(stopped, "_setter", None)
+    if setter is not None:
+        setter.set(reason=kopf.DaemonStoppingReason.RESOURCE_DELETED)
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
@@ -84,13 +117,17 @@ async def on_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     initial_delay=RECONCILE_INTERVAL,
     backoff=FAILED_TICK_BACKOFF,
 )
-async def on_tick(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def on_tick(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
     uid = body["metadata"]["uid"]
+    if uid in _gone:
+        _stop_timer(stopped)
+        return
     _ticks[uid] = _ticks.get(uid, 0) + 1
     phase = (body.get("status") or {}).get("phase")
     if phase in FINISHED_PHASES and _ticks[uid] % FINISHED_TICK_EVERY:
         return
-    await _reconcile(body, memo)
+    if await _reconcile(body, memo) is None:
+        _stop_timer(stopped)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

@@ -131,7 +131,19 @@ class Kube:
 
     # ----------------------------------------------------------------- the SFTJob
 
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The SFTJob as the API server has it now; None when there is none of that name."""
+        try:
+            job = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            self._on_error("get SFTJob")
+            raise
+        return job if isinstance(job, dict) else self._plain(job)
+
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        """Merge `status` into the job's status; False when the job is gone (404)."""
         try:
             self.custom.patch_namespaced_custom_object_status(
                 GROUP,
@@ -143,9 +155,11 @@ class Kube:
                 _content_type=MERGE_PATCH,
             )
         except ApiException as exc:
-            if exc.status != 404:  # deleted meanwhile: nothing left to report on
-                self._on_error("patch SFTJob status")
-                raise
+            if exc.status == 404:  # deleted meanwhile: nothing left to report on
+                return False
+            self._on_error("patch SFTJob status")
+            raise
+        return True
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:

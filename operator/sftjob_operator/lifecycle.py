@@ -9,6 +9,7 @@ it twice, or after an operator restart, gives the same answer.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -71,6 +72,17 @@ class RetryDecision:
     message: str
     per_device: int
     accumulation: int
+
+
+def is_same_job(handed_uid: str | None, live: Mapping[str, Any] | None) -> bool:
+    """Whether the job a pass was handed still exists: same name (`live` was read by it) and uid.
+
+    A job deleted or re-created under the same name since Kopf cached its body must get
+    nothing from that body: no children, no pods, no status.
+    """
+    if live is None or not handed_uid:
+        return False
+    return (live.get("metadata") or {}).get("uid") == handed_uid
 
 
 def iso(moment: datetime) -> str:

@@ -58,11 +58,21 @@ def job_from_body(body: Mapping[str, Any]) -> SFTJob:
     return job.model_copy(update={"status": _status_from(body)})
 
 
-async def reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> str:
-    """Bring one SFTJob a step closer to done; returns its phase afterwards."""
+class JobGone(Exception):
+    """The job this pass was handed no longer exists (deleted, or re-created with another uid)."""
+
+
+async def reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> str | None:
+    """Bring one SFTJob a step closer to done; returns its phase afterwards.
+
+    None when the job is gone: checked before anything is created, and again by every
+    status patch, so a stale body (a Kopf timer outliving its object) creates nothing.
+    """
     started = time.monotonic()
     try:
         return await _reconcile(body, kube, settings)
+    except JobGone:
+        return None
     finally:
         METRICS.reconcile_seconds.observe(time.monotonic() - started)
 
@@ -71,6 +81,9 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
     metadata = body["metadata"]
     namespace, name = metadata["namespace"], metadata["name"]
     generation = metadata.get("generation")
+    live = await asyncio.to_thread(kube.read_job, namespace, name)
+    if not lifecycle.is_same_job(metadata.get("uid"), live):
+        raise JobGone
     now = datetime.now(UTC)
     existing = _status_from(body)
     try:
@@ -91,7 +104,7 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
             except SpecError as exc:  # e.g. drop_last with an empty dataloader
                 await _report_invalid(kube, body, existing, exc, now)
                 return "Failed"
-            await asyncio.to_thread(kube.patch_job_status, namespace, name, patch)
+            await _patch_status(kube, namespace, name, patch)
             planned = next(c for c in patch["conditions"] if c["type"] == "Planned")
             await asyncio.to_thread(
                 kube.post_event, dict(body), "Normal", "Planned", planned["message"]
@@ -104,9 +117,7 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
                 }
             )
     elif status.observedGeneration != generation:
-        await asyncio.to_thread(
-            kube.patch_job_status, namespace, name, {"observedGeneration": generation}
-        )
+        await _patch_status(kube, namespace, name, {"observedGeneration": generation})
 
     pods = await asyncio.to_thread(kube.list_job_pods, namespace, name, LABEL_JOB)
     launched = await _launched_spec(kube, namespace, name) if status.attempts > 0 else None
@@ -115,6 +126,12 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
     phase = actions.status.get("phase") or (job.status.phase if job.status else None) or "Pending"
     METRICS.observe_phase(namespace, name, phase)
     return phase
+
+
+async def _patch_status(kube: Kube, namespace: str, name: str, patch: dict[str, Any]) -> None:
+    """Patch the job's status; a 404 ends the pass (JobGone) before anything else is made."""
+    if not await asyncio.to_thread(kube.patch_job_status, namespace, name, patch):
+        raise JobGone
 
 
 async def _report_invalid(
@@ -128,7 +145,7 @@ async def _report_invalid(
     metadata = body["metadata"]
     messages = [str(e) for e in error.errors]
     patch = lifecycle.invalid_status(existing, messages, now, metadata.get("generation"))
-    await asyncio.to_thread(kube.patch_job_status, metadata["namespace"], metadata["name"], patch)
+    await _patch_status(kube, metadata["namespace"], metadata["name"], patch)
     await asyncio.to_thread(
         kube.post_event, dict(body), "Warning", "InvalidSpec", "; ".join(messages)
     )
@@ -167,7 +184,7 @@ async def _apply(
     for pod in actions.create_pods:
         await asyncio.to_thread(kube.create_if_absent, pod)
     if actions.status:
-        await asyncio.to_thread(kube.patch_job_status, namespace, name, actions.status)
+        await _patch_status(kube, namespace, name, actions.status)
     for event in actions.events:
         await asyncio.to_thread(
             kube.post_event, dict(body), event.type, event.reason, event.message

@@ -390,3 +390,121 @@ def test_metrics_and_liveness_are_served(cluster: Cluster, operator_process) -> 
     assert int(re.search(r"^sftjob_reconcile_seconds_count (\d+)", text, flags=re.M).group(1)) > 0
     with urllib.request.urlopen(f"http://127.0.0.1:{LIVENESS_PORT}/healthz", timeout=5) as r:
         assert r.status == 200
+
+
+def _children_of(cluster: Cluster, job: str) -> dict[str, list[str]]:
+    """Every ConfigMap, ServiceAccount, Role, RoleBinding, Service and Pod named for `job`."""
+    import kubernetes
+
+    rbac = kubernetes.client.RbacAuthorizationV1Api(cluster.api)
+    listers = {
+        "ConfigMap": cluster.core.list_namespaced_config_map,
+        "ServiceAccount": cluster.core.list_namespaced_service_account,
+        "Service": cluster.core.list_namespaced_service,
+        "Pod": cluster.core.list_namespaced_pod,
+        "Role": rbac.list_namespaced_role,
+        "RoleBinding": rbac.list_namespaced_role_binding,
+    }
+    found = {
+        kind: [o.metadata.name for o in lister(cluster.namespace).items]
+        for kind, lister in listers.items()
+    }
+    return {kind: [n for n in names if n.startswith(job)] for kind, names in found.items()}
+
+
+def _job_is_gone(cluster: Cluster, name: str) -> bool:
+    import kubernetes
+
+    try:
+        cluster.job(name)
+    except kubernetes.client.ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def test_job_deleted_before_the_finalizer_lands_gets_no_children(
+    cluster: Cluster, operator_process
+) -> None:
+    # Deleted after 0 to 0.8 s: some before Kopf sees them at all, some once their timer
+    # runs but before Kopf's finalizer lands (those are the ghosts this guards against).
+    # The operator must be watching already, or it never sees these jobs at all.
+    cluster.create_job(tiny_job("warm"))
+    wait_pods(cluster, "warm", 1, 1)
+    names = [f"blink{i}" for i in range(9)]
+    for i, name in enumerate(names):
+        cluster.create_job(tiny_job(name))
+        time.sleep(i * 0.1)
+        cluster.delete_job(name)
+    for name in names:
+        wait_for(lambda name=name: _job_is_gone(cluster, name), what=f"{name} deleted")
+    # Many ticks of the operator's 0.3 s timer: a ghost loop would have created by now.
+    time.sleep(4)
+    for name in names:
+        assert _children_of(cluster, name) == {
+            kind: []
+            for kind in ("ConfigMap", "ServiceAccount", "Service", "Pod", "Role", "RoleBinding")
+        }, name
+
+
+def test_job_recreated_under_the_same_name_is_never_written_by_the_old_one(
+    cluster: Cluster, operator_process
+) -> None:
+    cluster.create_job(tiny_job("warm"))
+    wait_pods(cluster, "warm", 1, 1)
+    names = [f"again{i}" for i in range(3)]
+    for name in names:
+        cluster.create_job(tiny_job(name))  # 8 steps
+        cluster.delete_job(name)
+        wait_for(lambda name=name: _job_is_gone(cluster, name), what=f"{name} deleted")
+        cluster.create_job(tiny_job(name, training={"numTrainEpochs": 2}))  # 16 steps
+    for name in names:
+        wait_pods(cluster, name, 1, 1)
+    # Watch for a few seconds: the old job's plan (8 steps) or phase must never show up.
+    deadline = time.monotonic() + 4
+    seen: dict[str, set[tuple[object, object]]] = {name: set() for name in names}
+    while time.monotonic() < deadline:
+        for name in names:
+            status = cluster.job(name).get("status") or {}
+            seen[name].add(((status.get("plan") or {}).get("totalSteps"), status.get("phase")))
+        time.sleep(0.1)
+    for name in names:
+        job = cluster.job(name)
+        # The pods never run in this tier: the new job stays Pending with its own plan.
+        assert seen[name] == {(16, "Pending")}, (name, seen[name])
+        assert cluster.config(name)["plan"]["totalSteps"] == 16, name
+        assert all(
+            p["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+            for p in cluster.pods(name)
+        ), name
+
+
+def test_a_pass_over_a_stale_body_creates_and_writes_nothing(
+    cluster: Cluster, operator_process
+) -> None:
+    """What a Kopf timer outliving its job runs each tick: `reconcile` on the cached body."""
+    kube = Kube(cluster.api)
+    settings = OperatorSettings(default_image="example.test/trainer:dev")
+    deleted = cluster.create_job(tiny_job("stale"))
+    cluster.delete_job("stale")
+    wait_for(lambda: _job_is_gone(cluster, "stale"), what="stale deleted")
+    outcome = asyncio.run(reconcile(deleted, kube, settings))
+    assert _children_of(cluster, "stale") == {
+        kind: []
+        for kind in ("ConfigMap", "ServiceAccount", "Service", "Pod", "Role", "RoleBinding")
+    }
+    assert outcome is None  # the job is gone: no phase to report
+
+    # The same name re-created with another spec: the old body must not touch it.
+    old = cluster.create_job(tiny_job("reborn"))  # 8 steps
+    wait_pods(cluster, "reborn", 1, 1)
+    cluster.delete_job("reborn")
+    wait_for(lambda: _job_is_gone(cluster, "reborn"), what="reborn deleted")
+    cluster.create_job(tiny_job("reborn", training={"numTrainEpochs": 2}))  # 16 steps
+    new = wait_for(
+        lambda: (j := cluster.job("reborn")).get("status", {}).get("plan") and j, what="new plan"
+    )
+    outcome = asyncio.run(reconcile(old, kube, settings))
+    after = cluster.job("reborn")
+    assert after["status"]["plan"]["totalSteps"] == 16
+    assert after["status"]["phase"] == new["status"]["phase"]
+    assert outcome is None

@@ -58,6 +58,7 @@ CLIENT_METHODS: dict[tuple[str, str], tuple[str, str, str]] = {
     ("rbac", "create_namespaced_role_binding"): (RBAC, "rolebindings", "create"),
     ("custom", "patch_namespaced_custom_object_status"): (GROUP, f"{PLURAL}/status", "patch"),
     ("custom", "delete_namespaced_custom_object"): (GROUP, PLURAL, "delete"),
+    ("custom", "get_namespaced_custom_object"): (GROUP, PLURAL, "get"),
 }
 CLIENT_CLASSES = {"CoreV1Api", "RbacAuthorizationV1Api", "CustomObjectsApi"}
 

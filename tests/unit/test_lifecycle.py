@@ -21,6 +21,7 @@ from sftjob_operator.lifecycle import (
     classify_failure,
     decide_retry,
     invalid_status,
+    is_same_job,
     iso,
     planned_status,
     reconcile_job,
@@ -878,3 +879,22 @@ class TestResumeRace:
         assert actions.delete_pods == []
         assert actions.status["attempts"] == 2
         assert actions.status["phase"] == "Pending"
+
+
+@pytest.mark.parametrize(
+    ("handed_uid", "live", "same"),
+    [
+        ("uid-1", {"metadata": {"name": "x", "uid": "uid-1"}}, True),
+        # Deleted: the GET answered 404.
+        ("uid-1", None, False),
+        # Deleted and re-created under the same name: another object.
+        ("uid-1", {"metadata": {"name": "x", "uid": "uid-2"}}, False),
+        # A body without a uid cannot be matched to anything.
+        (None, {"metadata": {"name": "x", "uid": "uid-1"}}, False),
+        ("", {"metadata": {"name": "x"}}, False),
+    ],
+)
+def test_is_same_job_only_for_the_live_object_with_the_handed_uid(
+    handed_uid: str | None, live: dict[str, Any] | None, same: bool
+) -> None:
+    assert is_same_job(handed_uid, live) is same
