@@ -77,8 +77,7 @@ class DemoEnvironment:
         if self.fresh and self.workdir.exists():
             shutil.rmtree(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.cluster = LocalCluster(port=self.port, workdir=self.workdir, **self.cluster_options)
-        self.cluster.__enter__()
+        self._start_control_plane()
         try:
             self._register_crd()
             self.operator_kubeconfig = self._install_operator_rbac()
@@ -90,6 +89,11 @@ class DemoEnvironment:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _start_control_plane(self) -> None:
+        """The API and the node, in this process (a subclass may run them elsewhere)."""
+        self.cluster = LocalCluster(port=self.port, workdir=self.workdir, **self.cluster_options)
+        self.cluster.__enter__()
 
     def close(self) -> None:
         if self.operator is not None and self.operator.poll() is None:

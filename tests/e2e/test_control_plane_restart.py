@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -65,18 +64,11 @@ class RestartableEnvironment(DemoEnvironment):
         return self.workdir / "kubeconfig"
 
     def __enter__(self) -> RestartableEnvironment:
-        if self.workdir.exists():
-            shutil.rmtree(self.workdir)
-        self.workdir.mkdir(parents=True)
-        self.start_control_plane()
-        try:
-            self._register_crd()
-            self.operator_kubeconfig = self._install_operator_rbac()
-            self.operator = self._start_operator()
-        except BaseException:
-            self.close()
-            raise
+        super().__enter__()
         return self
+
+    def _start_control_plane(self) -> None:
+        self.start_control_plane()
 
     def close(self) -> None:
         super().close()  # the operator
