@@ -8,7 +8,6 @@ it twice, or after an operator restart, gives the same answer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,24 +15,10 @@ from typing import Any, Literal
 
 from . import conditions as cond
 from .api import EffectiveTraining, FailureInfo, SFTJob, SFTJobSpec, SFTJobStatus
-from .children import LABEL_ATTEMPT, LABEL_RANK, build_pods, training_spec_hash
+from .children import build_pods, training_spec_hash
+from .pod_state import is_live, pod_attempt, pod_phase, pod_rank, unschedulable_message
+from .retry_policy import Failure, decide_retry, decisive_failure
 from .trainer_config import build_trainer_config
-
-# Reasons the trainer writes in its termination message (and their exit codes).
-TRAINER_EXIT_CODES = {
-    10: "OutOfMemory",
-    11: "DataError",
-    12: "ConfigError",
-    13: "ModelLoadError",
-    14: "Interrupted",
-}
-FATAL_REASONS = ("DataError", "ConfigError", "ModelLoadError")
-# Pod-level reasons a kubelet or scheduler gives when the pod, not the training, failed.
-LOST_POD_REASONS = ("Evicted", "Preempted", "NodeLost", "Shutdown", "NodeShutdown", "Terminated")
-# The kubelet's container reason when it cannot find the container any more (its node rebooted,
-# its runtime lost it): exit code 137 then says nothing about the training, the pod was lost.
-# pkg/kubelet/kubelet_pods.go convertToAPIContainerStatuses, status_manager.go TerminatePod.
-LOST_CONTAINER_REASON = "ContainerStatusUnknown"
 
 EventType = Literal["Normal", "Warning"]
 
@@ -57,23 +42,6 @@ class Actions:
     delete_job: bool = False
 
 
-@dataclass(frozen=True)
-class Failure:
-    reason: str
-    message: str
-    step: int | None = None
-    rank: int | None = None
-
-
-@dataclass(frozen=True)
-class RetryDecision:
-    relaunch: bool
-    reason: str
-    message: str
-    per_device: int
-    accumulation: int
-
-
 def is_same_job(handed_uid: str | None, live: Mapping[str, Any] | None) -> bool:
     """Whether the job a pass was handed still exists: same name (`live` was read by it) and uid.
 
@@ -93,165 +61,6 @@ def parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-# --------------------------------------------------------------------- observing pods
-
-
-def pod_attempt(pod: dict[str, Any]) -> int:
-    try:
-        return int(pod["metadata"]["labels"][LABEL_ATTEMPT])
-    except (KeyError, ValueError):
-        return 0
-
-
-def pod_rank(pod: dict[str, Any]) -> int:
-    try:
-        return int(pod["metadata"]["labels"][LABEL_RANK])
-    except (KeyError, ValueError):
-        return -1
-
-
-def pod_phase(pod: dict[str, Any]) -> str:
-    return str((pod.get("status") or {}).get("phase") or "Pending")
-
-
-def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        state = status.get("state") or {}
-        if "terminated" in state:
-            return dict(state["terminated"])
-    return {}
-
-
-def classify_failure(pod: dict[str, Any]) -> Failure:
-    """Why a failed pod failed: the trainer's own report first, then what Kubernetes saw."""
-    rank = pod_rank(pod)
-    status = pod.get("status") or {}
-    if status.get("reason") in LOST_POD_REASONS:
-        return Failure(
-            "PodLost", f"pod {status.get('reason')}: {status.get('message', '')}".strip(), rank=rank
-        )
-    terminated = _terminated(pod)
-    message = str(terminated.get("message") or "").strip()
-    if terminated.get("reason") == LOST_CONTAINER_REASON:
-        return Failure(
-            "PodLost", f"container {LOST_CONTAINER_REASON}: {message}".strip(), rank=rank
-        )
-    report = _trainer_report(message)
-    if report is not None:
-        return Failure(
-            str(report.get("reason") or "InternalError"),
-            str(report.get("message") or ""),
-            _int_or_none(report.get("step")),
-            rank,
-        )
-    if terminated.get("reason") == "OOMKilled":
-        return Failure("OutOfMemory", "container killed for exceeding its memory limit", rank=rank)
-    code = terminated.get("exitCode")
-    if isinstance(code, int) and code in TRAINER_EXIT_CODES:
-        return Failure(TRAINER_EXIT_CODES[code], _tail(message), rank=rank)
-    if code in (137, 143):
-        return Failure("Interrupted", f"killed by signal (exit code {code})", rank=rank)
-    return Failure("InternalError", _tail(message) or f"exit code {code}", rank=rank)
-
-
-def _trainer_report(message: str) -> dict[str, Any] | None:
-    if not message.startswith("{"):
-        return None
-    try:
-        parsed = json.loads(message)
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) and "reason" in parsed else None
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) else None
-
-
-def _tail(text: str, limit: int = 600) -> str:
-    return text[-limit:]
-
-
-def unschedulable_message(pod: dict[str, Any]) -> str | None:
-    for condition in (pod.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == "PodScheduled" and condition.get("reason") == "Unschedulable":
-            return str(condition.get("message") or "no node fits the pod")
-    return None
-
-
-# --------------------------------------------------------------------- retry policy
-
-
-def shrink_batch(per_device: int, accumulation: int) -> tuple[int, int] | None:
-    """Halve the micro-batch and scale accumulation so the effective batch stays exact."""
-    for divisor in range(per_device // 2, 0, -1):
-        if per_device % divisor == 0:
-            return divisor, accumulation * (per_device // divisor)
-    return None
-
-
-def decide_retry(failure: Failure, spec: SFTJobSpec, status: SFTJobStatus) -> RetryDecision:
-    effective = status.effectiveTraining
-    per_device = (
-        effective.perDeviceTrainBatchSize if effective else spec.training.perDeviceTrainBatchSize
-    )
-    accumulation = (
-        effective.gradientAccumulationSteps
-        if effective
-        else spec.training.gradientAccumulationSteps
-    )
-    if failure.reason in FATAL_REASONS:
-        return RetryDecision(False, failure.reason, failure.message, per_device, accumulation)
-    if status.restarts >= spec.retry.maxRestarts:
-        return RetryDecision(
-            False,
-            "RestartLimitExceeded",
-            f"{failure.reason}: {failure.message} (gave up after {status.restarts} restarts; "
-            "raise retry.maxRestarts to allow more)",
-            per_device,
-            accumulation,
-        )
-    if failure.reason == "OutOfMemory":
-        if not spec.retry.oomAutoShrink:
-            return RetryDecision(
-                False,
-                "OutOfMemory",
-                f"out of memory at perDeviceTrainBatchSize {per_device} and retry.oomAutoShrink "
-                "is off: lower perDeviceTrainBatchSize and raise gradientAccumulationSteps",
-                per_device,
-                accumulation,
-            )
-        shrunk = shrink_batch(per_device, accumulation)
-        if shrunk is None:
-            return RetryDecision(
-                False,
-                "OutOfMemory",
-                "out of memory with perDeviceTrainBatchSize already 1: turn on "
-                "gradientCheckpointing, lower maxLength, use method lora/qlora, or shard the "
-                "model with distributed: fsdp over more GPUs",
-                per_device,
-                accumulation,
-            )
-        new_pd, new_acc = shrunk
-        return RetryDecision(
-            True,
-            "OutOfMemoryShrink",
-            f"out of memory at perDeviceTrainBatchSize {per_device}: relaunching with "
-            f"perDeviceTrainBatchSize {new_pd} and gradientAccumulationSteps {new_acc} "
-            "(same effective batch and plan)",
-            new_pd,
-            new_acc,
-        )
-    return RetryDecision(
-        True,
-        failure.reason,
-        f"{failure.reason}: {failure.message or 'pod failed'}; relaunching, resuming from the "
-        "newest checkpoint",
-        per_device,
-        accumulation,
-    )
 
 
 # --------------------------------------------------------------------- reconcile
@@ -323,18 +132,18 @@ def reconcile_job(
         status.specHash = status.specHash or training_spec_hash(job)
     status.attempts = attempt
     current = {pod_rank(p): p for p in pods if pod_attempt(p) == attempt}
-    stale = [p for p in pods if pod_attempt(p) != attempt and _live(p)]
+    stale = [p for p in pods if pod_attempt(p) != attempt and is_live(p)]
     actions.delete_pods += [p["metadata"]["name"] for p in stale]
 
     if status.phase in ("Succeeded", "Failed"):
-        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if _live(p)]
+        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if is_live(p)]
         _expire(job, status, now, actions)
         return _finish(actions, status, original)
 
     _note_spec_change(changed_job, status, stamp, generation)
 
     if spec.suspend:
-        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if _live(p)]
+        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if is_live(p)]
         if status.phase != "Suspended":
             status.phase = "Suspended"
             status.conditions = cond.set_exclusive(
@@ -395,7 +204,7 @@ def reconcile_job(
         pod_phase(current.get(rank, {})) == "Succeeded" for rank in range(spec.resources.nodes)
     )
     if deadline and started and (now - started).total_seconds() > deadline and not finished:
-        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if _live(p)]
+        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if is_live(p)]
         _fail(
             status,
             "DeadlineExceeded",
@@ -407,9 +216,9 @@ def reconcile_job(
         return _finish(actions, status, original)
 
     expected = range(spec.resources.nodes)
-    failure = _first_failure(current, expected)
+    failure = decisive_failure(current, expected)
     if failure is not None:
-        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if _live(p)]
+        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if is_live(p)]
         _handle_failure(job, status, failure, now, default_image, actions)
         return _finish(actions, status, original)
 
@@ -456,28 +265,9 @@ def _mark_resumed(status: SFTJobStatus, stamp: str, generation: int | None) -> N
     )
 
 
-def _live(pod: dict[str, Any]) -> bool:
-    return pod_phase(pod) in ("Pending", "Running") and not pod["metadata"].get("deletionTimestamp")
-
-
 def _earliest_start(pods: Any) -> str | None:
     starts = sorted(s for p in pods if (s := (p.get("status") or {}).get("startTime")))
     return starts[0] if starts else None
-
-
-def _first_failure(current: dict[int, dict[str, Any]], expected: range) -> Failure | None:
-    failures: list[Failure] = []
-    for rank in expected:
-        pod = current.get(rank)
-        if pod is None:
-            failures.append(Failure("PodLost", f"pod of rank {rank} was deleted", rank=rank))
-        elif pod_phase(pod) == "Failed":
-            failures.append(classify_failure(pod))
-    if not failures:
-        return None
-    # A rank that failed on its own explains more than ranks torn down after it (Interrupted).
-    failures.sort(key=lambda f: (f.reason in ("Interrupted", "PodLost"), f.rank or 0))
-    return failures[0]
 
 
 def _handle_failure(

@@ -17,17 +17,14 @@ from sftjob_operator.children import DEFAULT_TRAINER_IMAGE, training_spec_hash
 from sftjob_operator.lifecycle import (
     Actions,
     Event,
-    Failure,
-    classify_failure,
-    decide_retry,
     invalid_status,
     is_same_job,
     iso,
     planned_status,
     reconcile_job,
-    shrink_batch,
 )
 from sftjob_operator.plan import plan_for
+from sftjob_operator.retry_policy import Failure, classify_failure, decide_retry, shrink_batch
 from sftjob_operator.trainer_config import build_trainer_config
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
