@@ -74,7 +74,7 @@ async def _reconcile(body: kopf.Body, memo: kopf.Memo) -> str | None:
     # Events and timer ticks of one job must not interleave their writes.
     lock = _locks.setdefault(uid, asyncio.Lock())
     async with lock:
-        phase = await reconcile(body, memo.kube, memo.settings)
+        phase = (await reconcile(body, memo.kube, memo.settings)).phase
     if phase is None and uid not in _gone:
         _gone.add(uid)
         _locks.pop(uid, None)

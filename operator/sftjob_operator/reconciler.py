@@ -62,17 +62,30 @@ class JobGone(Exception):
     """The job this pass was handed no longer exists (deleted, or re-created with another uid)."""
 
 
-async def reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> str | None:
-    """Bring one SFTJob a step closer to done; returns its phase afterwards.
+@dataclass(frozen=True)
+class Outcome:
+    """What one pass leaves: the job's phase and when it next needs a pass of its own.
 
-    None when the job is gone: checked before anything is created, and again by every
-    status patch, so a stale body (a Kopf timer outliving its object) creates nothing.
+    `phase` is None when the job is gone (then it never needs another pass);
+    `requeue_after` is None when only a change to the job or its pods needs one.
+    """
+
+    phase: str | None
+    requeue_after: float | None = None
+
+
+async def reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> Outcome:
+    """Bring one SFTJob a step closer to done.
+
+    The job is gone (phase None) when it was deleted: checked before anything is created,
+    and again by every status patch, so a stale body (a Kopf timer outliving its object)
+    creates nothing.
     """
     started = time.monotonic()
     try:
-        return await _reconcile(body, kube, settings)
+        return Outcome(await _reconcile(body, kube, settings))
     except JobGone:
-        return None
+        return Outcome(None)
     finally:
         METRICS.reconcile_seconds.observe(time.monotonic() - started)
 
