@@ -1,25 +1,15 @@
 """A tiny Kubernetes protobuf encoder for tests: bodies as client-go's protobuf serializer writes
 them (``k8s\\x00`` + runtime.Unknown{typeMeta, raw}), with field numbers given by the caller
-(taken from kubernetes' generated.proto files), so tests do not share the decoder's tables."""
+(taken from kubernetes' generated.proto files), so tests do not share the decoder's tables.
+Only the varint encoder is the emulator's (its openapi output uses it); the decoder is separate."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from sftjob_local.emulator.protobuf import encode_varint as varint
+
 MAGIC = b"k8s\x00"
-
-
-def varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative numbers as 64-bit two's complement, as Go writes them
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def field(number: int, value: Any) -> bytes:

@@ -91,6 +91,29 @@ class LocalUp:
         return json.loads(got.stdout)
 
 
+def sleeper_pod(name: str, labels: dict[str, str] | None = None) -> dict:
+    """A pod that prints its PID and sleeps two minutes: something to find, kill and restart."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "never-pulled",
+                    "command": [
+                        "python",
+                        "-c",
+                        "import os, time; print('PID', os.getpid(), flush=True); time.sleep(120)",
+                    ],  # fmt: skip
+                }
+            ],
+        },
+    }
+
+
 def test_local_up_serves_kubectl_and_stops_on_sigint_killing_pods(tmp_path: Path) -> None:
     up = LocalUp(tmp_path / "wd", "--gpus", "1")
     try:
@@ -104,25 +127,7 @@ def test_local_up_serves_kubectl_and_stops_on_sigint_killing_pods(tmp_path: Path
         assert got.returncode == 0, got.stderr
         assert kubectl(kubeconfig, "get", "nodes", "-o", "name").stdout.strip() == "node/local-node"
 
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "long", "labels": {"app": "long"}},
-            "spec": {
-                "restartPolicy": "Never",
-                "containers": [
-                    {
-                        "name": "main",
-                        "image": "never-pulled",
-                        "command": [
-                            "python",
-                            "-c",
-                            "import os, time; print('PID', os.getpid(), flush=True); time.sleep(120)",
-                        ],  # fmt: skip
-                    }
-                ],
-            },
-        }
+        pod = sleeper_pod("long", labels={"app": "long"})
         created = kubectl(
             kubeconfig, "create", "--validate=false", "-f", "-", stdin=json.dumps(pod)
         )
@@ -274,27 +279,6 @@ def test_a_restarted_local_cluster_keeps_its_credentials(tmp_path: Path) -> None
 # ---------------------------------------------------------------- restarts (state.db)
 
 
-SLEEPER_POD = {
-    "apiVersion": "v1",
-    "kind": "Pod",
-    "metadata": {"name": "sleeper"},
-    "spec": {
-        "restartPolicy": "Never",
-        "containers": [
-            {
-                "name": "main",
-                "image": "never-pulled",
-                "command": [
-                    "python",
-                    "-c",
-                    "import os, time; print('PID', os.getpid(), flush=True); time.sleep(120)",
-                ],  # fmt: skip
-            }
-        ],
-    },
-}
-
-
 def sleeper_pid(up: LocalUp) -> int:
     def pid() -> int | None:
         pod = up.get("pod", "sleeper")
@@ -315,7 +299,7 @@ def test_local_up_restarted_on_its_workdir_keeps_objects_and_history(
         up.start()
         assert f"state: {up.workdir / 'state.db'}" in up.banner, up.banner
         settings = up.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"}, "data": {"k": "v"}})  # fmt: skip
-        pod = up.create(SLEEPER_POD)
+        pod = up.create(sleeper_pod("sleeper"))
         pod_pid = sleeper_pid(up)
         events = up.get("events", "--field-selector", "involvedObject.name=sleeper")
         assert events and events["items"], "the node records events about the pod"

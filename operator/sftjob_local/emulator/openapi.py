@@ -20,6 +20,7 @@ import json
 import struct
 from typing import Any
 
+from .protobuf import encode_varint
 from .resources import Registry, ResourceType
 
 VERSION = "v1.32.0"
@@ -167,25 +168,12 @@ _SCHEMA_INTS = {
 }
 
 
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _key(field: int, wire: int) -> bytes:
-    return _varint(field << 3 | wire)
+    return encode_varint(field << 3 | wire)
 
 
 def _bytes_field(field: int, data: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(data)) + data
+    return _key(field, 2) + encode_varint(len(data)) + data
 
 
 def _str_field(field: int, text: str) -> bytes:
@@ -218,7 +206,7 @@ def _schema_pb(schema: dict[str, Any]) -> bytes:
     for key, field in _SCHEMA_INTS.items():
         value = schema.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
-            out += _key(field, 0) + _varint(value)
+            out += _key(field, 0) + encode_varint(value)
     for name in schema.get("required") or ():
         out += _str_field(19, str(name))
     for value in schema.get("enum") or ():

@@ -70,6 +70,20 @@ class UnsupportedKind(ProtobufError):
 
 
 # ------------------------------------------------------------------ wire reading
+def encode_varint(value: int) -> bytes:
+    """A protobuf varint; negative numbers as 64-bit two's complement, as Go writes them."""
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
