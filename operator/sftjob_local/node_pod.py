@@ -20,10 +20,10 @@ import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import node_logs
-from .node_kube import ApiError
+from .node_kube import ApiError, KubeHttp
 from .node_sa import MOUNT_PATH as SA_MOUNT
 from .node_sa import PodCredentials, TokenUnavailable, pod_credentials
 from .node_spec import (
@@ -38,8 +38,41 @@ from .node_spec import (
     termination_message,
 )
 
-if TYPE_CHECKING:
-    from .node import LocalNode
+
+class PodHost(Protocol):
+    """What a pod's worker needs from the node that runs it (`node.LocalNode` is one).
+
+    A protocol rather than an import: the node imports the worker, never the reverse.
+    """
+
+    name: str
+    workdir: Path
+    log_dir: Path
+    kubeconfig: Path
+    hosts_file: Path
+    pyhook_dir: Path
+    allocatable: dict[str, str]
+    config_retry: float
+    restart_backoff: float
+    max_restart_backoff: float
+    memory_poll: float
+
+    @property
+    def api(self) -> KubeHttp: ...
+
+    @property
+    def manage_etc_hosts(self) -> bool: ...
+
+    def event(
+        self, pod: Obj, reason: str, message: str, *, type_: str = ..., source: str = ...
+    ) -> None: ...
+
+    def image_command(self, image: str) -> list[str] | None: ...
+
+    def refresh_dns(self, force: bool = False) -> None: ...
+
+    def release(self, worker: PodWorker) -> None: ...
+
 
 log = logging.getLogger("sftjob_local.node")
 
@@ -117,7 +150,7 @@ class Container:
 
 
 class PodWorker:
-    def __init__(self, node: LocalNode, pod: Obj, ip: str, gpu_devices: list[int]) -> None:
+    def __init__(self, node: PodHost, pod: Obj, ip: str, gpu_devices: list[int]) -> None:
         self.node = node
         self.pod = pod
         self.ip = ip

@@ -11,12 +11,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from .advice import advise
-from .api import SFTJob, SpecError
+from .api import SpecError
 from .documents import sftjobs_in
-from .plan import plan_for
+from .presentation import format_plan, plan_report
 
 EXIT_INVALID_SPEC = 2
 
@@ -28,53 +26,6 @@ def _read(path: str) -> str:
         return Path(path).read_text()
     except OSError as exc:
         raise SystemExit(f"error: cannot read {path}: {exc.strerror}") from None
-
-
-def plan_report(job: SFTJob, dataset_size: int | None) -> dict[str, Any]:
-    plan = plan_for(job.spec, dataset_size)
-    advisories = advise(job.spec, plan)
-    return {
-        "name": job.metadata.name,
-        "namespace": job.metadata.namespace,
-        **plan.model_dump(mode="json"),
-        "learningRate": job.spec.learning_rate,
-        "advisories": [a.model_dump(mode="json", exclude_none=True) for a in advisories],
-    }
-
-
-def _format_table(report: dict[str, Any]) -> str:
-    def show(value: Any) -> str:
-        return "pending (set dataset.limit or numSamples)" if value is None else str(value)
-
-    label = f"SFTJob {report['namespace'] or 'default'}/{report['name'] or '?'}"
-    if report["estimate"]:
-        label += "  [estimate]"
-    world = report["worldSize"]
-    lines = [
-        label,
-        f"  dataset size      {show(report['datasetSize'])} ({report['datasetSizeSource']})",
-        f"  world size        {world} process{'es' if world != 1 else ''}",
-        f"  effective batch   {report['effectiveBatchSize']} = "
-        f"{report['perDeviceTrainBatchSize']} per device x "
-        f"{report['gradientAccumulationSteps']} accumulation x {world}",
-        f"  steps per epoch   {show(report['stepsPerEpoch'])}",
-        f"  total steps       {show(report['totalSteps'])}"
-        + (f" ({report['epochs']:g} epochs)" if report["epochs"] is not None else ""),
-        f"  warmup steps      {show(report['warmupSteps'])}",
-        f"  learning rate     {report['learningRate']:g}",
-    ]
-    lines += [f"  note: {note}" for note in report["notes"]]
-    if report["advisories"]:
-        lines.append("  advisories:")
-        for advisory in report["advisories"]:
-            suggested = advisory.get("suggested")
-            lines.append(
-                f"    [{advisory['severity']}] {advisory['code']} ({advisory['field']}): "
-                f"{advisory['message']}" + (f" -> suggested: {suggested}" if suggested else "")
-            )
-    else:
-        lines.append("  advisories: none")
-    return "\n".join(lines)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -94,7 +45,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     else:
-        print("\n\n".join(_format_table(r) for r in reports))
+        print("\n\n".join(format_plan(r) for r in reports))
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from sftjob_trainer.bench_report import report
+from sftjob_trainer.device_memory import usable_memory_gib
 from sftjob_trainer.failures import ConfigError
 from sftjob_trainer.speed import (
     Hardware,
@@ -24,7 +25,6 @@ from sftjob_trainer.speed import (
     kept_logits_bytes,
     micro_batch,
     options_from,
-    usable_memory_gib,
 )
 
 # Stored GPU runs (JSON lines) that the criteria are checked against.

@@ -517,7 +517,7 @@ def cap_gpu_memory(gib: float) -> None:
 
     import torch
 
-    from .speed import ENV_MEMORY_GIB
+    from .device_memory import ENV_MEMORY_GIB
 
     os.environ[ENV_MEMORY_GIB] = str(gib)
     if torch.cuda.is_available():

@@ -41,8 +41,8 @@ from sftjob_operator.trainer_config import build_trainer_config
 from .bench import PEAK_FLOPS, QWEN25_15B
 from .bench import TINY as SMOKE_SHAPE
 from .config_map import CHECKPOINT_DIR, FINAL_DIR
+from .device_memory import ENV_MEMORY_GIB
 from .progress import PROGRESS_FILE
-from .speed import ENV_MEMORY_GIB
 from .tiny import build_tokenizer
 from .train import newest_checkpoint
 

@@ -7,7 +7,7 @@ of the LM head's size per micro-step (about 5% of the FLOPs of a 1.5B step with 
 152k vocabulary), and the tiles cost dozens of small launches.
 
 When a micro-batch's bf16 logits fit in a small share of the device (2.3 GiB for 8192
-tokens x 151,936 fit in `speed.KEPT_LOGITS_SHARE` of 80 GiB; the micro-batch lever counts
+tokens x 151,936 fit in `device_memory.KEPT_LOGITS_SHARE` of 80 GiB; the micro-batch lever counts
 them in its memory estimate), `KeptLogitsLogProb` computes them in one GEMM, folds them
 with TRL's own kernels (the same fp32 online log-sum-exp over the same 1024-column
 blocks, so the log-probabilities are TRL's up to the rounding of one GEMM against
@@ -40,7 +40,7 @@ def kept_logits_budget(device: torch.device) -> int:
     """
     import os
 
-    from .speed import KEPT_LOGITS_SHARE, usable_memory_gib
+    from .device_memory import KEPT_LOGITS_SHARE, usable_memory_gib
 
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory

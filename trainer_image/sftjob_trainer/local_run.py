@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from sftjob_operator.api import SFTJob, SpecError
-from sftjob_operator.cli import _format_table, plan_report
 from sftjob_operator.documents import sftjobs_in
+from sftjob_operator.presentation import format_plan, plan_report
 from sftjob_operator.trainer_config import build_trainer_config
 
 from .config_map import FINAL_DIR
@@ -76,7 +76,7 @@ def _free_port() -> int:
 
 def run_job(job: SFTJob, *, workdir: Path, dataset_size: int | None) -> int:
     name = job.metadata.name or "sftjob"
-    print(_format_table(plan_report(job, dataset_size)), flush=True)
+    print(format_plan(plan_report(job, dataset_size)), flush=True)
     if job.spec.resources.gpusPerNode > 0 and not _gpu_available():
         print(
             f"error: {name} asks for {job.spec.resources.gpusPerNode} GPU(s) per node and this "

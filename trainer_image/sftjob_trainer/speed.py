@@ -68,6 +68,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .device_memory import KEPT_LOGITS_SHARE, usable_memory_gib
 from .failures import ConfigError
 
 log = logging.getLogger("sftjob_trainer.speed")
@@ -87,9 +88,6 @@ SWITCH_NAMES = (
     "fuseGradientAccumulation",
     "rotaryTablesOnce",
 )
-# Set on a sized run to size batches for less memory than the device has (a shared card,
-# or the bench imitating an 80 GB H100 on a larger one).
-ENV_MEMORY_GIB = "SFTJOB_GPU_MEMORY_GIB"
 # Keys of TRL's padding-free batches that only varlen kernels (flash attention) read. Their
 # lengths and values change with every micro-batch, so a compiled model would recompile.
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -107,9 +105,6 @@ MIN_MICRO_BATCH_TOKENS = 4096
 # DataLoader worker processes per training process (measured: two were enough to take
 # collation off the critical path); they need cores beyond the training process's own.
 DATA_WORKERS = 2
-# Share of the device's memory the lean LM head may fill with one micro-batch's bf16
-# logits, kept for its backward instead of computed twice (kept_logits.py): 4 GiB of 80.
-KEPT_LOGITS_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -195,17 +190,6 @@ def cpus_per_process(env: Mapping[str, str], cpu_max: str | None = None) -> floa
     except ValueError:
         local = 1
     return cpus / local
-
-
-def usable_memory_gib(total_gib: float, env: Mapping[str, str]) -> float:
-    """The device's memory, or less when $SFTJOB_GPU_MEMORY_GIB says so."""
-    cap = env.get(ENV_MEMORY_GIB, "").strip()
-    if not cap:
-        return total_gib
-    try:
-        return min(total_gib, float(cap))
-    except ValueError:
-        raise ConfigError(f"{ENV_MEMORY_GIB} must be a number of GiB, got {cap!r}") from None
 
 
 @dataclass(frozen=True)
