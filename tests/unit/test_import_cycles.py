@@ -168,3 +168,23 @@ def test_the_scan_sees_no_cycle_in_a_tree(tmp_path: Path) -> None:
     assert graph["pkg.a"] == {"pkg.b"}
     assert graph["pkg.b"] == {"pkg.c"}
     assert cycles(graph) == []
+
+
+def test_the_local_control_plane_uses_only_kmocks_public_api() -> None:
+    """kmock's `_internal` may change in any release; its public names carry the same types."""
+    private = []
+    for module, path in modules_under(ROOT / "operator").items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            private += [
+                f"{module}: {name}"
+                for name in names
+                if name.split(".")[0] == "kmock" and any(p.startswith("_") for p in name.split("."))
+            ]
+    assert not private, private

@@ -16,7 +16,6 @@ import aiohttp.web
 import attrs
 import kmock
 import yaml
-from kmock._internal import apps, rendering
 
 from .. import node_logs
 from . import auth, bodies, errors, eviction, openapi, tables, tls
@@ -211,7 +210,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
                 if raw.method in ("PATCH", "PUT")
                 else None
             )
-        request = rendering.Request(
+        request = kmock.Request(
             id=len(self._requests),
             raw_request=raw,
             url=raw.url,
@@ -240,7 +239,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
         if rt.kind == "Namespace" and not rt.group:
             self.access.ensure_default_service_account(obj)
 
-    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         raw = request._raw_request
         assert raw is not None
         try:
@@ -255,11 +254,11 @@ class ApiEmulator(kmock.KubernetesEmulator):
             auth.current_user.reset(current)
 
     async def _handle_as_user(
-        self, request: rendering.Request, user: auth.UserInfo
+        self, request: kmock.Request, user: auth.UserInfo
     ) -> aiohttp.web.StreamResponse:
         try:
             try:
-                return await apps.RawHandler._handle(self, request)  # user reactions, if any match
+                return await kmock.RawHandler._handle(self, request)  # user reactions, if any match
             except NotImplementedError:
                 pass
             return await self._serve(request, user)
@@ -273,7 +272,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
 
     # ------------------------------------------------------------ routing
     async def _serve(
-        self, request: rendering.Request, user: auth.UserInfo
+        self, request: kmock.Request, user: auth.UserInfo
     ) -> aiohttp.web.StreamResponse:
         raw = request._raw_request
         assert raw is not None
@@ -453,7 +452,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
             "MethodNotAllowed",
         )
 
-    def _body(self, request: rendering.Request, content_type: str = "") -> Any:
+    def _body(self, request: kmock.Request, content_type: str = "") -> Any:
         """The request body as JSON data: by Content-Type (JSON, YAML or protobuf; 415 for
         others: see bodies.py), or as the given PATCH type."""
         if not content_type:  # the media type is negotiated before the body is read
@@ -471,7 +470,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
                 400, f"the request body could not be decoded as JSON: {exc}", "BadRequest"
             ) from exc
 
-    def _endpoint_kind(self, request: rendering.Request) -> str:
+    def _endpoint_kind(self, request: kmock.Request) -> str:
         """The kind a body sent to this URL should be, for error messages ("" when unknown)."""
         if request.resource is None or request.subresource not in (None, "status"):
             return ""
@@ -480,7 +479,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
             return self.core.rt(resource.group, resource.version, resource.plural).kind
         return ""
 
-    def _delete_options(self, request: rendering.Request) -> dict[str, Any]:
+    def _delete_options(self, request: kmock.Request) -> dict[str, Any]:
         options: dict[str, Any] = {}
         if request.body:  # JSON, YAML or protobuf (client-go's typed Delete); else ignored
             with contextlib.suppress(ApiError, ValueError, TypeError):
