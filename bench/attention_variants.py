@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer_image"))
 
 import torch  # noqa: E402
-from sftjob_trainer.bench import CASES, synthetic_rows  # noqa: E402
+from sftjob_bench.bench import CASES, synthetic_rows  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 12, 2, 128
 ROWS, WIDTH = 4, 2048

@@ -28,10 +28,10 @@ for run in "$@"; do
   if [[ "$args" == *"--extra-args "* ]]; then
     extra=(--extra-args "${args#*--extra-args }")
   fi
-  timeout "$seconds" "$python" -m sftjob_trainer.bench "${argv[@]}" "${extra[@]}" \
+  timeout "$seconds" "$python" -m sftjob_bench.bench "${argv[@]}" "${extra[@]}" \
     > "$out/$name.jsonl" 2> "$out/$name.log"
   echo "$name: exit $?" | tee -a "$out/exits.txt"
   files+=("$out/$name.jsonl")
 done
 cat "$out/env.txt"
-"$python" -m sftjob_trainer.bench_report "${files[@]}" | tee "$out/report.md"
+"$python" -m sftjob_bench.bench_report "${files[@]}" | tee "$out/report.md"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sftjob_trainer.bench_report import report
+from sftjob_bench.bench_report import report
 from sftjob_trainer.device_memory import usable_memory_gib
 from sftjob_trainer.failures import ConfigError
 from sftjob_trainer.speed import (
@@ -49,7 +49,7 @@ def test_cpu_smoke_sides_match() -> None:
     # checkpointing, which must not change what it learns (same rows per optimizer step).
     env = {**os.environ, "SFTJOB_SPEED": json.dumps({"autoMicroBatch": "on"})}
     done = subprocess.run(
-        [sys.executable, "-m", "sftjob_trainer.bench", "--case", "cpu-smoke", "--steps", "4"],
+        [sys.executable, "-m", "sftjob_bench.bench", "--case", "cpu-smoke", "--steps", "4"],
         env=env,
         capture_output=True,
         text=True,
@@ -437,7 +437,7 @@ def test_throughput_script_runs_and_reports(tmp_path) -> None:
 
 def test_logging_steps_apply_to_both_sides() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "sftjob_trainer.bench", "--case", "cpu-smoke", "--steps", "4"]
+        [sys.executable, "-m", "sftjob_bench.bench", "--case", "cpu-smoke", "--steps", "4"]
         + ["--logging-steps", "2"],
         capture_output=True,
         text=True,
@@ -462,7 +462,7 @@ def test_sync_report_counts_each_call_stack(tmp_path) -> None:
     import types
     import warnings
 
-    from sftjob_trainer.bench import make_sync_report
+    from sftjob_bench.bench import make_sync_report
 
     def copy_to_device() -> None:
         warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
@@ -571,7 +571,7 @@ def test_gradient_check_on_cpu_finds_the_fused_layers_equal_to_autocast() -> Non
 def test_acceptance_judges_issue_7_done_when(tmp_path) -> None:
     import copy
 
-    from sftjob_trainer.bench_report import acceptance, main, read_lines
+    from sftjob_bench.bench_report import acceptance, main, read_lines
 
     measured = read_lines(BENCH_RESULTS / "2026-11-28-h200-session5" / "call7-full.jsonl")
     verdicts = {criterion: passed for criterion, passed, _ in acceptance(measured)}
@@ -636,7 +636,7 @@ def test_acceptance_judges_issue_7_done_when(tmp_path) -> None:
 
 
 def test_report_names_the_weight_copies_when_on() -> None:
-    from sftjob_trainer.bench_report import describe
+    from sftjob_bench.bench_report import describe
 
     settings = {
         "per_device": 4,
@@ -660,7 +660,7 @@ def test_report_names_the_weight_copies_when_on() -> None:
 
 def failed_checks(session: str, name: str) -> list[str]:
     """The issue's criteria that a stored run of docs/bench-results fails."""
-    from sftjob_trainer.bench_report import acceptance, read_lines
+    from sftjob_bench.bench_report import acceptance, read_lines
 
     lines = read_lines(BENCH_RESULTS / session / name)
     return [criterion for criterion, passed, _ in acceptance(lines) if not passed]

@@ -55,3 +55,28 @@ def test_installs_only_the_trainer_extra_with_matching_torch():
     torch_pin = next(d for d in trainer if d.startswith("torch=="))
     assert torch_pin == f"torch=={args()['PYTORCH_VERSION']}"
     assert last("FROM").startswith("pytorch/pytorch:${PYTORCH_VERSION}-")
+
+
+def test_the_image_ships_no_bench_tool():
+    """What `pip install .` finds in the image's copy of the repository: no measurement tools.
+
+    The copy is rebuilt from the Dockerfile's COPY lines, and the packages are found with
+    pyproject's own [tool.setuptools.packages.find] settings, as pip's build would.
+    """
+    from setuptools import find_packages
+
+    copied = [rest.split()[0] for key, rest in instructions() if key == "COPY"]
+    finder = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    finder = finder["packages"]["find"]
+    shipped: set[str] = set()
+    for where in finder["where"]:
+        present = [c for c in copied if c == where or c.startswith(f"{where}/")]
+        for package in find_packages(str(REPO / where), include=finder["include"]):
+            path = f"{where}/{package.replace('.', '/')}"
+            if any(path == c or path.startswith(f"{c}/") or c == where for c in present):
+                shipped.add(package)
+    assert "sftjob_trainer" in shipped
+    assert not any(p.startswith("sftjob_bench") for p in shipped), shipped
+    modules = {f.stem for f in (REPO / "trainer_image" / "sftjob_trainer").glob("*.py")}
+    assert not modules & {"bench", "bench_report", "gpu_check"}
+    assert importlib.util.find_spec("sftjob_bench.bench") is not None  # still there for dev

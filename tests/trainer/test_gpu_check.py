@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sftjob_operator.api import parse_sftjob
-from sftjob_trainer.gpu_check import (
+from sftjob_bench.gpu_check import (
     clear_previous_run,
     job_manifest,
     logged_losses,
@@ -17,6 +16,7 @@ from sftjob_trainer.gpu_check import (
     progress_reports,
     trainer_env,
 )
+from sftjob_operator.api import parse_sftjob
 
 
 def write_state(checkpoint: Path, history: list[dict]) -> None:
@@ -104,7 +104,7 @@ def run_smoke(workdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, d
         [
             sys.executable,
             "-m",
-            "sftjob_trainer.gpu_check",
+            "sftjob_bench.gpu_check",
             "--smoke",
             "--workdir",
             str(workdir),

@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from sftjob_trainer.bench import isolation_check
+from sftjob_bench.bench import isolation_check
 from sftjob_trainer.speed import Hardware, Job, SpeedOptions, decide, flex_attention
 
 
@@ -28,7 +28,7 @@ def test_flex_attention_keeps_packed_sequences_isolated(monkeypatch: pytest.Monk
 
     Eager flex applies the same BlockMask transformers builds from the position_ids, so the
     document masking is what is checked here; the compiled GPU kernel is checked on the
-    GPU by `python -m sftjob_trainer.bench --isolation` (docs/performance.md).
+    GPU by `python -m sftjob_bench.bench --isolation` (docs/performance.md).
     """
     pytest.importorskip("torch.nn.attention.flex_attention")
     monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: fn or (lambda f: f))

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from sftjob_trainer.bench import TINY
+from sftjob_bench.bench import TINY
 from sftjob_trainer.residual_stream import Bf16ResidualStream, use_bf16_residual_stream
 from sftjob_trainer.speed import Hardware, Job, SpeedOptions, bf16_residual_stream
 from transformers import (

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from sftjob_trainer.bench import QWEN25_15B, TINY
+from sftjob_bench.bench import QWEN25_15B, TINY
 from sftjob_trainer.residual_stream import Bf16ResidualStream
 from sftjob_trainer.rotary_tables import (
     RotaryTablesOnce,

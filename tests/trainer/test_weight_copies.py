@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from sftjob_trainer.bench import TINY
+from sftjob_bench.bench import TINY
 from sftjob_trainer.speed import (
     Hardware,
     Job,

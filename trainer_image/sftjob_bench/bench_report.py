@@ -1,6 +1,6 @@
 """Markdown tables from the bench's JSON lines, for docs/performance.md.
 
-    python -m sftjob_trainer.bench_report [--check] full.jsonl [lora.jsonl ...]
+    python -m sftjob_bench.bench_report [--check] full.jsonl [lora.jsonl ...]
 
 Per file: the isolation checks (if any), one row per side with its speed-up over the
 reference side of the SAME file (the same process, card and data), and the losses of

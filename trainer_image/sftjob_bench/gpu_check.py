@@ -1,6 +1,6 @@
 """GPU check: the real entrypoint trains a Qwen2.5-1.5B-shaped model on one or more GPUs.
 
-    python -m sftjob_trainer.gpu_check --workdir /tmp/gpu-check --steps 30
+    python -m sftjob_bench.gpu_check --workdir /tmp/gpu-check --steps 30
 
 No hub is needed: it trains a byte-level BPE tokenizer on generated text, builds a
 random-init model of the Qwen2.5-1.5B shape on the GPU, writes synthetic rows with a
@@ -13,8 +13,8 @@ logged.
 Two GPUs of one machine, with the same effective batch as one GPU at accumulation 16
 (2 x 8 x 2 = 2 x 16 x 1), so the two runs' losses can be compared step by step:
 
-    python -m sftjob_trainer.gpu_check --gpus 2 --accumulation 8 --memory-gib 80
-    python -m sftjob_trainer.gpu_check --gpus 1 --accumulation 16 --memory-gib 80
+    python -m sftjob_bench.gpu_check --gpus 2 --accumulation 8 --memory-gib 80
+    python -m sftjob_bench.gpu_check --gpus 1 --accumulation 16 --memory-gib 80
 
 `--memory-gib` sizes the speed plan for a card of that many GiB (an H200 planning as
 an 80 GB H100 would), as the bench's option of the same name does.
@@ -37,14 +37,14 @@ from typing import Any
 
 from sftjob_operator.api import parse_sftjob
 from sftjob_operator.trainer_config import build_trainer_config
+from sftjob_trainer.config_map import CHECKPOINT_DIR, FINAL_DIR
+from sftjob_trainer.device_memory import ENV_MEMORY_GIB
+from sftjob_trainer.progress import PROGRESS_FILE
+from sftjob_trainer.tiny import build_tokenizer
+from sftjob_trainer.train import newest_checkpoint
 
 from .bench import PEAK_FLOPS, QWEN25_15B
 from .bench import TINY as SMOKE_SHAPE
-from .config_map import CHECKPOINT_DIR, FINAL_DIR
-from .device_memory import ENV_MEMORY_GIB
-from .progress import PROGRESS_FILE
-from .tiny import build_tokenizer
-from .train import newest_checkpoint
 
 H100_BF16_PEAK_FLOPS = PEAK_FLOPS["H100"]
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "po", "qu", "xe", "da", "fi"]

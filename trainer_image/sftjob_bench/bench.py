@@ -1,6 +1,6 @@
 """Throughput benchmark: the plain-TRL reference settings against our trainer's defaults.
 
-    python -m sftjob_trainer.bench --case full|lora|cpu-smoke [--steps N] [--sides reference,sftjob]
+    python -m sftjob_bench.bench --case full|lora|cpu-smoke [--steps N] [--sides reference,sftjob]
                                    [--memory-gib G] [--isolation]
 
 Both sides run in ONE process on the same random-init model (re-created from the same
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("sftjob_trainer.bench")
+log = logging.getLogger("sftjob_bench.bench")
 
 QWEN25_15B = {
     "hidden_size": 1536,
@@ -173,8 +173,7 @@ def trainer_config(
 ) -> Any:
     from sftjob_operator.api import parse_sftjob
     from sftjob_operator.trainer_config import build_trainer_config
-
-    from .settings import parse_config
+    from sftjob_trainer.settings import parse_config
 
     job = parse_sftjob(job_manifest(case, steps, model, output, gpus, extra_args, logging_steps))
     return parse_config(build_trainer_config(job))
@@ -221,9 +220,8 @@ def make_callback(
     trainer_ref: dict[str, Any], cuda: bool, skip: int, sync_every_step: bool = False
 ) -> Any:
     import torch
+    from sftjob_trainer.lean_steps import trained_tokens
     from transformers import TrainerCallback
-
-    from .lean_steps import trained_tokens
 
     class Meter(TrainerCallback):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -375,12 +373,11 @@ def run_side(
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
+    from sftjob_trainer.config_map import build_sft_config
+    from sftjob_trainer.model import lora_config
+    from sftjob_trainer.speed import plan_speed
     from transformers import AutoModelForCausalLM, Qwen2Config
     from trl import SFTConfig, SFTTrainer
-
-    from .config_map import build_sft_config
-    from .model import lora_config
-    from .speed import plan_speed
 
     cuda = torch.cuda.is_available() and case.name != "cpu-smoke"
     device = "cuda" if cuda else "cpu"
@@ -516,8 +513,7 @@ def cap_gpu_memory(gib: float) -> None:
     import os
 
     import torch
-
-    from .device_memory import ENV_MEMORY_GIB
+    from sftjob_trainer.device_memory import ENV_MEMORY_GIB
 
     os.environ[ENV_MEMORY_GIB] = str(gib)
     if torch.cuda.is_available():
