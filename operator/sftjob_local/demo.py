@@ -9,8 +9,9 @@
    under the same RBAC as on a cluster;
 3. builds a tiny Qwen2-shaped model and small datasets locally (no hub) into the
    PersistentVolumeClaim folder `sftjob-demo-data`, which the examples mount at /data;
-4. applies the tiny examples of deploy/examples with kubectl (a full fine-tune on one
-   node, a LoRA run on two nodes);
+4. creates the claims the examples mount (data and outputs: as on a real cluster, a pod
+   whose claim does not exist is never scheduled) and applies the tiny examples of
+   deploy/examples with kubectl (a full fine-tune on one node, a LoRA run on two nodes);
 5. shows live progress as `kubectl get sft` does, then the final status of each job.
 
 `DemoEnvironment` is also what the end-to-end tests use.
@@ -191,20 +192,26 @@ class DemoEnvironment:
         folder.mkdir(parents=True, exist_ok=True)
         build_tiny_model(folder / "tiny-model")
         files = write_tiny_datasets(folder)
+        self.create_claims([DATA_CLAIM])
+        return files
+
+    def create_claims(self, names: Iterable[str]) -> None:
+        """ReadWriteMany PersistentVolumeClaims (every rank mounts them): as on a real
+        cluster, a pod whose claim does not exist is never scheduled."""
         self.apply_objects(
             [
                 {
                     "apiVersion": "v1",
                     "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": DATA_CLAIM, "namespace": self.namespace},
+                    "metadata": {"name": name, "namespace": self.namespace},
                     "spec": {
                         "accessModes": ["ReadWriteMany"],
                         "resources": {"requests": {"storage": "1Gi"}},
                     },
                 }
+                for name in dict.fromkeys(names)
             ]
         )
-        return files
 
     # ------------------------------------------------------------------ kubectl
 
@@ -325,6 +332,12 @@ def wait_for_interrupt() -> None:
             time.sleep(3600)
 
 
+def output_claims(examples: Iterable[Path]) -> list[str]:
+    """The output claims the example jobs name: the demo creates them, as a user would."""
+    jobs = [yaml.safe_load(path.read_text()) for path in examples]
+    return [c for job in jobs if (c := (job["spec"].get("output") or {}).get("claimName"))]
+
+
 def run_demo(workdir: Path, *, keep: bool = False, timeout: float = 280) -> int:
     started = time.monotonic()
     examples = [EXAMPLES / name for name in DEMO_EXAMPLES]
@@ -338,6 +351,7 @@ def run_demo(workdir: Path, *, keep: bool = False, timeout: float = 280) -> int:
         print(f"  API {env.cluster.url if env.cluster else '?'}; kubeconfig {env.kubeconfig}")
         print("  building a tiny model and datasets locally (no hub) ...", flush=True)
         env.prepare_data()
+        env.create_claims(output_claims(examples))
         for line in env.apply_files(examples).splitlines():
             print(f"  {line}", flush=True)
         print(flush=True)

@@ -16,6 +16,13 @@ The rules and messages are those of `sftjob_local.node_scheduler`.
   (reportingController `default-scheduler`, action `Scheduling`). Both are
   written again only when the message changes; the pod is retried whenever a
   Pod or Node changes (a pod finished or was deleted, a node was added).
+* PersistentVolumeClaims: a pod whose claim is missing, Lost or being deleted
+  fits nowhere (VolumeBinding, see `node_scheduler.claim_problem`) and is
+  retried when a claim changes; a claim without a volume binds when its first
+  pod is bound (WaitForFirstConsumer, as a local-path provisioner does):
+  `spec.volumeName: pvc-<claim uid>`, the `pv.kubernetes.io/bind-completed` and
+  `volume.kubernetes.io/selected-node` annotations, `status.phase: Bound` with
+  the requested capacity. No PersistentVolume object is made.
 """
 
 from __future__ import annotations
@@ -30,7 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from .node_kube import ApiError, Informer, KubeHttp, cancel_and_wait, post_event
-from .node_scheduler import NodeState, is_terminal, needs_scheduling, queue_order, schedule
+from .node_scheduler import (
+    NodeState,
+    claims_to_bind,
+    is_terminal,
+    needs_scheduling,
+    queue_order,
+    schedule,
+)
 from .node_spec import pod_event
 
 __all__ = ["LocalScheduler", "SCHEDULER_NAME"]
@@ -61,6 +75,7 @@ class LocalScheduler:
         self._api: KubeHttp | None = None
         self.pods: Informer | None = None
         self.nodes: Informer | None = None
+        self.claims: Informer | None = None
         self._kick = asyncio.Event()
         self._assumed: dict[
             str, tuple[str, Obj]
@@ -79,13 +94,12 @@ class LocalScheduler:
         self._api = KubeHttp(self.kubeconfig)
         self.pods = Informer(self.api, "/api/v1/pods", self._on_pod, name="scheduler pods")
         self.nodes = Informer(self.api, "/api/v1/nodes", self._on_node, name="scheduler nodes")
-        self._tasks = [
-            asyncio.create_task(self.pods.run(), name="scheduler pods watch"),
-            asyncio.create_task(self.nodes.run(), name="scheduler nodes watch"),
-        ]
-        await asyncio.wait_for(
-            asyncio.gather(self.pods.synced.wait(), self.nodes.synced.wait()), 30
+        self.claims = Informer(
+            self.api, "/api/v1/persistentvolumeclaims", self._on_node, name="scheduler claims"
         )
+        informers = (self.pods, self.nodes, self.claims)
+        self._tasks = [asyncio.create_task(i.run(), name=f"{i.name} watch") for i in informers]
+        await asyncio.wait_for(asyncio.gather(*(i.synced.wait() for i in informers)), 30)
         self._tasks.append(asyncio.create_task(self._loop(), name="scheduler loop"))
         self._kick.set()
 
@@ -114,7 +128,8 @@ class LocalScheduler:
             self._reported.pop(uid, None)
         self._kick.set()
 
-    def _on_node(self, etype: str, node: Obj) -> None:
+    def _on_node(self, etype: str, obj: Obj) -> None:
+        # A node or a claim changed: pods that fitted nowhere may fit now.
         self._kick.set()
 
     async def _loop(self) -> None:
@@ -156,13 +171,25 @@ class LocalScheduler:
             return
         states = self._node_states()
         by_name = {s.name: s for s in states}
+        claims = self._claims_by_namespace()
         for pod in sorted(pending, key=queue_order):
-            decision = schedule(pod, states)
+            in_namespace = claims.get(pod["metadata"].get("namespace", "default"), {})
+            decision = schedule(pod, states, in_namespace)
             if decision.node is None:
                 await self._unschedulable(pod, decision.message)
             elif await self._bind(pod, decision.node):
                 self._assumed[pod["metadata"]["uid"]] = (decision.node, pod)
                 by_name[decision.node].pods.append(pod)
+                for claim in claims_to_bind(pod, in_namespace):
+                    await self._bind_claim(in_namespace[claim], decision.node)
+
+    def _claims_by_namespace(self) -> dict[str, dict[str, Obj]]:
+        assert self.claims is not None
+        out: dict[str, dict[str, Obj]] = {}
+        for claim in self.claims.cache.values():
+            meta = claim["metadata"]
+            out.setdefault(meta.get("namespace", "default"), {})[meta["name"]] = claim
+        return out
 
     # ----------------------------------------------------------------- API writes
     async def _bind(self, pod: Obj, node: str) -> bool:
@@ -181,6 +208,33 @@ class LocalScheduler:
             if exc.status not in (404, 409):
                 log.warning("binding %s/%s to %s failed: %s", ns, name, node, exc)
             return False  # 409: already bound; 404: the pod is gone
+
+    async def _bind_claim(self, claim: Obj, node: str) -> None:
+        """Bind a claim to the node's folder, as a WaitForFirstConsumer provisioner would."""
+        meta = claim["metadata"]
+        path = f"/api/v1/namespaces/{meta.get('namespace', 'default')}/persistentvolumeclaims/{meta['name']}"  # fmt: skip
+        spec = claim.get("spec") or {}
+        annotations = {
+            "pv.kubernetes.io/bind-completed": "yes",
+            "pv.kubernetes.io/bound-by-controller": "yes",
+            "volume.kubernetes.io/selected-node": node,
+        }
+        status = {
+            "phase": "Bound",
+            "accessModes": spec.get("accessModes") or [],
+            "capacity": dict((spec.get("resources") or {}).get("requests") or {}),
+        }
+        try:
+            await self.api.merge_patch(
+                path,
+                {
+                    "metadata": {"annotations": annotations},
+                    "spec": {"volumeName": f"pvc-{meta['uid']}"},
+                },
+            )
+            await self.api.merge_patch(f"{path}/status", {"status": status})
+        except ApiError as exc:  # deleted or bound meanwhile: its next pod retries
+            log.warning("binding claim %s failed: %s", meta["name"], exc)
 
     async def _unschedulable(self, pod: Obj, message: str) -> None:
         meta = pod["metadata"]

@@ -86,7 +86,9 @@ SFTJOB_LOCAL_MOUNTS (longest matching prefix). Volumes:
   emptyDir                   `<pod folder>/volumes/<name>`, removed with the pod
   hostPath                   the real host path
   persistentVolumeClaim      `<workdir>/pvc/<ns>/<claimName>`, shared by every pod
-                             using the claim and kept across pods (checkpoints survive)
+                             using the claim and kept across pods (checkpoints survive);
+                             the claim object must exist: the scheduler keeps a pod
+                             naming a missing one Pending (see local_scheduler)
 Without workingDir a process runs in `<pod folder>/rootfs`. The pod folder is
 `<workdir>/pods/<ns>/<name>-<uid[:8]>`.
 

@@ -34,6 +34,15 @@ its default profile (k8s.io/kubernetes, pkg/scheduler):
   (framework/preemption/preemption.go, defaultpreemption SelectVictimsOnNode);
   a pod with `preemptionPolicy: Never` gets `preemption: not eligible due to
   preemptionPolicy=Never.`
+* VolumeBinding's PreFilter (volumebinding/volume_binding.go podHasPVCs), run
+  after NodeAffinity's: a pod naming a PersistentVolumeClaim that does not
+  exist (`persistentvolumeclaim "x" not found`), is being deleted
+  (`persistentvolumeclaim "x" is being deleted`) or is Lost
+  (`persistentvolumeclaim "x" bound to non-existent persistentvolume "y"`)
+  fits no node (UnschedulableAndUnresolvable): `0/N nodes are available: <that>.`
+  and every node `Preemption is not helpful for scheduling`. Claims bind when
+  their first pod is scheduled (`claims_to_bind`), as a WaitForFirstConsumer
+  StorageClass does;
 * Score: LeastAllocated of NodeResourcesFit (cpu and memory, weight 1 each,
   requests of 0 counted as 100m / 200Mi like the scheduler's non-zero
   defaults), ties broken by the order of the given nodes (the real scheduler
@@ -43,13 +52,15 @@ its default profile (k8s.io/kubernetes, pkg/scheduler):
 Not modelled: preemption itself (no pod is evicted to make room; where
 lower-priority pods would make room, the node's filter reasons are reported),
 inter-pod (anti-)affinity, topology spread, host ports, volume plugins,
-scheduling gates (gated pods are left alone), extenders, the other score plugins.
+scheduling gates (gated pods are left alone), extenders, the other score plugins,
+PersistentVolumes and StorageClasses (no PV objects: a claim binds to the node's
+folder), generic ephemeral volumes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -455,8 +466,46 @@ def _preemption(pod: Obj, total: int, failed: dict[str, Status], states: dict[st
     return f"preemption: 0/{total} nodes are available: {_histogram(per_node)}."
 
 
-def schedule(pod: Obj, nodes: Sequence[NodeState]) -> Decision:
-    """One scheduling cycle for `pod` over `nodes` (PreFilter, Filter, PostFilter, Score)."""
+def _claim_names(pod: Obj) -> list[str]:
+    volumes = (pod.get("spec") or {}).get("volumes") or []
+    return [
+        str(v["persistentVolumeClaim"].get("claimName", ""))
+        for v in volumes
+        if isinstance(v.get("persistentVolumeClaim"), dict)
+    ]
+
+
+def claim_problem(pod: Obj, claims: Mapping[str, Obj]) -> str | None:
+    """Why VolumeBinding's PreFilter rejects `pod`, or None: the first of its claims
+    that is missing, Lost or being deleted. `claims`: the PVCs of the pod's namespace
+    by name."""
+    for name in _claim_names(pod):
+        claim = claims.get(name)
+        if claim is None:
+            return f'persistentvolumeclaim "{name}" not found'
+        if (claim.get("status") or {}).get("phase") == "Lost":
+            volume = (claim.get("spec") or {}).get("volumeName", "")
+            return (
+                f'persistentvolumeclaim "{name}" bound to non-existent persistentvolume "{volume}"'
+            )
+        if (claim.get("metadata") or {}).get("deletionTimestamp"):
+            return f'persistentvolumeclaim "{name}" is being deleted'
+    return None
+
+
+def claims_to_bind(pod: Obj, claims: Mapping[str, Obj]) -> list[str]:
+    """The pod's claims still unbound (no `spec.volumeName`): they bind once it is scheduled."""
+    names = dict.fromkeys(_claim_names(pod))
+    return [n for n in names if n in claims and not (claims[n].get("spec") or {}).get("volumeName")]
+
+
+def schedule(
+    pod: Obj, nodes: Sequence[NodeState], claims: Mapping[str, Obj] | None = None
+) -> Decision:
+    """One scheduling cycle for `pod` over `nodes` (PreFilter, Filter, PostFilter, Score).
+
+    `claims`: the PersistentVolumeClaims of the pod's namespace by name; None leaves
+    VolumeBinding out (a caller that tracks no claims)."""
     total = len(nodes)
     if total == 0:
         return Decision(None, NO_NODES_MESSAGE)
@@ -470,6 +519,14 @@ def schedule(pod: Obj, nodes: Sequence[NodeState]) -> Decision:
             None,
             f"0/{total} nodes are available: {REASON_AFFINITY_CONFLICT}. "
             + _preemption(pod, total, failed, states),
+        )
+    problem = claim_problem(pod, claims) if claims is not None else None
+    if problem:
+        for name in states:
+            failed[name] = Status(UNRESOLVABLE, [problem])
+        return Decision(
+            None,
+            f"0/{total} nodes are available: {problem}. " + _preemption(pod, total, failed, states),
         )
     feasible: list[NodeState] = []
     for state in nodes:

@@ -35,6 +35,22 @@ def py_pod(
     }
 
 
+def ensure_claim(core: CoreV1Api, ns: str, name: str) -> None:
+    """A PersistentVolumeClaim `name` in `ns`: the scheduler keeps a pod whose claim is
+    missing Pending, as kube-scheduler's VolumeBinding does."""
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    try:
+        core.create_namespaced_persistent_volume_claim(ns, claim)
+    except kubernetes.client.ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
 def wait_for(
     fn: Callable[[], Any], timeout: float = 15, interval: float = 0.05, what: str = ""
 ) -> Any:

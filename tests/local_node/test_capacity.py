@@ -17,7 +17,7 @@ from typing import Any
 import kubernetes
 import pytest
 from kubernetes.client import CoreV1Api
-from local_node_kit import py_pod, wait_for, wait_phase
+from local_node_kit import ensure_claim, py_pod, wait_for, wait_phase
 from sftjob_local.cluster import LocalCluster
 
 pytestmark = pytest.mark.local
@@ -77,7 +77,9 @@ def assert_never_started(cluster: LocalCluster, core: CoreV1Api, ns: str, name: 
 
 
 def namespace(core: CoreV1Api, name: str) -> str:
+    """A namespace with the `signal` claim every holder mounts."""
     core.create_namespace({"metadata": {"name": name}})
+    ensure_claim(core, name, "signal")
     return name
 
 
@@ -297,6 +299,7 @@ def test_each_node_runs_only_its_own_pods_and_gpus_do_not_overlap(tmp_path: Path
     code = "import os; print(os.environ['SFTJOB_LOCAL_NODE'], os.environ['CUDA_VISIBLE_DEVICES'])"
     with LocalCluster(workdir=tmp_path, nodes=2, gpus=1, cpus=1, max_pods=2) as cluster:
         core = CoreV1Api(kubernetes.config.new_client_from_config(str(cluster.kubeconfig)))
+        ensure_claim(core, "default", "signal")
         for name in ("g1", "g2"):
             pod = holder(name)
             pod["spec"]["containers"][0]["command"] = ["python", "-c", HOLD + code]

@@ -41,6 +41,7 @@ def test_job_wider_than_the_node_leaves_extra_ranks_unschedulable(tmp_path: Path
         job["metadata"]["name"] = "wide"
         job["spec"]["resources"]["nodes"] = RANKS
         job["spec"]["output"]["claimName"] = "wide-output"
+        env.create_claims(["wide-output"])
         manifest = tmp_path / "wide.yaml"
         manifest.write_text(yaml.safe_dump(job))
         kubectl(env, "apply", "-f", str(manifest))

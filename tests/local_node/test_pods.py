@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from kubernetes.client import CoreV1Api
-from local_node_kit import alive, pod_gone, py_pod, wait_for, wait_phase
+from local_node_kit import alive, ensure_claim, pod_gone, py_pod, wait_for, wait_phase
 from sftjob_local.cluster import LocalCluster
 
 pytestmark = pytest.mark.local
@@ -179,6 +179,7 @@ def test_configmap_secret_volumes_and_pvc_shared_across_pods(
         volumeMounts=mounts,
     )
     pod["spec"]["volumes"] = volumes
+    ensure_claim(core, ns, "checkpoints")
     core.create_namespaced_pod(ns, pod)
     assert wait_phase(core, ns, "writer", "Succeeded", "Failed").status.phase == "Succeeded", (
         core.read_namespaced_pod_log("writer", ns)
@@ -195,6 +196,11 @@ def test_configmap_secret_volumes_and_pvc_shared_across_pods(
     wait_phase(core, ns, "reader", "Succeeded", "Failed")
     assert "GOT 1:k3y:0o400" in core.read_namespaced_pod_log("reader", ns)
     assert (cluster.workdir / "pvc" / ns / "checkpoints" / "step-1").is_file()
+    # The claim bound when its first pod was scheduled (WaitForFirstConsumer).
+    claim = core.read_namespaced_persistent_volume_claim("checkpoints", ns)
+    assert claim.status.phase == "Bound"
+    assert claim.spec.volume_name == f"pvc-{claim.metadata.uid}"
+    assert claim.metadata.annotations["volume.kubernetes.io/selected-node"] == "local-node"
 
 
 def test_init_container_runs_first_and_working_dir_maps_into_the_mount(

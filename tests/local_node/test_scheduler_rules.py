@@ -8,6 +8,8 @@ kube-scheduler v1.32 (k8s.io/kubernetes pkg/scheduler):
   nodeaffinity/node_affinity.go (ErrReasonPod, PreFilter), tainttoleration
   (`node(s) had untolerated taint {k: v}`), nodeunschedulable
   (`node(s) were unschedulable`);
+- claims: volumebinding/volume_binding.go (podHasPVCs, PreFilter:
+  UnschedulableAndUnresolvable with the claim's error as the whole reason);
 - message: framework/types.go FitError.Error (sorted `<n> <reason>` histogram)
   plus the DefaultPreemption PostFilter (`preemption: ...`, preemption.go /
   default_preemption.go SelectVictimsOnNode).
@@ -26,6 +28,8 @@ from sftjob_local.cluster import node_names, parse_node_labels, parse_node_taint
 from sftjob_local.node import default_max_pods
 from sftjob_local.node_scheduler import (
     NodeState,
+    claim_problem,
+    claims_to_bind,
     filter_node,
     kubelet_admission,
     matches_node_affinity,
@@ -313,6 +317,52 @@ def test_match_fields_prefilter_narrows_nodes() -> None:
         "0/3 nodes are available: pod affinity terms conflict. "
         f"preemption: 0/3 nodes are available: 3 {NOT_HELPFUL}."
     )
+
+
+def claimed(*names: str) -> dict[str, Any]:
+    volumes = [{"name": f"v{i}", "persistentVolumeClaim": {"claimName": n}} for i, n in enumerate(names)]  # fmt: skip
+    return pod(volumes=[*volumes, {"name": "scratch", "emptyDir": {}}])
+
+
+def claim(name: str, **fields: Any) -> dict[str, Any]:
+    meta = {"name": name, "namespace": "default", "uid": f"u-{name}"}
+    meta.update(fields.pop("metadata", {}))
+    return {"metadata": meta, "spec": fields.pop("spec", {}), "status": fields.pop("status", {})}
+
+
+def test_a_missing_claim_fits_no_node_and_preemption_cannot_help() -> None:
+    """Real: `0/1 nodes are available: persistentvolumeclaim "uptime-kuma-pvc" not found.
+    preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling.`"""
+    decision = schedule(
+        claimed("data", "out"), [state(node()), state(node("n2"))], {"data": claim("data")}
+    )
+    assert decision.node is None
+    assert decision.message == (
+        '0/2 nodes are available: persistentvolumeclaim "out" not found. '
+        f"preemption: 0/2 nodes are available: 2 {NOT_HELPFUL}."
+    )
+    both = {"data": claim("data"), "out": claim("out")}
+    assert schedule(claimed("data", "out"), [state(node())], both).node == "n1"
+    # A caller that tracks no claims leaves VolumeBinding out.
+    assert schedule(claimed("data", "out"), [state(node())]).node == "n1"
+
+
+def test_claims_being_deleted_or_lost_block_the_pod() -> None:
+    deleting = claim("data", metadata={"deletionTimestamp": "2026-01-01T00:00:00Z"})
+    assert claim_problem(claimed("data"), {"data": deleting}) == (
+        'persistentvolumeclaim "data" is being deleted'
+    )
+    lost = claim("data", spec={"volumeName": "pv-1"}, status={"phase": "Lost"})
+    assert claim_problem(claimed("data"), {"data": lost}) == (
+        'persistentvolumeclaim "data" bound to non-existent persistentvolume "pv-1"'
+    )
+    assert claim_problem(pod(), {}) is None  # no claims, nothing to check
+
+
+def test_only_unbound_claims_bind_and_each_once() -> None:
+    bound = claim("data", spec={"volumeName": "pvc-u-data"}, status={"phase": "Bound"})
+    claims = {"data": bound, "out": claim("out")}
+    assert claims_to_bind(claimed("data", "out", "out"), claims) == ["out"]
 
 
 def test_no_nodes() -> None:

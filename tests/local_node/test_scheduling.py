@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from kubernetes.client import CoreV1Api
-from local_node_kit import py_pod, wait_for, wait_phase
+from local_node_kit import ensure_claim, py_pod, wait_for, wait_phase
 from sftjob_local.cluster import LocalCluster
 
 pytestmark = pytest.mark.local
@@ -74,6 +74,7 @@ def test_pending_pod_is_scheduled_once_gpus_free_up(
     )
     hold["spec"]["containers"][0]["volumeMounts"] = [{"name": "s", "mountPath": "/signal"}]
     hold["spec"]["volumes"] = [{"name": "s", "persistentVolumeClaim": {"claimName": "signal"}}]
+    ensure_claim(core, ns, "signal")
     core.create_namespaced_pod(ns, hold)
     wait_phase(core, ns, "holder", "Running")
     core.create_namespaced_pod(ns, gpu_pod("next", 1))
@@ -98,3 +99,31 @@ def test_pods_bound_to_another_node_are_left_alone(core: CoreV1Api, ns: str) -> 
     pod = core.read_namespaced_pod("elsewhere", ns)
     assert not (pod.status and pod.status.phase in ("Running", "Succeeded", "Failed"))
     assert not (pod.status and pod.status.container_statuses)
+
+
+def test_a_pod_whose_claim_is_missing_waits_until_the_claim_exists(
+    core: CoreV1Api, ns: str, cluster: LocalCluster
+) -> None:
+    """kube-scheduler's VolumeBinding PreFilter (volume_binding.go podHasPVCs) keeps the pod
+    Pending, UnschedulableAndUnresolvable: a real message reads `0/1 nodes are available:
+    persistentvolumeclaim "x" not found. preemption: 0/1 nodes are available: 1 Preemption
+    is not helpful for scheduling.` Once the claim exists the pod schedules and the claim
+    binds to its first consumer's node (WaitForFirstConsumer)."""
+    pod = py_pod("needs-claim", "print('ran')", volumeMounts=[{"name": "d", "mountPath": "/d"}])
+    pod["spec"]["volumes"] = [{"name": "d", "persistentVolumeClaim": {"claimName": "late"}}]
+    core.create_namespaced_pod(ns, pod)
+    cond = wait_for(
+        lambda: (c := scheduled_condition(core, ns, "needs-claim")) and c.status == "False" and c,
+        what="the pod unschedulable for its missing claim",
+    )
+    assert (cond.reason, cond.message) == (
+        "Unschedulable",
+        '0/1 nodes are available: persistentvolumeclaim "late" not found. '
+        "preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling.",
+    )
+    assert not (cluster.workdir / "pvc" / ns / "late").exists()  # nothing ran
+    ensure_claim(core, ns, "late")
+    assert wait_phase(core, ns, "needs-claim", "Succeeded", "Failed").status.phase == "Succeeded"
+    claim = core.read_namespaced_persistent_volume_claim("late", ns)
+    assert (claim.status.phase, claim.spec.volume_name) == ("Bound", f"pvc-{claim.metadata.uid}")
+    assert claim.status.capacity == {"storage": "1Gi"}
