@@ -77,6 +77,8 @@ def make_job(
     )
     if status is None:
         return job
+    # Every status the operator wrote records the generation it acted on.
+    status = {"observedGeneration": generation, **status}
     return job.model_copy(update={"status": SFTJobStatus.model_validate(status)})
 
 
@@ -99,15 +101,25 @@ def with_spec(job: SFTJob, **spec_changes: Any) -> SFTJob:
     return fresh.model_copy(update={"status": job.status})
 
 
-def apply(job: SFTJob, actions: Actions) -> SFTJob:
-    """The job after the shell merge-patches `actions.status` (None deletes a field)."""
+def apply(job: SFTJob, actions: Actions, *, launched: bool = True) -> SFTJob:
+    """The job after the shell merge-patches `actions.status` (None deletes a field).
+
+    `launched`: every create succeeded, so the launch-complete patch was written too;
+    False stops where a crash between creating pods and recording the launch would.
+    """
     current = job.status.model_dump(mode="json", exclude_none=True) if job.status else {}
-    for key, value in actions.status.items():
-        if value is None:
-            current.pop(key, None)
-        else:
-            current[key] = value
+    patches = [actions.status, actions.launch_status] if launched else [actions.status]
+    for patch in patches:
+        for key, value in patch.items():
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
     return job.model_copy(update={"status": SFTJobStatus.model_validate(current)})
+
+
+def all_events(actions: Actions) -> list[str]:
+    return [e.reason for e in actions.events + actions.launch_events]
 
 
 def pod(
@@ -122,10 +134,12 @@ def pod(
     unschedulable: str | None = None,
     start_time: str | None = None,
     deleting: bool = False,
+    owner: str = "u-1",
 ) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "name": f"demo-a{attempt}-r{rank}",
         "namespace": "ml",
+        "ownerReferences": [{"kind": "SFTJob", "name": "demo", "uid": owner, "controller": True}],
         "labels": {
             "sftjob.dev/job-name": "demo",
             "sftjob.dev/attempt": str(attempt),
@@ -198,15 +212,23 @@ class TestLaunch:
         assert actions.trainer_config is not None
         assert actions.trainer_config["attempt"] == 1
         assert actions.trainer_config == build_trainer_config(job, attempt=1)
+        # The decision is written before any pod exists...
         assert actions.status["attempts"] == 1
+        assert actions.status["launchedAttempt"] == 0
         assert actions.status["phase"] == "Pending"
         assert actions.status["specHash"] == training_spec_hash(job)
-        running = conditions_of(actions.status)["Running"]
+        assert actions.events == []
+        # ...and the launch is recorded complete once every pod was created.
+        assert actions.launch_status["launchedAttempt"] == 1
+        running = conditions_of(actions.launch_status)["Running"]
         assert (running["status"], running["reason"]) == ("False", "Launched")
         assert running["lastTransitionTime"] == STAMP
         assert running["observedGeneration"] == 1
-        assert actions.events == [Event("Normal", "Launched", "launch 1: 2 pod(s) created")]
+        assert actions.launch_events == [
+            Event("Normal", "Launched", "launch 1: 2 pod(s) created", "a1")
+        ]
         assert actions.delete_job is False
+        assert actions.requeue_after is None
 
     def test_second_reconcile_with_created_pods_creates_nothing(self) -> None:
         job = make_job(nodes=2)
@@ -236,11 +258,15 @@ class TestLaunch:
         assert actions.status["specHash"] == training_spec_hash(job)
 
     def test_adopted_running_pods_mark_the_job_running(self) -> None:
+        # Adoption completes the launch; the next pass sees the pod running.
         job = make_job()
-        actions = reconcile_job(job, [pod(1, 0, "Running", start_time=STAMP)], NOW, IMAGE)
+        running = [pod(1, 0, "Running", start_time=STAMP)]
+        actions = reconcile_job(job, running, NOW, IMAGE)
         assert actions.create_pods == []
-        assert actions.status["phase"] == "Running"
         assert actions.status["attempts"] == 1
+        assert actions.launch_status["launchedAttempt"] == 1
+        actions = reconcile_job(apply(job, actions), running, NOW, IMAGE)
+        assert actions.status["phase"] == "Running"
 
     def test_default_image_used_when_spec_has_none(self) -> None:
         actions = reconcile_job(make_job(), [], NOW, DEFAULT_TRAINER_IMAGE)
@@ -382,7 +408,7 @@ class TestFailures:
             "attempt": 1,
         }
         assert "restarts" not in actions.status
-        assert actions.events == [Event("Warning", reason, message)]
+        assert actions.events == [Event("Warning", reason, message, "a1")]
 
     def test_failed_job_stays_failed_and_cleans_up(self) -> None:
         job = running_job()
@@ -471,9 +497,19 @@ class TestFailures:
         job = running_job(nodes=2)
         actions = reconcile_job(job, [pod(1, 0, "Running")], NOW, IMAGE)
         assert actions.delete_pods == ["demo-a1-r0"]
-        assert names(actions.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
-        assert actions.trainer_config is not None
-        resolved = actions.trainer_config["resolved"]
+        # Rank 0 of attempt 1 still runs (it may be writing a checkpoint): no new pod yet.
+        assert actions.create_pods == [] and actions.launch_status == {}
+        assert actions.requeue_after is not None
+        restarted = apply(job, actions, launched=False)
+        terminating = [pod(1, 0, "Running", deleting=True)]
+        wait = reconcile_job(restarted, terminating, NOW, IMAGE)
+        assert wait.create_pods == [] and wait.delete_pods == [] and wait.status == {}
+        after = reconcile_job(restarted, [], NOW, IMAGE)
+        assert names(after.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
+        assert after.status == {}  # nothing to decide again: no second restart
+        assert after.launch_status["launchedAttempt"] == 2
+        assert after.trainer_config is not None
+        resolved = after.trainer_config["resolved"]
         assert (resolved["perDeviceTrainBatchSize"], resolved["gradientAccumulationSteps"]) == (
             2,
             8,
@@ -489,7 +525,9 @@ class TestFailures:
         pods = [pod(1, 0, "Running"), failed(1, 1, reason="Evicted", exit_code=137)]
         actions = reconcile_job(job, pods, NOW, IMAGE)
         assert actions.delete_pods == ["demo-a1-r0"]
-        assert names(actions.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
+        assert actions.create_pods == []  # until rank 0 of attempt 1 is gone
+        after = reconcile_job(apply(job, actions), [pods[1]], NOW, IMAGE)
+        assert names(after.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
         assert actions.status["lastFailure"]["reason"] == "PodLost"
         assert "Evicted" in actions.status["lastFailure"]["message"]
         assert actions.status["phase"] == "Restarting"
@@ -653,7 +691,7 @@ class TestSuspend:
         )
         assert conds["Running"]["status"] == "False"
         assert "SpecChangeIgnored" not in conds  # suspend alone is not a spec change
-        assert [e.reason for e in actions.events] == ["Suspended"]
+        assert all_events(actions) == ["Suspended"]
 
         suspended = apply(suspended, actions)
         terminating = [pod(1, 0, "Running", deleting=True), failed(1, 1, exit_code=143)]
@@ -663,6 +701,10 @@ class TestSuspend:
         resumed = with_spec(suspended, suspend=False)
         later = NOW + timedelta(hours=2)
         back = reconcile_job(resumed, terminating, later, IMAGE)
+        # Rank 0 is still terminating (writing its checkpoint): the resume waits for it.
+        assert back.create_pods == [] and back.status["attempts"] == 2
+        assert all_events(back) == ["Resumed"]
+        back = reconcile_job(resumed, terminating[1:], later, IMAGE)
         assert names(back.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
         assert back.trainer_config is not None and back.trainer_config["attempt"] == 2
         assert back.status["attempts"] == 2
@@ -672,7 +714,9 @@ class TestSuspend:
         conds = conditions_of(back.status)
         assert (conds["Suspended"]["status"], conds["Suspended"]["reason"]) == ("False", "Resumed")
         assert "SpecChangeIgnored" not in conds
-        assert [e.reason for e in back.events] == ["Resumed"]
+        # Posted twice (this pass and the waiting one): one Event name, so one Event.
+        assert [(e.reason, e.key) for e in back.events] == [("Resumed", "a2")]
+        assert all_events(back) == ["Resumed", "Launched"]
 
     def test_resume_keeps_the_shrunk_batch(self) -> None:
         job = make_job(
