@@ -632,8 +632,8 @@ def child_conflict_status(
     """
     status = existing or SFTJobStatus()
     message = (
-        f"{', '.join(conflicts)} already exist(s) and belong(s) to another owner; "
-        "the launch waits for them to be deleted"
+        f"not this job's (their controller ownerReference names another uid, or none): "
+        f"{', '.join(conflicts)}; the launch waits until they are deleted"
     )
     conditions = cond.set_condition(
         status.conditions, cond.RUNNING, "False", "ChildConflict", message, iso(now), generation
