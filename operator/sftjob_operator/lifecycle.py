@@ -244,6 +244,7 @@ def reconcile_job(
         status.specHash = status.specHash or training_spec_hash(p.job)
         status.launchedAttempt = _launched(status)
         status.attempts = attempt
+        status.phase = status.phase or "Pending"
     p.delete_live(pod for pod in p.pods if pod_attempt(pod) < attempt)
 
     if status.phase in ("Succeeded", "Failed"):
@@ -514,7 +515,10 @@ def _note_spec_change(p: _Pass) -> None:
         return
     changed = _training_changed(p)
     reported = already is not None and already.status == "True"
-    if changed and not (reported and already.reason == "ImmutableWhileRunning"):
+    immutable_reported = (
+        reported and already is not None and already.reason == "ImmutableWhileRunning"
+    )
+    if changed and not immutable_reported:
         message = (
             "training specs are immutable once launched: the run continues with the spec it "
             "started with. Only spec.suspend (and retry, ttl, deadline) may change; create a "
