@@ -1115,6 +1115,8 @@ class TestCrashPoints:
         # Every event of the relaunch was posted, each under one name (key) only.
         keyed = {(e.reason, e.key) for e in events}
         assert {("InternalError", "a2"), ("Launched", "a2")} <= keyed
+        # A repeated decision repeats its key, so the shell's second post is a no-op.
+        assert {e.key for e in events if e.reason in ("InternalError", "Launched")} == {"a2"}
 
     @pytest.mark.parametrize("step", range(7))
     def test_first_launch_after_a_crash_at_each_step(self, step: int) -> None:
