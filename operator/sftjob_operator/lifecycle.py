@@ -299,6 +299,12 @@ def _advance_launch(p: _Pass) -> None:
     """Phases 2 and 3: stop earlier attempts, wait out the backoff, create the missing ranks."""
     status, actions = p.status, p.actions
     attempt = status.attempts
+    if _past_deadline(p):
+        # A relaunch waiting for old pods or a backoff: the run's clock still runs.
+        p.delete_live(p.pods)
+        _fail(p, "DeadlineExceeded", _deadline_message(p))
+        return
+    _requeue_at_deadline(p)
     # A pod being deleted that still runs is alive: it may be writing its checkpoint into
     # the volume the new attempt resumes from, and it still answers at rank 0's address.
     alive = [
@@ -345,13 +351,11 @@ def _observe_run(p: _Pass) -> None:
     status, spec = p.status, p.job.spec
     current = p.current_pods()
     expected = range(spec.resources.nodes)
-    deadline = spec.activeDeadlineSeconds
-    started = parse_time(status.startTime)
     # Ranks that all finished before the operator looked have succeeded, deadline or not.
     finished = all(pod_phase(current.get(rank, {})) == "Succeeded" for rank in expected)
-    if deadline and started and (p.now - started).total_seconds() > deadline and not finished:
+    if _past_deadline(p) and not finished:
         p.delete_live(current.values())
-        _fail(p, "DeadlineExceeded", f"ran longer than activeDeadlineSeconds ({deadline}s)")
+        _fail(p, "DeadlineExceeded", _deadline_message(p))
         return
 
     failure = decisive_failure(current, expected)
@@ -381,10 +385,25 @@ def _observe_run(p: _Pass) -> None:
         waiting = next((m for pod in current.values() if (m := unschedulable_message(pod))), None)
         if waiting:
             p.set(cond.RUNNING, "False", "Unschedulable", waiting)
-    started = parse_time(status.startTime)
+    _requeue_at_deadline(p)
+
+
+def _past_deadline(p: _Pass) -> bool:
+    deadline = p.job.spec.activeDeadlineSeconds
+    started = parse_time(p.status.startTime)
+    return bool(deadline and started and (p.now - started).total_seconds() > deadline)
+
+
+def _requeue_at_deadline(p: _Pass) -> None:
+    deadline = p.job.spec.activeDeadlineSeconds
+    started = parse_time(p.status.startTime)
     if deadline and started:
         # One second past the deadline, so that pass sees it exceeded.
         p.actions.requeue(deadline - (p.now - started).total_seconds() + 1)
+
+
+def _deadline_message(p: _Pass) -> str:
+    return f"ran longer than activeDeadlineSeconds ({p.job.spec.activeDeadlineSeconds}s)"
 
 
 def _mark_resumed(p: _Pass) -> None:

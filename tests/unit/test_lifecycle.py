@@ -1193,6 +1193,18 @@ class TestEdits:
         assert actions.requeue_after == 500.0
 
 
+class TestDeadlineWhileRelaunching:
+    def test_the_deadline_fails_a_relaunch_that_is_still_waiting(self) -> None:
+        job = running_job(nodes=2, activeDeadlineSeconds=100)
+        pods = [pod(1, 0, "Running"), failed(1, 1, exit_code=143)]
+        job = apply(job, reconcile_job(job, pods, NOW + timedelta(seconds=10), IMAGE))
+        assert job.status is not None and job.status.phase == "Restarting"
+        terminating = [pod(1, 0, "Running", deleting=True), pods[1]]
+        late = reconcile_job(job, terminating, NOW + timedelta(seconds=101), IMAGE)
+        assert late.status["phase"] == "Failed" and late.create_pods == []
+        assert conditions_of(late.status)["Failed"]["reason"] == "DeadlineExceeded"
+
+
 class TestRequeueAfter:
     def test_running_with_a_deadline_wakes_just_after_it(self) -> None:
         job = running_job(activeDeadlineSeconds=100)
