@@ -69,7 +69,8 @@ def event_name(job_name: str, uid: str, reason: str, key: str) -> str:
 
     `<job>.<16 hex>` like the names the kubelet and controllers give Events; posting the
     same event again is answered 409 AlreadyExists, so a pass repeated after a crash
-    cannot post it twice.
+    cannot post it twice. A DNS subdomain: what events.k8s.io/v1 requires of a name
+    (ValidateEventCreate); core/v1's legacy validation is laxer, so it passes there too.
     """
     digest = hashlib.sha256(f"{uid}/{reason}/{key}".encode()).hexdigest()[:16]
     return f"{job_name[: EVENT_NAME_MAX - len(digest) - 1]}.{digest}"
