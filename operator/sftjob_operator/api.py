@@ -805,6 +805,17 @@ class SFTJobStatus(StatusModel):
     restarts: int = Field(
         default=0, description="Relaunches after failures, counted against retry.maxRestarts."
     )
+    launchedAttempt: int | None = Field(
+        default=None,
+        description=(
+            "The attempt whose pods were all created; below attempts while a launch is under "
+            "way (its pods wait for the previous attempt's to be gone, or for the retry backoff)."
+        ),
+    )
+    nextAttemptTime: str | None = Field(
+        default=None,
+        description="Earliest time the current attempt's pods may be created (retry backoff).",
+    )
     specHash: str | None = Field(
         default=None, description="Hash of the training spec the running pods were built from."
     )

@@ -148,8 +148,19 @@ def build_role_binding(job: SFTJob) -> dict[str, Any]:
     }
 
 
-def build_rendezvous_service(job: SFTJob) -> dict[str, Any]:
-    """Headless Service resolving to rank 0, where every rank meets (multi-node only)."""
+def rendezvous_selector(job: SFTJob, attempt: int | None = None) -> dict[str, str]:
+    """Rank 0 of `attempt`: a terminating rank 0 of an earlier attempt must not answer."""
+    selector = {LABEL_JOB: job.metadata.name, LABEL_RANK: "0"}
+    if attempt is not None:
+        selector[LABEL_ATTEMPT] = str(attempt)
+    return selector
+
+
+def build_rendezvous_service(job: SFTJob, attempt: int | None = None) -> dict[str, Any]:
+    """Headless Service resolving to rank 0 of the current attempt, where every rank meets.
+
+    Multi-node only. Its selector names the attempt; each launch patches it to the new one.
+    """
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -158,7 +169,7 @@ def build_rendezvous_service(job: SFTJob) -> dict[str, Any]:
             "clusterIP": "None",
             # Ranks rendezvous before any pod is Ready, so the address must resolve early.
             "publishNotReadyAddresses": True,
-            "selector": {LABEL_JOB: job.metadata.name, LABEL_RANK: "0"},
+            "selector": rendezvous_selector(job, attempt),
             "ports": [{"name": "rendezvous", "port": main_port(job), "targetPort": main_port(job)}],
         },
     }
@@ -364,5 +375,5 @@ def build_static_children(job: SFTJob, trainer_config: dict[str, Any]) -> list[d
         build_role_binding(job),
     ]
     if job.spec.resources.nodes > 1:
-        children.append(build_rendezvous_service(job))
+        children.append(build_rendezvous_service(job, trainer_config.get("attempt")))
     return children

@@ -2,8 +2,12 @@
 
 Synchronous `kubernetes` client calls (the handlers run them in worker threads).
 Objects go in and come out as plain dicts in the API's own camelCase, so the pure
-core never sees client model classes. Creating is idempotent: 409 AlreadyExists
-means the child is already there, which is what a handler running twice expects.
+core never sees client model classes. Creating is idempotent: on 409 AlreadyExists
+the object is read back and reported as this job's (its controller ownerReference
+names the job's uid: what a pass running twice expects) or another owner's (never
+taken as success). Status patches carry the resourceVersion the pass read, so a pass
+acting on a stale view (or on a deleted job's body, after a new job of the same name
+appeared) gets 409 Conflict (`StaleStatus`) instead of writing.
 
 `API_PERMISSIONS` lists every (group, resource, verb) used here; a test checks it
 against the calls in this file and against the ClusterRole in deploy/.
@@ -12,15 +16,17 @@ against the calls in this file and against the ClusterRole in deploy/.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import kubernetes
 from kubernetes.client import ApiClient, ApiException
 
 from .api import GROUP, PLURAL, VERSION
+from .pod_state import owned_by
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +34,12 @@ MERGE_PATCH = "application/merge-patch+json"
 
 API_PERMISSIONS: dict[tuple[str, str], set[str]] = {
     ("", "configmaps"): {"create", "patch", "get"},
-    ("", "serviceaccounts"): {"create"},
-    ("", "services"): {"create"},
-    ("", "pods"): {"create", "list", "delete"},
+    ("", "serviceaccounts"): {"create", "get"},
+    ("", "services"): {"create", "get", "patch"},
+    ("", "pods"): {"create", "list", "delete", "get"},
     ("", "events"): {"create"},
-    ("rbac.authorization.k8s.io", "roles"): {"create"},
-    ("rbac.authorization.k8s.io", "rolebindings"): {"create"},
+    ("rbac.authorization.k8s.io", "roles"): {"create", "get"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"create", "get"},
     (GROUP, PLURAL): {"get", "list", "watch", "patch", "delete"},
     (GROUP, f"{PLURAL}/status"): {"patch"},
 }
@@ -47,6 +53,27 @@ ADMISSION_PERMISSIONS: dict[tuple[str, str], set[str]] = {
 }
 
 ErrorHook = Callable[[str], None]
+
+# What a create found: made now, already there and this job's, or held by another owner.
+CreateResult = Literal["created", "ours", "foreign"]
+# Event names are DNS subdomains (metadata.name of a core/v1 Event): at most 253 characters.
+EVENT_NAME_MAX = 253
+
+
+class StaleStatus(Exception):
+    """A status patch was refused with 409 Conflict: the job changed since the pass read it."""
+
+
+def event_name(job_name: str, uid: str, reason: str, key: str) -> str:
+    """A name that is the same each time one event (job uid, reason, key) is posted.
+
+    `<job>.<16 hex>` like the names the kubelet and controllers give Events; posting the
+    same event again is answered 409 AlreadyExists, so a pass repeated after a crash
+    cannot post it twice. A DNS subdomain: what events.k8s.io/v1 requires of a name
+    (ValidateEventCreate); core/v1's legacy validation is laxer, so it passes there too.
+    """
+    digest = hashlib.sha256(f"{uid}/{reason}/{key}".encode()).hexdigest()[:16]
+    return f"{job_name[: EVENT_NAME_MAX - len(digest) - 1]}.{digest}"
 
 
 def load_api_client() -> ApiClient:
@@ -72,10 +99,17 @@ class Kube:
 
     # ----------------------------------------------------------------- children
 
-    def create_if_absent(self, manifest: dict[str, Any]) -> bool:
-        """Create `manifest`; False when an object of that name already exists."""
+    def create_if_absent(
+        self, manifest: dict[str, Any], owner_uid: str | None = None
+    ) -> CreateResult:
+        """Create `manifest`; when its name is taken, whose the existing object is.
+
+        "ours" when the existing object's controller ownerReference names `owner_uid`
+        (default: the uid in the manifest's own controller reference), else "foreign".
+        """
         kind = manifest["kind"]
         namespace = manifest["metadata"]["namespace"]
+        name = manifest["metadata"]["name"]
         creators: dict[str, Callable[..., Any]] = {
             "ConfigMap": self.core.create_namespaced_config_map,
             "ServiceAccount": self.core.create_namespaced_service_account,
@@ -84,13 +118,41 @@ class Kube:
             "Role": self.rbac.create_namespaced_role,
             "RoleBinding": self.rbac.create_namespaced_role_binding,
         }
+        readers: dict[str, Callable[..., Any]] = {
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "ServiceAccount": self.core.read_namespaced_service_account,
+            "Service": self.core.read_namespaced_service,
+            "Pod": self.core.read_namespaced_pod,
+            "Role": self.rbac.read_namespaced_role,
+            "RoleBinding": self.rbac.read_namespaced_role_binding,
+        }
+        if owner_uid is None:
+            references = manifest["metadata"].get("ownerReferences") or []
+            owner_uid = next((r.get("uid") for r in references if r.get("controller")), None)
         try:
             creators[kind](namespace, manifest)
-            return True
+            return "created"
         except ApiException as exc:
-            if exc.status == 409:
-                return False
-            self._on_error(f"create {kind}")
+            if exc.status != 409:
+                self._on_error(f"create {kind}")
+                raise
+        try:
+            existing = self._plain(readers[kind](name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:  # deleted between the create and the read: try next pass
+                return "foreign"
+            self._on_error(f"get {kind}")
+            raise
+        return "ours" if owned_by(existing, owner_uid) else "foreign"
+
+    def patch_service_selector(self, namespace: str, name: str, selector: dict[str, str]) -> None:
+        """Point the rendezvous Service at another attempt's rank 0."""
+        try:
+            self.core.patch_namespaced_service(
+                name, namespace, {"spec": {"selector": selector}}, _content_type=MERGE_PATCH
+            )
+        except ApiException:
+            self._on_error("patch Service")
             raise
 
     def patch_config_map_data(self, namespace: str, name: str, data: dict[str, str]) -> None:
@@ -142,24 +204,38 @@ class Kube:
             raise
         return job if isinstance(job, dict) else self._plain(job)
 
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
-        """Merge `status` into the job's status; False when the job is gone (404)."""
+    def patch_job_status(
+        self,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
+        resource_version: str | None = None,
+    ) -> str | None:
+        """Merge `status` into the job's status; the new resourceVersion, None when gone (404).
+
+        With `resource_version`, the patch applies only to that version of the job: the
+        API server answers 409 Conflict otherwise (raised as StaleStatus). On /status a
+        uid in the body would be no precondition (the status strategy copies the stored
+        metadata over the patched one); a resourceVersion is checked first.
+        """
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-                {"status": status},
-                _content_type=MERGE_PATCH,
+            patched = self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, body, _content_type=MERGE_PATCH
             )
         except ApiException as exc:
             if exc.status == 404:  # deleted meanwhile: nothing left to report on
-                return False
+                return None
+            if exc.status == 409:
+                raise StaleStatus(f"{namespace}/{name}") from None
             self._on_error("patch SFTJob status")
             raise
-        return True
+        metadata = (patched if isinstance(patched, dict) else self._plain(patched)).get(
+            "metadata"
+        ) or {}
+        return str(metadata.get("resourceVersion") or "")
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:
@@ -176,17 +252,30 @@ class Kube:
                 self._on_error("delete SFTJob")
                 raise
 
-    def post_event(self, job: dict[str, Any], event_type: str, reason: str, message: str) -> None:
-        """A core/v1 Event about the SFTJob, which `kubectl describe sft` lists."""
+    def post_event(
+        self,
+        job: dict[str, Any],
+        event_type: str,
+        reason: str,
+        message: str,
+        key: str | None = None,
+    ) -> None:
+        """A core/v1 Event about the SFTJob, which `kubectl describe sft` lists.
+
+        With `key`, the Event's name is derived from (job uid, reason, key): posting it
+        again (a pass repeated after a crash) is a 409 and changes nothing.
+        """
         metadata = job["metadata"]
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        naming = (
+            {"name": event_name(metadata["name"], metadata.get("uid") or "", reason, key)}
+            if key
+            else {"generateName": f"{metadata['name']}."}
+        )
         event = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {
-                "generateName": f"{metadata['name']}.",
-                "namespace": metadata["namespace"],
-            },
+            "metadata": {**naming, "namespace": metadata["namespace"]},
             "involvedObject": {
                 "apiVersion": f"{GROUP}/{VERSION}",
                 "kind": "SFTJob",
@@ -205,7 +294,9 @@ class Kube:
         }
         try:
             self.core.create_namespaced_event(metadata["namespace"], event)
-        except ApiException:
+        except ApiException as exc:
+            if exc.status == 409 and key:
+                return  # posted before (a repeated pass): exactly once
             # Events are best effort; a lost one must not fail the reconcile.
             self._on_error("create Event")
             log.warning("could not post event %s for %s", reason, metadata["name"])

@@ -1,38 +1,85 @@
 """Pure lifecycle: from the job and the pods as they are now, what to do next.
 
-`reconcile_job` is called on every event and timer tick with the SFTJob and the
+`reconcile_job` is called on every event, resync or requeue with the SFTJob and the
 pods observed through the API. It never looks at event order: the phase, the
 conditions and the actions are derived from observed state each time, so running
 it twice, or after an operator restart, gives the same answer.
+
+Launches are intent-first and two-phase, so a crash between any two writes is
+finished by the next pass instead of being mistaken for a failure:
+1. the decision (attempts, restarts, lastFailure, the Restarting condition, the
+   backoff's nextAttemptTime) is written to the status first, its Event just before;
+2. pods of earlier attempts are deleted, and the new attempt's pods are created only
+   once none of them is alive (a terminating pod may still be writing its checkpoint)
+   and the backoff has passed;
+3. `launchedAttempt` records that every rank was created. A pass that finds
+   `launchedAttempt < attempts` completes the launch (creates the missing ranks):
+   no PodLost and no restart for a rank that was never created.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from . import conditions as cond
-from .api import EffectiveTraining, FailureInfo, SFTJob, SFTJobSpec, SFTJobStatus
-from .children import build_pods, training_spec_hash
-from .pod_state import is_live, pod_attempt, pod_phase, pod_rank, unschedulable_message
+from .api import EffectiveTraining, FailureInfo, SFTJob, SFTJobSpec, SFTJobStatus, SpecError
+from .children import build_pod, training_spec_hash
+from .pod_state import (
+    is_live,
+    owned_by,
+    pod_attempt,
+    pod_phase,
+    pod_rank,
+    unschedulable_message,
+)
 from .retry_policy import Failure, decide_retry, decisive_failure
 from .trainer_config import build_trainer_config
 
 EventType = Literal["Normal", "Warning"]
 
+# A launch waiting for the previous attempt's pods to go looks again after this long
+# (a pod deletion wakes the job sooner; this only bounds a missed event).
+OLD_PODS_RECHECK_SECONDS = 5.0
+# A child name held by another owner (say a previous job of the same name that the
+# garbage collector is still removing) is tried again after this long.
+CHILD_CONFLICT_RETRY_SECONDS = 5.0
+
 
 @dataclass(frozen=True)
 class Event:
+    """An Event about the job; `key` (an attempt or generation) makes it unique.
+
+    The shell names the Event after (job uid, reason, key), so posting it again after
+    a crash is answered 409 and changes nothing: each Event is posted exactly once.
+    """
+
     type: EventType
     reason: str
     message: str
+    key: str = ""
 
 
 @dataclass
 class Actions:
-    """What the shell must do, in order: patch config, delete pods, create pods, patch status."""
+    """What the shell must do, in this order (each step is safe to repeat after a crash):
+
+    1. post `events`, then patch `status` (for a launch: the decision, before any pod);
+    2. delete `delete_pods`;
+    3. with `trainer_config`: write the ConfigMap and the other static children (the
+       rendezvous Service selecting rank 0 of `trainer_config["attempt"]`), then create
+       `create_pods`;
+    4. only when every child and pod is this job's: post `launch_events`, then patch
+       `launch_status` (the launch is complete);
+    5. delete the job when `delete_job`.
+    `requeue_after`: seconds until the job needs a pass even if nothing changes
+    (deadline, TTL, backoff, old pods going); None when only a change needs one.
+    """
 
     status: dict[str, Any] = field(default_factory=dict)
     create_pods: list[dict[str, Any]] = field(default_factory=list)
@@ -40,6 +87,14 @@ class Actions:
     trainer_config: dict[str, Any] | None = None
     events: list[Event] = field(default_factory=list)
     delete_job: bool = False
+    launch_status: dict[str, Any] = field(default_factory=dict)
+    launch_events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        if self.requeue_after is None or seconds < self.requeue_after:
+            self.requeue_after = seconds
 
 
 def is_same_job(handed_uid: str | None, live: Mapping[str, Any] | None) -> bool:
@@ -63,31 +118,7 @@ def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-# --------------------------------------------------------------------- reconcile
-
-
-def _status_of(job: SFTJob) -> SFTJobStatus:
-    return job.status or SFTJobStatus()
-
-
-def _conditions_patch(status: SFTJobStatus) -> list[dict[str, Any]]:
-    return [c.model_dump(mode="json", exclude_none=True) for c in status.conditions]
-
-
-def _launch(
-    job: SFTJob,
-    attempt: int,
-    default_image: str,
-    actions: Actions,
-    per_device: int | None = None,
-    accumulation: int | None = None,
-) -> None:
-    # Batch sizes travel in the ConfigMap, which every rank of the launch reads.
-    actions.trainer_config = build_trainer_config(
-        job, attempt=attempt, per_device=per_device, accumulation=accumulation
-    )
-    actions.create_pods = build_pods(job, attempt, default_image)
-
+# --------------------------------------------------------------------- the running spec
 
 # Spec fields a user may change on a launched job; everything else is frozen for the run.
 MUTABLE_FIELDS = ("suspend", "retry", "ttlSecondsAfterFinished", "activeDeadlineSeconds")
@@ -101,288 +132,459 @@ def running_job(job: SFTJob, launched_spec: SFTJobSpec | None) -> SFTJob:
     return job.model_copy(update={"spec": launched_spec.model_copy(update=current)})
 
 
+def overlay_mutable_fields(launched: SFTJobSpec, raw_spec: Mapping[str, Any]) -> SFTJobSpec:
+    """The launched spec with each mutable field of an edited (invalid) spec that parses alone.
+
+    An edit can break a cross-field rule elsewhere in the spec and still change suspend,
+    retry, TTL or the deadline: each of those is validated on its own against the launched
+    spec, and one that does not parse keeps its launched value.
+    """
+    spec = launched
+    for name in MUTABLE_FIELDS:
+        candidate = spec.model_dump(mode="json", exclude_none=True)
+        if name in raw_spec and raw_spec[name] is not None:
+            candidate[name] = copy.deepcopy(raw_spec[name])
+        else:
+            candidate.pop(name, None)  # removed from the spec: its default applies
+        try:
+            spec = SFTJobSpec.model_validate(candidate)
+        except (ValidationError, SpecError, ValueError):
+            continue
+    return spec
+
+
+# --------------------------------------------------------------------- one pass
+
+
+@dataclass
+class _Pass:
+    """The state one reconcile works on: the job as it runs, its pods and the status copy."""
+
+    job: SFTJob
+    edited: SFTJob
+    spec_errors: list[str]
+    pods: list[dict[str, Any]]
+    now: datetime
+    image: str
+    status: SFTJobStatus
+    original: dict[str, Any]
+    new_generation: bool
+    actions: Actions = field(default_factory=Actions)
+    launch_base: dict[str, Any] | None = None
+
+    @property
+    def stamp(self) -> str:
+        return iso(self.now)
+
+    @property
+    def generation(self) -> int | None:
+        return self.job.metadata.generation
+
+    def current_pods(self) -> dict[int, dict[str, Any]]:
+        attempt = self.status.attempts
+        return {pod_rank(p): p for p in self.pods if pod_attempt(p) == attempt}
+
+    def delete_live(self, pods: Any) -> None:
+        self.actions.delete_pods += [p["metadata"]["name"] for p in pods if is_live(p)]
+
+    def set(self, kind: str, status: cond.Status, reason: str, message: str) -> None:
+        self.status.conditions = cond.set_condition(
+            self.status.conditions, kind, status, reason, message, self.stamp, self.generation
+        )
+
+    def set_exclusive(self, kind: str, reason: str, message: str) -> None:
+        self.status.conditions = cond.set_exclusive(
+            self.status.conditions, kind, reason, message, self.stamp, self.generation
+        )
+
+
+def _status_of(job: SFTJob) -> SFTJobStatus:
+    return job.status or SFTJobStatus()
+
+
 def reconcile_job(
     job: SFTJob,
     pods: list[dict[str, Any]],
     now: datetime,
     default_image: str,
     launched_spec: SFTJobSpec | None = None,
+    spec_errors: list[str] | None = None,
 ) -> Actions:
-    """The next actions for `job` given all of its pods (any attempt) as observed now.
+    """The next actions for `job` given the pods observed now (any attempt, any owner).
 
+    Only pods whose controller ownerReference names this job's uid are its own; a
+    previous job of the same name, or a user's pod with its labels, is never adopted.
     `launched_spec` is the spec the running pods were built from (kept in the job's
     ConfigMap); relaunches reuse it, so an ignored edit never sneaks into a restart.
+    `spec_errors` says the edited spec breaks a rule: the run goes on with the launched
+    spec (and the mutable fields as `job` carries them) and a condition names the fields.
     """
-    changed_job = job
-    job = running_job(job, launched_spec)
-    actions = Actions()
     status = _status_of(job).model_copy(deep=True)
-    generation = job.metadata.generation
-    stamp = iso(now)
-    spec = job.spec
-    original = status.model_dump(mode="json", exclude_none=True)
+    p = _Pass(
+        job=running_job(job, launched_spec),
+        edited=job,
+        spec_errors=list(spec_errors or []),
+        pods=[pod for pod in pods if owned_by(pod, job.metadata.uid)],
+        now=now,
+        image=default_image,
+        status=status,
+        original=status.model_dump(mode="json", exclude_none=True),
+        # An edit not yet acted on (a status that never recorded a generation: none known).
+        new_generation=status.observedGeneration not in (None, job.metadata.generation),
+    )
+    status.observedGeneration = job.metadata.generation
 
-    # A crash between creating pods and recording the launch leaves pods newer than the
-    # status: adopt them instead of launching again.
-    attempt = max([status.attempts] + [pod_attempt(p) for p in pods])
+    # Pods newer than the status (a status write not visible to this pass yet, or a launch
+    # made by an operator that wrote pods first): adopt them, never launch twice.
+    attempt = max([status.attempts] + [pod_attempt(pod) for pod in p.pods])
     adopted = attempt > status.attempts
-    if attempt > status.attempts:
+    if adopted:
         # The adopted launch was built from the current spec: record it, or a later edit
         # would never be reported as ignored.
-        status.specHash = status.specHash or training_spec_hash(job)
-    status.attempts = attempt
-    current = {pod_rank(p): p for p in pods if pod_attempt(p) == attempt}
-    stale = [p for p in pods if pod_attempt(p) != attempt and is_live(p)]
-    actions.delete_pods += [p["metadata"]["name"] for p in stale]
+        status.specHash = status.specHash or training_spec_hash(p.job)
+        status.launchedAttempt = _launched(status)
+        status.attempts = attempt
+        status.phase = status.phase or "Pending"
+    p.delete_live(pod for pod in p.pods if pod_attempt(pod) < attempt)
 
     if status.phase in ("Succeeded", "Failed"):
-        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if is_live(p)]
-        _expire(job, status, now, actions)
-        return _finish(actions, status, original)
+        _finished(p)
+    else:
+        _note_spec_change(p)
+        if p.job.spec.suspend:
+            _suspend(p)
+        elif status.phase == "Suspended" and adopted:
+            # An earlier pass already resumed (its status write is not visible to this one
+            # yet): its pods are the run now; launching again would start a second one.
+            status.phase = "Pending"
+            _mark_resumed(p)
+            _advance_launch(p)
+        elif status.attempts == 0 or status.phase == "Suspended":
+            _decide_launch(p)
+            _advance_launch(p)
+        elif _launched(status) < status.attempts:
+            _advance_launch(p)
+        else:
+            _observe_run(p)
+    return _finish(p)
 
-    _note_spec_change(changed_job, status, stamp, generation)
 
-    if spec.suspend:
-        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if is_live(p)]
-        if status.phase != "Suspended":
-            status.phase = "Suspended"
-            status.conditions = cond.set_exclusive(
-                status.conditions,
-                cond.SUSPENDED,
-                "SuspendedByUser",
-                "spec.suspend is true: pods stopped; set it to false to resume from the newest "
-                "checkpoint",
-                stamp,
-                generation,
-            )
-            actions.events.append(Event("Normal", "Suspended", "pods stopped, status kept"))
-        return _finish(actions, status, original)
+def _launched(status: SFTJobStatus) -> int:
+    """The last attempt whose pods were all created (a status from before the field: all)."""
+    return status.attempts if status.launchedAttempt is None else status.launchedAttempt
 
-    if status.phase == "Suspended" and adopted:
-        # An earlier pass already resumed (its status write is not visible to this one
-        # yet): its pods are the run now; launching again would start a second one.
-        status.phase = "Pending"
-        _mark_resumed(status, stamp, generation)
-        return _finish(actions, status, original)
 
-    if attempt == 0 or status.phase == "Suspended":
-        resumed = status.phase == "Suspended"
-        if resumed:
-            # As for a Kubernetes Job: activeDeadlineSeconds counts running time, so the
-            # clock restarts when the resumed pods start.
-            status.startTime = None
-        attempt += 1
-        status.attempts = attempt
-        status.specHash = status.specHash or training_spec_hash(job)
+# --------------------------------------------------------------------- launching
+
+
+def _decide_launch(p: _Pass) -> None:
+    """Phase 1 of a first launch or a resume: record the new attempt before any pod exists."""
+    status = p.status
+    resumed = status.phase == "Suspended"
+    status.launchedAttempt = _launched(status)
+    status.attempts += 1
+    status.nextAttemptTime = None
+    status.specHash = status.specHash or training_spec_hash(p.job)
+    status.phase = "Pending"
+    if resumed:
+        # As for a Kubernetes Job: activeDeadlineSeconds counts running time, so the
+        # clock restarts when the resumed pods start.
+        status.startTime = None
+        _mark_resumed(p)
+        message = f"launch {status.attempts}: resuming from the newest checkpoint"
+        p.actions.events.append(Event("Normal", "Resumed", message, f"a{status.attempts}"))
+
+
+def _advance_launch(p: _Pass) -> None:
+    """Phases 2 and 3: stop earlier attempts, wait out the backoff, create the missing ranks."""
+    status, actions = p.status, p.actions
+    attempt = status.attempts
+    if _past_deadline(p):
+        # A relaunch waiting for old pods or a backoff: the run's clock still runs.
+        p.delete_live(p.pods)
+        _fail(p, "DeadlineExceeded", _deadline_message(p))
+        return
+    _requeue_at_deadline(p)
+    # A pod being deleted that still runs is alive: it may be writing its checkpoint into
+    # the volume the new attempt resumes from, and it still answers at rank 0's address.
+    alive = [
+        pod
+        for pod in p.pods
+        if pod_attempt(pod) < attempt and pod_phase(pod) in ("Pending", "Running")
+    ]
+    p.delete_live(alive)
+    if alive:
+        actions.requeue(OLD_PODS_RECHECK_SECONDS)
+        return
+    not_before = parse_time(status.nextAttemptTime)
+    if not_before is not None and p.now < not_before:
+        actions.requeue((not_before - p.now).total_seconds())
+        return
+    current = p.current_pods()
+    nodes = p.job.spec.resources.nodes
+    missing = [rank for rank in range(nodes) if rank not in current]
+    if missing:
+        # Batch sizes travel in the ConfigMap, which every rank of the launch reads.
         effective = status.effectiveTraining
-        _launch(
-            job,
-            attempt,
-            default_image,
-            actions,
-            effective.perDeviceTrainBatchSize if effective else None,
-            effective.gradientAccumulationSteps if effective else None,
+        actions.trainer_config = build_trainer_config(
+            p.job,
+            attempt=attempt,
+            per_device=effective.perDeviceTrainBatchSize if effective else None,
+            accumulation=effective.gradientAccumulationSteps if effective else None,
         )
-        status.phase = "Pending"
-        reason = "Resumed" if resumed else "Launched"
-        message = f"launch {attempt}: {spec.resources.nodes} pod(s) created" + (
-            ", resuming from the newest checkpoint" if resumed else ""
-        )
-        # Running stays False until a pod runs; Restarting (if set) stays until then too.
-        status.conditions = cond.set_condition(
-            status.conditions, cond.RUNNING, "False", reason, message, stamp, generation
-        )
-        if resumed:
-            _mark_resumed(status, stamp, generation)
-        actions.events.append(Event("Normal", reason, message))
-        return _finish(actions, status, original)
+        actions.create_pods = [build_pod(p.job, rank, attempt, p.image) for rank in missing]
+    # What follows is written only once every rank exists (see Actions).
+    p.launch_base = status.model_dump(mode="json", exclude_none=True)
+    status.launchedAttempt = attempt
+    status.nextAttemptTime = None
+    message = f"launch {attempt}: {nodes} pod(s) created"
+    # Running stays False until a pod runs; Restarting (if set) stays until then too.
+    p.set(cond.RUNNING, "False", "Launched", message)
+    actions.launch_events.append(Event("Normal", "Launched", message, f"a{attempt}"))
 
-    deadline = spec.activeDeadlineSeconds
-    started = parse_time(status.startTime)
-    # Ranks that all finished before the operator looked have succeeded, deadline or not.
-    finished = all(
-        pod_phase(current.get(rank, {})) == "Succeeded" for rank in range(spec.resources.nodes)
-    )
-    if deadline and started and (now - started).total_seconds() > deadline and not finished:
-        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if is_live(p)]
-        _fail(
-            status,
-            "DeadlineExceeded",
-            f"ran longer than activeDeadlineSeconds ({deadline}s)",
-            stamp,
-            generation,
-            actions,
-        )
-        return _finish(actions, status, original)
 
+# --------------------------------------------------------------------- running
+
+
+def _observe_run(p: _Pass) -> None:
+    """A complete launch: deadline, failures, success, running or waiting."""
+    status, spec = p.status, p.job.spec
+    current = p.current_pods()
     expected = range(spec.resources.nodes)
+    # Ranks that all finished before the operator looked have succeeded, deadline or not.
+    finished = all(pod_phase(current.get(rank, {})) == "Succeeded" for rank in expected)
+    if _past_deadline(p) and not finished:
+        p.delete_live(current.values())
+        _fail(p, "DeadlineExceeded", _deadline_message(p))
+        return
+
     failure = decisive_failure(current, expected)
     if failure is not None:
-        actions.delete_pods += [p["metadata"]["name"] for p in current.values() if is_live(p)]
-        _handle_failure(job, status, failure, now, default_image, actions)
-        return _finish(actions, status, original)
+        _handle_failure(p, failure)
+        return
 
     phases = [pod_phase(current[rank]) for rank in expected]
     if all(phase == "Succeeded" for phase in phases):
         status.phase = "Succeeded"
-        status.completionTime = stamp
+        status.completionTime = p.stamp
         status.outputPath = spec.output.path
         message = f"all {len(phases)} rank(s) finished; output in {spec.output.path}"
-        status.conditions = cond.set_exclusive(
-            status.conditions, cond.SUCCEEDED, "TrainingComplete", message, stamp, generation
-        )
-        actions.events.append(Event("Normal", "Succeeded", message))
-        return _finish(actions, status, original)
+        p.set_exclusive(cond.SUCCEEDED, "TrainingComplete", message)
+        p.actions.events.append(Event("Normal", "Succeeded", message, f"a{status.attempts}"))
+        _expire(p)
+        return
 
     if any(phase == "Running" for phase in phases):
         if status.phase != "Running":
             status.phase = "Running"
-            status.startTime = status.startTime or _earliest_start(current.values()) or stamp
-            message = f"launch {attempt}: training on {len(phases)} pod(s)"
-            status.conditions = cond.set_exclusive(
-                status.conditions, cond.RUNNING, "Training", message, stamp, generation
-            )
-            actions.events.append(Event("Normal", "Running", message))
-        return _finish(actions, status, original)
-
-    waiting = next((m for p in current.values() if (m := unschedulable_message(p))), None)
-    if waiting:
-        status.conditions = cond.set_condition(
-            status.conditions, cond.RUNNING, "False", "Unschedulable", waiting, stamp, generation
-        )
-    return _finish(actions, status, original)
+            status.startTime = status.startTime or _earliest_start(current.values()) or p.stamp
+            message = f"launch {status.attempts}: training on {len(phases)} pod(s)"
+            p.set_exclusive(cond.RUNNING, "Training", message)
+            p.actions.events.append(Event("Normal", "Running", message, f"a{status.attempts}"))
+    else:
+        waiting = next((m for pod in current.values() if (m := unschedulable_message(pod))), None)
+        if waiting:
+            p.set(cond.RUNNING, "False", "Unschedulable", waiting)
+    _requeue_at_deadline(p)
 
 
-def _mark_resumed(status: SFTJobStatus, stamp: str, generation: int | None) -> None:
-    status.conditions = cond.set_condition(
-        status.conditions,
-        cond.SUSPENDED,
-        "False",
-        "Resumed",
-        "spec.suspend is false",
-        stamp,
-        generation,
-    )
+def _past_deadline(p: _Pass) -> bool:
+    deadline = p.job.spec.activeDeadlineSeconds
+    started = parse_time(p.status.startTime)
+    return bool(deadline and started and (p.now - started).total_seconds() > deadline)
+
+
+def _requeue_at_deadline(p: _Pass) -> None:
+    deadline = p.job.spec.activeDeadlineSeconds
+    started = parse_time(p.status.startTime)
+    if deadline and started:
+        # One second past the deadline, so that pass sees it exceeded.
+        p.actions.requeue(deadline - (p.now - started).total_seconds() + 1)
+
+
+def _deadline_message(p: _Pass) -> str:
+    return f"ran longer than activeDeadlineSeconds ({p.job.spec.activeDeadlineSeconds}s)"
+
+
+def _mark_resumed(p: _Pass) -> None:
+    p.set(cond.SUSPENDED, "False", "Resumed", "spec.suspend is false")
 
 
 def _earliest_start(pods: Any) -> str | None:
-    starts = sorted(s for p in pods if (s := (p.get("status") or {}).get("startTime")))
+    starts = sorted(s for pod in pods if (s := (pod.get("status") or {}).get("startTime")))
     return starts[0] if starts else None
 
 
-def _handle_failure(
-    job: SFTJob,
-    status: SFTJobStatus,
-    failure: Failure,
-    now: datetime,
-    default_image: str,
-    actions: Actions,
-) -> None:
-    stamp = iso(now)
-    generation = job.metadata.generation
+def _handle_failure(p: _Pass, failure: Failure) -> None:
+    """A failed attempt: fail the job, or record the relaunch (phase 1) and start it."""
+    status, spec = p.status, p.job.spec
     status.lastFailure = FailureInfo(
         reason=failure.reason,
         message=failure.message[:1000],
         step=failure.step,
-        time=stamp,
+        time=p.stamp,
         attempt=status.attempts,
     )
-    decision = decide_retry(failure, job.spec, status)
+    decision = decide_retry(failure, spec, status)
     if not decision.relaunch:
-        _fail(status, decision.reason, decision.message, stamp, generation, actions)
+        p.delete_live(p.current_pods().values())
+        _fail(p, decision.reason, decision.message)
         return
+    status.launchedAttempt = status.attempts
     status.restarts += 1
     status.attempts += 1
+    backoff = decision.backoff_seconds
+    status.nextAttemptTime = iso(p.now + timedelta(seconds=backoff)) if backoff > 0 else None
     if (decision.per_device, decision.accumulation) != (
-        job.spec.training.perDeviceTrainBatchSize,
-        job.spec.training.gradientAccumulationSteps,
+        spec.training.perDeviceTrainBatchSize,
+        spec.training.gradientAccumulationSteps,
     ):
         status.effectiveTraining = EffectiveTraining(
             perDeviceTrainBatchSize=decision.per_device,
             gradientAccumulationSteps=decision.accumulation,
         )
-    _launch(
-        job, status.attempts, default_image, actions, decision.per_device, decision.accumulation
-    )
     status.phase = "Restarting"
-    message = f"restart {status.restarts}/{job.spec.retry.maxRestarts}: {decision.message}"
-    status.conditions = cond.set_exclusive(
-        status.conditions, cond.RESTARTING, decision.reason, message, stamp, generation
-    )
-    actions.events.append(Event("Warning", decision.reason, message))
+    message = f"restart {status.restarts}/{spec.retry.maxRestarts}: {decision.message}"
+    if backoff > 0:
+        message += f" (after {backoff:g}s)"
+    p.set_exclusive(cond.RESTARTING, decision.reason, message)
+    p.actions.events.append(Event("Warning", decision.reason, message, f"a{status.attempts}"))
+    _advance_launch(p)
 
 
-def _fail(
-    status: SFTJobStatus,
-    reason: str,
-    message: str,
-    stamp: str,
-    generation: int | None,
-    actions: Actions,
-) -> None:
-    status.phase = "Failed"
-    status.completionTime = stamp
-    status.conditions = cond.set_exclusive(
-        status.conditions, cond.FAILED, reason, message, stamp, generation
-    )
-    actions.events.append(Event("Warning", reason, message))
+def _fail(p: _Pass, reason: str, message: str) -> None:
+    p.status.phase = "Failed"
+    p.status.completionTime = p.stamp
+    p.set_exclusive(cond.FAILED, reason, message)
+    p.actions.events.append(Event("Warning", reason, message, f"a{p.status.attempts}"))
+    _expire(p)
 
 
-def _expire(job: SFTJob, status: SFTJobStatus, now: datetime, actions: Actions) -> None:
-    ttl = job.spec.ttlSecondsAfterFinished
-    finished = parse_time(status.completionTime)
-    if ttl is not None and finished is not None and (now - finished).total_seconds() >= ttl:
-        actions.delete_job = True
+# --------------------------------------------------------------------- suspended / finished
 
 
-def _note_spec_change(
-    job: SFTJob, status: SFTJobStatus, stamp: str, generation: int | None
-) -> None:
+def _suspend(p: _Pass) -> None:
+    status = p.status
+    p.delete_live(p.current_pods().values())
+    if status.phase != "Suspended":
+        status.phase = "Suspended"
+        p.set_exclusive(
+            cond.SUSPENDED,
+            "SuspendedByUser",
+            "spec.suspend is true: pods stopped; set it to false to resume from the newest "
+            "checkpoint",
+        )
+        message = "pods stopped, status kept"
+        p.actions.events.append(Event("Normal", "Suspended", message, f"a{status.attempts}"))
+
+
+def _finished(p: _Pass) -> None:
+    """A finished job: leftover pods go, edits are reported as ignored, the TTL runs."""
+    p.delete_live(p.current_pods().values())
+    status = p.status
+    if p.new_generation and (p.spec_errors or _training_changed(p, finished=True)):
+        message = (
+            f"the job has finished ({status.phase}): edits change nothing, and the status "
+            "still describes the finished run; create a new SFTJob to train again"
+        )
+        if p.spec_errors:
+            message += "; the edited spec is also invalid: " + "; ".join(p.spec_errors)
+        p.set(cond.SPEC_CHANGE_IGNORED, "True", "JobFinished", message)
+        key = f"g{p.generation}"
+        p.actions.events.append(Event("Warning", "SpecChangeIgnored", message, key))
+    _expire(p)
+
+
+def _expire(p: _Pass) -> None:
+    ttl = p.job.spec.ttlSecondsAfterFinished
+    finished = parse_time(p.status.completionTime)
+    if ttl is None or finished is None:
+        return
+    left = ttl - (p.now - finished).total_seconds()
+    if left <= 0:
+        p.actions.delete_job = True
+    else:
+        p.actions.requeue(left)
+
+
+def _training_changed(p: _Pass, finished: bool = False) -> bool:
+    """Whether the edited spec differs from the launched one in anything but mutable fields."""
+    if not p.status.specHash:
+        # Never launched (say Failed for an invalid spec): any edit is one that is ignored.
+        return finished
+    return training_spec_hash(p.edited) != p.status.specHash
+
+
+def _note_spec_change(p: _Pass) -> None:
+    """An edit of a launched job: reported (the run keeps its spec), never applied."""
+    status = p.status
+    already = cond.find(status.conditions, cond.SPEC_CHANGE_IGNORED)
+    key = f"g{p.generation}"
+    if p.spec_errors:
+        message = (
+            "the edited spec is invalid and was ignored; the run goes on with the spec it was "
+            "launched with (spec.suspend, retry, ttl and deadline edits apply where valid): "
+            + "; ".join(p.spec_errors)
+        )
+        if already is None or (already.reason, already.message) != ("InvalidSpec", message):
+            p.set(cond.SPEC_CHANGE_IGNORED, "True", "InvalidSpec", message)
+            p.actions.events.append(Event("Warning", "SpecChangeIgnored", message, key))
+        return
     if not status.specHash:
         return
-    changed = training_spec_hash(job) != status.specHash
-    already = cond.is_true(status.conditions, cond.SPEC_CHANGE_IGNORED)
-    if changed and not already:
-        status.conditions = cond.set_condition(
-            status.conditions,
-            cond.SPEC_CHANGE_IGNORED,
-            "True",
-            "ImmutableWhileRunning",
+    changed = _training_changed(p)
+    reported = already is not None and already.status == "True"
+    immutable_reported = (
+        reported and already is not None and already.reason == "ImmutableWhileRunning"
+    )
+    if changed and not immutable_reported:
+        message = (
             "training specs are immutable once launched: the run continues with the spec it "
             "started with. Only spec.suspend (and retry, ttl, deadline) may change; create a "
-            "new SFTJob to train differently",
-            stamp,
-            generation,
+            "new SFTJob to train differently"
         )
-    elif not changed and already:
-        status.conditions = cond.set_condition(
-            status.conditions,
+        p.set(cond.SPEC_CHANGE_IGNORED, "True", "ImmutableWhileRunning", message)
+        p.actions.events.append(Event("Warning", "SpecChangeIgnored", message, key))
+    elif not changed and reported:
+        p.set(
             cond.SPEC_CHANGE_IGNORED,
             "False",
             "SpecRestored",
             "the spec matches the running one again",
-            stamp,
-            generation,
         )
 
 
-def _finish(actions: Actions, status: SFTJobStatus, original: dict[str, Any]) -> Actions:
-    updated = status.model_dump(mode="json", exclude_none=True)
-    # Only the operator's own fields: progress and measuredPlan belong to the trainer.
-    owned = (
-        "phase",
-        "conditions",
-        "attempts",
-        "restarts",
-        "effectiveTraining",
-        "lastFailure",
-        "startTime",
-        "completionTime",
-        "outputPath",
-        "specHash",
-    )
-    actions.status = {k: updated.get(k) for k in owned if updated.get(k) != original.get(k)}
-    return actions
+# Only the operator's own fields: progress and measuredPlan belong to the trainer.
+OPERATOR_STATUS_FIELDS = (
+    "phase",
+    "conditions",
+    "attempts",
+    "restarts",
+    "launchedAttempt",
+    "nextAttemptTime",
+    "effectiveTraining",
+    "lastFailure",
+    "startTime",
+    "completionTime",
+    "outputPath",
+    "specHash",
+    "observedGeneration",
+)
+
+
+def _diff(updated: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    return {k: updated.get(k) for k in OPERATOR_STATUS_FIELDS if updated.get(k) != base.get(k)}
+
+
+def _finish(p: _Pass) -> Actions:
+    updated = p.status.model_dump(mode="json", exclude_none=True)
+    if p.launch_base is None:
+        p.actions.status = _diff(updated, p.original)
+    else:
+        p.actions.status = _diff(p.launch_base, p.original)
+        p.actions.launch_status = _diff(updated, p.launch_base)
+    p.actions.delete_pods = list(dict.fromkeys(p.actions.delete_pods))
+    return p.actions
 
 
 # --------------------------------------------------------------------- planning
@@ -437,3 +639,26 @@ def invalid_status(
         "observedGeneration": generation,
         "completionTime": iso(now),
     }
+
+
+def child_conflict_status(
+    existing: SFTJobStatus | None,
+    conflicts: list[str],
+    now: datetime,
+    generation: int | None,
+) -> dict[str, Any]:
+    """Status for a launch blocked by children that exist under another owner.
+
+    A name this job needs is held by an object that is not its own (a previous job of the
+    same name still being garbage-collected, or a user's object): it is never adopted,
+    and the launch is tried again later.
+    """
+    status = existing or SFTJobStatus()
+    message = (
+        f"not this job's (their controller ownerReference names another uid, or none): "
+        f"{', '.join(conflicts)}; the launch waits until they are deleted"
+    )
+    conditions = cond.set_condition(
+        status.conditions, cond.RUNNING, "False", "ChildConflict", message, iso(now), generation
+    )
+    return {"conditions": [c.model_dump(mode="json", exclude_none=True) for c in conditions]}

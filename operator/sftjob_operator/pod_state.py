@@ -47,3 +47,15 @@ def unschedulable_message(pod: dict[str, Any]) -> str | None:
 def is_live(pod: dict[str, Any]) -> bool:
     """Pending or Running and not being deleted."""
     return pod_phase(pod) in ("Pending", "Running") and not pod["metadata"].get("deletionTimestamp")
+
+
+def owned_by(obj: dict[str, Any], uid: str | None) -> bool:
+    """Whether `obj`'s controller ownerReference names the object with `uid`.
+
+    Names and labels repeat when a job is re-created under the same name; only the uid
+    tells this job's children from a previous one's (or from a user's object).
+    """
+    if not uid:
+        return False
+    references = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("controller") and r.get("uid") == uid for r in references)

@@ -1,8 +1,10 @@
 """One reconcile pass: read the job and its pods, ask the pure core, apply its answer.
 
-The order of writes makes a crash at any point safe to repeat: children first
-(create-if-absent), then pods, then the status that records the launch. A pass
-that dies after creating pods is adopted by the next one (see lifecycle).
+The order of writes makes a crash at any point safe to repeat (see lifecycle.Actions):
+events (named so a repeat is a no-op) and the status that records a decision come
+first, then pod deletions, then children and pods (create-if-absent, owner checked),
+and last the status that records a complete launch. Every status patch carries the
+resourceVersion the pass read: a pass acting on a stale view gets 409 and is requeued.
 """
 
 from __future__ import annotations
@@ -19,9 +21,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import lifecycle
-from .api import SFTJob, SFTJobSpec, SFTJobStatus, SpecError, parse_sftjob
-from .children import DEFAULT_TRAINER_IMAGE, LABEL_JOB, build_static_children, config_map_name
-from .kube import Kube
+from .api import ObjectMeta, SFTJob, SFTJobSpec, SFTJobStatus, SpecError, parse_sftjob
+from .children import (
+    DEFAULT_TRAINER_IMAGE,
+    LABEL_JOB,
+    build_static_children,
+    config_map_name,
+    rendezvous_selector,
+)
+from .kube import Kube, StaleStatus
 from .metrics import METRICS
 from .trainer_config import CONFIG_KEY
 
@@ -48,18 +56,32 @@ def _status_from(body: Mapping[str, Any]) -> SFTJobStatus | None:
 def job_from_body(body: Mapping[str, Any]) -> SFTJob:
     """The typed job with its status; raises SpecError for an invalid spec."""
     plain = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
-    metadata = dict(plain.get("metadata") or {})
-    plain["metadata"] = {
-        k: metadata[k]
-        for k in ("name", "namespace", "uid", "generation", "labels", "annotations")
-        if k in metadata
-    }
+    plain["metadata"] = _job_metadata(body)
     job = parse_sftjob(plain)
     return job.model_copy(update={"status": _status_from(body)})
 
 
 class JobGone(Exception):
     """The job this pass was handed no longer exists (deleted, or re-created with another uid)."""
+
+
+# A pass whose status patch met a newer version of the job runs again this soon.
+STALE_REQUEUE_SECONDS = 0.5
+
+
+def _job_metadata(body: Mapping[str, Any]) -> dict[str, Any]:
+    metadata = dict(body.get("metadata") or {})
+    keep = ("name", "namespace", "uid", "generation", "labels", "annotations")
+    return {k: metadata[k] for k in keep if k in metadata}
+
+
+def job_on_launched_spec(
+    body: Mapping[str, Any], launched: SFTJobSpec, status: SFTJobStatus | None
+) -> SFTJob:
+    """The job of an invalid edit as it runs: the launched spec, mutable fields from the edit."""
+    spec = lifecycle.overlay_mutable_fields(launched, body.get("spec") or {})
+    metadata = ObjectMeta.model_validate(_job_metadata(body))
+    return SFTJob(metadata=metadata, spec=spec, status=status)
 
 
 @dataclass(frozen=True)
@@ -79,89 +101,137 @@ async def reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSetti
 
     The job is gone (phase None) when it was deleted: checked before anything is created,
     and again by every status patch, so a stale body (a Kopf timer outliving its object)
-    creates nothing.
+    creates nothing. A status patch refused as stale (409) ends the pass quietly and asks
+    for a quick requeue.
     """
     started = time.monotonic()
     try:
-        return Outcome(await _reconcile(body, kube, settings))
+        return await _reconcile(body, kube, settings)
     except JobGone:
         return Outcome(None)
     finally:
         METRICS.reconcile_seconds.observe(time.monotonic() - started)
 
 
-async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> str:
+class _StatusWriter:
+    """Status patches of one pass, each conditional on the version the pass last saw."""
+
+    def __init__(self, kube: Kube, live: Mapping[str, Any]):
+        metadata = live["metadata"]
+        self.kube = kube
+        self.namespace, self.name = metadata["namespace"], metadata["name"]
+        self.resource_version = metadata.get("resourceVersion")
+
+    async def patch(self, patch: dict[str, Any]) -> None:
+        """Patch the status; a 404 ends the pass (JobGone) before anything else is made."""
+        version = await asyncio.to_thread(
+            self.kube.patch_job_status, self.namespace, self.name, patch, self.resource_version
+        )
+        if version is None:
+            raise JobGone
+        self.resource_version = version or self.resource_version
+
+
+async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> Outcome:
     metadata = body["metadata"]
     namespace, name = metadata["namespace"], metadata["name"]
-    generation = metadata.get("generation")
     live = await asyncio.to_thread(kube.read_job, namespace, name)
     if not lifecycle.is_same_job(metadata.get("uid"), live):
         raise JobGone
-    now = datetime.now(UTC)
-    existing = _status_from(body)
+    assert live is not None
+    writer = _StatusWriter(kube, live)
+    existing = _status_from(live)
     try:
-        job = job_from_body(body)
+        return await _reconcile_live(live, existing, writer, kube, settings)
+    except StaleStatus:
+        log.debug("status of %s/%s changed during the pass; requeued", namespace, name)
+        phase = (existing.phase if existing else None) or "Pending"
+        return Outcome(phase, STALE_REQUEUE_SECONDS)
+
+
+async def _reconcile_live(
+    live: Mapping[str, Any],
+    existing: SFTJobStatus | None,
+    writer: _StatusWriter,
+    kube: Kube,
+    settings: OperatorSettings,
+) -> Outcome:
+    namespace, name = writer.namespace, writer.name
+    generation = live["metadata"].get("generation")
+    now = datetime.now(UTC)
+    launched: SFTJobSpec | None = None
+    spec_errors: list[str] = []
+    try:
+        job = job_from_body(live)
     except SpecError as exc:
-        if existing and existing.attempts > 0:
-            # Already running: an invalid edit must not stop the run it cannot describe.
-            return existing.phase or "Running"
-        if existing is None or existing.observedGeneration != generation:
-            await _report_invalid(kube, body, existing, exc, now)
-        return "Failed"
+        if not (existing and existing.attempts > 0):
+            if existing is None or existing.observedGeneration != generation:
+                await _report_invalid(kube, writer, live, existing, exc, now)
+            return Outcome("Failed")
+        # Launched: an invalid edit must not stop the run. It goes on with the spec it
+        # was launched with, and a condition names the fields that were refused.
+        launched = await _launched_spec(kube, namespace, name)
+        if launched is None:
+            log.warning("%s/%s: invalid edit and no launched spec to run on", namespace, name)
+            return Outcome(existing.phase or "Pending")
+        job = job_on_launched_spec(live, launched, existing)
+        spec_errors = [str(e) for e in exc.errors]
 
     status = job.status or SFTJobStatus()
-    if status.attempts == 0 and status.phase not in ("Failed", "Succeeded"):
-        if status.observedGeneration != generation:
-            try:
-                patch = lifecycle.planned_status(job, now)
-            except SpecError as exc:  # e.g. drop_last with an empty dataloader
-                await _report_invalid(kube, body, existing, exc, now)
-                return "Failed"
-            await _patch_status(kube, namespace, name, patch)
-            planned = next(c for c in patch["conditions"] if c["type"] == "Planned")
-            await asyncio.to_thread(
-                kube.post_event, dict(body), "Normal", "Planned", planned["message"]
-            )
-            job = job.model_copy(
-                update={
-                    "status": SFTJobStatus.model_validate(
-                        {**status.model_dump(mode="json"), **patch}
-                    )
-                }
-            )
-    elif status.observedGeneration != generation:
-        await _patch_status(kube, namespace, name, {"observedGeneration": generation})
+    unplanned = status.attempts == 0 and status.phase not in ("Failed", "Succeeded")
+    if unplanned and status.observedGeneration != generation:
+        try:
+            job = await _plan(job, live, writer, kube, now)
+        except SpecError as exc:  # e.g. drop_last with an empty dataloader
+            await _report_invalid(kube, writer, live, existing, exc, now)
+            return Outcome("Failed")
 
     pods = await asyncio.to_thread(kube.list_job_pods, namespace, name, LABEL_JOB)
-    launched = await _launched_spec(kube, namespace, name) if status.attempts > 0 else None
-    actions = lifecycle.reconcile_job(job, pods, now, settings.default_image, launched)
-    await _apply(job, body, actions, kube)
+    if launched is None and status.attempts > 0:
+        launched = await _launched_spec(kube, namespace, name)
+    actions = lifecycle.reconcile_job(job, pods, now, settings.default_image, launched, spec_errors)
+    requeue_after = await _apply(job, live, actions, kube, writer, now)
     phase = actions.status.get("phase") or (job.status.phase if job.status else None) or "Pending"
     METRICS.observe_phase(namespace, name, phase)
-    return phase
+    return Outcome(phase, requeue_after)
 
 
-async def _patch_status(kube: Kube, namespace: str, name: str, patch: dict[str, Any]) -> None:
-    """Patch the job's status; a 404 ends the pass (JobGone) before anything else is made."""
-    if not await asyncio.to_thread(kube.patch_job_status, namespace, name, patch):
-        raise JobGone
+async def _plan(
+    job: SFTJob, live: Mapping[str, Any], writer: _StatusWriter, kube: Kube, now: datetime
+) -> SFTJob:
+    """The plan, advice and Planned condition of a generation not launched yet."""
+    patch = lifecycle.planned_status(job, now)
+    planned = next(c for c in patch["conditions"] if c["type"] == "Planned")
+    key = f"g{job.metadata.generation}"
+    await asyncio.to_thread(
+        kube.post_event, dict(live), "Normal", "Planned", planned["message"], key
+    )
+    await writer.patch(patch)
+    status = (job.status or SFTJobStatus()).model_dump(mode="json")
+    return job.model_copy(update={"status": SFTJobStatus.model_validate({**status, **patch})})
 
 
 async def _report_invalid(
     kube: Kube,
-    body: Mapping[str, Any],
+    writer: _StatusWriter,
+    live: Mapping[str, Any],
     existing: SFTJobStatus | None,
     error: SpecError,
     now: datetime,
 ) -> None:
     """Failed/InvalidSpec in the status and a Warning event, each naming every bad field."""
-    metadata = body["metadata"]
+    generation = live["metadata"].get("generation")
     messages = [str(e) for e in error.errors]
-    patch = lifecycle.invalid_status(existing, messages, now, metadata.get("generation"))
-    await _patch_status(kube, metadata["namespace"], metadata["name"], patch)
+    patch = lifecycle.invalid_status(existing, messages, now, generation)
     await asyncio.to_thread(
-        kube.post_event, dict(body), "Warning", "InvalidSpec", "; ".join(messages)
+        kube.post_event,
+        dict(live),
+        "Warning",
+        "InvalidSpec",
+        "; ".join(messages),
+        f"g{generation}",
     )
+    await writer.patch(patch)
 
 
 async def _launched_spec(kube: Kube, namespace: str, name: str) -> SFTJobSpec | None:
@@ -176,32 +246,81 @@ async def _launched_spec(kube: Kube, namespace: str, name: str) -> SFTJobSpec | 
         return None
 
 
-async def _apply(
-    job: SFTJob, body: Mapping[str, Any], actions: lifecycle.Actions, kube: Kube
-) -> None:
+async def _post_events(kube: Kube, live: Mapping[str, Any], events: list[lifecycle.Event]) -> None:
+    for event in events:
+        await asyncio.to_thread(
+            kube.post_event, dict(live), event.type, event.reason, event.message, event.key
+        )
+
+
+async def _create_children(job: SFTJob, actions: lifecycle.Actions, kube: Kube) -> list[str]:
+    """Static children, then pods; the `Kind/name`s held by another owner (never adopted)."""
     namespace = job.metadata.namespace or "default"
     name = job.metadata.name
-    if actions.trainer_config is not None:
-        for child in build_static_children(job, actions.trainer_config):
-            created = await asyncio.to_thread(kube.create_if_absent, child)
-            if not created and child["kind"] == "ConfigMap":
-                # A relaunch (OOM shrink) changes the batch sizes the ranks must read.
-                await asyncio.to_thread(
-                    kube.patch_config_map_data,
-                    namespace,
-                    config_map_name(name),
-                    {CONFIG_KEY: child["data"][CONFIG_KEY]},
-                )
+    conflicts: list[str] = []
+    assert actions.trainer_config is not None
+    attempt = actions.trainer_config.get("attempt")
+    for child in build_static_children(job, actions.trainer_config):
+        result = await asyncio.to_thread(kube.create_if_absent, child)
+        if result == "foreign":
+            conflicts.append(f"{child['kind']} {child['metadata']['name']}")
+        elif result == "ours" and child["kind"] == "ConfigMap":
+            # A relaunch (OOM shrink) changes the batch sizes the ranks must read.
+            await asyncio.to_thread(
+                kube.patch_config_map_data,
+                namespace,
+                config_map_name(name),
+                {CONFIG_KEY: child["data"][CONFIG_KEY]},
+            )
+        elif result == "ours" and child["kind"] == "Service":
+            # Rendezvous at rank 0 of this attempt, never at a terminating earlier one.
+            await asyncio.to_thread(
+                kube.patch_service_selector,
+                namespace,
+                child["metadata"]["name"],
+                rendezvous_selector(job, attempt),
+            )
+    if conflicts:
+        return conflicts  # pods would run without their own config or RBAC
+    for pod in actions.create_pods:
+        if await asyncio.to_thread(kube.create_if_absent, pod) == "foreign":
+            conflicts.append(f"Pod {pod['metadata']['name']}")
+    return conflicts
+
+
+async def _apply(
+    job: SFTJob,
+    live: Mapping[str, Any],
+    actions: lifecycle.Actions,
+    kube: Kube,
+    writer: _StatusWriter,
+    now: datetime,
+) -> float | None:
+    """Apply the actions in their crash-safe order; the pass's requeue_after."""
+    namespace = job.metadata.namespace or "default"
+    name = job.metadata.name
+    requeue_after = actions.requeue_after
+    await _post_events(kube, live, actions.events)
+    if actions.status:
+        await writer.patch(actions.status)
     for pod_name in dict.fromkeys(actions.delete_pods):
         await asyncio.to_thread(kube.delete_pod, namespace, pod_name)
-    for pod in actions.create_pods:
-        await asyncio.to_thread(kube.create_if_absent, pod)
-    if actions.status:
-        await _patch_status(kube, namespace, name, actions.status)
-    for event in actions.events:
-        await asyncio.to_thread(
-            kube.post_event, dict(body), event.type, event.reason, event.message
+    conflicts: list[str] = []
+    if actions.trainer_config is not None:
+        conflicts = await _create_children(job, actions, kube)
+    if conflicts:
+        status = SFTJobStatus.model_validate(
+            {**(job.status or SFTJobStatus()).model_dump(mode="json"), **actions.status}
         )
+        patch = lifecycle.child_conflict_status(status, conflicts, now, job.metadata.generation)
+        log.info("%s/%s: %s held by another owner; launch retried", namespace, name, conflicts)
+        await writer.patch(patch)
+        retry = lifecycle.CHILD_CONFLICT_RETRY_SECONDS
+        return retry if requeue_after is None else min(requeue_after, retry)
+    await _post_events(kube, live, actions.launch_events)
+    if actions.launch_status:
+        await writer.patch(actions.launch_status)
     if actions.delete_job:
         await asyncio.to_thread(kube.delete_job, namespace, name)
         METRICS.forget(namespace, name)
+    return requeue_after

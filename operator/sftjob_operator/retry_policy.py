@@ -46,6 +46,8 @@ class RetryDecision:
     message: str
     per_device: int
     accumulation: int
+    # Seconds to wait after the failure before the new attempt's pods are created.
+    backoff_seconds: float = 0.0
 
 
 def classify_failure(pod: dict[str, Any]) -> Failure:

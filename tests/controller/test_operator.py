@@ -88,10 +88,13 @@ def test_children_are_created_once_when_reconciled_concurrently(
     assert [s.metadata.name for s in services] == ["twice-rdzv"]
 
 
-def test_operator_restart_mid_create_adopts_the_pods(cluster: Cluster, operator_process) -> None:
-    # The state a crash leaves between "pods created" and "status written": pods of
-    # launch 1 exist (with the ServiceAccount they run as, created before them: the API
-    # server refuses a pod whose ServiceAccount is missing), status.attempts is still 0.
+def test_pods_named_for_the_job_but_not_owned_by_it_are_never_adopted(
+    cluster: Cluster, operator_process
+) -> None:
+    # Pods of launch 1 exist before the job, owned by nothing (with the ServiceAccount they
+    # run as: the API server refuses a pod whose ServiceAccount is missing). Issue 19
+    # defect 3: they used to be adopted by name; only a pod whose controller
+    # ownerReference names the job's uid is the job's, so the launch reports the conflict.
     manifest = tiny_job("adopt")
     job = parse_sftjob({**manifest, "metadata": {"name": "adopt", "namespace": cluster.namespace}})
     for pod in build_pods(job, attempt=1, default_image="example.test/trainer:dev"):
@@ -100,9 +103,19 @@ def test_operator_restart_mid_create_adopts_the_pods(cluster: Cluster, operator_
         cluster.core.create_namespaced_service_account(cluster.namespace, account)
         cluster.core.create_namespaced_pod(cluster.namespace, pod)
     cluster.create_job(manifest)
-    wait_for(lambda: cluster.job("adopt").get("status", {}).get("attempts") == 1, what="adoption")
+    conflict = wait_for(
+        lambda: (
+            (c := condition(cluster.job("adopt"), "Running"))
+            and c["reason"] == "ChildConflict"
+            and c
+        ),
+        what="ChildConflict",
+    )
+    assert "ServiceAccount adopt-trainer" in conflict["message"]
     time.sleep(1.0)
-    assert [p["metadata"]["name"] for p in cluster.pods("adopt")] == ["adopt-a1-r0"]
+    [pod] = cluster.pods("adopt")
+    assert not pod["metadata"].get("ownerReferences")
+    assert cluster.job("adopt")["status"]["phase"] == "Pending"
 
 
 def test_invalid_spec_fails_naming_the_field_and_creates_nothing(

@@ -132,6 +132,45 @@ def test_status_subresource_isolation_and_generation(cluster, widgets, uniq):
     assert int(labels["metadata"]["resourceVersion"]) > int(spec["metadata"]["resourceVersion"])
 
 
+def test_status_merge_patch_resource_version_is_a_precondition_and_uid_is_not(
+    cluster, widgets, uniq
+):
+    # The store compares the patched object's resourceVersion with the stored one before
+    # the status strategy runs (store.go Update: 409 "the object has been modified"); the
+    # custom resource status strategy then copies the stored metadata over the patched
+    # one (customresource/status_strategy.go PrepareForUpdate), so a uid in the body is
+    # neither checked nor applied. The operator's status patches rely on the first.
+    name = f"strv-{uniq}"
+    first = widgets.create(name, {"size": 1})
+    merge = "application/merge-patch+json"
+    current = cluster.ok(
+        "PATCH",
+        widgets.path(name, "status"),
+        {
+            "metadata": {"resourceVersion": first["metadata"]["resourceVersion"]},
+            "status": {"phase": "A"},
+        },
+        content_type=merge,
+    )
+    assert current["status"]["phase"] == "A"
+    stale = {
+        "metadata": {"resourceVersion": first["metadata"]["resourceVersion"]},
+        "status": {"phase": "B"},
+    }
+    status, error = cluster.request(
+        "PATCH", widgets.path(name, "status"), stale, content_type=merge
+    )
+    assert status == 409 and error["reason"] == "Conflict"
+    assert "the object has been modified" in error["message"]
+    other_uid = {
+        "metadata": {"uid": "00000000-0000-0000-0000-000000000000"},
+        "status": {"phase": "C"},
+    }
+    patched = cluster.ok("PATCH", widgets.path(name, "status"), other_uid, content_type=merge)
+    assert patched["status"]["phase"] == "C"
+    assert patched["metadata"]["uid"] == first["metadata"]["uid"]
+
+
 def test_put_on_custom_resource_requires_resource_version(cluster, widgets, uniq):
     obj = widgets.create(f"putrv-{uniq}")
     del obj["metadata"]["resourceVersion"]

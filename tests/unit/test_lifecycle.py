@@ -77,6 +77,8 @@ def make_job(
     )
     if status is None:
         return job
+    # Every status the operator wrote records the generation it acted on.
+    status = {"observedGeneration": generation, **status}
     return job.model_copy(update={"status": SFTJobStatus.model_validate(status)})
 
 
@@ -99,15 +101,25 @@ def with_spec(job: SFTJob, **spec_changes: Any) -> SFTJob:
     return fresh.model_copy(update={"status": job.status})
 
 
-def apply(job: SFTJob, actions: Actions) -> SFTJob:
-    """The job after the shell merge-patches `actions.status` (None deletes a field)."""
+def apply(job: SFTJob, actions: Actions, *, launched: bool = True) -> SFTJob:
+    """The job after the shell merge-patches `actions.status` (None deletes a field).
+
+    `launched`: every create succeeded, so the launch-complete patch was written too;
+    False stops where a crash between creating pods and recording the launch would.
+    """
     current = job.status.model_dump(mode="json", exclude_none=True) if job.status else {}
-    for key, value in actions.status.items():
-        if value is None:
-            current.pop(key, None)
-        else:
-            current[key] = value
+    patches = [actions.status, actions.launch_status] if launched else [actions.status]
+    for patch in patches:
+        for key, value in patch.items():
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
     return job.model_copy(update={"status": SFTJobStatus.model_validate(current)})
+
+
+def all_events(actions: Actions) -> list[str]:
+    return [e.reason for e in actions.events + actions.launch_events]
 
 
 def pod(
@@ -122,10 +134,12 @@ def pod(
     unschedulable: str | None = None,
     start_time: str | None = None,
     deleting: bool = False,
+    owner: str = "u-1",
 ) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "name": f"demo-a{attempt}-r{rank}",
         "namespace": "ml",
+        "ownerReferences": [{"kind": "SFTJob", "name": "demo", "uid": owner, "controller": True}],
         "labels": {
             "sftjob.dev/job-name": "demo",
             "sftjob.dev/attempt": str(attempt),
@@ -198,15 +212,23 @@ class TestLaunch:
         assert actions.trainer_config is not None
         assert actions.trainer_config["attempt"] == 1
         assert actions.trainer_config == build_trainer_config(job, attempt=1)
+        # The decision is written before any pod exists...
         assert actions.status["attempts"] == 1
+        assert actions.status["launchedAttempt"] == 0
         assert actions.status["phase"] == "Pending"
         assert actions.status["specHash"] == training_spec_hash(job)
-        running = conditions_of(actions.status)["Running"]
+        assert actions.events == []
+        # ...and the launch is recorded complete once every pod was created.
+        assert actions.launch_status["launchedAttempt"] == 1
+        running = conditions_of(actions.launch_status)["Running"]
         assert (running["status"], running["reason"]) == ("False", "Launched")
         assert running["lastTransitionTime"] == STAMP
         assert running["observedGeneration"] == 1
-        assert actions.events == [Event("Normal", "Launched", "launch 1: 2 pod(s) created")]
+        assert actions.launch_events == [
+            Event("Normal", "Launched", "launch 1: 2 pod(s) created", "a1")
+        ]
         assert actions.delete_job is False
+        assert actions.requeue_after is None
 
     def test_second_reconcile_with_created_pods_creates_nothing(self) -> None:
         job = make_job(nodes=2)
@@ -236,11 +258,15 @@ class TestLaunch:
         assert actions.status["specHash"] == training_spec_hash(job)
 
     def test_adopted_running_pods_mark_the_job_running(self) -> None:
+        # Adoption completes the launch; the next pass sees the pod running.
         job = make_job()
-        actions = reconcile_job(job, [pod(1, 0, "Running", start_time=STAMP)], NOW, IMAGE)
+        running = [pod(1, 0, "Running", start_time=STAMP)]
+        actions = reconcile_job(job, running, NOW, IMAGE)
         assert actions.create_pods == []
-        assert actions.status["phase"] == "Running"
         assert actions.status["attempts"] == 1
+        assert actions.launch_status["launchedAttempt"] == 1
+        actions = reconcile_job(apply(job, actions), running, NOW, IMAGE)
+        assert actions.status["phase"] == "Running"
 
     def test_default_image_used_when_spec_has_none(self) -> None:
         actions = reconcile_job(make_job(), [], NOW, DEFAULT_TRAINER_IMAGE)
@@ -382,7 +408,7 @@ class TestFailures:
             "attempt": 1,
         }
         assert "restarts" not in actions.status
-        assert actions.events == [Event("Warning", reason, message)]
+        assert actions.events == [Event("Warning", reason, message, "a1")]
 
     def test_failed_job_stays_failed_and_cleans_up(self) -> None:
         job = running_job()
@@ -471,9 +497,19 @@ class TestFailures:
         job = running_job(nodes=2)
         actions = reconcile_job(job, [pod(1, 0, "Running")], NOW, IMAGE)
         assert actions.delete_pods == ["demo-a1-r0"]
-        assert names(actions.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
-        assert actions.trainer_config is not None
-        resolved = actions.trainer_config["resolved"]
+        # Rank 0 of attempt 1 still runs (it may be writing a checkpoint): no new pod yet.
+        assert actions.create_pods == [] and actions.launch_status == {}
+        assert actions.requeue_after is not None
+        restarted = apply(job, actions, launched=False)
+        terminating = [pod(1, 0, "Running", deleting=True)]
+        wait = reconcile_job(restarted, terminating, NOW, IMAGE)
+        assert wait.create_pods == [] and wait.delete_pods == [] and wait.status == {}
+        after = reconcile_job(restarted, [], NOW, IMAGE)
+        assert names(after.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
+        assert after.status == {}  # nothing to decide again: no second restart
+        assert after.launch_status["launchedAttempt"] == 2
+        assert after.trainer_config is not None
+        resolved = after.trainer_config["resolved"]
         assert (resolved["perDeviceTrainBatchSize"], resolved["gradientAccumulationSteps"]) == (
             2,
             8,
@@ -489,7 +525,9 @@ class TestFailures:
         pods = [pod(1, 0, "Running"), failed(1, 1, reason="Evicted", exit_code=137)]
         actions = reconcile_job(job, pods, NOW, IMAGE)
         assert actions.delete_pods == ["demo-a1-r0"]
-        assert names(actions.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
+        assert actions.create_pods == []  # until rank 0 of attempt 1 is gone
+        after = reconcile_job(apply(job, actions), [pods[1]], NOW, IMAGE)
+        assert names(after.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
         assert actions.status["lastFailure"]["reason"] == "PodLost"
         assert "Evicted" in actions.status["lastFailure"]["message"]
         assert actions.status["phase"] == "Restarting"
@@ -653,7 +691,7 @@ class TestSuspend:
         )
         assert conds["Running"]["status"] == "False"
         assert "SpecChangeIgnored" not in conds  # suspend alone is not a spec change
-        assert [e.reason for e in actions.events] == ["Suspended"]
+        assert all_events(actions) == ["Suspended"]
 
         suspended = apply(suspended, actions)
         terminating = [pod(1, 0, "Running", deleting=True), failed(1, 1, exit_code=143)]
@@ -663,6 +701,10 @@ class TestSuspend:
         resumed = with_spec(suspended, suspend=False)
         later = NOW + timedelta(hours=2)
         back = reconcile_job(resumed, terminating, later, IMAGE)
+        # Rank 0 is still terminating (writing its checkpoint): the resume waits for it.
+        assert back.create_pods == [] and back.status["attempts"] == 2
+        assert all_events(back) == ["Resumed"]
+        back = reconcile_job(resumed, terminating[1:], later, IMAGE)
         assert names(back.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
         assert back.trainer_config is not None and back.trainer_config["attempt"] == 2
         assert back.status["attempts"] == 2
@@ -672,7 +714,9 @@ class TestSuspend:
         conds = conditions_of(back.status)
         assert (conds["Suspended"]["status"], conds["Suspended"]["reason"]) == ("False", "Resumed")
         assert "SpecChangeIgnored" not in conds
-        assert [e.reason for e in back.events] == ["Resumed"]
+        # Posted twice (this pass and the waiting one): one Event name, so one Event.
+        assert [(e.reason, e.key) for e in back.events] == [("Resumed", "a2")]
+        assert all_events(back) == ["Resumed", "Launched"]
 
     def test_resume_keeps_the_shrunk_batch(self) -> None:
         job = make_job(
@@ -895,3 +939,302 @@ def test_is_same_job_only_for_the_live_object_with_the_handed_uid(
     handed_uid: str | None, live: dict[str, Any] | None, same: bool
 ) -> None:
     assert is_same_job(handed_uid, live) is same
+
+
+# --------------------------------------------------------------------- issue 19
+
+
+def launched_job(nodes: int = 1, **kwargs: Any) -> SFTJob:
+    """Attempt 1 launched (every pod created), nothing observed running yet."""
+    job = make_job(nodes=nodes, **kwargs)
+    return apply(job, reconcile_job(job, [], NOW, IMAGE))
+
+
+class TestOwnership:
+    def test_pods_of_another_job_with_the_same_name_are_not_adopted(self) -> None:
+        # A previous job named demo (uid old) left a pod of attempt 3 that is terminating.
+        job = make_job()
+        theirs = pod(3, 0, "Running", owner="old-uid")
+        actions = reconcile_job(job, [theirs], NOW, IMAGE)
+        assert actions.status["attempts"] == 1  # not 3
+        assert names(actions.create_pods) == ["demo-a1-r0"]
+        assert actions.delete_pods == []  # never deletes what is not its own
+
+    def test_a_foreign_pod_of_the_current_attempt_is_not_this_jobs_run(self) -> None:
+        job = running_job()
+        # Its own pod is gone; a pod with its name and labels but another owner succeeded.
+        actions = reconcile_job(job, [pod(1, 0, "Succeeded", owner="old-uid")], NOW, IMAGE)
+        assert actions.status.get("phase") != "Succeeded"
+        assert actions.status["lastFailure"]["reason"] == "PodLost"
+
+
+class TestHalfMadeLaunch:
+    """Defect 4: a crash part-way through creating the pods of a launch."""
+
+    def test_missing_ranks_of_an_incomplete_launch_are_created_not_lost(self) -> None:
+        job = make_job(nodes=2, retry={"maxRestarts": 0})
+        first = reconcile_job(job, [], NOW, IMAGE)
+        # The intent was written, rank 0 created, then the operator died.
+        job = apply(job, first, launched=False)
+        assert job.status is not None and job.status.launchedAttempt == 0
+        made = [pod(1, 0)]
+        actions = reconcile_job(job, made, NOW + timedelta(seconds=30), IMAGE)
+        assert names(actions.create_pods) == ["demo-a1-r1"]
+        assert actions.status == {}  # no PodLost, no restart, no Failed
+        assert actions.launch_status["launchedAttempt"] == 1
+        assert [e.reason for e in actions.launch_events] == ["Launched"]
+
+    def test_a_launch_complete_then_missing_rank_is_a_lost_pod(self) -> None:
+        job = launched_job(nodes=2, retry={"maxRestarts": 0})
+        actions = reconcile_job(job, [pod(1, 0)], NOW, IMAGE)
+        assert conditions_of(actions.status)["Failed"]["reason"] == "RestartLimitExceeded"
+        assert actions.status["lastFailure"]["reason"] == "PodLost"
+
+    def test_status_from_before_launched_attempt_counts_as_launched(self) -> None:
+        job = make_job({"phase": "Running", "attempts": 1, "specHash": "x"}, nodes=2)
+        actions = reconcile_job(job, [pod(1, 0, "Running")], NOW, IMAGE)
+        assert actions.status["lastFailure"]["reason"] == "PodLost"
+
+
+class TestRelaunchWaitsForTheOldAttempt:
+    """Defect 5: the new attempt starts only once every pod of the old one is gone."""
+
+    def test_a_terminating_running_pod_holds_the_new_attempt(self) -> None:
+        job = running_job(nodes=2)
+        oom = failed(1, 1, **report("OutOfMemory", "oom", code=10))
+        first = reconcile_job(job, [pod(1, 0, "Running"), oom], NOW, IMAGE)
+        assert first.status["attempts"] == 2 and first.status["restarts"] == 1
+        assert first.delete_pods == ["demo-a1-r0"] and first.create_pods == []
+        assert first.trainer_config is None  # the ConfigMap still describes attempt 1
+        job = apply(job, first)
+        for seconds in (1, 60, 119):
+            terminating = [pod(1, 0, "Running", deleting=True), oom]
+            wait = reconcile_job(job, terminating, NOW + timedelta(seconds=seconds), IMAGE)
+            assert wait.create_pods == [] and wait.status == {} and wait.delete_pods == []
+            assert wait.requeue_after is not None and wait.requeue_after <= 5
+        gone = reconcile_job(job, [oom], NOW + timedelta(seconds=120), IMAGE)
+        assert names(gone.create_pods) == ["demo-a2-r0", "demo-a2-r1"]
+        assert gone.trainer_config is not None and gone.trainer_config["attempt"] == 2
+
+    def test_a_pod_that_finished_terminating_does_not_hold_it(self) -> None:
+        job = running_job()
+        oom = failed(1, 0, **report("OutOfMemory", "oom", code=10))
+        actions = reconcile_job(job, [oom], NOW, IMAGE)
+        assert names(actions.create_pods) == ["demo-a2-r0"]
+
+
+class TestBackoff:
+    def test_the_new_attempt_waits_for_the_backoff(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from dataclasses import replace
+
+        from sftjob_operator import lifecycle
+
+        def with_backoff(*args: Any) -> Any:
+            return replace(decide_retry(*args), backoff_seconds=30.0)
+
+        monkeypatch.setattr(lifecycle, "decide_retry", with_backoff)
+        job = running_job()
+        lost = failed(1, 0, reason="Evicted", exit_code=137)
+        first = reconcile_job(job, [lost], NOW, IMAGE)
+        assert first.status["nextAttemptTime"] == "2025-03-01T12:00:30Z"
+        assert first.create_pods == [] and first.requeue_after == 30.0
+        job = apply(job, first)
+        early = reconcile_job(job, [lost], NOW + timedelta(seconds=20), IMAGE)
+        assert early.create_pods == [] and early.status == {}
+        assert early.requeue_after == 10.0
+        due = reconcile_job(job, [lost], NOW + timedelta(seconds=30), IMAGE)
+        assert names(due.create_pods) == ["demo-a2-r0"]
+        assert due.launch_status["nextAttemptTime"] is None
+
+
+def replay(
+    job: SFTJob, pods: list[dict[str, Any]], actions: Actions, step: int
+) -> tuple[SFTJob, list[dict[str, Any]], list[Event]]:
+    """The world after the shell applied `actions` up to a crash before step `step`.
+
+    Steps: 0 events, 1 status, 2 deletions, 3 creations, 4 launch events, 5 launch status.
+    Deleted pods that were not running vanish; created pods start Pending.
+    """
+    events: list[Event] = []
+    if step > 0:
+        events += actions.events
+    if step > 1:
+        job = apply(job, actions, launched=False)
+    if step > 2:
+        pods = [p for p in pods if p["metadata"]["name"] not in actions.delete_pods]
+    if step > 3:
+        created = [
+            pod(
+                int(p["metadata"]["labels"]["sftjob.dev/attempt"]),
+                int(p["metadata"]["labels"]["sftjob.dev/rank"]),
+            )
+            for p in actions.create_pods
+        ]
+        pods = pods + created
+    if step > 4:
+        events += actions.launch_events
+    if step > 5:
+        job = apply(job, Actions(status=actions.launch_status))
+    return job, pods, events
+
+
+def settle(
+    job: SFTJob, pods: list[dict[str, Any]], now: datetime
+) -> tuple[SFTJob, list[dict[str, Any]], list[Event]]:
+    """Passes without crashes until nothing changes any more."""
+    events: list[Event] = []
+    for _ in range(10):
+        actions = reconcile_job(job, pods, now, IMAGE)
+        job, pods, posted = replay(job, pods, actions, 6)
+        events += posted
+        if not (
+            actions.status or actions.launch_status or actions.create_pods or actions.delete_pods
+        ):
+            return job, pods, events
+    raise AssertionError("did not settle")
+
+
+class TestCrashPoints:
+    """Defect 12: a crash between any two writes of a relaunch loses and doubles nothing."""
+
+    @pytest.mark.parametrize("step", range(7))
+    def test_relaunch_after_a_crash_at_each_step(self, step: int) -> None:
+        job = running_job(nodes=2, retry={"maxRestarts": 3})
+        pods = [pod(1, 0, "Running"), failed(1, 1, **report("InternalError", "NCCL", code=1))]
+        actions = reconcile_job(job, pods, NOW, IMAGE)
+        job, pods, events = replay(job, pods, actions, step)
+        job, pods, more = settle(job, pods, NOW + timedelta(seconds=1))
+        events += more
+        status = job.status
+        assert status is not None
+        assert (status.attempts, status.launchedAttempt, status.restarts) == (2, 2, 1)
+        assert status.lastFailure is not None and status.lastFailure.reason == "InternalError"
+        assert conditions_of(status.model_dump(mode="json"))["Restarting"]["status"] == "True"
+        live = sorted(names([p for p in pods if p["status"]["phase"] in ("Pending", "Running")]))
+        assert live == ["demo-a2-r0", "demo-a2-r1"]
+        # Every event of the relaunch was posted, each under one name (key) only.
+        keyed = {(e.reason, e.key) for e in events}
+        assert {("InternalError", "a2"), ("Launched", "a2")} <= keyed
+        # A repeated decision repeats its key, so the shell's second post is a no-op.
+        assert {e.key for e in events if e.reason in ("InternalError", "Launched")} == {"a2"}
+
+    @pytest.mark.parametrize("step", range(7))
+    def test_first_launch_after_a_crash_at_each_step(self, step: int) -> None:
+        job = make_job(nodes=2)
+        actions = reconcile_job(job, [], NOW, IMAGE)
+        job, pods, events = replay(job, [], actions, step)
+        job, pods, more = settle(job, pods, NOW)
+        events += more
+        assert job.status is not None
+        assert (job.status.attempts, job.status.launchedAttempt, job.status.restarts) == (1, 1, 0)
+        assert names(pods) == ["demo-a1-r0", "demo-a1-r1"]
+        assert ("Launched", "a1") in {(e.reason, e.key) for e in events}
+
+
+class TestEdits:
+    def test_invalid_edit_keeps_the_run_and_names_the_fields(self) -> None:
+        job = running_job(activeDeadlineSeconds=3600)
+        errors = ["spec.model: set either name or path, not both"]
+        pods = [pod(1, 0, "Running", start_time=STAMP)]
+        actions = reconcile_job(job, pods, NOW, IMAGE, job.spec, errors)
+        ignored = conditions_of(actions.status)["SpecChangeIgnored"]
+        assert (ignored["status"], ignored["reason"]) == ("True", "InvalidSpec")
+        assert "spec.model" in ignored["message"]
+        assert [e.reason for e in actions.events] == ["SpecChangeIgnored"]
+        job = apply(job, actions)
+        # The lifecycle goes on: success, and the deadline, are seen as before.
+        again = reconcile_job(job, pods, NOW, IMAGE, job.spec, errors)
+        assert again.status == {} and again.events == []
+        done = reconcile_job(job, [pod(1, 0, "Succeeded")], NOW, IMAGE, job.spec, errors)
+        assert done.status["phase"] == "Succeeded"
+        late = reconcile_job(job, pods, NOW + timedelta(seconds=3601), IMAGE, job.spec, errors)
+        assert late.status["phase"] == "Failed"
+
+    def test_overlay_takes_each_valid_mutable_field_from_the_edit(self) -> None:
+        from sftjob_operator.lifecycle import overlay_mutable_fields
+
+        launched = make_job().spec
+        raw = launched.model_dump(mode="json", exclude_none=True) | {
+            "suspend": True,
+            "ttlSecondsAfterFinished": 60,
+            "activeDeadlineSeconds": -5,  # invalid alone: keeps the launched value
+            "model": {"name": "a", "path": "/b"},  # the cross-field error elsewhere
+        }
+        spec = overlay_mutable_fields(launched, raw)
+        assert spec.suspend is True and spec.ttlSecondsAfterFinished == 60
+        assert spec.activeDeadlineSeconds == launched.activeDeadlineSeconds
+        assert spec.model == launched.model
+
+    def test_edit_of_a_finished_job_is_reported_once(self) -> None:
+        job = running_job()
+        job = apply(job, reconcile_job(job, [pod(1, 0, "Succeeded")], NOW, IMAGE))
+        edited = with_spec(job, training={"learningRate": 1e-5})
+        edited = edited.model_copy(
+            update={"metadata": edited.metadata.model_copy(update={"generation": 2})}
+        )
+        actions = reconcile_job(edited, [pod(1, 0, "Succeeded")], NOW, IMAGE)
+        ignored = conditions_of(actions.status)["SpecChangeIgnored"]
+        assert (ignored["status"], ignored["reason"]) == ("True", "JobFinished")
+        assert "create a new SFTJob" in ignored["message"]
+        assert actions.status["observedGeneration"] == 2
+        assert [(e.reason, e.key) for e in actions.events] == [("SpecChangeIgnored", "g2")]
+        again = reconcile_job(apply(edited, actions), [pod(1, 0, "Succeeded")], NOW, IMAGE)
+        assert again.status == {} and again.events == []
+
+    def test_ttl_edit_of_a_finished_job_applies_without_a_report(self) -> None:
+        job = running_job()
+        job = apply(job, reconcile_job(job, [pod(1, 0, "Succeeded")], NOW, IMAGE))
+        edited = with_spec(job, ttlSecondsAfterFinished=600)
+        edited = edited.model_copy(
+            update={"metadata": edited.metadata.model_copy(update={"generation": 2})}
+        )
+        actions = reconcile_job(edited, [], NOW + timedelta(seconds=100), IMAGE)
+        assert actions.status == {"observedGeneration": 2}
+        assert actions.requeue_after == 500.0
+
+
+class TestDeadlineWhileRelaunching:
+    def test_the_deadline_fails_a_relaunch_that_is_still_waiting(self) -> None:
+        job = running_job(nodes=2, activeDeadlineSeconds=100)
+        pods = [pod(1, 0, "Running"), failed(1, 1, exit_code=143)]
+        job = apply(job, reconcile_job(job, pods, NOW + timedelta(seconds=10), IMAGE))
+        assert job.status is not None and job.status.phase == "Restarting"
+        terminating = [pod(1, 0, "Running", deleting=True), pods[1]]
+        late = reconcile_job(job, terminating, NOW + timedelta(seconds=101), IMAGE)
+        assert late.status["phase"] == "Failed" and late.create_pods == []
+        assert conditions_of(late.status)["Failed"]["reason"] == "DeadlineExceeded"
+
+
+class TestRequeueAfter:
+    def test_running_with_a_deadline_wakes_just_after_it(self) -> None:
+        job = running_job(activeDeadlineSeconds=100)
+        actions = reconcile_job(job, [pod(1, 0, "Running")], NOW + timedelta(seconds=40), IMAGE)
+        assert actions.requeue_after == 61.0
+
+    def test_nothing_timed_means_no_requeue(self) -> None:
+        job = running_job()
+        assert reconcile_job(job, [pod(1, 0, "Running")], NOW, IMAGE).requeue_after is None
+
+    def test_finished_job_wakes_at_its_ttl(self) -> None:
+        job = make_job(
+            {"phase": "Succeeded", "attempts": 1, "completionTime": STAMP},
+            ttlSecondsAfterFinished=60,
+        )
+        assert reconcile_job(job, [], NOW + timedelta(seconds=15), IMAGE).requeue_after == 45.0
+
+
+def test_event_names_are_deterministic_dns_subdomains() -> None:
+    import re
+
+    from sftjob_operator.kube import event_name
+
+    name = event_name("demo", "u-1", "Launched", "a2")
+    assert name == event_name("demo", "u-1", "Launched", "a2")
+    assert name != event_name("demo", "u-2", "Launched", "a2")  # a re-created job
+    assert name != event_name("demo", "u-1", "Launched", "a3")
+    long = event_name("x" * 253, "u-1", "Launched", "a1")
+    for value in (name, long):
+        assert len(value) <= 253
+        assert re.fullmatch(
+            r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", value
+        )
