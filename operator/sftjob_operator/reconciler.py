@@ -18,9 +18,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import lifecycle
+from . import lifecycle, progress_report
 from .api import SFTJob, SFTJobSpec, SFTJobStatus, SpecError, parse_sftjob
-from .children import DEFAULT_TRAINER_IMAGE, LABEL_JOB, build_static_children, config_map_name
+from .children import (
+    DEFAULT_TRAINER_IMAGE,
+    LABEL_JOB,
+    build_static_children,
+    config_map_name,
+    progress_config_map_name,
+)
 from .kube import Kube
 from .metrics import METRICS
 from .trainer_config import CONFIG_KEY
@@ -135,6 +141,18 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
     pods = await asyncio.to_thread(kube.list_job_pods, namespace, name, LABEL_JOB)
     launched = await _launched_spec(kube, namespace, name) if status.attempts > 0 else None
     actions = lifecycle.reconcile_job(job, pods, now, settings.default_image, launched)
+    attempt = actions.status.get("attempts", status.attempts)
+    if attempt > 0:
+        # The trainer's report, validated (progress_report); read after the pods, so a pass
+        # that sees the run finished also sees its last report.
+        report = await asyncio.to_thread(
+            kube.read_config_map_data, namespace, progress_config_map_name(name)
+        )
+        key = (namespace, name, job.metadata.uid)
+        actions.status = {
+            **progress_report.fold(report, key, attempt, job.status),
+            **actions.status,
+        }
     await _apply(job, body, actions, kube)
     phase = actions.status.get("phase") or (job.status.phase if job.status else None) or "Pending"
     METRICS.observe_phase(namespace, name, phase)
@@ -184,7 +202,7 @@ async def _apply(
     if actions.trainer_config is not None:
         for child in build_static_children(job, actions.trainer_config):
             created = await asyncio.to_thread(kube.create_if_absent, child)
-            if not created and child["kind"] == "ConfigMap":
+            if not created and child["metadata"]["name"] == config_map_name(name):
                 # A relaunch (OOM shrink) changes the batch sizes the ranks must read.
                 await asyncio.to_thread(
                     kube.patch_config_map_data,
