@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel
+
 from .api import Plan, Progress, SFTJobStatus
 
 log = logging.getLogger(__name__)
@@ -80,9 +82,10 @@ def _count(value: Any) -> int:
 
 
 def _positive(value: Any) -> int:
-    if _count(value) < 1:
+    count = _count(value)
+    if count < 1:
         raise Invalid(f"{value} is not positive")
-    return value
+    return count
 
 
 def _number(value: Any) -> float:
@@ -94,15 +97,17 @@ def _number(value: Any) -> float:
 
 
 def _non_negative(value: Any) -> float:
-    if _number(value) < 0:
+    number = _number(value)
+    if number < 0:
         raise Invalid(f"{value} is negative")
-    return value
+    return number
 
 
 def _percent(value: Any) -> float:
-    if not 0 <= _number(value) <= 100:
+    number = _number(value)
+    if not 0 <= number <= 100:
         raise Invalid(f"{value} is out of range 0..100")
-    return value
+    return number
 
 
 def _text(value: Any) -> str:
@@ -114,11 +119,14 @@ def _text(value: Any) -> str:
 
 
 def _timestamp(value: Any) -> str:
+    text = _text(value)
     try:
-        datetime.fromisoformat(_text(value).replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
         raise Invalid(f"{value!r} is not an RFC 3339 time") from exc
-    return value
+    if parsed.tzinfo is None or "T" not in text:
+        raise Invalid(f"{value!r} is not an RFC 3339 time (date, time and offset)")
+    return text
 
 
 def _flag(value: Any) -> bool:
@@ -283,7 +291,7 @@ def status_patch(report: Report, status: SFTJobStatus | None) -> dict[str, Any]:
     return patch
 
 
-def _dumped(model: Any) -> dict[str, Any]:
+def _dumped(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json", exclude_none=True)
 
 

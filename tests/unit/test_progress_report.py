@@ -117,6 +117,8 @@ class TestParse:
             ("eta", "x" * 65),
             ("summary", {"a": 1}),
             ("updateTime", "yesterday"),
+            ("updateTime", "2026-01-02T03:04:05"),
+            ("updateTime", "2026-01-02"),
         ],
     )
     def test_an_invalid_field_is_dropped_and_the_rest_kept(self, field: str, value: Any) -> None:
