@@ -1,4 +1,4 @@
-"""Pure builders for an SFTJob's children: ConfigMap, RBAC, Service, Pods.
+"""Pure builders for an SFTJob's children: ConfigMaps, RBAC, Service, Pods.
 
 Every child has a fixed name derived from the job (pods add the launch number and
 rank), the job's labels and an ownerReference to the job, so creating them is
@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from .api import API_VERSION, GROUP, KIND, PLURAL, SFTJob
+from .api import API_VERSION, KIND, SFTJob
 from .trainer_config import (
     CONFIG_KEY,
     ENV_CONFIG_PATH,
@@ -43,6 +43,10 @@ TRAINER_UID = 1000
 
 def config_map_name(job_name: str) -> str:
     return f"{job_name}-config"
+
+
+def progress_config_map_name(job_name: str) -> str:
+    return f"{job_name}-progress"
 
 
 def service_account_name(job_name: str) -> str:
@@ -108,24 +112,36 @@ def build_service_account(job: SFTJob) -> dict[str, Any]:
     }
 
 
+def build_progress_config_map(job: SFTJob) -> dict[str, Any]:
+    """Where rank 0 reports progress; the operator validates it into the status.
+
+    Empty at first: the trainer merge-patches its report in (progress_report.encode_report),
+    the only object its Role lets it write.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, progress_config_map_name(job.metadata.name), "progress"),
+        "data": {},
+    }
+
+
 def build_role(job: SFTJob) -> dict[str, Any]:
-    """The trainer may read and patch the status of THIS SFTJob and nothing else."""
+    """The trainer may read and patch its job's progress ConfigMap, and nothing else.
+
+    Not the SFTJob's status: phase, attempts, restarts and conditions live there and the
+    operator acts on them, so a trainer that could patch it could forge them.
+    """
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": _metadata(job, service_account_name(job.metadata.name), "rbac"),
         "rules": [
             {
-                "apiGroups": [GROUP],
-                "resources": [f"{PLURAL}/status"],
-                "resourceNames": [job.metadata.name],
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": [progress_config_map_name(job.metadata.name)],
                 "verbs": ["get", "patch"],
-            },
-            {
-                "apiGroups": [GROUP],
-                "resources": [PLURAL],
-                "resourceNames": [job.metadata.name],
-                "verbs": ["get"],
             },
         ],
     }
@@ -367,9 +383,10 @@ def build_pods(
 
 
 def build_static_children(job: SFTJob, trainer_config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Children that live as long as the job: config, RBAC and (multi-node) the Service."""
+    """Children that live as long as the job: config, progress, RBAC, (multi-node) Service."""
     children = [
         build_config_map(job, trainer_config),
+        build_progress_config_map(job),
         build_service_account(job),
         build_role(job),
         build_role_binding(job),

@@ -20,13 +20,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import lifecycle
+from . import lifecycle, progress_report
 from .api import ObjectMeta, SFTJob, SFTJobSpec, SFTJobStatus, SpecError, parse_sftjob
 from .children import (
     DEFAULT_TRAINER_IMAGE,
     LABEL_JOB,
     build_static_children,
     config_map_name,
+    progress_config_map_name,
     rendezvous_selector,
 )
 from .kube import Kube, StaleStatus
@@ -190,6 +191,18 @@ async def _reconcile_live(
     if launched is None and status.attempts > 0:
         launched = await _launched_spec(kube, namespace, name)
     actions = lifecycle.reconcile_job(job, pods, now, settings.default_image, launched, spec_errors)
+    attempt = actions.status.get("attempts", status.attempts)
+    if attempt > 0:
+        # The trainer's report, validated (progress_report); read after the pods, so a pass
+        # that sees the run finished also sees its last report.
+        report = await asyncio.to_thread(
+            kube.read_config_map_data, namespace, progress_config_map_name(name)
+        )
+        key = (namespace, name, job.metadata.uid)
+        actions.status = {
+            **progress_report.fold(report, key, attempt, job.status),
+            **actions.status,
+        }
     requeue_after = await _apply(job, live, actions, kube, writer, now)
     phase = actions.status.get("phase") or (job.status.phase if job.status else None) or "Pending"
     METRICS.observe_phase(namespace, name, phase)
@@ -264,7 +277,7 @@ async def _create_children(job: SFTJob, actions: lifecycle.Actions, kube: Kube) 
         result = await asyncio.to_thread(kube.create_if_absent, child)
         if result == "foreign":
             conflicts.append(f"{child['kind']} {child['metadata']['name']}")
-        elif result == "ours" and child["kind"] == "ConfigMap":
+        elif result == "ours" and child["metadata"]["name"] == config_map_name(name):
             # A relaunch (OOM shrink) changes the batch sizes the ranks must read.
             await asyncio.to_thread(
                 kube.patch_config_map_data,

@@ -433,10 +433,18 @@ def test_a_trainer_pods_token_reaches_only_its_own_job(cluster: E2ECluster, tmp_
             timeout=60,
         )
 
-    # Its Role (children.build_role): get its own SFTJob and its status, patch the status.
-    assert as_trainer("get", "sftjob", name, "-o", "name").returncode == 0
+    # Its Role (children.build_role): get and patch its job's progress ConfigMap, no more.
+    assert as_trainer("get", "configmap", f"{name}-progress", "-o", "name").returncode == 0
     user = f"system:serviceaccount:{cluster.namespace}:{name}-trainer"
+    forged = '{"status": {"phase": "Succeeded", "restarts": 0}}'
     for args, what in [
+        # The status holds what the operator acts on: the trainer cannot write it. (kubectl
+        # reads the object before it patches; the PATCH itself: test_trainer_channel.py.)
+        (
+            ("patch", "sftjob", name, "--subresource=status", "--type=merge", "-p", forged),
+            'cannot get resource "sftjobs/status" in API group "tuning.sftjob.dev"',
+        ),
+        (("get", "sftjob", name), 'cannot get resource "sftjobs" in API group "tuning.sftjob.dev"'),
         (("get", "sftjobs"), 'cannot list resource "sftjobs" in API group "tuning.sftjob.dev"'),
         (("get", "sftjob", f"{name}-other"), 'cannot get resource "sftjobs"'),
         (("get", "pods"), 'cannot list resource "pods" in API group ""'),

@@ -1,4 +1,4 @@
-"""Progress reports: the SFTJob status over a real HTTP Kubernetes API, and the console."""
+"""Progress reports: the job's progress ConfigMap over a real HTTPS Kubernetes API, and the console."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sftjob_operator.api import GROUP, PLURAL, VERSION, Progress
+from sftjob_operator.api import GROUP, PLURAL, VERSION, Progress, parse_sftjob
+from sftjob_operator.children import build_progress_config_map
 from sftjob_operator.plan import plan_for
+from sftjob_operator.progress_report import parse_report
 from sftjob_trainer.progress import console_line, format_duration, progress_report
 from sftjob_trainer.settings import load_config
 from sftjob_trainer.worker import run_worker
@@ -35,7 +37,7 @@ def kube(tmp_path, monkeypatch):
         client.ApiextensionsV1Api(api).create_custom_resource_definition(
             crd, _preload_content=False
         )
-        yield client.CustomObjectsApi(api)
+        yield client.CustomObjectsApi(api), client.CoreV1Api(api)
 
 
 def _without_boolean_exclusive_bounds(schema):
@@ -53,25 +55,27 @@ def _without_boolean_exclusive_bounds(schema):
     return schema
 
 
-def create_job(objects, document: dict) -> None:
+def create_job(objects, document: dict) -> dict:
     deadline = time.monotonic() + 10
     while True:  # the CRD is served a moment after it is created, as on a real API server
         try:
-            objects.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, document)
-            return
+            return objects.create_namespaced_custom_object(
+                GROUP, VERSION, NAMESPACE, PLURAL, document
+            )
         except Exception:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
 
 
-def test_status_gets_measured_plan_and_progress(kube, make_config, tmp_path, monkeypatch):
-
+def test_progress_config_map_gets_measured_plan_and_progress(
+    kube, make_config, tmp_path, monkeypatch
+):
+    objects, core = kube
     config_path = make_config({"dataset": {"limit": 64}}, report_to_api=True, name="tiny-progress")
-    config = load_config(config_path)
     raw = json.loads(config_path.read_text())
-    create_job(
-        kube,
+    job = create_job(
+        objects,
         {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "SFTJob",
@@ -79,6 +83,11 @@ def test_status_gets_measured_plan_and_progress(kube, make_config, tmp_path, mon
             "spec": raw["spec"],
         },
     )
+    # What the operator does at launch: the progress ConfigMap, and the job's uid in the config.
+    core.create_namespaced_config_map(NAMESPACE, build_progress_config_map(parse_sftjob(job)))
+    raw["job"]["uid"] = job["metadata"]["uid"]
+    config_path.write_text(json.dumps(raw))
+    config = load_config(config_path)
     # Slow steps make the run span several report intervals (1 s), so throttling shows.
     monkeypatch.setenv("SFTJOB_TEST_SLEEP_PER_STEP", "0.15")
     started = time.monotonic()
@@ -86,11 +95,21 @@ def test_status_gets_measured_plan_and_progress(kube, make_config, tmp_path, mon
     elapsed = time.monotonic() - started
     assert outcome.reason == "Completed", outcome.message
 
-    status = kube.get_namespaced_custom_object_status(
-        GROUP, VERSION, NAMESPACE, PLURAL, "tiny-progress"
-    )["status"]
+    data = core.read_namespaced_config_map("tiny-progress-progress", NAMESPACE).data
+    assert data["jobUid"] == job["metadata"]["uid"] and data["attempt"] == "1"
+    # The whole report passes the operator's validation, nothing of it ignored.
+    report = parse_report(data, job_uid=job["metadata"]["uid"], attempt=1)
+    assert report.ignored == () and report.stale is None
+    # The trainer wrote nothing into the SFTJob itself.
+    status = (
+        objects.get_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, PLURAL, "tiny-progress"
+        ).get("status")
+        or {}
+    )
+    assert "progress" not in status and "measuredPlan" not in status
     planned = plan_for(config.spec)
-    measured = status["measuredPlan"]
+    measured = report.measured_plan
     assert measured["measured"] is True and measured["estimate"] is False
     assert measured["datasetSize"] == 64 and measured["datasetSizeSource"] == "measured"
     assert measured["worldSize"] == 1
@@ -102,7 +121,7 @@ def test_status_gets_measured_plan_and_progress(kube, make_config, tmp_path, mon
     assert measured["warmupSteps"] == planned.warmupSteps
     assert measured["epochs"] == 1
 
-    progress = status["progress"]
+    progress = report.progress
     assert set(progress) <= set(Progress.model_fields)
     assert progress["step"] == progress["totalSteps"] == 16
     assert progress["summary"] == "16/16" and progress["percent"] == 100.0
@@ -125,7 +144,7 @@ def test_status_gets_measured_plan_and_progress(kube, make_config, tmp_path, mon
 
 
 def test_failed_reports_never_stop_training(kube, make_config, caplog):
-    # No SFTJob of that name exists: every patch gets a 404.
+    # No progress ConfigMap of that name exists: every patch gets a 404.
     outcome = run_worker(make_config(report_to_api=True, name="no-such-job"))
     assert outcome.reason == "Completed", outcome.message
     assert any("retrying next time" in r.getMessage() for r in caplog.records)

@@ -13,6 +13,7 @@ from sftjob_operator.children import (
     build_config_map,
     build_pod,
     build_pods,
+    build_progress_config_map,
     build_rendezvous_service,
     build_role,
     build_role_binding,
@@ -137,32 +138,40 @@ class TestBuildRole:
         assert_owned(role)
         assert_common_labels(role, "rbac")
 
-    def test_trainer_may_patch_only_this_jobs_status(self) -> None:
+    def test_trainer_may_write_only_this_jobs_progress_config_map(self) -> None:
         rules = build_role(make_job())["rules"]
-        # Every rule is pinned to this one SFTJob by name, in the project's API group only.
+        # Every rule is pinned to this job's progress ConfigMap by name.
         for rule in rules:
-            assert rule["apiGroups"] == ["tuning.sftjob.dev"]
-            assert rule["resourceNames"] == ["demo"]
+            assert rule["apiGroups"] == [""]
+            assert rule["resourceNames"] == ["demo-progress"]
         grants = {
             (resource, verb)
             for rule in rules
             for resource in rule["resources"]
             for verb in rule["verbs"]
         }
-        assert grants == {
-            ("sftjobs/status", "get"),
-            ("sftjobs/status", "patch"),
-            ("sftjobs", "get"),
-        }
+        assert grants == {("configmaps", "get"), ("configmaps", "patch")}
 
-    def test_no_write_verbs_beyond_status_patch(self) -> None:
+    def test_nothing_of_the_sftjob_is_granted(self) -> None:
+        # Its status holds phase, attempts, restarts and conditions, which the operator acts on.
         rules = build_role(make_job())["rules"]
         verbs = {verb for rule in rules for verb in rule["verbs"]}
         assert verbs.isdisjoint({"create", "update", "delete", "deletecollection", "list", "watch"})
         assert "*" not in verbs
         assert all("*" not in rule["resources"] for rule in rules)
-        patchable = {r for rule in rules if "patch" in rule["verbs"] for r in rule["resources"]}
-        assert patchable == {"sftjobs/status"}
+        assert not [r for rule in rules for r in rule["resources"] if r.startswith("sftjobs")]
+        assert all("tuning.sftjob.dev" not in rule["apiGroups"] for rule in rules)
+
+
+class TestBuildProgressConfigMap:
+    def test_fixed_name_owner_labels_and_empty_data(self) -> None:
+        cm = build_progress_config_map(make_job())
+        assert (cm["apiVersion"], cm["kind"]) == ("v1", "ConfigMap")
+        assert cm["metadata"]["name"] == "demo-progress"
+        assert cm["metadata"]["namespace"] == "ml"
+        assert cm["data"] == {}
+        assert_owned(cm)
+        assert_common_labels(cm, "progress")
 
 
 class TestBuildRoleBinding:
@@ -219,12 +228,13 @@ class TestBuildStaticChildren:
     def test_single_node_has_no_service(self) -> None:
         job = make_job()
         kinds = [c["kind"] for c in build_static_children(job, build_trainer_config(job))]
-        assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding"]
+        assert kinds == ["ConfigMap", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"]
 
     def test_multi_node_adds_the_rendezvous_service(self) -> None:
         job = make_job(resources={"nodes": 2})
         children = build_static_children(job, build_trainer_config(job))
         assert [c["kind"] for c in children] == [
+            "ConfigMap",
             "ConfigMap",
             "ServiceAccount",
             "Role",

@@ -1,10 +1,12 @@
-"""Progress reporting from rank 0: the SFTJob's status, or the console off-cluster.
+"""Progress reporting from rank 0: the job's progress ConfigMap, or the console off-cluster.
 
-Inside a cluster the trainer merge-patches `status.measuredPlan` and
-`status.progress` of its own SFTJob through the `/status` subresource (its
-ServiceAccount may patch only that). Reports are throttled to one per
-`progressIntervalSeconds`; a failed patch is logged and retried with the next
-report, it never stops training. Off-cluster (`sftjob run`, or
+Inside a cluster the trainer merge-patches its report (`progress` and `measuredPlan`,
+tagged with the job's uid and the launch attempt) into its job's progress ConfigMap,
+`<job>-progress`: the only object its ServiceAccount may write. It cannot write the
+SFTJob's status; the operator validates the report and copies it into
+`status.progress` and `status.measuredPlan` (sftjob_operator.progress_report). Reports are
+throttled to one per `progressIntervalSeconds`; a failed patch is logged and retried
+with the next report, it never stops training. Off-cluster (`sftjob run`, or
 SFTJOB_REPORT=console) the same reports become a progress line on the console;
 every report is also appended to OUTPUT/progress.jsonl.
 """
@@ -21,7 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sftjob_operator.api import GROUP, PLURAL, VERSION
+from sftjob_operator.children import progress_config_map_name
+from sftjob_operator.progress_report import encode_report
 
 log = logging.getLogger("sftjob_trainer.progress")
 
@@ -89,10 +92,10 @@ def progress_report(
 # --------------------------------------------------------------------------- sinks
 
 
-class KubeStatusSink:
-    """Merge-patches the SFTJob's /status subresource."""
+class KubeProgressSink:
+    """Merge-patches the report into the job's progress ConfigMap."""
 
-    def __init__(self, namespace: str, name: str):
+    def __init__(self, namespace: str, name: str, job_uid: str | None, attempt: int):
         from kubernetes import client, config
 
         # An explicit client rather than the module-global default: in-cluster first (the
@@ -103,25 +106,30 @@ class KubeStatusSink:
             api_client = client.ApiClient(configuration)
         except config.ConfigException:
             api_client = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
-        self.api = client.CustomObjectsApi(api_client)
+        self.api = client.CoreV1Api(api_client)
         self.namespace = namespace
-        self.name = name
+        self.config_map = progress_config_map_name(name)
+        self.job_uid = job_uid
+        self.attempt = attempt
 
     def send(self, status: dict[str, Any]) -> None:
-        self.api.patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
+        data = encode_report(
+            job_uid=self.job_uid,
+            attempt=self.attempt,
+            progress=status.get("progress"),
+            measured_plan=status.get("measuredPlan"),
+        )
+        self.api.patch_namespaced_config_map(
+            self.config_map,
             self.namespace,
-            PLURAL,
-            self.name,
-            {"status": status},
+            {"data": data},
             _content_type="application/merge-patch+json",
             # A slow API server must not stall training for long; the next report retries.
             _request_timeout=(3, 10),
         )
 
     def __str__(self) -> str:
-        return f"SFTJob {self.namespace}/{self.name} status"
+        return f"ConfigMap {self.namespace}/{self.config_map}"
 
 
 class ConsoleSink:
@@ -164,12 +172,14 @@ def console_line(progress: dict[str, Any], width: int = 24) -> str:
     return "  ".join(parts)
 
 
-def make_sink(namespace: str | None, name: str | None) -> Any:
+def make_sink(
+    namespace: str | None, name: str | None, job_uid: str | None = None, attempt: int = 1
+) -> Any:
     """The API sink when the job is known and a cluster is configured, else the console."""
     if os.environ.get(ENV_REPORT, "").lower() == "console" or not (namespace and name):
         return ConsoleSink()
     try:
-        return KubeStatusSink(namespace, name)
+        return KubeProgressSink(namespace, name, job_uid, attempt)
     except Exception as exc:  # no in-cluster config and no kubeconfig
         log.warning("no Kubernetes API configured (%s): reporting progress to the console", exc)
         return ConsoleSink()

@@ -63,6 +63,15 @@ class TrainerConfig:
         return (self.raw.get("job") or {}).get("namespace") or None
 
     @property
+    def job_uid(self) -> str | None:
+        return (self.raw.get("job") or {}).get("uid") or None
+
+    @property
+    def attempt(self) -> int:
+        """The launch this pod belongs to; its progress reports carry it."""
+        return int(self.raw.get("attempt") or 1)
+
+    @property
     def output_path(self) -> Path:
         return Path(self.resolved["outputPath"])
 

@@ -231,7 +231,10 @@ def main(config: TrainerConfig) -> dict[str, Any]:
             "gradientAccumulationSteps": shape.accumulation,
         }
         callback = make_progress_callback(
-            Reporter(make_sink(config.job_namespace, config.job_name), output),
+            Reporter(
+                make_sink(config.job_namespace, config.job_name, config.job_uid, config.attempt),
+                output,
+            ),
             interval_seconds=float(resolved.get("progressIntervalSeconds") or 10),
             plan_info=plan_info,
             steps_per_epoch=lambda rows: steps_per_epoch(rows, shape, args.dataloader_drop_last),

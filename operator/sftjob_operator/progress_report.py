@@ -1,0 +1,340 @@
+"""The trainer's progress report: its wire format, validation, and the status it yields.
+
+Rank 0 cannot write the SFTJob's status (the phase, attempts, restarts and conditions
+there drive the operator). It merge-patches a report into its job's progress ConfigMap
+(children.build_progress_config_map), the one object its Role lets it write. The operator
+reads that report, keeps only what a progress report may say, and folds it into
+`status.progress` and `status.measuredPlan`. Everything else is ignored, with a reason.
+
+Data keys of the ConfigMap (all strings, as ConfigMap data is):
+  jobUid        the uid of the SFTJob the trainer runs for (a re-created job's is new)
+  attempt       the launch the reporting pod belongs to (status.attempts at its launch)
+  progress      JSON object, fields of api.Progress
+  measuredPlan  JSON object, fields of api.Plan
+
+A report for another job uid, or another attempt than the job's current one (an old
+launch's pod still stopping), is ignored: the status describes the current run only.
+Pure: no API calls; reconciler.py reads the ConfigMap and sends the patch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from .api import Plan, Progress, SFTJobStatus
+
+log = logging.getLogger(__name__)
+
+KEY_JOB_UID = "jobUid"
+KEY_ATTEMPT = "attempt"
+KEY_PROGRESS = "progress"
+KEY_MEASURED_PLAN = "measuredPlan"
+REPORT_KEYS = (KEY_JOB_UID, KEY_ATTEMPT, KEY_PROGRESS, KEY_MEASURED_PLAN)
+
+# A full report is under 2 KiB; anything far larger is not one, and must not grow the status.
+MAX_REPORT_BYTES = 16 * 1024
+MAX_TEXT = 64  # eta, summary, updateTime, datasetSizeSource
+MAX_NOTES = 16
+MAX_NOTE = 256
+# Far beyond any real run, small enough for every client's integer type.
+MAX_COUNT = 2**53
+
+
+class Invalid(ValueError):
+    """One value of the report that cannot go into the status; the message says why."""
+
+
+def encode_report(
+    *,
+    job_uid: str | None,
+    attempt: int,
+    progress: Mapping[str, Any] | None = None,
+    measured_plan: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """The ConfigMap data the trainer merge-patches in (only the parts it has)."""
+    data = {KEY_JOB_UID: job_uid or "", KEY_ATTEMPT: str(attempt)}
+    if progress is not None:
+        data[KEY_PROGRESS] = json.dumps(dict(progress), sort_keys=True)
+    if measured_plan is not None:
+        data[KEY_MEASURED_PLAN] = json.dumps(dict(measured_plan), sort_keys=True)
+    return data
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _count(value: Any) -> int:
+    # bool is an int in Python, never in a report.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"{value!r} is not a whole number")
+    if not 0 <= value <= MAX_COUNT:
+        raise Invalid(f"{value} is out of range 0..{MAX_COUNT}")
+    return value
+
+
+def _positive(value: Any) -> int:
+    count = _count(value)
+    if count < 1:
+        raise Invalid(f"{value} is not positive")
+    return count
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Invalid(f"{value!r} is not a number")
+    if not math.isfinite(value) or abs(value) > 1e30:
+        raise Invalid(f"{value!r} is not a finite number")
+    return value
+
+
+def _non_negative(value: Any) -> float:
+    number = _number(value)
+    if number < 0:
+        raise Invalid(f"{value} is negative")
+    return number
+
+
+def _percent(value: Any) -> float:
+    number = _number(value)
+    if not 0 <= number <= 100:
+        raise Invalid(f"{value} is out of range 0..100")
+    return number
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"{value!r} is not a string")
+    if len(value) > MAX_TEXT:
+        raise Invalid(f"is {len(value)} characters, more than {MAX_TEXT}")
+    return value
+
+
+def _timestamp(value: Any) -> str:
+    text = _text(value)
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise Invalid(f"{value!r} is not an RFC 3339 time") from exc
+    if parsed.tzinfo is None or "T" not in text:
+        raise Invalid(f"{value!r} is not an RFC 3339 time (date, time and offset)")
+    return text
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"{value!r} is not true or false")
+    return value
+
+
+def _notes(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid("is not a list of strings")
+    if len(value) > MAX_NOTES or any(len(v) > MAX_NOTE for v in value):
+        raise Invalid(f"holds more than {MAX_NOTES} notes or a note over {MAX_NOTE} characters")
+    return value
+
+
+Rule = Callable[[Any], Any]
+
+PROGRESS_RULES: dict[str, Rule] = {
+    "step": _count,
+    "totalSteps": _count,
+    "epoch": _non_negative,
+    "percent": _percent,
+    "loss": _number,
+    "learningRate": _non_negative,
+    "gradNorm": _non_negative,
+    "tokensPerSecond": _non_negative,
+    "etaSeconds": _count,
+    "eta": _text,
+    "summary": _text,
+    "updateTime": _timestamp,
+}
+PROGRESS_REQUIRED = ("step",)
+
+PLAN_RULES: dict[str, Rule] = {
+    "datasetSize": _count,
+    "datasetSizeSource": _text,
+    "worldSize": _positive,
+    "effectiveBatchSize": _positive,
+    "perDeviceTrainBatchSize": _positive,
+    "gradientAccumulationSteps": _positive,
+    "stepsPerEpoch": _count,
+    "totalSteps": _count,
+    "epochs": _non_negative,
+    "warmupSteps": _count,
+    "estimate": _flag,
+    "measured": _flag,
+    "notes": _notes,
+}
+PLAN_REQUIRED = (
+    "worldSize",
+    "effectiveBatchSize",
+    "perDeviceTrainBatchSize",
+    "gradientAccumulationSteps",
+)
+# The rules must cover the status models exactly: a field added to api.py needs a rule.
+assert set(PROGRESS_RULES) == set(Progress.model_fields)
+assert set(PLAN_RULES) == set(Plan.model_fields)
+
+
+def _validated_object(
+    key: str, raw: str, rules: Mapping[str, Rule], required: tuple[str, ...], ignored: list[str]
+) -> dict[str, Any] | None:
+    """The object under `key` with every valid field; None when a required one is not."""
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        ignored.append(f"{key}: not JSON ({exc})")
+        return None
+    if not isinstance(value, dict):
+        ignored.append(f"{key}: not a JSON object")
+        return None
+    kept: dict[str, Any] = {}
+    for field, item in value.items():
+        rule = rules.get(field)
+        if rule is None:
+            ignored.append(f"{key}.{field}: not a field of {key}")
+        elif item is not None:  # null: the trainer does not know it (yet)
+            try:
+                kept[field] = rule(item)
+            except Invalid as exc:
+                ignored.append(f"{key}.{field}: {exc}")
+    missing = [field for field in required if field not in kept]
+    if missing:
+        ignored.append(f"{key}: ignored, no valid {', '.join(missing)}")
+        return None
+    return kept
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class Report:
+    """What of one report may reach the status, and why the rest may not.
+
+    `stale` says why a whole report is set aside without being wrong (another attempt's,
+    another job's); `ignored` names what is wrong in it (a field out of bounds, a forged key).
+    """
+
+    progress: dict[str, Any] | None = None
+    measured_plan: dict[str, Any] | None = None
+    ignored: tuple[str, ...] = ()
+    stale: str | None = None
+
+
+def parse_report(data: Mapping[str, str] | None, *, job_uid: str | None, attempt: int) -> Report:
+    """Validate the progress ConfigMap's data for the job `job_uid` at launch `attempt`."""
+    if not data:
+        return Report()
+    size = sum(len(k) + len(v if isinstance(v, str) else "") for k, v in data.items())
+    if size > MAX_REPORT_BYTES:
+        return Report(ignored=(f"report ignored: {size} bytes, more than {MAX_REPORT_BYTES}",))
+    ignored = [
+        f"{key}: not part of a progress report ({', '.join(REPORT_KEYS)})"
+        for key in data
+        if key not in REPORT_KEYS
+    ]
+    reported_uid = data.get(KEY_JOB_UID)
+    if job_uid and reported_uid != job_uid:
+        stale = f"report for job uid {reported_uid!r}, not {job_uid!r}"
+        return Report(ignored=tuple(ignored), stale=stale)
+    try:
+        reported_attempt = int(data.get(KEY_ATTEMPT, ""))
+    except ValueError:
+        ignored.append(f"report ignored: attempt {data.get(KEY_ATTEMPT)!r} is not a number")
+        return Report(ignored=tuple(ignored))
+    if reported_attempt != attempt:
+        stale = f"report from attempt {reported_attempt}, not the current {attempt}"
+        return Report(ignored=tuple(ignored), stale=stale)
+    progress = measured = None
+    if isinstance(data.get(KEY_PROGRESS), str):
+        progress = _validated_object(
+            KEY_PROGRESS, data[KEY_PROGRESS], PROGRESS_RULES, PROGRESS_REQUIRED, ignored
+        )
+    if isinstance(data.get(KEY_MEASURED_PLAN), str):
+        measured = _validated_object(
+            KEY_MEASURED_PLAN, data[KEY_MEASURED_PLAN], PLAN_RULES, PLAN_REQUIRED, ignored
+        )
+    return Report(progress=progress, measured_plan=measured, ignored=tuple(ignored))
+
+
+def _replacing(fields: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    # A merge patch merges objects: null removes a field the previous report had.
+    return {field: new.get(field) for field in fields}
+
+
+def status_patch(report: Report, status: SFTJobStatus | None) -> dict[str, Any]:
+    """The merge patch that puts the report into the status; empty when nothing changes."""
+    status = status or SFTJobStatus()
+    patch: dict[str, Any] = {}
+    for key, model, new in (
+        ("progress", Progress, report.progress),
+        ("measuredPlan", Plan, report.measured_plan),
+    ):
+        if new is None:
+            continue
+        old = getattr(status, key)
+        # The status reads back with the model's defaults filled in: compare like with like.
+        if old is None or _dumped(model.model_validate(new)) != _dumped(old):
+            patch[key] = _replacing(model.model_fields, new)
+    return patch
+
+
+def _dumped(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json", exclude_none=True)
+
+
+class IgnoredLog:
+    """Logs what a job's report had ignored, once per distinct reason set, not every pass."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self.last: OrderedDict[tuple[str, str], Report] = OrderedDict()
+
+    def note(self, namespace: str, name: str, report: Report) -> None:
+        key = (namespace, name)
+        previous = self.last.pop(key, None)
+        self.last[key] = report
+        while len(self.last) > self.size:
+            self.last.popitem(last=False)
+        if previous is not None and (previous.ignored, previous.stale) == (
+            report.ignored,
+            report.stale,
+        ):
+            return
+        for reason in report.ignored:
+            log.warning("progress report of %s/%s: %s", namespace, name, reason)
+        if report.stale:
+            log.debug("progress report of %s/%s set aside: %s", namespace, name, report.stale)
+
+
+IGNORED_LOG = IgnoredLog()
+
+
+def fold(
+    data: Mapping[str, str] | None,
+    job: tuple[str, str, str | None],
+    attempt: int,
+    status: SFTJobStatus | None,
+) -> dict[str, Any]:
+    """The status patch for the report in `data` if it is from `attempt` of `job`.
+
+    `job` is (namespace, name, uid); `status` the job's status before this pass's patch.
+    Empty when the report changes nothing; what was ignored is logged (once while the
+    report stays as it is).
+    """
+    namespace, name, uid = job
+    report = parse_report(data, job_uid=uid, attempt=attempt)
+    IGNORED_LOG.note(namespace, name, report)
+    return status_patch(report, status)

@@ -1,0 +1,260 @@
+"""The trainer's progress report: what of it may reach the status, and the patch it yields."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+from sftjob_operator.api import Plan, Progress, SFTJobStatus
+from sftjob_operator.progress_report import (
+    MAX_REPORT_BYTES,
+    IgnoredLog,
+    encode_report,
+    fold,
+    parse_report,
+    status_patch,
+)
+
+UID = "0b9c1e7a-1111-4222-8333-444455556666"
+
+PROGRESS: dict[str, Any] = {
+    "step": 30,
+    "totalSteps": 120,
+    "epoch": 0.75,
+    "percent": 25.0,
+    "loss": 1.5,
+    "learningRate": 2e-4,
+    "gradNorm": None,
+    "tokensPerSecond": 1234.5,
+    "etaSeconds": 200,
+    "eta": "3m20s",
+    "summary": "30/120",
+    "updateTime": "2026-01-02T03:04:05Z",
+}
+PLAN: dict[str, Any] = {
+    "worldSize": 2,
+    "effectiveBatchSize": 16,
+    "perDeviceTrainBatchSize": 4,
+    "gradientAccumulationSteps": 2,
+    "datasetSize": 960,
+    "datasetSizeSource": "measured",
+    "stepsPerEpoch": 60,
+    "totalSteps": 120,
+    "epochs": 2.0,
+    "warmupSteps": 4,
+    "estimate": False,
+    "measured": True,
+    "notes": ["measured by the trainer after preparing the data"],
+}
+
+
+def report(attempt: int = 1, uid: str | None = UID, **extra: str) -> dict[str, str]:
+    data = encode_report(job_uid=uid, attempt=attempt, progress=PROGRESS, measured_plan=PLAN)
+    return {**data, **extra}
+
+
+def with_progress(**changes: Any) -> dict[str, str]:
+    return {**report(), "progress": json.dumps({**PROGRESS, **changes})}
+
+
+class TestParse:
+    def test_a_trainer_report_round_trips(self) -> None:
+        parsed = parse_report(report(), job_uid=UID, attempt=1)
+        assert parsed.ignored == () and parsed.stale is None
+        assert parsed.progress == {k: v for k, v in PROGRESS.items() if v is not None}
+        assert parsed.measured_plan == PLAN
+        # What passes is what the status models accept.
+        Progress.model_validate(parsed.progress)
+        Plan.model_validate(parsed.measured_plan)
+
+    def test_no_report_yet(self) -> None:
+        assert parse_report(None, job_uid=UID, attempt=1).progress is None
+        assert parse_report({}, job_uid=UID, attempt=1).measured_plan is None
+
+    def test_controller_owned_keys_are_ignored_with_a_reason(self) -> None:
+        forged = report(
+            phase="Succeeded",
+            restarts="0",
+            attempts="7",
+            conditions='[{"type": "Succeeded", "status": "True"}]',
+        )
+        parsed = parse_report(forged, job_uid=UID, attempt=1)
+        assert parsed.progress is not None and parsed.measured_plan is not None
+        for key in ("phase", "restarts", "attempts", "conditions"):
+            assert any(
+                reason.startswith(f"{key}: not part of a progress report")
+                for reason in parsed.ignored
+            )
+        patch = status_patch(parsed, SFTJobStatus())
+        assert set(patch) == {"progress", "measuredPlan"}
+
+    def test_fields_outside_the_models_are_dropped(self) -> None:
+        data = with_progress(phase="Succeeded")
+        data["measuredPlan"] = json.dumps({**PLAN, "restarts": 0})
+        parsed = parse_report(data, job_uid=UID, attempt=1)
+        assert "phase" not in (parsed.progress or {})
+        assert "restarts" not in (parsed.measured_plan or {})
+        assert "progress.phase: not a field of progress" in parsed.ignored
+        assert "measuredPlan.restarts: not a field of measuredPlan" in parsed.ignored
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("totalSteps", -1),
+            ("totalSteps", 2.5),
+            ("totalSteps", True),
+            ("totalSteps", "120"),
+            ("totalSteps", 2**60),
+            ("percent", 101),
+            ("percent", -0.1),
+            ("loss", "NaN"),
+            ("learningRate", -1e-4),
+            ("gradNorm", 1e40),
+            ("tokensPerSecond", [1]),
+            ("etaSeconds", -5),
+            ("eta", "x" * 65),
+            ("summary", {"a": 1}),
+            ("updateTime", "yesterday"),
+            ("updateTime", "2026-01-02T03:04:05"),
+            ("updateTime", "2026-01-02"),
+        ],
+    )
+    def test_an_invalid_field_is_dropped_and_the_rest_kept(self, field: str, value: Any) -> None:
+        parsed = parse_report(with_progress(**{field: value}), job_uid=UID, attempt=1)
+        assert parsed.progress is not None
+        assert field not in parsed.progress
+        assert parsed.progress["step"] == 30
+        assert [r for r in parsed.ignored if r.startswith(f"progress.{field}: ")]
+
+    def test_non_finite_numbers_from_json_are_refused(self) -> None:
+        # Python's json reads NaN and Infinity; neither is valid in an API object.
+        data = {**report(), "progress": '{"step": 3, "loss": NaN, "gradNorm": Infinity}'}
+        parsed = parse_report(data, job_uid=UID, attempt=1)
+        assert parsed.progress == {"step": 3}
+        assert len(parsed.ignored) == 2
+
+    def test_progress_without_a_valid_step_is_ignored_whole(self) -> None:
+        for step in (None, -3, "3"):
+            parsed = parse_report(with_progress(step=step), job_uid=UID, attempt=1)
+            assert parsed.progress is None
+            assert "progress: ignored, no valid step" in parsed.ignored
+            assert parsed.measured_plan == PLAN
+
+    def test_plan_without_its_batch_figures_is_ignored_whole(self) -> None:
+        data = {**report(), "measuredPlan": json.dumps({**PLAN, "worldSize": 0})}
+        parsed = parse_report(data, job_uid=UID, attempt=1)
+        assert parsed.measured_plan is None and parsed.progress is not None
+        assert "measuredPlan: ignored, no valid worldSize" in parsed.ignored
+
+    @pytest.mark.parametrize(
+        "notes", [["x" * 257], ["n"] * 17, "one note", [1]], ids=["long", "many", "str", "int"]
+    )
+    def test_plan_notes_are_bounded(self, notes: Any) -> None:
+        data = {**report(), "measuredPlan": json.dumps({**PLAN, "notes": notes})}
+        parsed = parse_report(data, job_uid=UID, attempt=1)
+        assert parsed.measured_plan is not None and "notes" not in parsed.measured_plan
+
+    @pytest.mark.parametrize("raw", ["not json", "[1, 2]", '"text"'])
+    def test_values_that_are_not_json_objects(self, raw: str) -> None:
+        parsed = parse_report({**report(), "progress": raw}, job_uid=UID, attempt=1)
+        assert parsed.progress is None and parsed.measured_plan == PLAN
+        assert any(r.startswith("progress: not") for r in parsed.ignored)
+
+    def test_an_oversized_report_is_ignored_whole(self) -> None:
+        data = report(padding="x" * MAX_REPORT_BYTES)
+        parsed = parse_report(data, job_uid=UID, attempt=1)
+        assert parsed.progress is None and parsed.measured_plan is None
+        assert parsed.ignored[0].startswith("report ignored: ")
+
+    def test_another_attempts_report_is_set_aside(self) -> None:
+        # A relaunch: the old attempt's pod may still be stopping, or its report still there.
+        for attempt in (1, 3):
+            parsed = parse_report(report(attempt=attempt), job_uid=UID, attempt=2)
+            assert parsed.progress is None and parsed.measured_plan is None
+            assert parsed.stale == f"report from attempt {attempt}, not the current 2"
+        parsed = parse_report(report(attempt=2), job_uid=UID, attempt=2)
+        assert parsed.progress is not None
+
+    def test_an_unreadable_attempt_is_ignored(self) -> None:
+        parsed = parse_report({**report(), "attempt": "two"}, job_uid=UID, attempt=2)
+        assert parsed.progress is None
+        assert parsed.ignored == ("report ignored: attempt 'two' is not a number",)
+
+    def test_another_jobs_report_is_set_aside(self) -> None:
+        # A job re-created under the same name: the old job's ConfigMap may linger.
+        for uid in ("someone-else", None):
+            parsed = parse_report(report(uid=uid), job_uid=UID, attempt=1)
+            assert parsed.progress is None and parsed.stale is not None
+
+
+class TestStatusPatch:
+    def test_first_report_sets_both_replacing_every_field(self) -> None:
+        patch = status_patch(parse_report(report(), job_uid=UID, attempt=1), None)
+        # Every field of the models is named: null removes one the last report had.
+        assert set(patch["progress"]) == set(Progress.model_fields)
+        assert set(patch["measuredPlan"]) == set(Plan.model_fields)
+        assert patch["progress"]["gradNorm"] is None and patch["progress"]["step"] == 30
+
+    def test_nothing_when_the_status_already_says_it(self) -> None:
+        parsed = parse_report(report(), job_uid=UID, attempt=1)
+        status = SFTJobStatus.model_validate(
+            {"attempts": 1, "progress": parsed.progress, "measuredPlan": parsed.measured_plan}
+        )
+        assert status_patch(parsed, status) == {}
+
+    def test_only_the_part_that_changed(self) -> None:
+        before = parse_report(report(), job_uid=UID, attempt=1)
+        status = SFTJobStatus.model_validate(
+            {"progress": before.progress, "measuredPlan": before.measured_plan}
+        )
+        after = parse_report(with_progress(step=31, summary="31/120"), job_uid=UID, attempt=1)
+        patch = status_patch(after, status)
+        assert list(patch) == ["progress"]
+        assert patch["progress"]["step"] == 31
+
+    def test_a_plan_relying_on_defaults_compares_equal(self) -> None:
+        minimal = {k: PLAN[k] for k in ("worldSize", "effectiveBatchSize")} | {
+            "perDeviceTrainBatchSize": 4,
+            "gradientAccumulationSteps": 2,
+        }
+        data = {**report(), "measuredPlan": json.dumps(minimal)}
+        parsed = parse_report(data, job_uid=UID, attempt=1)
+        status = SFTJobStatus.model_validate({"measuredPlan": minimal})
+        assert "measuredPlan" not in status_patch(parsed, status)
+
+    def test_a_stale_or_empty_report_changes_nothing(self) -> None:
+        status = SFTJobStatus.model_validate({"attempts": 2, "progress": {"step": 5}})
+        assert status_patch(parse_report(report(attempt=1), job_uid=UID, attempt=2), status) == {}
+        assert status_patch(parse_report(None, job_uid=UID, attempt=2), status) == {}
+
+
+class TestFold:
+    def test_folds_the_current_attempt_and_logs_what_was_ignored_once(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        status = SFTJobStatus.model_validate({"phase": "Running", "attempts": 1})
+        forged = report(phase="Succeeded")
+        caplog.set_level(logging.WARNING, logger="sftjob_operator.progress_report")
+        patch = fold(forged, ("ns", "fold-once", UID), 1, status)
+        assert set(patch) == {"progress", "measuredPlan"}
+        assert "phase" not in patch
+        again = fold(forged, ("ns", "fold-once", UID), 1, status)
+        assert again == patch
+        warnings = [r.getMessage() for r in caplog.records]
+        assert warnings == [
+            "progress report of ns/fold-once: phase: not part of a progress report "
+            "(jobUid, attempt, progress, measuredPlan)"
+        ]
+
+    def test_the_log_memory_is_bounded(self) -> None:
+        memory = IgnoredLog(size=3)
+        for index in range(10):
+            memory.note("ns", f"job-{index}", parse_report(report(x="1"), job_uid=UID, attempt=1))
+        assert len(memory.last) == 3
+
+
+def test_encode_sends_only_what_the_trainer_has() -> None:
+    data = encode_report(job_uid=UID, attempt=4, progress={"step": 1})
+    assert data == {"jobUid": UID, "attempt": "4", "progress": '{"step": 1}'}
