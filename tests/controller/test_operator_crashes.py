@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.operator, pytest.mark.timeout(480)]
 CYCLES = int(os.environ.get("SFTJOB_STRESS_CYCLES", "30"))
 JOBS = 8
 # How long a crash trigger waits for its moment before killing anyway.
-TRIGGER_WAIT = 2.5
+TRIGGER_WAIT = 2.0
 # The failures injected and the reason the retry policy gives the restart each causes
 # (its Restarting condition and Warning event).
 RETRIED_FAILURES = {"Evicted": "PodLost", "OutOfMemory": "OutOfMemoryShrink"}
@@ -187,9 +187,9 @@ def make_scripts(rng: Any) -> list[JobScript]:
         rng.shuffle(kinds)
         failures = [(kind, rng.randrange(nodes)) for kind in kinds]
         script = JobScript(name, nodes, failures, manifest, planned_steps(manifest))
-        script.train_seconds = rng.uniform(0.2, 1.5)
-        # The last jobs arrive by two thirds of the cycles: their relaunches meet crashes too.
-        script.create_cycle = index * (2 * CYCLES // 3) // JOBS
+        script.train_seconds = rng.uniform(0.3, 2.0)
+        # Jobs arrive until a few cycles before the last: their relaunches meet crashes too.
+        script.create_cycle = index * max(CYCLES - 6, 0) // JOBS
         script.create_offset = rng.uniform(0.0, 3.0)
         scripts.append(script)
     return scripts
@@ -212,10 +212,11 @@ def kill_at_a_random_point(
         if trigger == "startup":
             time.sleep(rng.uniform(0.2, 2.5))
         else:
+            # Up = its liveness endpoint answers (operator_harness starts it with --liveness).
             if not kit.wait_ready(LIVENESS_PORT, 60):
-                raise AssertionError(f"cycle {cycle}: the operator never became ready")
+                raise AssertionError(f"cycle {cycle}: the operator's liveness probe never answered")
             if trigger == "timer":
-                time.sleep(rng.uniform(0.0, 1.5))
+                time.sleep(rng.uniform(0.0, 1.2))
             elif trigger == "pod-created":
                 if not pods.wait_added(pods_before, TRIGGER_WAIT):
                     trigger += f" (none in {TRIGGER_WAIT}s)"
