@@ -45,6 +45,8 @@ TRIGGER_WAIT = 2.0
 # The failures injected and the reason the retry policy gives the restart each causes
 # (its Restarting condition and Warning event).
 RETRIED_FAILURES = {"Evicted": "PodLost", "OutOfMemory": "OutOfMemoryShrink"}
+# The events each job gets exactly once (core/v1 Event reasons).
+ONCE_PER_JOB_EVENTS = ("Planned", "Launched")
 # How a crash point is chosen in each cycle (weights): killed while starting up, at a
 # random moment once up, right after it creates a pod, right after it changes a status.
 TRIGGERS = {"startup": 1, "timer": 3, "pod-created": 3, "status-changed": 3}
@@ -332,7 +334,7 @@ def check_outcome(cluster: Cluster, scripts: list[JobScript], pods: kit.PodLedge
             counts[event["reason"]] += kit.event_count(event)
             if event.get("type") == "Warning":
                 warnings[event["reason"]] += kit.event_count(event)
-        for reason in ("Planned", "Launched"):
+        for reason in ONCE_PER_JOB_EVENTS:
             if counts[reason] != 1:
                 problems.append(f"{name}: {counts[reason]} {reason} event(s), expected 1")
         if warnings != Counter(expected_reasons):

@@ -139,7 +139,10 @@ def test_create_then_delete_races(
                 f"{label}: {len(late)} write(s) more than {SURVIVAL_BOUND:.0f}s after the "
                 f"delete, the first: {late[:3]}"
             )
-    assert not problems, f"seed {seed}: {len(problems)} problem(s)\n" + "\n".join(problems)
+    broken = len({p.split(" ", 1)[0] for p in problems})
+    assert not problems, f"seed {seed}: {broken} of {RACES} races left something\n" + "\n".join(
+        problems
+    )
 
 
 def test_create_delete_create_cycles_of_one_name(
@@ -249,4 +252,5 @@ def test_create_delete_create_cycles_of_one_name(
     warnings = [e["reason"] for e in events if e.get("type") == "Warning"]
     if warnings:
         problems.append(f"the last job got Warning events {warnings}")
-    assert not problems, f"seed {seed}; last uid {uid}; earlier {earlier}\n" + "\n".join(problems)
+    header = f"seed {seed}; the last {name} is {uid}; the {len(earlier)} before it ended with {earlier[-1]}"
+    assert not problems, header + "\n" + "\n".join(problems)
