@@ -43,14 +43,14 @@ def seeded_rng(test: str) -> tuple[random.Random, int]:
 # ------------------------------------------------------------------ the trainer's progress
 
 
-def report_progress(cluster: Cluster, job: str, step: int, total_steps: int) -> None:
-    """Report progress as the trainer's rank 0 does.
-
-    Today the trainer merge-patches `status.progress` of its SFTJob through the `/status`
-    subresource (trainer_image/sftjob_trainer/progress.py, KubeStatusSink). When progress
-    moves to a per-job object the trainer alone may write (e.g. a ConfigMap
-    `<job>-progress` that the operator folds into the status), write that object here.
-    """
+def report_progress(
+    cluster: Cluster, job: str, step: int, total_steps: int, attempt: int = 1
+) -> None:
+    """Report progress as the trainer's rank 0 does: a merge patch of its job's
+    `<job>-progress` ConfigMap (trainer_image/sftjob_trainer/progress.py, KubeProgressSink),
+    which the operator validates and folds into the status."""
+    from sftjob_operator.children import progress_config_map_name
+    from sftjob_operator.progress_report import encode_report
     from sftjob_trainer.progress import progress_report
 
     report = progress_report(
@@ -61,13 +61,11 @@ def report_progress(cluster: Cluster, job: str, step: int, total_steps: int) -> 
         steps_per_second=None,
         tokens_per_second=None,
     )
-    cluster.custom.patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
+    uid = cluster.job(job)["metadata"]["uid"]
+    cluster.core.patch_namespaced_config_map(
+        progress_config_map_name(job),
         cluster.namespace,
-        PLURAL,
-        job,
-        {"status": {"progress": report}},
+        {"data": encode_report(job_uid=uid, attempt=attempt, progress=report)},
         _content_type=MERGE,
     )
 

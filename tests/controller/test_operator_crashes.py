@@ -45,8 +45,10 @@ TRIGGER_WAIT = 2.0
 # The failures injected and the reason the retry policy gives the restart each causes
 # (its Restarting condition and Warning event).
 RETRIED_FAILURES = {"Evicted": "PodLost", "OutOfMemory": "OutOfMemoryShrink"}
-# The events each job gets exactly once (core/v1 Event reasons).
-ONCE_PER_JOB_EVENTS = ("Planned", "Launched")
+# The events each job gets exactly once (core/v1 Event reasons) ...
+ONCE_PER_JOB_EVENTS = ("Planned",)
+# ... and exactly once per launch (attempt): the first launch and every relaunch.
+ONCE_PER_LAUNCH_EVENTS = ("Launched",)
 # How a crash point is chosen in each cycle (weights): killed while starting up, at a
 # random moment once up, right after it creates a pod, right after it changes a status.
 TRIGGERS = {"startup": 1, "timer": 3, "pod-created": 3, "status-changed": 3}
@@ -155,7 +157,7 @@ class Driver(threading.Thread):
         if script.failures:
             failure, rank = script.failures.pop(0)
             step = self.rng.randint(1, script.total_steps - 1)
-            kit.report_progress(self.cluster, script.name, step, script.total_steps)
+            kit.report_progress(self.cluster, script.name, step, script.total_steps, attempt)
             pod = ranks[rank]["metadata"]["name"]
             if failure == "Evicted":
                 self.cluster.set_pod(pod, "Failed", exit_code=137, pod_reason="Evicted")
@@ -166,7 +168,9 @@ class Driver(threading.Thread):
                 f"{elapsed:6.1f}s attempt {attempt}: {failure} on {pod} at step {step}"
             )
         else:
-            kit.report_progress(self.cluster, script.name, script.total_steps, script.total_steps)
+            kit.report_progress(
+                self.cluster, script.name, script.total_steps, script.total_steps, attempt
+            )
             for rank in self.rng.sample(sorted(ranks), len(ranks)):
                 self.cluster.set_pod(ranks[rank]["metadata"]["name"], "Succeeded")
             script.finished = True
@@ -337,6 +341,13 @@ def check_outcome(cluster: Cluster, scripts: list[JobScript], pods: kit.PodLedge
         for reason in ONCE_PER_JOB_EVENTS:
             if counts[reason] != 1:
                 problems.append(f"{name}: {counts[reason]} {reason} event(s), expected 1")
+        launches = len(expected_reasons) + 1
+        for reason in ONCE_PER_LAUNCH_EVENTS:
+            if counts[reason] != launches:
+                problems.append(
+                    f"{name}: {counts[reason]} {reason} event(s), expected one per launch "
+                    f"({launches})"
+                )
         if warnings != Counter(expected_reasons):
             problems.append(
                 f"{name}: Warning events {dict(warnings)}, expected one per restart "
