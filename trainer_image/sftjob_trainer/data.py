@@ -11,7 +11,7 @@ from typing import Any
 
 from sftjob_operator.api import DatasetSource
 
-from .failures import ConfigError, DataError
+from .failures import ConfigError, DataError, load_failure, network_cause
 
 FILE_BUILDERS = {
     ".json": "json",
@@ -76,10 +76,16 @@ def load_rows(source: DatasetSource) -> Any:
             dataset = datasets.load_dataset(source.name, source.config, split=source.split)
     except (DataError, ConfigError):
         raise
-    except FileNotFoundError as exc:
-        raise DataError(f"dataset not found: {exc}") from None
     except Exception as exc:  # datasets raises many types; all mean "cannot read the data"
         where = source.name or source.path or source.uri
+        if network_cause(exc) is not None:
+            # datasets wraps a hub 5xx or a dropped connection in FileNotFoundError ("not
+            # cached"): a transient NetworkError, relaunched after a backoff.
+            raise load_failure(
+                DataError, f"cannot load dataset {where}: {type(exc).__name__}: {exc}", exc
+            ) from None
+        if isinstance(exc, FileNotFoundError):
+            raise DataError(f"dataset not found: {exc}") from None
         if source.path is not None and builder == "json":
             # Arrow refuses rows whose types disagree (content 3 vs "3") without saying
             # which row: re-read the file as plain JSON to name it.
