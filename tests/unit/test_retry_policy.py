@@ -200,3 +200,24 @@ def test_deleted_pod_is_lost_but_a_failed_rank_explains_more() -> None:
 
 def test_no_failure_when_all_ranks_run() -> None:
     assert decisive_failure({0: running_pod(0), 1: running_pod(1)}, range(2)) is None
+
+
+def test_readme_states_the_policy_of_every_class() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Failure classes and their retry policy", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    stated: dict[str, tuple[str, str]] = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for name, code in re.findall(r"`(\w+)`(?: \((\d+)\))?", cells[0]):
+            stated[name] = (cells[1], code)
+    assert set(stated) == set(RETRY_POLICY)
+    for reason, policy in RETRY_POLICY.items():
+        retried, code = stated[reason]
+        assert (retried == "never") == (not policy.retry), reason
+        assert ("backoff" in retried) == policy.backoff, reason
+        if code:
+            assert TRAINER_EXIT_CODES.get(int(code), "InternalError") == reason
