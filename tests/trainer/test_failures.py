@@ -322,3 +322,14 @@ def test_network_cause_reads_the_chain():
     assert network_cause(chained(not_found, OSError("not a valid model identifier"))) is None
     assert network_cause(OfflineModeIsEnabled("HF_HUB_OFFLINE=1")) is None
     assert network_cause(ValueError("bad value")) is None
+
+
+@pytest.mark.parametrize(("mode", "reason"), [("503", "NetworkError"), ("404", "DataError")])
+def test_dataset_uri_outage_is_transient_but_a_missing_file_is_a_data_error(
+    mode, reason, make_config, flaky_hub, termination_log
+):
+    # datasets reports any unreachable data_files URL as "Unable to find", cause dropped.
+    uri = flaky_hub(mode) + "/data/chat.jsonl"
+    outcome = run_worker(make_config({"dataset": {"path": None, "uri": uri}}))
+    assert outcome.reason == reason, outcome.message
+    assert written(termination_log).reason == reason

@@ -90,10 +90,15 @@ def exception_chain(exc: BaseException) -> list[BaseException]:
 
 def _http_status(exc: BaseException) -> int | None:
     # httpx2.HTTPStatusError / HfHubHTTPError / requests.HTTPError carry .response.status_code;
-    # aiohttp.ClientResponseError (fsspec's http filesystem) carries .status.
+    # aiohttp.ClientResponseError (fsspec's http filesystem) carries .status, urllib's
+    # HTTPError .code.
+    import urllib.error
+
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if status is None and type(exc).__name__ == "ClientResponseError":
         status = getattr(exc, "status", None)
+    if status is None and isinstance(exc, urllib.error.HTTPError):
+        status = exc.code
     return status if isinstance(status, int) else None
 
 
