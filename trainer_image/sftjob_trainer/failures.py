@@ -112,13 +112,16 @@ def _transport_error_types() -> tuple[type[BaseException], ...]:
     ClientPayloadError (a body cut short) and its timeouts. Built-in ConnectionError and
     TimeoutError (socket level) last.
     """
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    try:
-        import httpx2
+    import importlib
 
-        types += [httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError]
-    except ImportError:
-        pass
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    # huggingface_hub 2.x uses httpx2, 1.x httpx: the same classes under either name.
+    for name in ("httpx2", "httpx"):
+        try:
+            httpx = importlib.import_module(name)
+        except ImportError:
+            continue
+        types += [httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError]
     try:
         import requests
 
