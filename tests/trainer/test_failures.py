@@ -178,6 +178,41 @@ def test_config_errors_fail_before_the_model_loads(
     assert written(termination_log) == outcome
 
 
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        # Refused by SFTTrainer.__init__ (after the model loaded): same on every attempt.
+        ({"training": {"extraArgs": {"padding_free": True}}}, "padding_free=True"),
+        ({"training": {"extraArgs": {"eval_strategy": "steps"}}}, "eval_dataset"),
+        # Refused inside Trainer.train() while building the data loader, before step 1.
+        (
+            {"training": {"extraArgs": {"dataset_kwargs": {"skip_prepare_dataset": True}}}},
+            "No columns in the dataset match",
+        ),
+    ],
+)
+def test_settings_the_trainer_refuses_before_step_one_are_config_errors(
+    spec, says, make_config, termination_log
+):
+    outcome = run_worker(make_config(spec))
+    assert (outcome.reason, outcome.exit_code) == ("ConfigError", 12), outcome.message
+    assert says in outcome.message and "before training started" in outcome.message
+    assert outcome.step in (None, 0)
+
+
+def test_assistant_only_loss_on_text_data_is_a_config_error(tiny, make_config):
+    outcome = run_worker(
+        make_config(
+            {
+                "dataset": {"path": str(tiny.data["text"])},
+                "training": {"extraArgs": {"assistant_only_loss": True}},
+            }
+        )
+    )
+    assert (outcome.reason, outcome.exit_code) == ("ConfigError", 12), outcome.message
+    assert "not conversational" in outcome.message
+
+
 def test_a_wrapped_config_error_keeps_its_class():
     # A library that wraps our error (a callback, accelerate) must not turn it into
     # InternalError: the chain is searched for the cause.

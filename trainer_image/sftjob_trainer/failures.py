@@ -173,6 +173,25 @@ def load_failure(kind: type[TrainerFailure], message: str, exc: BaseException) -
     return kind(message)
 
 
+def refused_settings(exc: BaseException, where: str) -> ConfigError | None:
+    """A ConfigError for a ValueError/TypeError raised while setting the run up, else None.
+
+    Before the first step, SFTTrainer and Trainer validate the settings against the model
+    and data (`assistant_only_loss` on text data, `padding_free` without packing, an
+    `eval_strategy` without eval data): a ValueError or TypeError there is the same on
+    every attempt, so relaunching only reloads the model to fail again. OOM and network
+    causes keep their own (retried) classes.
+    """
+    if not isinstance(exc, (ValueError, TypeError)) or isinstance(exc, TrainerFailure):
+        return None
+    if network_cause(exc) is not None or any(_is_oom(link) for link in exception_chain(exc)):
+        return None
+    return ConfigError(
+        f"{where} refused the settings before training started: {type(exc).__name__}: {exc} "
+        "(check spec.training and its extraArgs against the model and the data)"
+    )
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
