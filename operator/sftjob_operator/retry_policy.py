@@ -83,10 +83,11 @@ FATAL_REASONS = tuple(reason for reason, policy in RETRY_POLICY.items() if not p
 
 # Backoff of the transient classes: the kubelet's own CrashLoopBackOff for a crashing
 # container (pkg/kubelet/kubelet.go backOffPeriod = 10 s, doubled per restart, capped at
-# MaxContainerBackOff = 300 s), which users already know from `kubectl get pods`. The trainer's hub client has already retried within the pod
-# (huggingface_hub's http_backoff: 5 tries over about 23 s), so a pod that still failed
-# met an outage of at least that long: waiting 10, 20, 40 s... before reloading the model
-# gives the hub or the network time to come back instead of burning maxRestarts at once.
+# MaxContainerBackOff = 300 s), which users already know from `kubectl get pods`. The
+# trainer's hub client has already retried within the pod (huggingface_hub's http_backoff:
+# 5 tries over about 23 s), so a pod that still failed met an outage at least that long:
+# waiting 10, 20, 40 s... before reloading the model gives the hub or the network time to
+# come back instead of spending every retry.maxRestarts within a minute.
 BACKOFF_BASE_SECONDS = 10.0
 BACKOFF_MAX_SECONDS = 300.0
 
