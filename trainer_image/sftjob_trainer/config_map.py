@@ -199,8 +199,9 @@ def _check_scheduler(args: Any, total_steps: int) -> None:
             scheduler_specific_kwargs=args.lr_scheduler_kwargs,
         )
     except (TypeError, ValueError, KeyError) as exc:
+        schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
         raise ConfigError(
-            f"the learning-rate schedule {getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} refuses "
+            f"the learning-rate schedule {schedule} refuses "
             f"spec.training.extraArgs.lr_scheduler_kwargs={args.lr_scheduler_kwargs!r}: "
             f"{type(exc).__name__}: {exc}"
         ) from None
