@@ -20,6 +20,15 @@ from .settings import TrainerConfig
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
 
+# SFTConfig fields the trainer cannot honour: TRL applies them only when it loads the model
+# itself, and this trainer hands SFTTrainer a loaded model (TRL then warns and ignores
+# them, so `torch_dtype: bogus` used to "work").
+UNUSED_EXTRA_ARGS = {
+    "model_init_kwargs": "the trainer loads the model itself, so SFTConfig.model_init_kwargs "
+    "would be ignored: use model.attnImplementation, model.revision, model.trustRemoteCode and "
+    "training.bf16 (weights load in float32 with bf16 autocast)",
+}
+
 
 def sft_config_fields() -> list[str]:
     from trl import SFTConfig
@@ -31,6 +40,8 @@ def check_extra_args(extra: dict[str, Any], valid: list[str]) -> None:
     """Unknown SFTConfig keys fail before any model is loaded, with the closest names."""
     problems = []
     for key in extra:
+        if key in UNUSED_EXTRA_ARGS:
+            raise ConfigError(f"spec.training.extraArgs.{key}: {UNUSED_EXTRA_ARGS[key]}")
         if key in valid:
             continue
         close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
@@ -115,6 +126,82 @@ def build_sft_config(
     if speed is not None:  # speed.SpeedPlan: its levers never touch keys set in extraArgs
         kwargs.update(speed.sft_kwargs(sft_config_fields()))
     try:
-        return SFTConfig(**kwargs)
+        args = SFTConfig(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"SFTConfig rejected the settings: {exc}") from None
+    check_sft_config(args, total_steps=int((config.plan or {}).get("totalSteps") or 10))
+    return args
+
+
+def _field_name(arg: str) -> str:
+    """Where the user set an SFTConfig argument: its first-class spec field or extraArgs."""
+    from sftjob_operator.api import FIRST_CLASS_ARGS
+
+    first_class = FIRST_CLASS_ARGS.get(arg)
+    return f"spec.{first_class}" if first_class else f"spec.training.extraArgs.{arg}"
+
+
+def check_sft_config(args: Any, *, total_steps: int) -> None:
+    """What SFTConfig accepts but training would refuse later, checked before the model loads.
+
+    Each check runs the code the Trainer itself runs, without its side effects, so a value
+    that fails here would fail there (after the model download, and on every relaunch).
+    """
+    import numpy as np
+    import torch
+
+    for arg in ("seed", "data_seed"):
+        seed = getattr(args, arg, None)
+        if seed is None:
+            continue
+        try:
+            # transformers.set_seed seeds numpy's global RandomState and torch: the same
+            # range checks on private generators, leaving the global ones untouched.
+            np.random.RandomState(seed)
+            torch.Generator().manual_seed(seed)
+        except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
+            raise ConfigError(f"{_field_name(arg)} is {seed!r}: {exc}") from None
+    _check_report_to(args.report_to)
+    _check_scheduler(args, total_steps)
+
+
+def _check_report_to(report_to: Any) -> None:
+    # Trainer.__init__ instantiates these callbacks; each raises when its package is missing.
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:
+        callbacks = get_reporting_integration_callbacks(report_to)
+    except ValueError as exc:
+        raise ConfigError(f"spec.training.extraArgs.report_to: {exc}") from None
+    for callback in callbacks:
+        try:
+            callback()
+        except (ImportError, RuntimeError) as exc:
+            raise ConfigError(
+                f"spec.training.extraArgs.report_to: {exc} This trainer image lacks the "
+                "package: remove it from report_to or use an image that has it."
+            ) from None
+
+
+def _check_scheduler(args: Any, total_steps: int) -> None:
+    # Trainer.create_scheduler's call, on a one-parameter optimizer: lr_scheduler_kwargs
+    # of the wrong shape or missing a required key fail here instead of at the first step.
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+    try:
+        get_scheduler(
+            args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=args.get_warmup_steps(total_steps),
+            num_training_steps=total_steps,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+        )
+    except (TypeError, ValueError, KeyError) as exc:
+        schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        raise ConfigError(
+            f"the learning-rate schedule {schedule} refuses "
+            f"spec.training.extraArgs.lr_scheduler_kwargs={args.lr_scheduler_kwargs!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None

@@ -11,7 +11,7 @@ from typing import Any
 
 from sftjob_operator.api import DatasetSource
 
-from .failures import ConfigError, DataError
+from .failures import ConfigError, DataError, load_failure, network_cause
 
 FILE_BUILDERS = {
     ".json": "json",
@@ -56,6 +56,24 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return builder, found
 
 
+def _probe_http(uri: str) -> BaseException | None:
+    """Why an http(s) data file could not be read, or None when the server answers.
+
+    datasets resolves `data_files` through fsspec and reports any failure to reach a URL
+    (a 503, a dropped connection) as "Unable to find", the cause dropped: one HEAD request
+    tells an outage (NetworkError, retried) from a file that is not there (DataError).
+    """
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(uri, method="HEAD"), timeout=10):
+            return None
+    except Exception as exc:  # noqa: BLE001 - the caller classifies whatever came back
+        return exc
+
+
 def load_rows(source: DatasetSource) -> Any:
     """The split as a datasets.Dataset, limited to `source.limit` rows."""
     import datasets
@@ -76,10 +94,21 @@ def load_rows(source: DatasetSource) -> Any:
             dataset = datasets.load_dataset(source.name, source.config, split=source.split)
     except (DataError, ConfigError):
         raise
-    except FileNotFoundError as exc:
-        raise DataError(f"dataset not found: {exc}") from None
     except Exception as exc:  # datasets raises many types; all mean "cannot read the data"
         where = source.name or source.path or source.uri
+        if network_cause(exc) is not None:
+            # datasets wraps a hub 5xx or a dropped connection in FileNotFoundError ("not
+            # cached"): a transient NetworkError, relaunched after a backoff.
+            raise load_failure(
+                DataError, f"cannot load dataset {where}: {type(exc).__name__}: {exc}", exc
+            ) from None
+        if isinstance(exc, FileNotFoundError):
+            unreachable = _probe_http(source.uri) if source.uri else None
+            if unreachable is not None and network_cause(unreachable) is not None:
+                raise load_failure(
+                    DataError, f"cannot load dataset {where}: {exc}", unreachable
+                ) from None
+            raise DataError(f"dataset not found: {exc}") from None
         if source.path is not None and builder == "json":
             # Arrow refuses rows whose types disagree (content 3 vs "3") without saying
             # which row: re-read the file as plain JSON to name it.

@@ -1,10 +1,13 @@
 """Failure classification: one reason and exit code per kind of failure.
 
-The operator decides what to do from the pod's exit code and termination message:
-an out-of-memory run is relaunched with a smaller micro-batch, a preempted one
-resumes from its checkpoint, and data/config/model errors fail the job at once
-(retrying cannot fix them). So every exit goes through `classify`, and the message
-is short enough for the kubelet, which keeps at most 4096 bytes of it.
+The operator decides what to do from the pod's exit code and termination message
+(its policy per class: sftjob_operator.retry_policy.RETRY_POLICY): an out-of-memory
+run is relaunched with a smaller micro-batch, a preempted one resumes from its
+checkpoint, a model or dataset download that failed on the network (hub 5xx, a
+connection reset, a timeout) is relaunched after a backoff, and data/config/model
+errors fail the job at once (retrying cannot fix them). So every exit goes through
+`classify`, which looks through the whole exception chain for the cause, and the
+message is short enough for the kubelet, which keeps at most 4096 bytes of it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ EXIT_DATA = 11
 EXIT_CONFIG = 12
 EXIT_MODEL_LOAD = 13
 EXIT_INTERRUPTED = 14
+EXIT_NETWORK = 15
 
 EXIT_CODES = {
     "Completed": EXIT_OK,
@@ -35,6 +39,7 @@ EXIT_CODES = {
     "ConfigError": EXIT_CONFIG,
     "ModelLoadError": EXIT_MODEL_LOAD,
     "Interrupted": EXIT_INTERRUPTED,
+    "NetworkError": EXIT_NETWORK,
 }
 REASONS_BY_CODE = {code: reason for reason, code in EXIT_CODES.items()}
 
@@ -59,6 +64,137 @@ class ModelLoadError(TrainerFailure):
 
 class Interrupted(TrainerFailure):
     reason = "Interrupted"
+
+
+class NetworkError(TrainerFailure):
+    """Loading the model, tokenizer or dataset failed on the network: retried after a backoff."""
+
+    reason = "NetworkError"
+
+
+# HTTP answers worth another try: huggingface_hub's own retry set
+# (huggingface_hub/utils/_http.py _DEFAULT_RETRY_ON_STATUS_CODES). Any other 4xx (404 no
+# such repo or file, 401/403 gated or no token) is an answer, not an outage.
+RETRYABLE_HTTP_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and every exception behind it (__cause__, else __context__), outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _http_status(exc: BaseException) -> int | None:
+    # httpx2.HTTPStatusError / HfHubHTTPError / requests.HTTPError carry .response.status_code;
+    # aiohttp.ClientResponseError (fsspec's http filesystem) carries .status, urllib's
+    # HTTPError .code.
+    import urllib.error
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status is None and type(exc).__name__ == "ClientResponseError":
+        status = getattr(exc, "status", None)
+    if status is None and isinstance(exc, urllib.error.HTTPError):
+        status = exc.code
+    return status if isinstance(status, int) else None
+
+
+def _transport_error_types() -> tuple[type[BaseException], ...]:
+    """Errors of the connection itself, from each HTTP stack the loaders use.
+
+    httpx2 (huggingface_hub, so transformers and datasets): the classes huggingface_hub
+    itself retries (_DEFAULT_RETRY_ON_EXCEPTIONS: TimeoutException, NetworkError,
+    RemoteProtocolError). requests: ConnectionError and Timeout. aiohttp (fsspec http for
+    dataset.uri): ClientConnectionError (resets, refused, server disconnected),
+    ClientPayloadError (a body cut short) and its timeouts. Built-in ConnectionError and
+    TimeoutError (socket level) last.
+    """
+    import importlib
+
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    # huggingface_hub 2.x uses httpx2, 1.x httpx: the same classes under either name.
+    for name in ("httpx2", "httpx"):
+        try:
+            httpx = importlib.import_module(name)
+        except ImportError:
+            continue
+        types += [httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError]
+    try:
+        import requests
+
+        types += [requests.ConnectionError, requests.Timeout]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _offline_mode_error(exc: BaseException) -> bool:
+    # huggingface_hub's OfflineModeIsEnabled is a ConnectionError, but HF_HUB_OFFLINE=1 is a
+    # setting: retrying changes nothing.
+    return type(exc).__name__ == "OfflineModeIsEnabled"
+
+
+def network_cause(exc: BaseException) -> BaseException | None:
+    """The transient network failure behind `exc`, or None.
+
+    None as soon as the chain holds a definite HTTP answer (a 404, a 401): the hub said
+    no, however the connection behaved before.
+    """
+    chain = exception_chain(exc)
+    if any(_offline_mode_error(link) for link in chain):
+        return None
+    statuses = [status for link in chain if (status := _http_status(link)) is not None]
+    if any(400 <= status < 500 and status not in RETRYABLE_HTTP_STATUS for status in statuses):
+        return None
+    for link in chain:
+        if (_http_status(link) or 0) in RETRYABLE_HTTP_STATUS:
+            return link
+    transport = _transport_error_types()
+    return next((link for link in chain if isinstance(link, transport)), None)
+
+
+def load_failure(kind: type[TrainerFailure], message: str, exc: BaseException) -> TrainerFailure:
+    """`kind` (ModelLoadError, DataError) for `exc`, or NetworkError when the network failed."""
+    cause = network_cause(exc)
+    if cause is not None:
+        return NetworkError(
+            f"{message} (network: {type(cause).__name__}: {_first_line(cause)}; transient, "
+            "relaunched after a backoff)"
+        )
+    return kind(message)
+
+
+def refused_settings(exc: BaseException, where: str) -> ConfigError | None:
+    """A ConfigError for a ValueError/TypeError raised while setting the run up, else None.
+
+    Before the first step, SFTTrainer and Trainer validate the settings against the model
+    and data (`assistant_only_loss` on text data, `padding_free` without packing, an
+    `eval_strategy` without eval data): a ValueError or TypeError there is the same on
+    every attempt, so relaunching only reloads the model to fail again. OOM and network
+    causes keep their own (retried) classes.
+    """
+    if not isinstance(exc, (ValueError, TypeError)) or isinstance(exc, TrainerFailure):
+        return None
+    if network_cause(exc) is not None or any(_is_oom(link) for link in exception_chain(exc)):
+        return None
+    return ConfigError(
+        f"{where} refused the settings before training started: {type(exc).__name__}: {exc} "
+        "(check spec.training and its extraArgs against the model and the data)"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 @dataclass(frozen=True)
@@ -106,19 +242,32 @@ def _shorten(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
 
 
 def classify(exc: BaseException, step: int | None = None) -> Outcome:
-    """The outcome for an exception raised anywhere in the worker."""
-    if isinstance(exc, TrainerFailure):
-        return Outcome(exc.reason, _shorten(str(exc)), step)
-    if _is_oom(exc):
+    """The outcome for an exception raised anywhere in the worker.
+
+    The cause may sit deeper than the exception that arrives here (a library wraps our
+    ConfigError, an OOM, or a connection reset in its own error): the whole chain is
+    searched, a classified TrainerFailure first, then OOM, then a network failure.
+    """
+    chain = exception_chain(exc)
+    known = next((link for link in chain if isinstance(link, TrainerFailure)), None)
+    if known is not None:
+        return Outcome(known.reason, _shorten(str(known)), step)
+    oom = next((link for link in chain if _is_oom(link)), None)
+    if oom is not None:
         return Outcome(
             "OutOfMemory",
-            _shorten(
-                f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            ),
+            _shorten(f"out of memory: {_first_line(oom) or type(oom).__name__}"),
             step,
         )
     if isinstance(exc, KeyboardInterrupt):
         return Outcome("Interrupted", "interrupted", step)
+    cause = network_cause(exc)
+    if cause is not None:
+        return Outcome(
+            "NetworkError",
+            _shorten(f"{type(exc).__name__}: {exc} (network: {type(cause).__name__})"),
+            step,
+        )
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     return Outcome("InternalError", _shorten(f"{type(exc).__name__}: {exc}{where}"), step)
@@ -142,18 +291,21 @@ def write_outcome(outcome: Outcome, path: Path | None = None) -> bool:
 # When several ranks report, the most specific cause wins: a rank that ran out of
 # memory makes the launcher stop the others (they then report Interrupted or a
 # broken collective as InternalError), and the operator must see OutOfMemory.
+# Deterministic errors come before OOM (a smaller batch would meet them again); the
+# same order as the operator's across pods (sftjob_operator.retry_policy.RETRY_POLICY).
 _PRIORITY = {
-    "OutOfMemory": 0,
-    "DataError": 1,
-    "ConfigError": 1,
-    "ModelLoadError": 1,
-    "InternalError": 2,
-    "Interrupted": 3,
-    "Completed": 4,
+    "DataError": 0,
+    "ConfigError": 0,
+    "ModelLoadError": 0,
+    "OutOfMemory": 1,
+    "NetworkError": 2,
+    "InternalError": 3,
+    "Interrupted": 4,
+    "Completed": 5,
 }
 
 
 def most_specific(outcomes: list[Outcome]) -> Outcome | None:
     if not outcomes:
         return None
-    return min(outcomes, key=lambda o: _PRIORITY.get(o.reason, 2))
+    return min(outcomes, key=lambda o: _PRIORITY.get(o.reason, _PRIORITY["InternalError"]))

@@ -7,7 +7,7 @@ from typing import Any
 
 from sftjob_operator.api import ModelSource
 
-from .failures import ConfigError, ModelLoadError
+from .failures import ConfigError, ModelLoadError, load_failure
 
 
 def _source(model: ModelSource) -> str:
@@ -58,8 +58,10 @@ def load_tokenizer(model: ModelSource) -> Any:
             trust_remote_code=model.trustRemoteCode,
         )
     except Exception as exc:
-        raise ModelLoadError(
-            f"cannot load tokenizer {source}: {type(exc).__name__}: {exc}"
+        # A hub 5xx or a connection reset is NetworkError (relaunched after a backoff); a
+        # missing repo, file or token stays ModelLoadError (never retried).
+        raise load_failure(
+            ModelLoadError, f"cannot load tokenizer {source}: {type(exc).__name__}: {exc}", exc
         ) from None
     if tokenizer.pad_token is None:
         # Batching needs a pad token; most causal LMs reuse eos, as TRL does.
@@ -88,7 +90,9 @@ def load_model(model: ModelSource, *, method: str, use_cpu: bool) -> Any:
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"cannot load model {source}: {type(exc).__name__}: {exc}") from None
+        raise load_failure(
+            ModelLoadError, f"cannot load model {source}: {type(exc).__name__}: {exc}", exc
+        ) from None
     if use_cpu and method == "qlora":
         raise ConfigError("method qlora cannot run on CPU")
     return loaded

@@ -27,7 +27,7 @@ from sftjob_operator.plan import BatchShape, steps_per_epoch
 
 from .config_map import CHECKPOINT_DIR, FINAL_DIR, build_sft_config
 from .data import is_conversational, prepare_dataset
-from .failures import ConfigError, Interrupted
+from .failures import ConfigError, Interrupted, refused_settings
 from .model import load_model, load_tokenizer, lora_config, quantization_config
 from .progress import Reporter, make_progress_callback, make_sink
 from .settings import TrainerConfig
@@ -45,6 +45,7 @@ class RunState:
 
     step: int | None = None
     training: bool = False
+    stepped: bool = False  # a training step has begun: errors since are not set-up errors
     stop_requested: bool = False
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -126,6 +127,7 @@ def _callbacks(per_device: int) -> list[Any]:
             STATE.step = state.global_step
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            STATE.stepped = True
             # Test hook for the operator's OOM auto-shrink: a deterministic OOM without a GPU.
             if oom_above and per_device > int(oom_above):
                 raise torch.OutOfMemoryError(
@@ -191,14 +193,20 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
     )
     peft_config = lora_config(resolved.get("lora"))
 
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=_callbacks(args.per_device_train_batch_size) + list(callbacks or []),
-    )
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=_callbacks(args.per_device_train_batch_size) + list(callbacks or []),
+        )
+    except Exception as exc:
+        refused = refused_settings(exc, "SFTTrainer")
+        if refused is None:
+            raise
+        raise refused from exc
     speed.apply(trainer)
     shield_loader_workers(trainer)
     if spec.distributed == "fsdp" and not trainer.is_fsdp_enabled:
@@ -251,7 +259,14 @@ def main(config: TrainerConfig) -> dict[str, Any]:
         "datasetSize": len(trainer.train_dataset),
         "resumedFrom": str(resume) if resume else None,
     }
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception as exc:
+        # The data loader, optimizer and schedule are built inside train(), before step 1.
+        refused = None if STATE.stepped else refused_settings(exc, "the Trainer")
+        if refused is None:
+            raise
+        raise refused from exc
     STATE.training = False
     STATE.step = trainer.state.global_step
     STATE.result.update(step=trainer.state.global_step, totalSteps=trainer.state.max_steps)
