@@ -16,7 +16,7 @@ from typing import Any, Literal
 from . import conditions as cond
 from .api import EffectiveTraining, FailureInfo, SFTJob, SFTJobSpec, SFTJobStatus
 from .children import build_pods, training_spec_hash
-from .pod_state import is_live, pod_attempt, pod_phase, pod_rank, unschedulable_message
+from .pod_state import is_live, pod_attempt, pod_phase, pod_rank, start_verdict
 from .retry_policy import Failure, decide_retry, decisive_failure
 from .trainer_config import build_trainer_config
 
@@ -40,6 +40,8 @@ class Actions:
     trainer_config: dict[str, Any] | None = None
     events: list[Event] = field(default_factory=list)
     delete_job: bool = False
+    # Seconds until this job needs a pass even if nothing changes (a wait that ends).
+    requeue_after: float | None = None
 
 
 def is_same_job(handed_uid: str | None, live: Mapping[str, Any] | None) -> bool:
@@ -234,6 +236,25 @@ def reconcile_job(
         actions.events.append(Event("Normal", "Succeeded", message))
         return _finish(actions, status, original)
 
+    # A pod that cannot start (kubelet waiting reason, Unschedulable) holds up every rank.
+    blocked = start_verdict(current.values(), spec.retry.podStartTimeoutSeconds, now)
+    if blocked is not None:
+        if blocked.fail:
+            actions.delete_pods += [p["metadata"]["name"] for p in current.values() if is_live(p)]
+            _fail(status, blocked.reason, blocked.message, stamp, generation, actions)
+        else:
+            status.conditions = cond.set_condition(
+                status.conditions,
+                cond.RUNNING,
+                "False",
+                blocked.reason,
+                blocked.message,
+                stamp,
+                generation,
+            )
+            actions.requeue_after = blocked.requeue_after
+        return _finish(actions, status, original)
+
     if any(phase == "Running" for phase in phases):
         if status.phase != "Running":
             status.phase = "Running"
@@ -245,11 +266,6 @@ def reconcile_job(
             actions.events.append(Event("Normal", "Running", message))
         return _finish(actions, status, original)
 
-    waiting = next((m for p in current.values() if (m := unschedulable_message(p))), None)
-    if waiting:
-        status.conditions = cond.set_condition(
-            status.conditions, cond.RUNNING, "False", "Unschedulable", waiting, stamp, generation
-        )
     return _finish(actions, status, original)
 
 

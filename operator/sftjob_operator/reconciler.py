@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from kubernetes.client import ApiException
 from pydantic import ValidationError
 
-from . import lifecycle
+from . import lifecycle, refusals
 from .api import SFTJob, SFTJobSpec, SFTJobStatus, SpecError, parse_sftjob
 from .children import DEFAULT_TRAINER_IMAGE, LABEL_JOB, build_static_children, config_map_name
 from .kube import Kube
 from .metrics import METRICS
+from .pod_state import pod_attempt
 from .trainer_config import CONFIG_KEY
 
 log = logging.getLogger(__name__)
@@ -83,14 +85,14 @@ async def reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSetti
     """
     started = time.monotonic()
     try:
-        return Outcome(await _reconcile(body, kube, settings))
+        return await _reconcile(body, kube, settings)
     except JobGone:
         return Outcome(None)
     finally:
         METRICS.reconcile_seconds.observe(time.monotonic() - started)
 
 
-async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> str:
+async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> Outcome:
     metadata = body["metadata"]
     namespace, name = metadata["namespace"], metadata["name"]
     generation = metadata.get("generation")
@@ -104,10 +106,10 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
     except SpecError as exc:
         if existing and existing.attempts > 0:
             # Already running: an invalid edit must not stop the run it cannot describe.
-            return existing.phase or "Running"
+            return Outcome(existing.phase or "Running")
         if existing is None or existing.observedGeneration != generation:
             await _report_invalid(kube, body, existing, exc, now)
-        return "Failed"
+        return Outcome("Failed")
 
     status = job.status or SFTJobStatus()
     if status.attempts == 0 and status.phase not in ("Failed", "Succeeded"):
@@ -116,7 +118,7 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
                 patch = lifecycle.planned_status(job, now)
             except SpecError as exc:  # e.g. drop_last with an empty dataloader
                 await _report_invalid(kube, body, existing, exc, now)
-                return "Failed"
+                return Outcome("Failed")
             await _patch_status(kube, namespace, name, patch)
             planned = next(c for c in patch["conditions"] if c["type"] == "Planned")
             await asyncio.to_thread(
@@ -135,10 +137,11 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
     pods = await asyncio.to_thread(kube.list_job_pods, namespace, name, LABEL_JOB)
     launched = await _launched_spec(kube, namespace, name) if status.attempts > 0 else None
     actions = lifecycle.reconcile_job(job, pods, now, settings.default_image, launched)
-    await _apply(job, body, actions, kube)
+    refused_wait = await _apply(job, body, actions, kube, now)
     phase = actions.status.get("phase") or (job.status.phase if job.status else None) or "Pending"
     METRICS.observe_phase(namespace, name, phase)
-    return phase
+    waits = [w for w in (actions.requeue_after, refused_wait) if w is not None]
+    return Outcome(phase, min(waits) if waits else None)
 
 
 async def _patch_status(kube: Kube, namespace: str, name: str, patch: dict[str, Any]) -> None:
@@ -176,14 +179,63 @@ async def _launched_spec(kube: Kube, namespace: str, name: str) -> SFTJobSpec | 
         return None
 
 
+class ChildRefused(Exception):
+    """The API refused to create a child; `refusal` is its answer, in its own words."""
+
+    def __init__(self, refusal: refusals.Refusal):
+        super().__init__(refusal.describe())
+        self.refusal = refusal
+
+
+async def _create(kube: Kube, manifest: dict[str, Any]) -> bool:
+    try:
+        return await asyncio.to_thread(kube.create_if_absent, manifest)
+    except ApiException as exc:
+        refusal = refusals.refusal_from_exception(exc, manifest)
+        if refusal is None:
+            raise
+        raise ChildRefused(refusal) from exc
+
+
 async def _apply(
-    job: SFTJob, body: Mapping[str, Any], actions: lifecycle.Actions, kube: Kube
-) -> None:
+    job: SFTJob, body: Mapping[str, Any], actions: lifecycle.Actions, kube: Kube, now: datetime
+) -> float | None:
+    """Apply `actions`; seconds until a refused create may be tried again, if one was."""
+    namespace = job.metadata.namespace or "default"
+    name = job.metadata.name
+    timeout = job.spec.retry.podStartTimeoutSeconds
+    creates = actions.trainer_config is not None or bool(actions.create_pods)
+    if creates and (wait := refusals.retry_wait(job.status, now, timeout)) is not None:
+        actions.status = {}  # nothing of this pass happens: a refused create waits its back-off
+        return wait
+    try:
+        await _create_children(job, actions, kube)
+    except ChildRefused as refused:
+        attempt = pod_attempt(actions.create_pods[0]) if actions.create_pods else None
+        outcome = refusals.refused_status(
+            job.status, refused.refusal, now, job.metadata.generation, timeout, attempt
+        )
+        log.warning("%s/%s: %s", namespace, name, outcome.event_message)
+        # Only the refusal is recorded: the next pass computes the same launch again.
+        actions.status = outcome.status
+        actions.events = [lifecycle.Event("Warning", outcome.event_reason, outcome.event_message)]
+        actions.delete_job = False
+        await _finish_apply(job, body, actions, kube)
+        return outcome.requeue_after
+    if creates:
+        actions.status = refusals.created_status(
+            job.status, actions.status, now, job.metadata.generation
+        )
+    await _finish_apply(job, body, actions, kube)
+    return None
+
+
+async def _create_children(job: SFTJob, actions: lifecycle.Actions, kube: Kube) -> None:
     namespace = job.metadata.namespace or "default"
     name = job.metadata.name
     if actions.trainer_config is not None:
         for child in build_static_children(job, actions.trainer_config):
-            created = await asyncio.to_thread(kube.create_if_absent, child)
+            created = await _create(kube, child)
             if not created and child["kind"] == "ConfigMap":
                 # A relaunch (OOM shrink) changes the batch sizes the ranks must read.
                 await asyncio.to_thread(
@@ -195,7 +247,14 @@ async def _apply(
     for pod_name in dict.fromkeys(actions.delete_pods):
         await asyncio.to_thread(kube.delete_pod, namespace, pod_name)
     for pod in actions.create_pods:
-        await asyncio.to_thread(kube.create_if_absent, pod)
+        await _create(kube, pod)
+
+
+async def _finish_apply(
+    job: SFTJob, body: Mapping[str, Any], actions: lifecycle.Actions, kube: Kube
+) -> None:
+    namespace = job.metadata.namespace or "default"
+    name = job.metadata.name
     if actions.status:
         await _patch_status(kube, namespace, name, actions.status)
     for event in actions.events:
