@@ -99,6 +99,11 @@ async def _reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSett
     live = await asyncio.to_thread(kube.read_job, namespace, name)
     if not lifecycle.is_same_job(metadata.get("uid"), live):
         raise JobGone
+    # Decide from the job as it is now, not Kopf's cached body: a pass queued behind
+    # another (or a timer tick racing the watch) would otherwise redo what the other
+    # already recorded, e.g. retry a create the API refused a moment ago.
+    body = live or body
+    generation = body["metadata"].get("generation")
     now = datetime.now(UTC)
     existing = _status_from(body)
     try:
