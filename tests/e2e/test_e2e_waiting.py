@@ -51,3 +51,18 @@ def test_missing_secret_fails_after_the_pod_start_timeout(cluster: E2ECluster) -
     assert (parse(failed["lastTransitionTime"]) - created).total_seconds() >= 9, failed
     cluster.wait_no_pods(name, timeout=60)
     assert status["attempts"] == 1 and status.get("restarts", 0) == 0
+
+
+@pytest.mark.timeout(120)
+def test_unparsable_image_fails_at_once(cluster: E2ECluster) -> None:
+    name = cluster.name("bad-image")
+    image = "example.test/Trainer:dev"  # upper case: no valid image reference
+    # A day-long timeout: InvalidImageName never heals, so the job must not wait for it.
+    spec = {"image": image, "retry": {"podStartTimeoutSeconds": 86400}}
+    cluster.submit(cluster.job_manifest("tiny-cpu.yaml", name, {"spec": spec}))
+
+    status = cluster.wait_phase(name, "Failed", timeout=60)
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "InvalidImageName", failed
+    assert image in failed["message"] and "never heals" in failed["message"], failed
+    cluster.wait_no_pods(name, timeout=60)

@@ -131,3 +131,27 @@ def test_the_wait_heals_when_the_pod_starts() -> None:
     assert job.status is not None and job.status.phase == "Running"
     assert conditions(job)["Running"].status == "True"
     assert actions.requeue_after is None
+
+
+def test_unschedulable_longer_than_the_timeout_fails() -> None:
+    job = launched(timeout=300)
+    why = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    stuck = pod(0)
+    stuck["status"]["conditions"] = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": why,
+            "lastTransitionTime": iso(NOW + timedelta(seconds=2)),
+        }
+    ]
+    waiting = reconcile_job(job, [stuck], NOW + timedelta(seconds=100), IMAGE)
+    assert waiting.requeue_after == 202  # from the Unschedulable transition, not creation
+    job = apply(job, waiting)
+    assert conditions(job)["Running"].reason == "Unschedulable"
+    actions = reconcile_job(job, [stuck], NOW + timedelta(seconds=302), IMAGE)
+    job = apply(job, actions)
+    failed = conditions(job)["Failed"]
+    assert (failed.reason, job.status and job.status.phase) == ("Unschedulable", "Failed")
+    assert why in failed.message and actions.delete_pods == ["demo-a1-r0"]
