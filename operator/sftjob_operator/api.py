@@ -595,6 +595,19 @@ class RetrySpec(SpecModel):
         description="On out-of-memory, halve perDeviceTrainBatchSize and double "
         "gradientAccumulationSteps (same effective batch and plan) and relaunch.",
     )
+    # 600 s, the default of a Deployment's progressDeadlineSeconds: room for the kubelet's
+    # image pull back-off (10 s doubling to its 300 s cap, so six pulls) and for a cluster
+    # autoscaler to add a node, short enough that a typo in an image or Secret name is
+    # reported as a failure within minutes.
+    podStartTimeoutSeconds: PositiveInt = Field(
+        default=600,
+        description="How long a launch may wait for its pods to start while they cannot: "
+        "unschedulable, an image that cannot be pulled, a missing Secret or ConfigMap "
+        "(CreateContainerConfigError), or a create the API refuses for a reason only an "
+        "admin can fix (RBAC, a quota smaller than one pod). Then the job fails with the "
+        "kubelet's, scheduler's or API's reason. InvalidImageName and invalid objects "
+        "fail at once.",
+    )
 
 
 Distributed = Literal["ddp", "fsdp"]

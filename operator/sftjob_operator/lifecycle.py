@@ -30,14 +30,7 @@ from pydantic import ValidationError
 from . import conditions as cond
 from .api import EffectiveTraining, FailureInfo, SFTJob, SFTJobSpec, SFTJobStatus, SpecError
 from .children import build_pod, training_spec_hash
-from .pod_state import (
-    is_live,
-    owned_by,
-    pod_attempt,
-    pod_phase,
-    pod_rank,
-    unschedulable_message,
-)
+from .pod_state import is_live, owned_by, pod_attempt, pod_phase, pod_rank, start_verdict
 from .retry_policy import Failure, decide_retry, decisive_failure
 from .trainer_config import build_trainer_config
 
@@ -89,6 +82,7 @@ class Actions:
     delete_job: bool = False
     launch_status: dict[str, Any] = field(default_factory=dict)
     launch_events: list[Event] = field(default_factory=list)
+    # Seconds until this job needs a pass even if nothing changes (a wait that ends).
     requeue_after: float | None = None
 
     def requeue(self, seconds: float) -> None:
@@ -374,17 +368,25 @@ def _observe_run(p: _Pass) -> None:
         _expire(p)
         return
 
-    if any(phase == "Running" for phase in phases):
-        if status.phase != "Running":
-            status.phase = "Running"
-            status.startTime = status.startTime or _earliest_start(current.values()) or p.stamp
-            message = f"launch {status.attempts}: training on {len(phases)} pod(s)"
-            p.set_exclusive(cond.RUNNING, "Training", message)
-            p.actions.events.append(Event("Normal", "Running", message, f"a{status.attempts}"))
-    else:
-        waiting = next((m for pod in current.values() if (m := unschedulable_message(pod))), None)
-        if waiting:
-            p.set(cond.RUNNING, "False", "Unschedulable", waiting)
+    # A pod that cannot start (kubelet waiting reason, Unschedulable) holds up every rank.
+    blocked = start_verdict(current.values(), spec.retry.podStartTimeoutSeconds, p.now)
+    if blocked is not None:
+        if blocked.fail:
+            p.delete_live(current.values())
+            _fail(p, blocked.reason, blocked.message)
+            return
+        p.set(cond.RUNNING, "False", blocked.reason, blocked.message)
+        if blocked.requeue_after is not None:
+            p.actions.requeue(blocked.requeue_after)
+        _requeue_at_deadline(p)
+        return
+
+    if any(phase == "Running" for phase in phases) and status.phase != "Running":
+        status.phase = "Running"
+        status.startTime = status.startTime or _earliest_start(current.values()) or p.stamp
+        message = f"launch {status.attempts}: training on {len(phases)} pod(s)"
+        p.set_exclusive(cond.RUNNING, "Training", message)
+        p.actions.events.append(Event("Normal", "Running", message, f"a{status.attempts}"))
     _requeue_at_deadline(p)
 
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from kubernetes.client import ApiException
 from pydantic import ValidationError
 
-from . import lifecycle, progress_report
+from . import lifecycle, progress_report, refusals
 from .api import ObjectMeta, SFTJob, SFTJobSpec, SFTJobStatus, SpecError, parse_sftjob
 from .children import (
     DEFAULT_TRAINER_IMAGE,
@@ -266,15 +267,37 @@ async def _post_events(kube: Kube, live: Mapping[str, Any], events: list[lifecyc
         )
 
 
+class ChildRefused(Exception):
+    """The API refused to create a child; `refusal` is its answer, in its own words."""
+
+    def __init__(self, refusal: refusals.Refusal):
+        super().__init__(refusal.describe())
+        self.refusal = refusal
+
+
+async def _create(kube: Kube, manifest: dict[str, Any]) -> str:
+    """`kube.create_if_absent`, with an API refusal turned into ChildRefused."""
+    try:
+        return await asyncio.to_thread(kube.create_if_absent, manifest)
+    except ApiException as exc:
+        refusal = refusals.refusal_from_exception(exc, manifest)
+        if refusal is None:
+            raise
+        raise ChildRefused(refusal) from exc
+
+
 async def _create_children(job: SFTJob, actions: lifecycle.Actions, kube: Kube) -> list[str]:
-    """Static children, then pods; the `Kind/name`s held by another owner (never adopted)."""
+    """Static children, then pods; the `Kind/name`s held by another owner (never adopted).
+
+    Raises ChildRefused when the API refuses one (the rest of the launch is not tried).
+    """
     namespace = job.metadata.namespace or "default"
     name = job.metadata.name
     conflicts: list[str] = []
     assert actions.trainer_config is not None
     attempt = actions.trainer_config.get("attempt")
     for child in build_static_children(job, actions.trainer_config):
-        result = await asyncio.to_thread(kube.create_if_absent, child)
+        result = await _create(kube, child)
         if result == "foreign":
             conflicts.append(f"{child['kind']} {child['metadata']['name']}")
         elif result == "ours" and child["metadata"]["name"] == config_map_name(name):
@@ -296,9 +319,14 @@ async def _create_children(job: SFTJob, actions: lifecycle.Actions, kube: Kube) 
     if conflicts:
         return conflicts  # pods would run without their own config or RBAC
     for pod in actions.create_pods:
-        if await asyncio.to_thread(kube.create_if_absent, pod) == "foreign":
+        if await _create(kube, pod) == "foreign":
             conflicts.append(f"Pod {pod['metadata']['name']}")
     return conflicts
+
+
+def _sooner(first: float | None, second: float | None) -> float | None:
+    waits = [w for w in (first, second) if w is not None]
+    return min(waits) if waits else None
 
 
 async def _apply(
@@ -312,27 +340,46 @@ async def _apply(
     """Apply the actions in their crash-safe order; the pass's requeue_after."""
     namespace = job.metadata.namespace or "default"
     name = job.metadata.name
+    generation = job.metadata.generation
     requeue_after = actions.requeue_after
     await _post_events(kube, live, actions.events)
     if actions.status:
         await writer.patch(actions.status)
     for pod_name in dict.fromkeys(actions.delete_pods):
         await asyncio.to_thread(kube.delete_pod, namespace, pod_name)
-    conflicts: list[str] = []
+    # The status as this pass left it: what a refusal or a conflict is recorded on top of.
+    status = SFTJobStatus.model_validate(
+        {**(job.status or SFTJobStatus()).model_dump(mode="json"), **actions.status}
+    )
+    launch_status = actions.launch_status
     if actions.trainer_config is not None:
-        conflicts = await _create_children(job, actions, kube)
-    if conflicts:
-        status = SFTJobStatus.model_validate(
-            {**(job.status or SFTJobStatus()).model_dump(mode="json"), **actions.status}
-        )
-        patch = lifecycle.child_conflict_status(status, conflicts, now, job.metadata.generation)
-        log.info("%s/%s: %s held by another owner; launch retried", namespace, name, conflicts)
-        await writer.patch(patch)
-        retry = lifecycle.CHILD_CONFLICT_RETRY_SECONDS
-        return retry if requeue_after is None else min(requeue_after, retry)
+        timeout = job.spec.retry.podStartTimeoutSeconds
+        wait = refusals.retry_wait(status, now, timeout)
+        if wait is not None:
+            # A refused create waits its back-off; a later pass completes the launch.
+            return _sooner(requeue_after, wait)
+        try:
+            conflicts = await _create_children(job, actions, kube)
+        except ChildRefused as refused:
+            attempt = actions.trainer_config.get("attempt")
+            outcome = refusals.refused_status(
+                status, refused.refusal, now, generation, timeout, attempt
+            )
+            log.warning("%s/%s: %s", namespace, name, outcome.event_message)
+            event = lifecycle.Event("Warning", outcome.event_reason, outcome.event_message)
+            await _post_events(kube, live, [event])
+            # Only the refusal is recorded, not the launch: a later pass tries it again.
+            await writer.patch(outcome.status)
+            return _sooner(requeue_after, outcome.requeue_after)
+        if conflicts:
+            patch = lifecycle.child_conflict_status(status, conflicts, now, generation)
+            log.info("%s/%s: %s held by another owner; launch retried", namespace, name, conflicts)
+            await writer.patch(patch)
+            return _sooner(requeue_after, lifecycle.CHILD_CONFLICT_RETRY_SECONDS)
+        launch_status = refusals.created_status(status, launch_status, now, generation)
     await _post_events(kube, live, actions.launch_events)
-    if actions.launch_status:
-        await writer.patch(actions.launch_status)
+    if launch_status:
+        await writer.patch(launch_status)
     if actions.delete_job:
         await asyncio.to_thread(kube.delete_job, namespace, name)
         METRICS.forget(namespace, name)
