@@ -32,8 +32,15 @@ def make_job(timeout: int | None = None, nodes: int = 1) -> SFTJob:
 
 
 def apply(job: SFTJob, actions: Actions) -> SFTJob:
+    """The job after the shell's merge patches: the pass's decision, then (every create
+    having succeeded) its launch-complete patch; None deletes a field."""
     current = job.status.model_dump(mode="json", exclude_none=True) if job.status else {}
-    current.update({k: v for k, v in actions.status.items() if v is not None})
+    for patch in (actions.status, actions.launch_status):
+        for key, value in patch.items():
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
     return job.model_copy(update={"status": SFTJobStatus.model_validate(current)})
 
 
@@ -55,6 +62,10 @@ def pod(rank: int, phase: str = "Pending", waiting: dict[str, str] | None = None
             "name": f"demo-a1-r{rank}",
             "creationTimestamp": iso(NOW),
             "labels": {"sftjob.dev/attempt": "1", "sftjob.dev/rank": str(rank)},
+            # Owned by the job (only pods whose controller is the job's uid are its own).
+            "ownerReferences": [
+                {"kind": "SFTJob", "name": "demo", "uid": "u-1", "controller": True}
+            ],
         },
         "status": status,
     }
