@@ -40,6 +40,7 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
 
 
 def apply(trainer: Any, plan: Plan) -> str:
+    """The cast on the input embedding (residual_stream.py), while training runs."""
     from .residual_stream import use_bf16_residual_stream
 
     return use_bf16_residual_stream(trainer)

@@ -1,7 +1,9 @@
 """The compile lever: torch.compile over static batches, its kernel cache and block mask.
 
 SFTConfig torch_compile, with every packed micro-batch padded to one static shape so the
-model compiles once (CUDA with flex attention under "auto").
+model compiles once (CUDA with flex attention under "auto"). The launcher and the planner
+also keep inductor's compiled kernels on the output volume (keep_compiled_kernels), and
+the planner lets a compiled model trace flex attention's block mask (block_mask_in_graph).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .contract import Choice, Hardware, Job, Plan, SpeedOptions
 from .token_tally import token_tally
 
 SWITCH = "compile"
+# The planner's logger: the cache and static-batch lines read as they did in speed.py.
 log = logging.getLogger("sftjob_trainer.speed")
 
 # Keys of TRL's padding-free batches that only varlen kernels (flash attention) read. Their

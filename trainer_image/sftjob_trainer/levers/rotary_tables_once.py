@@ -33,6 +33,7 @@ def decide(opt: SpeedOptions, compiled: Choice) -> Choice:
 
 
 def apply(trainer: Any, plan: Plan) -> str:
+    """The hook on the rotary modules (rotary_tables.py), while training runs."""
     from .rotary_tables import use_rotary_tables_once
 
     return use_rotary_tables_once(trainer)
