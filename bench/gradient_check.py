@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer_image"))
 
 import torch  # noqa: E402
 from sftjob_bench.bench import TINY  # noqa: E402
-from sftjob_trainer.weight_copies import (  # noqa: E402
+from sftjob_trainer.levers.weight_copies import (  # noqa: E402
     LinearAccumulatingInMatmul,
     WeightCopies,
     matmul_adds_in_fp32,

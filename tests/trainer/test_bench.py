@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 from sftjob_bench.bench_report import report
-from sftjob_trainer.device_memory import usable_memory_gib
 from sftjob_trainer.failures import ConfigError
+from sftjob_trainer.levers.micro_batch import decide as micro_batch
+from sftjob_trainer.levers.micro_batch import kept_logits_bytes
 from sftjob_trainer.speed import (
     Hardware,
     Job,
@@ -22,9 +23,8 @@ from sftjob_trainer.speed import (
     cpus_per_process,
     decide,
     keep_compiled_kernels,
-    kept_logits_bytes,
-    micro_batch,
     options_from,
+    usable_memory_gib,
 )
 
 # Stored GPU runs (JSON lines) that the criteria are checked against.
@@ -136,7 +136,7 @@ def test_estimate_counts_the_logits_the_lean_head_keeps() -> None:
 
 
 def test_estimate_counts_the_weight_copies() -> None:
-    from sftjob_trainer.speed import static_bytes
+    from sftjob_trainer.levers.micro_batch import static_bytes
 
     copies = 2 * (QWEN_15B.params - QWEN_15B.vocab * QWEN_15B.hidden)  # bf16, no embedding
     assert static_bytes(QWEN_15B, "full", weight_copies=True) - static_bytes(

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from sftjob_trainer.kept_logits import KeptLogitsLogProb, fits
-from sftjob_trainer.lean_steps import lean_lm_head
+from sftjob_trainer.levers.kept_logits import KeptLogitsLogProb, fits
+from sftjob_trainer.levers.lean_steps import lean_lm_head
 from transformers import AutoModelForCausalLM
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import add_fused_lm_head

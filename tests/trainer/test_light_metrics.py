@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from sftjob_trainer.lean_steps import IGNORED_SHARE_MAX, ignored_label_share
+from sftjob_trainer.levers.lean_steps import IGNORED_SHARE_MAX, ignored_label_share
 from sftjob_trainer.settings import load_config
 from sftjob_trainer.train import build_trainer
 from transformers import TrainerCallback

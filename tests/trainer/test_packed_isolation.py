@@ -13,7 +13,8 @@ import logging
 import pytest
 import torch
 from sftjob_bench.bench import isolation_check
-from sftjob_trainer.speed import Hardware, Job, SpeedOptions, decide, flex_attention
+from sftjob_trainer.levers.flex_attention import decide as flex_attention
+from sftjob_trainer.speed import Hardware, Job, SpeedOptions, decide
 
 
 def test_sdpa_keeps_packed_sequences_isolated() -> None:

@@ -7,8 +7,12 @@ from typing import Any
 import pytest
 import torch
 from sftjob_bench.bench import TINY
-from sftjob_trainer.residual_stream import Bf16ResidualStream, use_bf16_residual_stream
-from sftjob_trainer.speed import Hardware, Job, SpeedOptions, bf16_residual_stream
+from sftjob_trainer.levers.bf16_residual_stream import decide as bf16_residual_stream
+from sftjob_trainer.levers.residual_stream import (
+    Bf16ResidualStream,
+    use_bf16_residual_stream,
+)
+from sftjob_trainer.speed import Hardware, Job, SpeedOptions
 from transformers import (
     PretrainedConfig,
     PreTrainedModel,

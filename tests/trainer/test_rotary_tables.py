@@ -8,14 +8,15 @@ from typing import Any
 import pytest
 import torch
 from sftjob_bench.bench import QWEN25_15B, TINY
-from sftjob_trainer.residual_stream import Bf16ResidualStream
-from sftjob_trainer.rotary_tables import (
+from sftjob_trainer.levers.residual_stream import Bf16ResidualStream
+from sftjob_trainer.levers.rotary_tables import (
     RotaryTablesOnce,
     _tables_once,
     rotary_modules,
     rotary_table,
     use_rotary_tables_once,
 )
+from sftjob_trainer.levers.rotary_tables_once import decide as rotary_tables_once
 from sftjob_trainer.speed import (
     Choice,
     Hardware,
@@ -23,7 +24,6 @@ from sftjob_trainer.speed import (
     ModelShape,
     SpeedOptions,
     decide,
-    rotary_tables_once,
 )
 from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from sftjob_trainer.levers.compile_model import PADDING_KEY, VARLEN_KEYS
 from sftjob_trainer.settings import load_config
-from sftjob_trainer.speed import PADDING_KEY, VARLEN_KEYS
 from sftjob_trainer.train import build_trainer
 from transformers import TrainerCallback
 

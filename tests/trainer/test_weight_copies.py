@@ -8,20 +8,20 @@ from typing import Any
 import pytest
 import torch
 from sftjob_bench.bench import TINY
+from sftjob_trainer.levers.cast_weights_once import decide as cast_weights_once
+from sftjob_trainer.levers.fuse_gradient_accumulation import decide as fuse_gradient_accumulation
+from sftjob_trainer.levers.weight_copies import (
+    LinearAccumulatingInMatmul,
+    LinearWithWeightCopies,
+    WeightCopies,
+    matmul_adds_in_fp32,
+)
 from sftjob_trainer.speed import (
     Hardware,
     Job,
     ModelShape,
     SpeedOptions,
-    cast_weights_once,
     decide,
-    fuse_gradient_accumulation,
-)
-from sftjob_trainer.weight_copies import (
-    LinearAccumulatingInMatmul,
-    LinearWithWeightCopies,
-    WeightCopies,
-    matmul_adds_in_fp32,
 )
 from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
@@ -302,7 +302,7 @@ def test_after_training_the_layers_are_plain_and_unfrozen_layers_learn() -> None
 def test_a_trainer_set_up_for_sharding_or_several_processes_is_refused() -> None:
     import types
 
-    from sftjob_trainer.weight_copies import use_weight_copies
+    from sftjob_trainer.levers.weight_copies import use_weight_copies
 
     def trainer(**kw: Any) -> Any:
         accelerator = types.SimpleNamespace(num_processes=kw.pop("processes", 1))
@@ -335,7 +335,7 @@ def test_a_trainer_set_up_for_sharding_or_several_processes_is_refused() -> None
 def test_not_applied_where_the_lm_head_cannot_be_found() -> None:
     from types import SimpleNamespace
 
-    from sftjob_trainer.weight_copies import use_weight_copies
+    from sftjob_trainer.levers.weight_copies import use_weight_copies
     from transformers import PretrainedConfig, PreTrainedModel
 
     class Odd(PreTrainedModel):  # embeddings under names transformers does not know
@@ -717,7 +717,7 @@ def test_the_op_adds_the_product_and_the_column_sums(fp32_products: bool) -> Non
 def test_not_fused_with_activation_offloading() -> None:
     from types import SimpleNamespace
 
-    from sftjob_trainer.weight_copies import use_weight_copies
+    from sftjob_trainer.levers.weight_copies import use_weight_copies
 
     model = tiny_model(tied=True)
     callbacks: list[Any] = []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCTION_ROOTS = (ROOT / "operator", ROOT / "trainer_image")
+LEVERS = "sftjob_trainer.levers"
 
 Graph = dict[str, set[str]]
 
@@ -168,6 +169,99 @@ def test_the_scan_sees_no_cycle_in_a_tree(tmp_path: Path) -> None:
     assert graph["pkg.a"] == {"pkg.b"}
     assert graph["pkg.b"] == {"pkg.c"}
     assert cycles(graph) == []
+
+
+def switch_of(path: Path) -> str | None:
+    """The `SWITCH = "name"` a lever module defines at its top level; None elsewhere."""
+    for node in ast.parse(path.read_text()).body:
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "SWITCH" for t in node.targets)
+            and isinstance(node.value, ast.Constant)
+        ):
+            return str(node.value.value)
+    return None
+
+
+def lever_breaches(roots: Iterable[Path], package: str = LEVERS) -> list[str]:
+    """Imports that break the levers' boundary, one line each.
+
+    Everything under `package` imports no project module outside it (the trainer's
+    settings, failures or train; the operator): only third-party libraries and its own
+    modules. A lever (a module with a SWITCH) imports none of the other levers, only the
+    modules without a switch (the contract, the shared leaves, its mechanics), and those
+    import no lever, so that no lever reaches another through them.
+    """
+    files: dict[str, Path] = {}
+    for root in roots:
+        files.update(modules_under(root))
+    graph = import_graph(roots)
+    inside = {m for m in files if m == package or m.startswith(package + ".")}
+    levers = {m for m in inside if switch_of(files[m]) is not None}
+    found = []
+    for module in sorted(inside):
+        for target in sorted(graph[module]):
+            if target not in inside:
+                found.append(f"{module} imports {target}, outside {package}")
+            elif target in levers and module in levers:
+                found.append(f"the lever {module} imports the lever {target}")
+            elif target in levers:
+                found.append(f"{module} (no switch) imports the lever {target}")
+    return found
+
+
+def test_levers_import_only_the_contract_and_leaves() -> None:
+    assert not lever_breaches(PRODUCTION_ROOTS), "\n".join(lever_breaches(PRODUCTION_ROOTS))
+
+
+def test_every_switch_has_one_lever_module() -> None:
+    """The switches of SpeedOptions (the contract) and the levers' SWITCH names match."""
+    files = modules_under(ROOT / "trainer_image")
+    contract = ast.parse(files[f"{LEVERS}.contract"].read_text())
+    (options,) = (
+        n for n in contract.body if isinstance(n, ast.ClassDef) and n.name == "SpeedOptions"
+    )
+    switches = [
+        n.target.id
+        for n in options.body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    ]
+    levers = [
+        switch
+        for module, path in files.items()
+        if module.startswith(LEVERS + ".") and (switch := switch_of(path)) is not None
+    ]
+    assert len(switches) >= 10
+    assert sorted(levers) == sorted(switches)
+
+
+def test_the_lever_rule_finds_each_kind_of_breach(tmp_path: Path) -> None:
+    root = _write(
+        tmp_path,
+        {
+            "trainer/__init__.py": "",
+            "trainer/failures.py": "",
+            "trainer/planner.py": "from .levers import fast, slow\nfrom .failures import E\n",
+            "trainer/levers/__init__.py": "",
+            "trainer/levers/contract.py": "import torch\n",
+            "trainer/levers/leaf.py": "from .contract import Choice\n",
+            "trainer/levers/mechanics.py": "def f():\n    from . import slow\n",
+            "trainer/levers/fast.py": 'SWITCH = "fast"\n'
+            "from .contract import Choice\nfrom . import leaf\n"
+            "def apply():\n    from .mechanics import f\n",
+            "trainer/levers/slow.py": 'SWITCH = "slow"\n'
+            "def decide():\n    from trainer.levers.fast import decide\n"
+            "    from ..failures import ConfigError\n",
+        },
+    )
+    assert lever_breaches([root], "trainer.levers") == [
+        "trainer.levers.mechanics (no switch) imports the lever trainer.levers.slow",
+        "trainer.levers.slow imports trainer.failures, outside trainer.levers",
+        "the lever trainer.levers.slow imports the lever trainer.levers.fast",
+    ]
+    (root / "trainer/levers/mechanics.py").write_text("import json\n")
+    (root / "trainer/levers/slow.py").write_text('SWITCH = "slow"\nfrom .contract import J\n')
+    assert lever_breaches([root], "trainer.levers") == []
 
 
 def test_the_local_control_plane_uses_only_kmocks_public_api() -> None:

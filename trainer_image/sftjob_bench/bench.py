@@ -220,7 +220,7 @@ def make_callback(
     trainer_ref: dict[str, Any], cuda: bool, skip: int, sync_every_step: bool = False
 ) -> Any:
     import torch
-    from sftjob_trainer.lean_steps import trained_tokens
+    from sftjob_trainer.levers.token_tally import trained_tokens
     from transformers import TrainerCallback
 
     class Meter(TrainerCallback):  # type: ignore[misc]
@@ -513,7 +513,7 @@ def cap_gpu_memory(gib: float) -> None:
     import os
 
     import torch
-    from sftjob_trainer.device_memory import ENV_MEMORY_GIB
+    from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
 
     os.environ[ENV_MEMORY_GIB] = str(gib)
     if torch.cuda.is_available():

@@ -38,7 +38,7 @@ from typing import Any
 from sftjob_operator.api import parse_sftjob
 from sftjob_operator.trainer_config import build_trainer_config
 from sftjob_trainer.config_map import CHECKPOINT_DIR, FINAL_DIR
-from sftjob_trainer.device_memory import ENV_MEMORY_GIB
+from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
 from sftjob_trainer.progress import PROGRESS_FILE
 from sftjob_trainer.tiny import build_tokenizer
 from sftjob_trainer.train import newest_checkpoint

@@ -1,4 +1,4 @@
-"""The rotaryTablesOnce speed lever: rotary cos/sin tables computed once per forward.
+"""The rotaryTablesOnce lever's mechanics: rotary cos/sin tables computed once per forward.
 
 Llama-style models (Qwen2, Llama, Mistral, Gemma) compute the rotary embedding's cos and
 sin tables once per forward from the position ids and hand them to every layer. Compiled,

@@ -6,7 +6,7 @@ the host wait for the GPU several times in every micro-step, for metrics only:
 - its fused LM head scores `hidden_states[mask]`, a boolean index whose size the host must
   read back from the GPU (and which breaks the compiled graph on a data-dependent shape);
 - transformers' `logging_nan_inf_filter` tests each micro-step's loss for NaN on the host
-  (the lever turns that filter off in SFTConfig, see speed.light_metrics).
+  (the lever turns that filter off in SFTConfig, see light_metrics.decide).
 
 Here the loss is TRL's own (sum of -log p over the labelled tokens / their count) with
 the LM head computing log-probabilities only; tokens are counted on the host (padding-free
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .token_tally import token_tally
+
 # Vocabulary columns per tile of TRL's chunked log-probability kernel (TRL's own default).
 VOCAB_CHUNK = 32768
 METRICS_DROPPED = ("entropy", "mean_token_accuracy")
@@ -40,68 +42,6 @@ LOGIT_TRANSFORMS = (
     "lm_head_multiplier",
     "logits_scaling",
 )
-
-
-class TokenTally:
-    """Trained tokens counted on the host and folded into TRL's count once per log.
-
-    TRL adds each micro-batch's tokens to `trainer._total_train_tokens` through a gather and
-    `.item()`. Counts added here (a padding-free row's width, minus static padding) are
-    Python ints, or device sums when batches carry an attention mask; they are summed over
-    ranks only when the trainer logs (every rank logs, so the collective always matches).
-    """
-
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
-        self.host = 0
-        self.device: Any = None
-
-    def add(self, tokens: Any) -> None:
-        if isinstance(tokens, int):
-            self.host += tokens
-        else:
-            self.device = tokens if self.device is None else self.device + tokens
-
-    def pending(self) -> int:
-        """This rank's tokens not yet folded into TRL's count (syncs only for device sums)."""
-        return self.host + (int(self.device.item()) if self.device is not None else 0)
-
-    def flush(self) -> None:
-        import torch
-
-        trainer = self.trainer
-        local = self.pending()
-        self.host, self.device = 0, None
-        total = local
-        if trainer.accelerator.num_processes > 1:
-            count = torch.tensor(local, device=trainer.accelerator.device, dtype=torch.int64)
-            total = int(trainer.accelerator.reduce(count, reduction="sum").item())
-        trainer._total_train_tokens += total // int(getattr(trainer, "_tp_size", 1) or 1)
-        trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
-
-
-def token_tally(trainer: Any) -> TokenTally:
-    """The trainer's tally, made on first use; flushed before every training log."""
-    tally = getattr(trainer, "sftjob_token_tally", None)
-    if tally is not None:
-        return tally
-    tally = TokenTally(trainer)
-    trainer.sftjob_token_tally = tally
-    original_log = trainer.log
-
-    def log_with_tokens(logs: dict[str, float], start_time: float | None = None) -> None:
-        if trainer.model.training:
-            tally.flush()
-        original_log(logs, start_time)
-
-    trainer.log = log_with_tokens
-    return tally
-
-
-def trained_tokens(trainer: Any) -> int:
-    """TRL's token count plus what this rank has not yet folded into it (one process: exact)."""
-    tally = getattr(trainer, "sftjob_token_tally", None)
-    return int(getattr(trainer, "_total_train_tokens", 0)) + (tally.pending() if tally else 0)
 
 
 def base_model(trainer: Any) -> Any:

@@ -40,11 +40,11 @@ def kept_logits_budget(device: torch.device) -> int:
     """
     import os
 
-    from .device_memory import KEPT_LOGITS_SHARE, usable_memory_gib
+    from .device_memory import KEPT_LOGITS_SHARE, capped_memory_gib
 
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        total = int(usable_memory_gib(total / 2**30, os.environ) * 2**30)
+        total = int(capped_memory_gib(total / 2**30, os.environ) * 2**30)
         return int(KEPT_LOGITS_SHARE * total)
     # Without Triton, TRL's torch fallbacks fold the whole [N, V] at once in fp32, with a
     # few temporaries of that size: budget for them, not just for the kept logits.

@@ -1,6 +1,7 @@
 """Linear layers compute with bf16 copies of their weights, made once per optimizer step.
 
-The castWeightsOncePerStep speed lever. Under bf16 autocast with fp32 weights, every
+The mechanics of the castWeightsOncePerStep lever (cast_weights_once.py; and of
+fuseGradientAccumulation, below). Under bf16 autocast with fp32 weights, every
 linear layer casts its weight and bias to bf16 at every micro-step, and its backward casts
 the bf16 weight gradient back to fp32 before autograd adds it into `.grad`. The weights
 only change at the optimizer step, so with N micro-steps per step the same casts are made
@@ -18,9 +19,9 @@ gradient into an fp32 `.grad` promotes it to fp32 first, as the cast back did. T
 optimizer, gradient clipping and checkpoints see only the fp32 parameters.
 
 Not for FSDP, DeepSpeed or several processes: they take the gradients autograd puts on the
-parameters themselves, and these arrive through the hook instead (speed.py turns the lever
-off there, and `use_weight_copies` refuses a trainer set up for them). Not for the LM head
-either: TRL's and the lean LM head read its weight directly.
+parameters themselves, and these arrive through the hook instead (cast_weights_once.py
+turns the lever off there, and `use_weight_copies` refuses a trainer set up for them). Not
+for the LM head either: TRL's and the lean LM head read its weight directly.
 
 With `accumulate_in_matmul` (the fuseGradientAccumulation lever) a trainable layer's
 backward adds its weight gradient straight into the fp32 `.grad`, inside the matmul that
@@ -50,6 +51,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .training_hooks import found_module
 
 log = logging.getLogger("sftjob_trainer.weight_copies")
 
@@ -248,16 +251,6 @@ def not_for_copies(trainer: Any) -> str | None:
     if getattr(getattr(trainer, "args", None), "n_gpu", 1) > 1:
         return "DataParallel over several GPUs replicates the layers"
     return None
-
-
-def found_module(model: Any, getter: str) -> nn.Module | None:
-    """`model.<getter>()` (get_input_embeddings, get_output_embeddings), or None where
-    transformers cannot find that module."""
-    try:
-        module = getattr(model, getter, lambda: None)()
-    except (AttributeError, NotImplementedError):  # not found under a name it knows
-        return None
-    return module if isinstance(module, nn.Module) else None
 
 
 def embeddings(model: nn.Module) -> list[nn.Module]:

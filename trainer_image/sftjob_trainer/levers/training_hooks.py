@@ -1,4 +1,5 @@
-"""Forward hooks that a speed lever keeps on some modules while training runs."""
+"""Shared by the levers that hook a model: forward hooks kept while training runs, and the
+modules transformers can find by name (a leaf: it imports no lever)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
+
+
+def found_module(model: Any, getter: str) -> nn.Module | None:
+    """`model.<getter>()` (get_input_embeddings, get_output_embeddings), or None where
+    transformers cannot find that module."""
+    try:
+        module = getattr(model, getter, lambda: None)()
+    except (AttributeError, NotImplementedError):  # not found under a name it knows
+        return None
+    return module if isinstance(module, nn.Module) else None
 
 
 class ForwardHooksWhileTraining(TrainerCallback):

@@ -1,4 +1,4 @@
-"""The bf16ResidualStream speed lever: hidden states between layers in bf16.
+"""The bf16ResidualStream lever's mechanics: hidden states between layers in bf16.
 
 Under bf16 autocast with fp32 weights, the input embedding returns fp32, and so every
 residual addition, every norm input and every hidden state kept for the backward is fp32:
@@ -34,8 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .training_hooks import ForwardHooksWhileTraining
-from .weight_copies import found_module
+from .training_hooks import ForwardHooksWhileTraining, found_module
 
 
 def _to_bf16(module: Any, args: Any, output: Any) -> Any:

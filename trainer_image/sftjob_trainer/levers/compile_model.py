@@ -1,0 +1,185 @@
+"""The compile lever: torch.compile over static batches, its kernel cache and block mask.
+
+SFTConfig torch_compile, with every packed micro-batch padded to one static shape so the
+model compiles once (CUDA with flex attention under "auto"). The launcher and the planner
+also keep inductor's compiled kernels on the output volume (keep_compiled_kernels), and
+the planner lets a compiled model trace flex attention's block mask (block_mask_in_graph).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import MutableMapping
+from typing import Any
+
+from .contract import Choice, Hardware, Job, Plan, SpeedOptions
+from .token_tally import token_tally
+
+SWITCH = "compile"
+# The planner's logger: the cache and static-batch lines read as they did in speed.py.
+log = logging.getLogger("sftjob_trainer.speed")
+
+# Keys of TRL's padding-free batches that only varlen kernels (flash attention) read. Their
+# lengths and values change with every micro-batch, so a compiled model would recompile.
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# The collator's note of how many padding tokens a static batch carries; taken out of the
+# batch before the model sees it and subtracted from TRL's token count.
+PADDING_KEY = "sftjob_padding_tokens"
+
+
+def decide(opt: SpeedOptions, hw: Hardware, job: Job, flex: bool, per_device: int) -> Choice:
+    """torch.compile, with every packed micro-batch padded to ONE shape.
+
+    TRL's padding-free batches change length with every micro-batch (and carry varlen
+    keys whose sizes change too); a compiled model then recompiles again and again (about
+    200 s of a 274 s run, measured). Padding each micro-batch to per_device x maxLength
+    (padding tokens at position 0, so flex or SDPA puts each in its own document, labels
+    -100) gives one graph. The padding is masked out of the loss and not counted as tokens.
+    """
+    name = SWITCH
+    if opt.compile == "off":
+        return Choice(name, False, "turned off")
+    if "torch_compile" in job.extra_args:
+        return Choice(name, False, "torch_compile is set in extraArgs: kept as given")
+    if job.distributed == "fsdp":
+        return Choice(name, False, "fsdp: sharded parameters are not compiled here")
+    if opt.compile == "auto":
+        if not hw.cuda:
+            return Choice(
+                name, False, "no CUDA device: compiling on CPU takes minutes and gains little"
+            )
+        if not flex:
+            return Choice(name, False, "needs flex attention over packed batches (one shape)")
+        if job.method == "qlora":
+            return Choice(
+                name, False, "qlora: bitsandbytes 4-bit layers under compile are not measured"
+            )
+    sft: dict[str, Any] = {"torch_compile": True}
+    if not job.padding_free or "pad_to_multiple_of" in job.extra_args:
+        return Choice(name, True, "torch.compile (batch shapes vary: expect recompiles)", sft=sft)
+    static = per_device * job.max_length
+    sft["pad_to_multiple_of"] = static
+    return Choice(
+        name,
+        True,
+        f"torch.compile with every micro-batch padded to {static} tokens (one graph; "
+        "padding masked, not trained on, not counted)",
+        sft=sft,
+    )
+
+
+def use_static_batches(trainer: Any, length: int) -> None:
+    """Make every packed micro-batch one shape, and keep TRL's token count honest.
+
+    TRL pads the padding-free row to `length` (pad_to_multiple_of, set by the compile
+    lever: position 0 and label -100 for each padding token, so under flex attention each
+    is a document of its own and nothing attends to it). This drops the varlen keys,
+    whose sizes change per batch and which flex attention does not read, and counts the
+    padding; TRL counts `position_ids.size(1)` as tokens, so the padding is subtracted
+    again (summed over ranks once per log, see token_tally.TokenTally).
+    """
+    tally = token_tally(trainer)
+    collate = trainer.data_collator
+
+    def static_collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(examples)
+        for key in VARLEN_KEYS:
+            batch.pop(key, None)
+        width = int(batch["input_ids"].size(1))
+        real = sum(len(example["input_ids"]) for example in examples)
+        if width != length:  # a row longer than maxLength: TRL truncates, so never here
+            log.warning("static batches: a micro-batch came out %d tokens, not %d", width, length)
+        batch[PADDING_KEY] = width - real
+        return batch
+
+    trainer.data_collator = static_collate
+    compute_loss = trainer.compute_loss
+
+    def compute_loss_without_padding(model: Any, inputs: dict[str, Any], *a: Any, **kw: Any) -> Any:
+        padding = int(inputs.pop(PADDING_KEY, 0))
+        result = compute_loss(model, inputs, *a, **kw)
+        if model.training:
+            tally.add(-padding)  # summed over ranks at the next log, with no sync now
+        return result
+
+    trainer.compute_loss = compute_loss_without_padding
+
+
+ENV_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
+COMPILE_CACHE = ".sftjob-cache/torchinductor"
+
+
+def keep_compiled_kernels(output_dir: str, env: MutableMapping[str, str] | None = None) -> str:
+    """Keep inductor's compiled kernels beside the checkpoints, unless told otherwise.
+
+    The default cache is in /tmp, which a restarted pod loses: a resume after an OOM or a
+    preemption would compile for minutes again. On the output volume the next attempt
+    finds the kernels already built (inductor's cache tolerates concurrent ranks).
+    """
+    env = os.environ if env is None else env
+    if not env.get(ENV_INDUCTOR_CACHE):
+        env[ENV_INDUCTOR_CACHE] = os.path.join(output_dir, COMPILE_CACHE)
+    log.info(
+        "compiled kernels (torch.compile, flex attention) cached in %s", env[ENV_INDUCTOR_CACHE]
+    )
+    return str(env[ENV_INDUCTOR_CACHE])
+
+
+def block_mask_in_graph() -> None:
+    """Let torch.compile trace flex attention's block mask into the model's graph.
+
+    transformers (5.17) builds the mask with create_block_mask(_compile=True), which warns
+    that the flag is deprecated on every call. Under torch.compile that warning is a graph
+    break: the forward splits into about ten graphs, with the mask built eagerly between
+    them, on every micro-step (measured on the GPU with TORCH_LOGS=graph_breaks). While
+    tracing, this builds the same mask without the flag; eager calls, and masks that
+    carry a padding mask, go to transformers' own function unchanged.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers import masking_utils
+
+    try:
+        library_mask = masking_utils.flex_attention_mask
+        offsets = masking_utils.add_offsets_to_mask_function
+        causal = masking_utils.causal_mask_function
+        interface = masking_utils.AttentionMaskInterface
+    except AttributeError as exc:  # another transformers: its own mask, graph breaks and all
+        log.info("speed compile: flex block mask left to transformers (%s)", exc)
+        return
+
+    def flex_mask(
+        batch_size: int,
+        q_length: int,
+        kv_length: int,
+        q_offset: int = 0,
+        kv_offset: int = 0,
+        mask_function: Any = causal,
+        attention_mask: Any = None,
+        device: Any = "cpu",
+        **kwargs: Any,
+    ) -> Any:
+        if attention_mask is not None or not torch.compiler.is_compiling():
+            return library_mask(
+                batch_size,
+                q_length,
+                kv_length,
+                q_offset,
+                kv_offset,
+                mask_function,
+                attention_mask,
+                device,
+                **kwargs,
+            )
+        shifted = offsets(mask_function, q_offset, kv_offset)
+        return create_block_mask(shifted, batch_size, None, q_length, kv_length, device=device)
+
+    interface.register("flex_attention", flex_mask)
+
+
+def apply(trainer: Any, plan: Plan) -> str | None:
+    """Static batches where the plan pads them (nothing to log: the choice said it)."""
+    if plan.static_length is not None:
+        use_static_batches(trainer, plan.static_length)
+    return None

@@ -1,0 +1,44 @@
+"""The flexAttention lever: flex attention's sparse document mask for packed batches.
+
+Packed (bfd, padding-free) batches are one concatenated row with position_ids resets. SDPA
+needs a dense block-diagonal mask for that, whose cost grows with the square of the
+micro-batch; flex_attention builds a sparse block mask from the same position_ids
+(transformers' find_packed_sequence_indices), so documents stay isolated and larger
+micro-batches pay off. CUDA only under "auto": on CPU it compiles through inductor (about 20
+s) and gains nothing.
+"""
+
+from __future__ import annotations
+
+from .contract import Choice, Hardware, Job, SpeedOptions
+
+SWITCH = "flexAttention"
+
+
+def decide(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
+    name = SWITCH
+    if opt.flexAttention == "off":
+        return Choice(name, False, "turned off")
+    if job.attn_set:
+        return Choice(name, False, "model.attnImplementation is set: kept as given")
+    if opt.flexAttention == "on":
+        return Choice(name, True, "turned on", model={"attnImplementation": "flex_attention"})
+    if not hw.cuda:
+        return Choice(
+            name,
+            False,
+            "no CUDA device: flex_attention would compile through "
+            "inductor on CPU for no gain; SDPA's block-diagonal mask is exact",
+        )
+    if not job.padding_free:
+        return Choice(name, False, "batches are padded, not packed padding-free: SDPA is fine")
+    try:
+        from torch.nn.attention.flex_attention import flex_attention as _  # noqa: F401
+    except ImportError:
+        return Choice(name, False, "this torch has no flex_attention")
+    return Choice(
+        name,
+        True,
+        "CUDA and packed padding-free batches: sparse document mask",
+        model={"attnImplementation": "flex_attention"},
+    )
