@@ -48,6 +48,39 @@ GROUP, VERSION, PLURAL = "tuning.sftjob.dev", "v1alpha1", "sftjobs"
 TERMINAL = ("Succeeded", "Failed")
 
 
+def install_operator_identity(admin_kubeconfig: Path, out: Path) -> Path:
+    """deploy/'s Namespace, ServiceAccount, ClusterRole and binding, applied as the admin;
+    writes to `out` a copy of the admin's kubeconfig that authenticates as that
+    ServiceAccount (a TokenRequest token), so the operator runs under deploy/'s RBAC
+    exactly as on a cluster. Only the API is used: it works whatever runs the control plane."""
+    import kubernetes
+
+    api = kubernetes.config.new_client_from_config(str(admin_kubeconfig))
+    for path in OPERATOR_RBAC:
+        for obj in yaml.safe_load_all(path.read_text()):
+            if obj:
+                kubernetes.utils.create_from_dict(api, obj)
+    issued = kubernetes.client.CoreV1Api(api).create_namespaced_service_account_token(
+        OPERATOR_ACCOUNT,
+        OPERATOR_NAMESPACE,
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": OPERATOR_TOKEN_SECONDS},
+        },
+    )
+    config = yaml.safe_load(admin_kubeconfig.read_text())
+    context = next(
+        c["context"] for c in config["contexts"] if c["name"] == config["current-context"]
+    )
+    context["namespace"] = OPERATOR_NAMESPACE
+    for user in config["users"]:
+        if user["name"] == context["user"]:
+            user["user"] = {"token": issued.status.token}
+    out.write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
 class DemoEnvironment:
     """Cluster, CRD, operator process and tiny data; a context manager."""
 
@@ -129,36 +162,7 @@ class DemoEnvironment:
                 raise
 
     def _install_operator_rbac(self) -> Path:
-        """deploy/'s Namespace, ServiceAccount, ClusterRole and binding, applied as the admin;
-        returns a copy of the admin's kubeconfig that authenticates as that ServiceAccount
-        (only the API is used, so this works whatever runs the control plane)."""
-        import kubernetes
-
-        api = kubernetes.config.new_client_from_config(str(self.kubeconfig))
-        for path in OPERATOR_RBAC:
-            for obj in yaml.safe_load_all(path.read_text()):
-                if obj:
-                    kubernetes.utils.create_from_dict(api, obj)
-        issued = kubernetes.client.CoreV1Api(api).create_namespaced_service_account_token(
-            OPERATOR_ACCOUNT,
-            OPERATOR_NAMESPACE,
-            {
-                "apiVersion": "authentication.k8s.io/v1",
-                "kind": "TokenRequest",
-                "spec": {"expirationSeconds": OPERATOR_TOKEN_SECONDS},
-            },
-        )
-        config = yaml.safe_load(self.kubeconfig.read_text())
-        context = next(
-            c["context"] for c in config["contexts"] if c["name"] == config["current-context"]
-        )
-        context["namespace"] = OPERATOR_NAMESPACE
-        for user in config["users"]:
-            if user["name"] == context["user"]:
-                user["user"] = {"token": issued.status.token}
-        path = self.workdir / "operator-kubeconfig"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
+        return install_operator_identity(self.kubeconfig, self.workdir / "operator-kubeconfig")
 
     def _start_operator(self) -> subprocess.Popen[bytes]:
         assert self.operator_kubeconfig is not None

@@ -20,9 +20,7 @@ from typing import Any
 
 import kubernetes
 import pytest
-import yaml
 from operator_harness import (
-    ROOT,
     Cluster,
     condition,
     start_operator,
@@ -30,11 +28,12 @@ from operator_harness import (
     tiny_job,
     wait_for,
 )
+from sftjob_local.demo import install_operator_identity
 from sftjob_local.emulator import EmulatorThread
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
 
-OPERATOR_NAMESPACE, OPERATOR_ACCOUNT = "sftjob-system", "sftjob-operator"
+OPERATOR_ACCOUNT = "sftjob-operator"  # deploy/rbac.yaml's ServiceAccount and ClusterRole
 CREATED_KINDS = ("configmaps", "serviceaccounts", "services", "pods", "roles", "rolebindings")
 
 
@@ -44,20 +43,8 @@ def operator_process(
 ) -> Iterator[object]:
     """The operator authenticated as deploy/'s ServiceAccount, under deploy/'s ClusterRole."""
     server, kubeconfig = emulator
-    admin = kubernetes.config.new_client_from_config(str(kubeconfig))
-    for path in (ROOT / "deploy" / "namespace.yaml", ROOT / "deploy" / "rbac.yaml"):
-        for obj in yaml.safe_load_all(path.read_text()):
-            if obj:
-                kubernetes.utils.create_from_dict(admin, obj)
-    token = kubernetes.client.CoreV1Api(admin).create_namespaced_service_account_token(
-        OPERATOR_ACCOUNT,
-        OPERATOR_NAMESPACE,
-        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}},
-    )
     workdir = tmp_path_factory.mktemp("operator")
-    operator_kubeconfig = server.write_kubeconfig(
-        workdir / "kubeconfig", OPERATOR_NAMESPACE, token=token.status.token
-    )
+    operator_kubeconfig = install_operator_identity(kubeconfig, workdir / "kubeconfig")
     log_path = workdir / "operator.log"
     process = start_operator(operator_kubeconfig, log_path)
     yield process

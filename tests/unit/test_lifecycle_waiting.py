@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sftjob_operator.api import SFTJob, SFTJobStatus, parse_sftjob
-from sftjob_operator.lifecycle import Actions, reconcile_job
+from sftjob_operator.api import SFTJob, parse_sftjob
+from sftjob_operator.lifecycle import reconcile_job
+from test_lifecycle import apply  # the shell's merge patches, decision then launch
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 IMAGE = "registry.example/trainer:test"
@@ -29,19 +30,6 @@ def make_job(timeout: int | None = None, nodes: int = 1) -> SFTJob:
             "spec": spec,
         }
     )
-
-
-def apply(job: SFTJob, actions: Actions) -> SFTJob:
-    """The job after the shell's merge patches: the pass's decision, then (every create
-    having succeeded) its launch-complete patch; None deletes a field."""
-    current = job.status.model_dump(mode="json", exclude_none=True) if job.status else {}
-    for patch in (actions.status, actions.launch_status):
-        for key, value in patch.items():
-            if value is None:
-                current.pop(key, None)
-            else:
-                current[key] = value
-    return job.model_copy(update={"status": SFTJobStatus.model_validate(current)})
 
 
 def iso(moment: datetime) -> str:
