@@ -49,13 +49,21 @@ ADMISSION_PERMISSIONS: dict[tuple[str, str], set[str]] = {
 ErrorHook = Callable[[str], None]
 
 
-def load_api_client() -> ApiClient:
-    """In-cluster service account when running in a pod, else KUBECONFIG / ~/.kube/config."""
+def load_api_client(pool_size: int | None = None) -> ApiClient:
+    """In-cluster service account when running in a pod, else KUBECONFIG / ~/.kube/config.
+
+    `pool_size`: connections kept to the API server (urllib3's pool, 10 by default). Give it
+    the number of threads that call at once, or the surplus opens and drops a connection
+    per request ("Connection pool is full, discarding connection").
+    """
+    configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config()
-        return ApiClient()
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
     except kubernetes.config.ConfigException:
-        return kubernetes.config.new_client_from_config()
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    if pool_size:
+        configuration.connection_pool_maxsize = pool_size
+    return ApiClient(configuration)
 
 
 class Kube:

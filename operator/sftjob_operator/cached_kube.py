@@ -1,0 +1,78 @@
+"""`Kube` whose reads come from the watch cache; writes still go straight to the API.
+
+`read_job`, `list_job_pods` and `read_config_map_data` keep their signatures and answer from
+`WatchCache` (no request). Each write goes through `Kube` and then records what the watch
+must show before the job's next pass may trust the cache (see watch_cache's expectations).
+Writes for a job the watch has seen deleted (or re-created with another uid) are refused
+with `JobGone` before they reach the API, so a pass that was running when its job was
+deleted stops at its next write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes.client import ApiClient
+
+from .children import LABEL_JOB
+from .kube import ErrorHook, Kube
+from .reconciler import JobGone
+from .watch_cache import WatchCache
+
+
+class CachedKube(Kube):
+    def __init__(self, api_client: ApiClient, cache: WatchCache, on_error: ErrorHook | None = None):
+        super().__init__(api_client, on_error=on_error)
+        self.cache = cache
+
+    # ----------------------------------------------------------------- reads
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        from .watch_cache import job_key
+
+        return self.cache.job(job_key(namespace, name))
+
+    def list_job_pods(self, namespace: str, job_name: str, label: str) -> list[dict[str, Any]]:
+        if label != LABEL_JOB:  # only the job label is indexed
+            return super().list_job_pods(namespace, job_name, label)
+        return self.cache.job_pods(namespace, job_name)
+
+    def read_config_map_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        config_map = self.cache.config_map(namespace, name)
+        return None if config_map is None else dict(config_map.get("data") or {})
+
+    # ----------------------------------------------------------------- writes
+
+    def _require_owner(self, manifest: dict[str, Any]) -> None:
+        namespace = manifest["metadata"].get("namespace", "")
+        for ref in manifest["metadata"].get("ownerReferences") or []:
+            if ref.get("kind") == "SFTJob" and self.cache.job_uid(
+                namespace, ref["name"]
+            ) != ref.get("uid"):
+                raise JobGone
+
+    def create_if_absent(self, manifest: dict[str, Any], *args: Any, **kwargs: Any) -> bool:
+        self._require_owner(manifest)
+        created = super().create_if_absent(manifest, *args, **kwargs)
+        self.cache.expect_child(manifest)
+        return created
+
+    def patch_config_map_data(
+        self, namespace: str, name: str, data: dict[str, str], *args: Any, **kwargs: Any
+    ) -> None:
+        super().patch_config_map_data(namespace, name, data, *args, **kwargs)
+        self.cache.expect_config_map_data(namespace, name, data)
+
+    def delete_pod(self, namespace: str, name: str, *args: Any, **kwargs: Any) -> None:
+        super().delete_pod(namespace, name, *args, **kwargs)
+        self.cache.expect_pod_gone(namespace, name)
+
+    def patch_job_status(
+        self, namespace: str, name: str, status: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> bool:
+        if self.cache.job_uid(namespace, name) is None:
+            return False  # the watch saw it deleted: as a 404 would say
+        if not super().patch_job_status(namespace, name, status, *args, **kwargs):
+            return False
+        self.cache.expect_job_status(namespace, name, status)
+        return True
