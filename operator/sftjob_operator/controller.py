@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .cached_kube import CachedKube
+from .cached_kube import PASS_JOB, CachedKube, PassJob
 from .metrics import METRICS
 from .pass_schedule import earliest, next_timed_pass
 from .reconciler import OperatorSettings, reconcile
@@ -65,7 +65,7 @@ class Controller:
 
     def job_event(self, event_type: str | None, obj: Mapping[str, Any]) -> None:
         key = self.cache.on_job_event(event_type, obj)
-        if event_type == "DELETED" and self.cache.job(key) is None:
+        if event_type == "DELETED" and not self.cache.has_job(key):
             self.queue.forget(key)
             namespace, name = split_key(key)
             METRICS.forget(namespace, name)
@@ -74,7 +74,7 @@ class Controller:
 
     def child_event(self, kind: str, event_type: str | None, obj: Mapping[str, Any]) -> None:
         key = self.cache.on_child_event(kind, event_type, obj)
-        if key is not None and self.cache.job(key) is not None:
+        if key is not None and self.cache.has_job(key):
             self.queue.add(key)
 
     # ----------------------------------------------------------------- running
@@ -109,6 +109,9 @@ class Controller:
             self.queue.add_after(key, wait)
             return
         self.counters.passes += 1
+        namespace, name = split_key(key)
+        uid = body["metadata"].get("uid")
+        current = PASS_JOB.set(PassJob(namespace, name, uid))
         try:
             outcome = await reconcile(body, self.kube, self.settings)
         except Exception:
@@ -116,11 +119,12 @@ class Controller:
             delay = self.queue.failed(key)
             log.exception("pass over SFTJob %s failed; retrying in %.1f s", key, delay)
             return
+        finally:
+            PASS_JOB.reset(current)
         self.queue.succeeded(key)
         if outcome.phase is None:
-            current = self.cache.job(key)
-            uid = body["metadata"].get("uid")
-            if current is not None and current["metadata"].get("uid") != uid:
+            now_uid = self.cache.job_uid_at(key)
+            if now_uid is not None and now_uid != uid:
                 self.queue.add(key)  # re-created under the same name: the new job's turn
             else:
                 self.queue.forget(key)

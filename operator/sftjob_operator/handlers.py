@@ -50,9 +50,25 @@ def resync_seconds() -> float:
 log = logging.getLogger(__name__)
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Kopf compares an object with its last handled state only for change handlers, timers
+    and daemons; with on.event handlers alone nothing reads the diff, yet the stock storage
+    deep-copies every body of every event to compute it."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.WARNING
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     # Kopf's per-object workers only hand an event to the cache, but each holds its slot for
     # `idle_timeout` after its last event: with a limit, a thousand new jobs would be taken
