@@ -64,7 +64,10 @@ class Controller:
     # ----------------------------------------------------------------- events
 
     def job_event(self, event_type: str | None, obj: Mapping[str, Any]) -> None:
-        key = self.cache.on_job_event(event_type, obj)
+        """Queue the job of an event. The cache already holds the object (Kopf's index
+        handlers fill it first, see handlers.py) except for a deletion, recorded here."""
+        key = self.cache.on_job_event(event_type, obj) if event_type == "DELETED" else None
+        key = key or self.cache.key_of(obj)
         if event_type == "DELETED" and not self.cache.has_job(key):
             self.queue.forget(key)
             namespace, name = split_key(key)
@@ -73,7 +76,10 @@ class Controller:
             self.queue.add(key)
 
     def child_event(self, kind: str, event_type: str | None, obj: Mapping[str, Any]) -> None:
-        key = self.cache.on_child_event(kind, event_type, obj)
+        if event_type == "DELETED":
+            key = self.cache.on_child_event(kind, event_type, obj)
+        else:
+            key = self.cache.job_key_of_child(obj)
         if key is not None and self.cache.has_job(key):
             self.queue.add(key)
 

@@ -106,6 +106,30 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
         await controller.stop()
 
 
+# Two handlers per kind, because of when Kopf calls them. Index handlers run for every
+# event except DELETED as soon as it arrives, and Kopf holds every other handler until the
+# first listing of every indexed kind is in ("operator_indexed" in kopf/_core/reactor/
+# processing.py): so the cache is filled by the index handlers, and passes are queued by the
+# event handlers, which thus never start while the cache has the jobs but not yet their pods
+# (a pass then would take every running pod for lost). The index handlers return None:
+# Kopf stores nothing for them.
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+async def cache_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.cache.on_job_event(None, dict(body))
+
+
+@kopf.index("v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+async def cache_pod(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.cache.on_child_event("Pod", None, dict(body))
+
+
+@kopf.index("v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
+async def cache_config_map(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.cache.on_child_event("ConfigMap", None, dict(body))
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def on_job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.job_event(event["type"], event["object"])

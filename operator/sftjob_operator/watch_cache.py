@@ -162,6 +162,17 @@ class WatchCache:
             self._settle(key)
         return key
 
+    @staticmethod
+    def key_of(obj: Mapping[str, Any]) -> str:
+        metadata = obj["metadata"]
+        return job_key(metadata["namespace"], metadata["name"])
+
+    @staticmethod
+    def job_key_of_child(obj: Mapping[str, Any]) -> str | None:
+        metadata = obj.get("metadata") or {}
+        job_name = (metadata.get("labels") or {}).get(LABEL_JOB)
+        return job_key(metadata["namespace"], job_name) if job_name else None
+
     # ------------------------------------------------------------------ reads (copies)
 
     def job(self, key: str) -> Obj | None:
