@@ -1,7 +1,8 @@
 """Kopf wiring only: watch events of SFTJobs and of their pods and ConfigMaps feed the controller.
 
-Only `@kopf.on.event` handlers are registered: they need no finalizer (kopf/on.py registers
-them with `requires_finalizer=None`; only timers, daemons and non-optional on.delete handlers
+Only `@kopf.index` and `@kopf.on.event` handlers are registered: they need no finalizer
+(kopf/on.py registers event handlers with `requires_finalizer=None` and index handlers in a
+registry that never asks for one; only timers, daemons and non-optional on.delete handlers
 add one) and Kopf keeps no progress or diff-base annotations for them. So deleting an SFTJob
 never waits for the operator: children carry ownerReferences and the API server's garbage
 collector removes them with the job. A job still carrying the finalizer of a version that
