@@ -48,39 +48,6 @@ GROUP, VERSION, PLURAL = "tuning.sftjob.dev", "v1alpha1", "sftjobs"
 TERMINAL = ("Succeeded", "Failed")
 
 
-def install_operator_identity(admin_kubeconfig: Path, out: Path) -> Path:
-    """deploy/'s Namespace, ServiceAccount, ClusterRole and binding, applied as the admin;
-    writes to `out` a copy of the admin's kubeconfig that authenticates as that
-    ServiceAccount (a TokenRequest token), so the operator runs under deploy/'s RBAC
-    exactly as on a cluster. Only the API is used: it works whatever runs the control plane."""
-    import kubernetes
-
-    api = kubernetes.config.new_client_from_config(str(admin_kubeconfig))
-    for path in OPERATOR_RBAC:
-        for obj in yaml.safe_load_all(path.read_text()):
-            if obj:
-                kubernetes.utils.create_from_dict(api, obj)
-    issued = kubernetes.client.CoreV1Api(api).create_namespaced_service_account_token(
-        OPERATOR_ACCOUNT,
-        OPERATOR_NAMESPACE,
-        {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"expirationSeconds": OPERATOR_TOKEN_SECONDS},
-        },
-    )
-    config = yaml.safe_load(admin_kubeconfig.read_text())
-    context = next(
-        c["context"] for c in config["contexts"] if c["name"] == config["current-context"]
-    )
-    context["namespace"] = OPERATOR_NAMESPACE
-    for user in config["users"]:
-        if user["name"] == context["user"]:
-            user["user"] = {"token": issued.status.token}
-    out.write_text(yaml.safe_dump(config, sort_keys=False))
-    return out
-
-
 class DemoEnvironment:
     """Cluster, CRD, operator process and tiny data; a context manager."""
 
@@ -90,7 +57,7 @@ class DemoEnvironment:
         *,
         port: int = 0,
         namespace: str = "default",
-        reconcile_interval: float = 1.0,
+        reconcile_interval: float | None = None,
         fresh: bool = True,
         **cluster_options: Any,
     ) -> None:
@@ -162,15 +129,17 @@ class DemoEnvironment:
                 raise
 
     def _install_operator_rbac(self) -> Path:
-        return install_operator_identity(self.kubeconfig, self.workdir / "operator-kubeconfig")
+        return install_operator_account(self.kubeconfig, self.workdir / "operator-kubeconfig")
 
     def _start_operator(self) -> subprocess.Popen[bytes]:
         assert self.operator_kubeconfig is not None
         env = {
             **self.env,
             "KUBECONFIG": str(self.operator_kubeconfig),
-            "SFTJOB_RECONCILE_INTERVAL": str(self.reconcile_interval),
         }
+        if self.reconcile_interval is not None:
+            # The operator's safety resync; changes themselves arrive by its watches.
+            env["SFTJOB_RESYNC_SECONDS"] = str(self.reconcile_interval)
         log = (self.workdir / "operator.log").open("wb")
         return subprocess.Popen(
             [sys.executable, "-m", "sftjob_operator.cli", "operator", "-A", "--standalone"],
@@ -388,3 +357,35 @@ def run_demo(workdir: Path, *, keep: bool = False, timeout: float = 280) -> int:
         else:
             print("Run `sftjob demo --keep` to keep the cluster up and explore it with kubectl.")
         return 1 if failed or missing else 0
+
+
+def install_operator_account(admin_kubeconfig: Path, path: Path) -> Path:
+    """deploy/'s Namespace, ServiceAccount, ClusterRole and binding, applied as the admin;
+    writes to `path` a copy of the admin's kubeconfig that authenticates as that
+    ServiceAccount (only the API is used, so this works whatever runs the control plane)."""
+    import kubernetes
+
+    api = kubernetes.config.new_client_from_config(str(admin_kubeconfig))
+    for manifest in OPERATOR_RBAC:
+        for obj in yaml.safe_load_all(manifest.read_text()):
+            if obj:
+                kubernetes.utils.create_from_dict(api, obj)
+    issued = kubernetes.client.CoreV1Api(api).create_namespaced_service_account_token(
+        OPERATOR_ACCOUNT,
+        OPERATOR_NAMESPACE,
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": OPERATOR_TOKEN_SECONDS},
+        },
+    )
+    config = yaml.safe_load(admin_kubeconfig.read_text())
+    context = next(
+        c["context"] for c in config["contexts"] if c["name"] == config["current-context"]
+    )
+    context["namespace"] = OPERATOR_NAMESPACE
+    for user in config["users"]:
+        if user["name"] == context["user"]:
+            user["user"] = {"token": issued.status.token}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -1,7 +1,22 @@
-"""Kopf wiring only: every event and timer tick becomes one reconcile pass.
+"""Kopf wiring only: watch events of SFTJobs and of their pods and ConfigMaps feed the controller.
 
-No finalizer is registered (there is no on.delete handler): children carry
-ownerReferences, so the API server's garbage collector removes them with the job.
+Only `@kopf.index` and `@kopf.on.event` handlers are registered: they need no finalizer
+(kopf/on.py registers event handlers with `requires_finalizer=None` and index handlers in a
+registry that never asks for one; only timers, daemons and non-optional on.delete handlers
+add one) and Kopf keeps no progress or diff-base annotations for them. So deleting an SFTJob
+never waits for the operator: children carry ownerReferences and the API server's garbage
+collector removes them with the job. A job still carrying the finalizer of a version that
+ran a Kopf timer loses it on the operator's first look: with no handler requiring it, Kopf
+removes its own finalizer (kopf/_core/reactor/processing.py, "no handlers requiring it").
+
+Passes are run by `controller.Controller` (work queue, workers, resync); see its docstring.
+
+Environment:
+- SFTJOB_RESYNC_SECONDS (default 300): the safety resync of every cached job. The old name
+  SFTJOB_RECONCILE_INTERVAL is read when the new one is unset.
+- SFTJOB_WORKER_LIMIT (default 16): passes running at once.
+- SFTJOB_API_THREADS (default 32): threads for the synchronous API client, and the size of
+  its connection pool (one connection per thread: no "Connection pool is full").
 """
 
 from __future__ import annotations
@@ -15,124 +30,117 @@ from typing import Any
 import kopf
 
 from .api import GROUP, PLURAL, VERSION
-from .kube import Kube, load_api_client
+from .cached_kube import CachedKube
+from .children import LABEL_JOB
+from .controller import Controller
+from .kube import load_api_client
 from .metrics import METRICS
-from .reconciler import OperatorSettings, reconcile
+from .reconciler import OperatorSettings
+from .watch_cache import WatchCache
 
-RECONCILE_INTERVAL = float(os.environ.get("SFTJOB_RECONCILE_INTERVAL", "2"))
-ANNOTATION_PREFIX = "sftjob.dev"
+# A safety net, not the way changes arrive (the watch is): it catches an event lost to a
+# bug or a watch gap within five minutes, and costs no API request (passes read the cache).
+DEFAULT_RESYNC_SECONDS = 300.0
 
-# A tick that failed (the API unreachable for a moment: a control plane restart, a network
-# blip) is retried after this many seconds instead of Kopf's default 60: meanwhile the job's
-# pods may have been lost and need relaunching.
-FAILED_TICK_BACKOFF = max(RECONCILE_INTERVAL, 5.0)
-# Finished jobs only wait for their TTL (or a last teardown): look at them less often.
-FINISHED_TICK_EVERY = 10
-FINISHED_PHASES = ("Succeeded", "Failed")
 
-_locks: dict[str, asyncio.Lock] = {}
-_ticks: dict[str, int] = {}
-# uids whose job is gone (deleted, or re-created under the same name): never reconciled again.
-_gone: set[str] = set()
+def resync_seconds() -> float:
+    value = os.environ.get("SFTJOB_RESYNC_SECONDS") or os.environ.get("SFTJOB_RECONCILE_INTERVAL")
+    return float(value) if value else DEFAULT_RESYNC_SECONDS
+
 
 log = logging.getLogger(__name__)
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Kopf compares an object with its last handled state only for change handlers, timers
+    and daemons; with on.event handlers alone nothing reads the diff, yet the stock storage
+    deep-copies every body of every event to compute it."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix=ANNOTATION_PREFIX
-    )
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
-    )
     settings.posting.level = logging.WARNING
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
-    # Kopf keeps its finalizer until the job's timer has exited and re-checks only after
-    # this many seconds (60 by default), which would stall every deletion by a minute.
-    settings.background.cancellation_polling = 0.5
-    settings.batching.worker_limit = int(os.environ.get("SFTJOB_WORKER_LIMIT", "64"))
-    # Every API call runs in a worker thread; the default pool (cores + 4) is too small
-    # for hundreds of jobs ticking at once.
-    asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=int(os.environ.get("SFTJOB_API_THREADS", "32")))
+    # Kopf's per-object workers only hand an event to the cache, but each holds its slot for
+    # `idle_timeout` after its last event: with a limit, a thousand new jobs would be taken
+    # in waves of that limit every 5 s. The work queue below bounds the real work instead.
+    settings.queueing.worker_limit = None
+    settings.queueing.idle_timeout = 1.0
+    # Only the operator's own children, filtered by the API server (not by Kopf after the
+    # fact): a cluster's other pods and ConfigMaps never reach this process.
+    settings.watching.label_selectors["pods"] = LABEL_JOB
+    settings.watching.label_selectors["configmaps"] = LABEL_JOB
+    api_threads = int(os.environ.get("SFTJOB_API_THREADS", "32"))
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=api_threads))
+    cache = WatchCache()
+    kube = CachedKube(load_api_client(pool_size=api_threads), cache, on_error=METRICS.api_error)
+    controller = Controller(
+        cache,
+        kube,
+        OperatorSettings(
+            default_image=os.environ.get("SFTJOB_TRAINER_IMAGE") or OperatorSettings().default_image
+        ),
+        workers=int(os.environ.get("SFTJOB_WORKER_LIMIT", "16")),
+        resync_seconds=resync_seconds(),
     )
-    memo.kube = Kube(load_api_client(), on_error=METRICS.api_error)
-    memo.settings = OperatorSettings(
-        default_image=os.environ.get("SFTJOB_TRAINER_IMAGE") or OperatorSettings().default_image
-    )
+    controller.start()
+    memo.controller = controller
     metrics_port = os.environ.get("SFTJOB_METRICS_PORT")
     if metrics_port:
         METRICS.serve(int(metrics_port))
 
 
-async def _reconcile(body: kopf.Body, memo: kopf.Memo) -> str | None:
-    """The job's phase after one pass; None when the job is gone (then never again)."""
-    uid = body["metadata"]["uid"]
-    if uid in _gone:
-        return None
-    # Events and timer ticks of one job must not interleave their writes.
-    lock = _locks.setdefault(uid, asyncio.Lock())
-    async with lock:
-        phase = (await reconcile(body, memo.kube, memo.settings)).phase
-    if phase is None and uid not in _gone:
-        _gone.add(uid)
-        _locks.pop(uid, None)
-        _ticks.pop(uid, None)
-        log.info(
-            "SFTJob %s/%s (uid %s) no longer exists: its reconcile loop ends",
-            body["metadata"]["namespace"],
-            body["metadata"]["name"],
-            uid,
-        )
-    return phase
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    controller = getattr(memo, "controller", None)
+    if controller is not None:
+        await controller.stop()
 
 
-def _stop_timer(stopped: kopf.DaemonStopped) -> None:
-    """End this timer for good.
-
-    A job deleted before Kopf's finalizer lands is forgotten by Kopf without its timer
-    being stopped, and Kopf 1.45 gives a timer no public way to end itself (after a
-    PermanentError it still ticks again). So set the stop flag the handler's `stopped`
-    waits on, as Kopf does when the object is deleted. Should that internal ever move,
-    `_gone` still answers every later tick without an API call.
-    """
-    setter = getattr(stopped, "_setter", None)
-    if setter is not None:
-        setter.set(reason=kopf.DaemonStoppingReason.RESOURCE_DELETED)
+# Two handlers per kind, because of when Kopf calls them. Index handlers run for every
+# event except DELETED as soon as it arrives, and Kopf holds every other handler until the
+# first listing of every indexed kind is in ("operator_indexed" in kopf/_core/reactor/
+# processing.py): so the cache is filled by the index handlers, and passes are queued by the
+# event handlers, which thus never start while the cache has the jobs but not yet their pods
+# (a pass then would take every running pod for lost). The index handlers return None:
+# Kopf stores nothing for them.
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def on_spec(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _reconcile(body, memo)
+@kopf.index(GROUP, VERSION, PLURAL)
+async def cache_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.cache.on_job_event(None, dict(body))
 
 
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=RECONCILE_INTERVAL,
-    initial_delay=RECONCILE_INTERVAL,
-    backoff=FAILED_TICK_BACKOFF,
-)
-async def on_tick(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    uid = body["metadata"]["uid"]
-    if uid in _gone:
-        _stop_timer(stopped)
-        return
-    _ticks[uid] = _ticks.get(uid, 0) + 1
-    phase = (body.get("status") or {}).get("phase")
-    if phase in FINISHED_PHASES and _ticks[uid] % FINISHED_TICK_EVERY:
-        return
-    if await _reconcile(body, memo) is None:
-        _stop_timer(stopped)
+@kopf.index("v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+async def cache_pod(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.cache.on_child_event("Pod", None, dict(body))
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def on_delete(body: kopf.Body, **_: Any) -> None:
-    # optional=True adds no finalizer; this only drops the job from the phase gauge.
-    _locks.pop(body["metadata"]["uid"], None)
-    _ticks.pop(body["metadata"]["uid"], None)
-    METRICS.forget(body["metadata"]["namespace"], body["metadata"]["name"])
+@kopf.index("v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
+async def cache_config_map(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.cache.on_child_event("ConfigMap", None, dict(body))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.job_event(event["type"], event["object"])
+
+
+@kopf.on.event("v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+async def on_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.child_event("Pod", event["type"], event["object"])
+
+
+@kopf.on.event("v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
+async def on_config_map_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.child_event("ConfigMap", event["type"], event["object"])

@@ -13,8 +13,8 @@ from operator_harness import ROOT, Cluster, start_operator, stop_operator
 from sftjob_local.emulator import EmulatorThread
 
 
-# Module scope: the operator reconciles every 0.3 s; it must stop with its tier, not load
-# the machine for the rest of the run.
+# Module scope: one operator per test module; it must stop with its tier, not keep running
+# for the rest of the run.
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmulatorThread, Path]]:
     workdir = tmp_path_factory.mktemp("emulator")

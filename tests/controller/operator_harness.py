@@ -174,13 +174,17 @@ METRICS_PORT = free_port()
 LIVENESS_PORT = free_port()
 
 
-def start_operator(kubeconfig: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def start_operator(
+    kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """The operator process; passes come from its watches (no fast resync: a test that needs
+    a pass no event brings would hide a watch that misses changes)."""
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
-        "SFTJOB_RECONCILE_INTERVAL": "0.3",
         "SFTJOB_TRAINER_IMAGE": "example.test/trainer:dev",
         "SFTJOB_METRICS_PORT": str(METRICS_PORT),
+        **(env or {}),
     }
     liveness = f"--liveness=http://127.0.0.1:{LIVENESS_PORT}/healthz"
     return subprocess.Popen(

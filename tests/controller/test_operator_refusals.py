@@ -28,7 +28,7 @@ from operator_harness import (
     tiny_job,
     wait_for,
 )
-from sftjob_local.demo import install_operator_identity
+from sftjob_local.demo import install_operator_account
 from sftjob_local.emulator import EmulatorThread
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
@@ -44,7 +44,7 @@ def operator_process(
     """The operator authenticated as deploy/'s ServiceAccount, under deploy/'s ClusterRole."""
     server, kubeconfig = emulator
     workdir = tmp_path_factory.mktemp("operator")
-    operator_kubeconfig = install_operator_identity(kubeconfig, workdir / "kubeconfig")
+    operator_kubeconfig = install_operator_account(kubeconfig, workdir / "kubeconfig")
     log_path = workdir / "operator.log"
     process = start_operator(operator_kubeconfig, log_path)
     yield process

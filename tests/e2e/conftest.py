@@ -109,7 +109,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2ECluster]:
     from sftjob_local.demo import DemoEnvironment
 
     workdir = tmp_path_factory.mktemp("e2e") / "cluster"
-    with DemoEnvironment(workdir, reconcile_interval=1.0) as env:
+    with DemoEnvironment(workdir) as env:
         env.prepare_data()
         local = E2ECluster(env.kubeconfig, env.namespace, local=env)
         try:

@@ -55,7 +55,7 @@ class RestartableEnvironment(DemoEnvironment):
     stopped and started again while the operator process keeps running."""
 
     def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir, port=free_port(), reconcile_interval=1.0)
+        super().__init__(workdir, port=free_port())
         self.control_plane: subprocess.Popen[bytes] | None = None
         self.control_plane_log = self.workdir / "control-plane.log"
 

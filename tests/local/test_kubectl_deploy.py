@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import ssl
 import subprocess
@@ -97,6 +98,23 @@ def test_apply_k_deploy_works_the_first_time(kubectl: Kubectl) -> None:
         "customresourcedefinition.apiextensions.k8s.io/kopfpeerings.kopf.dev",
         "customresourcedefinition.apiextensions.k8s.io/sftjobs.tuning.sftjob.dev",
     ]
+
+
+def test_uninstall_in_the_readme_order(kubectl: Kubectl) -> None:
+    """README "Uninstall": jobs, then the operator, then the rest; nothing waits for an
+    operator (none runs here: the jobs carry no finalizer to wait on)."""
+    kubectl("apply", "-k", "deploy/")
+    kubectl("apply", "-f", "deploy/examples/tiny-cpu.yaml")
+    assert kubectl("get", "sftjobs", "-A", "-o", "name").stdout.strip()
+    for command in (
+        "kubectl delete sftjobs --all -A",
+        "kubectl delete -f deploy/operator.yaml",
+        "kubectl delete -k deploy/ --ignore-not-found",
+    ):
+        assert "deleted" in kubectl(*shlex.split(command)[1:]).stdout, command
+        assert kubectl("get", "sftjobs", "-A", "-o", "name", check=False).stdout.strip() == ""
+    crds = kubectl("get", "crd", "-o", "name").stdout
+    assert "sftjobs.tuning.sftjob.dev" not in crds
 
 
 def test_preinstalled_peering_crds_are_the_ones_deploy_ships() -> None:

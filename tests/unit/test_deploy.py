@@ -33,8 +33,11 @@ Permission = tuple[str, str, str]  # (apiGroup, resource, verb)
 
 # What Kopf itself calls, beyond what kube.py calls. Each line is a reason to hold it.
 KOPF_PERMISSIONS: dict[tuple[str, str], set[str]] = {
-    # watching the handled resource; merge-patching its annotations (progress storage)
+    # watching the handled resource; merge-patching away the finalizer an older version left
     (GROUP, PLURAL): {"list", "watch", "patch"},
+    # the watch cache of the operator's children (server-side label selector on the job label)
+    ("", "pods"): {"list", "watch"},
+    ("", "configmaps"): {"list", "watch"},
     # posting events about handler progress and errors
     ("", "events"): {"create"},
     # peering between replicas, cluster-wide (-A): Kopf lists, watches and patches it

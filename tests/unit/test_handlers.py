@@ -1,24 +1,28 @@
-"""The Kopf wiring's own logic: ending the timer of a job that is gone."""
+"""The Kopf wiring: nothing that makes Kopf add a finalizer or keep per-object state."""
 
 from __future__ import annotations
 
-import asyncio
-
 import kopf
-from kopf._cogs.aiokits import aioenums
 from sftjob_operator import handlers
+from sftjob_operator.children import LABEL_JOB
 
 
-def test_stop_timer_sets_the_flag_kopfs_timer_loop_waits_on() -> None:
-    asyncio.run(_stop_timer_sets_the_flag())
+def test_no_handler_needs_a_finalizer_or_a_diff() -> None:
+    registry = kopf.get_default_registry()
+    # Change handlers (create/update/resume/delete) keep diff-base and progress annotations
+    # and may need a finalizer; timers and daemons always add one (kopf/on.py).
+    assert registry._changing._handlers == []
+    assert registry._spawning._handlers == []
+    watched = {h.selector.any_name for h in registry._watching._handlers}
+    indexed = {h.selector.any_name for h in registry._indexing._handlers}
+    assert watched == indexed == {"sftjobs", "pods", "configmaps"}
+    for handler in registry._watching._handlers + registry._indexing._handlers:
+        if handler.selector.any_name != "sftjobs":
+            assert handler.labels == {LABEL_JOB: kopf.PRESENT}
 
 
-async def _stop_timer_sets_the_flag() -> None:
-    # Kopf 1.45's timer loop runs `while not stopper.is_set()` (kopf/_core/engines/daemons.py,
-    # _timer); the handler's `stopped` kwarg is the waiter over that same stopper.
-    stopper: aioenums.FlagSetter[kopf.DaemonStoppingReason] = aioenums.FlagSetter()
-    stopped = aioenums.AsyncFlagWaiter(stopper)
-    assert not stopper.is_set()
-    handlers._stop_timer(stopped)
-    assert stopper.is_set()
-    assert stopped.reason == kopf.DaemonStoppingReason.RESOURCE_DELETED
+def test_kopf_keeps_no_diff_base() -> None:
+    storage = handlers.NoDiffBase()
+    body = kopf.Body({"metadata": {"name": "x"}, "spec": {"a": 1}})
+    assert storage.build(body=body) == {}
+    assert storage.fetch(body=body) is None

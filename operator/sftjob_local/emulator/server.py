@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,11 @@ class ApiEmulator(kmock.KubernetesEmulator):
     pki_dir: Path | None = None
     # The SQLite database that keeps the cluster's state across restarts; None: memory only.
     state_path: Path | None = None
+    # Called with (user name, method, path, query) for every authenticated request: how tests
+    # and benchmarks count one client's requests (e.g. the operator's, by its ServiceAccount).
+    request_observers: list[Callable[[str, str, str, Mapping[str, str]], None]] = attrs.field(
+        factory=list
+    )
 
     def __attrs_post_init__(self) -> None:
         # kmock's own fallback reactions are deliberately not registered: ApiCore replaces them.
@@ -247,6 +253,8 @@ class ApiEmulator(kmock.KubernetesEmulator):
             user = self.access.check_request(raw.method, raw.path, raw.query, raw.headers)
         except ApiError as exc:
             return _json(exc.status(), exc.code)
+        for observe in self.request_observers:
+            observe(user.name, raw.method, raw.path, raw.query)
         current = auth.current_user.set(user)
         try:
             return await self._handle_as_user(request, user)
