@@ -315,6 +315,30 @@ def test_owner_deletion_collects_dependents(cluster, ns, uniq):
     cluster.wait_for(lambda: cluster.request("GET", cm(ns, f"dep-{uniq}"))[0] == 404, timeout=30)
 
 
+def test_a_dependent_created_after_its_owner_is_gone_is_collected(cluster, ns, uniq):
+    """A controller racing its owner's deletion creates a child that names a deleted uid; the
+    garbage collector finds no solid owner and deletes it (pkg/controller/garbagecollector,
+    attemptToDeleteItem: owners looked up by uid, none left → delete the dependent)."""
+    owner = cluster.ok("POST", cm(ns), {"metadata": {"name": f"gone-{uniq}"}})
+    cluster.ok("DELETE", cm(ns, f"gone-{uniq}"))
+    cluster.wait_for(lambda: cluster.request("GET", cm(ns, f"gone-{uniq}"))[0] == 404, timeout=30)
+    status, _ = cluster.request(
+        "POST",
+        cm(ns),
+        {"metadata": {"name": f"late-{uniq}", "ownerReferences": [owner_ref(owner)]}},
+    )
+    assert status == 201  # the API server accepts it; only the collector removes it
+    cluster.wait_for(lambda: cluster.request("GET", cm(ns, f"late-{uniq}"))[0] == 404, timeout=30)
+    # An owner that exists keeps its dependent.
+    alive = cluster.ok("POST", cm(ns), {"metadata": {"name": f"alive-{uniq}"}})
+    cluster.ok(
+        "POST",
+        cm(ns),
+        {"metadata": {"name": f"kept-{uniq}", "ownerReferences": [owner_ref(alive)]}},
+    )
+    assert cluster.request("GET", cm(ns, f"kept-{uniq}"))[0] == 200
+
+
 def test_orphan_policy_keeps_dependents_without_the_reference(cluster, ns, uniq):
     owner = cluster.ok("POST", cm(ns), {"metadata": {"name": f"oown-{uniq}"}})
     cluster.ok(

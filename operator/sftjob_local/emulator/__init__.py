@@ -74,8 +74,8 @@ older than server start or the history, bookmarks (periodic and before timeoutSe
 stream), synthetic ADDED/DELETED when objects enter/leave a filtered watch; finalizers with
 deletionTimestamp; graceful pod deletion (bound, non-terminal pods keep a deletionTimestamp until
 deleted with gracePeriodSeconds=0, as a kubelet does); ownerReference garbage collection (Background;
-Orphan strips the references; Foreground behaves as Background; owners that never existed are not
-collected); CRD schemas: pruning (x-kubernetes-preserve-unknown-fields honoured), defaults,
+Orphan strips the references; Foreground behaves as Background; an object created with no
+owner left, as when a controller races its owner's deletion, is collected at once); CRD schemas: pruning (x-kubernetes-preserve-unknown-fields honoured), defaults,
 jsonschema validation with apiserver-style 422 causes, ``fieldValidation=Strict`` → 400 on unknown
 fields; validation rules (``x-kubernetes-validations``, CEL on Google's CEL runtime: rules at any
 depth, transition rules with ``oldSelf``/``optionalOldSelf``, message, messageExpression, reason,

@@ -3,6 +3,7 @@ generation, conflicts, finalizers, graceful pod deletion, garbage collection, CR
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -249,7 +250,24 @@ class ApiCore:
             stored = self._register_crd(stored)
         for react in self.on_created:
             react(rt, stored)
-        return self.present(rt, stored)
+        created = self.present(rt, stored)
+        self._collect_if_owners_gone(rt, stored)
+        return created
+
+    def _collect_if_owners_gone(self, rt: ResourceType, obj: dict[str, Any]) -> None:
+        """The garbage collector's view of a new object whose owners no longer exist (made
+        by a controller a moment after its owner was deleted): it is deleted, in the
+        background, like the dependents of a deleted owner. pkg/controller/garbagecollector
+        attemptToDeleteItem: no solid owner left (each one looked up by uid) → delete."""
+        refs = obj["metadata"].get("ownerReferences") or []
+        if refs and not any(r.get("uid") in self.store.uids for r in refs):
+            with contextlib.suppress(ApiError):  # removed meanwhile: fine
+                self.delete(
+                    rt,
+                    obj["metadata"].get("namespace"),
+                    obj["metadata"]["name"],
+                    {"propagationPolicy": "Background"},
+                )
 
     def _check_type(self, rt: ResourceType, obj: dict[str, Any]) -> None:
         if obj.get("apiVersion", rt.api_version) != rt.api_version:
