@@ -91,6 +91,28 @@ class Actions:
             self.requeue_after = seconds
 
 
+def merge_patched(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with the JSON merge patch `patch` applied (RFC 7386: null deletes a key,
+    objects merge, anything else replaces): what the API server stores for a status patch."""
+    out = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_patched(out[key], value)
+        elif isinstance(value, Mapping):
+            out[key] = merge_patched({}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def status_after(status: SFTJobStatus | None, patch: Mapping[str, Any]) -> SFTJobStatus:
+    """The status once a pass's merge patch is applied to it."""
+    base = (status or SFTJobStatus()).model_dump(mode="json", exclude_none=True)
+    return SFTJobStatus.model_validate(merge_patched(base, patch))
+
+
 def is_same_job(handed_uid: str | None, live: Mapping[str, Any] | None) -> bool:
     """Whether the job a pass was handed still exists: same name (`live` was read by it) and uid.
 

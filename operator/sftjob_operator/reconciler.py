@@ -221,8 +221,7 @@ async def _plan(
         kube.post_event, dict(live), "Normal", "Planned", planned["message"], key
     )
     await writer.patch(patch)
-    status = (job.status or SFTJobStatus()).model_dump(mode="json")
-    return job.model_copy(update={"status": SFTJobStatus.model_validate({**status, **patch})})
+    return job.model_copy(update={"status": lifecycle.status_after(job.status, patch)})
 
 
 async def _report_invalid(
@@ -347,12 +346,10 @@ async def _apply(
         await writer.patch(actions.status)
     for pod_name in dict.fromkeys(actions.delete_pods):
         await asyncio.to_thread(kube.delete_pod, namespace, pod_name)
-    # The status as this pass left it: what a refusal or a conflict is recorded on top of.
-    status = SFTJobStatus.model_validate(
-        {**(job.status or SFTJobStatus()).model_dump(mode="json"), **actions.status}
-    )
     launch_status = actions.launch_status
     if actions.trainer_config is not None:
+        # The status as this pass left it: what a refusal or a conflict is recorded on.
+        status = lifecycle.status_after(job.status, actions.status)
         timeout = job.spec.retry.podStartTimeoutSeconds
         wait = refusals.retry_wait(status, now, timeout)
         if wait is not None:

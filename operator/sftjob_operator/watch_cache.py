@@ -75,16 +75,18 @@ def copy_json(value: Any) -> Any:
 
 
 def contains_merge_patch(current: Any, patch: Any) -> bool:
-    """Whether `current` already shows the JSON merge patch `patch` (RFC 7386) applied."""
+    """Whether `current` already shows the JSON merge patch `patch` (RFC 7386) applied
+    (its deletions are not checked: the server may default a deleted field again)."""
     if not isinstance(patch, Mapping):
         return bool(current == patch)
     if not isinstance(current, Mapping):
         return False
     for key, value in patch.items():
         if value is None:
-            if current.get(key) is not None:
-                return False
-        elif isinstance(value, Mapping):
+            # A null deletes the key, but the API server may default it again (a CRD
+            # default, e.g. measuredPlan.estimate: false): the rest of the patch tells.
+            continue
+        if isinstance(value, Mapping):
             if not contains_merge_patch(current.get(key) or {}, value):
                 return False
         elif current.get(key) != value:

@@ -96,7 +96,8 @@ def test_merge_patch_containment() -> None:
     assert contains_merge_patch({"a": 1, "b": {"c": 2, "d": 3}}, {"b": {"c": 2}})
     assert not contains_merge_patch({"a": 1}, {"a": 2})
     assert contains_merge_patch({"a": 1}, {"gone": None})
-    assert not contains_merge_patch({"a": 1}, {"a": None})
+    # Deletions are not checked: the server may default a deleted field again.
+    assert contains_merge_patch({"a": 1}, {"a": None})
     assert contains_merge_patch({"l": [1, 2]}, {"l": [1, 2]})
     assert not contains_merge_patch({"l": [1, 2, 3]}, {"l": [1, 2]})
 
@@ -123,3 +124,13 @@ def test_ttl_and_deadline_schedule_a_pass() -> None:
     assert (
         next_timed_pass({"spec": {"activeDeadlineSeconds": 100}, "status": suspended}, NOW) is None
     )
+
+
+def test_a_deleted_field_the_server_defaults_again_does_not_hold_the_job() -> None:
+    """A status patch that nulls a CRD-defaulted field (measuredPlan.estimate defaults to
+    false) is shown by the watch with the default, not without the field."""
+    from sftjob_operator.watch_cache import contains_merge_patch
+
+    stored = {"measuredPlan": {"totalSteps": 8, "estimate": False}}
+    assert contains_merge_patch(stored, {"measuredPlan": {"totalSteps": 8, "estimate": None}})
+    assert not contains_merge_patch(stored, {"measuredPlan": {"totalSteps": 9, "estimate": None}})
