@@ -30,7 +30,15 @@ from pydantic import ValidationError
 from . import conditions as cond
 from .api import EffectiveTraining, FailureInfo, SFTJob, SFTJobSpec, SFTJobStatus, SpecError
 from .children import build_pod, training_spec_hash
-from .pod_state import is_live, owned_by, pod_attempt, pod_phase, pod_rank, start_verdict
+from .pod_state import (
+    is_live,
+    owned_by,
+    pod_attempt,
+    pod_phase,
+    pod_rank,
+    start_verdict,
+    terminated_state,
+)
 from .retry_policy import Failure, decide_retry, decisive_failure
 from .trainer_config import build_trainer_config
 
@@ -376,6 +384,12 @@ def _observe_run(p: _Pass) -> None:
 
     failure = decisive_failure(current, expected)
     if failure is not None:
+        settling = _rank_settle_wait(p, current)
+        if settling is not None:
+            # Another rank may yet fail with the cause (its OOM after this rank's NCCL
+            # error): decide once it has, or once the window is over.
+            p.actions.requeue(settling)
+            return
         _handle_failure(p, failure)
         return
 
@@ -410,6 +424,33 @@ def _observe_run(p: _Pass) -> None:
         p.set_exclusive(cond.RUNNING, "Training", message)
         p.actions.events.append(Event("Normal", "Running", message, f"a{status.attempts}"))
     _requeue_at_deadline(p)
+
+
+# Seconds a failed rank's peers get to fail too before the run's cause is decided. The ranks
+# of a multi-node run fail within a few seconds of each other when one dies (the elastic
+# agent and NCCL tear the others down), and the pods' statuses arrive one watch event at
+# a time: the first one seen is often the symptom (a broken collective), not the cause.
+RANK_SETTLE_SECONDS = 5.0
+
+
+def _rank_settle_wait(p: _Pass, current: dict[int, dict[str, Any]]) -> float | None:
+    """Seconds to wait for the other ranks before deciding on a failure; None to decide now.
+
+    Only while some rank still runs, and measured from the first rank's exit
+    (its container's finishedAt): a pass after the window, or one that sees every rank
+    ended, decides at once."""
+    if not any(pod_phase(pod) in ("Pending", "Running") for pod in current.values()):
+        return None
+    ended = [
+        moment
+        for pod in current.values()
+        if pod_phase(pod) == "Failed"
+        and (moment := parse_time(terminated_state(pod).get("finishedAt"))) is not None
+    ]
+    if not ended:
+        return None
+    remaining = RANK_SETTLE_SECONDS - (p.now - min(ended)).total_seconds()
+    return remaining if remaining > 0 else None
 
 
 def _past_deadline(p: _Pass) -> bool:

@@ -1236,3 +1236,35 @@ def test_event_names_are_deterministic_dns_subdomains() -> None:
         assert re.fullmatch(
             r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", value
         )
+
+
+class TestRankSettle:
+    """A rank's failure is decided once its peers had a moment to fail too: the first exit
+    seen is often the symptom (rank 0's broken collective), not the cause (rank 1's OOM)."""
+
+    @staticmethod
+    def ended(pod_: dict[str, Any], at: datetime) -> dict[str, Any]:
+        pod_["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = iso(at)
+        return pod_
+
+    def test_waits_for_the_running_rank_then_the_most_specific_cause_wins(self) -> None:
+        job = running_job(nodes=2)
+        nccl = report("InternalError", "NCCL error: remote process exited")
+        rank0 = self.ended(failed(1, 0, **nccl), NOW)
+        waiting = reconcile_job(
+            job, [rank0, pod(1, 1, "Running")], NOW + timedelta(seconds=2), IMAGE
+        )
+        assert waiting.status == {} and not waiting.delete_pods and waiting.events == []
+        assert waiting.requeue_after == pytest.approx(3)
+        # Rank 1's OOM lands inside the window: it is the cause, and the batch shrinks.
+        rank1 = self.ended(failed(1, 1, **report("OutOfMemory", "CUDA out of memory")), NOW)
+        decided = reconcile_job(job, [rank0, rank1], NOW + timedelta(seconds=3), IMAGE)
+        assert decided.status["lastFailure"]["reason"] == "OutOfMemory"
+        assert conditions_of(decided.status)["Restarting"]["reason"] == "OutOfMemoryShrink"
+
+    def test_after_the_window_it_decides_with_what_it_saw(self) -> None:
+        job = running_job(nodes=2)
+        rank0 = self.ended(failed(1, 0, **report("InternalError", "NCCL error")), NOW)
+        late = reconcile_job(job, [rank0, pod(1, 1, "Running")], NOW + timedelta(seconds=6), IMAGE)
+        assert late.status["lastFailure"]["reason"] == "InternalError"
+        assert "demo-a1-r1" in late.delete_pods
