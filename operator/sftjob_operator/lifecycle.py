@@ -99,6 +99,24 @@ class Actions:
             self.requeue_after = seconds
 
 
+def invalid_spec_is_reported(existing: SFTJobStatus | None, generation: int | None) -> bool:
+    """For a spec that cannot run and was never launched: whether this generation still
+    needs its Failed/InvalidSpec report (once per generation, not on every pass)."""
+    return existing is None or existing.observedGeneration != generation
+
+
+def runs_on_launched_spec(existing: SFTJobStatus | None) -> bool:
+    """Whether an invalid spec leaves a run going (on the spec it was launched with)."""
+    return existing is not None and existing.attempts > 0
+
+
+def needs_plan(status: SFTJobStatus, generation: int | None) -> bool:
+    """Whether this generation is still to be planned: not launched, not finished, and
+    its plan not yet written."""
+    unlaunched = status.attempts == 0 and status.phase not in ("Failed", "Succeeded")
+    return unlaunched and status.observedGeneration != generation
+
+
 def merge_patched(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     """`base` with the JSON merge patch `patch` applied (RFC 7386: null deletes a key,
     objects merge, anything else replaces): what the API server stores for a status patch."""

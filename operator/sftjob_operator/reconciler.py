@@ -166,8 +166,8 @@ async def _reconcile_live(
     try:
         job = job_from_body(live)
     except SpecError as exc:
-        if not (existing and existing.attempts > 0):
-            if existing is None or existing.observedGeneration != generation:
+        if not lifecycle.runs_on_launched_spec(existing):
+            if lifecycle.invalid_spec_is_reported(existing, generation):
                 await _report_invalid(kube, writer, live, existing, exc, now)
             return Outcome("Failed")
         # Launched: an invalid edit must not stop the run. It goes on with the spec it
@@ -180,8 +180,7 @@ async def _reconcile_live(
         spec_errors = [str(e) for e in exc.errors]
 
     status = job.status or SFTJobStatus()
-    unplanned = status.attempts == 0 and status.phase not in ("Failed", "Succeeded")
-    if unplanned and status.observedGeneration != generation:
+    if lifecycle.needs_plan(status, generation):
         try:
             job = await _plan(job, live, writer, kube, now)
         except SpecError as exc:  # e.g. drop_last with an empty dataloader

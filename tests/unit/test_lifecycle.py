@@ -1268,3 +1268,30 @@ class TestRankSettle:
         late = reconcile_job(job, [rank0, pod(1, 1, "Running")], NOW + timedelta(seconds=6), IMAGE)
         assert late.status["lastFailure"]["reason"] == "InternalError"
         assert "demo-a1-r1" in late.delete_pods
+
+
+class TestPassGates:
+    """The decisions a pass takes before the lifecycle proper, kept pure."""
+
+    def test_an_invalid_spec_is_reported_once_per_generation(self) -> None:
+        from sftjob_operator.lifecycle import invalid_spec_is_reported
+
+        assert invalid_spec_is_reported(None, 1)
+        assert not invalid_spec_is_reported(SFTJobStatus(observedGeneration=1), 1)
+        assert invalid_spec_is_reported(SFTJobStatus(observedGeneration=1), 2)
+
+    def test_only_a_launched_job_runs_on_through_an_invalid_edit(self) -> None:
+        from sftjob_operator.lifecycle import runs_on_launched_spec
+
+        assert not runs_on_launched_spec(None)
+        assert not runs_on_launched_spec(SFTJobStatus())
+        assert runs_on_launched_spec(SFTJobStatus(attempts=1))
+
+    def test_a_generation_is_planned_once_and_never_after_launch_or_finish(self) -> None:
+        from sftjob_operator.lifecycle import needs_plan
+
+        assert needs_plan(SFTJobStatus(), 1)
+        assert not needs_plan(SFTJobStatus(observedGeneration=1), 1)
+        assert needs_plan(SFTJobStatus(observedGeneration=1), 2)
+        assert not needs_plan(SFTJobStatus(attempts=1), 2)
+        assert not needs_plan(SFTJobStatus(phase="Failed"), 2)
