@@ -69,7 +69,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
-        # Kopf logs every timer tick at INFO; keep the operator's log for what matters.
+        # Kopf logs every handled watch event at INFO; keep the operator's log for what matters.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.image:
         import os

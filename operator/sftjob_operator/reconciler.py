@@ -102,8 +102,8 @@ async def reconcile(body: Mapping[str, Any], kube: Kube, settings: OperatorSetti
     """Bring one SFTJob a step closer to done.
 
     The job is gone (phase None) when it was deleted: checked before anything is created,
-    and again by every status patch, so a stale body (a Kopf timer outliving its object)
-    creates nothing. A status patch refused as stale (409) ends the pass quietly and asks
+    and again by every status patch, so a stale body (a pass queued before its job was
+    deleted) creates nothing. A status patch refused as stale (409) ends the pass quietly and asks
     for a quick requeue.
     """
     started = time.monotonic()
