@@ -162,7 +162,9 @@ def test_defect1_invalid_edit_of_a_running_job_keeps_its_lifecycle(
     # Valid for the CRD (extraArgs is free-form) but not for the operator; the TTL is valid.
     cluster.patch_job(
         "edit1",
-        {"spec": {"training": {"extraArgs": {"learning_rate": 0.1}}, "ttlSecondsAfterFinished": 1}},
+        # A TTL of 3 s, not 1: the watch-driven operator deletes on time, and the test must
+        # still see the Succeeded job before it goes.
+        {"spec": {"training": {"extraArgs": {"learning_rate": 0.1}}, "ttlSecondsAfterFinished": 3}},
     )
     job = wait_for(
         lambda: (
