@@ -659,6 +659,12 @@ class SFTJobSpec(SpecModel):
     progressIntervalSeconds: PositiveInt = Field(
         default=10, description="Minimum seconds between progress reports in the status."
     )
+    profile: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="SFTProfile to run under; empty: the one profile whose namespaceSelector "
+        "matches the job's namespace. It must select the namespace either way.",
+    )
 
     cross_field_rules = (
         CrossFieldRule(
@@ -800,6 +806,21 @@ class EffectiveTraining(StatusModel):
     gradientAccumulationSteps: int = Field(description="Accumulation the current attempt runs.")
 
 
+class ProfileValue(StatusModel):
+    field: str = Field(description="Spec field the profile filled, e.g. spec.image.")
+    value: str = Field(description="The value it filled, as JSON.")
+
+
+class EffectiveStatus(StatusModel):
+    profile: str | None = Field(default=None, description="SFTProfile the job runs under.")
+    profileGeneration: int | None = Field(
+        default=None, description="Generation of the profile when the job was launched."
+    )
+    fromProfile: list[ProfileValue] = Field(
+        default_factory=list, description="What the profile added to the job's own spec."
+    )
+
+
 class SFTJobStatus(StatusModel):
     phase: str | None = Field(
         default=None,
@@ -836,6 +857,10 @@ class SFTJobStatus(StatusModel):
         default=None, description="Batch settings in use after OOM auto-shrink."
     )
     lastFailure: FailureInfo | None = Field(default=None, description="Most recent failure.")
+    effective: EffectiveStatus | None = Field(
+        default=None,
+        description="The profile the job runs under and what it added (job over profile).",
+    )
     observedGeneration: int | None = Field(default=None, description="Generation last acted on.")
     startTime: str | None = Field(
         default=None, description="When the current run's first pod started (reset on resume)."
