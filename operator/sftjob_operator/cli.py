@@ -50,9 +50,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from .crd import crd_yaml
+    from .crd import crd_yaml, profile_crd_yaml, write_crds
 
-    sys.stdout.write(crd_yaml())
+    if args.write is not None:
+        for path in write_crds(args.write):
+            print(f"wrote {path}")
+        return 0
+    sys.stdout.write(profile_crd_yaml() if args.kind == "sftprofile" else crd_yaml())
     return 0
 
 
@@ -175,7 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.set_defaults(func=cmd_plan)
 
-    crd = sub.add_parser("crd", help="print the SFTJob CustomResourceDefinition (YAML)")
+    crd = sub.add_parser(
+        "crd", help="print a CustomResourceDefinition (YAML), or write them all into a folder"
+    )
+    crd.add_argument(
+        "--kind", choices=["sftjob", "sftprofile"], default="sftjob", help="which CRD to print"
+    )
+    crd.add_argument(
+        "--write",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write every CRD into DIR (sftjob.yaml, sftprofile.yaml) instead of printing one",
+    )
     crd.set_defaults(func=cmd_crd)
 
     op = sub.add_parser("operator", help="run the operator against the current kubeconfig")
