@@ -119,12 +119,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from .reference import reference_markdown, write_into
+    from .reference import profile_reference_markdown, reference_markdown, write_into
 
     if args.write:
         write_into(args.write)
     else:
-        sys.stdout.write(reference_markdown())
+        sys.stdout.write(
+            profile_reference_markdown() if args.kind == "sftprofile" else reference_markdown()
+        )
     return 0
 
 
@@ -230,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=280, help="seconds to wait for the jobs")
     demo.set_defaults(func=cmd_demo)
 
-    ref = sub.add_parser("reference", help="print the SFTJob field reference (Markdown)")
+    ref = sub.add_parser(
+        "reference", help="print a field reference (Markdown), or refresh both in a README"
+    )
+    ref.add_argument(
+        "--kind", choices=["sftjob", "sftprofile"], default="sftjob", help="which to print"
+    )
     ref.add_argument("--write", type=Path, default=None, help="refresh the table inside this file")
     ref.set_defaults(func=cmd_reference)
 
