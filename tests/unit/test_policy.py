@@ -474,6 +474,18 @@ def test_sources_are_every_place_a_job_loads_from() -> None:
     assert verdict({"model": {"path": "/database/m"}}, pool) == [
         ("limits.allowedModelSources", "spec.model.path")
     ]
+    # Anything else with a '..' segment never matches: a bucket or hub id is not normalised.
+    hub = profile(limits={"allowedModelSources": ["Qwen/", "s3://bucket/"]})
+    violation, _dataset_path = resolve(spec(_model("Qwen/../evil/m")), NS, {}, [hub]).violations
+    assert violation.field == "spec.model.name" and "without '..'" in violation.message
+    assert verdict({"dataset": {"path": None, "uri": "s3://bucket/../other/x"}}, hub) == [
+        ("limits.allowedModelSources", "spec.model.path"),
+        ("limits.allowedModelSources", "spec.dataset.uri"),
+    ]
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"model": {"path": None, "name": name}}
 
 
 def test_every_violation_is_reported_in_the_order_of_the_fields() -> None:
