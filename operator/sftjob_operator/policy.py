@@ -238,14 +238,13 @@ def select_profile(
             if exists
             else f"SFTProfile {wanted} does not exist"
         )
-        return None, [
-            PolicyViolation(
-                "profile",
-                "spec.profile",
-                f"{problem}; profiles this namespace may use: {_names(usable)}. "
-                "Set spec.profile to one of them" + (" or remove it" if len(usable) == 1 else ""),
-            )
-        ]
+        if not usable:
+            fix = f"no SFTProfile selects namespace {namespace}: remove spec.profile or ask your "
+            fix += "platform team"
+        else:
+            fix = f"profiles this namespace may use: {_names(usable)}. Set spec.profile to one of "
+            fix += "them" + (" or remove it" if len(usable) == 1 else "")
+        return None, [PolicyViolation("profile", "spec.profile", f"{problem}; {fix}")]
     if len(usable) == 1:
         return usable[0], []
     if len(usable) > 1:

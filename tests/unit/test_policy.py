@@ -172,6 +172,11 @@ def test_spec_profile_must_exist_and_select_the_namespace() -> None:
         spec({"profile": "elsewhere"}), NS, {"team": "a"}, [usable, elsewhere]
     ).violations
     assert f"SFTProfile elsewhere does not select namespace {NS}" in foreign.message
+    [alone] = resolve(spec({"profile": "elsewhere"}), NS, {}, [elsewhere]).violations
+    assert alone.message == (
+        f"SFTProfile elsewhere does not select namespace {NS}; no SFTProfile selects namespace "
+        f"{NS}: remove spec.profile or ask your platform team"
+    )
     assert foreign.field == "spec.profile" and foreign.rule == "profile"
 
 
