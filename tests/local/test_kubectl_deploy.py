@@ -238,3 +238,8 @@ def test_sftprofiles_apply_list_explain_and_refuse_what_the_model_refuses(
     assert "spec.defaults.activeDeadlineSeconds" in refused.stderr
     assert "is longer than limits.maxActiveDeadlineSeconds" in refused.stderr
     assert "spec.namespaceSelector.matchExpressions[0].values" in refused.stderr
+    takes_cache = yaml.safe_load((REPO / "deploy/examples/profile-research.yaml").read_text())
+    takes_cache["spec"]["defaults"]["env"] = [{"name": "HF_HOME", "value": "/elsewhere"}]
+    refused = kubectl("apply", "-f", "-", stdin=yaml.safe_dump(takes_cache), check=False)
+    assert refused.returncode != 0 and "spec.defaults.env" in refused.stderr
+    assert "sets a name the operator sets itself in every trainer pod" in refused.stderr
