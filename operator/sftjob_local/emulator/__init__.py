@@ -56,7 +56,7 @@ asked for it, as client-go does, else JSON: kubectl's client-side validation,
 406 when neither JSON nor the document's protobuf is acceptable.
 
 Preinstalled: Kopf's peering CRDs (``clusterkopfpeerings``/``kopfpeerings.kopf.dev``, as
-``deploy/kopf-peering.yaml`` ships them, with kubectl's last-applied-configuration), so that
+``deploy/base/kopf-peering.yaml`` ships them, with kubectl's last-applied-configuration), so that
 ``kubectl apply -k deploy/`` works on the first try (kubectl maps every object before creating
 any, so a CRD and its object in one apply fail once on a real cluster);
 ``ApiEmulator(kopf_peering_crds=False)`` starts without them. See ``preinstalled.py``.
