@@ -15,6 +15,7 @@ import copy
 import json
 import secrets
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -454,3 +455,35 @@ def test_status_updates_and_unchanged_images_are_not_checked(
     change = {"spec": {"containers": [{"name": "c", "image": "busybox:2"}]}}
     status, _ = send(cluster, "PATCH", pods, change, "application/strategic-merge-patch+json")
     assert status == 403
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "deploy" / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_the_operators_trainer_pods_meet_the_restricted_level(
+    cluster: Any, namespace: Callable[..., str], example: Path
+) -> None:
+    """Every rank of every example job, as the operator builds it, in a namespace enforcing
+    restricted: admitted, with no warning."""
+    from sftjob_operator.children import build_pods, build_service_account
+    from sftjob_operator.documents import sftjobs_in
+
+    jobs = sftjobs_in(example.read_text(), source=str(example))
+    if not jobs:
+        pytest.skip(f"{example.name} holds no SFTJob")
+    ns = namespace({ENFORCE: "restricted", "pod-security.kubernetes.io/warn": "restricted"})
+    for job in jobs:
+        job.metadata.namespace = ns
+        account = build_service_account(job)
+        # No owner here (no SFTJob is stored): a pod whose owner does not exist would be
+        # garbage-collected at once, and the owner is nothing PodSecurity looks at.
+        account["metadata"].pop("ownerReferences", None)
+        cluster.ok("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", account)
+        pods = build_pods(job, attempt=1)
+        assert pods
+        for pod in pods:
+            pod["metadata"].pop("ownerReferences", None)
+            status, body, warning = create_pod(cluster, ns, pod)
+            assert status == 201, body.get("message", body)
+            assert warning is None
