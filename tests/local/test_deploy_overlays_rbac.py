@@ -182,9 +182,14 @@ def test_namespaced_overlay_confines_the_operator_to_its_namespaces(
     install: Install, run_operator: Callable[[str], subprocess.Popen[bytes]]
 ) -> None:
     kubectl = install.kubectl
-    for namespace in ("team-a", "team-b", "elsewhere"):
-        kubectl("create", "namespace", namespace)
-    applied = kubectl("apply", "-k", "deploy/overlays/namespaced")
+    kubectl("create", "namespace", "elsewhere")
+    # docs/install-modes.md's commands, as written.
+    for command in (
+        "kubectl create namespace team-a",
+        "kubectl create namespace team-b",
+        "kubectl apply -k deploy/overlays/namespaced",
+    ):
+        applied = kubectl(*shlex.split(command)[1:])
     assert "role.rbac.authorization.k8s.io/sftjob-operator created" in applied.stdout
     assert "kopfpeering.kopf.dev/sftjob-operator created" in applied.stdout
 
@@ -237,7 +242,7 @@ def test_cluster_overlay_works_in_any_namespace(
 ) -> None:
     kubectl = install.kubectl
     kubectl("create", "namespace", "anywhere")
-    kubectl("apply", "-k", "deploy/overlays/cluster")
+    kubectl(*shlex.split("kubectl apply -k deploy/overlays/cluster")[1:])
     operator = install.as_operator()
     assert can_i(operator, "create pods -n anywhere") == "yes"
     assert can_i(operator, "create pods --all-namespaces") == "yes"
