@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import secrets
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -487,3 +490,36 @@ def test_the_operators_trainer_pods_meet_the_restricted_level(
             status, body, warning = create_pod(cluster, ns, pod)
             assert status == 201, body.get("message", body)
             assert warning is None
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_shows_the_warning_and_the_refusal(
+    cluster: Any, namespace: Callable[..., str], tmp_path: Path
+) -> None:
+    """kubectl parses the Warning header (client-go's ParseWarningHeaders) and prints it."""
+    ns = namespace({"pod-security.kubernetes.io/warn": "restricted"})
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KUBECACHEDIR": str(tmp_path)}
+
+    def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+        command = ["kubectl", *args, "-n", ns]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+
+    checks = (
+        'allowPrivilegeEscalation != false (container "w" must set '
+        "securityContext.allowPrivilegeEscalation=false), unrestricted capabilities (container "
+        '"w" must set securityContext.capabilities.drop=["ALL"]), runAsNonRoot != true (pod or '
+        'container "w" must set securityContext.runAsNonRoot=true), seccompProfile (pod or '
+        'container "w" must set securityContext.seccompProfile.type to "RuntimeDefault" or '
+        '"Localhost")'
+    )
+    warned = kubectl("run", "w", "--image=busybox", "--restart=Never")
+    assert warned.returncode == 0, warned.stderr
+    assert warned.stderr == f'Warning: would violate PodSecurity "restricted:latest": {checks}\n'
+    kubectl("delete", "pod", "w", "--wait=false")
+    assert kubectl("label", "namespace", ns, f"{ENFORCE}=restricted").returncode == 0
+    refused = kubectl("run", "w", "--image=busybox", "--restart=Never")
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        'Error from server (Forbidden): pods "w" is forbidden: violates PodSecurity '
+        f'"restricted:latest": {checks}\n'
+    )
