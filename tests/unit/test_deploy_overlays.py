@@ -168,3 +168,18 @@ def test_both_overlays_install_the_same_shared_objects(
         container.pop("args")
         container["env"] = [e for e in container["env"] if e["name"] != "SFTJOB_NAMESPACES"]
     assert in_cluster == in_namespaced
+
+
+@pytest.mark.parametrize("overlay", ["cluster", "namespaced"])
+def test_the_operator_pod_meets_its_namespaces_pod_security_level(overlay: str) -> None:
+    """The operator's namespace enforces a Pod Security level (restricted); the Deployment's
+    pod template passes it, by the emulator's checks of that admission plugin."""
+    from sftjob_local.emulator.pod_security import evaluate, forbidden_detail, policy_of
+
+    objects = render(OVERLAYS / overlay)
+    deployment = the(objects, "Deployment", "sftjob-operator")
+    namespace = the(objects, "Namespace", deployment["metadata"]["namespace"])
+    policy, problems = policy_of(namespace["metadata"]["labels"])
+    assert not problems and policy["enforce"].level == "restricted"
+    template = deployment["spec"]["template"]
+    assert forbidden_detail(evaluate(policy["enforce"], template)) == ""
