@@ -38,7 +38,10 @@ from .cluster import LocalCluster
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "deploy" / "examples"
 CRD_PATH = REPO_ROOT / "crds" / "sftjob.yaml"
-OPERATOR_RBAC = (REPO_ROOT / "deploy" / "namespace.yaml", REPO_ROOT / "deploy" / "rbac.yaml")
+OPERATOR_RBAC = (
+    REPO_ROOT / "deploy" / "base" / "namespace.yaml",
+    REPO_ROOT / "deploy" / "base" / "rbac.yaml",
+)
 OPERATOR_NAMESPACE, OPERATOR_ACCOUNT = "sftjob-system", "sftjob-operator"
 # The operator's token outlives any demo or test run (`sftjob demo --keep` included).
 OPERATOR_TOKEN_SECONDS = 30 * 24 * 3600

@@ -137,7 +137,14 @@ What the kubelet reports before a container starts, retried every
     events InspectFailed (that message) and Failed `Error: InvalidImageName`;
   env/envFrom referencing a missing Secret/ConfigMap or key (not optional):
     waiting CreateContainerConfigError (`secret "x" not found`, `couldn't find
-    key k in Secret ns/x`), Warning event Failed `Error: <message>`.
+    key k in Secret ns/x`), Warning event Failed `Error: <message>`;
+  runAsNonRoot (pod or container) with runAsUser 0, or with no runAsUser and an
+    image whose USER is root or a name (verifyRunAsNonRoot): waiting
+    CreateContainerConfigError (`container has runAsNonRoot and image will run
+    as root (pod: "p_ns(uid)", container: c)`, ...). Images are never pulled, so
+    an image's USER is known only from `image_users` ({image prefix: USER as the
+    Dockerfile writes it, "" for none = root}); for any other image only the
+    pod's own runAsUser is checked.
 (Only the failing container shows the reason; the pod starts no container until
 all are ready, where a kubelet would start the others.) Events are sent when a
 problem appears or changes. Normal path events, from `kubelet`: Pulled
@@ -189,7 +196,7 @@ import random
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import node_reaper
 from .local_scheduler import LocalScheduler
@@ -247,6 +254,15 @@ def _disk_bytes(path: Path) -> int:
     return 100 * 2**30
 
 
+T = TypeVar("T")
+
+
+def _by_image_prefix(table: dict[str, T], image: str) -> T | None:
+    """The entry of the longest image-name prefix in `table` that `image` starts with."""
+    best = max((prefix for prefix in table if image.startswith(prefix)), key=len, default=None)
+    return None if best is None else table[best]
+
+
 class LocalNode:
     """Kubelet for one local Node (plus, with `schedule=True`, a scheduler); see
     the module docstring.
@@ -268,6 +284,7 @@ class LocalNode:
         gpu_resource: str = "nvidia.com/gpu",
         manage_etc_hosts: bool | None = None,
         image_commands: dict[str, list[str]] | None = None,
+        image_users: dict[str, str] | None = None,
         restart_backoff: float = 0.5,
         max_restart_backoff: float = 10.0,
         config_retry: float = 1.0,
@@ -293,6 +310,7 @@ class LocalNode:
         )
         self.etc_hosts = Path("/etc/hosts")
         self.image_commands = dict(image_commands or {})
+        self.image_users = dict(image_users or {})
         self.restart_backoff = restart_backoff
         self.max_restart_backoff = max_restart_backoff
         self.config_retry = config_retry
@@ -435,11 +453,13 @@ class LocalNode:
 
     def image_command(self, image: str) -> list[str] | None:
         """Default command for an image without `command` (the image is not pulled)."""
-        best = None
-        for prefix in self.image_commands:
-            if image.startswith(prefix) and (best is None or len(prefix) > len(best)):
-                best = prefix
-        return None if best is None else list(self.image_commands[best])
+        command = _by_image_prefix(self.image_commands, image)
+        return None if command is None else list(command)
+
+    def image_user(self, image: str) -> str | None:
+        """The image's USER as its Dockerfile sets it ("" is root), from `image_users`; None
+        when unknown: the image is never pulled, so the node cannot read it."""
+        return _by_image_prefix(self.image_users, image)
 
     # ----------------------------------------------------------------- node object
     def _node_status(self) -> Obj:

@@ -35,6 +35,7 @@ from .node_spec import (
     image_reference_problem,
     memory_limit_bytes,
     resource_field_ref,
+    run_as_non_root_error,
     termination_message,
 )
 
@@ -68,6 +69,8 @@ class PodHost(Protocol):
     ) -> None: ...
 
     def image_command(self, image: str) -> list[str] | None: ...
+
+    def image_user(self, image: str) -> str | None: ...
 
     def refresh_dns(self, force: bool = False) -> None: ...
 
@@ -566,6 +569,10 @@ class PodWorker:
             cwd = str(self.dir / "rootfs")
         Path(cwd).mkdir(parents=True, exist_ok=True)
         env = await self._env(c, mounts)
+        # kuberuntime generateContainerConfig: after the env, before the container is made.
+        refusal = run_as_non_root_error(self.pod, spec, self.node.image_user(image))
+        if refusal is not None:
+            raise ConfigError(refusal)
         command = list(spec.get("command") or [])
         if not command:
             command = list(self.node.image_command(spec.get("image", "")) or [])

@@ -319,3 +319,55 @@ def pod_event(
         "type": type_,
         **fields,
     }
+
+
+# ---------------------------------------------------------------------------- runAsNonRoot
+MAX_USER_ID = 2**31 - 1
+
+
+def image_user(user: str) -> tuple[int | None, str]:
+    """The (uid, username) the runtime reports for an image's USER (`uid[:gid]`, `name[:group]`
+    or empty): a numeric user is a uid, a name is a username, an empty USER is root
+    (kuberuntime getImageUser: "if none of them is set, treat it as root")."""
+    name = user.split(":", 1)[0]
+    if not name:
+        return 0, ""
+    return (int(name), "") if name.isdigit() else (None, name)
+
+
+def run_as_non_root_error(pod: Obj, container: Obj, user: str | None) -> str | None:
+    """pkg/kubelet/kuberuntime/security_context_others.go verifyRunAsNonRoot: why the kubelet
+    refuses to start `container` (CreateContainerConfigError), or None. `user` is the image's
+    USER; None when the node cannot know it (the local node never pulls images): then only the
+    pod's own runAsUser is checked."""
+    pod_context = (pod.get("spec") or {}).get("securityContext") or {}
+    context = container.get("securityContext") or {}
+    # securitycontext.DetermineEffectiveSecurityContext: the container's field over the pod's.
+    non_root = context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))
+    run_as = context.get("runAsUser", pod_context.get("runAsUser"))
+    if not non_root:
+        return None
+    meta = pod.get("metadata") or {}
+    # format.Pod: name_namespace(uid)
+    where = (
+        f'(pod: "{meta.get("name", "")}_{meta.get("namespace", "")}({meta.get("uid", "")})", '
+        f"container: {container.get('name', '')})"
+    )
+    if run_as is not None:
+        return f"container's runAsUser breaks non-root policy {where}" if run_as == 0 else None
+    if user is None:
+        return None
+    uid, username = image_user(user)
+    if uid is None:
+        return (
+            f"container has runAsNonRoot and image has non-numeric user ({username}), "
+            f"cannot verify user is non-root {where}"
+        )
+    if uid == 0:
+        return f"container has runAsNonRoot and image will run as root {where}"
+    if uid > MAX_USER_ID:
+        return (
+            f"container has runAsNonRoot and image has an invalid user id ({uid}). "
+            f"(Must be 1-({MAX_USER_ID})): must be between 0 and {MAX_USER_ID}, inclusive {where}"
+        )
+    return None

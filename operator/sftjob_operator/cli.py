@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,7 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     import logging
+    import os
     import random
 
     import kopf
@@ -150,20 +151,39 @@ def cmd_operator(args: argparse.Namespace) -> int:
         # Kopf logs every handled watch event at INFO; keep the operator's log for what matters.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.image:
-        import os
-
         os.environ["SFTJOB_TRAINER_IMAGE"] = args.image
+    namespaces = watched_namespaces(args.namespace, args.all_namespaces, os.environ)
     # Peering: replicas with different priorities elect the highest as the active one.
     priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)
     kopf.run(
         standalone=args.standalone,
         priority=None if args.standalone else priority,
         peering_name=None if args.standalone else args.peering,
-        clusterwide=args.all_namespaces,
-        namespaces=[] if args.all_namespaces else [args.namespace],
+        clusterwide=namespaces is None,
+        namespaces=namespaces or [],
         liveness_endpoint=args.liveness,
     )
     return 0
+
+
+NAMESPACES_ENV = "SFTJOB_NAMESPACES"
+
+
+def watched_namespaces(
+    flags: Sequence[str] | None, all_namespaces: bool, env: Mapping[str, str]
+) -> list[str] | None:
+    """The namespaces the operator watches, None for every namespace (`-A`).
+
+    `-n` may be repeated and each value may be a comma list (`-n a -n b`, `-n a,b`); without
+    `-n` or `-A`, `$SFTJOB_NAMESPACES` (a comma list, as a Deployment sets it) decides, else
+    the namespace `default`. Kopf then lists and watches each named namespace only, never
+    the whole cluster (except cluster-scoped kinds and the namespaces themselves).
+    """
+    if all_namespaces:
+        return None
+    given = list(flags) if flags else [env.get(NAMESPACES_ENV, "")]
+    names = [name.strip() for value in given for name in value.split(",") if name.strip()]
+    return list(dict.fromkeys(names)) or ["default"]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -308,7 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     op = sub.add_parser("operator", help="run the operator against the current kubeconfig")
     scope = op.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", default="default", help="namespace to watch")
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        metavar="NAMESPACE[,NAMESPACE...]",
+        help=f"namespace(s) to watch; repeat or comma-separate (default: ${NAMESPACES_ENV}, "
+        "else default)",
+    )
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     op.add_argument(
         "--standalone",

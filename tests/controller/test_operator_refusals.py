@@ -33,7 +33,7 @@ from sftjob_local.emulator import EmulatorThread
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
 
-OPERATOR_ACCOUNT = "sftjob-operator"  # deploy/rbac.yaml's ServiceAccount and ClusterRole
+OPERATOR_ACCOUNT = "sftjob-operator"  # deploy/base/rbac.yaml's ServiceAccount and ClusterRole
 CREATED_KINDS = ("configmaps", "serviceaccounts", "services", "pods", "roles", "rolebindings")
 
 

@@ -35,7 +35,7 @@ def operator_token(emulator: tuple[EmulatorThread, Path]) -> str:
     _, kubeconfig = emulator
     api = kubernetes.config.new_client_from_config(str(kubeconfig))
     for name in ("namespace.yaml", "rbac.yaml"):
-        for obj in yaml.safe_load_all((ROOT / "deploy" / name).read_text()):
+        for obj in yaml.safe_load_all((ROOT / "deploy" / "base" / name).read_text()):
             if obj:
                 kubernetes.utils.create_from_dict(api, obj)
     issued = kubernetes.client.CoreV1Api(api).create_namespaced_service_account_token(

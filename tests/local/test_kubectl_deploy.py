@@ -109,7 +109,7 @@ def test_uninstall_in_the_readme_order(kubectl: Kubectl) -> None:
     assert kubectl("get", "sftjobs", "-A", "-o", "name").stdout.strip()
     for command in (
         "kubectl delete sftjobs --all -A",
-        "kubectl delete -f deploy/operator.yaml",
+        "kubectl delete -f deploy/base/operator.yaml",
         "kubectl delete -k deploy/ --ignore-not-found",
     ):
         assert "deleted" in kubectl(*shlex.split(command)[1:]).stdout, command
@@ -122,7 +122,7 @@ def test_uninstall_in_the_readme_order(kubectl: Kubectl) -> None:
 def test_preinstalled_peering_crds_are_the_ones_deploy_ships() -> None:
     shipped = [
         doc
-        for doc in yaml.safe_load_all((REPO / "deploy" / "kopf-peering.yaml").read_text())
+        for doc in yaml.safe_load_all((REPO / "deploy" / "base" / "kopf-peering.yaml").read_text())
         if doc and doc["kind"] == "CustomResourceDefinition"
     ]
     assert shipped == list(KOPF_PEERING_CRDS)

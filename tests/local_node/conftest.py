@@ -13,13 +13,23 @@ from sftjob_local.cluster import LocalCluster
 
 # The shared cluster has 2 GPUs so scheduling tests can fill it.
 CLUSTER_GPUS = 2
+# What the node knows of these images' USER (it never pulls one): test_run_as_non_root.py.
+IMAGE_USERS = {
+    "example.test/user-root:": "",
+    "example.test/user-zero:": "0:0",
+    "example.test/user-named:": "trainer",
+    "example.test/user-1000:": "1000:1000",
+}
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     # fast restarts keep the OnFailure test short; everything else is default
     with LocalCluster(
-        workdir=tmp_path_factory.mktemp("local-cluster"), gpus=CLUSTER_GPUS, restart_backoff=0.2
+        workdir=tmp_path_factory.mktemp("local-cluster"),
+        gpus=CLUSTER_GPUS,
+        restart_backoff=0.2,
+        image_users=IMAGE_USERS,
     ) as c:
         yield c
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,3 +90,31 @@ def test_crd_command_prints_the_committed_crd() -> None:
     result = sftjob("crd")
     assert result.returncode == 0
     assert result.stdout == (ROOT / "crds" / "sftjob.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        pytest.param([], {}, ["default"], id="nothing-default"),
+        pytest.param(["-A"], {"SFTJOB_NAMESPACES": "a"}, None, id="all-wins-over-env"),
+        pytest.param(["-n", "a", "-n", "b"], {}, ["a", "b"], id="repeated"),
+        pytest.param(["-n", "a,b", "--namespace", "c"], {}, ["a", "b", "c"], id="comma-list"),
+        pytest.param(["-n", " a , ,a"], {}, ["a"], id="blanks-and-repeats-dropped"),
+        pytest.param([], {"SFTJOB_NAMESPACES": "team-a,team-b"}, ["team-a", "team-b"], id="env"),
+        pytest.param(["-n", "x"], {"SFTJOB_NAMESPACES": "team-a"}, ["x"], id="flag-wins"),
+        pytest.param([], {"SFTJOB_NAMESPACES": " "}, ["default"], id="blank-env"),
+    ],
+)
+def test_operator_namespaces_from_flags_or_env(
+    argv: list[str], env: dict[str, str], expected: list[str] | None
+) -> None:
+    from sftjob_operator.cli import build_parser, watched_namespaces
+
+    args = build_parser().parse_args(["operator", *argv])
+    assert watched_namespaces(args.namespace, args.all_namespaces, env) == expected
+
+
+def test_operator_refuses_namespaces_with_all_namespaces() -> None:
+    result = sftjob("operator", "-A", "-n", "a")
+    assert result.returncode == 2
+    assert "not allowed with argument" in result.stderr

@@ -69,8 +69,12 @@ RUN_ELSEWHERE = {
     "make crd": ".ci/run",
     "kubectl apply -k deploy/": "tests/local/test_kubectl_deploy.py",
     "kubectl delete sftjobs --all -A": "tests/local/test_kubectl_deploy.py",
-    "kubectl delete -f deploy/operator.yaml": "tests/local/test_kubectl_deploy.py",
+    "kubectl delete -f deploy/base/operator.yaml": "tests/local/test_kubectl_deploy.py",
     "kubectl delete -k deploy/ --ignore-not-found": "tests/local/test_kubectl_deploy.py",
+    "kubectl apply -k deploy/overlays/cluster": "tests/local/test_deploy_overlays_rbac.py",
+    "kubectl create namespace team-a": "tests/local/test_deploy_overlays_rbac.py",
+    "kubectl create namespace team-b": "tests/local/test_deploy_overlays_rbac.py",
+    "kubectl apply -k deploy/overlays/namespaced": "tests/local/test_deploy_overlays_rbac.py",
     ".venv/bin/sftjob tiny-data": "tests/trainer/test_readme_run.py",
     ".venv/bin/sftjob run -f deploy/examples/tiny-run-local.yaml": "tests/trainer/test_readme_run.py",
 }

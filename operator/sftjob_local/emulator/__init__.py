@@ -56,7 +56,7 @@ asked for it, as client-go does, else JSON: kubectl's client-side validation,
 406 when neither JSON nor the document's protobuf is acceptable.
 
 Preinstalled: Kopf's peering CRDs (``clusterkopfpeerings``/``kopfpeerings.kopf.dev``, as
-``deploy/kopf-peering.yaml`` ships them, with kubectl's last-applied-configuration), so that
+``deploy/base/kopf-peering.yaml`` ships them, with kubectl's last-applied-configuration), so that
 ``kubectl apply -k deploy/`` works on the first try (kubectl maps every object before creating
 any, so a CRD and its object in one apply fail once on a real cluster);
 ``ApiEmulator(kopf_peering_crds=False)`` starts without them. See ``preinstalled.py``.
@@ -130,8 +130,10 @@ condition (EvictionByEvictionAPI) and deletes with the Eviction's deleteOptions
 (``eviction.py``); PodDisruptionBudgets are not served, so no eviction is refused for one.
 
 Simplified or absent: server-side apply is a plain merge (create when missing, no managedFields
-conflicts); admission plugins: ServiceAccount, OwnerReferencesPermissionEnforcement and RBAC
-escalation prevention only; no aggregated ClusterRoles (admin, edit, view) and no other bootstrap
+conflicts); admission plugins: ServiceAccount, OwnerReferencesPermissionEnforcement, RBAC
+escalation prevention and PodSecurity (``pod_security.py``: the namespace labels'
+``enforce``/``warn`` levels of the Pod Security Standards, v1.32's checks, the real 403 and
+Warning texts; pod templates of workload kinds are not checked) only; no aggregated ClusterRoles (admin, edit, view) and no other bootstrap
 roles than those above; no TokenReview/SubjectAccessReview; no client-certificate auth; admission
 adds no projected token volume to pods (the local node provides the token itself, see
 ``sftjob_local.node_sa``); service-account tokens are not rotated (pods get one-year tokens, as

@@ -46,6 +46,12 @@ def _content(obj: dict[str, Any], rt: ResourceType) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k not in skip}
 
 
+def _warn(warnings: list[str] | None, found: list[str] | None) -> None:
+    """An admission plugin's warnings go to the response (when the caller collects them)."""
+    if warnings is not None and found:
+        warnings.extend(found)
+
+
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     def strip(o: dict[str, Any]) -> dict[str, Any]:
         meta = {
@@ -113,9 +119,10 @@ class ApiCore:
     ) -> None:
         self.registry = Registry()
         self.store = Store(history_size, state_path)
-        # Admission checks that depend on the caller (see access.py): called with
-        # (operation, rt, object, old object or None, subresource) before a write is stored.
-        self.admission: list[Callable[..., None]] = []
+        # Admission plugins (access.py: those that depend on the caller; pod_security.py):
+        # called with (operation, rt, object, old object or None, subresource) before a write
+        # is stored; each raises to refuse, and may return warnings for the response.
+        self.admission: list[Callable[..., list[str] | None]] = []
         # Controllers that react at once to a created object (the default ServiceAccount).
         self.on_created: list[Callable[[ResourceType, dict[str, Any]], None]] = []
         self._service_ips = 10
@@ -242,7 +249,7 @@ class ApiCore:
         if rt.group == "apiextensions.k8s.io":
             self._check_crd(obj)
         for admit in self.admission:
-            admit("CREATE", rt, obj, None, None)
+            _warn(warnings, admit("CREATE", rt, obj, None, None))
         if dry_run:
             return self.present(rt, obj)
         stored = self.store.put(key, obj, None)
@@ -468,7 +475,7 @@ class ApiCore:
         if rt.custom:
             self._apply_schema(rt, result, strict, warnings, old)
         for admit in self.admission:
-            admit("UPDATE", rt, result, old, subresource)
+            _warn(warnings, admit("UPDATE", rt, result, old, subresource))
         if json.dumps(_content(result, rt), sort_keys=True) != json.dumps(
             _content(old, rt), sort_keys=True
         ):

@@ -8,7 +8,7 @@ first"; a second apply succeeds). ``deploy/`` (kustomize) holds Kopf's two peeri
 first try against the emulator.
 
 The bodies are Kopf's own (https://github.com/nolar/kopf/blob/main/peering.yaml), exactly as
-``deploy/kopf-peering.yaml`` ships them (a test keeps the two equal), and they carry the
+``deploy/base/kopf-peering.yaml`` ships them (a test keeps the two equal), and they carry the
 ``kubectl.kubernetes.io/last-applied-configuration`` that ``kubectl apply`` would have
 written, so applying ``deploy/`` reports them ``unchanged`` and deleting them works as usual.
 """

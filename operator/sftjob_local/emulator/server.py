@@ -23,6 +23,7 @@ from . import auth, bodies, errors, eviction, openapi, tables, tls
 from .access import AccessControl, allowed_hosts, check_transport
 from .core import ApiCore
 from .errors import ApiError, bad_request
+from .pod_security import PodSecurityAdmission
 from .preinstalled import KOPF_PEERING_CRDS, as_applied
 from .resources import ResourceType
 from .selectors import parse_field_selector, parse_label_selector
@@ -139,6 +140,12 @@ class ApiEmulator(kmock.KubernetesEmulator):
         self.core = ApiCore(self.history_size, preinstalled, self.state_path)
         self.access = AccessControl(self.core, self.admin_token, self.signing_key)
         self.core.admission.append(self.access.admit)
+        self.core.admission.append(
+            PodSecurityAdmission(
+                lambda name: self.core.store.get(("", "namespaces"), "", name),
+                lambda namespace: self.core.store.list(("", "pods"), namespace),
+            ).admit
+        )
         self.core.on_created.append(self._on_created)
         self.access.bootstrap()
         self.core.store.compact()
@@ -506,7 +513,14 @@ class ApiEmulator(kmock.KubernetesEmulator):
     def _warning_headers(warnings: list[str]) -> dict[str, str] | None:
         if not warnings:
             return None
-        return {"Warning": ", ".join(f'299 - "{w}"'.replace("\n", " ") for w in warnings)}
+
+        # RFC 7234 warn-text is a quoted-string, as the apiserver writes it (apimachinery's
+        # util/net NewWarningHeader): quotes and backslashes escaped (PodSecurity's have quotes).
+        def quoted(text: str) -> str:
+            text = text.replace("\n", " ").replace("\\", "\\\\").replace('"', '\\"')
+            return f'"{text}"'
+
+        return {"Warning": ", ".join(f"299 - {quoted(w)}" for w in warnings)}
 
     def _respond_list(
         self, raw: aiohttp.web.BaseRequest, rt: ResourceType, items: list[dict[str, Any]]
