@@ -97,6 +97,7 @@ def test_apply_k_deploy_works_the_first_time(kubectl: Kubectl) -> None:
         "customresourcedefinition.apiextensions.k8s.io/clusterkopfpeerings.kopf.dev",
         "customresourcedefinition.apiextensions.k8s.io/kopfpeerings.kopf.dev",
         "customresourcedefinition.apiextensions.k8s.io/sftjobs.tuning.sftjob.dev",
+        "customresourcedefinition.apiextensions.k8s.io/sftprofiles.tuning.sftjob.dev",
     ]
 
 
@@ -115,6 +116,7 @@ def test_uninstall_in_the_readme_order(kubectl: Kubectl) -> None:
         assert kubectl("get", "sftjobs", "-A", "-o", "name", check=False).stdout.strip() == ""
     crds = kubectl("get", "crd", "-o", "name").stdout
     assert "sftjobs.tuning.sftjob.dev" not in crds
+    assert "sftprofiles.tuning.sftjob.dev" not in crds
 
 
 def test_preinstalled_peering_crds_are_the_ones_deploy_ships() -> None:
