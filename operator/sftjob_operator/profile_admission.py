@@ -355,7 +355,14 @@ def policy_manifest() -> dict[str, Any]:
                     "name": "job-uses-this-profile",
                     "expression": "!has(object.spec.profile) || "
                     "object.spec.profile == params.metadata.name",
-                }
+                },
+                {
+                    # Only a new spec is judged: labels, annotations and finalizers of a job
+                    # admitted earlier (before a profile changed) can still be edited, by
+                    # tenants and by the operator, as a profile change never touches a job.
+                    "name": "spec-is-new",
+                    "expression": "oldObject == null || object.spec != oldObject.spec",
+                },
             ],
             "variables": _variables(),
             "validations": _validations(),

@@ -236,3 +236,69 @@ def test_an_update_that_breaks_the_profile_is_refused_and_the_stored_job_kept(ad
         "get", "sftjobs.tuning.sftjob.dev", name, "-n", admission.namespace, "-o", "yaml"
     )
     assert yaml.safe_load(stored.stdout)["spec"]["resources"]["nodes"] == 1
+
+
+def test_the_example_profiles_and_their_bindings_refuse_at_apply(admission):
+    """deploy/examples/profile-*.yaml with deploy/policy/binding-*.yaml, as the README tells an
+    admin to apply them: the shared GPU pool's cap of one node is refused at apply in a
+    namespace the pool selects, in the operator's words; a job within it is admitted."""
+    examples = sorted((ROOT / "deploy" / "examples").glob("profile-*.yaml"))
+    bindings = sorted((ROOT / "deploy" / "policy").glob("binding-*.yaml"))
+    bindings = [b for b in bindings if b.name != "binding-template.yaml"]
+    files = [arg for path in examples + bindings for arg in ("-f", str(path))]
+    admission.kubectl("apply", *files)
+    namespace = f"sftjob-pool-{secrets.token_hex(3)}"
+    profile = next(
+        p
+        for p in profile_admission.example_profiles(ROOT / "deploy" / "examples")
+        if p.metadata.name == "shared-gpu-lora"
+    )
+    labels = profile.spec.namespaceSelector.matchLabels
+    admission.kubectl("create", "namespace", namespace)
+    admission.kubectl("label", "namespace", namespace, *(f"{k}={v}" for k, v in labels.items()))
+    try:
+        spec = {
+            "model": {"name": "Qwen/Qwen2.5-0.5B"},
+            "dataset": {"name": "trl-lib/Capybara"},
+            "method": "lora",
+        }
+        job = {
+            "apiVersion": policy_cases.API_VERSION,
+            "kind": "SFTJob",
+            "metadata": {"name": "within", "namespace": namespace},
+            "spec": spec,
+        }
+        two_nodes = {**job, "metadata": {"name": "two-nodes", "namespace": namespace}}
+        two_nodes["spec"] = {**spec, "resources": {"nodes": 2, "gpusPerNode": 1}}
+        refused, admitted = _dry_run_all(admission, {"within": job, "two-nodes": two_nodes})
+        assert admitted == {"within"}
+        expected = policy.resolve(
+            SFTJobSpec.model_validate(two_nodes["spec"]), namespace, labels, [profile]
+        ).violations
+        assert [str(v) for v in expected][:1] == [refused["two-nodes"]]
+        assert expected[0].rule == "limits.maxNodes"
+    finally:
+        admission.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        admission.kubectl("delete", *files, "--ignore-not-found", check=False)
+
+
+def test_a_job_admitted_before_its_namespace_joined_the_profile_keeps_metadata_edits(admission):
+    """The policy judges a new spec only (matchCondition spec-is-new): a job that broke no
+    bound profile when it was created can still be labelled (and its finalizers removed by the
+    operator) after its namespace joins a profile; a change of its spec is judged."""
+    namespace = f"sftjob-late-{secrets.token_hex(3)}"
+    admission.kubectl("create", "namespace", namespace)
+    try:
+        case = policy_cases.cases_by_name()["nodes-over-cap"]
+        job = policy_cases.job_manifest("early", namespace, case)
+        assert admission.kubectl.apply([job]).returncode == 0
+        labels = policy_cases.TENANT_NAMESPACE_LABELS
+        admission.kubectl("label", "namespace", namespace, *(f"{k}={v}" for k, v in labels.items()))
+        resource = "sftjobs.tuning.sftjob.dev"
+        admission.kubectl("label", resource, "early", "-n", namespace, "team=a")
+        changed = policy_cases.job_manifest("early", namespace, case)
+        changed["spec"]["resources"]["nodes"] = 4
+        result = admission.kubectl.apply([changed])
+        assert result.returncode != 0 and "(rule limits.maxNodes)" in result.stderr, result.stderr
+    finally:
+        admission.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
