@@ -500,3 +500,32 @@ def test_the_status_subresource_is_evaluated_only_when_a_rule_names_it(
         "PATCH", widgets.path(name, "status"), {"status": {"phase": "Stuck"}}, content_type=merge
     )
     assert status == 422 and error["message"].endswith("denied request: never stuck"), error
+
+
+def test_request_and_namespace_object_describe_the_request(cluster, policies, uniq):
+    """cel.CreateAdmissionRequest and CreateNamespaceObject: ``request`` carries the operation,
+    the resource, the namespace, the name, dryRun and the caller; ``namespaceObject`` is the
+    object's namespace (its metadata, spec and status)."""
+    fields = (
+        "request.operation + ' ' + request.resource.group + '/' + request.resource.version + "
+        "'/' + request.resource.resource + ' ' + request.kind.kind + ' ' + request.namespace + "
+        "' ' + request.name + ' ' + string(request.dryRun) + ' ' + "
+        "namespaceObject.metadata.name + ' ' + namespaceObject.status.phase"
+    )
+    policy = policies.policy(
+        "request",
+        [
+            {"expression": "request.userInfo.username == ''", "messageExpression": fields},
+        ],
+    )
+    policies.bind(policy)
+    body = policies.configmap(f"cm-{uniq}", {"a": "1"})
+    policies.active(lambda: policies.create(body, dryRun="All")[0] == 422)
+    ns = cluster.namespace
+    status, error = policies.create(body, dryRun="All")
+    assert status == 422, error
+    assert error["message"].endswith(
+        f"denied request: CREATE /v1/configmaps ConfigMap {ns} cm-{uniq} true {ns} Active"
+    )
+    status, error = policies.create(body)
+    assert error["message"].endswith(f"{ns} cm-{uniq} false {ns} Active"), error

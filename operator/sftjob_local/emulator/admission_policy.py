@@ -47,6 +47,7 @@ from cel_expr_python import cel as cel_runtime
 
 from . import admission_policy_api as api
 from . import auth, cel, rbac
+from .core import ApiCore
 from .errors import ApiError
 from .resources import ResourceType
 
@@ -318,7 +319,7 @@ class _Denial:
 class PolicyAdmission:
     """Runs the stored policies on each write made by a request (``ApiCore.admission``)."""
 
-    def __init__(self, core: Any) -> None:
+    def __init__(self, core: ApiCore) -> None:
         self.core = core
         self._compiled: dict[str, tuple[str, CompiledPolicy]] = {}
 
