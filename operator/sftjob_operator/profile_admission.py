@@ -15,7 +15,7 @@ profile; a binding selects the namespaces its profile selects, and its matchCond
 job whose ``spec.profile`` names another profile. Only the first failing validation is in the
 refusal; the operator lists them all.
 
-What stays with the operator (`OPERATOR_ONLY`): which profile a job gets when the namespace
+What stays with the operator (docs/admission.md): which profile a job gets when the namespace
 has several or none, a ``spec.profile`` naming a profile that does not exist or does not
 select the namespace (a policy sees one profile at a time, the bound one), and the image the
 operator runs when neither the job nor the profile names one (the operator's --image).
@@ -36,15 +36,6 @@ from .profile_api import PROFILE_KIND, SFTProfile
 POLICY_NAME = "sftjob-profile-limits"
 POLICY_FILE = "profile-limits-policy.yaml"
 ADMISSION_API = "admissionregistration.k8s.io/v1"
-
-# Rules the policy cannot judge from one job and its bound profile, and why.
-OPERATOR_ONLY: dict[str, str] = {
-    "profile": "which profile applies needs every SFTProfile and the namespace's labels; a "
-    "policy evaluates one bound profile at a time (an unknown spec.profile, or one that does "
-    "not select the namespace, matches no binding)",
-    "limits.allowedImages (operator default image)": "a job and a profile that name no image "
-    "run the operator's --image, which the API server does not know",
-}
 
 
 def _quote(text: str) -> str:
