@@ -46,7 +46,9 @@ PROFILE_KIND = "SFTProfile"
 PROFILE_PLURAL = "sftprofiles"
 PROFILE_SINGULAR = "sftprofile"
 PROFILE_SHORT_NAMES = ["sftp"]
-PROFILE_CATEGORIES = ["ml", "sftjob"]
+# Not "sftjob": kubectl expands a category before a singular name, so `kubectl get sftjob X`
+# would then name two kinds and fail.
+PROFILE_CATEGORIES = ["ml"]
 
 # Env names the operator itself sets in every trainer pod (children._env and the ENV_* of
 # trainer_config): neither a tenant nor a profile may set them, or the pod gets a second value

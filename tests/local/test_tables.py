@@ -215,3 +215,25 @@ def test_pod_init_containers_and_sidecars():
         "containerStatuses": [{"name": "main", "ready": True, "state": {"running": {}}}],
     }
     assert pod(status, spec)[1:3] == ["2/2", "Running"]
+
+
+def test_admission_policies_and_bindings():
+    """printValidatingAdmissionPolicy (Validations, ParamKind) and
+    printValidatingAdmissionPolicyBinding (PolicyName, ParamRef: ``*/name`` without a
+    namespace, ``<unset>`` without a paramRef)."""
+    group = "admissionregistration.k8s.io"
+    spec = {
+        "validations": [{"expression": "true"}] * 2,
+        "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
+    }
+    names, cells = table(group, "ValidatingAdmissionPolicy", {"spec": spec})
+    assert names == ["Name", "Validations", "ParamKind", "Age"]
+    assert cells[1:3] == [2, "v1/ConfigMap"]
+    assert table(group, "ValidatingAdmissionPolicy", {"spec": {}})[1][2] == "<unset>"
+    binding = {"spec": {"policyName": "p", "paramRef": {"name": "limits"}}}
+    names, cells = table(group, "ValidatingAdmissionPolicyBinding", binding)
+    assert names == ["Name", "PolicyName", "ParamRef", "Age"]
+    assert cells[1:3] == ["p", "*/limits"]
+    binding["spec"]["paramRef"]["namespace"] = "team-a"
+    assert table(group, "ValidatingAdmissionPolicyBinding", binding)[1][2] == "team-a/limits"
+    assert table(group, "ValidatingAdmissionPolicyBinding", {"spec": {}})[1][2] == "<unset>"

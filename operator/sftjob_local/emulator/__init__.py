@@ -47,8 +47,9 @@ What is served
 Built-in kinds: v1 pods (+status, +log, +binding, +eviction), services, configmaps, secrets, serviceaccounts,
 events, persistentvolumeclaims, nodes (cluster), namespaces (cluster); rbac roles, rolebindings,
 clusterroles, clusterrolebindings; apps deployments; coordination leases; events.k8s.io events
-(sharing storage with v1 events); apiextensions customresourcedefinitions, which register custom
-resources at runtime. Also /version, /api, /apis (discovery with verbs, shortNames, categories,
+(sharing storage with v1 events); admissionregistration validatingadmissionpolicies and
+validatingadmissionpolicybindings (cluster, see below); apiextensions customresourcedefinitions,
+which register custom resources at runtime. Also /version, /api, /apis (discovery with verbs, shortNames, categories,
 ``<plural>/status``), /openapi/v3 (root and per group-version JSON documents with the CRD schemas:
 ``kubectl apply`` server-side field validation, ``kubectl explain``), /openapi/v2 (protobuf when
 asked for it, as client-go does, else JSON: kubectl's client-side validation,
@@ -118,6 +119,19 @@ restored database the stored CRDs are served again; the system namespaces are re
 missing and the preinstalled CRDs only come with a new database (one a user deleted stays deleted).
 One server per database: a second one fails at start with ``StateLocked``, an ``OSError``.
 
+ValidatingAdmissionPolicy (``admission_policy.py``, ``admission_policy_api.py``, as Kubernetes
+1.30+): admissionregistration.k8s.io/v1 ``validatingadmissionpolicies`` (+status) and
+``validatingadmissionpolicybindings``, cluster-scoped, with the v1 defaults and validation (their
+CEL compiled on the CRD rules' library: a policy that does not compile is 422). Every create and
+update a request makes (dry runs included; not DELETE or CONNECT) runs the bound policies:
+matchConstraints and a binding's matchResources (namespaceSelector, objectSelector,
+resourceRules with subresources and scope, excludeResourceRules, Equivalent versions),
+paramKind + paramRef (name or selector, namespace, parameterNotFoundAction), matchConditions,
+variables, validations (message, messageExpression, reason), failurePolicy, validationActions
+Deny and Warn (a ``Warning`` header; Audit is accepted and ignored). A denial is the
+apiserver's: ``<resource> "<name>" is forbidden: ValidatingAdmissionPolicy '<p>' with binding
+'<b>' denied request: <message>``, reason Invalid (422) unless the validation names another.
+
 Pod logs: ``pods/{name}/log`` serves ``{log_dir}/{namespace}_{pod}_{uid}/{container}/{run}.log``
 (CRI log format), the run chosen from the pod's container status as the kubelet does (previous →
 lastState; errors "waiting to start", "previous terminated container ... not found"); container
@@ -133,7 +147,10 @@ Simplified or absent: server-side apply is a plain merge (create when missing, n
 conflicts); admission plugins: ServiceAccount, OwnerReferencesPermissionEnforcement, RBAC
 escalation prevention and PodSecurity (``pod_security.py``: the namespace labels'
 ``enforce``/``warn`` levels of the Pod Security Standards, v1.32's checks, the real 403 and
-Warning texts; pod templates of workload kinds are not checked) only; no aggregated ClusterRoles (admin, edit, view) and no other bootstrap
+Warning texts; pod templates of workload kinds are not checked) and ValidatingAdmissionPolicy
+(no webhooks; policies have no ``authorizer`` variable, no auditAnnotations evaluation, no cost
+budget and no status.typeChecking; ``request`` and ``namespaceObject`` are not type-checked)
+only; no aggregated ClusterRoles (admin, edit, view) and no other bootstrap
 roles than those above; no TokenReview/SubjectAccessReview; no client-certificate auth; admission
 adds no projected token volume to pods (the local node provides the token itself, see
 ``sftjob_local.node_sa``); service-account tokens are not rotated (pods get one-year tokens, as

@@ -246,6 +246,13 @@ def _new_env(self_type: Any, optional_old_self: bool, **options: Any) -> Any:
         variables["__hasOldSelf"] = cel.Type.BOOL
     else:
         variables["oldSelf"] = self_type
+    return new_environment(variables, **options)
+
+
+def new_environment(variables: dict[str, Any], **options: Any) -> Any:
+    """A CEL environment declaring `variables` (name → CEL type), with the extensions every
+    Kubernetes CEL expression has (strings, optional, bindings, lists, regex): CRD rules
+    here, admission policies in admission_policy_api.py."""
     return cel.NewEnv(
         **options,
         variables=variables,
@@ -284,7 +291,8 @@ def _wrap_optional(rule: str) -> str:
     )
 
 
-def _compile_error(exc: Exception) -> str:
+def compile_error_text(exc: Exception) -> str:
+    """The checker's error as cel-go prints it (``ERROR: <input>:1:5: ...``)."""
     text = str(exc).strip()
     text = re.sub(r"^[A-Z_]+: ", "", text)
     return re.sub(r"\s*\[[A-Z_]+\]$", "", text)
@@ -393,7 +401,7 @@ def compile_rule(
         result.program = _compile(text, schema, resource_root, optional, cel.Type.BOOL)
     except RuntimeError as exc:
         result.errors.append(
-            ("rule", "FieldValueInvalid", rule, f"compilation failed: {_compile_error(exc)}")
+            ("rule", "FieldValueInvalid", rule, f"compilation failed: {compile_error_text(exc)}")
         )
     except _WrongType:
         result.errors.append(
@@ -412,7 +420,7 @@ def compile_rule(
                     "messageExpression",
                     "FieldValueInvalid",
                     rule,
-                    f"messageExpression compilation failed: {_compile_error(exc)}",
+                    f"messageExpression compilation failed: {compile_error_text(exc)}",
                 )
             )
         except _WrongType:
@@ -578,7 +586,7 @@ def _child(path: str, name: str) -> str:
 _MISSING = object()
 
 
-def _runtime_error(text: str) -> str:
+def runtime_error_text(text: str) -> str:
     """cel-cpp's runtime error, worded as cel-go's (what the apiserver prints)."""
     found = re.search(r'Key not found in map : "(.*)"', text)
     if found:
@@ -647,7 +655,7 @@ def _evaluate_node(
         result = compiled.program.eval(data=data)
         outcome = result.plain_value()
         if str(result.type().name()).upper() == "ERROR":
-            error = _runtime_error(str(outcome))
+            error = runtime_error_text(str(outcome))
             if "No matching overloads" in str(outcome):
                 detail = (
                     f"'no such overload': call arguments did not match a supported operator, "

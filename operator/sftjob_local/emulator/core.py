@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import cel, errors, schema, validation
+from . import admission_policy_api, cel, errors, schema, validation
 from .errors import ApiError
 from .patching import PatchError, json_patch, merge_patch, strategic_merge
 from .resources import Registry, ResourceType
@@ -306,6 +306,8 @@ class ApiCore:
             errs = validation.validate_create(rt.kind, rt.group, obj, rt.namespaced)
         else:
             errs = validation.validate_update(rt.kind, rt.group, obj, old, rt.namespaced)
+        if rt.group == admission_policy_api.GROUP:  # defaults and rules of policies, bindings
+            errs += admission_policy_api.validate(rt.kind, obj)
         if errs:
             name = obj["metadata"].get("name", "")
             raise errors.invalid(rt.kind, rt.group, name, validation.causes(errs))

@@ -211,6 +211,21 @@ def builtin_types() -> list[ResourceType]:
         ),
         _rt("events.k8s.io/v1", "events", "Event", short_names=("ev",)),
         _rt(
+            "admissionregistration.k8s.io/v1",
+            "validatingadmissionpolicies",
+            "ValidatingAdmissionPolicy",
+            namespaced=False,
+            categories=("api-extensions",),
+            status_subresource=True,
+        ),
+        _rt(
+            "admissionregistration.k8s.io/v1",
+            "validatingadmissionpolicybindings",
+            "ValidatingAdmissionPolicyBinding",
+            namespaced=False,
+            categories=("api-extensions",),
+        ),
+        _rt(
             "apiextensions.k8s.io/v1",
             "customresourcedefinitions",
             "CustomResourceDefinition",

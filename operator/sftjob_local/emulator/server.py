@@ -21,6 +21,7 @@ import yaml
 from .. import node_logs
 from . import auth, bodies, errors, eviction, openapi, tables, tls
 from .access import AccessControl, allowed_hosts, check_transport
+from .admission_policy import PolicyAdmission, RequestOptions, request_options, request_warnings
 from .core import ApiCore
 from .errors import ApiError, bad_request
 from .pod_security import PodSecurityAdmission
@@ -146,6 +147,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
                 lambda namespace: self.core.store.list(("", "pods"), namespace),
             ).admit
         )
+        self.core.admission.append(PolicyAdmission(self.core).admit)
         self.core.on_created.append(self._on_created)
         self.access.bootstrap()
         self.core.store.compact()
@@ -263,9 +265,11 @@ class ApiEmulator(kmock.KubernetesEmulator):
         for observe in self.request_observers:
             observe(user.name, raw.method, raw.path, raw.query)
         current = auth.current_user.set(user)
+        options = request_options.set(RequestOptions(dry_run="dryRun" in raw.query))
         try:
             return await self._handle_as_user(request, user)
         finally:
+            request_options.reset(options)
             auth.current_user.reset(current)
 
     async def _handle_as_user(
@@ -379,7 +383,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
                 },
                 201,
             )
-        warnings: list[str] = []
+        warnings = request_warnings()  # admission policies add theirs (Warn) to the same list
         strict = query.get("fieldValidation") == "Strict"
         dry_run = "dryRun" in query
         if method == "GET" and _truthy(query.get("watch")):

@@ -492,6 +492,10 @@ def _builtin_columns(rt: ResourceType) -> tuple[list[dict[str, Any]], Any]:
             _column("Kernel-Version", priority=1),
             _column("Container-Runtime", priority=1),
         ], _node_cells
+    if rt.kind == "ValidatingAdmissionPolicy" and rt.group == "admissionregistration.k8s.io":
+        return [_column("Validations", "integer"), _column("ParamKind"), AGE], _policy_cells
+    if rt.kind == "ValidatingAdmissionPolicyBinding" and rt.group == "admissionregistration.k8s.io":
+        return [_column("PolicyName"), _column("ParamRef"), AGE], _policy_binding_cells
     if rt.kind == "Lease":
         return [_column("Holder"), AGE], lambda o: [
             (o.get("spec") or {}).get("holderIdentity") or "",
@@ -500,6 +504,36 @@ def _builtin_columns(rt: ResourceType) -> tuple[list[dict[str, Any]], Any]:
     # Built-ins without a printer (roles, CRDs, ...) get the apiserver's default table
     # convertor (apiserver pkg/registry/rest/table.go): Name and "Created At" in RFC 3339.
     return [_column("Created At", "date")], lambda o: [o["metadata"].get("creationTimestamp")]
+
+
+def _policy_cells(o: dict[str, Any]) -> list[Any]:
+    """printValidatingAdmissionPolicy: how many validations, the paramKind."""
+    spec = o.get("spec") or {}
+    kind = spec.get("paramKind")
+    param_kind = f"{kind.get('apiVersion', '')}/{kind.get('kind', '')}" if kind else "<unset>"
+    return [
+        len(spec.get("validations") or []),
+        param_kind,
+        age(o["metadata"].get("creationTimestamp")),
+    ]
+
+
+def _policy_binding_cells(o: dict[str, Any]) -> list[Any]:
+    """printValidatingAdmissionPolicyBinding: the policy and the param (``*/name`` when no
+    namespace is given; a selector as Go prints the LabelSelector struct)."""
+    spec = o.get("spec") or {}
+    ref = spec.get("paramRef")
+    param = "<unset>"
+    if ref and ref.get("name"):
+        param = f"{ref.get('namespace') or '*'}/{ref['name']}"
+    elif ref and ref.get("selector") is not None:
+        labels = (ref["selector"].get("matchLabels") or {}).items()
+        shown = "".join(f"{k}: {v}," for k, v in sorted(labels))
+        param = (
+            f"&LabelSelector{{MatchLabels:map[string]string{{{shown}}},"
+            "MatchExpressions:[]LabelSelectorRequirement{},}"
+        )
+    return [spec.get("policyName", ""), param, age(o["metadata"].get("creationTimestamp"))]
 
 
 def _node_cells(o: dict[str, Any]) -> list[Any]:
