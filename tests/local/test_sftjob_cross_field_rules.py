@@ -19,6 +19,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 from sftjob_local.emulator import cel, schema
+from sftjob_operator import profile_api
 from sftjob_operator.api import (
     CrossFieldRule,
     SFTJobSpec,
@@ -27,7 +28,6 @@ from sftjob_operator.api import (
     _model_in,
     parse_spec,
 )
-from sftjob_operator import profile_api
 from sftjob_operator.crd import crd_manifest
 
 pytestmark = [pytest.mark.local, pytest.mark.timeout(120)]
