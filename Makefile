@@ -30,6 +30,7 @@ lint: install
 crd: install
 	$(VENV)/bin/sftjob crd --write crds
 	$(VENV)/bin/sftjob reference --write README.md
+	$(VENV)/bin/python -m sftjob_operator.profile_admission deploy/policy
 
 demo: install
 	$(VENV)/bin/sftjob demo
