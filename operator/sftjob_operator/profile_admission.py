@@ -15,7 +15,7 @@ profile; a binding selects the namespaces its profile selects, and its matchCond
 job whose ``spec.profile`` names another profile. Only the first failing validation is in the
 refusal; the operator lists them all.
 
-What stays with the operator (docs/admission.md): which profile a job gets when the namespace
+What stays with the operator (README, "Refusing jobs at `kubectl apply`"): which profile a job gets when the namespace
 has several or none, a ``spec.profile`` naming a profile that does not exist or does not
 select the namespace (a policy sees one profile at a time, the bound one), and the image the
 operator runs when neither the job nor the profile names one (the operator's --image).

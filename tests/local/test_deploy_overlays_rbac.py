@@ -183,7 +183,7 @@ def test_namespaced_overlay_confines_the_operator_to_its_namespaces(
 ) -> None:
     kubectl = install.kubectl
     kubectl("create", "namespace", "elsewhere")
-    # docs/install-modes.md's commands, as written.
+    # The README's install-mode commands (For platform teams), as written.
     for command in (
         "kubectl create namespace team-a",
         "kubectl create namespace team-b",

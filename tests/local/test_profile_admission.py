@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -64,6 +65,7 @@ class Kubectl:
         result = subprocess.run(
             ["kubectl", *args],
             env=self.env,
+            cwd=ROOT,  # the README's commands name deploy/ paths relative to the checkout
             input=stdin,
             capture_output=True,
             text=True,
@@ -238,15 +240,19 @@ def test_an_update_that_breaks_the_profile_is_refused_and_the_stored_job_kept(ad
     assert yaml.safe_load(stored.stdout)["spec"]["resources"]["nodes"] == 1
 
 
+README_ADMISSION_COMMANDS = [
+    "kubectl apply -f deploy/examples/profile-shared-gpu-lora.yaml",
+    "kubectl apply -k deploy/policy",
+    "kubectl apply -f deploy/policy/binding-shared-gpu-lora.yaml",
+]
+
+
 def test_the_example_profiles_and_their_bindings_refuse_at_apply(admission):
     """deploy/examples/profile-*.yaml with deploy/policy/binding-*.yaml, as the README tells an
     admin to apply them: the shared GPU pool's cap of one node is refused at apply in a
     namespace the pool selects, in the operator's words; a job within it is admitted."""
-    examples = sorted((ROOT / "deploy" / "examples").glob("profile-*.yaml"))
-    bindings = sorted((ROOT / "deploy" / "policy").glob("binding-*.yaml"))
-    bindings = [b for b in bindings if b.name != "binding-template.yaml"]
-    files = [arg for path in examples + bindings for arg in ("-f", str(path))]
-    admission.kubectl("apply", *files)
+    for command in README_ADMISSION_COMMANDS:  # as written in the README
+        admission.kubectl(*shlex.split(command)[1:])
     namespace = f"sftjob-pool-{secrets.token_hex(3)}"
     profile = next(
         p
@@ -279,6 +285,9 @@ def test_the_example_profiles_and_their_bindings_refuse_at_apply(admission):
         assert expected[0].rule == "limits.maxNodes"
     finally:
         admission.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        # The example profile and its binding; the policy stays for the other tests.
+        files = ["-f", "deploy/examples/profile-shared-gpu-lora.yaml"]
+        files += ["-f", "deploy/policy/binding-shared-gpu-lora.yaml"]
         admission.kubectl("delete", *files, "--ignore-not-found", check=False)
 
 

@@ -75,6 +75,13 @@ RUN_ELSEWHERE = {
     "kubectl create namespace team-a": "tests/local/test_deploy_overlays_rbac.py",
     "kubectl create namespace team-b": "tests/local/test_deploy_overlays_rbac.py",
     "kubectl apply -k deploy/overlays/namespaced": "tests/local/test_deploy_overlays_rbac.py",
+    "kubectl apply -f deploy/examples/profile-shared-gpu-lora.yaml": (
+        "tests/local/test_profile_admission.py"
+    ),
+    "kubectl apply -k deploy/policy": "tests/local/test_profile_admission.py",
+    "kubectl apply -f deploy/policy/binding-shared-gpu-lora.yaml": (
+        "tests/local/test_profile_admission.py"
+    ),
     ".venv/bin/sftjob tiny-data": "tests/trainer/test_readme_run.py",
     ".venv/bin/sftjob run -f deploy/examples/tiny-run-local.yaml": "tests/trainer/test_readme_run.py",
 }
