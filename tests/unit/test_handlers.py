@@ -15,9 +15,10 @@ def test_no_handler_needs_a_finalizer_or_a_diff() -> None:
     assert registry._spawning._handlers == []
     watched = {h.selector.any_name for h in registry._watching._handlers}
     indexed = {h.selector.any_name for h in registry._indexing._handlers}
-    assert watched == indexed == {"sftjobs", "pods", "configmaps"}
+    # Profiles and namespaces: what a job's policy is resolved from (read-only).
+    assert watched == indexed == {"sftjobs", "pods", "configmaps", "sftprofiles", "namespaces"}
     for handler in registry._watching._handlers + registry._indexing._handlers:
-        if handler.selector.any_name != "sftjobs":
+        if handler.selector.any_name in ("pods", "configmaps"):
             assert handler.labels == {LABEL_JOB: kopf.PRESENT}
 
 
