@@ -38,6 +38,10 @@ SHORT_NAMES = ["sft"]
 CATEGORIES = ["all", "ml", "sftjob"]
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+# The trainer image of a job that names none (and whose profile names none); the operator's
+# --image / SFTJOB_TRAINER_IMAGE replaces it. Here, not in children.py, so the policy (which
+# must allow the image a job will really run) reads it without importing the pod builders.
+DEFAULT_TRAINER_IMAGE = "ghcr.io/sftjob/sftjob-trainer:0.1.0"
 DEFAULT_OUTPUT_PATH = "/output"
 
 # Learning rates the reference recommends, per method.

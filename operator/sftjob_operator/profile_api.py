@@ -12,16 +12,65 @@ model-cache volume, the pods' user ids): those come from the profile alone.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .api import GROUP, VERSION, EnvVar, Method, PositiveInt, SpecModel, StatusModel, Toleration
+from .api import (
+    API_VERSION,
+    GROUP,
+    QUANTITY_PATTERN,
+    VERSION,
+    CrossFieldRule,
+    EnvVar,
+    FieldError,
+    Method,
+    PositiveInt,
+    SpecError,
+    SpecModel,
+    StatusModel,
+    Toleration,
+    errors_from_validation,
+)
+from .trainer_config import (
+    ENV_CONFIG_PATH,
+    ENV_MAIN_ADDR,
+    ENV_MAIN_PORT,
+    ENV_NODE_RANK,
+    ENV_NUM_NODES,
+    ENV_TERMINATION_LOG,
+)
 
 PROFILE_KIND = "SFTProfile"
 PROFILE_PLURAL = "sftprofiles"
 PROFILE_SINGULAR = "sftprofile"
 PROFILE_SHORT_NAMES = ["sftp"]
+PROFILE_CATEGORIES = ["ml", "sftjob"]
+
+# Env names the operator itself sets in every trainer pod (children._env and the ENV_* of
+# trainer_config): neither a tenant nor a profile may set them, or the pod gets a second value
+# and the operator's contract with the trainer breaks. tests/unit/test_policy.py checks the
+# list against the env of real pods built by children.build_pod.
+OPERATOR_SET_ENV: frozenset[str] = frozenset(
+    {
+        ENV_CONFIG_PATH,
+        ENV_NODE_RANK,
+        ENV_NUM_NODES,
+        ENV_MAIN_ADDR,
+        ENV_MAIN_PORT,
+        ENV_TERMINATION_LOG,
+        "SFTJOB_OUTPUT_DIR",
+        "SFTJOB_MODEL_PATH",
+        "SFTJOB_DATASET_PATH",
+        "HOME",
+        "HF_HOME",  # the model cache's mount when the profile has one
+        "PYTHONUNBUFFERED",
+        "POD_NAME",
+        "POD_NAMESPACE",
+        "HF_TOKEN",  # from spec.secrets.hfToken, the one way a token gets in
+    }
+)
 
 # Default mount of the shared model cache; HF_HOME points here when a profile sets one.
 MODEL_CACHE_MOUNT = "/cache/huggingface"
@@ -34,6 +83,17 @@ class LabelSelectorRequirement(SpecModel):
     )
     values: list[str] = Field(
         default_factory=list, description="Values for In and NotIn; empty otherwise."
+    )
+
+    # As the API server validates a metav1.LabelSelectorRequirement (ValidateLabelSelector).
+    cross_field_rules = (
+        CrossFieldRule(
+            field="values",
+            message="must be non-empty when operator is In or NotIn, and empty when it is "
+            "Exists or DoesNotExist",
+            cel="(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+            holds=lambda r: (r.operator in ("In", "NotIn")) == bool(r.values),
+        ),
     )
 
 
@@ -89,13 +149,18 @@ class ProfileDefaults(SpecModel):
         description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name) when the job has none.",
     )
     cpuPerGpu: str | None = Field(
-        default=None, description="CPU request and limit per GPU when the job sets no cpu."
+        default=None,
+        pattern=QUANTITY_PATTERN,
+        description="CPU request and limit per GPU when the job sets no cpu (one GPU for a CPU job).",
     )
     memoryPerGpu: str | None = Field(
-        default=None, description="Memory request and limit per GPU when the job sets no memory."
+        default=None,
+        pattern=QUANTITY_PATTERN,
+        description="Memory request and limit per GPU when the job sets no memory (one GPU for a CPU job).",
     )
     ephemeralStoragePerGpu: str | None = Field(
         default=None,
+        pattern=QUANTITY_PATTERN,
         description="Ephemeral storage per GPU (at least one): the pod's request and the size "
         "limit of its scratch emptyDirs, so a large download cannot fill a node.",
     )
@@ -107,8 +172,9 @@ class ProfileDefaults(SpecModel):
     )
     env: list[EnvVar] = Field(
         default_factory=list,
-        description="Environment for every pod (proxies, mirrors). A job may set a name listed "
-        "here only if it is not protected.",
+        description="Environment for every pod (proxies, mirrors such as HF_ENDPOINT). Tenants "
+        "may not set a name listed here; names the operator sets itself (HOME, HF_HOME, "
+        "HF_TOKEN, SFTJOB_*, ...) are refused.",
     )
     activeDeadlineSeconds: PositiveInt | None = Field(
         default=None, description="Deadline of a job that sets none."
@@ -122,6 +188,17 @@ class ProfileDefaults(SpecModel):
     runAsGroup: int | None = Field(default=None, ge=0, description="Group id of the trainer.")
     fsGroup: int | None = Field(default=None, ge=0, description="Group owning mounted volumes.")
 
+    @field_validator("env")
+    @classmethod
+    def _not_the_operators_env(cls, value: list[EnvVar]) -> list[EnvVar]:
+        taken = [var.name for var in value if var.name in OPERATOR_SET_ENV]
+        if taken:
+            raise ValueError(
+                f"sets {', '.join(taken)}, which the operator sets itself in every trainer "
+                "pod: remove them (use modelCache for the HF cache, secrets for the token)"
+            )
+        return value
+
 
 class ProfileLimits(SpecModel):
     """What a job may ask for. An empty list means no restriction, except where stated."""
@@ -129,7 +206,10 @@ class ProfileLimits(SpecModel):
     allowedImages: list[str] = Field(
         default_factory=list,
         description="Image prefixes (registry.example.com/ml/) or exact references with "
-        "@sha256: digests the trainer may run; the effective image must match one.",
+        "@sha256: digests the trainer may run; the effective image (the job's, else the "
+        "profile's, else the operator's default) must match one. A prefix matches only up to a "
+        "'/', ':' or '@' (registry/ml allows registry/ml/x and registry/ml:1, not "
+        "registry/ml-evil). References are compared as written.",
     )
     allowedMethods: list[Method] = Field(
         default_factory=list, description="full, lora, qlora; empty allows all three."
@@ -145,8 +225,10 @@ class ProfileLimits(SpecModel):
     )
     allowedModelSources: list[str] = Field(
         default_factory=list,
-        description="Prefixes of model.name (hub org/, e.g. Qwen/), model.path (/models/) or "
-        "dataset.uri the job may load from.",
+        description="Prefixes of the sources a job may load from: model.name and "
+        "model.tokenizer (hub org/, e.g. Qwen/), model.path and dataset.path (/models/), "
+        "dataset.name and dataset.uri (s3://bucket/). Matched like allowedImages; a source "
+        "with a '..' segment never matches. Empty: any source.",
     )
     allowedSecretNames: list[str] | None = Field(
         default=None,
@@ -172,6 +254,23 @@ class ProfileLimits(SpecModel):
 
 
 class SFTProfileSpec(SpecModel):
+    cross_field_rules = (
+        CrossFieldRule(
+            field="defaults.activeDeadlineSeconds",
+            message="is longer than limits.maxActiveDeadlineSeconds: every job without its own "
+            "deadline would break the profile",
+            cel="!has(self.defaults) || !has(self.limits) || "
+            "!has(self.defaults.activeDeadlineSeconds) || "
+            "!has(self.limits.maxActiveDeadlineSeconds) || "
+            "self.defaults.activeDeadlineSeconds <= self.limits.maxActiveDeadlineSeconds",
+            holds=lambda s: (
+                s.defaults.activeDeadlineSeconds is None
+                or s.limits.maxActiveDeadlineSeconds is None
+                or s.defaults.activeDeadlineSeconds <= s.limits.maxActiveDeadlineSeconds
+            ),
+        ),
+    )
+
     namespaceSelector: LabelSelector = Field(
         default_factory=LabelSelector,
         description="Namespaces whose jobs use this profile; empty selects all.",
@@ -201,3 +300,25 @@ class SFTProfile(BaseModel):
     kind: str = PROFILE_KIND
     metadata: ProfileMeta = Field(default_factory=ProfileMeta)
     spec: SFTProfileSpec = Field(default_factory=SFTProfileSpec)
+
+
+def parse_profile(document: Any) -> SFTProfile:
+    """Validate a whole SFTProfile document; errors name their field (spec.limits.maxNodes)."""
+    if not isinstance(document, Mapping):
+        raise SpecError([FieldError(path="", message="an SFTProfile document must be a mapping")])
+    doc = dict(document)
+    doc.pop("status", None)  # written by the cluster, not the admin's to set
+    errors: list[FieldError] = []
+    if doc.get("apiVersion") != API_VERSION:
+        errors.append(FieldError(path="apiVersion", message=f"must be {API_VERSION}"))
+    if doc.get("kind") != PROFILE_KIND:
+        errors.append(FieldError(path="kind", message=f"must be {PROFILE_KIND}"))
+    if not (doc.get("metadata") or {}).get("name"):
+        errors.append(FieldError(path="metadata.name", message="required field is missing"))
+    try:
+        profile = SFTProfile.model_validate(doc)
+    except ValidationError as exc:
+        errors += errors_from_validation(exc, SFTProfile)
+    if errors:
+        raise SpecError(errors)
+    return profile
