@@ -34,7 +34,7 @@ from .children import (
 from .kube import Kube, StaleStatus
 from .launch_policy import LaunchPolicy
 from .metrics import METRICS
-from .profile_api import SFTProfile
+from .profile_api import SFTProfile, parse_profile
 from .trainer_config import CONFIG_KEY, POLICY_KEY
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,12 @@ async def _resolve(kube: Kube, job: SFTJob, settings: OperatorSettings) -> polic
     profiles = await asyncio.to_thread(kube.list_profiles)
     labels = await asyncio.to_thread(kube.read_namespace_labels, namespace)
     return policy.resolve(
-        job.spec, namespace, labels or {}, _parse_profiles(profiles), settings.require_profile
+        job.spec,
+        namespace,
+        labels or {},
+        _parse_profiles(profiles),
+        settings.require_profile,
+        default_image=settings.default_image,
     )
 
 
@@ -249,10 +254,10 @@ def _parse_profiles(bodies: list[dict[str, Any]]) -> list[SFTProfile]:
     parsed = []
     for body in bodies:
         try:
-            parsed.append(SFTProfile.model_validate(body))
-        except ValidationError as exc:
+            parsed.append(parse_profile(body))
+        except SpecError as exc:
             name = (body.get("metadata") or {}).get("name")
-            log.warning("SFTProfile %s is unreadable and ignored: %s", name, exc.errors()[:1])
+            log.warning("SFTProfile %s is unreadable and ignored: %s", name, exc.errors[:1])
     return parsed
 
 
