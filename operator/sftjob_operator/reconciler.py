@@ -73,6 +73,8 @@ class JobGone(Exception):
 
 # A pass whose status patch met a newer version of the job runs again this soon.
 STALE_REQUEUE_SECONDS = 0.5
+# A job whose namespace the watch has not shown yet is resolved again this soon.
+NAMESPACE_UNSEEN_REQUEUE_SECONDS = 1.0
 
 
 def _job_metadata(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -189,6 +191,10 @@ async def _reconcile_live(
         # Before the first launch only: the profile of the day decides what runs; after it,
         # the verdict frozen in the ConfigMap does (a profile edit never rewrites a run).
         resolution = await _resolve(kube, job, settings)
+        if resolution is None:
+            # The namespace's labels are not in the cache yet (a namespace made just before
+            # the job): deciding now could miss the profile that selects it.
+            return Outcome(status.phase or "Pending", NAMESPACE_UNSEEN_REQUEUE_SECONDS)
         if resolution.violations:
             # Once per generation: a reported generation no longer asks (policy_applies).
             await _report_policy_violation(kube, writer, live, existing, resolution, now)
@@ -233,15 +239,18 @@ async def _reconcile_live(
     return Outcome(phase, requeue_after)
 
 
-async def _resolve(kube: Kube, job: SFTJob, settings: OperatorSettings) -> policy.Resolution:
-    """The job's profile verdict from the profiles and namespace labels the cache holds."""
+async def _resolve(kube: Kube, job: SFTJob, settings: OperatorSettings) -> policy.Resolution | None:
+    """The job's profile verdict from the profiles and namespace labels the cache holds;
+    None while the job's namespace is unknown to it."""
     namespace = job.metadata.namespace or "default"
-    profiles = await asyncio.to_thread(kube.list_profiles)
     labels = await asyncio.to_thread(kube.read_namespace_labels, namespace)
+    if labels is None:
+        return None
+    profiles = await asyncio.to_thread(kube.list_profiles)
     return policy.resolve(
         job.spec,
         namespace,
-        labels or {},
+        labels,
         _parse_profiles(profiles),
         settings.require_profile,
         default_image=settings.default_image,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import kopf
+import pytest
 from sftjob_operator import handlers
 from sftjob_operator.children import LABEL_JOB
 
@@ -27,3 +28,11 @@ def test_kopf_keeps_no_diff_base() -> None:
     body = kopf.Body({"metadata": {"name": "x"}, "spec": {"a": 1}})
     assert storage.build(body=body) == {}
     assert storage.fetch(body=body) is None
+
+
+def test_require_profile_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SFTJOB_REQUIRE_PROFILE", raising=False)
+    assert handlers.require_profile() is False
+    for value, expected in [("true", True), ("1", True), ("TRUE", True), ("false", False)]:
+        monkeypatch.setenv("SFTJOB_REQUIRE_PROFILE", value)
+        assert handlers.require_profile() is expected
