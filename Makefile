@@ -28,7 +28,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 crd: install
-	$(VENV)/bin/sftjob crd > crds/sftjob.yaml
+	$(VENV)/bin/sftjob crd --write crds
 	$(VENV)/bin/sftjob reference --write README.md
 
 demo: install

@@ -182,6 +182,7 @@ CASES: tuple[PolicyCase, ...] = (
     PolicyCase("model-path-traversal", {"model": {"path": "/data/../secrets/model"}}, "limits.allowedModelSources", "spec.model.path"),
     PolicyCase("tokenizer-outside-sources", {"model": {"tokenizer": "evil-org/tokenizer"}}, "limits.allowedModelSources", "spec.model.tokenizer"),
     PolicyCase("dataset-uri-outside-sources", {"dataset": {"path": None, "uri": "https://evil.example.com/data.jsonl"}}, "limits.allowedModelSources", "spec.dataset.uri"),
+    PolicyCase("dataset-uri-dot-dot", {"dataset": {"path": None, "uri": "s3://tenant-datasets/../other-bucket/x.jsonl"}}, "limits.allowedModelSources", "spec.dataset.uri"),
     PolicyCase("dataset-name-outside-sources", {"dataset": {"path": None, "name": "evil-org/data"}}, "limits.allowedModelSources", "spec.dataset.name"),
     PolicyCase("dataset-path-outside-sources", {"dataset": {"path": "/secrets/chat.jsonl"}}, "limits.allowedModelSources", "spec.dataset.path"),
     # scheduling

@@ -11,12 +11,19 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .api import SpecError
-from .documents import sftjobs_in
-from .presentation import format_plan, plan_report
+from .api import DEFAULT_TRAINER_IMAGE, SFTJob, SpecError
+from .documents import sftjobs_in, sftprofiles_in
+from .presentation import format_plan, plan_report, policy_report
+from .profile_api import LabelSelector, SFTProfile
 
 EXIT_INVALID_SPEC = 2
+# A valid job its profile (or the operator's built-in rules) refuses: the operator would
+# fail it with PolicyViolation and create no pod.
+EXIT_POLICY_VIOLATION = 3
+# The label the API server puts on every namespace (NamespaceDefaultLabelName).
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 
 def _read(path: str) -> str:
@@ -28,31 +35,102 @@ def _read(path: str) -> str:
         raise SystemExit(f"error: cannot read {path}: {exc.strerror}") from None
 
 
+def _spec_error(path: str, kind: str, exc: SpecError) -> int:
+    print(f"error: {path}: invalid {kind}:", file=sys.stderr)
+    for error in exc.errors:
+        print(f"  {error}", file=sys.stderr)
+    return EXIT_INVALID_SPEC
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` as a dict; raises ValueError naming a part without '='."""
+    labels: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{part!r} is not key=value")
+        labels[key] = value
+    return labels
+
+
+def _checked_report(
+    job: SFTJob, profiles: list[SFTProfile], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The plan of the job as it would run (over its profile) and the policy's verdict."""
+    from .policy import resolve
+
+    namespace = args.namespace or job.metadata.namespace or "default"
+    if args.namespace_labels is None:
+        # No labels given: the profiles given are the ones to check against, so each one
+        # selects the namespace (several then need spec.profile, as in the cluster).
+        labels: dict[str, str] = {}
+        profiles = [
+            p.model_copy(
+                update={"spec": p.spec.model_copy(update={"namespaceSelector": LabelSelector()})}
+            )
+            for p in profiles
+        ]
+    else:
+        labels = {NAMESPACE_NAME_LABEL: namespace, **args.namespace_labels}
+    resolution = resolve(
+        job.spec,
+        namespace,
+        labels,
+        profiles,
+        require_profile=args.require_profile,
+        default_image=args.default_image,
+    )
+    effective = job.model_copy(update={"spec": resolution.spec})
+    return {**plan_report(effective, args.dataset_size), "policy": policy_report(resolution)}
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    profiles: list[SFTProfile] = []
+    for path in args.profile:
+        try:
+            found = sftprofiles_in(_read(path), source=path)
+        except SpecError as exc:
+            return _spec_error(path, "SFTProfile", exc)
+        if not found:
+            print(f"error: {path}: no SFTProfile documents found", file=sys.stderr)
+            return EXIT_INVALID_SPEC
+        profiles += found
     reports = []
     for path in args.filename:
         try:
             jobs = sftjobs_in(_read(path), source=path)
-            if not jobs:
-                print(f"error: {path}: no SFTJob documents found", file=sys.stderr)
-                return EXIT_INVALID_SPEC
-            reports += [plan_report(job, args.dataset_size) for job in jobs]
         except SpecError as exc:
-            print(f"error: {path}: invalid SFTJob:", file=sys.stderr)
-            for error in exc.errors:
-                print(f"  {error}", file=sys.stderr)
+            return _spec_error(path, "SFTJob", exc)
+        if not jobs:
+            print(f"error: {path}: no SFTJob documents found", file=sys.stderr)
             return EXIT_INVALID_SPEC
+        reports += [_checked_report(job, profiles, args) for job in jobs]
     if args.output == "json":
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     else:
         print("\n\n".join(format_plan(r) for r in reports))
+    refused = sum(len(r["policy"]["violations"]) for r in reports)
+    if refused:
+        print(f"error: {refused} policy violation{'s' if refused > 1 else ''}", file=sys.stderr)
+        return EXIT_POLICY_VIOLATION
     return 0
 
 
-def cmd_crd(args: argparse.Namespace) -> int:
-    from .crd import crd_yaml
+def _labels_argument(text: str) -> dict[str, str]:
+    try:
+        return parse_labels(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
-    sys.stdout.write(crd_yaml())
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from .crd import crd_yaml, profile_crd_yaml, write_crds
+
+    if args.write is not None:
+        for path in write_crds(args.write):
+            print(f"wrote {path}")
+        return 0
+    sys.stdout.write(profile_crd_yaml() if args.kind == "sftprofile" else crd_yaml())
     return 0
 
 
@@ -115,12 +193,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from .reference import reference_markdown, write_into
+    from .reference import profile_reference_markdown, reference_markdown, write_into
 
     if args.write:
         write_into(args.write)
     else:
-        sys.stdout.write(reference_markdown())
+        sys.stdout.write(
+            profile_reference_markdown() if args.kind == "sftprofile" else reference_markdown()
+        )
     return 0
 
 
@@ -167,6 +247,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("-o", "--output", choices=["table", "json"], default="table")
     plan.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="SFTProfile YAML (one or several documents; repeatable): show the effective spec "
+        "and the verdict the operator would give. Without it only the operator's built-in "
+        f"rules apply. Exit {EXIT_POLICY_VIOLATION} when the job breaks the policy",
+    )
+    plan.add_argument(
+        "--namespace",
+        default=None,
+        help="namespace the job would be created in (default: its metadata.namespace, else "
+        "default)",
+    )
+    plan.add_argument(
+        "--namespace-labels",
+        type=_labels_argument,
+        default=None,
+        metavar="K=V,...",
+        help="the namespace's labels, to select profiles by their namespaceSelector as the "
+        f"operator does ({NAMESPACE_NAME_LABEL} is added). Without it every profile given "
+        "selects the namespace: one is used, several need spec.profile",
+    )
+    plan.add_argument(
+        "--require-profile",
+        action="store_true",
+        help="refuse a job no profile selects, as an operator that requires a profile does",
+    )
+    plan.add_argument(
+        "--default-image",
+        default=DEFAULT_TRAINER_IMAGE,
+        metavar="IMAGE",
+        help="the operator's default trainer image, checked against allowedImages for jobs "
+        "that name none (default: %(default)s)",
+    )
+    plan.add_argument(
         "--dataset-size",
         type=int,
         default=None,
@@ -175,7 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.set_defaults(func=cmd_plan)
 
-    crd = sub.add_parser("crd", help="print the SFTJob CustomResourceDefinition (YAML)")
+    crd = sub.add_parser(
+        "crd", help="print a CustomResourceDefinition (YAML), or write them all into a folder"
+    )
+    crd.add_argument(
+        "--kind", choices=["sftjob", "sftprofile"], default="sftjob", help="which CRD to print"
+    )
+    crd.add_argument(
+        "--write",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write every CRD into DIR (sftjob.yaml, sftprofile.yaml) instead of printing one",
+    )
     crd.set_defaults(func=cmd_crd)
 
     op = sub.add_parser("operator", help="run the operator against the current kubeconfig")
@@ -214,7 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=280, help="seconds to wait for the jobs")
     demo.set_defaults(func=cmd_demo)
 
-    ref = sub.add_parser("reference", help="print the SFTJob field reference (Markdown)")
+    ref = sub.add_parser(
+        "reference", help="print a field reference (Markdown), or refresh both in a README"
+    )
+    ref.add_argument(
+        "--kind", choices=["sftjob", "sftprofile"], default="sftjob", help="which to print"
+    )
     ref.add_argument("--write", type=Path, default=None, help="refresh the table inside this file")
     ref.set_defaults(func=cmd_reference)
 

@@ -3,12 +3,15 @@
 Kubernetes wants a *structural* OpenAPI v3 schema: no $ref, every node typed,
 nullable instead of anyOf-with-null, OpenAPI 3.0's boolean exclusiveMinimum. This
 module turns pydantic's JSON Schema into that, keeping every field's description
-so `kubectl explain sftjob.spec.training` is useful. `crds/sftjob.yaml` is the
-output of `sftjob crd`; a test fails when the committed file drifts.
+so `kubectl explain sftjob.spec.training` is useful. Two CRDs: SFTJob (api.py) and the
+cluster-scoped SFTProfile (profile_api.py). `sftjob crd --write crds` writes both
+(`crds/sftjob.yaml`, `crds/sftprofile.yaml`); a test fails when a committed file drifts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -23,6 +26,15 @@ from .api import (
     VERSION,
     SFTJobSpec,
     SFTJobStatus,
+)
+from .profile_api import (
+    PROFILE_CATEGORIES,
+    PROFILE_KIND,
+    PROFILE_PLURAL,
+    PROFILE_SHORT_NAMES,
+    PROFILE_SINGULAR,
+    SFTProfileSpec,
+    SFTProfileStatus,
 )
 
 JsonSchema = dict[str, Any]
@@ -71,6 +83,53 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": ".spec.model.name",
         "priority": 1,
         "description": "Base model hub id.",
+    },
+    {
+        "name": "Age",
+        "type": "date",
+        "jsonPath": ".metadata.creationTimestamp",
+        "description": "Time since creation.",
+    },
+]
+
+PROFILE_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Namespaces",
+        "type": "string",
+        "jsonPath": ".spec.namespaceSelector.matchLabels",
+        "description": "Labels of the namespaces it selects (empty: all, or expressions).",
+    },
+    {
+        "name": "Max Nodes",
+        "type": "integer",
+        "jsonPath": ".spec.limits.maxNodes",
+        "description": "Most pods per job.",
+    },
+    {
+        "name": "Max GPUs",
+        "type": "integer",
+        "jsonPath": ".spec.limits.maxGpusPerJob",
+        "description": "Most GPUs per job.",
+    },
+    {
+        "name": "Image",
+        "type": "string",
+        "jsonPath": ".spec.defaults.image",
+        "description": "Default trainer image.",
+    },
+    {
+        "name": "Methods",
+        "type": "string",
+        "jsonPath": ".spec.limits.allowedMethods",
+        "priority": 1,
+        "description": "Allowed methods (empty: all).",
+    },
+    {
+        "name": "Queue",
+        "type": "string",
+        "jsonPath": ".spec.defaults.queueName",
+        "priority": 1,
+        "description": "Kueue LocalQueue of its jobs.",
     },
     {
         "name": "Age",
@@ -182,19 +241,14 @@ def model_schema(model: type[Any]) -> JsonSchema:
     return _with_object_defaults(to_structural(raw, defs))
 
 
-def openapi_v3_schema() -> JsonSchema:
-    spec = model_schema(SFTJobSpec)
-    spec["description"] = "What to fine-tune, on which data, how, and on which hardware."
-    status = model_schema(SFTJobStatus)
-    status["description"] = "Observed state, written by the operator and the trainer."
+def _object_schema(kind: str, description: str, spec: JsonSchema, status: JsonSchema) -> JsonSchema:
     return {
         "type": "object",
-        "description": "SFTJob fine-tunes a language model with TRL's SFTTrainer "
-        "(full, LoRA or QLoRA) on one or many GPU nodes.",
+        "description": description,
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string", "description": "tuning.sftjob.dev/v1alpha1"},
-            "kind": {"type": "string", "description": "SFTJob"},
+            "apiVersion": {"type": "string", "description": f"{GROUP}/{VERSION}"},
+            "kind": {"type": "string", "description": kind},
             "metadata": {"type": "object"},
             "spec": spec,
             "status": status,
@@ -202,21 +256,63 @@ def openapi_v3_schema() -> JsonSchema:
     }
 
 
-def crd_manifest() -> dict[str, Any]:
+def openapi_v3_schema() -> JsonSchema:
+    spec = model_schema(SFTJobSpec)
+    spec["description"] = "What to fine-tune, on which data, how, and on which hardware."
+    status = model_schema(SFTJobStatus)
+    status["description"] = "Observed state, written by the operator and the trainer."
+    return _object_schema(
+        KIND,
+        "SFTJob fine-tunes a language model with TRL's SFTTrainer "
+        "(full, LoRA or QLoRA) on one or many GPU nodes.",
+        spec,
+        status,
+    )
+
+
+def profile_openapi_v3_schema() -> JsonSchema:
+    spec = model_schema(SFTProfileSpec)
+    spec["description"] = (
+        "Which namespaces use the profile, the defaults merged under their jobs, and the limits "
+        "their jobs must keep."
+    )
+    status = model_schema(SFTProfileStatus)
+    status["description"] = "Observed state."
+    return _object_schema(
+        PROFILE_KIND,
+        "SFTProfile is a platform admin's settings for the SFTJobs of selected namespaces: "
+        "defaults (image, node pool, queue, model cache, resources per GPU) and limits "
+        "(images, methods, sizes, sources, Secrets, env) that tenants cannot bypass.",
+        spec,
+        status,
+    )
+
+
+def _crd(
+    *,
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: list[str],
+    categories: list[str],
+    scope: str,
+    columns: list[dict[str, Any]],
+    schema: JsonSchema,
+) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
-            "scope": "Namespaced",
+            "scope": scope,
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": list(SHORT_NAMES),
-                "categories": list(CATEGORIES),
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
+                "categories": list(categories),
             },
             "versions": [
                 {
@@ -224,14 +320,64 @@ def crd_manifest() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": openapi_v3_schema()},
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
 
 
+def crd_manifest() -> dict[str, Any]:
+    return _crd(
+        kind=KIND,
+        plural=PLURAL,
+        singular=SINGULAR,
+        short_names=SHORT_NAMES,
+        categories=CATEGORIES,
+        scope="Namespaced",
+        columns=PRINTER_COLUMNS,
+        schema=openapi_v3_schema(),
+    )
+
+
+def profile_crd_manifest() -> dict[str, Any]:
+    return _crd(
+        kind=PROFILE_KIND,
+        plural=PROFILE_PLURAL,
+        singular=PROFILE_SINGULAR,
+        short_names=PROFILE_SHORT_NAMES,
+        categories=PROFILE_CATEGORIES,
+        scope="Cluster",
+        columns=PROFILE_PRINTER_COLUMNS,
+        schema=profile_openapi_v3_schema(),
+    )
+
+
+def _as_yaml(manifest: dict[str, Any], source: str) -> str:
+    header = f"# GENERATED by `sftjob crd` from operator/sftjob_operator/{source}. Do not edit.\n"
+    return header + yaml.safe_dump(manifest, sort_keys=False, width=100)
+
+
 def crd_yaml() -> str:
-    header = "# GENERATED by `sftjob crd` from operator/sftjob_operator/api.py. Do not edit.\n"
-    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)
+    return _as_yaml(crd_manifest(), "api.py")
+
+
+def profile_crd_yaml() -> str:
+    return _as_yaml(profile_crd_manifest(), "profile_api.py")
+
+
+# File name in crds/ -> its content; `sftjob crd --write crds` writes them all.
+CRD_FILES: dict[str, Callable[[], str]] = {
+    "sftjob.yaml": crd_yaml,
+    "sftprofile.yaml": profile_crd_yaml,
+}
+
+
+def write_crds(folder: Path) -> list[Path]:
+    written = []
+    for name, render in CRD_FILES.items():
+        path = folder / name
+        path.write_text(render())
+        written.append(path)
+    return written

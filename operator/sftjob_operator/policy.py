@@ -12,7 +12,15 @@ profile fills in must be allowed too). Every violation names the rule
 violations are reported, in the order of the job's fields, not only the first.
 
 Built-in rules hold with or without a profile: a job may not set the env names of
-`OPERATOR_ENV` (rule `protectedEnv`).
+`OPERATOR_ENV` nor other `SFTJOB_*` names (rule `protectedEnv`).
+
+Rules: `profile` (selection, field `spec.profile`), `limits.<limit>` for each limit of
+ProfileLimits (a nodeSelector key or a toleration the profile does not let the job change
+is `limits.allowSchedulingOverrides`), `defaults.env` (a name the profile sets for every pod)
+and `protectedEnv`. Fields are paths in the job as in api.SpecError (`spec.env[1].name`),
+map keys in brackets as in Kubernetes field paths (`spec.resources.nodeSelector[pool]`,
+`spec.training.extraArgs[report_to]`). Sources checked by allowedModelSources: model.name,
+model.path, model.tokenizer, dataset.name, dataset.path and dataset.uri.
 """
 
 from __future__ import annotations
@@ -238,14 +246,13 @@ def select_profile(
             if exists
             else f"SFTProfile {wanted} does not exist"
         )
-        return None, [
-            PolicyViolation(
-                "profile",
-                "spec.profile",
-                f"{problem}; profiles this namespace may use: {_names(usable)}. "
-                "Set spec.profile to one of them" + (" or remove it" if len(usable) == 1 else ""),
-            )
-        ]
+        if not usable:
+            fix = f"no SFTProfile selects namespace {namespace}: remove spec.profile or ask your "
+            fix += "platform team"
+        else:
+            fix = f"profiles this namespace may use: {_names(usable)}. Set spec.profile to one of "
+            fix += "them" + (" or remove it" if len(usable) == 1 else "")
+        return None, [PolicyViolation("profile", "spec.profile", f"{problem}; {fix}")]
     if len(usable) == 1:
         return usable[0], []
     if len(usable) > 1:

@@ -5,11 +5,13 @@ Both the command line and the trainer's local runner import it; neither imports 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .advice import advise
 from .api import SFTJob
 from .plan import plan_for
+from .policy import Resolution
 
 
 def plan_report(job: SFTJob, dataset_size: int | None) -> dict[str, Any]:
@@ -22,6 +24,16 @@ def plan_report(job: SFTJob, dataset_size: int | None) -> dict[str, Any]:
         **plan.model_dump(mode="json"),
         "learningRate": job.spec.learning_rate,
         "advisories": [a.model_dump(mode="json", exclude_none=True) for a in advisories],
+    }
+
+
+def policy_report(resolution: Resolution) -> dict[str, Any]:
+    """A job's verdict under its profile, as `sftjob plan -o json` prints it under `policy`."""
+    effective = resolution.effective_status() or {}
+    return {
+        "profile": effective.get("profile"),
+        "fromProfile": [{"field": path, "value": value} for path, value in resolution.from_profile],
+        "violations": [violation.to_json() for violation in resolution.violations],
     }
 
 
@@ -59,4 +71,25 @@ def format_plan(report: dict[str, Any]) -> str:
             )
     else:
         lines.append("  advisories: none")
+    if "policy" in report:
+        lines += _policy_lines(report["policy"])
     return "\n".join(lines)
+
+
+def _policy_lines(policy: dict[str, Any]) -> list[str]:
+    lines = [f"  profile           {policy['profile'] or 'none'}"]
+    if policy["fromProfile"]:
+        lines.append("  from the profile:")
+        lines += [
+            f"    {item['field']} = {json.dumps(item['value'], sort_keys=True)}"
+            for item in policy["fromProfile"]
+        ]
+    violations = policy["violations"]
+    if not violations:
+        lines.append("  policy: allowed")
+        return lines
+    lines.append(
+        f"  policy: REFUSED, {len(violations)} violation{'s' if len(violations) > 1 else ''}"
+    )
+    lines += [f"    {v['field']}: {v['message']} (rule {v['rule']})" for v in violations]
+    return lines

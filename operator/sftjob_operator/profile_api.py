@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .api import (
     API_VERSION,
@@ -172,6 +172,8 @@ class ProfileDefaults(SpecModel):
     )
     env: list[EnvVar] = Field(
         default_factory=list,
+        # Bounded, so the API server's cost estimate of the CEL rule over it stays small.
+        max_length=64,
         description="Environment for every pod (proxies, mirrors such as HF_ENDPOINT). Tenants "
         "may not set a name listed here; names the operator sets itself (HOME, HF_HOME, "
         "HF_TOKEN, SFTJOB_*, ...) are refused.",
@@ -188,16 +190,20 @@ class ProfileDefaults(SpecModel):
     runAsGroup: int | None = Field(default=None, ge=0, description="Group id of the trainer.")
     fsGroup: int | None = Field(default=None, ge=0, description="Group owning mounted volumes.")
 
-    @field_validator("env")
-    @classmethod
-    def _not_the_operators_env(cls, value: list[EnvVar]) -> list[EnvVar]:
-        taken = [var.name for var in value if var.name in OPERATOR_SET_ENV]
-        if taken:
-            raise ValueError(
-                f"sets {', '.join(taken)}, which the operator sets itself in every trainer "
-                "pod: remove them (use modelCache for the HF cache, secrets for the token)"
-            )
-        return value
+    # Also a CEL rule of the CRD, so the API server refuses such a profile: a profile the
+    # operator could not parse would otherwise leave its namespaces without their limits.
+    cross_field_rules = (
+        CrossFieldRule(
+            field="env",
+            message="sets a name the operator sets itself in every trainer pod ("
+            + ", ".join(sorted(OPERATOR_SET_ENV))
+            + "): remove it (modelCache gives the HF cache, a job's secrets.hfToken the token)",
+            cel="!has(self.env) || self.env.all(e, !(e.name in ["
+            + ", ".join(f"'{name}'" for name in sorted(OPERATOR_SET_ENV))
+            + "]))",
+            holds=lambda d: not any(var.name in OPERATOR_SET_ENV for var in d.env),
+        ),
+    )
 
 
 class ProfileLimits(SpecModel):

@@ -97,6 +97,7 @@ def test_apply_k_deploy_works_the_first_time(kubectl: Kubectl) -> None:
         "customresourcedefinition.apiextensions.k8s.io/clusterkopfpeerings.kopf.dev",
         "customresourcedefinition.apiextensions.k8s.io/kopfpeerings.kopf.dev",
         "customresourcedefinition.apiextensions.k8s.io/sftjobs.tuning.sftjob.dev",
+        "customresourcedefinition.apiextensions.k8s.io/sftprofiles.tuning.sftjob.dev",
     ]
 
 
@@ -115,6 +116,7 @@ def test_uninstall_in_the_readme_order(kubectl: Kubectl) -> None:
         assert kubectl("get", "sftjobs", "-A", "-o", "name", check=False).stdout.strip() == ""
     crds = kubectl("get", "crd", "-o", "name").stdout
     assert "sftjobs.tuning.sftjob.dev" not in crds
+    assert "sftprofiles.tuning.sftjob.dev" not in crds
 
 
 def test_preinstalled_peering_crds_are_the_ones_deploy_ships() -> None:
@@ -203,3 +205,41 @@ def test_explain_prints_the_crd_field_descriptions(kubectl: Kubectl) -> None:
     # The OpenAPI v2 renderer: /openapi/v2 as protobuf.
     legacy = kubectl("explain", "sftjobs.spec.training", "--output=plaintext-openapiv2").stdout
     assert "Trainer settings (TRL SFTConfig)." in legacy and "maxLength" in legacy
+
+
+def test_sftprofiles_apply_list_explain_and_refuse_what_the_model_refuses(
+    kubectl: Kubectl,
+) -> None:
+    assert "created" in kubectl("apply", "-f", "crds/sftprofile.yaml").stdout
+    applied = kubectl(
+        "apply", "-f", "deploy/examples/profile-shared-gpu-lora.yaml",
+        "-f", "deploy/examples/profile-research.yaml",
+    ).stdout  # fmt: skip
+    assert "sftprofile.tuning.sftjob.dev/shared-gpu-lora created" in applied
+    assert "sftprofile.tuning.sftjob.dev/research created" in applied
+
+    # Cluster-scoped, with the printer columns an admin checks.
+    table = kubectl("get", "sftp").stdout.splitlines()
+    assert table[0].split() == ["NAME", "NAMESPACES", "MAX", "NODES", "MAX", "GPUS", "IMAGE", "AGE"]
+    shared = next(line for line in table if line.startswith("shared-gpu-lora"))
+    assert "ghcr.io/sftjob/sftjob-trainer:0.1.0" in shared and " 1 " in shared
+
+    limits = kubectl("explain", "sftprofile.spec.limits").stdout
+    assert "KIND:       SFTProfile" in limits
+    assert "maxNodes\t<integer>" in limits and "allowedImages\t<[]string>" in limits
+
+    # The CRD's CEL rules: the API server refuses what parse_profile refuses, at the same field.
+    broken = yaml.safe_load((REPO / "deploy/examples/profile-research.yaml").read_text())
+    broken["metadata"]["name"] = "broken"
+    broken["spec"]["defaults"]["activeDeadlineSeconds"] = 999999
+    broken["spec"]["namespaceSelector"]["matchExpressions"][0]["values"] = []
+    refused = kubectl("apply", "-f", "-", stdin=yaml.safe_dump(broken), check=False)
+    assert refused.returncode != 0
+    assert "spec.defaults.activeDeadlineSeconds" in refused.stderr
+    assert "is longer than limits.maxActiveDeadlineSeconds" in refused.stderr
+    assert "spec.namespaceSelector.matchExpressions[0].values" in refused.stderr
+    takes_cache = yaml.safe_load((REPO / "deploy/examples/profile-research.yaml").read_text())
+    takes_cache["spec"]["defaults"]["env"] = [{"name": "HF_HOME", "value": "/elsewhere"}]
+    refused = kubectl("apply", "-f", "-", stdin=yaml.safe_dump(takes_cache), check=False)
+    assert refused.returncode != 0 and "spec.defaults.env" in refused.stderr
+    assert "sets a name the operator sets itself in every trainer pod" in refused.stderr

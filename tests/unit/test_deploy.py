@@ -131,6 +131,7 @@ def test_kubectl_kustomize_renders_everything_in_order(rendered: list[dict[str, 
     assert {
         ("Namespace", NAMESPACE),
         ("CustomResourceDefinition", f"{PLURAL}.{GROUP}"),
+        ("CustomResourceDefinition", f"{PROFILE_PLURAL}.{GROUP}"),
         ("CustomResourceDefinition", "kopfpeerings.kopf.dev"),
         ("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev"),
         ("ClusterKopfPeering", "sftjob-operator"),
@@ -147,12 +148,13 @@ def test_kubectl_kustomize_renders_everything_in_order(rendered: list[dict[str, 
     assert kinds.index("Deployment") > kinds.index("ClusterRoleBinding")
 
 
-def test_the_sftjob_crd_is_the_generated_one_unchanged(rendered: list[dict[str, Any]]) -> None:
-    generated = yaml.safe_load((ROOT / "crds" / "sftjob.yaml").read_text())
-    assert the(rendered, "CustomResourceDefinition", f"{PLURAL}.{GROUP}") == generated
-    # One copy only: deploy/ reaches it through crds/kustomization.yaml.
-    copies = [p for p in DEPLOY.rglob("*.yaml") if f"{PLURAL}.{GROUP}" in p.read_text()]
-    assert copies == [], f"CRD copied into {copies}"
+def test_the_crds_are_the_generated_ones_unchanged(rendered: list[dict[str, Any]]) -> None:
+    for plural, file in ((PLURAL, "sftjob.yaml"), (PROFILE_PLURAL, "sftprofile.yaml")):
+        generated = yaml.safe_load((ROOT / "crds" / file).read_text())
+        assert the(rendered, "CustomResourceDefinition", f"{plural}.{GROUP}") == generated
+        # One copy only: deploy/ reaches it through crds/kustomization.yaml.
+        copies = [p for p in DEPLOY.rglob("*.yaml") if f"{plural}.{GROUP}" in p.read_text()]
+        assert copies == [], f"CRD copied into {copies}"
 
 
 def test_peering_crds_and_the_cluster_wide_peering(rendered: list[dict[str, Any]]) -> None:

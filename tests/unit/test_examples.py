@@ -10,7 +10,12 @@ from sftjob_operator.documents import sftjobs_in
 from sftjob_operator.plan import plan_for
 from sftjob_operator.trainer_config import build_trainer_config
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "deploy" / "examples").glob("*.yaml"))
+# The SFTJob examples; profile-*.yaml hold SFTProfiles (tests/unit/test_policy_examples.py).
+EXAMPLES = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[2] / "deploy" / "examples").glob("*.yaml")
+    if not p.name.startswith("profile-")
+)
 
 
 def test_there_are_examples() -> None:

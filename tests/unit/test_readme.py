@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from sftjob_operator.reference import embedded_reference, reference_markdown
+from sftjob_operator.reference import (
+    embedded_profile_reference,
+    embedded_reference,
+    profile_reference_markdown,
+    reference_markdown,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -46,6 +51,13 @@ def test_field_reference_is_generated_from_the_model() -> None:
     assert embedded_reference(README) == reference_markdown(), (
         "README field reference drifted: run `sftjob reference --write README.md`"
     )
+
+
+def test_profile_field_reference_is_generated_from_the_model() -> None:
+    assert embedded_profile_reference(README) == profile_reference_markdown(), (
+        "README SFTProfile reference drifted: run `sftjob reference --write README.md`"
+    )
+    assert "### SFTProfile fields" in README
 
 
 # Commands the README shows that other places run for real: CI's script, or a test.
