@@ -46,7 +46,10 @@ PROFILE_KIND = "SFTProfile"
 PROFILE_PLURAL = "sftprofiles"
 PROFILE_SINGULAR = "sftprofile"
 PROFILE_SHORT_NAMES = ["sftp"]
-PROFILE_CATEGORIES = ["ml", "sftjob"]
+# Not "sftjob": kubectl expands a category before it matches a resource name, so with
+# profiles in that category `kubectl get sftjob NAME` names two kinds and fails ("you must
+# specify only one resource").
+PROFILE_CATEGORIES = ["ml"]
 
 # Env names the operator itself sets in every trainer pod (children._env and the ENV_* of
 # trainer_config): neither a tenant nor a profile may set them, or the pod gets a second value

@@ -107,8 +107,9 @@ def test_profile_crd_is_cluster_scoped_with_names_columns_and_status() -> None:
         "sftprofiles",
         ["sftp"],
     )
-    # Cluster settings, not workloads: `kubectl get all` leaves them out.
-    assert "all" not in names["categories"] and "sftjob" in names["categories"]
+    # Cluster settings, not workloads: `kubectl get all` leaves them out. Nor in the
+    # category "sftjob": kubectl would expand `kubectl get sftjob NAME` to both kinds.
+    assert "all" not in names["categories"] and "sftjob" not in names["categories"]
     version = spec["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
