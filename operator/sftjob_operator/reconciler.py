@@ -74,7 +74,7 @@ class JobGone(Exception):
 # A pass whose status patch met a newer version of the job runs again this soon.
 STALE_REQUEUE_SECONDS = 0.5
 # A job whose namespace the watch has not shown yet is resolved again this soon.
-NAMESPACE_UNSEEN_REQUEUE_SECONDS = 1.0
+NAMESPACE_UNSEEN_REQUEUE_SECONDS = 2.0
 
 
 def _job_metadata(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,7 +193,15 @@ async def _reconcile_live(
         resolution = await _resolve(kube, job, settings)
         if resolution is None:
             # The namespace's labels are not in the cache yet (a namespace made just before
-            # the job): deciding now could miss the profile that selects it.
+            # the job): deciding now could miss the profile that selects it. Should it never
+            # show, the operator cannot watch namespaces (RBAC): nothing launches unchecked.
+            log.warning(
+                "%s/%s: namespace %s not seen by the watch yet (the operator needs list and "
+                "watch on namespaces); its profile is resolved once it is",
+                namespace,
+                name,
+                namespace,
+            )
             return Outcome(status.phase or "Pending", NAMESPACE_UNSEEN_REQUEUE_SECONDS)
         if resolution.violations:
             # Once per generation: a reported generation no longer asks (policy_applies).

@@ -8,6 +8,7 @@ where a pod must run, as tests/controller/test_operator.py does.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -28,6 +29,9 @@ from policy_cases import (
 )
 from policy_probe import wait_until_policy_is_seen
 from sftjob_local.emulator import EmulatorThread
+from sftjob_operator.cached_kube import CachedKube
+from sftjob_operator.reconciler import OperatorSettings, reconcile
+from sftjob_operator.watch_cache import WatchCache
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
 
@@ -112,6 +116,38 @@ def trainer(pod: dict[str, Any]) -> dict[str, Any]:
 
 def env_of(pod: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in trainer(pod)["env"]}
+
+
+def test_a_pass_waits_for_the_jobs_namespace_to_show_in_the_cache(
+    cluster: Cluster, profiles: kubernetes.client.ApiClient
+) -> None:
+    """One pass in-process (no operator yet: this test must stay first), over a cache that
+    holds the job and the profiles but not the job's namespace: deciding then could miss
+    the profile selecting it, so the pass writes nothing and asks to run again."""
+    cluster.core.patch_namespace(
+        cluster.namespace, {"metadata": {"labels": TENANT_NAMESPACE_LABELS}}
+    )
+    cluster.create_job(job("early", cluster, method="full"))
+    cache = WatchCache()
+    cache.on_job_event(None, cluster.job("early"))
+    custom = kubernetes.client.CustomObjectsApi(profiles)
+    for profile in custom.list_cluster_custom_object(GROUP, VERSION, PROFILES)["items"]:
+        cache.on_profile_event(None, profile)
+    kube = CachedKube(cluster.api, cache)
+    settings = OperatorSettings(default_image="example.test/trainer:dev")
+
+    outcome = asyncio.run(reconcile(cluster.job("early"), kube, settings))
+    assert (outcome.phase, outcome.requeue_after) == ("Pending", 2.0)
+    assert not cluster.job("early").get("status")
+    assert cluster.events("early") == []
+
+    namespace = cluster.core.read_namespace(cluster.namespace)
+    cache.on_namespace_event(None, cluster.plain(namespace))
+    assert asyncio.run(reconcile(cluster.job("early"), kube, settings)).phase == "Failed"
+    failed = condition(cluster.job("early"), "Failed")
+    assert failed is not None and failed["reason"] == "PolicyViolation"
+    assert "limits.allowedMethods" in failed["message"]
+    assert cluster.pods("early") == []
 
 
 def test_a_violating_job_fails_naming_each_rule_and_field_with_no_children(
