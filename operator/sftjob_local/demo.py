@@ -3,15 +3,19 @@
 `sftjob demo` (and `make demo`) runs everything on this machine, no cluster needed:
 
 1. starts the local control plane (API emulator + a node that runs pods as processes);
-2. registers the SFTJob CRD, installs deploy/'s Namespace, ServiceAccount and ClusterRole
-   (as the admin) and starts the operator as its own process, authenticated as that
+2. registers the SFTJob and SFTProfile CRDs, installs deploy/'s Namespace, ServiceAccount
+   and ClusterRole (as the admin), an SFTProfile for the demo namespace (labelled so the
+   profile selects it; both before the operator starts, so its first pass already sees
+   them), and starts the operator as its own process, authenticated as that
    ServiceAccount (a token from the TokenRequest API in its own kubeconfig), so it runs
    under the same RBAC as on a cluster;
 3. builds a tiny Qwen2-shaped model and small datasets locally (no hub) into the
    PersistentVolumeClaim folder `sftjob-demo-data`, which the examples mount at /data;
 4. creates the claims the examples mount (data and outputs: as on a real cluster, a pod
    whose claim does not exist is never scheduled) and applies the tiny examples of
-   deploy/examples with kubectl (a full fine-tune on one node, a LoRA run on two nodes);
+   deploy/examples with kubectl (a full fine-tune on one node, a LoRA run on two nodes),
+   and, as a tenant ServiceAccount that may only create SFTJobs, a job that breaks the
+   profile (refused: Failed/PolicyViolation, no pod);
 5. shows live progress as `kubectl get sft` does, then the final status of each job.
 
 `DemoEnvironment` is also what the end-to-end tests use.
@@ -38,6 +42,7 @@ from .cluster import LocalCluster
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "deploy" / "examples"
 CRD_PATH = REPO_ROOT / "crds" / "sftjob.yaml"
+PROFILE_CRD_PATH = REPO_ROOT / "crds" / "sftprofile.yaml"
 OPERATOR_RBAC = (
     REPO_ROOT / "deploy" / "base" / "namespace.yaml",
     REPO_ROOT / "deploy" / "base" / "rbac.yaml",
@@ -48,7 +53,43 @@ OPERATOR_TOKEN_SECONDS = 30 * 24 * 3600
 DEMO_EXAMPLES = ("tiny-cpu.yaml", "tiny-lora-2node.yaml")
 DATA_CLAIM = "sftjob-demo-data"
 GROUP, VERSION, PLURAL = "tuning.sftjob.dev", "v1alpha1", "sftjobs"
+PROFILE_PLURAL = "sftprofiles"
 TERMINAL = ("Succeeded", "Failed")
+
+# The demo's platform setup: a research-pool profile (full fine-tunes up to 4 nodes, as in
+# deploy/examples) selecting the demo namespace by label, and a tenant who may only create
+# SFTJobs there. The local node runs any image and has no GPUs, so the profile allows the
+# default trainer image and limits the rest.
+DEMO_POOL_LABEL = "tuning.sftjob.dev/pool"
+DEMO_NAMESPACE_LABELS = {DEMO_POOL_LABEL: "demo"}
+DEMO_PROFILE: dict[str, Any] = {
+    "apiVersion": f"{GROUP}/{VERSION}",
+    "kind": "SFTProfile",
+    "metadata": {"name": "demo-research"},
+    "spec": {
+        "namespaceSelector": {"matchLabels": DEMO_NAMESPACE_LABELS},
+        "defaults": {
+            "activeDeadlineSeconds": 900,
+            "ephemeralStoragePerGpu": "2Gi",
+            "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
+        },
+        "limits": {
+            "allowedImages": ["ghcr.io/sftjob/"],
+            "maxNodes": 4,
+            "maxActiveDeadlineSeconds": 3600,
+            "allowedModelSources": ["/data/"],
+            "allowedSecretNames": [],
+            "allowRemoteCode": False,
+        },
+    },
+}
+DEMO_TENANT = "demo-tenant"
+# The tenant's job the profile refuses: remote code and more nodes than the pool allows.
+REFUSED_NAME = "tiny-refused"
+REFUSED_CHANGES: dict[str, Any] = {
+    "model": {"trustRemoteCode": True},
+    "resources": {"nodes": 8},
+}
 
 
 class DemoEnvironment:
@@ -62,10 +103,19 @@ class DemoEnvironment:
         namespace: str = "default",
         reconcile_interval: float | None = None,
         fresh: bool = True,
+        profiles: Iterable[dict[str, Any]] = (),
+        namespace_labels: dict[str, dict[str, str]] | None = None,
         **cluster_options: Any,
     ) -> None:
-        """`cluster_options` go to `LocalCluster` (nodes, cpus, memory, max_pods, gpus, ...)."""
+        """`cluster_options` go to `LocalCluster` (nodes, cpus, memory, max_pods, gpus, ...).
+
+        `profiles` (SFTProfile documents) and `namespace_labels` (namespace -> labels; made
+        when missing) are installed before the operator starts: Kopf lists every indexed
+        kind before the first pass, so no job is resolved before the operator sees them.
+        """
         self.cluster_options = cluster_options
+        self.profiles = [dict(p) for p in profiles]
+        self.namespace_labels = dict(namespace_labels or {})
         self.workdir = workdir.resolve()
         self.port = port
         self.namespace = namespace
@@ -84,6 +134,7 @@ class DemoEnvironment:
         self._start_control_plane()
         try:
             self._register_crd()
+            self._install_policy()
             self.operator_kubeconfig = self._install_operator_rbac()
             self.operator = self._start_operator()
         except BaseException:
@@ -124,12 +175,41 @@ class DemoEnvironment:
         import kubernetes
 
         api = kubernetes.config.new_client_from_config(str(self.kubeconfig))
-        crd = yaml.safe_load(CRD_PATH.read_text())
-        try:
-            kubernetes.client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
-        except kubernetes.client.ApiException as exc:
-            if exc.status != 409:
-                raise
+        for path in (CRD_PATH, PROFILE_CRD_PATH):
+            crd = yaml.safe_load(path.read_text())
+            try:
+                kubernetes.client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
+            except kubernetes.client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+
+    def _install_policy(self) -> None:
+        """The namespaces' labels and the profiles, as the admin (idempotent)."""
+        import kubernetes
+
+        api = kubernetes.config.new_client_from_config(str(self.kubeconfig))
+        core = kubernetes.client.CoreV1Api(api)
+        for name, labels in self.namespace_labels.items():
+            body = {"metadata": {"name": name, "labels": labels}}
+            try:
+                core.create_namespace(body)
+            except kubernetes.client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+                core.patch_namespace(name, body)
+        custom = kubernetes.client.CustomObjectsApi(api)
+        for profile in self.profiles:
+            try:
+                custom.create_cluster_custom_object(GROUP, VERSION, PROFILE_PLURAL, profile)
+            except kubernetes.client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+
+    def tenant_kubeconfig(self, namespace: str, account: str) -> Path:
+        """A kubeconfig for a tenant ServiceAccount that may only create SFTJobs in
+        `namespace` (see install_tenant_account)."""
+        path = self.workdir / f"tenant-{namespace}-{account}-kubeconfig"
+        return install_tenant_account(self.kubeconfig, namespace, account, path)
 
     def _install_operator_rbac(self) -> Path:
         return install_operator_account(self.kubeconfig, self.workdir / "operator-kubeconfig")
@@ -249,7 +329,15 @@ def final_report(job: dict[str, Any]) -> str:
             f"   {condition['type']:<18} {condition['status']:<6} {condition.get('reason', ''):<20} "
             f"{condition.get('message', '')}"
         )
+    effective = status.get("effective") or {}
+    if effective.get("profile"):
+        added = ", ".join(
+            f"{item['field']}={item['value']}" for item in effective.get("fromProfile") or []
+        )
+        lines.append(f"   profile {effective['profile']} added: {added or 'nothing'}")
     plan = status.get("plan") or {}
+    if not plan:  # never planned (refused): nothing ran
+        return "\n".join(lines)
     measured = status.get("measuredPlan") or {}
     for key in (
         "datasetSize",
@@ -314,35 +402,86 @@ def output_claims(examples: Iterable[Path]) -> list[str]:
     return [c for job in jobs if (c := (job["spec"].get("output") or {}).get("claimName"))]
 
 
+def refused_job_manifest(namespace: str) -> dict[str, Any]:
+    """The tiny full fine-tune, renamed, with what the demo profile refuses."""
+    job = yaml.safe_load((EXAMPLES / DEMO_EXAMPLES[0]).read_text())
+    job["metadata"] = {"name": REFUSED_NAME, "namespace": namespace}
+    for key, changes in REFUSED_CHANGES.items():
+        job["spec"][key] = {**(job["spec"].get(key) or {}), **changes}
+    job["spec"].pop("output", None)  # never launched: no claim needed
+    return job
+
+
+def create_as(kubeconfig: Path, manifest: dict[str, Any]) -> None:
+    """POST an SFTJob with the credentials of `kubeconfig` (a tenant may only create)."""
+    import kubernetes
+
+    api = kubernetes.config.new_client_from_config(str(kubeconfig))
+    namespace = manifest["metadata"]["namespace"]
+    kubernetes.client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, manifest
+    )
+
+
+def refused_as_expected(env: DemoEnvironment, job: dict[str, Any]) -> bool:
+    """Failed/PolicyViolation, and no pod was ever made for it."""
+    status = job.get("status") or {}
+    failed = [c for c in status.get("conditions") or [] if c["type"] == "Failed"]
+    selector = f"sftjob.dev/job-name={job['metadata']['name']}"
+    namespace = job["metadata"]["namespace"]
+    pods = env.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "name").strip()
+    reasons = [c["reason"] for c in failed]
+    return status.get("phase") == "Failed" and reasons == ["PolicyViolation"] and not pods
+
+
 def run_demo(workdir: Path, *, keep: bool = False, timeout: float = 280) -> int:
     started = time.monotonic()
     examples = [EXAMPLES / name for name in DEMO_EXAMPLES]
     names = [yaml.safe_load(path.read_text())["metadata"]["name"] for path in examples]
     print(
-        f"sftjob demo: local control plane, operator and {len(examples)} tiny jobs "
-        f"(workdir {workdir})",
+        f"sftjob demo: local control plane, operator and {len(examples)} tiny jobs, and one "
+        f"job its SFTProfile refuses (workdir {workdir})",
         flush=True,
     )
-    with DemoEnvironment(workdir) as env:
+    namespace = "default"
+    with DemoEnvironment(
+        workdir, profiles=[DEMO_PROFILE], namespace_labels={namespace: DEMO_NAMESPACE_LABELS}
+    ) as env:
         print(f"  API {env.cluster.url if env.cluster else '?'}; kubeconfig {env.kubeconfig}")
+        print(
+            f"  SFTProfile {DEMO_PROFILE['metadata']['name']} selects namespace {namespace} "
+            f"({DEMO_POOL_LABEL}={DEMO_NAMESPACE_LABELS[DEMO_POOL_LABEL]})",
+            flush=True,
+        )
         print("  building a tiny model and datasets locally (no hub) ...", flush=True)
         env.prepare_data()
         env.create_claims(output_claims(examples))
         for line in env.apply_files(examples).splitlines():
             print(f"  {line}", flush=True)
+        create_as(env.tenant_kubeconfig(namespace, DEMO_TENANT), refused_job_manifest(namespace))
+        print(
+            f"  sftjob.tuning.sftjob.dev/{REFUSED_NAME} created by ServiceAccount "
+            f"{DEMO_TENANT} (may only create SFTJobs): remote code and 8 nodes",
+            flush=True,
+        )
         print(flush=True)
-        jobs = watch_jobs(env, names, timeout)
+        jobs = watch_jobs(env, [*names, REFUSED_NAME], timeout)
         print()
         for job in jobs:
             print(final_report(job))
+        refused = [j for j in jobs if j["metadata"]["name"] == REFUSED_NAME]
+        jobs = [j for j in jobs if j["metadata"]["name"] != REFUSED_NAME]
         failed = [
             j["metadata"]["name"]
             for j in jobs
             if (j.get("status") or {}).get("phase") != "Succeeded"
         ]
+        refused_ok = bool(refused) and refused_as_expected(env, refused[0])
         missing = set(names) - {j["metadata"]["name"] for j in jobs}
         elapsed = time.monotonic() - started
         print(f"\n{len(jobs) - len(failed)}/{len(names)} jobs succeeded in {elapsed:.0f}s.")
+        verdict = "refused by policy, no pod" if refused_ok else "NOT refused as expected"
+        print(f"{REFUSED_NAME} (the tenant's job that breaks the profile): {verdict}.")
         for job in jobs:
             claim = job["spec"].get("output", {}).get("claimName")
             if claim:
@@ -352,6 +491,7 @@ def run_demo(workdir: Path, *, keep: bool = False, timeout: float = 280) -> int:
                 "\nThe cluster keeps running; in another shell:\n"
                 f"  export KUBECONFIG={env.kubeconfig}\n"
                 "  kubectl get sft\n  kubectl describe sft tiny-full\n"
+                f"  kubectl describe sft {REFUSED_NAME}\n"
                 "  kubectl logs tiny-full-a1-r0\n"
                 "Ctrl-C stops it.",
                 flush=True,
@@ -359,7 +499,69 @@ def run_demo(workdir: Path, *, keep: bool = False, timeout: float = 280) -> int:
             wait_for_interrupt()
         else:
             print("Run `sftjob demo --keep` to keep the cluster up and explore it with kubectl.")
-        return 1 if failed or missing else 0
+        return 1 if failed or missing or not refused_ok else 0
+
+
+def install_tenant_account(
+    admin_kubeconfig: Path, namespace: str, account: str, path: Path
+) -> Path:
+    """A tenant: a ServiceAccount in `namespace` whose only permission is `create` on
+    SFTJobs there (a Role and RoleBinding, applied as the admin); writes to `path` a
+    kubeconfig that authenticates as it (a TokenRequest token)."""
+    import kubernetes
+
+    api = kubernetes.config.new_client_from_config(str(admin_kubeconfig))
+    name = f"{account}-create-sftjobs"
+    objects = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": name},
+            "rules": [{"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["create"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+        },
+    ]
+    for obj in objects:
+        try:
+            kubernetes.utils.create_from_dict(api, obj, namespace=namespace)
+        except kubernetes.utils.FailToCreateError as exc:
+            if any(e.status != 409 for e in exc.api_exceptions):
+                raise
+    return _token_kubeconfig(admin_kubeconfig, api, namespace, account, path)
+
+
+def _token_kubeconfig(
+    admin_kubeconfig: Path, api: Any, namespace: str, account: str, path: Path
+) -> Path:
+    """A copy of the admin's kubeconfig authenticating as `account` (TokenRequest API)."""
+    import kubernetes
+
+    issued = kubernetes.client.CoreV1Api(api).create_namespaced_service_account_token(
+        account,
+        namespace,
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": OPERATOR_TOKEN_SECONDS},
+        },
+    )
+    config = yaml.safe_load(admin_kubeconfig.read_text())
+    context = next(
+        c["context"] for c in config["contexts"] if c["name"] == config["current-context"]
+    )
+    context["namespace"] = namespace
+    for user in config["users"]:
+        if user["name"] == context["user"]:
+            user["user"] = {"token": issued.status.token}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def install_operator_account(admin_kubeconfig: Path, path: Path) -> Path:
@@ -373,22 +575,4 @@ def install_operator_account(admin_kubeconfig: Path, path: Path) -> Path:
         for obj in yaml.safe_load_all(manifest.read_text()):
             if obj:
                 kubernetes.utils.create_from_dict(api, obj)
-    issued = kubernetes.client.CoreV1Api(api).create_namespaced_service_account_token(
-        OPERATOR_ACCOUNT,
-        OPERATOR_NAMESPACE,
-        {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"expirationSeconds": OPERATOR_TOKEN_SECONDS},
-        },
-    )
-    config = yaml.safe_load(admin_kubeconfig.read_text())
-    context = next(
-        c["context"] for c in config["contexts"] if c["name"] == config["current-context"]
-    )
-    context["namespace"] = OPERATOR_NAMESPACE
-    for user in config["users"]:
-        if user["name"] == context["user"]:
-            user["user"] = {"token": issued.status.token}
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return _token_kubeconfig(admin_kubeconfig, api, OPERATOR_NAMESPACE, OPERATOR_ACCOUNT, path)

@@ -1,7 +1,7 @@
 """`Kube` whose reads come from the watch cache; writes still go straight to the API.
 
-`read_job`, `list_job_pods` and `read_config_map_data` keep their signatures and answer from
-`WatchCache` (no request). Each write goes through `Kube` and then records what the watch
+`read_job`, `list_job_pods`, `read_config_map_data`, `list_profiles` and
+`read_namespace_labels` keep their signatures and answer from `WatchCache` (no request). Each write goes through `Kube` and then records what the watch
 must show before the job's next pass may trust the cache (see watch_cache's expectations).
 Writes for a job that is gone (or re-created with another uid) are refused with `JobGone`
 before they reach the API, so a pass that was running when its job was deleted stops at its
@@ -57,6 +57,12 @@ class CachedKube(Kube):
     def read_config_map_data(self, namespace: str, name: str) -> dict[str, str] | None:
         config_map = self.cache.config_map(namespace, name)
         return None if config_map is None else dict(config_map.get("data") or {})
+
+    def list_profiles(self) -> list[dict[str, Any]]:
+        return self.cache.profiles()
+
+    def read_namespace_labels(self, namespace: str) -> dict[str, str] | None:
+        return self.cache.namespace_labels(namespace)
 
     # ----------------------------------------------------------------- writes
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
-from .api import API_VERSION, KIND, SFTJob
+from .advice import model_billions
+from .api import API_VERSION, KIND, SFTJob, SFTJobSpec
+from .policy import PodDefaults
 from .trainer_config import (
     CONFIG_KEY,
     ENV_CONFIG_PATH,
@@ -21,6 +24,7 @@ from .trainer_config import (
     ENV_NODE_RANK,
     ENV_NUM_NODES,
     ENV_TERMINATION_LOG,
+    POLICY_KEY,
     main_port,
 )
 
@@ -38,7 +42,22 @@ CONFIG_MOUNT = "/etc/sftjob"
 TERMINATION_LOG = "/dev/termination-log"
 # Time for the trainer to write a checkpoint after SIGTERM before it is killed.
 TERMINATION_GRACE_SECONDS = 120
-TRAINER_UID = 1000
+# The Hugging Face cache when no profile mounts a shared one (PodDefaults.modelCache).
+SCRATCH_HF_HOME = "/tmp/hf-home"
+
+# Scratch space per pod when no profile sets it (PodDefaults.ephemeralStorage): the
+# ephemeral-storage request and limit of the trainer and the sizeLimit of its /tmp and
+# output emptyDirs, so a large download is evicted instead of filling the node's disk.
+# What the trainer writes outside claims: SCRATCH_BASE_GIB for the datasets' Arrow cache,
+# tokenizer files, compile caches and temp files, plus one copy of the weights (bf16: 2
+# bytes per parameter) for each of: a hub model downloaded into /tmp/hf-home (no shared
+# model cache), and a full fine-tune saved into an emptyDir output (no output claim;
+# LoRA adapters are small). The size is the model's declared or named size
+# (advice.model_billions); unknown, UNKNOWN_MODEL_GIB: the bf16 weights of a 7-8B
+# model, the largest the reference fine-tunes on one node.
+SCRATCH_BASE_GIB = 4
+UNKNOWN_MODEL_GIB = 16
+BYTES_PER_PARAMETER = 2
 
 
 def config_map_name(job_name: str) -> str:
@@ -95,12 +114,19 @@ def training_spec_hash(job: SFTJob) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_config_map(job: SFTJob, trainer_config: dict[str, Any]) -> dict[str, Any]:
+def build_config_map(
+    job: SFTJob, trainer_config: dict[str, Any], launch_policy: str | None = None
+) -> dict[str, Any]:
+    """The config the ranks read; with `launch_policy`, the profile's verdict frozen beside
+    it (launch_policy.LaunchPolicy as JSON), which only the operator reads."""
+    data = {CONFIG_KEY: json.dumps(trainer_config, indent=2, sort_keys=True)}
+    if launch_policy is not None:
+        data[POLICY_KEY] = launch_policy
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, config_map_name(job.metadata.name), "config"),
-        "data": {CONFIG_KEY: json.dumps(trainer_config, indent=2, sort_keys=True)},
+        "data": data,
     }
 
 
@@ -198,29 +224,47 @@ def main_address(job: SFTJob) -> str:
     return f"{rendezvous_service_name(job.metadata.name)}.{namespace}.svc"
 
 
-def _resources(job: SFTJob) -> dict[str, Any]:
+def default_scratch_storage(spec: SFTJobSpec, model_cache: bool = False) -> str:
+    """Scratch space of a pod whose profile sets none (see SCRATCH_BASE_GIB)."""
+    copies = int(spec.model.name is not None and not model_cache)
+    copies += int(spec.output.claimName is None and spec.method == "full")
+    if not copies:
+        return f"{SCRATCH_BASE_GIB}Gi"
+    billions = model_billions(spec)
+    weights = (
+        math.ceil(billions * 1e9 * BYTES_PER_PARAMETER / 2**30)
+        if billions is not None
+        else UNKNOWN_MODEL_GIB
+    )
+    return f"{SCRATCH_BASE_GIB + copies * weights}Gi"
+
+
+def scratch_storage(job: SFTJob, pod: PodDefaults) -> str:
+    """The pod's ephemeral storage: the profile's, else the default for this job."""
+    return pod.ephemeralStorage or default_scratch_storage(job.spec, pod.modelCache is not None)
+
+
+def _resources(job: SFTJob, pod: PodDefaults) -> dict[str, Any]:
     res = job.spec.resources
-    limits: dict[str, str] = {}
-    requests: dict[str, str] = {}
+    scratch = scratch_storage(job, pod)
+    limits: dict[str, str] = {"ephemeral-storage": scratch}
+    requests: dict[str, str] = {"ephemeral-storage": scratch}
     if res.gpusPerNode > 0:
         limits[res.gpuResourceName] = str(res.gpusPerNode)
     if res.cpu:
         limits["cpu"] = requests["cpu"] = res.cpu
     if res.memory:
         limits["memory"] = requests["memory"] = res.memory
-    out: dict[str, Any] = {}
-    if limits:
-        out["limits"] = limits
-    if requests:
-        out["requests"] = requests
-    return out
+    return {"limits": limits, "requests": requests}
 
 
-def _volumes(job: SFTJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(job: SFTJob, pod: PodDefaults) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     spec = job.spec
+    # Every disk-backed emptyDir is bounded: the kubelet evicts a pod that outgrows one.
+    scratch = {"sizeLimit": scratch_storage(job, pod)}
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_map_name(job.metadata.name)}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": dict(scratch)},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
@@ -230,7 +274,7 @@ def _volumes(job: SFTJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     output_source: dict[str, Any] = (
         {"persistentVolumeClaim": {"claimName": spec.output.claimName}}
         if spec.output.claimName
-        else {"emptyDir": {}}
+        else {"emptyDir": dict(scratch)}
     )
     volumes.append({"name": "output", **output_source})
     mounts.append({"name": "output", "mountPath": spec.output.path})
@@ -242,6 +286,15 @@ def _volumes(job: SFTJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             }
         )
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    if pod.modelCache is not None:
+        # Shared by every job of the profile: a model is downloaded once per cluster.
+        volumes.append(
+            {
+                "name": "model-cache",
+                "persistentVolumeClaim": {"claimName": pod.modelCache.claimName},
+            }
+        )
+        mounts.append({"name": "model-cache", "mountPath": pod.modelCache.mountPath})
     for extra in spec.volumes:
         volumes.append(
             {
@@ -255,8 +308,9 @@ def _volumes(job: SFTJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return volumes, mounts
 
 
-def _env(job: SFTJob, rank: int) -> list[dict[str, Any]]:
+def _env(job: SFTJob, rank: int, pod: PodDefaults) -> list[dict[str, Any]]:
     spec = job.spec
+    hf_home = pod.modelCache.mountPath if pod.modelCache is not None else SCRATCH_HF_HOME
     env: list[dict[str, Any]] = [
         {"name": ENV_CONFIG_PATH, "value": f"{CONFIG_MOUNT}/{CONFIG_KEY}"},
         {"name": ENV_NODE_RANK, "value": str(rank)},
@@ -267,7 +321,7 @@ def _env(job: SFTJob, rank: int) -> list[dict[str, Any]]:
         # Paths the trainer uses, given as env so any runtime that maps volumes can map them.
         {"name": "SFTJOB_OUTPUT_DIR", "value": spec.output.path},
         {"name": "HOME", "value": "/tmp"},
-        {"name": "HF_HOME", "value": "/tmp/hf-home"},
+        {"name": "HF_HOME", "value": hf_home},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -292,33 +346,49 @@ def _env(job: SFTJob, rank: int) -> list[dict[str, Any]]:
     return env
 
 
-def _affinity(job: SFTJob) -> dict[str, Any] | None:
+def _affinity(job: SFTJob, pod: PodDefaults) -> dict[str, Any] | None:
+    """The profile's affinity, with one rank per machine preferred for a multi-node run."""
+    affinity: dict[str, Any] = json.loads(json.dumps(dict(pod.affinity)))  # never aliased
     if job.spec.resources.nodes == 1:
-        return None
+        return affinity or None
     # One rank per machine: two ranks on one node would share its GPUs and network.
-    return {
-        "podAntiAffinity": {
-            "preferredDuringSchedulingIgnoredDuringExecution": [
-                {
-                    "weight": 100,
-                    "podAffinityTerm": {
-                        "topologyKey": "kubernetes.io/hostname",
-                        "labelSelector": {"matchLabels": {LABEL_JOB: job.metadata.name}},
-                    },
-                }
-            ]
-        }
+    spread = {
+        "weight": 100,
+        "podAffinityTerm": {
+            "topologyKey": "kubernetes.io/hostname",
+            "labelSelector": {"matchLabels": {LABEL_JOB: job.metadata.name}},
+        },
     }
+    anti = affinity.setdefault("podAntiAffinity", {})
+    anti.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).append(spread)
+    return affinity
+
+
+def _security_context(pod: PodDefaults) -> dict[str, Any]:
+    """The restricted Pod Security Standard, with no fixed user: the image's numeric USER
+    runs unless the profile names ids (OpenShift assigns a user per namespace)."""
+    context: dict[str, Any] = {"runAsNonRoot": True}
+    ids = {"runAsUser": pod.runAsUser, "runAsGroup": pod.runAsGroup, "fsGroup": pod.fsGroup}
+    context.update({key: value for key, value in ids.items() if value is not None})
+    context["seccompProfile"] = {"type": "RuntimeDefault"}
+    return context
 
 
 def build_pod(
-    job: SFTJob, rank: int, attempt: int, default_image: str = DEFAULT_TRAINER_IMAGE
+    job: SFTJob,
+    rank: int,
+    attempt: int,
+    default_image: str = DEFAULT_TRAINER_IMAGE,
+    pod: PodDefaults | None = None,
 ) -> dict[str, Any]:
+    """One rank's pod from the effective spec and the profile's pod settings (`pod`)."""
     spec = job.spec
+    pod = pod or PodDefaults()
     name = job.metadata.name
-    volumes, mounts = _volumes(job)
+    volumes, mounts = _volumes(job, pod)
     labels = {LABEL_RANK: str(rank), LABEL_ATTEMPT: str(attempt)}
-    queue = job.metadata.labels.get(KUEUE_QUEUE_LABEL)
+    # The job's own queue label wins; else the profile's queue.
+    queue = job.metadata.labels.get(KUEUE_QUEUE_LABEL) or pod.queueName
     if queue:
         labels[KUEUE_QUEUE_LABEL] = queue
     pod_spec: dict[str, Any] = {
@@ -326,13 +396,7 @@ def build_pod(
         "serviceAccountName": service_account_name(name),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "hostname": f"{name}-r{rank}",
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _security_context(pod),
         "containers": [
             {
                 "name": "trainer",
@@ -340,8 +404,8 @@ def build_pod(
                 "imagePullPolicy": "IfNotPresent",
                 "command": ["python", "-m", "sftjob_trainer"],
                 "args": ["--config", f"{CONFIG_MOUNT}/{CONFIG_KEY}"],
-                "env": _env(job, rank),
-                "resources": _resources(job),
+                "env": _env(job, rank, pod),
+                "resources": _resources(job, pod),
                 "volumeMounts": mounts,
                 "ports": [{"name": "rendezvous", "containerPort": main_port(job)}],
                 "terminationMessagePath": TERMINATION_LOG,
@@ -363,9 +427,11 @@ def build_pod(
         pod_spec["tolerations"] = [
             t.model_dump(exclude_none=True) for t in spec.resources.tolerations
         ]
-    affinity = _affinity(job)
+    affinity = _affinity(job, pod)
     if affinity:
         pod_spec["affinity"] = affinity
+    if pod.priorityClassName:
+        pod_spec["priorityClassName"] = pod.priorityClassName
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -375,17 +441,23 @@ def build_pod(
 
 
 def build_pods(
-    job: SFTJob, attempt: int, default_image: str = DEFAULT_TRAINER_IMAGE
+    job: SFTJob,
+    attempt: int,
+    default_image: str = DEFAULT_TRAINER_IMAGE,
+    pod: PodDefaults | None = None,
 ) -> list[dict[str, Any]]:
     return [
-        build_pod(job, rank, attempt, default_image) for rank in range(job.spec.resources.nodes)
+        build_pod(job, rank, attempt, default_image, pod)
+        for rank in range(job.spec.resources.nodes)
     ]
 
 
-def build_static_children(job: SFTJob, trainer_config: dict[str, Any]) -> list[dict[str, Any]]:
+def build_static_children(
+    job: SFTJob, trainer_config: dict[str, Any], launch_policy: str | None = None
+) -> list[dict[str, Any]]:
     """Children that live as long as the job: config, progress, RBAC, (multi-node) Service."""
     children = [
-        build_config_map(job, trainer_config),
+        build_config_map(job, trainer_config, launch_policy),
         build_progress_config_map(job),
         build_service_account(job),
         build_role(job),

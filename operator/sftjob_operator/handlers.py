@@ -1,4 +1,5 @@
-"""Kopf wiring only: watch events of SFTJobs and of their pods and ConfigMaps feed the controller.
+"""Kopf wiring only: watch events of SFTJobs and of their pods and ConfigMaps feed the controller;
+those of SFTProfiles and Namespaces (labels) feed the cache a job's policy is resolved from.
 
 Only `@kopf.index` and `@kopf.on.event` handlers are registered: they need no finalizer
 (kopf/on.py registers event handlers with `requires_finalizer=None` and index handlers in a
@@ -17,6 +18,8 @@ Environment:
 - SFTJOB_WORKER_LIMIT (default 16): passes running at once.
 - SFTJOB_API_THREADS (default 32): threads for the synchronous API client, and the size of
   its connection pool (one connection per thread: no "Connection pool is full").
+- SFTJOB_REQUIRE_PROFILE (default false): a job whose namespace no SFTProfile selects is
+  refused (Failed/PolicyViolation) instead of running without a profile.
 """
 
 from __future__ import annotations
@@ -35,12 +38,17 @@ from .children import LABEL_JOB
 from .controller import Controller
 from .kube import load_api_client
 from .metrics import METRICS
+from .profile_api import PROFILE_PLURAL
 from .reconciler import OperatorSettings
 from .watch_cache import WatchCache
 
 # A safety net, not the way changes arrive (the watch is): it catches an event lost to a
 # bug or a watch gap within five minutes, and costs no API request (passes read the cache).
 DEFAULT_RESYNC_SECONDS = 300.0
+
+
+def require_profile() -> bool:
+    return os.environ.get("SFTJOB_REQUIRE_PROFILE", "").strip().lower() in ("1", "true", "yes")
 
 
 def resync_seconds() -> float:
@@ -88,7 +96,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         cache,
         kube,
         OperatorSettings(
-            default_image=os.environ.get("SFTJOB_TRAINER_IMAGE") or OperatorSettings().default_image
+            default_image=os.environ.get("SFTJOB_TRAINER_IMAGE")
+            or OperatorSettings().default_image,
+            require_profile=require_profile(),
         ),
         workers=int(os.environ.get("SFTJOB_WORKER_LIMIT", "16")),
         resync_seconds=resync_seconds(),
@@ -129,6 +139,30 @@ async def cache_pod(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 @kopf.index("v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
 async def cache_config_map(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.cache.on_child_event("ConfigMap", None, dict(body))
+
+
+# Profiles and namespaces only fill the cache: no pass is queued for them (a profile applies
+# to launches after it is seen). Being indexed, their first listing is in before any job's
+# first pass, so no job is launched on an empty cache. The event handlers only see the
+# deletions (index handlers are not called for DELETED).
+@kopf.index(GROUP, VERSION, PROFILE_PLURAL)
+async def cache_profile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.cache.on_profile_event(None, dict(body))
+
+
+@kopf.index("v1", "namespaces")
+async def cache_namespace(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.cache.on_namespace_event(None, dict(body))
+
+
+@kopf.on.event(GROUP, VERSION, PROFILE_PLURAL)
+async def on_profile_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.cache.on_profile_event(event["type"], event["object"])
+
+
+@kopf.on.event("v1", "namespaces")
+async def on_namespace_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.cache.on_namespace_event(event["type"], event["object"])
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

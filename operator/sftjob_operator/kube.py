@@ -27,6 +27,7 @@ from kubernetes.client import ApiClient, ApiException
 
 from .api import GROUP, PLURAL, VERSION
 from .pod_state import owned_by
+from .profile_api import PROFILE_PLURAL
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ API_PERMISSIONS: dict[tuple[str, str], set[str]] = {
     ("rbac.authorization.k8s.io", "rolebindings"): {"create", "get"},
     (GROUP, PLURAL): {"get", "list", "watch", "patch", "delete"},
     (GROUP, f"{PLURAL}/status"): {"patch"},
+    # Profiles and namespace labels decide a job's policy before its launch (read-only).
+    (GROUP, PROFILE_PLURAL): {"list"},
+    ("", "namespaces"): {"get"},
 }
 
 # Permissions no call here uses but the API server's admission demands of these calls:
@@ -206,6 +210,30 @@ class Kube:
             if exc.status != 404:
                 self._on_error("delete Pod")
                 raise
+
+    # ----------------------------------------------------------------- policy inputs
+
+    def list_profiles(self) -> list[dict[str, Any]]:
+        """Every SFTProfile (cluster-scoped), as plain dicts."""
+        try:
+            found = self.custom.list_cluster_custom_object(GROUP, VERSION, PROFILE_PLURAL)
+        except ApiException as exc:
+            if exc.status == 404:  # the SFTProfile CRD is not installed: no profiles
+                return []
+            self._on_error("list SFTProfile")
+            raise
+        return list((found if isinstance(found, dict) else self._plain(found)).get("items") or [])
+
+    def read_namespace_labels(self, namespace: str) -> dict[str, str] | None:
+        """The labels of a namespace (what profiles select on); None when it is gone."""
+        try:
+            found = self.core.read_namespace(namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            self._on_error("get Namespace")
+            raise
+        return dict(found.metadata.labels or {})
 
     # ----------------------------------------------------------------- the SFTJob
 

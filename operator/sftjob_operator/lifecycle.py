@@ -28,8 +28,17 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from . import conditions as cond
-from .api import EffectiveTraining, FailureInfo, SFTJob, SFTJobSpec, SFTJobStatus, SpecError
+from .api import (
+    EffectiveStatus,
+    EffectiveTraining,
+    FailureInfo,
+    SFTJob,
+    SFTJobSpec,
+    SFTJobStatus,
+    SpecError,
+)
 from .children import build_pod, training_spec_hash
+from .launch_policy import LaunchPolicy, deadline_after_edit
 from .pod_state import (
     is_live,
     owned_by,
@@ -43,6 +52,10 @@ from .retry_policy import Failure, decide_retry, decisive_failure
 from .trainer_config import build_trainer_config
 
 EventType = Literal["Normal", "Warning"]
+
+# The reason of a job refused by its profile (policy.resolve's violations), and of an edit
+# of a running job refused by the profile it was launched under.
+POLICY_VIOLATION = "PolicyViolation"
 
 # A launch waiting for the previous attempt's pods to go looks again after this long
 # (a pod deletion wakes the job sooner; this only bounds a missed event).
@@ -72,7 +85,8 @@ class Actions:
 
     1. post `events`, then patch `status` (for a launch: the decision, before any pod);
     2. delete `delete_pods`;
-    3. with `trainer_config`: write the ConfigMap and the other static children (the
+    3. with `trainer_config`: write the ConfigMap (with `launch_policy`, the profile's
+       verdict frozen at the first launch) and the other static children (the
        rendezvous Service selecting rank 0 of `trainer_config["attempt"]`), then create
        `create_pods`;
     4. only when every child and pod is this job's: post `launch_events`, then patch
@@ -86,6 +100,7 @@ class Actions:
     create_pods: list[dict[str, Any]] = field(default_factory=list)
     delete_pods: list[str] = field(default_factory=list)
     trainer_config: dict[str, Any] | None = None
+    launch_policy: LaunchPolicy = field(default_factory=LaunchPolicy)
     events: list[Event] = field(default_factory=list)
     delete_job: bool = False
     launch_status: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +123,29 @@ def invalid_spec_is_reported(existing: SFTJobStatus | None, generation: int | No
 def runs_on_launched_spec(existing: SFTJobStatus | None) -> bool:
     """Whether an invalid spec leaves a run going (on the spec it was launched with)."""
     return existing is not None and existing.attempts > 0
+
+
+def failed_by_policy(status: SFTJobStatus | None) -> bool:
+    """Whether the job ended, never launched, because it breaks its profile."""
+    if status is None or status.phase != "Failed" or status.attempts > 0:
+        return False
+    failed = cond.find(status.conditions, cond.FAILED)
+    return failed is not None and failed.reason == POLICY_VIOLATION
+
+
+def policy_applies(status: SFTJobStatus | None, generation: int | None) -> bool:
+    """Whether this pass resolves the job's profile: only before the first launch.
+
+    A job not launched yet and not finished, or one refused by policy whose spec was
+    edited since (a new generation is checked again, and runs if it now complies). A
+    launched job keeps the verdict frozen at its launch (launch_policy).
+    """
+    status = status or SFTJobStatus()
+    if status.attempts > 0:
+        return False
+    if failed_by_policy(status):
+        return status.observedGeneration != generation
+    return status.phase not in ("Failed", "Succeeded")
 
 
 def needs_plan(status: SFTJobStatus, generation: int | None) -> bool:
@@ -166,11 +204,18 @@ def parse_time(value: str | None) -> datetime | None:
 MUTABLE_FIELDS = ("suspend", "retry", "ttlSecondsAfterFinished", "activeDeadlineSeconds")
 
 
-def running_job(job: SFTJob, launched_spec: SFTJobSpec | None) -> SFTJob:
-    """The job as it runs: the launched spec with the fields that may change taken from now."""
+def running_job(
+    job: SFTJob, launched_spec: SFTJobSpec | None, policy: LaunchPolicy | None = None
+) -> SFTJob:
+    """The job as it runs: the launched spec with the fields that may change taken from now
+    (the deadline only within the profile's cap, see launch_policy.deadline_after_edit)."""
     if launched_spec is None:
         return job
     current = {name: getattr(job.spec, name) for name in MUTABLE_FIELDS}
+    if policy is not None:
+        current["activeDeadlineSeconds"] = deadline_after_edit(
+            job.spec.activeDeadlineSeconds, launched_spec.activeDeadlineSeconds, policy
+        ).seconds
     return job.model_copy(update={"spec": launched_spec.model_copy(update=current)})
 
 
@@ -211,6 +256,9 @@ class _Pass:
     status: SFTJobStatus
     original: dict[str, Any]
     new_generation: bool
+    policy: LaunchPolicy = field(default_factory=LaunchPolicy)
+    # A live edit the profile refuses (a deadline above its cap), reported as ignored.
+    policy_refusal: str | None = None
     actions: Actions = field(default_factory=Actions)
     launch_base: dict[str, Any] | None = None
 
@@ -251,6 +299,7 @@ def reconcile_job(
     default_image: str,
     launched_spec: SFTJobSpec | None = None,
     spec_errors: list[str] | None = None,
+    policy: LaunchPolicy | None = None,
 ) -> Actions:
     """The next actions for `job` given the pods observed now (any attempt, any owner).
 
@@ -260,10 +309,21 @@ def reconcile_job(
     ConfigMap); relaunches reuse it, so an ignored edit never sneaks into a restart.
     `spec_errors` says the edited spec breaks a rule: the run goes on with the launched
     spec (and the mutable fields as `job` carries them) and a condition names the fields.
+    `policy` is the profile's verdict: resolved now before the first launch (with
+    `launched_spec` the effective spec, job over profile), frozen in the ConfigMap after;
+    it gives the pods their profile settings and bounds live deadline edits.
     """
     status = _status_of(job).model_copy(deep=True)
+    policy = policy or LaunchPolicy()
+    refusal = (
+        deadline_after_edit(
+            job.spec.activeDeadlineSeconds, launched_spec.activeDeadlineSeconds, policy
+        ).refused
+        if launched_spec is not None
+        else None
+    )
     p = _Pass(
-        job=running_job(job, launched_spec),
+        job=running_job(job, launched_spec, policy),
         edited=job,
         spec_errors=list(spec_errors or []),
         pods=[pod for pod in pods if owned_by(pod, job.metadata.uid)],
@@ -273,6 +333,8 @@ def reconcile_job(
         original=status.model_dump(mode="json", exclude_none=True),
         # An edit not yet acted on (a status that never recorded a generation: none known).
         new_generation=status.observedGeneration not in (None, job.metadata.generation),
+        policy=policy,
+        policy_refusal=refusal,
     )
     status.observedGeneration = job.metadata.generation
 
@@ -283,7 +345,7 @@ def reconcile_job(
     if adopted:
         # The adopted launch was built from the current spec: record it, or a later edit
         # would never be reported as ignored.
-        status.specHash = status.specHash or training_spec_hash(p.job)
+        status.specHash = status.specHash or training_spec_hash(p.edited)
         status.launchedAttempt = _launched(status)
         status.attempts = attempt
         status.phase = status.phase or "Pending"
@@ -326,7 +388,11 @@ def _decide_launch(p: _Pass) -> None:
     status.launchedAttempt = _launched(status)
     status.attempts += 1
     status.nextAttemptTime = None
-    status.specHash = status.specHash or training_spec_hash(p.job)
+    # The hash of the job's own spec (not the effective one): an edit is compared with it.
+    status.specHash = status.specHash or training_spec_hash(p.edited)
+    if status.attempts == 1 and status.effective is None and p.policy.effective:
+        # What the profile added, recorded with the launch that runs it.
+        status.effective = EffectiveStatus.model_validate(dict(p.policy.effective))
     status.phase = "Pending"
     if resumed:
         # As for a Kubernetes Job: activeDeadlineSeconds counts running time, so the
@@ -374,7 +440,11 @@ def _advance_launch(p: _Pass) -> None:
             per_device=effective.perDeviceTrainBatchSize if effective else None,
             accumulation=effective.gradientAccumulationSteps if effective else None,
         )
-        actions.create_pods = [build_pod(p.job, rank, attempt, p.image) for rank in missing]
+        actions.launch_policy = p.policy
+        pod_defaults = p.policy.pod
+        actions.create_pods = [
+            build_pod(p.job, rank, attempt, p.image, pod_defaults) for rank in missing
+        ]
     # What follows is written only once every rank exists (see Actions).
     p.launch_base = status.model_dump(mode="json", exclude_none=True)
     status.launchedAttempt = attempt
@@ -604,16 +674,26 @@ def _note_spec_change(p: _Pass) -> None:
     already = cond.find(status.conditions, cond.SPEC_CHANGE_IGNORED)
     key = f"g{p.generation}"
     if p.spec_errors:
+        refused = [p.policy_refusal] if p.policy_refusal else []
         message = (
             "the edited spec is invalid and was ignored; the run goes on with the spec it was "
             "launched with (spec.suspend, retry, ttl and deadline edits apply where valid): "
-            + "; ".join(p.spec_errors)
+            + "; ".join(p.spec_errors + refused)
         )
         if already is None or (already.reason, already.message) != ("InvalidSpec", message):
             p.set(cond.SPEC_CHANGE_IGNORED, "True", "InvalidSpec", message)
             p.actions.events.append(Event("Warning", "SpecChangeIgnored", message, key))
         return
     if not status.specHash:
+        return
+    if p.policy_refusal:
+        message = (
+            "the edit breaks the profile the job was launched under and was ignored: "
+            + p.policy_refusal
+        )
+        if already is None or (already.reason, already.message) != (POLICY_VIOLATION, message):
+            p.set(cond.SPEC_CHANGE_IGNORED, "True", POLICY_VIOLATION, message)
+            p.actions.events.append(Event("Warning", "SpecChangeIgnored", message, key))
         return
     changed = _training_changed(p)
     reported = already is not None and already.status == "True"
@@ -647,6 +727,7 @@ OPERATOR_STATUS_FIELDS = (
     "nextAttemptTime",
     "effectiveTraining",
     "lastFailure",
+    "effective",
     "startTime",
     "completionTime",
     "outputPath",
@@ -708,14 +789,48 @@ def invalid_status(
     existing: SFTJobStatus | None, messages: list[str], now: datetime, generation: int | None
 ) -> dict[str, Any]:
     """Status for a spec that cannot run: Failed/InvalidSpec naming every bad field."""
+    return _refused_status(existing, "InvalidSpec", messages, now, generation)
+
+
+def policy_violation_status(
+    existing: SFTJobStatus | None, messages: list[str], now: datetime, generation: int | None
+) -> dict[str, Any]:
+    """Status for a job that breaks its profile: Failed/PolicyViolation naming every rule
+    and field (policy.PolicyViolation as text), before any child exists."""
+    return _refused_status(existing, POLICY_VIOLATION, messages, now, generation)
+
+
+def policy_cleared_status(
+    existing: SFTJobStatus | None, profile: str | None, now: datetime, generation: int | None
+) -> dict[str, Any]:
+    """Status for a job refused by policy whose edited spec now complies: Pending again,
+    so this pass plans and launches it (policy_applies let it be checked again)."""
+    status = existing or SFTJobStatus()
+    under = f"profile {profile}" if profile else "the policy (no profile applies)"
+    message = f"generation {generation} complies with {under}"
+    conditions = cond.set_condition(
+        status.conditions, cond.FAILED, "False", "PolicyCompliant", message, iso(now), generation
+    )
+    return {
+        "phase": "Pending",
+        "completionTime": None,
+        "conditions": [c.model_dump(mode="json", exclude_none=True) for c in conditions],
+    }
+
+
+def _refused_status(
+    existing: SFTJobStatus | None,
+    reason: str,
+    messages: list[str],
+    now: datetime,
+    generation: int | None,
+) -> dict[str, Any]:
     status = existing or SFTJobStatus()
     message = "; ".join(messages)
     conditions = cond.set_condition(
-        status.conditions, cond.PLANNED, "False", "InvalidSpec", message, iso(now), generation
+        status.conditions, cond.PLANNED, "False", reason, message, iso(now), generation
     )
-    conditions = cond.set_exclusive(
-        conditions, cond.FAILED, "InvalidSpec", message, iso(now), generation
-    )
+    conditions = cond.set_exclusive(conditions, cond.FAILED, reason, message, iso(now), generation)
     return {
         "phase": "Failed",
         "conditions": [c.model_dump(mode="json", exclude_none=True) for c in conditions],

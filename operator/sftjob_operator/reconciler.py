@@ -21,7 +21,7 @@ from typing import Any
 from kubernetes.client import ApiException
 from pydantic import ValidationError
 
-from . import lifecycle, progress_report, refusals
+from . import lifecycle, policy, progress_report, refusals
 from .api import ObjectMeta, SFTJob, SFTJobSpec, SFTJobStatus, SpecError, parse_sftjob
 from .children import (
     DEFAULT_TRAINER_IMAGE,
@@ -32,8 +32,10 @@ from .children import (
     rendezvous_selector,
 )
 from .kube import Kube, StaleStatus
+from .launch_policy import LaunchPolicy
 from .metrics import METRICS
-from .trainer_config import CONFIG_KEY
+from .profile_api import SFTProfile, parse_profile
+from .trainer_config import CONFIG_KEY, POLICY_KEY
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class OperatorSettings:
     default_image: str = DEFAULT_TRAINER_IMAGE
+    # SFTJOB_REQUIRE_PROFILE: a job whose namespace no SFTProfile selects is refused.
+    require_profile: bool = False
 
 
 def _status_from(body: Mapping[str, Any]) -> SFTJobStatus | None:
@@ -69,6 +73,8 @@ class JobGone(Exception):
 
 # A pass whose status patch met a newer version of the job runs again this soon.
 STALE_REQUEUE_SECONDS = 0.5
+# A job whose namespace the watch has not shown yet is resolved again this soon.
+NAMESPACE_UNSEEN_REQUEUE_SECONDS = 2.0
 
 
 def _job_metadata(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,6 +168,7 @@ async def _reconcile_live(
     generation = live["metadata"].get("generation")
     now = datetime.now(UTC)
     launched: SFTJobSpec | None = None
+    frozen: LaunchPolicy | None = None
     spec_errors: list[str] = []
     try:
         job = job_from_body(live)
@@ -172,7 +179,7 @@ async def _reconcile_live(
             return Outcome("Failed")
         # Launched: an invalid edit must not stop the run. It goes on with the spec it
         # was launched with, and a condition names the fields that were refused.
-        launched = await _launched_spec(kube, namespace, name)
+        launched, frozen = await _launched(kube, namespace, name)
         if launched is None:
             log.warning("%s/%s: invalid edit and no launched spec to run on", namespace, name)
             return Outcome(existing.phase or "Pending")
@@ -180,17 +187,48 @@ async def _reconcile_live(
         spec_errors = [str(e) for e in exc.errors]
 
     status = job.status or SFTJobStatus()
+    if lifecycle.policy_applies(status, generation):
+        # Before the first launch only: the profile of the day decides what runs; after it,
+        # the verdict frozen in the ConfigMap does (a profile edit never rewrites a run).
+        resolution = await _resolve(kube, job, settings)
+        if resolution is None:
+            # The namespace's labels are not in the cache yet (a namespace made just before
+            # the job): deciding now could miss the profile that selects it. Should it never
+            # show, the operator cannot watch namespaces (RBAC): nothing launches unchecked.
+            log.warning(
+                "%s/%s: namespace %s not seen by the watch yet (the operator needs list and "
+                "watch on namespaces); its profile is resolved once it is",
+                namespace,
+                name,
+                namespace,
+            )
+            return Outcome(status.phase or "Pending", NAMESPACE_UNSEEN_REQUEUE_SECONDS)
+        if resolution.violations:
+            # Once per generation: a reported generation no longer asks (policy_applies).
+            await _report_policy_violation(kube, writer, live, existing, resolution, now)
+            return Outcome("Failed")
+        launched, frozen = resolution.spec, LaunchPolicy.from_resolution(resolution)
+        if lifecycle.failed_by_policy(status):
+            # Refused before, compliant since this edit: pending again, planned below.
+            profile = resolution.profile.metadata.name if resolution.profile else None
+            patch = lifecycle.policy_cleared_status(status, profile, now, generation)
+            await writer.patch(patch)
+            status = lifecycle.status_after(status, patch)
+            job = job.model_copy(update={"status": status})
+
     if lifecycle.needs_plan(status, generation):
         try:
-            job = await _plan(job, live, writer, kube, now)
+            job = await _plan(job, launched, live, writer, kube, now)
         except SpecError as exc:  # e.g. drop_last with an empty dataloader
             await _report_invalid(kube, writer, live, existing, exc, now)
             return Outcome("Failed")
 
     pods = await asyncio.to_thread(kube.list_job_pods, namespace, name, LABEL_JOB)
     if launched is None and status.attempts > 0:
-        launched = await _launched_spec(kube, namespace, name)
-    actions = lifecycle.reconcile_job(job, pods, now, settings.default_image, launched, spec_errors)
+        launched, frozen = await _launched(kube, namespace, name)
+    actions = lifecycle.reconcile_job(
+        job, pods, now, settings.default_image, launched, spec_errors, frozen
+    )
     attempt = actions.status.get("attempts", status.attempts)
     if attempt > 0:
         # The trainer's report, validated (progress_report); read after the pods, so a pass
@@ -209,15 +247,76 @@ async def _reconcile_live(
     return Outcome(phase, requeue_after)
 
 
+async def _resolve(kube: Kube, job: SFTJob, settings: OperatorSettings) -> policy.Resolution | None:
+    """The job's profile verdict from the profiles and namespace labels the cache holds;
+    None while the job's namespace is unknown to it."""
+    namespace = job.metadata.namespace or "default"
+    labels = await asyncio.to_thread(kube.read_namespace_labels, namespace)
+    if labels is None:
+        return None
+    profiles = await asyncio.to_thread(kube.list_profiles)
+    return policy.resolve(
+        job.spec,
+        namespace,
+        labels,
+        _parse_profiles(profiles),
+        settings.require_profile,
+        default_image=settings.default_image,
+    )
+
+
+def _parse_profiles(bodies: list[dict[str, Any]]) -> list[SFTProfile]:
+    """The profiles that parse; one the API server stored but that does not parse is skipped
+    (logged), so it selects nothing rather than stopping every job."""
+    parsed = []
+    for body in bodies:
+        try:
+            parsed.append(parse_profile(body))
+        except SpecError as exc:
+            name = (body.get("metadata") or {}).get("name")
+            log.warning("SFTProfile %s is unreadable and ignored: %s", name, exc.errors[:1])
+    return parsed
+
+
+async def _report_policy_violation(
+    kube: Kube,
+    writer: _StatusWriter,
+    live: Mapping[str, Any],
+    existing: SFTJobStatus | None,
+    resolution: policy.Resolution,
+    now: datetime,
+) -> None:
+    """Failed/PolicyViolation and a Warning event, each naming every rule and field."""
+    generation = live["metadata"].get("generation")
+    messages = [str(v) for v in resolution.violations]
+    patch = lifecycle.policy_violation_status(existing, messages, now, generation)
+    await asyncio.to_thread(
+        kube.post_event,
+        dict(live),
+        "Warning",
+        lifecycle.POLICY_VIOLATION,
+        "; ".join(messages),
+        f"g{generation}",
+    )
+    await writer.patch(patch)
+
+
 async def _plan(
-    job: SFTJob, live: Mapping[str, Any], writer: _StatusWriter, kube: Kube, now: datetime
+    job: SFTJob,
+    effective: SFTJobSpec | None,
+    live: Mapping[str, Any],
+    writer: _StatusWriter,
+    kube: Kube,
+    now: datetime,
 ) -> SFTJob:
-    """The plan, advice and Planned condition of a generation not launched yet."""
-    patch = lifecycle.planned_status(job, now)
-    planned = next(c for c in patch["conditions"] if c["type"] == "Planned")
+    """The plan, advice and Planned condition of a generation not launched yet, made from
+    the `effective` spec (job over profile) when a profile was resolved."""
+    planned = job if effective is None else job.model_copy(update={"spec": effective})
+    patch = lifecycle.planned_status(planned, now)
+    condition = next(c for c in patch["conditions"] if c["type"] == "Planned")
     key = f"g{job.metadata.generation}"
     await asyncio.to_thread(
-        kube.post_event, dict(live), "Normal", "Planned", planned["message"], key
+        kube.post_event, dict(live), "Normal", "Planned", condition["message"], key
     )
     await writer.patch(patch)
     return job.model_copy(update={"status": lifecycle.status_after(job.status, patch)})
@@ -246,16 +345,20 @@ async def _report_invalid(
     await writer.patch(patch)
 
 
-async def _launched_spec(kube: Kube, namespace: str, name: str) -> SFTJobSpec | None:
-    """The spec the running pods were built from, as recorded in the job's ConfigMap."""
+async def _launched(
+    kube: Kube, namespace: str, name: str
+) -> tuple[SFTJobSpec | None, LaunchPolicy | None]:
+    """The spec the running pods were built from and the profile's verdict frozen with it,
+    as recorded in the job's ConfigMap (no policy key: launched before profiles, none)."""
     data = await asyncio.to_thread(kube.read_config_map_data, namespace, config_map_name(name))
     if not data or CONFIG_KEY not in data:
-        return None
+        return None, None
     try:
-        return SFTJobSpec.model_validate(json.loads(data[CONFIG_KEY])["spec"])
-    except (ValueError, KeyError, ValidationError):
+        spec = SFTJobSpec.model_validate(json.loads(data[CONFIG_KEY])["spec"])
+        return spec, LaunchPolicy.from_json(data.get(POLICY_KEY))
+    except (ValueError, KeyError, TypeError, ValidationError):
         log.warning("ConfigMap of %s/%s is unreadable; using the current spec", namespace, name)
-        return None
+        return None, None
 
 
 async def _post_events(kube: Kube, live: Mapping[str, Any], events: list[lifecycle.Event]) -> None:
@@ -294,7 +397,8 @@ async def _create_children(job: SFTJob, actions: lifecycle.Actions, kube: Kube) 
     conflicts: list[str] = []
     assert actions.trainer_config is not None
     attempt = actions.trainer_config.get("attempt")
-    for child in build_static_children(job, actions.trainer_config):
+    frozen = actions.launch_policy.to_json()
+    for child in build_static_children(job, actions.trainer_config, frozen):
         result = await _create(kube, child)
         if result == "foreign":
             conflicts.append(f"{child['kind']} {child['metadata']['name']}")

@@ -18,6 +18,9 @@ from .plan import plan_for
 
 CONFIG_KIND = "ResolvedTrainerConfig"
 CONFIG_KEY = "config.json"
+# Beside it in the same ConfigMap, read by the operator only (the trainer reads CONFIG_KEY):
+# the profile's verdict frozen at the first launch (launch_policy.LaunchPolicy).
+POLICY_KEY = "policy.json"
 
 # Environment each training pod gets; the trainer's launcher reads these.
 ENV_CONFIG_PATH = "SFTJOB_CONFIG"

@@ -1,4 +1,5 @@
-"""What the watches have shown: the newest SFTJobs and their pods and ConfigMaps, in memory.
+"""What the watches have shown: the newest SFTJobs and their pods and ConfigMaps, in memory,
+and the SFTProfiles and namespace labels a job's policy is resolved from.
 
 Pure state (no API calls): Kopf's watch events go in (`on_job_event`, `on_child_event`), each
 answering the key ("namespace/name") of the job that needs a pass; reads come out. Children
@@ -115,6 +116,8 @@ class WatchCache:
         self._jobs: dict[str, Obj] = {}
         self._pods: dict[str, dict[str, Obj]] = {}  # job key -> pod name -> pod
         self._config_maps: dict[tuple[str, str], Obj] = {}  # (namespace, name) -> ConfigMap
+        self._profiles: dict[str, Obj] = {}  # name -> SFTProfile (cluster-scoped)
+        self._namespace_labels: dict[str, dict[str, str]] = {}  # namespace -> its labels
         self._expectations: dict[str, list[Expectation]] = {}
         self._timeout = expectation_timeout
         self._clock = clock
@@ -164,6 +167,30 @@ class WatchCache:
             self._settle(key)
         return key
 
+    def on_profile_event(self, event_type: str | None, obj: Mapping[str, Any]) -> None:
+        """Record an SFTProfile event. No job is queued: a profile applies to launches
+        after it is seen, and never rewrites a job already launched or refused."""
+        name = (obj.get("metadata") or {}).get("name")
+        if not name:
+            return
+        with self._lock:
+            if event_type == "DELETED":
+                self._profiles.pop(name, None)
+            else:
+                self._profiles[name] = slim(obj)
+
+    def on_namespace_event(self, event_type: str | None, obj: Mapping[str, Any]) -> None:
+        """Record a Namespace's labels (all a profile's namespaceSelector reads)."""
+        metadata = obj.get("metadata") or {}
+        name = metadata.get("name")
+        if not name:
+            return
+        with self._lock:
+            if event_type == "DELETED":
+                self._namespace_labels.pop(name, None)
+            else:
+                self._namespace_labels[name] = dict(metadata.get("labels") or {})
+
     @staticmethod
     def key_of(obj: Mapping[str, Any]) -> str:
         metadata = obj["metadata"]
@@ -208,12 +235,24 @@ class WatchCache:
             found = self._config_maps.get((namespace, name))
             return copy_json(found) if found is not None else None
 
+    def profiles(self) -> list[Obj]:
+        with self._lock:
+            return [copy_json(p) for _, p in sorted(self._profiles.items())]
+
+    def namespace_labels(self, namespace: str) -> dict[str, str] | None:
+        """The namespace's labels; None for a namespace the watch has not shown."""
+        with self._lock:
+            found = self._namespace_labels.get(namespace)
+            return dict(found) if found is not None else None
+
     def sizes(self) -> dict[str, int]:
         with self._lock:
             return {
                 "jobs": len(self._jobs),
                 "pods": sum(len(p) for p in self._pods.values()),
                 "configMaps": len(self._config_maps),
+                "profiles": len(self._profiles),
+                "namespaces": len(self._namespace_labels),
                 "expectations": sum(len(e) for e in self._expectations.values()),
             }
 

@@ -19,8 +19,11 @@ from sftjob_operator.children import (
     build_role_binding,
     build_service_account,
     build_static_children,
+    default_scratch_storage,
     training_spec_hash,
 )
+from sftjob_operator.policy import PodDefaults
+from sftjob_operator.profile_api import MODEL_CACHE_MOUNT, ModelCacheSpec
 from sftjob_operator.trainer_config import build_trainer_config, main_port
 
 UID = "0b9c1e7a-1111-4222-8333-444455556666"
@@ -287,21 +290,30 @@ class TestBuildPod:
                 "memory": "128Gi",
             }
         )
+        # Scratch: 4 GiB + the 0.5B hub model's bf16 weights (1 GiB) in the HF cache.
         assert container(build_pod(job, 0, 1))["resources"] == {
-            "limits": {"amd.com/gpu": "4", "cpu": "16", "memory": "128Gi"},
-            "requests": {"cpu": "16", "memory": "128Gi"},
+            "limits": {
+                "ephemeral-storage": "5Gi",
+                "amd.com/gpu": "4",
+                "cpu": "16",
+                "memory": "128Gi",
+            },
+            "requests": {"ephemeral-storage": "5Gi", "cpu": "16", "memory": "128Gi"},
         }
 
     def test_default_gpu_resource_name(self) -> None:
         resources = container(build_pod(make_job(), 0, 1))["resources"]
-        assert resources == {"limits": {"nvidia.com/gpu": "1"}}
+        assert resources == {
+            "limits": {"ephemeral-storage": "5Gi", "nvidia.com/gpu": "1"},
+            "requests": {"ephemeral-storage": "5Gi"},
+        }
 
     def test_cpu_job_has_no_gpu_limit_and_no_shm(self) -> None:
         job = make_job(resources={"gpusPerNode": 0, "cpu": "2", "memory": "4Gi"})
         pod = build_pod(job, 0, 1)
         assert container(pod)["resources"] == {
-            "limits": {"cpu": "2", "memory": "4Gi"},
-            "requests": {"cpu": "2", "memory": "4Gi"},
+            "limits": {"ephemeral-storage": "5Gi", "cpu": "2", "memory": "4Gi"},
+            "requests": {"ephemeral-storage": "5Gi", "cpu": "2", "memory": "4Gi"},
         }
         assert "dshm" not in volumes_of(pod)
         assert "dshm" not in mounts_of(pod)
@@ -375,9 +387,10 @@ class TestBuildPod:
         volumes, mounts = volumes_of(pod), mounts_of(pod)
         assert volumes["config"] == {"name": "config", "configMap": {"name": "demo-config"}}
         assert mounts["config"] == {"name": "config", "mountPath": "/etc/sftjob", "readOnly": True}
-        assert volumes["output"] == {"name": "output", "emptyDir": {}}
+        # Disk-backed emptyDirs are bounded by the pod's scratch storage.
+        assert volumes["output"] == {"name": "output", "emptyDir": {"sizeLimit": "5Gi"}}
         assert mounts["output"]["mountPath"] == "/output"
-        assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}}
+        assert volumes["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "5Gi"}}
         assert volumes["dshm"] == {
             "name": "dshm",
             "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"},
@@ -422,8 +435,8 @@ class TestBuildPod:
     def test_security_context(self) -> None:
         pod = build_pod(make_job(), 0, 1)
         pod_sc = pod["spec"]["securityContext"]
-        assert pod_sc["runAsNonRoot"] is True
-        assert pod_sc["runAsUser"] != 0
+        # No fixed ids: the image's numeric non-root USER runs (OpenShift assigns its own).
+        assert pod_sc == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
         assert container(pod)["securityContext"] == {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -443,6 +456,141 @@ class TestBuildPod:
         names = [p["metadata"]["name"] for p in pods]
         assert names == ["demo-a1-r0", "demo-a1-r1", "demo-a1-r2", "demo-a1-r3"]
         assert [p["metadata"]["labels"]["sftjob.dev/rank"] for p in pods] == ["0", "1", "2", "3"]
+
+
+class TestPodDefaultsFromTheProfile:
+    """What only a profile gives a pod (policy.PodDefaults), merged with what the job asks."""
+
+    DEFAULTS = PodDefaults(
+        affinity={
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}]}
+                    ]
+                }
+            }
+        },
+        priorityClassName="tenant-low",
+        queueName="tenant-queue",
+        ephemeralStorage="30Gi",
+        modelCache=ModelCacheSpec(claimName="model-cache"),
+        runAsUser=2000,
+        runAsGroup=3000,
+        fsGroup=4000,
+    )
+
+    def test_priority_queue_ids_and_storage_come_from_the_profile(self) -> None:
+        pod = build_pod(make_job(), 0, 1, pod=self.DEFAULTS)
+        assert pod["spec"]["priorityClassName"] == "tenant-low"
+        assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "tenant-queue"
+        assert pod["spec"]["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 2000,
+            "runAsGroup": 3000,
+            "fsGroup": 4000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        resources = container(pod)["resources"]
+        assert resources["requests"]["ephemeral-storage"] == "30Gi"
+        assert resources["limits"]["ephemeral-storage"] == "30Gi"
+        volumes = volumes_of(pod)
+        assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "30Gi"}
+        assert volumes["output"]["emptyDir"] == {"sizeLimit": "30Gi"}
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+
+    def test_the_jobs_own_queue_label_wins(self) -> None:
+        job = make_job(labels={"kueue.x-k8s.io/queue-name": "own"})
+        pod = build_pod(job, 0, 1, pod=self.DEFAULTS)
+        assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "own"
+
+    def test_model_cache_is_mounted_read_write_as_hf_home(self) -> None:
+        pod = build_pod(make_job(), 0, 1, pod=self.DEFAULTS)
+        assert volumes_of(pod)["model-cache"] == {
+            "name": "model-cache",
+            "persistentVolumeClaim": {"claimName": "model-cache"},
+        }
+        mount = mounts_of(pod)["model-cache"]
+        assert mount == {"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT}
+        assert env_of(pod)["HF_HOME"]["value"] == MODEL_CACHE_MOUNT
+        # Without a profile's cache the scratch HF home stays.
+        assert env_of(build_pod(make_job(), 0, 1))["HF_HOME"]["value"] == "/tmp/hf-home"
+        assert "model-cache" not in volumes_of(build_pod(make_job(), 0, 1))
+
+    def test_affinity_single_node_is_the_profiles(self) -> None:
+        pod = build_pod(make_job(), 0, 1, pod=self.DEFAULTS)
+        assert pod["spec"]["affinity"] == dict(self.DEFAULTS.affinity)
+
+    def test_affinity_multi_node_merges_the_spread_into_the_profiles(self) -> None:
+        defaults = PodDefaults(
+            affinity={
+                **self.DEFAULTS.affinity,
+                "podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {"weight": 10, "podAffinityTerm": {"topologyKey": "zone"}}
+                    ]
+                },
+            }
+        )
+        pod = build_pod(make_job(resources={"nodes": 2}), 0, 1, pod=defaults)
+        affinity = pod["spec"]["affinity"]
+        assert affinity["nodeAffinity"] == self.DEFAULTS.affinity["nodeAffinity"]
+        terms = affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert [t["podAffinityTerm"]["topologyKey"] for t in terms] == [
+            "zone",
+            "kubernetes.io/hostname",
+        ]
+        # The profile's own mapping is never changed by a build.
+        assert (
+            len(
+                defaults.affinity["podAntiAffinity"][
+                    "preferredDuringSchedulingIgnoredDuringExecution"
+                ]
+            )
+            == 1
+        )
+
+    def test_pods_with_profile_settings_pass_api_server_validation(self) -> None:
+        from sftjob_local.emulator import validation
+
+        pod = build_pod(make_job(resources={"nodes": 2}), 1, 1, pod=self.DEFAULTS)
+        errors = validation.validate_create("Pod", "", pod, namespaced=True)
+        assert errors == [], [e.cause() for e in errors]
+
+
+class TestDefaultScratchStorage:
+    """Without a profile's ephemeralStorage: 4 GiB plus a bf16 copy of the weights for each
+    of a hub download (no model cache) and a full fine-tune saved to an emptyDir."""
+
+    @pytest.mark.parametrize(
+        ("changes", "model_cache", "expected"),
+        [
+            # A mounted model, results on a claim: nothing large is written to scratch.
+            ({"model": {"path": "/models/x"}, "output": {"claimName": "out"}}, False, "4Gi"),
+            # A 7B hub model (ceil(7e9 * 2 / 2^30) = 14 GiB) downloaded into /tmp.
+            ({"model": {"name": "Qwen/Qwen2.5-7B"}, "output": {"claimName": "out"}}, False, "18Gi"),
+            # The same with a shared model cache: no download into scratch.
+            ({"model": {"name": "Qwen/Qwen2.5-7B"}, "output": {"claimName": "out"}}, True, "4Gi"),
+            # Full fine-tune of it saved into the emptyDir output as well: two copies.
+            ({"model": {"name": "Qwen/Qwen2.5-7B"}, "method": "full"}, False, "32Gi"),
+            # A size nobody states: the bf16 weights of a 7-8B model.
+            ({"model": {"path": "/models/x"}, "method": "full"}, False, "20Gi"),
+            # Declared size wins over the name.
+            (
+                {
+                    "model": {"name": "org/m", "parametersBillions": 1.5},
+                    "output": {"claimName": "o"},
+                },
+                False,
+                "7Gi",
+            ),
+        ],
+    )
+    def test_derived_from_what_the_pod_writes(
+        self, changes: dict[str, Any], model_cache: bool, expected: str
+    ) -> None:
+        spec = make_job(**changes).spec
+        assert default_scratch_storage(spec, model_cache) == expected
 
 
 class TestTrainingSpecHash:

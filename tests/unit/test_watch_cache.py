@@ -134,3 +134,27 @@ def test_a_deleted_field_the_server_defaults_again_does_not_hold_the_job() -> No
     stored = {"measuredPlan": {"totalSteps": 8, "estimate": False}}
     assert contains_merge_patch(stored, {"measuredPlan": {"totalSteps": 8, "estimate": None}})
     assert not contains_merge_patch(stored, {"measuredPlan": {"totalSteps": 9, "estimate": None}})
+
+
+def test_profiles_and_namespace_labels_are_kept_for_the_policy() -> None:
+    cache = WatchCache()
+    profile = {"metadata": {"name": "tenant", "managedFields": [{"x": 1}]}, "spec": {"a": 1}}
+    cache.on_profile_event(None, profile)
+    cache.on_profile_event("ADDED", {"metadata": {"name": "other"}, "spec": {}})
+    [first, second] = cache.profiles()
+    assert (first["metadata"]["name"], second["metadata"]["name"]) == ("other", "tenant")
+    assert "managedFields" not in second["metadata"]
+    second["spec"]["a"] = 2  # a read is a copy
+    assert cache.profiles()[1]["spec"] == {"a": 1}
+    cache.on_profile_event("DELETED", {"metadata": {"name": "other"}})
+    assert [p["metadata"]["name"] for p in cache.profiles()] == ["tenant"]
+
+    # A namespace the watch has not shown is unknown (None), not "no labels".
+    assert cache.namespace_labels("team-a") is None
+    cache.on_namespace_event(None, {"metadata": {"name": "team-a"}})
+    assert cache.namespace_labels("team-a") == {}
+    cache.on_namespace_event("MODIFIED", {"metadata": {"name": "team-a", "labels": {"p": "x"}}})
+    assert cache.namespace_labels("team-a") == {"p": "x"}
+    cache.on_namespace_event("DELETED", {"metadata": {"name": "team-a"}})
+    assert cache.namespace_labels("team-a") is None
+    assert cache.sizes()["profiles"] == 1 and cache.sizes()["namespaces"] == 0
