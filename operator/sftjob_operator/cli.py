@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,27 +84,29 @@ def _checked_report(
     return {**plan_report(effective, args.dataset_size), "policy": policy_report(resolution)}
 
 
+def _documents(paths: Sequence[str], parse: Callable[..., list[Any]], kind: str) -> list[Any] | int:
+    """Every `kind` document of the files, or the exit code after naming what is wrong."""
+    found: list[Any] = []
+    for path in paths:
+        try:
+            documents = parse(_read(path), source=path)
+        except SpecError as exc:
+            return _spec_error(path, kind, exc)
+        if not documents:
+            print(f"error: {path}: no {kind} documents found", file=sys.stderr)
+            return EXIT_INVALID_SPEC
+        found += documents
+    return found
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    profiles: list[SFTProfile] = []
-    for path in args.profile:
-        try:
-            found = sftprofiles_in(_read(path), source=path)
-        except SpecError as exc:
-            return _spec_error(path, "SFTProfile", exc)
-        if not found:
-            print(f"error: {path}: no SFTProfile documents found", file=sys.stderr)
-            return EXIT_INVALID_SPEC
-        profiles += found
-    reports = []
-    for path in args.filename:
-        try:
-            jobs = sftjobs_in(_read(path), source=path)
-        except SpecError as exc:
-            return _spec_error(path, "SFTJob", exc)
-        if not jobs:
-            print(f"error: {path}: no SFTJob documents found", file=sys.stderr)
-            return EXIT_INVALID_SPEC
-        reports += [_checked_report(job, profiles, args) for job in jobs]
+    profiles = _documents(args.profile, sftprofiles_in, "SFTProfile")
+    if isinstance(profiles, int):
+        return profiles
+    jobs = _documents(args.filename, sftjobs_in, "SFTJob")
+    if isinstance(jobs, int):
+        return jobs
+    reports = [_checked_report(job, profiles, args) for job in jobs]
     if args.output == "json":
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     else:

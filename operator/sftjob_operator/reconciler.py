@@ -278,6 +278,23 @@ def _parse_profiles(bodies: list[dict[str, Any]]) -> list[SFTProfile]:
     return parsed
 
 
+async def _report_refusal(
+    kube: Kube,
+    writer: _StatusWriter,
+    live: Mapping[str, Any],
+    reason: str,
+    messages: list[str],
+    patch: dict[str, Any],
+) -> None:
+    """A refused generation: a Warning event naming every problem, once per generation
+    (its name is keyed by it), then the status patch that says the same."""
+    key = f"g{live['metadata'].get('generation')}"
+    await asyncio.to_thread(
+        kube.post_event, dict(live), "Warning", reason, "; ".join(messages), key
+    )
+    await writer.patch(patch)
+
+
 async def _report_policy_violation(
     kube: Kube,
     writer: _StatusWriter,
@@ -287,18 +304,10 @@ async def _report_policy_violation(
     now: datetime,
 ) -> None:
     """Failed/PolicyViolation and a Warning event, each naming every rule and field."""
-    generation = live["metadata"].get("generation")
     messages = [str(v) for v in resolution.violations]
+    generation = live["metadata"].get("generation")
     patch = lifecycle.policy_violation_status(existing, messages, now, generation)
-    await asyncio.to_thread(
-        kube.post_event,
-        dict(live),
-        "Warning",
-        lifecycle.POLICY_VIOLATION,
-        "; ".join(messages),
-        f"g{generation}",
-    )
-    await writer.patch(patch)
+    await _report_refusal(kube, writer, live, lifecycle.POLICY_VIOLATION, messages, patch)
 
 
 async def _plan(
@@ -331,18 +340,9 @@ async def _report_invalid(
     now: datetime,
 ) -> None:
     """Failed/InvalidSpec in the status and a Warning event, each naming every bad field."""
-    generation = live["metadata"].get("generation")
     messages = [str(e) for e in error.errors]
-    patch = lifecycle.invalid_status(existing, messages, now, generation)
-    await asyncio.to_thread(
-        kube.post_event,
-        dict(live),
-        "Warning",
-        "InvalidSpec",
-        "; ".join(messages),
-        f"g{generation}",
-    )
-    await writer.patch(patch)
+    patch = lifecycle.invalid_status(existing, messages, now, live["metadata"].get("generation"))
+    await _report_refusal(kube, writer, live, "InvalidSpec", messages, patch)
 
 
 async def _launched(
