@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,10 @@ def check_extra_args(extra: dict[str, Any], valid: list[str]) -> None:
     problems = []
     for key in extra:
         if key in UNUSED_EXTRA_ARGS:
-            raise ConfigError(f"spec.training.extraArgs.{key}: {UNUSED_EXTRA_ARGS[key]}")
+            raise ConfigError(
+                f"spec.training.extraArgs.{key}: {UNUSED_EXTRA_ARGS[key]}"
+                + _bad_dtypes(key, extra[key])
+            )
         if key in valid:
             continue
         close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
@@ -51,6 +55,25 @@ def check_extra_args(extra: dict[str, Any], valid: list[str]) -> None:
         raise ConfigError(
             "spec.training.extraArgs has keys SFTConfig does not know: " + "; ".join(problems)
         )
+
+
+DTYPE_KEYS = ("torch_dtype", "dtype")
+
+
+def _bad_dtypes(key: str, value: Any) -> str:
+    """What is wrong with a dtype given under `key` too (transformers reads "auto" or a name)."""
+    import torch
+
+    if not isinstance(value, dict):
+        return ""
+    bad = [
+        f"{key}.{name} {value[name]!r} is not a torch dtype either (float32, bfloat16, float16)"
+        for name in DTYPE_KEYS
+        if name in value
+        and value[name] != "auto"
+        and not isinstance(getattr(torch, str(value[name]), None), torch.dtype)
+    ]
+    return f"; {'; '.join(bad)}" if bad else ""
 
 
 def sft_kwargs(
@@ -123,14 +146,43 @@ def build_sft_config(
     from trl import SFTConfig
 
     kwargs = sft_kwargs(config, dataset_format=dataset_format)
+    levers: dict[str, str] = {}
     if speed is not None:  # speed.SpeedPlan: its levers never touch keys set in extraArgs
-        kwargs.update(speed.sft_kwargs(sft_config_fields()))
+        lever_kwargs = speed.sft_kwargs(sft_config_fields())
+        levers = {key: lever for key in lever_kwargs if (lever := speed.lever_of(key))}
+        kwargs.update(lever_kwargs)
     try:
         args = SFTConfig(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"SFTConfig rejected the settings: {exc}") from None
+        fields = [
+            f"spec.training.speed.{levers[arg]}" if arg in levers else _field_name(arg)
+            for arg in rejected_args(SFTConfig, kwargs)
+        ]
+        where = f"{', '.join(fields)}: " if fields else ""
+        raise ConfigError(f"{where}SFTConfig rejected the settings: {exc}") from None
     check_sft_config(args, total_steps=int((config.plan or {}).get("totalSteps") or 10))
     return args
+
+
+def rejected_args(config_class: Any, kwargs: dict[str, Any]) -> list[str]:
+    """The arguments whose value `config_class` refuses: those without which it is built.
+
+    SFTConfig's errors quote the value, not the argument ("bogus is not a valid
+    OptimizerNames"); building it again with one argument left at its default says which
+    argument it was (a fraction of a millisecond each, and only on this error path).
+    """
+    found = []
+    for arg in kwargs:
+        if arg == "output_dir":
+            continue
+        try:
+            with warnings.catch_warnings():  # deprecation notices of the partial builds
+                warnings.simplefilter("ignore")
+                config_class(**{key: value for key, value in kwargs.items() if key != arg})
+        except (TypeError, ValueError):
+            continue
+        found.append(arg)
+    return found
 
 
 def _field_name(arg: str) -> str:

@@ -167,7 +167,7 @@ def load_failure(kind: type[TrainerFailure], message: str, exc: BaseException) -
     cause = network_cause(exc)
     if cause is not None:
         return NetworkError(
-            f"{message} (network: {type(cause).__name__}: {_first_line(cause)}; transient, "
+            f"{message} (network: {type(cause).__name__}: {first_line(cause)}; transient, "
             "relaunched after a backoff)"
         )
     return kind(message)
@@ -192,7 +192,7 @@ def refused_settings(exc: BaseException, where: str) -> ConfigError | None:
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
 
@@ -256,7 +256,7 @@ def classify(exc: BaseException, step: int | None = None) -> Outcome:
     if oom is not None:
         return Outcome(
             "OutOfMemory",
-            _shorten(f"out of memory: {_first_line(oom) or type(oom).__name__}"),
+            _shorten(f"out of memory: {first_line(oom) or type(oom).__name__}"),
             step,
         )
     if isinstance(exc, KeyboardInterrupt):

@@ -1,0 +1,92 @@
+"""`sftjob run` and signals (issue 22, defect 6): a real `sftjob run` process on the tiny
+job, stopped mid-training by SIGTERM (`kill PID`) or by a terminal's Ctrl-C (SIGINT to its
+whole process group). Both checkpoint, end every process of the tree, and exit as a pod
+does: 14 (Interrupted) with the termination message, and no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from sftjob_trainer.failures import EXIT_INTERRUPTED
+from sftjob_trainer.tiny import tiny_sftjob
+
+
+def progress_step(output: Path) -> int:
+    """The newest step rank 0 reported in progress.jsonl, 0 before the first report."""
+    try:
+        lines = (output / "progress.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    steps = [json.loads(line).get("progress", {}).get("step") or 0 for line in lines if line]
+    return max(steps, default=0)
+
+
+def start_run(tiny, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    output = tmp_path / "output"
+    # 16 steps of about half a second each: the signal lands mid-training.
+    document = tiny_sftjob(tiny.model, tiny.data["chat"], output, {"dataset": {"limit": 64}})
+    manifest = tmp_path / "sftjob.yaml"
+    manifest.write_text(yaml.safe_dump(document))
+    env = {**os.environ, "SFTJOB_TEST_SLEEP_PER_STEP": "0.5"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sftjob_operator.cli", "run", "-f", str(manifest)]
+        + ["--workdir", str(tmp_path / "work")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )
+    deadline = time.monotonic() + 180
+    while progress_step(output) < 2:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    return process, output
+
+
+@pytest.mark.parametrize(
+    ("signum", "to_group"),
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["sigterm-to-the-process", "ctrl-c-to-the-process-group"],
+)
+def test_stop_signal_checkpoints_and_ends_the_whole_tree(tiny, tmp_path, signum, to_group):
+    process, output = start_run(tiny, tmp_path)
+    tree = [process.pid] + [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
+    assert len(tree) >= 3, tree  # sftjob run, the launcher and its worker
+
+    if to_group:
+        os.killpg(process.pid, signum)
+    else:
+        os.kill(process.pid, signum)
+    try:
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+    name = signal.Signals(signum).name
+    assert process.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert f"tiny: stopped (Interrupted, exit {EXIT_INTERRUPTED}): stopped by {name} at step" in err
+    alive = [
+        pid
+        for pid in tree
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
+    assert not alive, f"left running: {alive}"
+    checkpoints = sorted((output / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    assert checkpoints, "no checkpoint saved"
+    termination = json.loads((tmp_path / "work" / "tiny" / "termination-log-0").read_text())
+    assert termination["reason"] == "Interrupted"
+    step = termination["step"]
+    assert 2 <= step < 16 and checkpoints[-1].parent.name == f"checkpoint-{step}"
