@@ -5,6 +5,7 @@ does: 14 (Interrupted) with the termination message, and no traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +29,13 @@ def progress_step(output: Path) -> int:
         return 0
     steps = [json.loads(line).get("progress", {}).get("step") or 0 for line in lines if line]
     return max(steps, default=0)
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def start_run(tiny, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
@@ -69,24 +77,20 @@ def test_stop_signal_checkpoints_and_ends_the_whole_tree(tiny, tmp_path, signum,
     else:
         os.kill(process.pid, signum)
     try:
-        out, err = process.communicate(timeout=120)
+        _, err = process.communicate(timeout=120)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        alive = [pid for pid in tree if running(pid)]
+        for pid in alive:  # what a failed run left behind
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
 
+    assert not alive, f"left running: {alive}"
     name = signal.Signals(signum).name
     assert process.returncode == EXIT_INTERRUPTED, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert f"tiny: stopped (Interrupted, exit {EXIT_INTERRUPTED}): stopped by {name} at step" in err
-    alive = [
-        pid
-        for pid in tree
-        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    ]
-    assert not alive, f"left running: {alive}"
-    checkpoints = sorted((output / "checkpoints").glob("checkpoint-*/trainer_state.json"))
-    assert checkpoints, "no checkpoint saved"
     termination = json.loads((tmp_path / "work" / "tiny" / "termination-log-0").read_text())
     assert termination["reason"] == "Interrupted"
     step = termination["step"]
-    assert 2 <= step < 16 and checkpoints[-1].parent.name == f"checkpoint-{step}"
+    assert 2 <= step < 16
+    assert (output / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
