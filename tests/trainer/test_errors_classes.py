@@ -162,3 +162,35 @@ def test_deterministic_failures_are_never_retried_and_name_the_cause(
     assert RETRY_POLICY[outcome.reason].retry is False
     for text in says:
         assert text in outcome.message, outcome.message
+
+
+ALTERNATING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+)
+
+
+def test_a_template_that_fails_on_a_later_row_is_a_config_error(
+    tiny, make_config, tmp_path, monkeypatch
+):
+    # Roles out of order have the same shape as the rows before them, so the pre-flight
+    # renders only the first; TRL's tokenization meets the template's refusal.
+    monkeypatch.setenv("SFTJOB_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    model = tmp_path / "alternating"
+    shutil.copytree(tiny.model, model)
+    (model / "chat_template.jinja").write_text(ALTERNATING_TEMPLATE)
+    rows = chat_rows(tiny.data["chat"])
+    rows[9]["messages"].insert(1, {"role": "user", "content": "and then?"})
+    data = write_jsonl(tmp_path / "order.jsonl", rows)
+
+    outcome = run_worker(
+        make_config({"model": {"path": str(model)}, "dataset": {"path": str(data), "limit": None}})
+    )
+
+    assert outcome.reason == "ConfigError", outcome.message
+    assert "the chat template failed on a row" in outcome.message
+    assert "Conversation roles must alternate" in outcome.message

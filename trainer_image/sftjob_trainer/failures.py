@@ -182,6 +182,15 @@ def refused_settings(exc: BaseException, where: str) -> ConfigError | None:
     every attempt, so relaunching only reloads the model to fail again. OOM and network
     causes keep their own (retried) classes.
     """
+    template = _template_error(exc)
+    if template is not None:
+        # The pre-flight renders one row of each shape; a row of a known shape can still
+        # fail (a template that tests the content): the same on every attempt.
+        return ConfigError(
+            f"{where}: the chat template failed on a row while the data was tokenized: "
+            f"{type(template).__name__}: {first_line(template)} (use a tokenizer whose "
+            "template renders every row, spec.model.tokenizer, or fix the rows)"
+        )
     if not isinstance(exc, (ValueError, TypeError)) or isinstance(exc, TrainerFailure):
         return None
     if network_cause(exc) is not None or any(_is_oom(link) for link in exception_chain(exc)):
@@ -190,6 +199,14 @@ def refused_settings(exc: BaseException, where: str) -> ConfigError | None:
         f"{where} refused the settings before training started: {type(exc).__name__}: {exc} "
         "(check spec.training and its extraArgs against the model and the data)"
     )
+
+
+def _template_error(exc: BaseException) -> BaseException | None:
+    try:
+        from jinja2 import TemplateError
+    except ImportError:
+        return None
+    return next((link for link in exception_chain(exc) if isinstance(link, TemplateError)), None)
 
 
 def first_line(exc: BaseException) -> str:
