@@ -38,13 +38,15 @@ def running(pid: int) -> bool:
         return False
 
 
-def start_run(tiny, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+def start_run(
+    tiny, tmp_path: Path, *, seconds_per_step: float = 0.5, from_step: int = 2
+) -> tuple[subprocess.Popen[str], Path]:
     output = tmp_path / "output"
-    # 16 steps of about half a second each: the signal lands mid-training.
+    # 16 steps of (by default) half a second each: the signal lands mid-training.
     document = tiny_sftjob(tiny.model, tiny.data["chat"], output, {"dataset": {"limit": 64}})
     manifest = tmp_path / "sftjob.yaml"
     manifest.write_text(yaml.safe_dump(document))
-    env = {**os.environ, "SFTJOB_TEST_SLEEP_PER_STEP": "0.5"}
+    env = {**os.environ, "SFTJOB_TEST_SLEEP_PER_STEP": str(seconds_per_step)}
     process = subprocess.Popen(
         [sys.executable, "-m", "sftjob_operator.cli", "run", "-f", str(manifest)]
         + ["--workdir", str(tmp_path / "work")],
@@ -55,7 +57,7 @@ def start_run(tiny, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
         start_new_session=True,  # its own process group, as a shell gives a foreground job
     )
     deadline = time.monotonic() + 180
-    while progress_step(output) < 2:
+    while progress_step(output) < from_step:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.2)
@@ -94,3 +96,25 @@ def test_stop_signal_checkpoints_and_ends_the_whole_tree(tiny, tmp_path, signum,
     step = termination["step"]
     assert 2 <= step < 16
     assert (output / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
+
+
+def test_a_second_ctrl_c_stops_everything_at_once(tiny, tmp_path):
+    # Long steps: the second signal comes while the first waits for the step's end.
+    process, _ = start_run(tiny, tmp_path, seconds_per_step=5, from_step=1)
+    tree = [process.pid] + [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        alive = [pid for pid in tree if running(pid)]
+        for pid in alive:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+
+    assert not alive, f"left running: {alive}"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    # As the kubelet reports a killed container: 128 + 9, Interrupted.
+    assert process.returncode == 137, err[-3000:]
+    assert "tiny: stopped (Interrupted, exit 137)" in err

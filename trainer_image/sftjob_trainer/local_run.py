@@ -56,11 +56,12 @@ def _stop_now(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def stop_signals_to(launchers: list[subprocess.Popen[bytes]], name: str) -> Iterator[None]:
+def stop_signals_to(launchers: list[subprocess.Popen[bytes]], name: str) -> Iterator[list[int]]:
     """While the block runs, SIGTERM/SIGINT go on to the (running) launchers.
 
     The first signal is passed on as it came (each launcher hands it to its workers,
-    which checkpoint and stop); a second kills the launchers' process groups.
+    which checkpoint and stop); a second kills the launchers' process groups. Yields the
+    signals received, so no launcher is started after one.
     """
     received: list[int] = []
 
@@ -85,7 +86,7 @@ def stop_signals_to(launchers: list[subprocess.Popen[bytes]], name: str) -> Iter
 
     previous = {stop: signal.signal(stop, pass_on) for stop in STOP_SIGNALS}
     try:
-        yield
+        yield received
     finally:
         for stop, handler in previous.items():
             signal.signal(stop, handler)
@@ -151,8 +152,10 @@ def run_job(job: SFTJob, *, workdir: Path, dataset_size: int | None) -> int:
     port = str(_free_port())
     print(f"\nrunning {name}: {nodes} node(s) on this machine, output in {output}", flush=True)
     launchers: list[subprocess.Popen[bytes]] = []
-    with stop_signals_to(launchers, name):
+    with stop_signals_to(launchers, name) as received:
         for rank in range(nodes):
+            if received:
+                break
             env = {
                 **os.environ,
                 "SFTJOB_REPORT": "console",
@@ -162,6 +165,7 @@ def run_job(job: SFTJob, *, workdir: Path, dataset_size: int | None) -> int:
                 "SFTJOB_MAIN_PORT": port,
                 "SFTJOB_TERMINATION_LOG": str(run_dir / f"termination-log-{rank}"),
             }
+            (run_dir / f"termination-log-{rank}").unlink(missing_ok=True)  # a previous run's
             # Only rank 0 talks to the console; the others' logs go next to the config.
             sink = None if rank == 0 else (run_dir / f"node-{rank}.log").open("w")
             launchers.append(
@@ -174,14 +178,20 @@ def run_job(job: SFTJob, *, workdir: Path, dataset_size: int | None) -> int:
                     start_new_session=True,
                 )
             )
+        # A launcher killed by a signal (a second Ctrl-C) exits as the kubelet reports a
+        # killed container: 128 + the signal's number.
         codes = [launcher.wait() for launcher in launchers]
+        codes = [code if code >= 0 else 128 - code for code in codes]
+    if not launchers:
+        raise Stopped(received[0])
     code = next((c for c in codes if c != 0), 0)
     summary = run_dir / "termination-log-0"
     outcome = json.loads(summary.read_text()) if summary.exists() else {}
     if code == 0:
         print(f"\n{name}: done. Model saved in {output / FINAL_DIR}")
     else:
-        reason = outcome.get("reason") or REASONS_BY_CODE.get(code, "InternalError")
+        killed = "Interrupted" if code > 128 else "InternalError"
+        reason = outcome.get("reason") or REASONS_BY_CODE.get(code, killed)
         verb = "stopped" if reason == "Interrupted" else "failed"
         print(
             f"\n{name}: {verb} ({reason}, exit {code}): {outcome.get('message', '')}",
