@@ -135,6 +135,21 @@ CASES: dict[str, tuple[dict[str, Any], Any, str, list[str]]] = {
         "ConfigError",
         ["spec.training.extraArgs.model_init_kwargs", "torch_dtype 'bogus' is not a torch dtype"],
     ),
+    "unknown-checkpointing-kwarg": (
+        {
+            "training": {
+                "gradientCheckpointing": True,
+                "extraArgs": {"gradient_checkpointing_kwargs": {"use_reentrnt": False}},
+            }
+        },
+        None,
+        "ConfigError",
+        [
+            "spec.training.extraArgs.gradient_checkpointing_kwargs has keys nothing reads: "
+            "'use_reentrnt' (known: use_reentrant",
+            "did you mean 'use_reentrant'?",
+        ],
+    ),
     "sft-config-refuses-a-value": (
         {"training": {"extraArgs": {"optim": "no_such_optimizer"}}},
         None,
@@ -194,3 +209,18 @@ def test_a_template_that_fails_on_a_later_row_is_a_config_error(
     assert outcome.reason == "ConfigError", outcome.message
     assert "the chat template failed on a row" in outcome.message
     assert "Conversation roles must alternate" in outcome.message
+
+
+def test_gradient_checkpointing_kwargs_are_honoured_not_dropped(make_config):
+    # transformers reads the old name only where the new one is unset; the trainer sets
+    # the new one for gradientCheckpointing, so the user's dict used to vanish.
+    from sftjob_trainer.config_map import build_sft_config
+    from sftjob_trainer.settings import load_config
+
+    given = {"use_reentrant": False, "determinism_check": "none"}
+    training = {
+        "gradientCheckpointing": True,
+        "extraArgs": {"gradient_checkpointing_kwargs": given},
+    }
+    args = build_sft_config(load_config(make_config({"training": training})))
+    assert args.activation_checkpointing_kwargs == given

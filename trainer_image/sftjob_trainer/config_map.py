@@ -37,6 +37,53 @@ def sft_config_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(SFTConfig) if f.init]
 
 
+NESTED_KWARGS = (
+    "dataset_kwargs",
+    "gradient_checkpointing_kwargs",
+    "activation_checkpointing_kwargs",
+)
+
+
+def nested_kwargs_keys() -> dict[str, tuple[str, ...]]:
+    """The keys each dict-valued SFTConfig argument is read for (others are never read)."""
+    import inspect
+
+    from torch.utils.checkpoint import checkpoint
+
+    checkpoint_keys = tuple(
+        name
+        for name, parameter in inspect.signature(checkpoint).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY
+    )
+    return {
+        # TRL reads only this key (SFTConfig.dataset_kwargs' documentation).
+        "dataset_kwargs": ("skip_prepare_dataset",),
+        # Passed to torch.utils.checkpoint.checkpoint at the first forward, which refuses
+        # other keys only then (after the model loaded, and at every relaunch).
+        "gradient_checkpointing_kwargs": checkpoint_keys,
+        "activation_checkpointing_kwargs": checkpoint_keys,
+    }
+
+
+def _check_nested_keys(key: str, value: Any) -> None:
+    """A dict-valued extraArgs entry with keys nothing reads fails now, not at the first step."""
+    if not isinstance(value, dict) or key not in NESTED_KWARGS:
+        return
+    known = nested_kwargs_keys()[key]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        close = [
+            f"{name!r}: did you mean {hint[0]!r}?"
+            for name in unknown
+            if (hint := difflib.get_close_matches(name, known, n=1, cutoff=0.6))
+        ]
+        raise ConfigError(
+            f"spec.training.extraArgs.{key} has keys nothing reads: "
+            f"{', '.join(map(repr, unknown))} (known: {', '.join(known)})"
+            + (f"; {'; '.join(close)}" if close else "")
+        )
+
+
 def check_extra_args(extra: dict[str, Any], valid: list[str]) -> None:
     """Unknown SFTConfig keys fail before any model is loaded, with the closest names."""
     problems = []
@@ -47,6 +94,7 @@ def check_extra_args(extra: dict[str, Any], valid: list[str]) -> None:
                 + _bad_dtypes(key, extra[key])
             )
         if key in valid:
+            _check_nested_keys(key, extra[key])
             continue
         close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else " (no similar SFTConfig field)"
@@ -137,6 +185,10 @@ def sft_kwargs(
         # Reentrant checkpointing warns and breaks with frozen (LoRA) base weights.
         kwargs[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
     kwargs.update(extra)
+    if "gradient_checkpointing_kwargs" in extra and checkpointing != "gradient_checkpointing":
+        # transformers keeps the old name only where the new one is unset, and the new one
+        # is set above: the user's keys would be dropped without a word.
+        kwargs[f"{checkpointing}_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
     return kwargs
 
 
