@@ -137,13 +137,13 @@ def test_unwritable_termination_log_is_skipped(make_config, monkeypatch):
 
 @pytest.fixture
 def model_must_not_load(monkeypatch):
-    from sftjob_trainer import train
+    from sftjob_trainer import preflight, train
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model was loaded before the config error was found")
 
     monkeypatch.setattr(train, "load_model", refuse)
-    monkeypatch.setattr(train, "load_tokenizer", refuse)
+    monkeypatch.setattr(preflight, "load_tokenizer", refuse)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,64 @@ def sft_config_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(SFTConfig) if f.init]
 
 
+NESTED_KWARGS = (
+    "dataset_kwargs",
+    "gradient_checkpointing_kwargs",
+    "activation_checkpointing_kwargs",
+)
+
+
+def nested_kwargs_keys() -> dict[str, tuple[str, ...]]:
+    """The keys each dict-valued SFTConfig argument is read for (others are never read)."""
+    import inspect
+
+    from torch.utils.checkpoint import checkpoint
+
+    checkpoint_keys = tuple(
+        name
+        for name, parameter in inspect.signature(checkpoint).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY
+    )
+    return {
+        # TRL reads only this key (SFTConfig.dataset_kwargs' documentation).
+        "dataset_kwargs": ("skip_prepare_dataset",),
+        # Passed to torch.utils.checkpoint.checkpoint at the first forward, which refuses
+        # other keys only then (after the model loaded, and at every relaunch).
+        "gradient_checkpointing_kwargs": checkpoint_keys,
+        "activation_checkpointing_kwargs": checkpoint_keys,
+    }
+
+
+def _check_nested_keys(key: str, value: Any) -> None:
+    """A dict-valued extraArgs entry with keys nothing reads fails now, not at the first step."""
+    if not isinstance(value, dict) or key not in NESTED_KWARGS:
+        return
+    known = nested_kwargs_keys()[key]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        close = [
+            f"{name!r}: did you mean {hint[0]!r}?"
+            for name in unknown
+            if (hint := difflib.get_close_matches(name, known, n=1, cutoff=0.6))
+        ]
+        raise ConfigError(
+            f"spec.training.extraArgs.{key} has keys nothing reads: "
+            f"{', '.join(map(repr, unknown))} (known: {', '.join(known)})"
+            + (f"; {'; '.join(close)}" if close else "")
+        )
+
+
 def check_extra_args(extra: dict[str, Any], valid: list[str]) -> None:
     """Unknown SFTConfig keys fail before any model is loaded, with the closest names."""
     problems = []
     for key in extra:
         if key in UNUSED_EXTRA_ARGS:
-            raise ConfigError(f"spec.training.extraArgs.{key}: {UNUSED_EXTRA_ARGS[key]}")
+            raise ConfigError(
+                f"spec.training.extraArgs.{key}: {UNUSED_EXTRA_ARGS[key]}"
+                + _bad_dtypes(key, extra[key])
+            )
         if key in valid:
+            _check_nested_keys(key, extra[key])
             continue
         close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else " (no similar SFTConfig field)"
@@ -51,6 +103,25 @@ def check_extra_args(extra: dict[str, Any], valid: list[str]) -> None:
         raise ConfigError(
             "spec.training.extraArgs has keys SFTConfig does not know: " + "; ".join(problems)
         )
+
+
+DTYPE_KEYS = ("torch_dtype", "dtype")
+
+
+def _bad_dtypes(key: str, value: Any) -> str:
+    """What is wrong with a dtype given under `key` too (transformers reads "auto" or a name)."""
+    import torch
+
+    if not isinstance(value, dict):
+        return ""
+    bad = [
+        f"{key}.{name} {value[name]!r} is not a torch dtype either (float32, bfloat16, float16)"
+        for name in DTYPE_KEYS
+        if name in value
+        and value[name] != "auto"
+        and not isinstance(getattr(torch, str(value[name]), None), torch.dtype)
+    ]
+    return f"; {'; '.join(bad)}" if bad else ""
 
 
 def sft_kwargs(
@@ -114,6 +185,10 @@ def sft_kwargs(
         # Reentrant checkpointing warns and breaks with frozen (LoRA) base weights.
         kwargs[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
     kwargs.update(extra)
+    if "gradient_checkpointing_kwargs" in extra and checkpointing != "gradient_checkpointing":
+        # transformers keeps the old name only where the new one is unset, and the new one
+        # is set above: the user's keys would be dropped without a word.
+        kwargs[f"{checkpointing}_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
     return kwargs
 
 
@@ -123,14 +198,43 @@ def build_sft_config(
     from trl import SFTConfig
 
     kwargs = sft_kwargs(config, dataset_format=dataset_format)
+    levers: dict[str, str] = {}
     if speed is not None:  # speed.SpeedPlan: its levers never touch keys set in extraArgs
-        kwargs.update(speed.sft_kwargs(sft_config_fields()))
+        lever_kwargs = speed.sft_kwargs(sft_config_fields())
+        levers = {key: lever for key in lever_kwargs if (lever := speed.lever_of(key))}
+        kwargs.update(lever_kwargs)
     try:
         args = SFTConfig(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"SFTConfig rejected the settings: {exc}") from None
+        fields = [
+            f"spec.training.speed.{levers[arg]}" if arg in levers else _field_name(arg)
+            for arg in rejected_args(SFTConfig, kwargs)
+        ]
+        where = f"{', '.join(fields)}: " if fields else ""
+        raise ConfigError(f"{where}SFTConfig rejected the settings: {exc}") from None
     check_sft_config(args, total_steps=int((config.plan or {}).get("totalSteps") or 10))
     return args
+
+
+def rejected_args(config_class: Any, kwargs: dict[str, Any]) -> list[str]:
+    """The arguments whose value `config_class` refuses: those without which it is built.
+
+    SFTConfig's errors quote the value, not the argument ("bogus is not a valid
+    OptimizerNames"); building it again with one argument left at its default says which
+    argument it was (a fraction of a millisecond each, and only on this error path).
+    """
+    found = []
+    for arg in kwargs:
+        if arg == "output_dir":
+            continue
+        try:
+            with warnings.catch_warnings():  # deprecation notices of the partial builds
+                warnings.simplefilter("ignore")
+                config_class(**{key: value for key, value in kwargs.items() if key != arg})
+        except (TypeError, ValueError):
+            continue
+        found.append(arg)
+    return found
 
 
 def _field_name(arg: str) -> str:

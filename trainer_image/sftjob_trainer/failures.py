@@ -167,7 +167,7 @@ def load_failure(kind: type[TrainerFailure], message: str, exc: BaseException) -
     cause = network_cause(exc)
     if cause is not None:
         return NetworkError(
-            f"{message} (network: {type(cause).__name__}: {_first_line(cause)}; transient, "
+            f"{message} (network: {type(cause).__name__}: {first_line(cause)}; transient, "
             "relaunched after a backoff)"
         )
     return kind(message)
@@ -182,6 +182,15 @@ def refused_settings(exc: BaseException, where: str) -> ConfigError | None:
     every attempt, so relaunching only reloads the model to fail again. OOM and network
     causes keep their own (retried) classes.
     """
+    template = _template_error(exc)
+    if template is not None:
+        # The pre-flight renders one row of each shape; a row of a known shape can still
+        # fail (a template that tests the content): the same on every attempt.
+        return ConfigError(
+            f"{where}: the chat template failed on a row while the data was tokenized: "
+            f"{type(template).__name__}: {first_line(template)} (use a tokenizer whose "
+            "template renders every row, spec.model.tokenizer, or fix the rows)"
+        )
     if not isinstance(exc, (ValueError, TypeError)) or isinstance(exc, TrainerFailure):
         return None
     if network_cause(exc) is not None or any(_is_oom(link) for link in exception_chain(exc)):
@@ -192,7 +201,15 @@ def refused_settings(exc: BaseException, where: str) -> ConfigError | None:
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def _template_error(exc: BaseException) -> BaseException | None:
+    try:
+        from jinja2 import TemplateError
+    except ImportError:
+        return None
+    return next((link for link in exception_chain(exc) if isinstance(link, TemplateError)), None)
+
+
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
 
@@ -256,7 +273,7 @@ def classify(exc: BaseException, step: int | None = None) -> Outcome:
     if oom is not None:
         return Outcome(
             "OutOfMemory",
-            _shorten(f"out of memory: {_first_line(oom) or type(oom).__name__}"),
+            _shorten(f"out of memory: {first_line(oom) or type(oom).__name__}"),
             step,
         )
     if isinstance(exc, KeyboardInterrupt):

@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return run(args.config)
-    except Interrupted:
+    except (Interrupted, KeyboardInterrupt):
         return write_and_code(Outcome("Interrupted", "interrupted before launch"))
 
 

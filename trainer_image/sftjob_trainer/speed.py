@@ -138,6 +138,10 @@ class SpeedPlan:
             out["activation_checkpointing"] = out.pop("gradient_checkpointing")
         return out
 
+    def lever_of(self, sft_arg: str) -> str:
+        """The lever that set an SFTConfig argument (to name its switch in an error)."""
+        return next((c.lever for c in self.choices if sft_arg in c.sft), "")
+
     @property
     def model_updates(self) -> dict[str, Any]:
         """Fields of spec.model (ModelSource) to override when loading."""

@@ -25,13 +25,12 @@ from typing import Any
 
 from sftjob_operator.plan import BatchShape, steps_per_epoch
 
-from .config_map import CHECKPOINT_DIR, FINAL_DIR, build_sft_config
-from .data import is_conversational, prepare_dataset
-from .failures import ConfigError, Interrupted, refused_settings
-from .model import load_model, load_tokenizer, lora_config, quantization_config
+from .config_map import CHECKPOINT_DIR, FINAL_DIR
+from .failures import Interrupted, refused_settings
+from .model import load_model, lora_config
+from .preflight import prepare
 from .progress import Reporter, make_progress_callback, make_sink
 from .settings import TrainerConfig
-from .speed import plan_speed
 
 log = logging.getLogger("sftjob_trainer.train")
 
@@ -47,6 +46,7 @@ class RunState:
     training: bool = False
     stepped: bool = False  # a training step has begun: errors since are not set-up errors
     stop_requested: bool = False
+    stop_signal: str = "SIGTERM"
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,20 +65,28 @@ def newest_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def install_sigterm_handler() -> None:
-    """SIGTERM (pod deletion, preemption, suspend): checkpoint at the step end, then exit 14.
+    """SIGTERM (pod deletion, preemption, suspend) or SIGINT (Ctrl-C under `sftjob run`):
+    checkpoint at the step end, then exit 14.
 
     Before training starts there is nothing to save, so the signal ends the run at once.
     """
 
     def handler(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
         if STATE.training:
+            if not STATE.stop_requested:
+                log.warning("%s: saving a checkpoint after this step, then stopping", name)
             STATE.stop_requested = True
-            log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+            STATE.stop_signal = name
         else:
-            raise Interrupted(f"stopped by signal {signal.Signals(signum).name} before training")
+            raise Interrupted(f"stopped by signal {name} before training")
 
-    signal.signal(signal.SIGTERM, handler)
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, handler)
 
 
 def _worker_in_own_session(init: Callable[[int], None] | None, worker_id: int) -> None:
@@ -166,26 +174,9 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
     spec = config.spec
     resolved = config.resolved
 
-    # Cheapest checks first: a typo in extraArgs should not wait for a model download.
-    if resolved["method"] == "qlora":
-        quantization_config()  # raises ConfigError without a GPU or bitsandbytes
-    speed = plan_speed(config)  # fast defaults, each lever switchable: docs/performance.md
-    args = build_sft_config(
-        config,
-        dataset_format=spec.dataset.format if spec.dataset.format != "auto" else None,
-        speed=speed,
-    )
-    dataset, fmt = prepare_dataset(spec.dataset)
-    if fmt == "text" and spec.dataset.textField != args.dataset_text_field:
-        args.dataset_text_field = spec.dataset.textField
-    tokenizer = load_tokenizer(spec.model)
-    if is_conversational(dataset, fmt) and not tokenizer.chat_template:
-        raise ConfigError(
-            f"the dataset is conversational ({fmt}) but the tokenizer of "
-            f"{spec.model.tokenizer or spec.model.name or spec.model.path} has no chat template: "
-            "use an instruct/chat model, set model.tokenizer to one with a template, or give "
-            "the data as text"
-        )
+    # Everything that can fail without the model fails before it loads (never relaunched).
+    ready = prepare(config)
+    speed, args, dataset, tokenizer = ready.speed, ready.args, ready.dataset, ready.tokenizer
     model = load_model(
         spec.model.model_copy(update=speed.model_updates),
         method=resolved["method"],
@@ -272,7 +263,8 @@ def main(config: TrainerConfig) -> dict[str, Any]:
     STATE.result.update(step=trainer.state.global_step, totalSteps=trainer.state.max_steps)
     if STATE.stop_requested and trainer.state.global_step < trainer.state.max_steps:
         raise Interrupted(
-            f"stopped by SIGTERM at step {trainer.state.global_step}/{trainer.state.max_steps}; "
+            f"stopped by {STATE.stop_signal} at step "
+            f"{trainer.state.global_step}/{trainer.state.max_steps}; "
             f"checkpoint saved in {output / CHECKPOINT_DIR}"
         )
     final = output / FINAL_DIR

@@ -41,7 +41,7 @@ def run_worker(config_path: Path | str | None) -> Outcome:
     from .settings import load_config
 
     train.STATE = train.RunState()
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {stop: signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGINT)}
     try:
         train.install_sigterm_handler()
         _record_pid()
@@ -65,7 +65,8 @@ def run_worker(config_path: Path | str | None) -> Outcome:
         if outcome.reason == "InternalError":
             log.exception("training failed")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
     write_outcome(outcome, report_path())
     return outcome
 
