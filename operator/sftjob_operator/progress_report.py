@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .api import Plan, Progress, SFTJobStatus
+from .plan import PACKED_ESTIMATES
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,12 @@ def _notes(value: Any) -> list[str]:
     return value
 
 
+def _packed_estimate(value: Any) -> str:
+    if value not in PACKED_ESTIMATES:
+        raise Invalid(f"{value!r} is not one of {', '.join(PACKED_ESTIMATES)}")
+    return str(value)
+
+
 Rule = Callable[[Any], Any]
 
 PROGRESS_RULES: dict[str, Rule] = {
@@ -158,6 +165,8 @@ PROGRESS_RULES: dict[str, Rule] = {
     "eta": _text,
     "summary": _text,
     "updateTime": _timestamp,
+    "evalLoss": _number,
+    "bestEvalLoss": _number,
 }
 PROGRESS_REQUIRED = ("step",)
 
@@ -175,6 +184,9 @@ PLAN_RULES: dict[str, Rule] = {
     "estimate": _flag,
     "measured": _flag,
     "notes": _notes,
+    "rowsTruncated": _count,
+    "rowsDropped": _count,
+    "packedEstimate": _packed_estimate,
 }
 PLAN_REQUIRED = (
     "worldSize",

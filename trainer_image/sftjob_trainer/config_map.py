@@ -14,6 +14,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
+from .eval_data import eval_sft_kwargs
 from .failures import ConfigError
 from .settings import TrainerConfig
 
@@ -113,6 +114,7 @@ def sft_kwargs(
     elif training.gradientCheckpointing:
         # Reentrant checkpointing warns and breaks with frozen (LoRA) base weights.
         kwargs[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
+    kwargs.update(eval_sft_kwargs(spec, kwargs["per_device_train_batch_size"]))
     kwargs.update(extra)
     return kwargs
 

@@ -27,8 +27,10 @@ from sftjob_operator.plan import BatchShape, steps_per_epoch
 
 from .config_map import CHECKPOINT_DIR, FINAL_DIR, build_sft_config
 from .data import is_conversational, prepare_dataset
+from .eval_data import split_eval
 from .failures import ConfigError, Interrupted, refused_settings
 from .model import load_model, load_tokenizer, lora_config, quantization_config
+from .prepared_rows import sft_trainer_class
 from .progress import Reporter, make_progress_callback, make_sink
 from .settings import TrainerConfig
 from .speed import plan_speed
@@ -161,8 +163,6 @@ def _any_rank(flag: bool, args: Any) -> bool:
 
 def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) -> Any:
     """Checked data, model and SFTConfig in an SFTTrainer, not started. Raises TrainerFailure."""
-    from trl import SFTTrainer
-
     spec = config.spec
     resolved = config.resolved
 
@@ -176,6 +176,7 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
         speed=speed,
     )
     dataset, fmt = prepare_dataset(spec.dataset)
+    dataset, eval_dataset = split_eval(dataset, spec.dataset, fmt)
     if fmt == "text" and spec.dataset.textField != args.dataset_text_field:
         args.dataset_text_field = spec.dataset.textField
     tokenizer = load_tokenizer(spec.model)
@@ -194,10 +195,11 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
     peft_config = lora_config(resolved.get("lora"))
 
     try:
-        trainer = SFTTrainer(
+        trainer = sft_trainer_class()(
             model=model,
             args=args,
             train_dataset=dataset,
+            eval_dataset=eval_dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=_callbacks(args.per_device_train_batch_size) + list(callbacks or []),
@@ -225,6 +227,10 @@ def main(config: TrainerConfig) -> dict[str, Any]:
     trainer = build_trainer(config)
     args = trainer.args
     tokenizer = trainer.processing_class
+    counts = getattr(trainer, "row_counts", {}).get("train")
+    over_length = counts.sentence() if counts is not None else None
+    if over_length and trainer.is_world_process_zero():
+        log.warning(over_length)
 
     if trainer.is_world_process_zero():
         shape = BatchShape(
@@ -237,6 +243,8 @@ def main(config: TrainerConfig) -> dict[str, Any]:
             "effectiveBatchSize": shape.effective,
             "perDeviceTrainBatchSize": shape.per_device,
             "gradientAccumulationSteps": shape.accumulation,
+            "rowsTruncated": counts.truncated if counts is not None else None,
+            "rowsDropped": counts.dropped if counts is not None else None,
         }
         callback = make_progress_callback(
             Reporter(
@@ -246,6 +254,7 @@ def main(config: TrainerConfig) -> dict[str, Any]:
             interval_seconds=float(resolved.get("progressIntervalSeconds") or 10),
             plan_info=plan_info,
             steps_per_epoch=lambda rows: steps_per_epoch(rows, shape, args.dataloader_drop_last),
+            notes=[over_length] if over_length else [],
         )
         callback.trainer = trainer
         trainer.add_callback(callback)
@@ -257,6 +266,8 @@ def main(config: TrainerConfig) -> dict[str, Any]:
         "worldSize": args.world_size,
         "distributedType": str(trainer.accelerator.distributed_type.value),
         "datasetSize": len(trainer.train_dataset),
+        "rowsTruncated": counts.truncated if counts is not None else None,
+        "rowsDropped": counts.dropped if counts is not None else None,
         "resumedFrom": str(resume) if resume else None,
     }
     try:
