@@ -153,7 +153,7 @@ def plan_for(
         rows: int | None = prepared.rows
         source = "tokenized"
     elif dataset_size is not None:
-        rows: int | None = dataset_size
+        rows = dataset_size
         source = "override"
         if spec.dataset.limit is not None and spec.dataset.limit < dataset_size:
             rows = spec.dataset.limit

@@ -30,7 +30,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .api import Plan, Progress, SFTJobStatus
+from .advice import ROWS_OVER_MAX_LENGTH, over_length_advisory
+from .api import Advisory, Plan, Progress, SFTJobStatus
 from .plan import PACKED_ESTIMATES
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,27 @@ def status_patch(report: Report, status: SFTJobStatus | None) -> dict[str, Any]:
         # The status reads back with the model's defaults filled in: compare like with like.
         if old is None or _dumped(model.model_validate(new)) != _dumped(old):
             patch[key] = _replacing(model.model_fields, new)
+    if report.measured_plan is not None:
+        advisories = _with_over_length_advisory(status.advisories, report.measured_plan)
+        if advisories is not None:
+            patch["advisories"] = advisories
     return patch
+
+
+def _with_over_length_advisory(
+    current: list[Advisory], measured: dict[str, Any]
+) -> list[dict[str, Any]] | None:
+    """status.advisories with the measured rows-over-maxLength warning; None if unchanged.
+
+    Checked on every report, not only a changed one: a spec edit re-plans and rewrites the
+    advisories from the spec alone, and the next pass puts the measured warning back.
+    """
+    kept = [a for a in current if a.code != ROWS_OVER_MAX_LENGTH]
+    advisory = over_length_advisory(Plan.model_validate(measured))
+    wanted = kept + ([advisory] if advisory is not None else [])
+    if [_dumped(a) for a in wanted] == [_dumped(a) for a in current]:
+        return None
+    return [_dumped(a) for a in wanted]
 
 
 def _dumped(model: BaseModel) -> dict[str, Any]:
