@@ -604,7 +604,7 @@ class OutputSpec(SpecModel):
     keepBest: bool = Field(
         default=False,
         description="Keep the checkpoint with the lowest eval loss (needs dataset.eval; "
-        "training.saveSteps a multiple of training.evalSteps) and write it as the final model.",
+        "evaluates at every saveSteps) and write it as the final model.",
     )
 
 
@@ -763,15 +763,16 @@ class SFTJobSpec(SpecModel):
             holds=lambda s: not s.output.keepBest or s.dataset.eval is not None,
         ),
         CrossFieldRule(
-            field="training.saveSteps",
-            message="must be a multiple of training.evalSteps with output.keepBest (each "
-            "checkpoint needs an eval loss): e.g. set saveSteps to a multiple of evalSteps",
+            field="training.evalSteps",
+            message="must equal training.saveSteps with output.keepBest: the best checkpoint "
+            "can only be kept where an evaluation has one (leave evalSteps empty to evaluate "
+            "at every saveSteps)",
             cel="!self.output.keepBest || !has(self.training.evalSteps) "
-            "|| self.training.saveSteps % self.training.evalSteps == 0",
+            "|| self.training.saveSteps == self.training.evalSteps",
             holds=lambda s: (
                 not s.output.keepBest
                 or s.training.evalSteps is None
-                or s.training.saveSteps % s.training.evalSteps == 0
+                or s.training.saveSteps == s.training.evalSteps
             ),
         ),
     )

@@ -9,9 +9,11 @@ training data's format.
 Evaluation runs every training.evalSteps steps, else every saveSteps, so each checkpoint has
 an eval loss. output.keepBest is transformers' load_best_model_at_end by `eval_loss`
 (lower is better): the best checkpoint survives save_total_limit's rotation and is loaded
-at the end, so the final model is the best one. transformers requires saving and
-evaluating on the same strategy with save_steps a multiple of eval_steps; the spec's
-cross-field rules refuse other combinations before a pod starts.
+at the end, so the final model is the best one. transformers accepts save_steps a multiple
+of eval_steps, but it records the best evaluation's step and keeps a checkpoint only if one
+was saved at that step: a best loss between checkpoints leaves an older one (or none) as
+"best". So keepBest evaluates exactly at the checkpoints (evalSteps empty or equal to
+saveSteps); the spec's cross-field rules refuse other combinations before a pod starts.
 """
 
 from __future__ import annotations

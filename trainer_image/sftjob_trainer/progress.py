@@ -153,6 +153,11 @@ class ConsoleSink:
                 f"effective batch {plan['effectiveBatchSize']}, {plan['stepsPerEpoch']} steps/epoch, "
                 f"{plan['totalSteps']} steps, warmup {plan['warmupSteps']}\n"
             )
+            if plan.get("rowsTruncated") or plan.get("rowsDropped"):
+                self.stream.write(
+                    f"rows over maxLength: {plan.get('rowsTruncated', 0)} truncated, "
+                    f"{plan.get('rowsDropped', 0)} dropped\n"
+                )
             self.stream.flush()
 
     def __str__(self) -> str:
@@ -168,6 +173,8 @@ def console_line(progress: dict[str, Any], width: int = 24) -> str:
         parts.append(f"loss {progress['loss']:.4f}")
     if progress.get("learningRate") is not None:
         parts.append(f"lr {progress['learningRate']:.2e}")
+    if progress.get("evalLoss") is not None:
+        parts.append(f"eval {progress['evalLoss']:.4f}")
     if progress.get("tokensPerSecond"):
         parts.append(f"{progress['tokensPerSecond']:.0f} tok/s")
     if progress.get("eta"):
