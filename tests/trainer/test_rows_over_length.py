@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
 from sftjob_operator.plan import plan_for
 from sftjob_operator.progress_report import KEY_MEASURED_PLAN, encode_report, parse_report
 from sftjob_trainer.settings import load_config
@@ -85,3 +86,40 @@ def test_rows_within_max_length_report_zero(make_config, tmp_path):
     measured = next(r["measuredPlan"] for r in reports(tmp_path / "output") if "measuredPlan" in r)
     assert (measured["rowsTruncated"], measured["rowsDropped"]) == (0, 0)
     assert measured["datasetSize"] == 8
+
+
+@pytest.mark.parametrize(
+    "training",
+    [
+        {"packing": True, "maxLength": 64},
+        {"packing": True, "packingStrategy": "wrapped", "maxLength": 40},
+        {"packing": True, "packingStrategy": "bfd_split", "maxLength": 16},
+        {"maxLength": 16},
+    ],
+)
+def test_counting_prepares_exactly_the_rows_plain_trl_prepares(make_config, tiny, training):
+    # Counting runs TRL's preparation in two halves; training must see the very same rows
+    # (order included) as one call of plain SFTTrainer, or the run would not be TRL's.
+    from sftjob_trainer.data import prepare_dataset
+    from sftjob_trainer.train import build_trainer
+    from trl import SFTTrainer
+
+    config = load_config(
+        make_config(
+            {
+                "dataset": {"path": str(tiny.data["prompt-completion"]), "limit": 40},
+                "training": training,
+            }
+        )
+    )
+    counted = build_trainer(config)
+    assert type(counted) is not SFTTrainer and "train" in counted.row_counts
+    rows, _ = prepare_dataset(config.spec.dataset)
+    plain = SFTTrainer(
+        model=counted.model,
+        args=counted.args,
+        train_dataset=rows,
+        processing_class=counted.processing_class,
+    )
+    assert counted.train_dataset.column_names == plain.train_dataset.column_names
+    assert counted.train_dataset[:] == plain.train_dataset[:]
