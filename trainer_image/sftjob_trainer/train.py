@@ -227,10 +227,15 @@ def main(config: TrainerConfig) -> dict[str, Any]:
     trainer = build_trainer(config)
     args = trainer.args
     tokenizer = trainer.processing_class
-    counts = getattr(trainer, "row_counts", {}).get("train")
+    row_counts = getattr(trainer, "row_counts", {})
+    counts = row_counts.get("train")
     over_length = counts.sentence() if counts is not None else None
-    if over_length and trainer.is_world_process_zero():
-        log.warning(over_length)
+    eval_counts = row_counts.get("eval")
+    eval_over_length = eval_counts.sentence("eval") if eval_counts is not None else None
+    if trainer.is_world_process_zero():
+        for sentence in (over_length, eval_over_length):
+            if sentence:
+                log.warning(sentence)
 
     if trainer.is_world_process_zero():
         shape = BatchShape(
