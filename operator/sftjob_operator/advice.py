@@ -252,6 +252,30 @@ def short_run_compiles(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
     )
 
 
+ROWS_OVER_MAX_LENGTH = "RowsOverMaxLength"
+
+
+def over_length_advisory(plan: Plan, max_length: int | None = None) -> Advisory | None:
+    """Rows a measured or tokenized plan found cut or dropped at maxLength, as a warning."""
+    truncated, dropped = plan.rowsTruncated or 0, plan.rowsDropped or 0
+    if not (truncated or dropped):
+        return None
+    limit = f" {max_length}" if max_length is not None else ""
+    where = "the trainer measured" if plan.measured else "the tokenizer pass found"
+    return Advisory(
+        code=ROWS_OVER_MAX_LENGTH,
+        severity="Warning",
+        field="spec.training.maxLength",
+        message=f"{where} {truncated + dropped} rows longer than maxLength{limit} tokens: "
+        f"{truncated} truncated (their end is not trained on), {dropped} dropped (nothing "
+        "left to learn from). Raise maxLength to keep them whole, or shorten the rows.",
+    )
+
+
+def rows_over_max_length(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
+    return over_length_advisory(plan, spec.training.maxLength)
+
+
 RULES: tuple[Rule, ...] = (
     small_dataset_epochs,
     large_dataset_max_steps,
@@ -262,6 +286,7 @@ RULES: tuple[Rule, ...] = (
     too_few_steps,
     too_many_epochs,
     short_run_compiles,
+    rows_over_max_length,
 )
 
 

@@ -191,6 +191,39 @@ class ModelSource(SpecModel):
 DatasetFormat = Literal["auto", "messages", "prompt-completion", "text"]
 
 
+class EvalSource(SpecModel):
+    """Held-out data the trainer computes the eval loss on (set exactly one source)."""
+
+    split: str | None = Field(
+        default=None,
+        description="A split of the same hub dataset (dataset.name), e.g. validation.",
+    )
+    path: str | None = Field(
+        default=None,
+        description="A JSON/JSONL/Parquet/CSV file or a folder of them inside the pod, in the "
+        "training data's format.",
+    )
+    fraction: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Hold out this fraction of the training rows (after dataset.limit), as "
+        "datasets' train_test_split: ceil(fraction x rows) rows, chosen with seed.",
+    )
+    seed: int = Field(default=42, ge=0, description="Seed of the held-out split (fraction).")
+
+    cross_field_rules = (
+        CrossFieldRule(
+            field="split",
+            message="set exactly one of dataset.eval.split (a split of dataset.name), "
+            "dataset.eval.path (a file or folder) or dataset.eval.fraction (held-out rows)",
+            cel="(has(self.split) ? 1 : 0) + (has(self.path) ? 1 : 0) "
+            "+ (has(self.fraction) ? 1 : 0) == 1",
+            holds=lambda e: sum(v is not None for v in (e.split, e.path, e.fraction)) == 1,
+        ),
+    )
+
+
 class DatasetSource(SpecModel):
     name: str | None = Field(
         default=None,
@@ -221,6 +254,11 @@ class DatasetSource(SpecModel):
         "data is loaded. The trainer reports the measured count.",
     )
     textField: str = Field(default="text", description="Column holding the text for format text.")
+    eval: EvalSource | None = Field(
+        default=None,
+        description="Evaluation data: a split, a file, or a held-out fraction of the training "
+        "rows. The eval loss is logged every training.evalSteps and reported in the status.",
+    )
 
     cross_field_rules = (
         CrossFieldRule(
@@ -229,6 +267,13 @@ class DatasetSource(SpecModel):
             "or dataset.uri (fsspec URI)",
             cel="(has(self.name) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.uri) ? 1 : 0) == 1",
             holds=lambda d: sum(v is not None for v in (d.name, d.path, d.uri)) == 1,
+        ),
+        CrossFieldRule(
+            field="eval.split",
+            message="is a split of a hub dataset, but dataset.name is not set: use "
+            "dataset.eval.path for a file or dataset.eval.fraction to hold out rows",
+            cel="!has(self.eval) || !has(self.eval.split) || has(self.name)",
+            holds=lambda d: d.eval is None or d.eval.split is None or d.name is not None,
         ),
     )
 
@@ -298,6 +343,9 @@ FIRST_CLASS_ARGS: dict[str, str] = {
     "output_dir": "output.path",
     "use_cpu": "resources.gpusPerNode (0 means CPU)",
     "resume_from_checkpoint": "(automatic: the trainer resumes from the newest checkpoint)",
+    "eval_steps": "training.evalSteps",
+    "load_best_model_at_end": "output.keepBest",
+    "metric_for_best_model": "output.keepBest (the best checkpoint by eval loss)",
 }
 
 
@@ -448,6 +496,11 @@ class TrainingSpec(SpecModel):
         "{assistant_only_loss: true}). Checked against SFTConfig by the trainer.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
+    evalSteps: PositiveInt | None = Field(
+        default=None,
+        description="Compute the eval loss on dataset.eval every N optimizer steps. Empty with "
+        "dataset.eval: every saveSteps, so each checkpoint has one.",
+    )
 
     @field_validator("extraArgs")
     @classmethod
@@ -547,6 +600,11 @@ class OutputSpec(SpecModel):
         default=None,
         description="PersistentVolumeClaim mounted at path, so checkpoints survive pod "
         "restarts. Empty uses an emptyDir (lost with the pod).",
+    )
+    keepBest: bool = Field(
+        default=False,
+        description="Keep the checkpoint with the lowest eval loss (needs dataset.eval; "
+        "evaluates at every saveSteps) and write it as the final model.",
     )
 
 
@@ -690,6 +748,33 @@ class SFTJobSpec(SpecModel):
             cel="self.distributed != 'fsdp' || self.method != 'qlora'",
             holds=lambda s: s.distributed != "fsdp" or s.method != "qlora",
         ),
+        CrossFieldRule(
+            field="training.evalSteps",
+            message="is set but dataset.eval is not: add dataset.eval (a split, a file or a "
+            "held-out fraction) or remove training.evalSteps",
+            cel="!has(self.training.evalSteps) || has(self.dataset.eval)",
+            holds=lambda s: s.training.evalSteps is None or s.dataset.eval is not None,
+        ),
+        CrossFieldRule(
+            field="output.keepBest",
+            message="needs an eval loss to pick the best checkpoint by: add dataset.eval or "
+            "set output.keepBest: false",
+            cel="!self.output.keepBest || has(self.dataset.eval)",
+            holds=lambda s: not s.output.keepBest or s.dataset.eval is not None,
+        ),
+        CrossFieldRule(
+            field="training.evalSteps",
+            message="must equal training.saveSteps with output.keepBest: the best checkpoint "
+            "can only be kept where an evaluation has one (leave evalSteps empty to evaluate "
+            "at every saveSteps)",
+            cel="!self.output.keepBest || !has(self.training.evalSteps) "
+            "|| self.training.saveSteps == self.training.evalSteps",
+            holds=lambda s: (
+                not s.output.keepBest
+                or s.training.evalSteps is None
+                or s.training.saveSteps == s.training.evalSteps
+            ),
+        ),
     )
 
     @property
@@ -780,6 +865,21 @@ class Plan(StatusModel):
     )
     measured: bool = Field(default=False, description="true when reported by the trainer.")
     notes: list[str] = Field(default_factory=list, description="How the figures were derived.")
+    rowsTruncated: int | None = Field(
+        default=None,
+        description="Rows longer than maxLength tokens that were cut to it (measured or "
+        "tokenized plans).",
+    )
+    rowsDropped: int | None = Field(
+        default=None,
+        description="Rows dropped by data preparation: nothing left to learn from after "
+        "truncation (measured or tokenized plans).",
+    )
+    packedEstimate: str | None = Field(
+        default=None,
+        description="With packing, how the packed row count was found: rough (one sample per "
+        "row, an upper bound) or tokenized (the model's tokenizer run over the data).",
+    )
 
 
 class Progress(StatusModel):
@@ -795,6 +895,10 @@ class Progress(StatusModel):
     eta: str | None = Field(default=None, description="etaSeconds as text, e.g. 3m20s.")
     summary: str | None = Field(default=None, description="step/total, for kubectl get.")
     updateTime: str | None = Field(default=None, description="When this report was written.")
+    evalLoss: float | None = Field(default=None, description="Latest eval loss (dataset.eval).")
+    bestEvalLoss: float | None = Field(
+        default=None, description="Lowest eval loss so far (output.keepBest keeps its checkpoint)."
+    )
 
 
 class FailureInfo(StatusModel):

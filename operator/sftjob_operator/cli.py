@@ -81,7 +81,23 @@ def _checked_report(
         default_image=args.default_image,
     )
     effective = job.model_copy(update={"spec": resolution.spec})
-    return {**plan_report(effective, args.dataset_size), "policy": policy_report(resolution)}
+    prepared, note = _tokenizer_pass(effective, args)
+    report = plan_report(effective, args.dataset_size, prepared)
+    if note:
+        report["notes"].append(note)
+    return {**report, "policy": policy_report(resolution)}
+
+
+def _tokenizer_pass(job: SFTJob, args: argparse.Namespace) -> tuple[Any, str | None]:
+    """Prepared rows from the model's tokenizer over the data, where this machine has both."""
+    from .tokenized_plan import tokenize, worth_tokenizing
+
+    if args.dataset_size is not None or args.tokenize == "never":
+        return None, None
+    if args.tokenize == "auto" and not worth_tokenizing(job.spec):
+        return None, None
+    result = tokenize(job)
+    return result.rows, result.note
 
 
 def _documents(paths: Sequence[str], parse: Callable[..., list[Any]], kind: str) -> list[Any] | int:
@@ -310,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="plan for N rows instead of the size the manifest declares",
+    )
+    plan.add_argument(
+        "--tokenize",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="run the model's tokenizer and TRL's data preparation over the data when both "
+        "are on this machine (model.path or model.tokenizer, dataset.path), for the exact "
+        "row count: auto does it where the plan would be an estimate (packing, rows that can "
+        "be dropped); needs the trainer's packages (default: %(default)s)",
     )
     plan.set_defaults(func=cmd_plan)
 

@@ -9,9 +9,14 @@ including its float expression for fractional epochs, so `totalSteps` equals
 `trainer.state.max_steps` for the same inputs.
 
 N is the row count after preparation. Packing changes it (several samples per row)
-and SFTTrainer drops rows whose labels are all masked, so with packing or an
-unknown size the plan is marked as an estimate and the trainer reports the
-measured figures once it has prepared the data.
+and SFTTrainer drops rows whose labels are all masked after truncation to maxLength
+(TRL 1.16 `_prepare_dataset`, without packing only: a prompt filling maxLength under
+completion-only loss, or every assistant token beyond it under assistant_only_loss).
+So with packing, with masks that can empty a row, or with an unknown size the plan is
+marked as an estimate, and the trainer reports the measured figures (and how many rows
+it truncated and dropped) once it has prepared the data. A planner that can run the
+model's tokenizer over the data (`sftjob plan` with local files) passes the prepared
+row count it found as `PreparedRows`: the plan is then exact for those files.
 """
 
 from __future__ import annotations
@@ -31,6 +36,24 @@ class BatchShape:
     @property
     def effective(self) -> int:
         return self.per_device * self.accumulation * self.world_size
+
+
+# How a packed plan's row count was found: the sample count as rows (an upper bound, as
+# packing only merges), or a pass of the model's tokenizer over the data.
+PACKED_ESTIMATES = ("rough", "tokenized")
+
+
+@dataclass(frozen=True)
+class PreparedRows:
+    """Rows after TRL's preparation, found by running it with the model's tokenizer.
+
+    `rows` is what the Trainer iterates (packed rows with packing); `truncated` and
+    `dropped` count the rows over maxLength that were cut or removed.
+    """
+
+    rows: int
+    truncated: int
+    dropped: int
 
 
 class EmptyDataloader(ValueError):
@@ -81,17 +104,56 @@ def batch_shape(spec: SFTJobSpec) -> BatchShape:
     )
 
 
-def plan_for(spec: SFTJobSpec, dataset_size: int | None = None) -> Plan:
+def held_out_rows(rows: int, fraction: float) -> int:
+    """Rows datasets' train_test_split(test_size=fraction) puts in the test split."""
+    return math.ceil(fraction * rows)
+
+
+def why_rows_can_be_dropped(spec: SFTJobSpec) -> str | None:
+    """Why TRL may drop rows over maxLength for this spec (so the row count is not known).
+
+    TRL drops rows whose labels are all masked after truncation; only masks can do that,
+    and only without packing (packing never truncates into a row's labels).
+    """
+    training = spec.training
+    if training.packing:
+        return None
+    extra = training.extraArgs
+    if extra.get("assistant_only_loss") is True:
+        return (
+            "assistant_only_loss: a row whose assistant tokens all lie beyond maxLength "
+            f"{training.maxLength} is dropped"
+        )
+    if (
+        spec.dataset.format == "prompt-completion"
+        and extra.get("completion_only_loss") is not False
+        and extra.get("truncation_mode", "keep_start") == "keep_start"
+    ):
+        return (
+            f"completion-only loss: a row whose prompt fills maxLength {training.maxLength} "
+            "is dropped"
+        )
+    return None
+
+
+def plan_for(
+    spec: SFTJobSpec, dataset_size: int | None = None, prepared: PreparedRows | None = None
+) -> Plan:
     """The plan for `spec`; `dataset_size` overrides what the spec declares (limit/numSamples).
 
+    `prepared` is the training rows after preparation, found with the model's tokenizer:
+    it replaces every estimate of the row count.
     Raises SpecError when the Trainer could not run the spec at all (an empty dataloader).
     """
     training = spec.training
     shape = batch_shape(spec)
     declared = spec.dataset.known_size()
     notes: list[str] = []
-    if dataset_size is not None:
-        rows: int | None = dataset_size
+    if prepared is not None:
+        rows: int | None = prepared.rows
+        source = "tokenized"
+    elif dataset_size is not None:
+        rows = dataset_size
         source = "override"
         if spec.dataset.limit is not None and spec.dataset.limit < dataset_size:
             rows = spec.dataset.limit
@@ -103,19 +165,42 @@ def plan_for(spec: SFTJobSpec, dataset_size: int | None = None) -> Plan:
         rows = None
         source = "unknown"
 
+    held_out = spec.dataset.eval.fraction if spec.dataset.eval is not None else None
+    if held_out is not None and rows is not None and prepared is None:
+        evaluated = held_out_rows(rows, held_out)
+        notes.append(f"dataset.eval.fraction {held_out:g} holds out {evaluated} of {rows} rows")
+        rows -= evaluated
+
     estimate = False
-    if rows is None:
+    packed_estimate: str | None = None
+    if prepared is not None:
+        notes.append(
+            f"rows counted by running the model's tokenizer and TRL's data preparation over "
+            f"the data: {prepared.truncated} rows truncated to maxLength {training.maxLength}, "
+            f"{prepared.dropped} dropped"
+        )
+        if training.packing:
+            packed_estimate = "tokenized"
+    elif rows is None:
         estimate = True
         notes.append(
             "dataset size unknown until the trainer loads it: set dataset.limit or "
             "dataset.numSamples for an exact plan"
         )
-    if training.packing:
+    if training.packing and prepared is None:
         estimate = True
+        packed_estimate = "rough"
         notes.append(
             f"packing ({training.packingStrategy}) merges samples into {training.maxLength}-token "
             "rows, so the row count is known only after tokenizing; figures use the sample count "
-            "and the trainer reports the measured plan"
+            "(rough: an upper bound) and the trainer reports the measured plan"
+        )
+    dropping = why_rows_can_be_dropped(spec) if prepared is None else None
+    if dropping is not None:
+        estimate = True
+        notes.append(
+            f"{dropping}, so fewer rows may train than the figures assume; the trainer reports "
+            "the measured plan and the rows it truncated and dropped"
         )
 
     per_epoch: int | None = None
@@ -166,6 +251,9 @@ def plan_for(spec: SFTJobSpec, dataset_size: int | None = None) -> Plan:
         estimate=estimate,
         measured=False,
         notes=notes,
+        rowsTruncated=prepared.truncated if prepared is not None else None,
+        rowsDropped=prepared.dropped if prepared is not None else None,
+        packedEstimate=packed_estimate,
     )
 
 

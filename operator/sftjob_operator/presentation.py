@@ -10,13 +10,18 @@ from typing import Any
 
 from .advice import advise
 from .api import SFTJob
-from .plan import plan_for
+from .plan import PreparedRows, plan_for
 from .policy import Resolution
 
 
-def plan_report(job: SFTJob, dataset_size: int | None) -> dict[str, Any]:
-    """The plan and advice of one job, as `sftjob plan -o json` prints it."""
-    plan = plan_for(job.spec, dataset_size)
+def plan_report(
+    job: SFTJob, dataset_size: int | None, prepared: PreparedRows | None = None
+) -> dict[str, Any]:
+    """The plan and advice of one job, as `sftjob plan -o json` prints it.
+
+    `prepared`: the rows a tokenizer pass found (sftjob_operator.tokenized_plan).
+    """
+    plan = plan_for(job.spec, dataset_size, prepared)
     advisories = advise(job.spec, plan)
     return {
         "name": job.metadata.name,

@@ -30,7 +30,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .api import Plan, Progress, SFTJobStatus
+from .advice import ROWS_OVER_MAX_LENGTH, over_length_advisory
+from .api import Advisory, Plan, Progress, SFTJobStatus
+from .plan import PACKED_ESTIMATES
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,12 @@ def _notes(value: Any) -> list[str]:
     return value
 
 
+def _packed_estimate(value: Any) -> str:
+    if value not in PACKED_ESTIMATES:
+        raise Invalid(f"{value!r} is not one of {', '.join(PACKED_ESTIMATES)}")
+    return str(value)
+
+
 Rule = Callable[[Any], Any]
 
 PROGRESS_RULES: dict[str, Rule] = {
@@ -158,6 +166,8 @@ PROGRESS_RULES: dict[str, Rule] = {
     "eta": _text,
     "summary": _text,
     "updateTime": _timestamp,
+    "evalLoss": _number,
+    "bestEvalLoss": _number,
 }
 PROGRESS_REQUIRED = ("step",)
 
@@ -175,6 +185,9 @@ PLAN_RULES: dict[str, Rule] = {
     "estimate": _flag,
     "measured": _flag,
     "notes": _notes,
+    "rowsTruncated": _count,
+    "rowsDropped": _count,
+    "packedEstimate": _packed_estimate,
 }
 PLAN_REQUIRED = (
     "worldSize",
@@ -288,7 +301,27 @@ def status_patch(report: Report, status: SFTJobStatus | None) -> dict[str, Any]:
         # The status reads back with the model's defaults filled in: compare like with like.
         if old is None or _dumped(model.model_validate(new)) != _dumped(old):
             patch[key] = _replacing(model.model_fields, new)
+    if report.measured_plan is not None:
+        advisories = _with_over_length_advisory(status.advisories, report.measured_plan)
+        if advisories is not None:
+            patch["advisories"] = advisories
     return patch
+
+
+def _with_over_length_advisory(
+    current: list[Advisory], measured: dict[str, Any]
+) -> list[dict[str, Any]] | None:
+    """status.advisories with the measured rows-over-maxLength warning; None if unchanged.
+
+    Checked on every report, not only a changed one: a spec edit re-plans and rewrites the
+    advisories from the spec alone, and the next pass puts the measured warning back.
+    """
+    kept = [a for a in current if a.code != ROWS_OVER_MAX_LENGTH]
+    advisory = over_length_advisory(Plan.model_validate(measured))
+    wanted = kept + ([advisory] if advisory is not None else [])
+    if [_dumped(a) for a in wanted] == [_dumped(a) for a in current]:
+        return None
+    return [_dumped(a) for a in wanted]
 
 
 def _dumped(model: BaseModel) -> dict[str, Any]:

@@ -72,6 +72,32 @@ CASES: dict[str, dict[str, Any]] = {
     "fsdp qlora": spec_with(method="qlora", distributed="fsdp"),
     "fsdp full": spec_with(method="full", distributed="fsdp"),
     "ddp qlora": spec_with(method="qlora", distributed="ddp"),
+    "eval split": spec_with(dataset={"name": "d", "eval": {"split": "validation"}}),
+    "eval fraction": spec_with(dataset={"path": "/d", "eval": {"fraction": 0.1, "seed": 3}}),
+    "eval file": spec_with(dataset={"path": "/d", "eval": {"path": "/e.jsonl"}}),
+    "eval split and fraction": spec_with(
+        dataset={"name": "d", "eval": {"split": "validation", "fraction": 0.1}}
+    ),
+    "eval without a source": spec_with(dataset={"name": "d", "eval": {"seed": 3}}),
+    "eval split of a file": spec_with(dataset={"path": "/d", "eval": {"split": "validation"}}),
+    "eval steps without eval": spec_with(training={"evalSteps": 10}),
+    "eval steps with eval": spec_with(
+        dataset={"name": "d", "eval": {"split": "test"}}, training={"evalSteps": 10}
+    ),
+    "keep best without eval": spec_with(output={"keepBest": True}),
+    "keep best with eval": spec_with(
+        dataset={"name": "d", "eval": {"split": "test"}}, output={"keepBest": True}
+    ),
+    "keep best with aligned steps": spec_with(
+        dataset={"name": "d", "eval": {"split": "test"}},
+        training={"evalSteps": 100, "saveSteps": 100},
+        output={"keepBest": True},
+    ),
+    "keep best with misaligned steps": spec_with(
+        dataset={"name": "d", "eval": {"split": "test"}},
+        training={"evalSteps": 30, "saveSteps": 100},
+        output={"keepBest": True},
+    ),
 }
 
 

@@ -291,6 +291,52 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "greater than or equal to 0",
     ),
     ("spec not a mapping", ["a"], "spec", "must be a mapping"),  # type: ignore[list-item]
+    (
+        "keepBest without eval",
+        spec_with(output__keepBest=True),
+        "spec.output.keepBest",
+        "needs an eval loss to pick the best checkpoint by: add dataset.eval",
+    ),
+    (
+        "evalSteps without eval",
+        spec_with(training__evalSteps=50),
+        "spec.training.evalSteps",
+        "is set but dataset.eval is not",
+    ),
+    (
+        "keepBest evaluating between checkpoints",
+        spec_with(
+            dataset__eval={"fraction": 0.05},
+            training__evalSteps=50,
+            output__keepBest=True,
+        ),
+        "spec.training.evalSteps",
+        "must equal training.saveSteps with output.keepBest",
+    ),
+    (
+        "eval with two sources",
+        spec_with(dataset__eval={"split": "test", "fraction": 0.1}),
+        "spec.dataset.eval.split",
+        "set exactly one of dataset.eval.split",
+    ),
+    (
+        "eval split of a local file",
+        {**spec_with(), "dataset": {"path": "/data/train.jsonl", "eval": {"split": "test"}}},
+        "spec.dataset.eval.split",
+        "dataset.name is not set",
+    ),
+    (
+        "eval fraction of all rows",
+        spec_with(dataset__eval={"fraction": 1.0}),
+        "spec.dataset.eval.fraction",
+        "less than 1",
+    ),
+    (
+        "eval_steps in extraArgs",
+        spec_with(training__extraArgs={"eval_steps": 10}),
+        "spec.training.extraArgs",
+        "eval_steps: use training.evalSteps",
+    ),
 ]
 
 
@@ -304,6 +350,22 @@ def test_invalid_spec_names_the_field(spec: dict[str, Any], path: str, fragment:
     errors = {str(e.path): e.message for e in caught.value.errors}
     assert path in errors, f"expected an error at {path}, got {errors}"
     assert fragment in errors[path], errors[path]
+
+
+def test_evaluation_fields_parse() -> None:
+    spec = parse_spec(
+        spec_with(
+            dataset__eval={"fraction": 0.05, "seed": 7},
+            training__evalSteps=100,
+            output__keepBest=True,
+        )
+    )
+    assert spec.dataset.eval is not None and spec.dataset.eval.fraction == 0.05
+    assert (spec.training.evalSteps, spec.training.saveSteps, spec.output.keepBest) == (
+        100,
+        100,
+        True,
+    )
 
 
 def test_there_are_at_least_30_invalid_cases() -> None:

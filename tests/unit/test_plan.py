@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from sftjob_operator.api import SpecError, parse_spec
-from sftjob_operator.plan import plan_for, reference_steps_per_epoch
+from sftjob_operator.plan import PreparedRows, plan_for, reference_steps_per_epoch
 
 
 def make_spec(
@@ -229,3 +229,72 @@ def test_plan_matches_the_simulated_trainer(config: dict[str, Any]) -> None:
     assert plan.effectiveBatchSize == config["per_device"] * config["accumulation"] * world
     assert (plan.stepsPerEpoch, plan.totalSteps) == (per_epoch, total)
     assert plan.warmupSteps == math.ceil(total * 0.03)
+
+
+def spec_with(dataset: dict[str, Any], training: dict[str, Any]):
+    return parse_spec(
+        {
+            "model": {"name": "org/model"},
+            "dataset": {"name": "org/data", "limit": 1000, **dataset},
+            "training": training,
+            "resources": {"gpusPerNode": 1},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("dataset", "training", "why"),
+    [
+        # TRL drops rows left with no trainable token after truncation: only masks do that.
+        ({"format": "prompt-completion"}, {}, "prompt fills maxLength"),
+        ({}, {"extraArgs": {"assistant_only_loss": True}}, "assistant tokens all lie beyond"),
+        ({"format": "messages"}, {"extraArgs": {"assistant_only_loss": True}}, "assistant"),
+    ],
+)
+def test_rows_that_can_be_dropped_make_the_plan_an_estimate(dataset, training, why) -> None:
+    plan = plan_for(spec_with(dataset, training))
+    assert plan.estimate is True
+    assert any(why in note for note in plan.notes)
+    assert plan.totalSteps == 189  # still the figures for every row: an upper bound
+
+
+@pytest.mark.parametrize(
+    ("dataset", "training"),
+    [
+        ({"format": "messages"}, {}),  # labels are the tokens: a cut row keeps some
+        ({"format": "text"}, {}),
+        ({"format": "prompt-completion"}, {"extraArgs": {"completion_only_loss": False}}),
+        ({"format": "prompt-completion"}, {"extraArgs": {"truncation_mode": "keep_end"}}),
+    ],
+)
+def test_rows_cut_but_never_dropped_keep_the_plan_exact(dataset, training) -> None:
+    plan = plan_for(spec_with(dataset, training))
+    assert plan.estimate is False and plan.packedEstimate is None
+
+
+def test_packed_plans_say_how_rough_they_are() -> None:
+    rough = plan_for(make_spec(1_000, packing=True))
+    assert (rough.estimate, rough.packedEstimate) == (True, "rough")
+    # Packing never empties a row's labels: dropping is not what makes it an estimate.
+    packed_prompts = plan_for(spec_with({"format": "prompt-completion"}, {"packing": True}))
+    assert not any("dropped" in note for note in packed_prompts.notes)
+
+
+def test_a_tokenized_row_count_makes_the_plan_exact() -> None:
+    prepared = PreparedRows(rows=371, truncated=4, dropped=0)
+    plan = plan_for(make_spec(1_000, packing=True), prepared=prepared)
+    assert (plan.estimate, plan.packedEstimate, plan.datasetSizeSource) == (
+        False,
+        "tokenized",
+        "tokenized",
+    )
+    assert (plan.datasetSize, plan.stepsPerEpoch, plan.totalSteps) == (371, 24, 72)
+    assert (plan.rowsTruncated, plan.rowsDropped) == (4, 0)
+
+
+def test_a_held_out_fraction_leaves_the_rest_to_train_on() -> None:
+    spec = spec_with({"eval": {"fraction": 0.1, "seed": 3}}, {})
+    plan = plan_for(spec)
+    # datasets' train_test_split(test_size=0.1) holds out ceil(0.1 x 1000) = 100 rows.
+    assert plan.datasetSize == 900 and plan.stepsPerEpoch == math.ceil(900 / 16)
+    assert any("holds out 100 of 1000 rows" in note for note in plan.notes)

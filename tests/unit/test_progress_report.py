@@ -258,3 +258,55 @@ class TestFold:
 def test_encode_sends_only_what_the_trainer_has() -> None:
     data = encode_report(job_uid=UID, attempt=4, progress={"step": 1})
     assert data == {"jobUid": UID, "attempt": "4", "progress": '{"step": 1}'}
+
+
+class TestRowsOverMaxLength:
+    """Rows the trainer truncated or dropped reach the status as counts and a warning."""
+
+    def over_length(self, truncated: int, dropped: int) -> dict[str, str]:
+        plan = {**PLAN, "rowsTruncated": truncated, "rowsDropped": dropped}
+        return encode_report(job_uid=UID, attempt=1, progress=PROGRESS, measured_plan=plan)
+
+    def test_counts_and_a_warning_reach_the_status(self) -> None:
+        parsed = parse_report(self.over_length(3, 1), job_uid=UID, attempt=1)
+        assert parsed.ignored == ()
+        patch = status_patch(parsed, None)
+        assert patch["measuredPlan"]["rowsTruncated"] == 3
+        assert patch["measuredPlan"]["rowsDropped"] == 1
+        [advisory] = patch["advisories"]
+        assert advisory["code"] == "RowsOverMaxLength"
+        assert advisory["field"] == "spec.training.maxLength"
+        assert "4 rows longer than maxLength" in advisory["message"]
+        assert "3 truncated" in advisory["message"] and "1 dropped" in advisory["message"]
+
+    def test_the_warning_joins_the_spec_advisories_once(self) -> None:
+        spec_advice = {
+            "code": "LearningRateOutOfRange",
+            "severity": "Warning",
+            "field": "spec.training.learningRate",
+            "message": "m",
+        }
+        parsed = parse_report(self.over_length(2, 0), job_uid=UID, attempt=1)
+        patch = status_patch(parsed, SFTJobStatus.model_validate({"advisories": [spec_advice]}))
+        assert [a["code"] for a in patch["advisories"]] == [
+            "LearningRateOutOfRange",
+            "RowsOverMaxLength",
+        ]
+        applied = SFTJobStatus.model_validate({**patch})
+        # The same report again changes nothing.
+        assert status_patch(parsed, applied) == {}
+
+    def test_no_warning_when_every_row_fits(self) -> None:
+        parsed = parse_report(self.over_length(0, 0), job_uid=UID, attempt=1)
+        assert "advisories" not in status_patch(parsed, None)
+
+    def test_counts_out_of_range_are_ignored(self) -> None:
+        parsed = parse_report(self.over_length(-1, 0), job_uid=UID, attempt=1)
+        assert any("rowsTruncated" in reason for reason in parsed.ignored)
+
+
+def test_eval_losses_pass_into_the_progress() -> None:
+    parsed = parse_report(with_progress(evalLoss=2.5, bestEvalLoss=2.25), job_uid=UID, attempt=1)
+    assert parsed.ignored == ()
+    assert parsed.progress is not None
+    assert (parsed.progress["evalLoss"], parsed.progress["bestEvalLoss"]) == (2.5, 2.25)

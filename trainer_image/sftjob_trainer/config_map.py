@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .eval_data import eval_sft_kwargs
 from .failures import ConfigError
 from .settings import TrainerConfig
 
@@ -184,6 +185,7 @@ def sft_kwargs(
     elif training.gradientCheckpointing:
         # Reentrant checkpointing warns and breaks with frozen (LoRA) base weights.
         kwargs[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
+    kwargs.update(eval_sft_kwargs(spec, kwargs["per_device_train_batch_size"]))
     kwargs.update(extra)
     if "gradient_checkpointing_kwargs" in extra and checkpointing != "gradient_checkpointing":
         # transformers keeps the old name only where the new one is unset, and the new one

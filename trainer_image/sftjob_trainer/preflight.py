@@ -25,6 +25,7 @@ from typing import Any
 
 from .config_map import build_sft_config
 from .data import RowLocator, data_files, is_conversational, prepare_dataset
+from .eval_data import split_eval
 from .failures import ConfigError
 from .model import load_tokenizer, quantization_config
 from .settings import TrainerConfig
@@ -59,6 +60,7 @@ class Prepared:
     dataset: Any
     fmt: str
     tokenizer: Any
+    eval_dataset: Any = None  # dataset.eval's rows, checked like the training rows
 
 
 def prepare(config: TrainerConfig) -> Prepared:
@@ -82,6 +84,7 @@ def prepare(config: TrainerConfig) -> Prepared:
         speed=speed,
     )
     dataset, fmt = prepare_dataset(spec.dataset)
+    dataset, eval_dataset = split_eval(dataset, spec.dataset, fmt)
     if fmt == "text" and spec.dataset.textField != args.dataset_text_field:
         args.dataset_text_field = spec.dataset.textField
     check_loss_settings(args, fmt, dataset)
@@ -96,7 +99,7 @@ def prepare(config: TrainerConfig) -> Prepared:
             model_name=str(model_name),
             where=RowLocator(data_files(spec.dataset)),
         )
-    return Prepared(speed, args, dataset, fmt, tokenizer)
+    return Prepared(speed, args, dataset, fmt, tokenizer, eval_dataset)
 
 
 def training_device_is_cuda(use_cpu: bool) -> bool:

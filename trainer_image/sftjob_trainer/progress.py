@@ -66,6 +66,7 @@ def progress_report(
     metrics: dict[str, Any],
     steps_per_second: float | None,
     tokens_per_second: float | None,
+    best_eval_loss: float | None = None,
 ) -> dict[str, Any]:
     """A `Progress` object (field names as in sftjob_operator.api.Progress)."""
     remaining = max(total_steps - step, 0)
@@ -86,6 +87,8 @@ def progress_report(
         "eta": format_duration(eta_seconds),
         "summary": f"{step}/{total_steps}",
         "updateTime": now_rfc3339(),
+        "evalLoss": _finite(metrics.get("eval_loss")),
+        "bestEvalLoss": _finite(best_eval_loss),
     }
 
 
@@ -150,6 +153,11 @@ class ConsoleSink:
                 f"effective batch {plan['effectiveBatchSize']}, {plan['stepsPerEpoch']} steps/epoch, "
                 f"{plan['totalSteps']} steps, warmup {plan['warmupSteps']}\n"
             )
+            if plan.get("rowsTruncated") or plan.get("rowsDropped"):
+                self.stream.write(
+                    f"rows over maxLength: {plan.get('rowsTruncated', 0)} truncated, "
+                    f"{plan.get('rowsDropped', 0)} dropped\n"
+                )
             self.stream.flush()
 
     def __str__(self) -> str:
@@ -165,6 +173,8 @@ def console_line(progress: dict[str, Any], width: int = 24) -> str:
         parts.append(f"loss {progress['loss']:.4f}")
     if progress.get("learningRate") is not None:
         parts.append(f"lr {progress['learningRate']:.2e}")
+    if progress.get("evalLoss") is not None:
+        parts.append(f"eval {progress['evalLoss']:.4f}")
     if progress.get("tokensPerSecond"):
         parts.append(f"{progress['tokensPerSecond']:.0f} tok/s")
     if progress.get("eta"):
@@ -186,6 +196,21 @@ def make_sink(
 
 
 # --------------------------------------------------------------------------- callback
+
+
+def lowest_eval_loss(args: Any, state: Any, metrics: dict[str, Any]) -> float | None:
+    """The lowest eval loss so far with output.keepBest, else None.
+
+    transformers updates state.best_metric (kept across resumes) only after on_evaluate,
+    so the loss just computed counts too.
+    """
+    if args is None or not (
+        args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
+    ):
+        return None
+    seen = [_finite(v) for v in (state.best_metric, metrics.get("eval_loss"))]
+    known = [v for v in seen if v is not None]
+    return min(known) if known else None
 
 
 def _callback_base() -> type:
@@ -226,11 +251,13 @@ def make_progress_callback(
     interval_seconds: float,
     plan_info: dict[str, Any],
     steps_per_epoch: Any,
+    notes: list[str] | None = None,
 ) -> Any:
     """A TrainerCallback reporting from rank 0 only.
 
     `plan_info` holds the static measured-plan fields; `steps_per_epoch(rows)` computes
-    the per-epoch figure for the prepared row count, the trainer's own arithmetic.
+    the per-epoch figure for the prepared row count, the trainer's own arithmetic; `notes`
+    go into the measured plan after its own (rows truncated or dropped over maxLength).
     """
 
     class ProgressCallback(_callback_base()):  # type: ignore[misc]
@@ -242,8 +269,10 @@ def make_progress_callback(
             self.start_step = 0
             self.tokens_mark: tuple[float, float] | None = None
             self.tokens_per_second: float | None = None
+            self.args: Any = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.args = args
             if not state.is_world_process_zero:
                 return
             self.start_time = time.monotonic()
@@ -265,7 +294,7 @@ def make_progress_callback(
                 "warmupSteps": args.get_warmup_steps(state.max_steps),
                 "estimate": False,
                 "measured": True,
-                "notes": ["measured by the trainer after preparing the data"],
+                "notes": ["measured by the trainer after preparing the data", *(notes or [])],
             }
             self.last_report = time.monotonic()
             reporter.send({"measuredPlan": measured, "progress": self._progress(state)})
@@ -296,6 +325,16 @@ def make_progress_callback(
                 self.last_report = time.monotonic()
                 reporter.send({"progress": self._progress(state)})
 
+        def on_evaluate(
+            self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any
+        ) -> None:
+            # Every eval loss reaches the history (progress.jsonl), unthrottled: there are few.
+            if not state.is_world_process_zero or not metrics:
+                return
+            self.metrics.update(metrics)
+            self.last_report = time.monotonic()
+            reporter.send({"progress": self._progress(state)})
+
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
                 reporter.send({"progress": self._progress(state)})
@@ -311,6 +350,7 @@ def make_progress_callback(
                 metrics=self.metrics,
                 steps_per_second=rate,
                 tokens_per_second=self.tokens_per_second,
+                best_eval_loss=lowest_eval_loss(self.args, state, self.metrics),
             )
 
     return ProgressCallback()

@@ -29,6 +29,7 @@ from .config_map import CHECKPOINT_DIR, FINAL_DIR
 from .failures import Interrupted, refused_settings
 from .model import load_model, lora_config
 from .preflight import prepare
+from .prepared_rows import sft_trainer_class
 from .progress import Reporter, make_progress_callback, make_sink
 from .settings import TrainerConfig
 
@@ -169,14 +170,13 @@ def _any_rank(flag: bool, args: Any) -> bool:
 
 def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) -> Any:
     """Checked data, model and SFTConfig in an SFTTrainer, not started. Raises TrainerFailure."""
-    from trl import SFTTrainer
-
     spec = config.spec
     resolved = config.resolved
 
     # Everything that can fail without the model fails before it loads (never relaunched).
     ready = prepare(config)
     speed, args, dataset, tokenizer = ready.speed, ready.args, ready.dataset, ready.tokenizer
+    eval_dataset = ready.eval_dataset
     model = load_model(
         spec.model.model_copy(update=speed.model_updates),
         method=resolved["method"],
@@ -185,10 +185,11 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
     peft_config = lora_config(resolved.get("lora"))
 
     try:
-        trainer = SFTTrainer(
+        trainer = sft_trainer_class()(
             model=model,
             args=args,
             train_dataset=dataset,
+            eval_dataset=eval_dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=_callbacks(args.per_device_train_batch_size) + list(callbacks or []),
@@ -216,6 +217,15 @@ def main(config: TrainerConfig) -> dict[str, Any]:
     trainer = build_trainer(config)
     args = trainer.args
     tokenizer = trainer.processing_class
+    row_counts = getattr(trainer, "row_counts", {})
+    counts = row_counts.get("train")
+    over_length = counts.sentence() if counts is not None else None
+    eval_counts = row_counts.get("eval")
+    eval_over_length = eval_counts.sentence("eval") if eval_counts is not None else None
+    if trainer.is_world_process_zero():
+        for sentence in (over_length, eval_over_length):
+            if sentence:
+                log.warning(sentence)
 
     if trainer.is_world_process_zero():
         shape = BatchShape(
@@ -228,6 +238,8 @@ def main(config: TrainerConfig) -> dict[str, Any]:
             "effectiveBatchSize": shape.effective,
             "perDeviceTrainBatchSize": shape.per_device,
             "gradientAccumulationSteps": shape.accumulation,
+            "rowsTruncated": counts.truncated if counts is not None else None,
+            "rowsDropped": counts.dropped if counts is not None else None,
         }
         callback = make_progress_callback(
             Reporter(
@@ -237,6 +249,7 @@ def main(config: TrainerConfig) -> dict[str, Any]:
             interval_seconds=float(resolved.get("progressIntervalSeconds") or 10),
             plan_info=plan_info,
             steps_per_epoch=lambda rows: steps_per_epoch(rows, shape, args.dataloader_drop_last),
+            notes=[over_length] if over_length else [],
         )
         callback.trainer = trainer
         trainer.add_callback(callback)
@@ -248,6 +261,8 @@ def main(config: TrainerConfig) -> dict[str, Any]:
         "worldSize": args.world_size,
         "distributedType": str(trainer.accelerator.distributed_type.value),
         "datasetSize": len(trainer.train_dataset),
+        "rowsTruncated": counts.truncated if counts is not None else None,
+        "rowsDropped": counts.dropped if counts is not None else None,
         "resumedFrom": str(resume) if resume else None,
     }
     try:
