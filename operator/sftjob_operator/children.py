@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from .api import API_VERSION, KIND, SFTJob
+from .object_storage import credentials_env
 from .trainer_config import (
     CONFIG_KEY,
     ENV_CONFIG_PATH,
@@ -288,6 +289,7 @@ def _env(job: SFTJob, rank: int) -> list[dict[str, Any]]:
                 },
             }
         )
+    env += credentials_env(spec)  # spec.secrets.s3: the S3 key pair, by secretKeyRef
     env += [{"name": var.name, "value": var.value} for var in spec.env]
     return env
 
