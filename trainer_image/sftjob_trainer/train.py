@@ -7,6 +7,8 @@ Output folder (spec.output.path):
     checkpoints/checkpoint-N/   resume points (newest complete one is resumed)
     final/                      the model, or the LoRA adapter, plus tokenizer
     progress.jsonl              every progress report (rank 0)
+With output.uri (s3://), rank 0 then uploads final/ there, completion marker last
+(object_store.upload_output).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .config_map import CHECKPOINT_DIR, FINAL_DIR, build_sft_config
 from .data import is_conversational, prepare_dataset
 from .failures import ConfigError, Interrupted, refused_settings
 from .model import load_model, load_tokenizer, lora_config, quantization_config
+from .object_store import check_output, fetch_dataset, is_s3, upload_output
 from .progress import Reporter, make_progress_callback, make_sink
 from .settings import TrainerConfig
 from .speed import plan_speed
@@ -175,7 +178,10 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
         dataset_format=spec.dataset.format if spec.dataset.format != "auto" else None,
         speed=speed,
     )
-    dataset, fmt = prepare_dataset(spec.dataset)
+    if is_s3(spec.output.uri):
+        check_output(spec)  # before hours of training: the bucket takes our writes
+    source = fetch_dataset(spec) if is_s3(spec.dataset.uri) else spec.dataset
+    dataset, fmt = prepare_dataset(source)
     if fmt == "text" and spec.dataset.textField != args.dataset_text_field:
         args.dataset_text_field = spec.dataset.textField
     tokenizer = load_tokenizer(spec.model)
@@ -280,4 +286,9 @@ def main(config: TrainerConfig) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final))
     STATE.result["finalPath"] = str(final)
+    spec = config.spec
+    if is_s3(spec.output.uri) and trainer.is_world_process_zero():
+        about = {"job": config.job_name, "uid": config.job_uid, "step": STATE.step}
+        upload_output(spec, final, about=about)
+        STATE.result["outputUri"] = spec.output.uri
     return STATE.result
