@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -313,7 +314,8 @@ def check_output(spec: SFTJobSpec, store: Any = None, retries: Retries = Retries
     credentials (a probe object, removed), so hours of training do not end unsaved."""
     uri_text = spec.output.uri
     assert uri_text is not None
-    probe = S3Uri.parse(uri_text).child(".sftjob-write-check")
+    # One probe per process: every rank checks, and one rank's delete must not race another's.
+    probe = S3Uri.parse(uri_text).child(f".sftjob-write-check-{socket.gethostname()}-{os.getpid()}")
     try:
         store = store or open_store(spec)
         with_retries(lambda: _put_bytes(store, b"", probe), f"writing {probe}", retries)
