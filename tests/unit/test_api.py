@@ -291,6 +291,24 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "greater than or equal to 0",
     ),
     ("spec not a mapping", ["a"], "spec", "must be a mapping"),  # type: ignore[list-item]
+    (
+        "output uri not s3",
+        spec_with(output={"uri": "gs://models/run/"}),
+        "spec.output.uri",
+        "does not match",
+    ),
+    (
+        "s3 endpoint without scheme",
+        spec_with(objectStorage={"endpointUrl": "minio.storage:9000"}),
+        "spec.objectStorage.endpointUrl",
+        "does not match",
+    ),
+    (
+        "s3 secret without name",
+        spec_with(secrets={"s3": {"accessKeyIdKey": "id"}}),
+        "spec.secrets.s3.name",
+        "required",
+    ),
 ]
 
 
