@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from e2e_harness import E2ECluster, merge, termination_report
+from e2e_harness import E2ECluster, condition, termination_report
 from s3_kit import S3Server
 from sftjob_trainer.object_store import MARKER, download_output
 from sftjob_trainer.tiny import write_tiny_datasets
@@ -31,6 +32,30 @@ def s3(cluster: E2ECluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     server.stop()
 
 
+def create_key_secret(cluster: E2ECluster, name: str, access_key: str, secret_key: str) -> None:
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        name,
+        f"--from-literal=AWS_ACCESS_KEY_ID={access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={secret_key}",
+    )
+
+
+def s3_job_spec(s3: S3Server, secret: str, dataset_uri: str, output_uri: str) -> dict[str, Any]:
+    return {
+        "spec": {
+            "dataset": {"path": None, "uri": dataset_uri, "limit": 32},
+            "output": {"uri": output_uri},
+            "objectStorage": {"endpointUrl": s3.endpoint},
+            "secrets": {"s3": {"name": secret}},
+            "training": {"maxLength": 64, "loggingSteps": 1},
+            "progressIntervalSeconds": 1,
+        }
+    }
+
+
 @pytest.mark.timeout(300)
 def test_dataset_and_model_on_object_storage_with_credentials_from_a_secret(
     cluster: E2ECluster, s3: S3Server, tmp_path: Path
@@ -39,24 +64,10 @@ def test_dataset_and_model_on_object_storage_with_credentials_from_a_secret(
     data = write_tiny_datasets(tmp_path / "data")
     s3.put("e2e-data/chat/train.jsonl", data["chat"].read_bytes())
     secret = f"{name}-s3"
-    cluster.kubectl(
-        "create",
-        "secret",
-        "generic",
-        secret,
-        f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
-    )
+    create_key_secret(cluster, secret, s3.access_key, s3.secret_key)
     output_uri = f"s3://e2e-models/{name}/"
-    spec = {
-        "dataset": {"path": None, "uri": "s3://e2e-data/chat/train.jsonl", "limit": 32},
-        "output": {"uri": output_uri},
-        "objectStorage": {"endpointUrl": s3.endpoint},
-        "secrets": {"s3": {"name": secret}},
-        "training": {"maxLength": 64, "loggingSteps": 1},
-        "progressIntervalSeconds": 1,
-    }
-    cluster.submit(cluster.job_manifest("tiny-cpu.yaml", name, merge({}, {"spec": spec})))
+    spec = s3_job_spec(s3, secret, "s3://e2e-data/chat/train.jsonl", output_uri)
+    cluster.submit(cluster.job_manifest("tiny-cpu.yaml", name, spec))
 
     status = cluster.wait_phase(name, "Succeeded", timeout=cluster.seconds(240))
 
@@ -82,3 +93,22 @@ def test_dataset_and_model_on_object_storage_with_credentials_from_a_secret(
     pod_env = cluster.pod(f"{name}-a1-r0")["spec"]["containers"][0]["env"]
     by_name = {var["name"]: var for var in pod_env}
     assert by_name["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == secret
+
+
+@pytest.mark.timeout(180)
+def test_a_refused_key_pair_fails_the_job_with_a_config_error_and_no_retry(
+    cluster: E2ECluster, s3: S3Server
+) -> None:
+    name = cluster.name("s3-keys")
+    secret = f"{name}-s3"
+    create_key_secret(cluster, secret, s3.access_key, "not-the-secret")
+    s3.put("e2e-data/refused.jsonl", b"{}\n")
+    spec = s3_job_spec(s3, secret, "s3://e2e-data/refused.jsonl", f"s3://e2e-models/{name}/")
+    cluster.submit(cluster.job_manifest("tiny-cpu.yaml", name, spec))
+
+    status = cluster.wait_phase(name, "Failed", timeout=cluster.seconds(150))
+
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "ConfigError", failed
+    assert f"spec.secrets.s3 (Secret {secret}" in failed["message"], failed["message"]
+    assert status["attempts"] == 1 and status.get("restarts", 0) == 0
