@@ -152,8 +152,11 @@ CASES: tuple[PolicyCase, ...] = (
     PolicyCase("image-tag-of-pinned-repo", {"image": "registry.example.com/ml/trainer:latest"}, "limits.allowedImages", "spec.image"),
     # secrets
     PolicyCase("secret-not-allowed", {"secrets": {"hfToken": {"name": "other-team-token"}}}, "limits.allowedSecretNames", "spec.secrets.hfToken.name"),
+    PolicyCase("s3-secret-not-allowed", {"secrets": {"s3": {"name": "other-team-s3"}}}, "limits.allowedSecretNames", "spec.secrets.s3.name"),
     # env: built in (the operator's own, token and code redirection), the profile's, defaults.env
     PolicyCase("env-hf-endpoint", _env("HF_ENDPOINT"), "protectedEnv", "spec.env[1].name"),
+    PolicyCase("env-s3-endpoint", _env("AWS_ENDPOINT_URL"), "protectedEnv", "spec.env[1].name"),
+    PolicyCase("env-s3-key", _env("AWS_SECRET_ACCESS_KEY"), "protectedEnv", "spec.env[1].name"),
     PolicyCase("env-hf-token", _env("HF_TOKEN"), "protectedEnv", "spec.env[1].name"),
     PolicyCase("env-hub-token-legacy", _env("HUGGING_FACE_HUB_TOKEN"), "protectedEnv", "spec.env[1].name"),
     PolicyCase("env-home", _env("HOME"), "protectedEnv", "spec.env[1].name"),
@@ -198,6 +201,7 @@ COMPLIANT_VARIANTS: dict[str, dict[str, Any]] = {
     "image-allowed-tag": {"image": "ghcr.io/sftjob/sftjob-trainer:0.2.0"},
     "image-pinned-digest": {"image": PINNED_IMAGE},
     "secret-allowed": {"secrets": {"hfToken": {"name": ALLOWED_SECRET}}},
+    "s3-secret-allowed": {"secrets": {"s3": {"name": ALLOWED_SECRET}}},
     "env-own-variable": {"env": [{"name": "TENANT_FLAG", "value": "1"}]},
     "env-trainer-test-hook": {"env": [{"name": "SFTJOB_TEST_SLEEP_PER_STEP", "value": "0.5"}]},
     "nodes-at-cap": {"resources": {"nodes": 2}},

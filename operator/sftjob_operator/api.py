@@ -189,6 +189,8 @@ class ModelSource(SpecModel):
 
 
 DatasetFormat = Literal["auto", "messages", "prompt-completion", "text"]
+# s3://bucket[/key]: a bucket name as S3 allows it (3-63 lowercase letters, digits, '.', '-').
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 
 
 class EvalSource(SpecModel):
@@ -235,7 +237,10 @@ class DatasetSource(SpecModel):
         description="A JSON/JSONL/Parquet/CSV file or a folder of them inside the pod.",
     )
     uri: str | None = Field(
-        default=None, description="An fsspec URI (s3://, gs://, https://...) of a data file."
+        default=None,
+        description="URI of a data file: https://..., or on S3-compatible storage "
+        "s3://bucket/train.jsonl or s3://bucket/prefix/ for a folder of files (endpoint: "
+        "objectStorage, credentials: secrets.s3).",
     )
     config: str | None = Field(default=None, description="Dataset configuration (subset) name.")
     split: str = Field(default="train", description="Split to train on.")
@@ -606,6 +611,15 @@ class OutputSpec(SpecModel):
         description="Keep the checkpoint with the lowest eval loss (needs dataset.eval; "
         "evaluates at every saveSteps) and write it as the final model.",
     )
+    uri: str | None = Field(
+        default=None,
+        pattern=S3_URI_PATTERN,
+        description="s3://bucket/prefix/ on S3-compatible object storage: at the end, rank 0 "
+        "uploads the final model (or adapter), its tokenizer and model card there, and writes "
+        "the completion marker _SUCCESS (a manifest of every file's size and sha256) last. "
+        "Only a prefix with _SUCCESS holds a complete model. Endpoint: objectStorage; "
+        "credentials: secrets.s3. Checkpoints stay under path.",
+    )
 
 
 class VolumeSpec(SpecModel):
@@ -625,11 +639,30 @@ class SecretKeyRef(SpecModel):
     key: str = Field(default="token", description="Key inside the Secret.")
 
 
+class S3CredentialsRef(SpecModel):
+    name: str = Field(description="Secret name in the SFTJob's namespace.")
+    accessKeyIdKey: str = Field(
+        default="AWS_ACCESS_KEY_ID", description="Key of the access key id inside the Secret."
+    )
+    secretAccessKeyKey: str = Field(
+        default="AWS_SECRET_ACCESS_KEY",
+        description="Key of the secret access key inside the Secret.",
+    )
+
+
 class SecretsSpec(SpecModel):
     hfToken: SecretKeyRef | None = Field(
         default=None,
         description="Secret holding the Hugging Face token (HF_TOKEN). A reference, never a "
         "literal token.",
+    )
+    s3: S3CredentialsRef | None = Field(
+        default=None,
+        description="Secret holding the S3 access key pair for s3:// in dataset.uri and "
+        "output.uri, given to the trainer as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        "(kubectl create secret generic s3-credentials --from-literal=AWS_ACCESS_KEY_ID=... "
+        "--from-literal=AWS_SECRET_ACCESS_KEY=...). Empty: the pod's own AWS credentials "
+        "(e.g. a ServiceAccount role).",
     )
 
     @field_validator("hfToken", mode="before")
@@ -641,6 +674,18 @@ class SecretsSpec(SpecModel):
                 "token: kubectl create secret generic hf-token --from-literal=token=..."
             )
         return value
+
+
+class ObjectStorageSpec(SpecModel):
+    endpointUrl: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/\s]+/?$",
+        description="Endpoint of S3-compatible storage (MinIO, Ceph, R2), e.g. "
+        "http://minio.storage:9000. Empty: AWS S3.",
+    )
+    region: str | None = Field(
+        default=None, description="Region of the buckets; empty: us-east-1 (or the endpoint's)."
+    )
 
 
 class EnvVar(SpecModel):
@@ -726,6 +771,10 @@ class SFTJobSpec(SpecModel):
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="SFTProfile to run under; empty: the one profile whose namespaceSelector "
         "matches the job's namespace. It must select the namespace either way.",
+    )
+    objectStorage: ObjectStorageSpec | None = Field(
+        default=None,
+        description="Where s3:// URIs (dataset.uri, output.uri) are served: endpoint and region.",
     )
 
     cross_field_rules = (

@@ -15,6 +15,7 @@ from typing import Any
 
 from .advice import model_billions
 from .api import API_VERSION, KIND, SFTJob, SFTJobSpec
+from .object_storage import credentials_env
 from .policy import PodDefaults
 from .trainer_config import (
     CONFIG_KEY,
@@ -342,6 +343,7 @@ def _env(job: SFTJob, rank: int, pod: PodDefaults) -> list[dict[str, Any]]:
                 },
             }
         )
+    env += credentials_env(spec)  # spec.secrets.s3: the S3 key pair, by secretKeyRef
     env += [{"name": var.name, "value": var.value} for var in spec.env]
     return env
 

@@ -34,6 +34,7 @@ from decimal import Decimal
 from typing import Any
 
 from .api import DEFAULT_TRAINER_IMAGE, QUANTITY_PATTERN, EffectiveStatus, SFTJobSpec, Toleration
+from .object_storage import ENDPOINT_ENV, TLS_ENV
 from .profile_api import (
     OPERATOR_SET_ENV,
     LabelSelector,
@@ -46,6 +47,8 @@ from .profile_api import (
 _SET_BY_OPERATOR = "the operator sets it in every trainer pod"
 _TOKEN_DESTINATION = "it decides where the hub token is sent"
 _TLS_TRUST = "it replaces the CAs that keep the hub token secret from a proxy"
+_S3_DESTINATION = "it decides where the S3 credentials are sent"
+_S3_TLS_TRUST = "it replaces the CAs that keep the S3 credentials secret from a proxy"
 _API_IDENTITY = "it redirects the pod's Kubernetes API calls and its ServiceAccount token"
 _CODE = "it loads code from outside the image, bypassing the allowed images"
 _REMOTE_CODE = "it turns on remote dataset code, which model.trustRemoteCode governs"
@@ -86,6 +89,8 @@ PROTECTED_ENV_REASONS: dict[str, str] = {
     "LOCAL_RANK": _RENDEZVOUS,
     "WORLD_SIZE": _RENDEZVOUS,
     "NODE_RANK": _RENDEZVOUS,
+    **{name: _S3_DESTINATION for name in ENDPOINT_ENV},
+    **{name: _S3_TLS_TRUST for name in TLS_ENV},
 }
 # Env names no tenant may set, with or without a profile. Not here on purpose: NCCL_* tuning
 # (NCCL_DEBUG, NCCL_SOCKET_IFNAME, ... only shape the job's own traffic; the plugin names that
@@ -540,18 +545,23 @@ def _check_size(job: SFTJobSpec, profile: SFTProfile) -> list[PolicyViolation]:
 
 def _check_secrets(job: SFTJobSpec, profile: SFTProfile) -> list[PolicyViolation]:
     allowed = profile.spec.limits.allowedSecretNames
-    token = job.secrets.hfToken
-    if token is None or allowed is None or token.name in allowed:
+    if allowed is None:
         return []
-    fix = f"use one of {', '.join(allowed)}" if allowed else "remove spec.secrets.hfToken"
-    return [
-        PolicyViolation(
-            "limits.allowedSecretNames",
-            "spec.secrets.hfToken.name",
-            f"Secret {token.name} is not one SFTProfile {profile.metadata.name} lets jobs read: "
-            + fix,
+    references = [("hfToken", job.secrets.hfToken), ("s3", job.secrets.s3)]
+    violations = []
+    for field_name, ref in references:
+        if ref is None or ref.name in allowed:
+            continue
+        fix = f"use one of {', '.join(allowed)}" if allowed else f"remove spec.secrets.{field_name}"
+        violations.append(
+            PolicyViolation(
+                "limits.allowedSecretNames",
+                f"spec.secrets.{field_name}.name",
+                f"Secret {ref.name} is not one SFTProfile {profile.metadata.name} lets jobs "
+                "read: " + fix,
+            )
         )
-    ]
+    return violations
 
 
 def _check_env(job: SFTJobSpec, profile: SFTProfile | None) -> list[PolicyViolation]:

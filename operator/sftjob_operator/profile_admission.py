@@ -68,6 +68,24 @@ PROFILE = "params.metadata.name"
 LIMITS = "variables.limits"
 
 
+def _secret_name_validation(field: str) -> dict[str, str]:
+    """limits.allowedSecretNames for the Secret reference spec.secrets.<field>."""
+    ref = f"object.spec.secrets.{field}"
+    return {
+        "expression": f"!has(object.spec.secrets) || !has({ref}) || "
+        f"!{LIMITS}.?allowedSecretNames.hasValue() || "
+        f"{ref}.name in {LIMITS}.allowedSecretNames",
+        "messageExpression": _violation(
+            f"'spec.secrets.{field}.name'",
+            f"'Secret ' + {ref}.name + ' is not one SFTProfile ' + "
+            f"{PROFILE} + ' lets jobs read: ' + ({LIMITS}.allowedSecretNames.size() > 0 ? "
+            f"'use one of ' + {LIMITS}.allowedSecretNames.join(', ') : "
+            f"'remove spec.secrets.{field}')",
+            "limits.allowedSecretNames",
+        ),
+    }
+
+
 def _variables() -> list[dict[str, str]]:
     image_allowed = "e.contains('@sha256:') ? variables.image == e : " + _prefix_allows(
         "e", "variables.image"
@@ -251,19 +269,8 @@ def _validations() -> list[dict[str, str]]:
                 "limits.allowSchedulingOverrides",
             ),
         },
-        {
-            "expression": "!has(object.spec.secrets) || !has(object.spec.secrets.hfToken) || "
-            f"!{LIMITS}.?allowedSecretNames.hasValue() || "
-            f"object.spec.secrets.hfToken.name in {LIMITS}.allowedSecretNames",
-            "messageExpression": _violation(
-                "'spec.secrets.hfToken.name'",
-                "'Secret ' + object.spec.secrets.hfToken.name + ' is not one SFTProfile ' + "
-                f"{PROFILE} + ' lets jobs read: ' + ({LIMITS}.allowedSecretNames.size() > 0 ? "
-                f"'use one of ' + {LIMITS}.allowedSecretNames.join(', ') : "
-                "'remove spec.secrets.hfToken')",
-                "limits.allowedSecretNames",
-            ),
-        },
+        _secret_name_validation("hfToken"),
+        _secret_name_validation("s3"),
         {
             "expression": "variables.builtinProtected.size() == 0",
             "messageExpression": _violation(

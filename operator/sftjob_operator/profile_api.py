@@ -33,6 +33,7 @@ from .api import (
     Toleration,
     errors_from_validation,
 )
+from .object_storage import CREDENTIAL_ENV
 from .trainer_config import (
     ENV_CONFIG_PATH,
     ENV_MAIN_ADDR,
@@ -71,6 +72,7 @@ OPERATOR_SET_ENV: frozenset[str] = frozenset(
         "POD_NAME",
         "POD_NAMESPACE",
         "HF_TOKEN",  # from spec.secrets.hfToken, the one way a token gets in
+        *CREDENTIAL_ENV,  # from spec.secrets.s3, the one way an S3 key pair gets in
     }
 )
 
@@ -240,7 +242,8 @@ class ProfileLimits(SpecModel):
     )
     allowedSecretNames: list[str] | None = Field(
         default=None,
-        description="Secrets a job may name as its hub token; empty list: none; unset: any.",
+        description="Secrets a job may name as its hub token (secrets.hfToken) or S3 key pair "
+        "(secrets.s3); empty list: none; unset: any.",
     )
     protectedEnv: list[str] = Field(
         default_factory=list,

@@ -337,6 +337,24 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.training.extraArgs",
         "eval_steps: use training.evalSteps",
     ),
+    (
+        "output uri not s3",
+        spec_with(output={"uri": "gs://models/run/"}),
+        "spec.output.uri",
+        "does not match",
+    ),
+    (
+        "s3 endpoint without scheme",
+        spec_with(objectStorage={"endpointUrl": "minio.storage:9000"}),
+        "spec.objectStorage.endpointUrl",
+        "does not match",
+    ),
+    (
+        "s3 secret without name",
+        spec_with(secrets={"s3": {"accessKeyIdKey": "id"}}),
+        "spec.secrets.s3.name",
+        "required",
+    ),
 ]
 
 

@@ -360,6 +360,26 @@ class TestBuildPod:
     def test_no_hf_token_without_a_secret(self) -> None:
         assert "HF_TOKEN" not in env_of(build_pod(make_job(), 0, 1))
 
+    def test_s3_key_pair_comes_from_a_secret_ref_and_the_endpoint_from_the_config(self) -> None:
+        job = make_job(
+            dataset={"uri": "s3://data/chat.jsonl"},
+            output={"uri": "s3://models/run-1/"},
+            objectStorage={"endpointUrl": "http://minio.storage:9000"},
+            secrets={"s3": {"name": "s3-keys", "secretAccessKeyKey": "secret"}},
+        )
+        env = env_of(build_pod(job, 0, 1))
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
+            "secretKeyRef": {"name": "s3-keys", "key": "AWS_ACCESS_KEY_ID"}
+        }
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {
+            "secretKeyRef": {"name": "s3-keys", "key": "secret"}
+        }
+        # Not secret: the trainer reads the endpoint and URIs from its config.
+        spec = build_trainer_config(job)["spec"]
+        assert spec["objectStorage"]["endpointUrl"] == "http://minio.storage:9000"
+        assert spec["output"]["uri"] == "s3://models/run-1/"
+        assert not any(name.startswith("AWS_") for name in env_of(build_pod(make_job(), 0, 1)))
+
     def test_single_node_rank_env(self) -> None:
         env = env_of(build_pod(make_job(), 0, 1))
         assert env["SFTJOB_NODE_RANK"]["value"] == "0"

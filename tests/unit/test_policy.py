@@ -559,7 +559,10 @@ def test_every_env_name_the_operator_sets_in_a_pod_is_protected() -> None:
             "metadata": {"name": "j", "namespace": NS},
             "spec": merge_patch(
                 BASE_JOB_SPEC,
-                {"secrets": {"hfToken": {"name": "hf-token"}}, "resources": {"nodes": 2}},
+                {
+                    "secrets": {"hfToken": {"name": "hf-token"}, "s3": {"name": "s3-keys"}},
+                    "resources": {"nodes": 2},
+                },
             ),
         }
     )

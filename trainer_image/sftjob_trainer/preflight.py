@@ -28,6 +28,7 @@ from .data import RowLocator, data_files, is_conversational, prepare_dataset
 from .eval_data import split_eval
 from .failures import ConfigError
 from .model import load_tokenizer, quantization_config
+from .object_store import check_output, fetch_dataset, is_s3
 from .settings import TrainerConfig
 from .speed import ENV_SPEED, SpeedPlan, plan_speed
 
@@ -83,7 +84,11 @@ def prepare(config: TrainerConfig) -> Prepared:
         dataset_format=spec.dataset.format if spec.dataset.format != "auto" else None,
         speed=speed,
     )
-    dataset, fmt = prepare_dataset(spec.dataset)
+    if is_s3(spec.output.uri):
+        check_output(spec)  # before hours of training: the bucket takes our writes
+    # An s3:// dataset is copied to a local folder first; rows are then named by local file.
+    source = fetch_dataset(spec) if is_s3(spec.dataset.uri) else spec.dataset
+    dataset, fmt = prepare_dataset(source)
     dataset, eval_dataset = split_eval(dataset, spec.dataset, fmt)
     if fmt == "text" and spec.dataset.textField != args.dataset_text_field:
         args.dataset_text_field = spec.dataset.textField
@@ -97,7 +102,7 @@ def prepare(config: TrainerConfig) -> Prepared:
             fmt,
             assistant_only_loss=bool(args.assistant_only_loss),
             model_name=str(model_name),
-            where=RowLocator(data_files(spec.dataset)),
+            where=RowLocator(data_files(source)),
         )
     return Prepared(speed, args, dataset, fmt, tokenizer, eval_dataset)
 

@@ -7,6 +7,8 @@ Output folder (spec.output.path):
     checkpoints/checkpoint-N/   resume points (newest complete one is resumed)
     final/                      the model, or the LoRA adapter, plus tokenizer
     progress.jsonl              every progress report (rank 0)
+With output.uri (s3://), rank 0 then uploads final/ there, completion marker last
+(object_store.upload_output).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sftjob_operator.plan import BatchShape, steps_per_epoch
 from .config_map import CHECKPOINT_DIR, FINAL_DIR
 from .failures import Interrupted, refused_settings
 from .model import load_model, lora_config
+from .object_store import is_s3, upload_output
 from .preflight import prepare
 from .prepared_rows import sft_trainer_class
 from .progress import Reporter, make_progress_callback, make_sink
@@ -287,4 +290,9 @@ def main(config: TrainerConfig) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final))
     STATE.result["finalPath"] = str(final)
+    spec = config.spec
+    if is_s3(spec.output.uri) and trainer.is_world_process_zero():
+        about = {"job": config.job_name, "uid": config.job_uid, "step": STATE.step}
+        upload_output(spec, final, about=about)
+        STATE.result["outputUri"] = spec.output.uri
     return STATE.result

@@ -57,7 +57,8 @@ def run_worker(config_path: Path | str | None) -> Outcome:
                 else ""
             )
             + "; "
-            f"saved to {result.get('finalPath')}",
+            f"saved to {result.get('finalPath')}"
+            + (f" and uploaded to {result['outputUri']}" if result.get("outputUri") else ""),
             result.get("step"),
         )
     except BaseException as exc:  # noqa: BLE001 - every exit must be classified
