@@ -548,6 +548,18 @@ class OutputSpec(SpecModel):
         description="PersistentVolumeClaim mounted at path, so checkpoints survive pod "
         "restarts. Empty uses an emptyDir (lost with the pod).",
     )
+    resume: Literal["auto", "never"] = Field(
+        default="auto",
+        description="auto resumes from the newest checkpoint in the output when it was written "
+        "by this job with the same training settings, and refuses any other; never starts from "
+        "step 0 and moves what an earlier run left in the output to "
+        "superseded/<time>/ (nothing is deleted).",
+    )
+    mergeAdapter: bool = Field(
+        default=False,
+        description="For method lora or qlora, also write the base model with the adapter "
+        "merged in (a full transformers model) to <path>/merged.",
+    )
 
 
 class VolumeSpec(SpecModel):
@@ -689,6 +701,14 @@ class SFTJobSpec(SpecModel):
             message="fsdp with method qlora is not supported: use distributed: ddp",
             cel="self.distributed != 'fsdp' || self.method != 'qlora'",
             holds=lambda s: s.distributed != "fsdp" or s.method != "qlora",
+        ),
+        CrossFieldRule(
+            field="output.mergeAdapter",
+            message="is true but method is full: the final model is already a full model; "
+            "remove output.mergeAdapter or use method: lora",
+            cel="self.method != 'full' || !has(self.output) || !has(self.output.mergeAdapter) "
+            "|| !self.output.mergeAdapter",
+            holds=lambda s: s.method != "full" or not s.output.mergeAdapter,
         ),
     )
 

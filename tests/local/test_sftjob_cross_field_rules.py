@@ -72,6 +72,9 @@ CASES: dict[str, dict[str, Any]] = {
     "fsdp qlora": spec_with(method="qlora", distributed="fsdp"),
     "fsdp full": spec_with(method="full", distributed="fsdp"),
     "ddp qlora": spec_with(method="qlora", distributed="ddp"),
+    "full merge adapter": spec_with(method="full", output={"mergeAdapter": True}),
+    "full no merge": spec_with(method="full", output={"mergeAdapter": False}),
+    "lora merge adapter": spec_with(method="lora", output={"mergeAdapter": True}),
 }
 
 

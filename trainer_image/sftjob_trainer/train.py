@@ -4,9 +4,14 @@ Layout after TRL's `trl/scripts/sft.py`: `main` takes parsed objects and does th
 work, heavy imports happen inside it, parsing lives in `worker.py`.
 
 Output folder (spec.output.path):
-    checkpoints/checkpoint-N/   resume points (newest complete one is resumed)
+    checkpoints/checkpoint-N/   resume points (the newest complete one is resumed when
+                                its sftjob-run.json names this job and its settings)
     final/                      the model, or the LoRA adapter, plus tokenizer
+    merged/                     output.mergeAdapter: the base model with the adapter merged
+    README.md, loss-curve.png   the model card (rank 0, at the end)
     progress.jsonl              every progress report (rank 0)
+    sftjob-lease.json           the running writer's lease (output_lease)
+    superseded/<time>/          output.resume never: what an earlier run left here
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -25,10 +29,14 @@ from typing import Any
 
 from sftjob_operator.plan import BatchShape, steps_per_epoch
 
+from .checkpoints import complete_checkpoints
 from .config_map import CHECKPOINT_DIR, FINAL_DIR, build_sft_config
 from .data import is_conversational, prepare_dataset
 from .failures import ConfigError, Interrupted, refused_settings
+from .merge_adapter import save_merged_model
 from .model import load_model, load_tokenizer, lora_config, quantization_config
+from .model_card import facts_from_run, write_model_card
+from .output_guard import LOSS_CURVE, MERGED_DIR, MODEL_CARD, OutputGuard
 from .progress import Reporter, make_progress_callback, make_sink
 from .settings import TrainerConfig
 from .speed import plan_speed
@@ -47,6 +55,7 @@ class RunState:
     training: bool = False
     stepped: bool = False  # a training step has begun: errors since are not set-up errors
     stop_requested: bool = False
+    dataset_rows: int | None = None  # rows of training data, for the model card
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -55,14 +64,8 @@ STATE = RunState()
 
 def newest_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint-N with trainer_state.json: one killed mid-write has none."""
-    if not folder.is_dir():
-        return None
-    found = []
-    for child in folder.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        if match and child.is_dir() and (child / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
+    found = complete_checkpoints(folder)
+    return found[0] if found else None
 
 
 def install_sigterm_handler() -> None:
@@ -176,6 +179,7 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
         speed=speed,
     )
     dataset, fmt = prepare_dataset(spec.dataset)
+    STATE.dataset_rows = len(dataset)
     if fmt == "text" and spec.dataset.textField != args.dataset_text_field:
         args.dataset_text_field = spec.dataset.textField
     tokenizer = load_tokenizer(spec.model)
@@ -220,6 +224,14 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
 
 def main(config: TrainerConfig) -> dict[str, Any]:
     """Train as configured; returns a summary (step, output paths). Raises TrainerFailure."""
+    guard = OutputGuard.open(config)  # before the model loads: a refusal costs nothing
+    try:
+        return _train(config, guard)
+    finally:
+        guard.close()
+
+
+def _train(config: TrainerConfig, guard: OutputGuard) -> dict[str, Any]:
     resolved = config.resolved
     output = config.output_path
     trainer = build_trainer(config)
@@ -250,7 +262,9 @@ def main(config: TrainerConfig) -> dict[str, Any]:
         callback.trainer = trainer
         trainer.add_callback(callback)
 
-    resume = newest_checkpoint(output / CHECKPOINT_DIR)
+    for callback in guard.callbacks():
+        trainer.add_callback(callback)
+    resume = guard.resume
     if resume is not None:
         log.info("resuming from %s", resume)
     STATE.result = {
@@ -279,5 +293,11 @@ def main(config: TrainerConfig) -> dict[str, Any]:
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final))
+        merge = config.spec.output.mergeAdapter and resolved["method"] in ("lora", "qlora")
+        if merge:
+            merged = save_merged_model(config.spec.model, final, output / MERGED_DIR)
+            STATE.result["mergedPath"] = str(merged)
+        facts = facts_from_run(config, trainer, dataset_rows=STATE.dataset_rows, merged=merge)
+        write_model_card(output, facts, card=MODEL_CARD, curve=LOSS_CURVE)
     STATE.result["finalPath"] = str(final)
     return STATE.result
