@@ -263,6 +263,7 @@ def holder(**changes: Any) -> Holder:
         (holder(), holder(), 1001.0, True, "ours"),
         (holder(), holder(token="t-2", attempt=2, host="pod-a2"), 1001.0, True, "attempt 1"),
         (holder(), holder(token="t-b", pid=11), 1001.0, False, "is gone"),
+        (holder(), holder(token="t-b"), 1001.0, True, "is gone"),  # our pid: a restart
         (holder(), holder(token="t-b", host="pod-b"), 1061.0, True, "not renewed for 61s"),
         # Live and renewed recently: watched, never taken at once.
         (holder(), holder(token="t-b", host="pod-b"), 1030.0, True, None),

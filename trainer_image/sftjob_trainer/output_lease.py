@@ -100,7 +100,8 @@ def take_reason(
         and held.attempt < me.attempt
     ):
         return f"held by attempt {held.attempt} of this job, which the operator has ended"
-    if held.host == me.host and not pid_alive(held.pid):
+    # A container restarted in place may get its predecessor's pid: that one is gone too.
+    if held.host == me.host and (held.pid == me.pid or not pid_alive(held.pid)):
         return f"its holder (process {held.pid} on this host) is gone"
     if now - held.renewed_at > held.lease_seconds:
         return f"not renewed for {now - held.renewed_at:.0f}s (lease {held.lease_seconds:.0f}s)"
