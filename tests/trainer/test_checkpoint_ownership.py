@@ -271,7 +271,7 @@ def holder(**changes: Any) -> Holder:
         (holder(), holder(token="t-2", host="pod-a2"), 1030.0, True, None),  # same attempt
         (
             holder(),
-            holder(identity=JobIdentity(uid="uid-b"), token="t-b", attempt=2),
+            holder(identity=JobIdentity(uid="uid-b"), token="t-b", attempt=2, host="pod-b"),
             1030.0,
             True,
             None,
