@@ -316,3 +316,18 @@ def test_training_fields_resolve_defaults_and_skip_what_does_not_train(tiny, tmp
     record = RunRecord(identity=JobIdentity(uid="u"), fields=base)
     assert RunRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
     assert RUN_RECORD == "sftjob-run.json"
+
+
+def test_sftjob_run_is_identified_by_its_manifest_name(tiny, tmp_path):
+    from sftjob_trainer.checkpoints import job_identity
+    from sftjob_trainer.local_run import local_config
+
+    document = tiny_sftjob(tiny.model, tiny.data["chat"], tmp_path, {}, name="my-run")
+    identity = job_identity(local_config(parse_sftjob(document), tmp_path, None))
+    assert identity.key == "manifest:my-run"
+    assert identity.describe() == "the `sftjob run` of manifest my-run"
+    # The operator's config names the job by uid, whatever its name.
+    document["metadata"]["uid"] = "1234"
+    operator = job_identity(build_trainer_config(parse_sftjob(document)))
+    assert operator.key == "uid:1234"
+    assert operator.describe() == "job default/my-run (uid 1234)"
