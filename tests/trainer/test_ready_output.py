@@ -111,3 +111,48 @@ def test_the_merged_model_gives_the_logits_of_base_plus_adapter(lora_run):
         adapted_logits = adapted(**tokens).logits
     assert (adapted_logits - base_logits).abs().max() > 1e-3  # the adapter changed something
     torch.testing.assert_close(merged_logits, adapted_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_full_fine_tune_of_a_hub_model_with_eval_names_both_losses():
+    from sftjob_trainer.model_card import CardFacts, losses, render_card
+
+    history = [
+        {"loss": 2.5, "step": 10},
+        {"eval_loss": 2.4, "step": 10},
+        {"loss": 1.5, "step": 20},
+        {"eval_loss": 1.75, "step": 20},
+        {"train_loss": 2.0, "step": 20},
+    ]
+    facts = CardFacts(
+        title="qwen-full",
+        base_model="Qwen/Qwen2.5-0.5B",
+        base_model_is_hub_id=True,
+        dataset="trl-lib/Capybara",
+        dataset_is_hub_id=True,
+        dataset_split="train",
+        dataset_rows=1000,
+        method="full",
+        steps=20,
+        planned_steps=20,
+        epochs=1.0,
+        effective_batch=16,
+        per_device=2,
+        accumulation=8,
+        world_size=1,
+        hyperparameters={"learning rate": 2e-5},
+        train_losses=losses(history, "loss"),
+        eval_losses=losses(history, "eval_loss"),
+        versions={"sftjob": "0.1.0"},
+    )
+    card = render_card(facts)
+    matter = front_matter(card)
+    assert matter["base_model"] == "Qwen/Qwen2.5-0.5B"
+    assert matter["library_name"] == "transformers" and "full" not in matter["tags"]
+    assert matter["datasets"] == ["trl-lib/Capybara"]
+    metrics = matter["model-index"][0]["results"][0]["metrics"]
+    assert [(m["name"], m["value"]) for m in metrics] == [
+        ("Final train loss", 1.5),
+        ("Eval loss", 1.75),
+    ]
+    assert "Eval loss: **1.7500** (step 20)" in card
+    assert 'AutoModelForCausalLM.from_pretrained("final")' in card and "merged" not in card
