@@ -262,8 +262,8 @@ def _train(config: TrainerConfig, guard: OutputGuard) -> dict[str, Any]:
         callback.trainer = trainer
         trainer.add_callback(callback)
 
-    for callback in guard.callbacks():
-        trainer.add_callback(callback)
+    for output_callback in guard.callbacks():  # checkpoint records, the lease
+        trainer.add_callback(output_callback)
     resume = guard.resume
     if resume is not None:
         log.info("resuming from %s", resume)
