@@ -620,6 +620,18 @@ class OutputSpec(SpecModel):
         "Only a prefix with _SUCCESS holds a complete model. Endpoint: objectStorage; "
         "credentials: secrets.s3. Checkpoints stay under path.",
     )
+    resume: Literal["auto", "never"] = Field(
+        default="auto",
+        description="auto resumes from the newest checkpoint in the output when it was written "
+        "by this job with the same training settings, and refuses any other; never starts from "
+        "step 0 and moves what an earlier run left in the output to "
+        "superseded/<time>/ (nothing is deleted).",
+    )
+    mergeAdapter: bool = Field(
+        default=False,
+        description="For method lora or qlora, also write the base model with the adapter "
+        "merged in (a full transformers model) to <path>/merged.",
+    )
 
 
 class VolumeSpec(SpecModel):
@@ -823,6 +835,14 @@ class SFTJobSpec(SpecModel):
                 or s.training.evalSteps is None
                 or s.training.saveSteps == s.training.evalSteps
             ),
+        ),
+        CrossFieldRule(
+            field="output.mergeAdapter",
+            message="is true but method is full: the final model is already a full model; "
+            "remove output.mergeAdapter or use method: lora",
+            cel="self.method != 'full' || !has(self.output) || !has(self.output.mergeAdapter) "
+            "|| !self.output.mergeAdapter",
+            holds=lambda s: s.method != "full" or not s.output.mergeAdapter,
         ),
     )
 

@@ -98,6 +98,9 @@ CASES: dict[str, dict[str, Any]] = {
         training={"evalSteps": 30, "saveSteps": 100},
         output={"keepBest": True},
     ),
+    "full merge adapter": spec_with(method="full", output={"mergeAdapter": True}),
+    "full no merge": spec_with(method="full", output={"mergeAdapter": False}),
+    "lora merge adapter": spec_with(method="lora", output={"mergeAdapter": True}),
 }
 
 

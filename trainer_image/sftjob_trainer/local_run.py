@@ -124,6 +124,8 @@ def local_config(job: SFTJob, output: Path, dataset_size: int | None) -> dict[st
     config["resolved"]["outputPath"] = str(output)
     # No API server here: the progress reporter falls back to the console.
     config["job"]["name"] = None
+    # Without a uid, the manifest's name is the run's identity for the checkpoints it owns.
+    config["job"]["manifestName"] = job.metadata.name or "sftjob"
     return config
 
 

@@ -45,6 +45,9 @@ class TrainerConfig:
     raw: dict[str, Any]
     spec: SFTJobSpec
     path: Path | None = None
+    # The spec as the operator wrote it, before the pod's path overrides: what a checkpoint
+    # records, so a runtime that maps volumes elsewhere on each launch still resumes.
+    written_spec: dict[str, Any] | None = None
 
     @property
     def resolved(self) -> dict[str, Any]:
@@ -104,6 +107,7 @@ def parse_config(raw: Any, path: Path | None = None) -> TrainerConfig:
     for key in ("spec", "resolved"):
         if not isinstance(raw.get(key), dict):
             raise ConfigError(f"config {path or ''} has no '{key}' mapping")
+    written_spec = json.loads(json.dumps(raw["spec"]))
     raw = _with_pod_paths(raw)
     spec_data = dict(raw["spec"])
     training = dict(spec_data.get("training") or {})
@@ -116,7 +120,7 @@ def parse_config(raw: Any, path: Path | None = None) -> TrainerConfig:
         spec = SFTJobSpec.model_validate(spec_data)
     except ValidationError as exc:
         raise ConfigError(f"config spec is invalid: {exc.errors()[0]['msg']}") from None
-    return TrainerConfig(raw=raw, spec=spec, path=path)
+    return TrainerConfig(raw=raw, spec=spec, path=path, written_spec=written_spec)
 
 
 def load_config(path: Path | str | None = None) -> TrainerConfig:

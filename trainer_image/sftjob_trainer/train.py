@@ -4,11 +4,16 @@ Layout after TRL's `trl/scripts/sft.py`: `main` takes parsed objects and does th
 work, heavy imports happen inside it, parsing lives in `worker.py`.
 
 Output folder (spec.output.path):
-    checkpoints/checkpoint-N/   resume points (newest complete one is resumed)
+    checkpoints/checkpoint-N/   resume points (the newest complete one is resumed when
+                                its sftjob-run.json names this job and its settings)
     final/                      the model, or the LoRA adapter, plus tokenizer
+    merged/                     output.mergeAdapter: the base model with the adapter merged
+    README.md, loss-curve.png   the model card (rank 0, at the end)
     progress.jsonl              every progress report (rank 0)
-With output.uri (s3://), rank 0 then uploads final/ there, completion marker last
-(object_store.upload_output).
+    sftjob-lease.json           the running writer's lease (output_lease)
+    superseded/<time>/          output.resume never: what an earlier run left here
+With output.uri (s3://), rank 0 then uploads final/ (with a copy of the model card) there,
+completion marker last (object_store.upload_output).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import contextlib
 import functools
 import logging
 import os
-import re
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -27,10 +32,14 @@ from typing import Any
 
 from sftjob_operator.plan import BatchShape, steps_per_epoch
 
+from .checkpoints import complete_checkpoints
 from .config_map import CHECKPOINT_DIR, FINAL_DIR
 from .failures import Interrupted, refused_settings
+from .merge_adapter import save_merged_model
 from .model import load_model, lora_config
+from .model_card import facts_from_run, write_model_card
 from .object_store import is_s3, upload_output
+from .output_guard import LOSS_CURVE, MERGED_DIR, MODEL_CARD, OutputGuard
 from .preflight import prepare
 from .prepared_rows import sft_trainer_class
 from .progress import Reporter, make_progress_callback, make_sink
@@ -51,6 +60,7 @@ class RunState:
     stepped: bool = False  # a training step has begun: errors since are not set-up errors
     stop_requested: bool = False
     stop_signal: str = "SIGTERM"
+    dataset_rows: int | None = None  # rows of training data, for the model card
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -59,14 +69,8 @@ STATE = RunState()
 
 def newest_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint-N with trainer_state.json: one killed mid-write has none."""
-    if not folder.is_dir():
-        return None
-    found = []
-    for child in folder.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        if match and child.is_dir() and (child / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
+    found = complete_checkpoints(folder)
+    return found[0] if found else None
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -180,6 +184,7 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
     ready = prepare(config)
     speed, args, dataset, tokenizer = ready.speed, ready.args, ready.dataset, ready.tokenizer
     eval_dataset = ready.eval_dataset
+    STATE.dataset_rows = len(dataset)  # training rows (after any eval hold-out), for the card
     model = load_model(
         spec.model.model_copy(update=speed.model_updates),
         method=resolved["method"],
@@ -215,6 +220,14 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
 
 def main(config: TrainerConfig) -> dict[str, Any]:
     """Train as configured; returns a summary (step, output paths). Raises TrainerFailure."""
+    guard = OutputGuard.open(config)  # before the model loads: a refusal costs nothing
+    try:
+        return _train(config, guard)
+    finally:
+        guard.close()
+
+
+def _train(config: TrainerConfig, guard: OutputGuard) -> dict[str, Any]:
     resolved = config.resolved
     output = config.output_path
     trainer = build_trainer(config)
@@ -257,7 +270,9 @@ def main(config: TrainerConfig) -> dict[str, Any]:
         callback.trainer = trainer
         trainer.add_callback(callback)
 
-    resume = newest_checkpoint(output / CHECKPOINT_DIR)
+    for output_callback in guard.callbacks():  # checkpoint records, the lease
+        trainer.add_callback(output_callback)
+    resume = guard.resume
     if resume is not None:
         log.info("resuming from %s", resume)
     STATE.result = {
@@ -289,9 +304,19 @@ def main(config: TrainerConfig) -> dict[str, Any]:
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final))
+        merge = config.spec.output.mergeAdapter and resolved["method"] in ("lora", "qlora")
+        if merge:
+            merged = save_merged_model(config.spec.model, final, output / MERGED_DIR)
+            STATE.result["mergedPath"] = str(merged)
+        facts = facts_from_run(config, trainer, dataset_rows=STATE.dataset_rows, merged=merge)
+        write_model_card(output, facts, card=MODEL_CARD, curve=LOSS_CURVE)
     STATE.result["finalPath"] = str(final)
     spec = config.spec
     if is_s3(spec.output.uri) and trainer.is_world_process_zero():
+        # The uploaded model carries its card (Hugging Face keeps README.md beside the weights).
+        for name in (MODEL_CARD, LOSS_CURVE):
+            if (output / name).is_file():
+                shutil.copy2(output / name, final / name)
         about = {"job": config.job_name, "uid": config.job_uid, "step": STATE.step}
         upload_output(spec, final, about=about)
         STATE.result["outputUri"] = spec.output.uri
