@@ -26,6 +26,7 @@ from sftjob_trainer.checkpoints import (
 from sftjob_trainer.output_lease import LEASE_FILE, Holder, take_reason
 from sftjob_trainer.tiny import tiny_sftjob
 from sftjob_trainer.train import newest_checkpoint
+from worker_kit import progress_steps, sigterm_at_step
 
 LEASE = {"SFTJOB_OUTPUT_LEASE_SECONDS": "2"}
 
@@ -69,13 +70,6 @@ def run(config: Path, log: Path, **env: str) -> tuple[int, dict[str, Any], str]:
     process = start(config, log, **env)
     out, _ = process.communicate(timeout=240)
     return process.returncode, json.loads(log.read_text()), out
-
-
-def progress_steps(output: Path) -> list[int]:
-    file = output / "progress.jsonl"
-    if not file.exists():
-        return []
-    return [json.loads(line)["progress"]["step"] for line in file.read_text().splitlines() if line]
 
 
 def state_of(checkpoint: Path) -> dict[str, Any]:
@@ -165,14 +159,8 @@ def test_sigterm_resume_of_a_job_with_a_uid_stays_exact(tiny, tmp_path):
         log,
         SFTJOB_TEST_SLEEP_PER_STEP="0.25",
     )
-    deadline = time.monotonic() + 120
-    while not any(step >= 3 for step in progress_steps(output)):
-        assert first.poll() is None, first.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "training never reached step 3"
-        time.sleep(0.1)
-    first.send_signal(signal.SIGTERM)
-    out, _ = first.communicate(timeout=60)
-    assert first.returncode == 14, out[-3000:]
+    code, out = sigterm_at_step(first, output, 3, timeout=120)
+    assert code == 14, out[-3000:]
     stopped_at = json.loads(log.read_text())["step"]
     assert not (output / LEASE_FILE).exists()  # released on the way out
 

@@ -13,13 +13,7 @@ from pathlib import Path
 from sftjob_operator.plan import plan_for
 from sftjob_trainer.settings import load_config
 from sftjob_trainer.train import newest_checkpoint
-
-
-def progress_steps(output: Path) -> list[int]:
-    file = output / "progress.jsonl"
-    if not file.exists():
-        return []
-    return [json.loads(line)["progress"]["step"] for line in file.read_text().splitlines() if line]
+from worker_kit import progress_steps, sigterm_at_step
 
 
 def launch(config: Path, log: Path, **env: str) -> subprocess.Popen:
@@ -40,15 +34,8 @@ def test_sigterm_checkpoints_then_restart_resumes_to_planned_steps(make_config, 
     log = tmp_path / "termination-log"
 
     first = launch(config, log, SFTJOB_TEST_SLEEP_PER_STEP="0.25")
-    deadline = time.monotonic() + 90
-    while not any(step >= 3 for step in progress_steps(output)):
-        assert first.poll() is None, first.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "training never reached step 3"
-        time.sleep(0.1)
-    first.send_signal(signal.SIGTERM)
-    out, _ = first.communicate(timeout=60)
-
-    assert first.returncode == 14, out[-3000:]
+    code, out = sigterm_at_step(first, output, 3, timeout=90)
+    assert code == 14, out[-3000:]
     interrupted = json.loads(log.read_text())
     assert interrupted["reason"] == "Interrupted"
     stopped_at = interrupted["step"]
