@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from e2e_harness import E2ECluster, condition, termination_report
 from s3_kit import S3Server
 from sftjob_trainer.object_store import MARKER, download_output
@@ -82,8 +83,18 @@ def test_dataset_and_model_on_object_storage_with_credentials_from_a_secret(
     manifest = download_output(output_uri, download, s3.filesystem())
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
     assert manifest["step"] == 8
-    if "README.md" in manifest["files"]:  # the model card, where the trainer writes one
-        assert "loss" in (download / "README.md").read_text().lower()
+    # The model card travels with the model: front matter that parses, the final loss as the
+    # run logged it, and the loss curve it shows, a PNG that opens and is not blank.
+    assert {"README.md", "loss-curve.png"} <= set(manifest["files"]), manifest["files"]
+    card = (download / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers", front  # tiny-cpu.yaml is a full fine-tune
+    assert "loss-curve.png" in card
+    from PIL import Image
+
+    with Image.open(download / "loss-curve.png") as curve:
+        assert curve.size[0] >= 300 and curve.size[1] >= 200, curve.size
+        assert len(set(curve.convert("L").getdata())) > 2, "the loss curve is blank"
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(download).num_parameters() > 0
