@@ -31,7 +31,7 @@ from .failures import ConfigError, Interrupted, refused_settings
 from .model import load_model, load_tokenizer, lora_config, quantization_config
 from .progress import Reporter, make_progress_callback, make_sink
 from .settings import TrainerConfig
-from .speed import plan_speed
+from .speed import plan_speed, speed_plan_status
 
 log = logging.getLogger("sftjob_trainer.train")
 
@@ -208,6 +208,7 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
             raise
         raise refused from exc
     speed.apply(trainer)
+    trainer.sftjob_speed_plan = speed  # what ran, for status.speedPlan
     shield_loader_workers(trainer)
     if spec.distributed == "fsdp" and not trainer.is_fsdp_enabled:
         # accelerate turns FSDP on only for GPU-like process groups; on CPU it runs plain DDP.
@@ -245,6 +246,7 @@ def main(config: TrainerConfig) -> dict[str, Any]:
             ),
             interval_seconds=float(resolved.get("progressIntervalSeconds") or 10),
             plan_info=plan_info,
+            speed_plan=speed_plan_status(trainer),
             steps_per_epoch=lambda rows: steps_per_epoch(rows, shape, args.dataloader_drop_last),
         )
         callback.trainer = trainer
