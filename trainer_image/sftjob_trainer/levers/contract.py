@@ -243,9 +243,14 @@ def signature_mismatch(expected: Signature) -> str | None:
     except (TypeError, ValueError) as exc:
         return f"{expected.target} has no readable signature ({exc})"
     if expected.parameters is not None and found != expected.parameters:
+        verified = expected.parameters
+        # The first position that differs (past the shorter list: one was added or removed).
+        pairs = zip(found, verified, strict=False)
+        at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(found), len(verified)))
         return (
-            f"{expected.target} takes ({', '.join(found)}), verified with "
-            f"({', '.join(expected.parameters)})"
+            f"{expected.target}: parameter {at + 1} is {found[at] if at < len(found) else 'absent'}"
+            f", verified with {verified[at] if at < len(verified) else 'none'} "
+            f"({len(found)} parameters, verified with {len(verified)})"
         )
     missing = [name for name in expected.includes if name not in found]
     if missing:

@@ -61,10 +61,24 @@ _TO_GRADIENT = (
 _KERNELS = "trl.kernels.chunked_logprob"
 
 
-def _pointers(names: tuple[str, ...]) -> tuple[str, ...]:
-    """The triton kernel's names for the same positions (`mm_ptr`, `targets_ptr`, ...)."""
-    scalars = ("vocab_start", "n_cols", "logit_scale", "softcap", "inv_t")
-    return tuple(n if n in scalars or n.isupper() else f"{n}_ptr" for n in names)
+# The triton kernels' names for the same positions (pointers where the tiles take tensors).
+_FOLD_POINTERS = (
+    "targets_ptr",
+    "max_ptr",
+    "sum_exp_ptr",
+    "x_sum_exp_ptr",
+    "sq_sum_exp_ptr",
+    "z_sum_ptr",
+    "max_before_target_ptr",
+    "target_logit_ptr",
+)
+_TO_GRADIENT_POINTERS = (
+    "targets_ptr",
+    "log_z_ptr",
+    "entropy_ptr",
+    "grad_logprobs_ptr",
+    "grad_entropy_ptr",
+)
 
 
 def _probe(device: str) -> str | None:
@@ -79,12 +93,12 @@ CONTRACT = Contract(
         Signature(f"{_KERNELS}:_forward_tile", ("tile", "tile_stride", *_FOLD)),
         Signature(
             f"{_KERNELS}:_forward_kernel",
-            ("mm_ptr", "mm_stride", *_pointers(_FOLD[:8]), *_FOLD[8:]),
+            ("mm_ptr", "mm_stride", *_FOLD_POINTERS, *_FOLD[8:]),
         ),
         Signature(f"{_KERNELS}:_backward_tile", ("tile", "tile_stride", *_TO_GRADIENT)),
         Signature(
             f"{_KERNELS}:_backward_kernel",
-            ("mm_ptr", "mm_stride", *_pointers(_TO_GRADIENT[:5]), *_TO_GRADIENT[5:]),
+            ("mm_ptr", "mm_stride", *_TO_GRADIENT_POINTERS, *_TO_GRADIENT[5:]),
         ),
         Signature(f"{_KERNELS}:_use_triton", ("device",)),
         Signature(f"{_KERNELS}:_BLOCK_SIZE"),
