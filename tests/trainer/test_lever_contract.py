@@ -9,6 +9,7 @@ check fails is decided off, with the reason, whatever its switch says.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,7 +29,7 @@ from sftjob_trainer.levers.contract import (
     check,
     installed_versions,
 )
-from sftjob_trainer.speed import LEVERS, decide, self_checks, speed_settings
+from sftjob_trainer.speed import LEVERS, checked_plan, decide, self_checks, speed_settings
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(300)]
 
@@ -238,3 +239,28 @@ def test_the_exact_preset_refuses_a_lever_that_changes_numbers() -> None:
         )
     with pytest.raises(ConfigError, match="speed.preset must be one of"):
         speed_settings(spec_with_speed({}), env={"SFTJOB_SPEED": '{"preset": "fast"}'})
+
+
+def test_the_planner_checks_the_levers_it_turns_on_and_only_those() -> None:
+    asked: list[tuple[str, ...]] = []
+
+    def compile_fails(levers: tuple[Any, ...]) -> dict[str, str]:
+        asked.append(tuple(lever.SWITCH for lever in levers))
+        return {"compile": "its probe differs"} if "compile" in asked[-1] else {}
+
+    decide_on_h100 = functools.partial(decide, SpeedOptions(), H100, REFERENCE, QWEN_15B)
+    plan = checked_plan(decide_on_h100, compile_fails)
+    default = decide_on_h100()
+    assert asked == [tuple(c.lever for c in default.choices if c.on)]  # each checked once
+    assert choice(plan, "compile").reason == "self-check failed, turned off: its probe differs"
+    # What depended on it follows: the rotary tables are computed once without compiling.
+    assert (
+        not plan.on("rotaryTablesOnce")
+        and "not compiled" in choice(plan, "rotaryTablesOnce").reason
+    )
+    assert plan.on("flexAttention") and plan.static_length is None
+
+    # On CPU every "auto" lever is off: nothing to check, nothing probed at start.
+    asked.clear()
+    checked_plan(functools.partial(decide, SpeedOptions(), CPU, REFERENCE, QWEN_15B), compile_fails)
+    assert asked == []

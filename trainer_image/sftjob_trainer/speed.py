@@ -44,7 +44,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,6 +297,30 @@ def decide(
     return SpeedPlan(choices, preset)
 
 
+def checked_plan(
+    decide_with: Callable[..., SpeedPlan],
+    check_levers: Callable[[tuple[Lever, ...]], dict[str, str]],
+) -> SpeedPlan:
+    """The plan with every lever that is on having passed its self-check.
+
+    Only the levers a plan turns on are checked (a probe costs a moment; a lever that is
+    off runs nothing). One failing is turned off, which may turn another on (liger where
+    compile fails): that one is checked too, until every lever on has passed.
+    `decide_with(failed=...)` decides; `check_levers` says why levers fail.
+    """
+    failed: dict[str, str] = {}
+    checked: set[str] = set()
+    while True:
+        plan = decide_with(failed=failed)
+        unchecked = tuple(
+            lever for lever in LEVERS if plan.on(lever.SWITCH) and lever.SWITCH not in checked
+        )
+        if not unchecked:
+            return plan
+        checked.update(lever.SWITCH for lever in unchecked)
+        failed.update(check_levers(unchecked))
+
+
 def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
     flex = flex_attention.decide(opt, hw, job)
     light = light_metrics.decide(opt, hw, job)
@@ -442,13 +466,10 @@ def plan_speed(config: Any) -> SpeedPlan:
     job = job_from(config)
     options, preset = speed_settings(spec)
     hardware = detect_hardware(use_cpu=bool(config.resolved["useCpu"]))
-    plan = decide(
-        options,
-        hardware,
-        job,
-        model_shape(spec.model),
-        preset=preset,
-        failed=self_checks(options, "cuda" if hardware.cuda else "cpu"),
+    device = "cuda" if hardware.cuda else "cpu"
+    plan = checked_plan(
+        functools.partial(decide, options, hardware, job, model_shape(spec.model), preset=preset),
+        lambda levers: self_checks(options, device, levers),
     )
     plan.log()
     if plan.on(compile_model.SWITCH):
