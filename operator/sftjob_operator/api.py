@@ -303,6 +303,17 @@ FIRST_CLASS_ARGS: dict[str, str] = {
 
 SpeedSwitch = Literal["auto", "on", "off"]
 SpeedPreset = Literal["default", "exact"]
+# The levers that change numbers (each lever module's EXACT is False; the trainer's tests
+# check this list against them): `preset: exact` turns them off and refuses them turned on.
+NOT_EXACT_LEVERS = (
+    "flexAttention",
+    "autoMicroBatch",
+    "ligerKernel",
+    "compile",
+    "lightMetrics",
+    "bf16ResidualStream",
+    "fuseGradientAccumulation",
+)
 
 
 class SpeedSpec(SpecModel):
@@ -373,6 +384,21 @@ class SpeedSpec(SpecModel):
         "number (dataWorkers, castWeightsOncePerStep, rotaryTablesOnce: bit for bit plain TRL "
         "on CPU); the others are turned off, and turning one on is refused. Much slower on a "
         "GPU (docs/performance.md, 'The exact preset').",
+    )
+
+    cross_field_rules = (
+        CrossFieldRule(
+            field="preset",
+            message="speed.preset exact keeps only the levers that change no number: set "
+            + ", ".join(NOT_EXACT_LEVERS)
+            + " to auto or off (or use preset default)",
+            cel="self.preset != 'exact' || ("
+            + " && ".join(f"self.{name} != 'on'" for name in NOT_EXACT_LEVERS)
+            + ")",
+            holds=lambda s: (
+                s.preset != "exact" or all(getattr(s, name) != "on" for name in NOT_EXACT_LEVERS)
+            ),
+        ),
     )
 
 

@@ -72,6 +72,14 @@ CASES: dict[str, dict[str, Any]] = {
     "fsdp qlora": spec_with(method="qlora", distributed="fsdp"),
     "fsdp full": spec_with(method="full", distributed="fsdp"),
     "ddp qlora": spec_with(method="qlora", distributed="ddp"),
+    "exact preset": spec_with(training={"speed": {"preset": "exact"}}),
+    "exact preset with data workers on": spec_with(
+        training={"speed": {"preset": "exact", "dataWorkers": "on"}}
+    ),
+    "exact preset with compile on": spec_with(
+        training={"speed": {"preset": "exact", "compile": "on"}}
+    ),
+    "default preset with compile on": spec_with(training={"speed": {"compile": "on"}}),
 }
 
 

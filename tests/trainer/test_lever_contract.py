@@ -227,8 +227,17 @@ def test_the_preset_comes_from_the_spec_and_the_environment() -> None:
 
 
 def test_the_exact_preset_refuses_a_lever_that_changes_numbers() -> None:
+    from sftjob_operator.api import NOT_EXACT_LEVERS, SpeedSpec
+
+    # In the spec, the API refuses it (a cross-field rule, also the CRD's CEL)...
+    with pytest.raises(ValueError, match="speed.preset exact keeps only the levers"):
+        SpeedSpec.model_validate({"preset": "exact", "compile": "on"})
+    assert set(NOT_EXACT_LEVERS) == {lever.SWITCH for lever in LEVERS if not lever.EXACT}
+    # ... and through $SFTJOB_SPEED on top of the spec, the trainer does.
     with pytest.raises(ConfigError) as refused:
-        speed_settings(spec_with_speed({"preset": "exact", "compile": "on"}), env={})
+        speed_settings(
+            spec_with_speed({"preset": "exact"}), env={"SFTJOB_SPEED": '{"compile": "on"}'}
+        )
     message = str(refused.value)
     assert "speed.preset exact keeps only the levers that change no number" in message
     assert "compile: on, but it changes numbers (inductor fuses" in message
