@@ -86,6 +86,19 @@ def test_the_trainer_trains_bit_for_bit_as_plain_trl(
     assert changed  # the run trained: equal weights are not merely untouched ones
 
 
+def test_the_comparison_sees_a_lever_that_changes_numbers(
+    make_config: Any, tiny: Any, tmp_path: Path
+) -> None:
+    """The control: with bf16ResidualStream forced on the losses differ from plain TRL's."""
+    from sftjob_trainer.settings import load_config
+    from sftjob_trainer.train import build_trainer
+
+    config_path = make_config({"training": {**TRAINING, "speed": {"bf16ResidualStream": "on"}}})
+    our_logs, _ = run_record(build_trainer(load_config(config_path)))
+    plain_logs, _ = run_record(plain_trl(config_path, tiny, tmp_path / "plain"))
+    assert len(our_logs) == len(plain_logs) and our_logs != plain_logs
+
+
 _START: dict[str, torch.Tensor] = {}
 
 
