@@ -174,6 +174,11 @@ def test_console_mode_when_no_job_is_named(make_config, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[########################] 8/8  100%" in err
     assert "measured plan: 32 rows, world size 1" in err
+    # What runs, for `sftjob run` too: the CPU plan has every "auto" lever off.
+    assert (
+        "speed plan (default): per_device 4 x accumulation 1, checkpointing off, "
+        "attention sdpa, compile off; levers on: none"
+    ) in err
 
 
 def test_report_fields_and_durations():
