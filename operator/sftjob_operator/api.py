@@ -355,6 +355,18 @@ FIRST_CLASS_ARGS: dict[str, str] = {
 
 
 SpeedSwitch = Literal["auto", "on", "off"]
+SpeedPreset = Literal["default", "exact"]
+# The levers that change numbers (each lever module's EXACT is False; the trainer's tests
+# check this list against them): `preset: exact` turns them off and refuses them turned on.
+NOT_EXACT_LEVERS = (
+    "flexAttention",
+    "autoMicroBatch",
+    "ligerKernel",
+    "compile",
+    "lightMetrics",
+    "bf16ResidualStream",
+    "fuseGradientAccumulation",
+)
 
 
 class SpeedSpec(SpecModel):
@@ -418,6 +430,28 @@ class SpeedSpec(SpecModel):
         "buffer, instead of letting the compiler recompute them inside every layer's "
         "query/key rotation; the same values, bf16 tables rounded as eager rounds them (auto: "
         "on wherever the model is compiled).",
+    )
+    preset: SpeedPreset = Field(
+        default="default",
+        description="default: every lever by its switch. exact: only the levers that change no "
+        "number (dataWorkers, castWeightsOncePerStep, rotaryTablesOnce: bit for bit plain TRL "
+        "on CPU); the others are turned off, and turning one on is refused. Much slower on a "
+        "GPU (docs/performance.md, 'The exact preset').",
+    )
+
+    cross_field_rules = (
+        CrossFieldRule(
+            field="preset",
+            message="speed.preset exact keeps only the levers that change no number: set "
+            + ", ".join(NOT_EXACT_LEVERS)
+            + " to auto or off (or use preset default)",
+            cel="self.preset != 'exact' || ("
+            + " && ".join(f"self.{name} != 'on'" for name in NOT_EXACT_LEVERS)
+            + ")",
+            holds=lambda s: (
+                s.preset != "exact" or all(getattr(s, name) != "on" for name in NOT_EXACT_LEVERS)
+            ),
+        ),
     )
 
 
@@ -970,6 +1004,32 @@ class Progress(StatusModel):
     )
 
 
+class LeverChoice(StatusModel):
+    name: str = Field(description="The lever: its spec.training.speed field.")
+    on: bool = Field(description="Whether it ran.")
+    reason: str = Field(default="", description="Why it is on or off.")
+
+
+class SpeedPlanStatus(StatusModel):
+    preset: str | None = Field(default=None, description="spec.training.speed.preset applied.")
+    perDeviceTrainBatchSize: int | None = Field(
+        default=None, description="Micro-batch per device the trainer runs."
+    )
+    gradientAccumulationSteps: int | None = Field(
+        default=None, description="Accumulation steps the trainer runs."
+    )
+    gradientCheckpointing: bool | None = Field(
+        default=None, description="Whether activations are recomputed in the backward."
+    )
+    attention: str | None = Field(
+        default=None, description="The model's attention implementation (sdpa, flex_attention)."
+    )
+    compile: bool | None = Field(default=None, description="Whether torch.compile runs.")
+    levers: list[LeverChoice] = Field(
+        default_factory=list, description="Every speed lever, on or off, and why."
+    )
+
+
 class FailureInfo(StatusModel):
     reason: str = Field(description="OutOfMemory, DataError, ConfigError, ModelLoadError, ...")
     message: str = Field(default="", description="What went wrong.")
@@ -1044,6 +1104,11 @@ class SFTJobStatus(StatusModel):
     )
     completionTime: str | None = Field(default=None, description="When the job finished.")
     outputPath: str | None = Field(default=None, description="Where the result was written.")
+    speedPlan: SpeedPlanStatus | None = Field(
+        default=None,
+        description="What the trainer runs, as decided in the pod: micro-batch, checkpointing, "
+        "attention, compile and every speed lever (on or off, and why).",
+    )
 
 
 class SFTJob(BaseModel):

@@ -4,13 +4,15 @@ Rank 0 cannot write the SFTJob's status (the phase, attempts, restarts and condi
 there drive the operator). It merge-patches a report into its job's progress ConfigMap
 (children.build_progress_config_map), the one object its Role lets it write. The operator
 reads that report, keeps only what a progress report may say, and folds it into
-`status.progress` and `status.measuredPlan`. Everything else is ignored, with a reason.
+`status.progress`, `status.measuredPlan` and `status.speedPlan`. Everything else is
+ignored, with a reason.
 
 Data keys of the ConfigMap (all strings, as ConfigMap data is):
   jobUid        the uid of the SFTJob the trainer runs for (a re-created job's is new)
   attempt       the launch the reporting pod belongs to (status.attempts at its launch)
   progress      JSON object, fields of api.Progress
   measuredPlan  JSON object, fields of api.Plan
+  speedPlan     JSON object, fields of api.SpeedPlanStatus (levers: known switch names only)
 
 A report for another job uid, or another attempt than the job's current one (an old
 launch's pod still stopping), is ignored: the status describes the current run only.
@@ -26,12 +28,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 
 from .advice import ROWS_OVER_MAX_LENGTH, over_length_advisory
-from .api import Advisory, Plan, Progress, SFTJobStatus
+from .api import Advisory, Plan, Progress, SFTJobStatus, SpeedPlanStatus, SpeedPreset, SpeedSpec
 from .plan import PACKED_ESTIMATES
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,10 @@ KEY_JOB_UID = "jobUid"
 KEY_ATTEMPT = "attempt"
 KEY_PROGRESS = "progress"
 KEY_MEASURED_PLAN = "measuredPlan"
-REPORT_KEYS = (KEY_JOB_UID, KEY_ATTEMPT, KEY_PROGRESS, KEY_MEASURED_PLAN)
+KEY_SPEED_PLAN = "speedPlan"
+REPORT_KEYS = (KEY_JOB_UID, KEY_ATTEMPT, KEY_PROGRESS, KEY_MEASURED_PLAN, KEY_SPEED_PLAN)
 
-# A full report is under 2 KiB; anything far larger is not one, and must not grow the status.
+# A full report is under 6 KiB (the speed plan's reasons included); anything far larger is not one, and must not grow the status.
 MAX_REPORT_BYTES = 16 * 1024
 MAX_TEXT = 64  # eta, summary, updateTime, datasetSizeSource
 MAX_NOTES = 16
@@ -61,13 +64,17 @@ def encode_report(
     attempt: int,
     progress: Mapping[str, Any] | None = None,
     measured_plan: Mapping[str, Any] | None = None,
+    speed_plan: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """The ConfigMap data the trainer merge-patches in (only the parts it has)."""
     data = {KEY_JOB_UID: job_uid or "", KEY_ATTEMPT: str(attempt)}
-    if progress is not None:
-        data[KEY_PROGRESS] = json.dumps(dict(progress), sort_keys=True)
-    if measured_plan is not None:
-        data[KEY_MEASURED_PLAN] = json.dumps(dict(measured_plan), sort_keys=True)
+    for key, part in (
+        (KEY_PROGRESS, progress),
+        (KEY_MEASURED_PLAN, measured_plan),
+        (KEY_SPEED_PLAN, speed_plan),
+    ):
+        if part is not None:
+            data[key] = json.dumps(dict(part), sort_keys=True)
     return data
 
 
@@ -151,6 +158,37 @@ def _packed_estimate(value: Any) -> str:
     return str(value)
 
 
+# The levers a speed plan may name: the switches of spec.training.speed.
+LEVER_NAMES = frozenset(name for name in SpeedSpec.model_fields if name != "preset")
+LEVER_FIELDS = {"name", "on", "reason"}
+
+
+def _preset(value: Any) -> str:
+    if value not in get_args(SpeedPreset):
+        raise Invalid(f"{value!r} is not one of {', '.join(get_args(SpeedPreset))}")
+    return str(value)
+
+
+def _levers(value: Any) -> list[dict[str, Any]]:
+    """Each lever once, by a known name, with on and a bounded reason; else none of them."""
+    if not isinstance(value, list) or len(value) > len(LEVER_NAMES):
+        raise Invalid(f"is not a list of at most {len(LEVER_NAMES)} levers")
+    levers = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) - LEVER_FIELDS or "name" not in item:
+            raise Invalid(f"{item!r} is not a lever ({', '.join(sorted(LEVER_FIELDS))})")
+        if item["name"] not in LEVER_NAMES:
+            raise Invalid(f"{item['name']!r} is not a speed lever")
+        reason = item.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > MAX_NOTE:
+            raise Invalid(f"{item['name']}: the reason is not a string of at most {MAX_NOTE}")
+        levers.append({"name": item["name"], "on": _flag(item.get("on")), "reason": reason})
+    names = [lever["name"] for lever in levers]
+    if len(set(names)) != len(names):
+        raise Invalid("names a lever twice")
+    return levers
+
+
 Rule = Callable[[Any], Any]
 
 PROGRESS_RULES: dict[str, Rule] = {
@@ -195,9 +233,20 @@ PLAN_REQUIRED = (
     "perDeviceTrainBatchSize",
     "gradientAccumulationSteps",
 )
+SPEED_PLAN_RULES: dict[str, Rule] = {
+    "preset": _preset,
+    "perDeviceTrainBatchSize": _positive,
+    "gradientAccumulationSteps": _positive,
+    "gradientCheckpointing": _flag,
+    "attention": _text,
+    "compile": _flag,
+    "levers": _levers,
+}
+SPEED_PLAN_REQUIRED = ("levers",)
 # The rules must cover the status models exactly: a field added to api.py needs a rule.
 assert set(PROGRESS_RULES) == set(Progress.model_fields)
 assert set(PLAN_RULES) == set(Plan.model_fields)
+assert set(SPEED_PLAN_RULES) == set(SpeedPlanStatus.model_fields)
 
 
 def _validated_object(
@@ -243,6 +292,7 @@ class Report:
     progress: dict[str, Any] | None = None
     measured_plan: dict[str, Any] | None = None
     ignored: tuple[str, ...] = ()
+    speed_plan: dict[str, Any] | None = None
     stale: str | None = None
 
 
@@ -270,16 +320,22 @@ def parse_report(data: Mapping[str, str] | None, *, job_uid: str | None, attempt
     if reported_attempt != attempt:
         stale = f"report from attempt {reported_attempt}, not the current {attempt}"
         return Report(ignored=tuple(ignored), stale=stale)
-    progress = measured = None
-    if isinstance(data.get(KEY_PROGRESS), str):
-        progress = _validated_object(
-            KEY_PROGRESS, data[KEY_PROGRESS], PROGRESS_RULES, PROGRESS_REQUIRED, ignored
+    parts: dict[str, dict[str, Any] | None] = {}
+    for key, rules, required in (
+        (KEY_PROGRESS, PROGRESS_RULES, PROGRESS_REQUIRED),
+        (KEY_MEASURED_PLAN, PLAN_RULES, PLAN_REQUIRED),
+        (KEY_SPEED_PLAN, SPEED_PLAN_RULES, SPEED_PLAN_REQUIRED),
+    ):
+        raw = data.get(key)
+        parts[key] = (
+            _validated_object(key, raw, rules, required, ignored) if isinstance(raw, str) else None
         )
-    if isinstance(data.get(KEY_MEASURED_PLAN), str):
-        measured = _validated_object(
-            KEY_MEASURED_PLAN, data[KEY_MEASURED_PLAN], PLAN_RULES, PLAN_REQUIRED, ignored
-        )
-    return Report(progress=progress, measured_plan=measured, ignored=tuple(ignored))
+    return Report(
+        progress=parts[KEY_PROGRESS],
+        measured_plan=parts[KEY_MEASURED_PLAN],
+        speed_plan=parts[KEY_SPEED_PLAN],
+        ignored=tuple(ignored),
+    )
 
 
 def _replacing(fields: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -294,6 +350,7 @@ def status_patch(report: Report, status: SFTJobStatus | None) -> dict[str, Any]:
     for key, model, new in (
         ("progress", Progress, report.progress),
         ("measuredPlan", Plan, report.measured_plan),
+        ("speedPlan", SpeedPlanStatus, report.speed_plan),
     ):
         if new is None:
             continue

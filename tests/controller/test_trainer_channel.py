@@ -154,11 +154,24 @@ def test_trainer_token_cannot_write_the_status_only_its_progress(
         "totalSteps": 8,
         "measured": True,
     }
+    speed = {
+        "preset": "exact",
+        "perDeviceTrainBatchSize": 4,
+        "gradientAccumulationSteps": 2,
+        "gradientCheckpointing": False,
+        "attention": "sdpa",
+        "compile": False,
+        "levers": [
+            {"name": "dataWorkers", "on": True, "reason": "2 DataLoader workers"},
+            {"name": "compile", "on": False, "reason": "preset exact: it changes numbers"},
+        ],
+    }
     report = {
         "jobUid": uid,
         "attempt": "1",
         "progress": json.dumps(progress),
         "measuredPlan": json.dumps(plan),
+        "speedPlan": json.dumps(speed),
         "phase": "Succeeded",
         "restarts": "0",
     }
@@ -173,6 +186,7 @@ def test_trainer_token_cannot_write_the_status_only_its_progress(
     assert folded["progress"]["summary"] == "3/8" and folded["progress"]["loss"] == 1.25
     assert "phase" not in folded["progress"]
     assert folded["measuredPlan"]["datasetSize"] == 64 and folded["measuredPlan"]["measured"]
+    assert folded["speedPlan"] == speed  # what the pod runs, through the CRD's status schema
     # The forged phase went nowhere; what the operator owns is as it was.
     assert folded["phase"] == "Running"
     assert (folded["attempts"], folded.get("restarts", 0)) == (1, 0)

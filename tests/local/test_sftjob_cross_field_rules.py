@@ -101,6 +101,14 @@ CASES: dict[str, dict[str, Any]] = {
     "full merge adapter": spec_with(method="full", output={"mergeAdapter": True}),
     "full no merge": spec_with(method="full", output={"mergeAdapter": False}),
     "lora merge adapter": spec_with(method="lora", output={"mergeAdapter": True}),
+    "exact preset": spec_with(training={"speed": {"preset": "exact"}}),
+    "exact preset with data workers on": spec_with(
+        training={"speed": {"preset": "exact", "dataWorkers": "on"}}
+    ),
+    "exact preset with compile on": spec_with(
+        training={"speed": {"preset": "exact", "compile": "on"}}
+    ),
+    "default preset with compile on": spec_with(training={"speed": {"compile": "on"}}),
 }
 
 

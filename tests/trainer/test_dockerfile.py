@@ -80,3 +80,63 @@ def test_the_image_ships_no_bench_tool():
     modules = {f.stem for f in (REPO / "trainer_image" / "sftjob_trainer").glob("*.py")}
     assert not modules & {"bench", "bench_report", "gpu_check"}
     assert importlib.util.find_spec("sftjob_bench.bench") is not None  # still there for dev
+
+
+# The libraries the trainer and its speed levers rely on: the image must hold exactly the
+# versions the levers were verified with (levers/contract.py), never whatever pip resolves.
+TRAINER_LIBRARIES = ("torch", "transformers", "trl", "datasets", "accelerate", "peft")
+
+
+def constraint_pins() -> dict[str, str]:
+    """constraints.txt as {normalised name: exact version}; every line must be `name==version`."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and version, f"constraints.txt: {line!r} is not an exact pin"
+        pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_the_image_installs_at_the_constraints_versions():
+    (run,) = [rest for key, rest in instructions() if key == "RUN" and "pip install" in rest]
+    assert re.search(r"(-c|--constraint)\s+constraints\.txt\b", run), run
+    copied = [rest.split() for key, rest in instructions() if key == "COPY"]
+    before_install = instructions().index(("RUN", run))
+    copies_before = [rest.split() for key, rest in instructions()[:before_install] if key == "COPY"]
+    assert any("constraints.txt" in words[:-1] for words in copies_before), copied
+
+
+def test_constraints_pin_the_trainer_libraries_within_pyproject():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    pins = constraint_pins()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    trainer = {
+        canonicalize_name(req.name): req
+        for req in map(Requirement, project["optional-dependencies"]["trainer"])
+    }
+    for library in TRAINER_LIBRARIES:
+        assert library in pins, f"constraints.txt does not pin {library}"
+        assert library in trainer, f"pyproject's trainer extra does not name {library}"
+        assert Version(pins[library]) in trainer[library].specifier, (library, pins[library])
+    assert pins["torch"] == args()["PYTORCH_VERSION"]
+    assert pins["trl"] == "1.16.0" and pins["torch"] == "2.13.0"
+
+
+def test_the_pinned_versions_are_the_ones_the_levers_were_verified_with():
+    """Every lever's declared range holds the pinned version of each library it names."""
+    from packaging.version import Version
+    from sftjob_trainer.speed import LEVERS
+
+    pins = constraint_pins()
+    for lever in LEVERS:
+        assert lever.CONTRACT.versions, lever.SWITCH
+        for library, verified in lever.CONTRACT.versions.items():
+            assert Version(pins[library]) in verified, (lever.SWITCH, library, verified)

@@ -14,6 +14,7 @@ from sftjob_operator.plan import plan_for
 from sftjob_operator.progress_report import parse_report
 from sftjob_trainer.progress import console_line, format_duration, progress_report
 from sftjob_trainer.settings import load_config
+from sftjob_trainer.speed import LEVERS
 from sftjob_trainer.worker import run_worker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,6 +109,7 @@ def test_progress_config_map_gets_measured_plan_and_progress(
         or {}
     )
     assert "progress" not in status and "measuredPlan" not in status
+    assert "speedPlan" not in status
     planned = plan_for(config.spec)
     measured = report.measured_plan
     assert measured["measured"] is True and measured["estimate"] is False
@@ -120,6 +122,21 @@ def test_progress_config_map_gets_measured_plan_and_progress(
     assert measured["totalSteps"] == planned.totalSteps == 16
     assert measured["warmupSteps"] == planned.warmupSteps
     assert measured["epochs"] == 1
+
+    # What ran, decided in the pod (issue 22): the batch shape, attention, compile, levers.
+    speed = report.speed_plan
+    assert speed is not None
+    assert {k: v for k, v in speed.items() if k != "levers"} == {
+        "preset": "default",
+        "perDeviceTrainBatchSize": 4,
+        "gradientAccumulationSteps": 1,
+        "gradientCheckpointing": False,
+        "attention": "sdpa",
+        "compile": False,
+    }
+    assert [lever["name"] for lever in speed["levers"]] == [lever.SWITCH for lever in LEVERS]
+    assert not any(lever["on"] for lever in speed["levers"])  # CPU: every "auto" lever off
+    assert all(lever["reason"] for lever in speed["levers"])
 
     progress = report.progress
     assert set(progress) <= set(Progress.model_fields)
@@ -135,6 +152,7 @@ def test_progress_config_map_gets_measured_plan_and_progress(
         json.loads(line)
         for line in (tmp_path / "output" / "progress.jsonl").read_text().splitlines()
     ]
+    assert sent[0]["speedPlan"] == speed  # with the first report, in the output's history too
     # One report at train begin, at most one per interval, one at the end.
     assert 3 <= len(sent) <= 2 + int(elapsed) + 1
     middle = [r["progress"] for r in sent[1:-1]]
@@ -156,6 +174,11 @@ def test_console_mode_when_no_job_is_named(make_config, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[########################] 8/8  100%" in err
     assert "measured plan: 32 rows, world size 1" in err
+    # What runs, for `sftjob run` too: the CPU plan has every "auto" lever off.
+    assert (
+        "speed plan (default): per_device 4 x accumulation 1, checkpointing off, "
+        "attention sdpa, compile off; levers on: none"
+    ) in err
 
 
 def test_report_fields_and_durations():

@@ -245,7 +245,7 @@ class TestFold:
         warnings = [r.getMessage() for r in caplog.records]
         assert warnings == [
             "progress report of ns/fold-once: phase: not part of a progress report "
-            "(jobUid, attempt, progress, measuredPlan)"
+            "(jobUid, attempt, progress, measuredPlan, speedPlan)"
         ]
 
     def test_the_log_memory_is_bounded(self) -> None:
@@ -310,3 +310,74 @@ def test_eval_losses_pass_into_the_progress() -> None:
     assert parsed.ignored == ()
     assert parsed.progress is not None
     assert (parsed.progress["evalLoss"], parsed.progress["bestEvalLoss"]) == (2.5, 2.25)
+
+
+SPEED_PLAN: dict[str, Any] = {
+    "preset": "exact",
+    "perDeviceTrainBatchSize": 4,
+    "gradientAccumulationSteps": 4,
+    "gradientCheckpointing": False,
+    "attention": "sdpa",
+    "compile": False,
+    "levers": [
+        {"name": "dataWorkers", "on": True, "reason": "2 DataLoader workers collate"},
+        {"name": "compile", "on": False, "reason": "preset exact: it changes numbers"},
+    ],
+}
+
+
+def with_speed_plan(**changes: Any) -> dict[str, str]:
+    data = encode_report(job_uid=UID, attempt=1, speed_plan={**SPEED_PLAN, **changes})
+    return {**report(), **data}
+
+
+class TestSpeedPlan:
+    """status.speedPlan: what the pod decided to run, validated as the rest of the report."""
+
+    def test_the_trainers_speed_plan_reaches_the_status(self) -> None:
+        parsed = parse_report(with_speed_plan(), job_uid=UID, attempt=1)
+        assert parsed.ignored == ()
+        assert parsed.speed_plan == SPEED_PLAN
+        patch = fold(with_speed_plan(), ("ns", "speed", UID), 1, None)
+        assert patch["speedPlan"] == SPEED_PLAN
+        written = SFTJobStatus.model_validate({"speedPlan": patch["speedPlan"]}).speedPlan
+        assert written is not None and written.levers[0].name == "dataWorkers"
+        assert written.levers[0].on and written.attention == "sdpa"
+        # Once in the status, the same report changes nothing.
+        status = SFTJobStatus.model_validate({"speedPlan": SPEED_PLAN})
+        assert "speedPlan" not in fold(with_speed_plan(), ("ns", "speed", UID), 1, status)
+
+    @pytest.mark.parametrize(
+        ("levers", "why"),
+        [
+            ([{"name": "rmRf", "on": True, "reason": ""}], "'rmRf' is not a speed lever"),
+            ([{"name": "compile", "on": "yes", "reason": ""}], "not true or false"),
+            ([{"name": "compile", "on": True, "reason": "x" * 257}], "at most 256"),
+            ([{"name": "compile", "on": True, "phase": "Succeeded"}], "is not a lever"),
+            ([{"name": "compile", "on": True}] * 2, "names a lever twice"),
+            ([{"name": "compile", "on": True}] * 11, "at most 10 levers"),
+            ("compile", "is not a list"),
+        ],
+    )
+    def test_bad_levers_are_refused_with_a_reason(self, levers: Any, why: str) -> None:
+        parsed = parse_report(with_speed_plan(levers=levers), job_uid=UID, attempt=1)
+        # Without valid levers the plan says nothing trustworthy: ignored whole.
+        assert parsed.speed_plan is None
+        assert any(why in reason for reason in parsed.ignored), parsed.ignored
+        assert parsed.progress is not None  # the rest of the report still counts
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("preset", "fastest"),
+            ("perDeviceTrainBatchSize", 0),
+            ("gradientCheckpointing", "false"),
+            ("attention", "a" * 65),
+            ("compile", 1),
+        ],
+    )
+    def test_a_bad_field_is_dropped_and_the_levers_kept(self, field: str, value: Any) -> None:
+        parsed = parse_report(with_speed_plan(**{field: value}), job_uid=UID, attempt=1)
+        assert parsed.speed_plan is not None and field not in parsed.speed_plan
+        assert parsed.speed_plan["levers"] == SPEED_PLAN["levers"]
+        assert any(reason.startswith(f"speedPlan.{field}:") for reason in parsed.ignored)

@@ -1,10 +1,11 @@
 """Progress reporting from rank 0: the job's progress ConfigMap, or the console off-cluster.
 
-Inside a cluster the trainer merge-patches its report (`progress` and `measuredPlan`,
-tagged with the job's uid and the launch attempt) into its job's progress ConfigMap,
-`<job>-progress`: the only object its ServiceAccount may write. It cannot write the
-SFTJob's status; the operator validates the report and copies it into
-`status.progress` and `status.measuredPlan` (sftjob_operator.progress_report). Reports are
+Inside a cluster the trainer merge-patches its report (`progress`, `measuredPlan` and
+`speedPlan`, tagged with the job's uid and the launch attempt) into its job's progress
+ConfigMap, `<job>-progress`: the only object its ServiceAccount may write. It cannot write
+the SFTJob's status; the operator validates the report and copies it into
+`status.progress`, `status.measuredPlan` and `status.speedPlan`
+(sftjob_operator.progress_report). Reports are
 throttled to one per `progressIntervalSeconds`; a failed patch is logged and retried
 with the next report, it never stops training. Off-cluster (`sftjob run`, or
 SFTJOB_REPORT=console) the same reports become a progress line on the console;
@@ -121,6 +122,7 @@ class KubeProgressSink:
             attempt=self.attempt,
             progress=status.get("progress"),
             measured_plan=status.get("measuredPlan"),
+            speed_plan=status.get("speedPlan"),
         )
         self.api.patch_namespaced_config_map(
             self.config_map,
@@ -159,9 +161,25 @@ class ConsoleSink:
                     f"{plan.get('rowsDropped', 0)} dropped\n"
                 )
             self.stream.flush()
+        speed = status.get("speedPlan")
+        if speed:
+            self.stream.write(speed_line(speed) + "\n")
+            self.stream.flush()
 
     def __str__(self) -> str:
         return "console"
+
+
+def speed_line(speed: dict[str, Any]) -> str:
+    """The speed plan in one line: batch shape, attention, compile, the levers on."""
+    on = [lever["name"] for lever in speed.get("levers", []) if lever.get("on")]
+    return (
+        f"speed plan ({speed.get('preset')}): per_device {speed.get('perDeviceTrainBatchSize')} "
+        f"x accumulation {speed.get('gradientAccumulationSteps')}, checkpointing "
+        f"{'on' if speed.get('gradientCheckpointing') else 'off'}, attention "
+        f"{speed.get('attention')}, compile {'on' if speed.get('compile') else 'off'}; "
+        f"levers on: {', '.join(on) or 'none'}"
+    )
 
 
 def console_line(progress: dict[str, Any], width: int = 24) -> str:
@@ -252,12 +270,15 @@ def make_progress_callback(
     plan_info: dict[str, Any],
     steps_per_epoch: Any,
     notes: list[str] | None = None,
+    speed_plan: dict[str, Any] | None = None,
 ) -> Any:
     """A TrainerCallback reporting from rank 0 only.
 
     `plan_info` holds the static measured-plan fields; `steps_per_epoch(rows)` computes
     the per-epoch figure for the prepared row count, the trainer's own arithmetic; `notes`
-    go into the measured plan after its own (rows truncated or dropped over maxLength).
+    go into the measured plan after its own (rows truncated or dropped over maxLength);
+    `speed_plan` is what the speed planner made of the run (speed.SpeedPlan.status), sent
+    with the measured plan.
     """
 
     class ProgressCallback(_callback_base()):  # type: ignore[misc]
@@ -297,7 +318,10 @@ def make_progress_callback(
                 "notes": ["measured by the trainer after preparing the data", *(notes or [])],
             }
             self.last_report = time.monotonic()
-            reporter.send({"measuredPlan": measured, "progress": self._progress(state)})
+            first: dict[str, Any] = {"measuredPlan": measured, "progress": self._progress(state)}
+            if speed_plan is not None:
+                first["speedPlan"] = speed_plan
+            reporter.send(first)
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any

@@ -28,15 +28,23 @@ at 80 GiB since):
 
 Overrides: the JSON object in $SFTJOB_SPEED (e.g. '{"flexAttention": "off"}'), on top of
 `spec.training.speed`.
+
+Each lever also checks itself at start (its `CONTRACT`, levers/contract.py: the library
+versions it was verified with, the signatures of what it calls or patches, a few-tensor
+probe against the plain path): one that fails is turned off with the reason, whatever its
+switch says. `speed.preset: exact` keeps only the levers that change no number (`EXACT`)
+and turns the others off. The effective plan (micro-batch, checkpointing, attention,
+compile, every lever on or off and why) goes to the status as `status.speedPlan`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,12 +62,40 @@ from .levers import (
     rotary_tables_once,
 )
 from .levers.compile_model import block_mask_in_graph, keep_compiled_kernels
-from .levers.contract import Choice, Hardware, Job, ModelShape, SpeedOptions, TrainerLever
+from .levers.contract import (
+    PRESETS,
+    Choice,
+    Hardware,
+    Job,
+    Lever,
+    ModelShape,
+    Preset,
+    SpeedOptions,
+    TrainerLever,
+    check,
+)
 from .levers.device_memory import capped_memory_gib
 
 log = logging.getLogger("sftjob_trainer.speed")
 
 ENV_SPEED = "SFTJOB_SPEED"
+PRESET_KEY = "preset"
+
+# Every lever, in the order of the plan's choices (and of status.speedPlan.levers).
+LEVERS: tuple[Lever, ...] = (
+    flex_attention,
+    micro_batch,
+    liger_kernel,
+    compile_model,
+    light_metrics,
+    data_workers,
+    cast_weights_once,
+    bf16_residual_stream,
+    fuse_gradient_accumulation,
+    rotary_tables_once,
+)
+# What a lever's reason may take in the status (the operator's bound on a note).
+MAX_REASON = 256
 
 # The levers that act on the built trainer, in the order they wrap it: lean steps replace
 # compute_loss (calling TRL's only for evaluation), so the static batches' wrapper, which
@@ -125,9 +161,52 @@ def cpus_per_process(env: Mapping[str, str], cpu_max: str | None = None) -> floa
     return cpus / local
 
 
+def self_checks(
+    opt: SpeedOptions,
+    device: str,
+    levers: tuple[Lever, ...] = LEVERS,
+    installed: Mapping[str, str | None] | None = None,
+) -> dict[str, str]:
+    """Why each lever not switched off fails its contract (levers/contract.check); empty
+    when all pass. `installed` stands in for the installed versions (tests)."""
+    failed = {}
+    for lever in levers:
+        if getattr(opt, lever.SWITCH) == "off":
+            continue
+        reason = check(lever.CONTRACT, device, installed)
+        if reason is not None:
+            failed[lever.SWITCH] = reason
+    return failed
+
+
+def preset_refusals(opt: SpeedOptions, preset: str) -> list[str]:
+    """Switches that contradict the preset: a lever that changes numbers turned on under
+    `exact`, each with why it changes them."""
+    if preset != "exact":
+        return []
+    return [
+        f"{lever.SWITCH}: on, but it changes numbers ({lever.NUMERICS})"
+        for lever in LEVERS
+        if not lever.EXACT and getattr(opt, lever.SWITCH) == "on"
+    ]
+
+
+def turned_off(opt: SpeedOptions, preset: str, failed: Mapping[str, str]) -> dict[str, str]:
+    """The levers the preset or a failed self-check turns off, with the reason each gets."""
+    off: dict[str, str] = {}
+    if preset == "exact":
+        for lever in LEVERS:
+            if not lever.EXACT and getattr(opt, lever.SWITCH) != "off":
+                off[lever.SWITCH] = f"preset exact: it changes numbers ({lever.NUMERICS})"
+    for switch, reason in failed.items():
+        off[switch] = f"self-check failed, turned off: {reason}"
+    return off
+
+
 @dataclass(frozen=True)
 class SpeedPlan:
     choices: tuple[Choice, ...]
+    preset: Preset = "default"
 
     def sft_kwargs(self, valid_fields: list[str] | None = None) -> dict[str, Any]:
         """SFTConfig overrides; checkpointing under the name this transformers uses."""
@@ -158,7 +237,28 @@ class SpeedPlan:
 
     def log(self) -> None:
         for c in self.choices:
-            log.info("speed %s: %s (%s)", c.lever, "on" if c.on else "off", c.reason)
+            # A lever that failed its self-check is worth a warning: it was meant to run.
+            level = logging.WARNING if c.reason.startswith("self-check failed") else logging.INFO
+            log.log(level, "speed %s: %s (%s)", c.lever, "on" if c.on else "off", c.reason)
+
+    def status(self, args: Any, attention: str | None) -> dict[str, Any]:
+        """What runs, as `status.speedPlan` says it (api.SpeedPlanStatus): the SFTConfig
+        the trainer was built with, the model's attention, and every lever's choice."""
+        checkpointing = getattr(args, "activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(args, "gradient_checkpointing", False)
+        return {
+            "preset": self.preset,
+            "perDeviceTrainBatchSize": int(args.per_device_train_batch_size),
+            "gradientAccumulationSteps": int(args.gradient_accumulation_steps),
+            "gradientCheckpointing": bool(checkpointing),
+            "attention": attention,
+            "compile": bool(getattr(args, "torch_compile", False)),
+            "levers": [
+                {"name": c.lever, "on": c.on, "reason": shortened(c.reason, MAX_REASON)}
+                for c in self.choices
+            ],
+        }
 
     @property
     def static_length(self) -> int | None:
@@ -177,7 +277,55 @@ class SpeedPlan:
                     log.info("speed %s: %s", lever.SWITCH, done)
 
 
-def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
+def shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def decide(
+    opt: SpeedOptions,
+    hw: Hardware,
+    job: Job,
+    shape: ModelShape | None,
+    *,
+    preset: Preset = "default",
+    failed: Mapping[str, str] | None = None,
+) -> SpeedPlan:
+    """Every lever's choice. The preset's and the self-checks' (`failed`) levers are decided
+    as switched off, so the levers that depend on them see them off, and carry that reason."""
+    off = turned_off(opt, preset, failed or {})
+    opt = dataclasses.replace(opt, **dict.fromkeys(off, "off"))
+    plan = _decide(opt, hw, job, shape)
+    choices = tuple(
+        Choice(c.lever, False, off[c.lever]) if c.lever in off else c for c in plan.choices
+    )
+    return SpeedPlan(choices, preset)
+
+
+def checked_plan(
+    decide_with: Callable[..., SpeedPlan],
+    check_levers: Callable[[tuple[Lever, ...]], dict[str, str]],
+) -> SpeedPlan:
+    """The plan with every lever that is on having passed its self-check.
+
+    Only the levers a plan turns on are checked (a probe costs a moment; a lever that is
+    off runs nothing). One failing is turned off, which may turn another on (liger where
+    compile fails): that one is checked too, until every lever on has passed.
+    `decide_with(failed=...)` decides; `check_levers` says why levers fail.
+    """
+    failed: dict[str, str] = {}
+    checked: set[str] = set()
+    while True:
+        plan = decide_with(failed=failed)
+        unchecked = tuple(
+            lever for lever in LEVERS if plan.on(lever.SWITCH) and lever.SWITCH not in checked
+        )
+        if not unchecked:
+            return plan
+        checked.update(lever.SWITCH for lever in unchecked)
+        failed.update(check_levers(unchecked))
+
+
+def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
     flex = flex_attention.decide(opt, hw, job)
     light = light_metrics.decide(opt, hw, job)
     copies = cast_weights_once.decide(opt, hw, job)  # its copies count in the batch estimate
@@ -233,6 +381,11 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) 
 
 
 def options_from(spec: Any, env: dict[str, str] | None = None) -> SpeedOptions:
+    return speed_settings(spec, env)[0]
+
+
+def speed_settings(spec: Any, env: dict[str, str] | None = None) -> tuple[SpeedOptions, Preset]:
+    """The switches and the preset: spec.training.speed, then $SFTJOB_SPEED on top."""
     env = dict(os.environ if env is None else env)
     from_spec = getattr(spec.training, "speed", None)
     if from_spec is not None and hasattr(from_spec, "model_dump"):
@@ -242,7 +395,21 @@ def options_from(spec: Any, env: dict[str, str] | None = None) -> SpeedOptions:
         from_env = json.loads(raw) if raw else None
         if from_env is not None and not isinstance(from_env, dict):
             raise ValueError("not a JSON object")
-        return SpeedOptions.parse(from_spec, from_env)
+        layers = [dict(layer or {}) for layer in (from_spec, from_env)]
+        preset = "default"
+        for layer in layers:
+            preset = layer.pop(PRESET_KEY, preset)
+        if preset not in PRESETS:
+            raise ValueError(f"speed.preset must be one of {PRESETS}, got {preset!r}")
+        options = SpeedOptions.parse(*layers)
+        refused = preset_refusals(options, preset)
+        if refused:
+            raise ValueError(
+                "speed.preset exact keeps only the levers that change no number: "
+                + "; ".join(refused)
+                + " (set the switch to auto or off, or use preset default)"
+            )
+        return options, preset
     except ValueError as exc:  # JSONDecodeError included
         raise ConfigError(f"speed options ({ENV_SPEED} or spec.training.speed): {exc}") from None
 
@@ -301,11 +468,12 @@ def plan_speed(config: Any) -> SpeedPlan:
     """The one entry point train.py calls: levers decided for this config on this machine."""
     spec = config.spec
     job = job_from(config)
-    plan = decide(
-        options_from(spec),
-        detect_hardware(use_cpu=bool(config.resolved["useCpu"])),
-        job,
-        model_shape(spec.model),
+    options, preset = speed_settings(spec)
+    hardware = detect_hardware(use_cpu=bool(config.resolved["useCpu"]))
+    device = "cuda" if hardware.cuda else "cpu"
+    plan = checked_plan(
+        functools.partial(decide, options, hardware, job, model_shape(spec.model), preset=preset),
+        lambda levers: self_checks(options, device, levers),
     )
     plan.log()
     if plan.on(compile_model.SWITCH):
@@ -314,3 +482,13 @@ def plan_speed(config: Any) -> SpeedPlan:
         if plan.on(flex_attention.SWITCH):
             block_mask_in_graph()
     return plan
+
+
+def speed_plan_status(trainer: Any) -> dict[str, Any] | None:
+    """`status.speedPlan` for a trainer built with a plan (train.build_trainer keeps it)."""
+    plan = getattr(trainer, "sftjob_speed_plan", None)
+    if plan is None:
+        return None
+    config = getattr(trainer.model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    return plan.status(trainer.args, str(attention) if attention else None)

@@ -44,6 +44,7 @@ from .preflight import prepare
 from .prepared_rows import sft_trainer_class
 from .progress import Reporter, make_progress_callback, make_sink
 from .settings import TrainerConfig
+from .speed import speed_plan_status
 
 log = logging.getLogger("sftjob_trainer.train")
 
@@ -208,6 +209,7 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
             raise
         raise refused from exc
     speed.apply(trainer)
+    trainer.sftjob_speed_plan = speed  # what ran, for status.speedPlan
     shield_loader_workers(trainer)
     if spec.distributed == "fsdp" and not trainer.is_fsdp_enabled:
         # accelerate turns FSDP on only for GPU-like process groups; on CPU it runs plain DDP.
@@ -264,6 +266,7 @@ def _train(config: TrainerConfig, guard: OutputGuard) -> dict[str, Any]:
             ),
             interval_seconds=float(resolved.get("progressIntervalSeconds") or 10),
             plan_info=plan_info,
+            speed_plan=speed_plan_status(trainer),
             steps_per_epoch=lambda rows: steps_per_epoch(rows, shape, args.dataloader_drop_last),
             notes=[over_length] if over_length else [],
         )

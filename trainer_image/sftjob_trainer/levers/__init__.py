@@ -1,7 +1,7 @@
 """The speed levers: each a module with a switch, a decision and, for some, an `apply`.
 
 - contract.py: what levers and the planner share (switches, facts, `Choice`, the shape of
-  a lever); device_memory.py, training_hooks.py, token_tally.py: leaves shared by levers.
+  a lever, the version contract each lever declares and its `check`); device_memory.py, training_hooks.py, token_tally.py: leaves shared by levers.
 - one module per lever (it defines `SWITCH`): flex_attention, micro_batch, liger_kernel,
   compile_model, light_metrics, data_workers, cast_weights_once, bf16_residual_stream,
   fuse_gradient_accumulation, rotary_tables_once.

@@ -11,9 +11,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contract import Choice, Hardware, Job, Plan, SpeedOptions
+from .contract import Choice, Contract, Hardware, Job, Plan, Signature, SpeedOptions, verified
 
 SWITCH = "bf16ResidualStream"
+
+EXACT = False
+NUMERICS = "the residual additions between layers round to bf16 (losses within 1.3e-4)"
+
+
+def _probe(device: str) -> str | None:
+    from .residual_stream import probe_bf16_stream
+
+    return probe_bf16_stream(device)
+
+
+CONTRACT = Contract(
+    versions=verified("torch", "transformers"),
+    signatures=(
+        Signature("transformers:PreTrainedModel.get_input_embeddings"),
+        Signature(
+            "transformers:TrainerCallback.on_train_begin",
+            ("self", "args", "state", "control", "kwargs"),
+        ),
+    ),
+    probe=_probe,
+)
 
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:

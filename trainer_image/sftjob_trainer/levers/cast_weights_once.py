@@ -11,9 +11,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contract import Choice, Hardware, Job, Plan, SpeedOptions
+from .contract import Choice, Contract, Hardware, Job, Plan, Signature, SpeedOptions, verified
 
 SWITCH = "castWeightsOncePerStep"
+
+EXACT = True
+NUMERICS = (
+    "autocast's arithmetic: the same bf16 rounding of each weight and the same matmuls "
+    "(bit for bit autocast's gradients and weights, tests/trainer/test_weight_copies.py)"
+)
+
+
+def _probe(device: str) -> str | None:
+    from .weight_copies import probe_weight_copies
+
+    return probe_weight_copies(device, accumulate_in_matmul=False)
+
+
+CONTRACT = Contract(
+    versions=verified("torch", "transformers"),
+    signatures=(
+        Signature("torch:Tensor.register_post_accumulate_grad_hook"),
+        Signature("transformers:TrainerCallback.on_optimizer_step"),
+        Signature("transformers:TrainerCallback.on_pre_optimizer_step"),
+    ),
+    probe=_probe,
+)
 # The lever whose work the copies carry out too: their backward adds into .grad in the matmul.
 FUSE_SWITCH = "fuseGradientAccumulation"
 

@@ -13,10 +13,45 @@ import os
 from collections.abc import MutableMapping
 from typing import Any
 
-from .contract import Choice, Hardware, Job, Plan, SpeedOptions
+from .contract import Choice, Contract, Hardware, Job, Plan, Signature, SpeedOptions, verified
 from .token_tally import token_tally
 
 SWITCH = "compile"
+
+EXACT = False
+NUMERICS = "inductor fuses and reorders the model's operations (other rounding)"
+CONTRACT = Contract(
+    versions=verified("torch", "transformers", "trl"),
+    signatures=(
+        Signature("trl:SFTConfig", includes=("torch_compile", "pad_to_multiple_of")),
+        # use_static_batches wraps it, passing the model and inputs by position.
+        Signature(
+            "trl:SFTTrainer.compute_loss",
+            ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
+        ),
+        # block_mask_in_graph calls the library's mask with these, by position.
+        Signature(
+            "transformers.masking_utils:flex_attention_mask",
+            (
+                "batch_size",
+                "q_length",
+                "kv_length",
+                "q_offset",
+                "kv_offset",
+                "mask_function",
+                "attention_mask",
+                "device",
+                "kwargs",
+            ),
+        ),
+        Signature(
+            "transformers.masking_utils:add_offsets_to_mask_function",
+            ("mask_function", "q_offset", "kv_offset"),
+        ),
+        Signature("transformers.masking_utils:causal_mask_function"),
+        Signature("transformers.masking_utils:AttentionMaskInterface.register"),
+    ),
+)
 # The planner's logger: the cache and static-batch lines read as they did in speed.py.
 log = logging.getLogger("sftjob_trainer.speed")
 

@@ -9,7 +9,15 @@ A lever is one module under `sftjob_trainer/levers/` with
   SFTConfig or to spec.model;
 - `apply(trainer, plan)`, for a lever that acts on the built SFTTrainer rather than on its
   arguments: called by the planner only when the lever is on; returns what it did, for the
-  log (None: nothing to log).
+  log (None: nothing to log);
+- `CONTRACT`: its version contract with the libraries it relies on (`Contract`): the range
+  of each library's versions it was verified with, the signatures of the functions it calls
+  or patches (private ones included), and, where it changes what is computed, a probe that
+  compares its path with the plain one on a few tensors. The planner runs `check` at start
+  and turns a lever whose check fails off, with the reason, instead of letting it compute
+  something else;
+- `EXACT`: whether it changes no number (bit for bit the plain TRL run on CPU, as its tests
+  show), and `NUMERICS`, why: `speed.preset: exact` keeps only the exact levers.
 
 A lever imports this module, the shared leaves beside it (device_memory, training_hooks,
 token_tally) and its own mechanics (modules without a SWITCH), never another lever and
@@ -20,9 +28,14 @@ lever in turn, and applies them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 Switch = Literal["auto", "on", "off"]
 SWITCHES = ("auto", "on", "off")
@@ -142,10 +155,153 @@ class Plan(Protocol):
     def static_length(self) -> int | None: ...
 
 
+Preset = Literal["default", "exact"]
+PRESETS = ("default", "exact")
+
+# The versions the levers were verified with: the GPU measurements of docs/performance.md
+# ran torch 2.11, transformers 5.17, trl 1.16.0, accelerate 1.15, peft 0.21.0 (sessions 3
+# to 9); the CPU tests run the pins of constraints.txt (torch 2.13.0, transformers 5.24.0,
+# trl 1.16.0, peft 0.21.2). A lever names the libraries it relies on (`verified`); a
+# version outside its range turns it off until it is verified again.
+VERIFIED_VERSIONS: dict[str, str] = {
+    "torch": ">=2.11,<2.14",
+    "transformers": ">=5.17,<5.25",
+    "trl": "==1.16.0",
+    "accelerate": ">=1.15,<1.16",
+    "peft": ">=0.21,<0.22",
+}
+
+
+def verified(*libraries: str) -> dict[str, SpecifierSet]:
+    """The verified range of each of `libraries` (VERIFIED_VERSIONS), for a lever's contract."""
+    return {name: SpecifierSet(VERIFIED_VERSIONS[name]) for name in libraries}
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A function or class of a library that a lever calls or patches, as verified.
+
+    `target` is "module:qualified.name". `parameters`, when given, are its parameters in
+    order (a lever passing a dozen positional arguments depends on each position); a triton
+    kernel is read through its `.fn`. `includes` are names that must be among them (a
+    config class's fields). With neither, only its presence is checked.
+    """
+
+    target: str
+    parameters: tuple[str, ...] | None = None
+    includes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a lever was verified with, as data a test can vary (see `check`)."""
+
+    versions: Mapping[str, SpecifierSet]
+    signatures: tuple[Signature, ...] = ()
+    # A comparison of the lever's path with the plain one on a few tensors, on the device
+    # ("cpu" or "cuda"): None when they agree, else what differs.
+    probe: Callable[[str], str | None] | None = None
+
+
+def installed_versions(libraries: Any) -> dict[str, str | None]:
+    """The installed version of each library (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in libraries:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def resolve(target: str) -> Any:
+    """The object "module:qualified.name" names; AttributeError or ImportError if absent."""
+    module_name, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parameter_names(obj: Any) -> tuple[str, ...]:
+    """The parameters of a function, a class's constructor or a triton kernel (`.fn`)."""
+    return tuple(inspect.signature(getattr(obj, "fn", obj)).parameters)
+
+
+def signature_mismatch(expected: Signature) -> str | None:
+    """Why the library's object differs from what the lever was verified with; None if not."""
+    try:
+        obj = resolve(expected.target)
+    except (ImportError, AttributeError) as exc:
+        return f"{expected.target} is missing ({type(exc).__name__}: {exc})"
+    if expected.parameters is None and not expected.includes:
+        return None
+    try:
+        found = parameter_names(obj)
+    except (TypeError, ValueError) as exc:
+        return f"{expected.target} has no readable signature ({exc})"
+    if expected.parameters is not None and found != expected.parameters:
+        verified = expected.parameters
+        # The first position that differs (past the shorter list: one was added or removed).
+        pairs = zip(found, verified, strict=False)
+        at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(found), len(verified)))
+        return (
+            f"{expected.target}: parameter {at + 1} is {found[at] if at < len(found) else 'absent'}"
+            f", verified with {verified[at] if at < len(verified) else 'none'} "
+            f"({len(found)} parameters, verified with {len(verified)})"
+        )
+    missing = [name for name in expected.includes if name not in found]
+    if missing:
+        return f"{expected.target} has no {', '.join(missing)}"
+    return None
+
+
+def version_mismatch(
+    versions: Mapping[str, SpecifierSet], installed: Mapping[str, str | None]
+) -> str | None:
+    """Why the installed libraries are outside the verified ranges; None if within."""
+    for name, verified_range in versions.items():
+        found = installed.get(name)
+        if found is None:
+            return f"{name} is not installed"
+        try:
+            inside = verified_range.contains(Version(found), prereleases=True)
+        except InvalidVersion:
+            inside = False
+        if not inside:
+            return f"{name} {found} is outside the versions it was verified with ({verified_range})"
+    return None
+
+
+def check(
+    contract: Contract, device: str = "cpu", installed: Mapping[str, str | None] | None = None
+) -> str | None:
+    """The lever's self-check: versions, then signatures, then the probe; None when it passes,
+    else the first reason it fails (the planner turns the lever off with it)."""
+    if installed is None:
+        installed = installed_versions(contract.versions)
+    reason = version_mismatch(contract.versions, installed)
+    if reason is None:
+        reason = next(filter(None, map(signature_mismatch, contract.signatures)), None)
+    if reason is None and contract.probe is not None:
+        try:
+            reason = contract.probe(device)
+        except Exception as exc:  # a probe that cannot run is a failed check, with its cause
+            reason = f"its probe failed: {type(exc).__name__}: {exc}"
+        if reason is not None and not reason.startswith("its probe"):
+            reason = f"its probe differs from the plain path: {reason}"
+    return reason
+
+
 class Lever(Protocol):
     """A lever module: its switch and its decision (arguments differ from lever to lever)."""
 
     SWITCH: str
+    CONTRACT: Contract
+    EXACT: bool
+    NUMERICS: str
     decide: Callable[..., Choice]
 
 

@@ -7,9 +7,25 @@ process). On with CUDA and CPUs to spare under "auto".
 
 from __future__ import annotations
 
-from .contract import Choice, Hardware, Job, SpeedOptions
+from .contract import Choice, Contract, Hardware, Job, Signature, SpeedOptions, verified
 
 SWITCH = "dataWorkers"
+
+EXACT = True
+NUMERICS = (
+    "the same batches in the same order, collated in worker processes (bit for bit the "
+    "losses without them, tests/trainer/test_data_workers.py)"
+)
+CONTRACT = Contract(
+    versions=verified("transformers", "trl"),
+    signatures=(
+        Signature(
+            "trl:SFTConfig",
+            includes=("dataloader_num_workers", "dataloader_persistent_workers"),
+        ),
+        Signature("transformers:Trainer.get_train_dataloader", ("self",)),
+    ),
+)
 # DataLoader worker processes per training process (measured: two were enough to take
 # collation off the critical path); they need cores beyond the training process's own.
 DATA_WORKERS = 2

@@ -10,9 +10,27 @@ s) and gains nothing.
 
 from __future__ import annotations
 
-from .contract import Choice, Hardware, Job, SpeedOptions
+from .contract import Choice, Contract, Hardware, Job, Signature, SpeedOptions, verified
 
 SWITCH = "flexAttention"
+
+EXACT = False
+NUMERICS = (
+    "flex attention's kernels instead of SDPA's: the same masking, other rounding "
+    "(packed isolation within 2.4e-7 on the GPU)"
+)
+CONTRACT = Contract(
+    versions=verified("torch", "transformers"),
+    signatures=(
+        Signature("torch.nn.attention.flex_attention:flex_attention"),
+        Signature(
+            "torch.nn.attention.flex_attention:create_block_mask",
+            includes=("mask_mod", "B", "H", "Q_LEN", "KV_LEN", "device"),
+        ),
+        # transformers builds the document mask from position_ids resets with it.
+        Signature("transformers.masking_utils:find_packed_sequence_indices", ("position_ids",)),
+    ),
+)
 
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:

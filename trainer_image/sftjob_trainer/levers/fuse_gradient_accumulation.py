@@ -10,9 +10,31 @@ LoRA. On with CUDA for full fine-tunes wherever the copies are, under "auto".
 
 from __future__ import annotations
 
-from .contract import Choice, Hardware, Job, SpeedOptions
+from .contract import Choice, Contract, Hardware, Job, Signature, SpeedOptions, verified
 
 SWITCH = "fuseGradientAccumulation"
+
+EXACT = False
+NUMERICS = (
+    "on CUDA the weight gradient's product is added in fp32, not rounded to bf16 first "
+    "(errors against float64 the same size as autocast's)"
+)
+
+
+def _probe(device: str) -> str | None:
+    from .weight_copies import probe_weight_copies
+
+    return probe_weight_copies(device, accumulate_in_matmul=True)
+
+
+CONTRACT = Contract(
+    versions=verified("torch", "transformers"),
+    signatures=(
+        Signature("torch.library:custom_op"),
+        Signature("transformers:TrainerCallback.on_step_end"),
+    ),
+    probe=_probe,
+)
 
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job, weight_copies: Choice) -> Choice:

@@ -7,9 +7,16 @@ so only the layer kernels are left to gain.
 
 from __future__ import annotations
 
-from .contract import Choice, Hardware, Job, SpeedOptions
+from .contract import Choice, Contract, Hardware, Job, Signature, SpeedOptions, verified
 
 SWITCH = "ligerKernel"
+
+EXACT = False
+NUMERICS = "liger's Triton kernels for norms and activations round otherwise"
+CONTRACT = Contract(
+    versions=verified("transformers", "trl"),
+    signatures=(Signature("trl:SFTConfig", includes=("use_liger_kernel",)),),
+)
 
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job, compiled: bool = False) -> Choice:

@@ -11,9 +11,129 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contract import Choice, Hardware, Job, Plan, SpeedOptions
+from .contract import Choice, Contract, Hardware, Job, Plan, Signature, SpeedOptions, verified
 
 SWITCH = "lightMetrics"
+
+EXACT = False
+NUMERICS = (
+    "its LM head computes the logits in one GEMM instead of TRL's tiles (log-probabilities "
+    "within 1e-5 in fp32, tests/trainer/test_kept_logits.py) and drops two metrics"
+)
+# TRL's private kernels, called with these arguments by position (kept_logits.py).
+_FOLD = (
+    "targets",
+    "running_max",
+    "sum_exp",
+    "x_sum_exp",
+    "sq_sum_exp",
+    "z_sum",
+    "max_before_target",
+    "target_logit",
+    "vocab_start",
+    "n_cols",
+    "logit_scale",
+    "softcap",
+    "inv_t",
+    "HAS_SOFTCAP",
+    "HAS_ENTROPY",
+    "HAS_LOG_SUM_SQ_PROBS",
+    "HAS_MEAN_LOGITS",
+    "HAS_IS_TOP1",
+    "BLOCK_SIZE",
+)
+_TO_GRADIENT = (
+    "targets",
+    "log_z",
+    "entropy",
+    "grad_logprobs",
+    "grad_entropy",
+    "vocab_start",
+    "n_cols",
+    "logit_scale",
+    "softcap",
+    "inv_t",
+    "HAS_SOFTCAP",
+    "HAS_LOGPROB_GRAD",
+    "HAS_ENTROPY_GRAD",
+    "BLOCK_SIZE",
+)
+_KERNELS = "trl.kernels.chunked_logprob"
+
+
+# The triton kernels' names for the same positions (pointers where the tiles take tensors).
+_FOLD_POINTERS = (
+    "targets_ptr",
+    "max_ptr",
+    "sum_exp_ptr",
+    "x_sum_exp_ptr",
+    "sq_sum_exp_ptr",
+    "z_sum_ptr",
+    "max_before_target_ptr",
+    "target_logit_ptr",
+)
+_TO_GRADIENT_POINTERS = (
+    "targets_ptr",
+    "log_z_ptr",
+    "entropy_ptr",
+    "grad_logprobs_ptr",
+    "grad_entropy_ptr",
+)
+
+
+def _probe(device: str) -> str | None:
+    from .kept_logits import probe_kept_logits
+
+    return probe_kept_logits(device)
+
+
+CONTRACT = Contract(
+    versions=verified("torch", "transformers", "trl"),
+    signatures=(
+        Signature(f"{_KERNELS}:_forward_tile", ("tile", "tile_stride", *_FOLD)),
+        Signature(
+            f"{_KERNELS}:_forward_kernel",
+            ("mm_ptr", "mm_stride", *_FOLD_POINTERS, *_FOLD[8:]),
+        ),
+        Signature(f"{_KERNELS}:_backward_tile", ("tile", "tile_stride", *_TO_GRADIENT)),
+        Signature(
+            f"{_KERNELS}:_backward_kernel",
+            ("mm_ptr", "mm_stride", *_TO_GRADIENT_POINTERS, *_TO_GRADIENT[5:]),
+        ),
+        Signature(f"{_KERNELS}:_use_triton", ("device",)),
+        Signature(f"{_KERNELS}:_BLOCK_SIZE"),
+        Signature(
+            "trl.kernels:ChunkedLogProbFunction.forward",
+            (
+                "ctx",
+                "hidden",
+                "weight",
+                "bias",
+                "targets",
+                "temperature",
+                "chunk_size",
+                "final_logit_softcapping",
+                "logit_scale",
+                "outputs",
+            ),
+        ),
+        Signature(
+            "trl.trainer.utils:add_fused_lm_head",
+            ("model", "temperature", "cast_lm_head_to_fp32", "outputs"),
+        ),
+        Signature(
+            "trl.trainer.utils:FusedCausalLMOutput",
+            includes=("log_probs", "label_mask", "entropy", "is_top1"),
+        ),
+        Signature(
+            "trl:SFTTrainer.compute_loss",
+            ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
+        ),
+        Signature("transformers:Trainer.log", ("self", "logs", "start_time")),
+        Signature("trl:SFTConfig", includes=("logging_nan_inf_filter",)),
+    ),
+    probe=_probe,
+)
 
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:

@@ -10,10 +10,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contract import Choice, Hardware, Job, ModelShape, SpeedOptions
+from .contract import Choice, Contract, Hardware, Job, ModelShape, Signature, SpeedOptions, verified
 from .device_memory import KEPT_LOGITS_SHARE
 
 SWITCH = "autoMicroBatch"
+
+EXACT = False
+NUMERICS = (
+    "another split of the same effective batch sums the gradients in another order "
+    "(losses within 1e-3 on CPU, tests/trainer/test_bench.py)"
+)
+CONTRACT = Contract(
+    versions=verified("transformers", "trl"),
+    signatures=(
+        Signature(
+            "trl:SFTConfig",
+            includes=(
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+                "gradient_checkpointing",
+            ),
+        ),
+    ),
+)
 # Fraction of device memory the estimate may fill; the rest absorbs allocator
 # fragmentation, the CUDA context and the estimate's error.
 MEMORY_HEADROOM = 0.80

@@ -98,3 +98,20 @@ def use_bf16_residual_stream(trainer: Any) -> str:
         )
     trainer.add_callback(Bf16ResidualStream(embedding))
     return f"{type(embedding).__name__} output cast to bf16 while training runs{unchecked}"
+
+
+def probe_bf16_stream(device: str) -> str | None:
+    """The cast on an embedding's output: its values rounded to bf16, nothing else."""
+    embedding = nn.Embedding(10, 8).to(device)
+    ids = torch.arange(6, device=device).reshape(2, 3)
+    handle = embedding.register_forward_hook(_to_bf16)
+    try:
+        with torch.no_grad():
+            cast = embedding(ids)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        plain = embedding(ids)
+    if cast.dtype != torch.bfloat16 or not torch.equal(cast, plain.to(torch.bfloat16)):
+        return f"the hooked embedding returns {cast.dtype}, not its output rounded to bf16"
+    return None

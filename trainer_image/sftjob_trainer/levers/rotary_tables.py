@@ -88,3 +88,15 @@ def use_rotary_tables_once(trainer: Any) -> str:
         f"{len(modules)} module(s) hooked ({names}): the (cos, sin) tables they return are "
         "computed once per forward; other outputs pass through unchanged"
     )
+
+
+def probe_rotary_table(device: str) -> str | None:
+    """The op on a few tensors: a copy, whose gradient is its output's; None when so."""
+    table = torch.linspace(-1.0, 1.0, 12, device=device).reshape(3, 4).requires_grad_()
+    copied = rotary_table(table)
+    (grad,) = torch.autograd.grad((copied * 3).sum(), table)
+    if not torch.equal(copied, table.detach()):
+        return "sftjob::rotary_table does not return its input's values"
+    if not torch.equal(grad, torch.full_like(grad, 3.0)):
+        return "sftjob::rotary_table does not pass its gradient through"
+    return None

@@ -12,9 +12,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contract import Choice, Plan, SpeedOptions
+from .contract import Choice, Contract, Plan, Signature, SpeedOptions, verified
 
 SWITCH = "rotaryTablesOnce"
+
+EXACT = True
+NUMERICS = (
+    "eager, a copy of the rotary tables (bit for bit, tests/trainer/test_rotary_tables.py); "
+    "only compiled bf16 tables round otherwise, and compiling is not exact"
+)
+
+
+def _probe(device: str) -> str | None:
+    from .rotary_tables import probe_rotary_table
+
+    return probe_rotary_table(device)
+
+
+CONTRACT = Contract(
+    versions=verified("torch", "transformers"),
+    signatures=(
+        Signature("torch.library:custom_op"),
+        Signature(
+            "transformers:TrainerCallback.on_train_begin",
+            ("self", "args", "state", "control", "kwargs"),
+        ),
+    ),
+    probe=_probe,
+)
 
 
 def decide(opt: SpeedOptions, compiled: Choice) -> Choice:

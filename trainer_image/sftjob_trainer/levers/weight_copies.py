@@ -491,3 +491,53 @@ def use_weight_copies(trainer: Any, accumulate_in_matmul: bool = False) -> str:
         else f"bf16 products added into the fp32 .grad, autocast's arithmetic ({why_not})"
     )
     return f"{done}; fuseGradientAccumulation: {len(fused)} layers' weight gradients {how}"
+
+
+def probe_weight_copies(device: str, accumulate_in_matmul: bool = False) -> str | None:
+    """Two linear layers with the copies against plain autocast on a few tensors.
+
+    The output and the fp32 gradients must be bit for bit autocast's; with
+    `accumulate_in_matmul` where the product is added in fp32 (CUDA), within the bf16
+    activations' error instead. None when they agree, else the first difference.
+    """
+    import copy
+
+    generator = torch.Generator().manual_seed(0)
+    plain = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4))
+    with torch.no_grad():
+        for parameter in plain.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    plain = plain.to(device)
+    ours = copy.deepcopy(plain)
+    x = torch.randn(5, 16, generator=generator).to(device)
+    copies = WeightCopies(ours, accumulate_in_matmul=accumulate_in_matmul)
+    fp32_products = False
+    if accumulate_in_matmul:
+        fp32_products = matmul_adds_in_fp32(torch.device(device)) is None
+        for module in copies.modules:
+            module.fp32_products = fp32_products  # type: ignore[attr-defined]
+        copies.hand_over_grad_sums()
+    try:
+        outputs = []
+        for model in (plain, ours):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                out = model(x)
+            out.float().square().sum().backward()
+            outputs.append(out.detach())
+        pairs = [("output", outputs[1], outputs[0])] + [
+            (name, mine.grad, theirs.grad)
+            for (name, theirs), mine in zip(
+                plain.named_parameters(), ours.parameters(), strict=True
+            )
+        ]
+        for name, mine, theirs in pairs:
+            if mine is None or theirs is None:
+                return f"{name}: no gradient"
+            if fp32_products and name != "output":
+                if not torch.allclose(mine, theirs, rtol=2e-2, atol=1e-3):
+                    return f"{name}: off by {(mine - theirs).abs().max().item():.1e}"
+            elif not torch.equal(mine, theirs):
+                return f"{name}: not bit for bit autocast's"
+        return None
+    finally:
+        copies.remove()
