@@ -35,6 +35,11 @@ LABEL_RANK = "sftjob.dev/rank"
 LABEL_ATTEMPT = "sftjob.dev/attempt"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Kueue's pod integration (pkg/controller/jobs/pod/constants/constants.go): the ranks of one
+# attempt form a pod group that Kueue admits as one Workload, all ranks or none.
+KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_TOTAL_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_RETRIABLE_IN_GROUP_ANNOTATION = "kueue.x-k8s.io/retriable-in-group"
 COMMON_LABELS = {
     "app.kubernetes.io/name": "sftjob",
     "app.kubernetes.io/managed-by": "sftjob-operator",
@@ -95,6 +100,32 @@ def owner_reference(job: SFTJob) -> dict[str, Any]:
 
 def job_labels(job: SFTJob) -> dict[str, str]:
     return {**COMMON_LABELS, LABEL_JOB: job.metadata.name}
+
+
+def kueue_pod_group_name(job_name: str, attempt: int) -> str:
+    """One Kueue pod group (and Workload of that name) per attempt: the pod names' prefix."""
+    return f"{job_name}-a{attempt}"
+
+
+def kueue_gang_metadata(
+    job_name: str, attempt: int, nodes: int, queue: str | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Labels and annotations that make a multi-node attempt one Kueue gang.
+
+    None without a queue (Kueue leaves such pods alone) or for one node (Kueue admits a
+    single plain pod as its own Workload). The operator never replaces a rank inside an
+    attempt, it starts a new attempt (a new group): retriable-in-group "false" tells Kueue
+    to finish the group's Workload, releasing its quota, once no rank is running, instead of
+    waiting for replacement pods. Kueue adds its managed label and admission gate itself.
+    """
+    if not queue or nodes <= 1:
+        return {}, {}
+    labels = {KUEUE_POD_GROUP_LABEL: kueue_pod_group_name(job_name, attempt)}
+    annotations = {
+        KUEUE_POD_GROUP_TOTAL_ANNOTATION: str(nodes),
+        KUEUE_RETRIABLE_IN_GROUP_ANNOTATION: "false",
+    }
+    return labels, annotations
 
 
 def _metadata(job: SFTJob, name: str, component: str, **labels: str) -> dict[str, Any]:
@@ -393,6 +424,8 @@ def build_pod(
     queue = job.metadata.labels.get(KUEUE_QUEUE_LABEL) or pod.queueName
     if queue:
         labels[KUEUE_QUEUE_LABEL] = queue
+    gang_labels, gang_annotations = kueue_gang_metadata(name, attempt, spec.resources.nodes, queue)
+    labels.update(gang_labels)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": service_account_name(name),
@@ -434,12 +467,10 @@ def build_pod(
         pod_spec["affinity"] = affinity
     if pod.priorityClassName:
         pod_spec["priorityClassName"] = pod.priorityClassName
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": _metadata(job, pod_name(name, attempt, rank), "trainer", **labels),
-        "spec": pod_spec,
-    }
+    metadata = _metadata(job, pod_name(name, attempt, rank), "trainer", **labels)
+    if gang_annotations:
+        metadata["annotations"] = gang_annotations
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
 def build_pods(

@@ -273,6 +273,33 @@ class TestBuildPod:
         labels = build_pod(make_job(), 0, 1)["metadata"]["labels"]
         assert "kueue.x-k8s.io/queue-name" not in labels
 
+    def test_two_node_job_with_a_queue_is_one_kueue_gang(self) -> None:
+        job = make_job(
+            labels={"kueue.x-k8s.io/queue-name": "gpu-queue"},
+            resources={"nodes": 2},
+        )
+        pods = build_pods(job, 3)
+        assert len(pods) == 2
+        for pod in pods:
+            assert pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] == "demo-a3"
+            assert pod["metadata"]["annotations"] == {
+                "kueue.x-k8s.io/pod-group-total-count": "2",
+                "kueue.x-k8s.io/retriable-in-group": "false",
+            }
+            # Kueue's webhook adds its managed label and admission gate, not the operator.
+            assert "kueue.x-k8s.io/managed" not in pod["metadata"]["labels"]
+            assert "schedulingGates" not in pod["spec"]
+        # A new attempt is a new group, so a new Kueue Workload.
+        next_attempt = build_pods(job, 4)[0]["metadata"]["labels"]
+        assert next_attempt["kueue.x-k8s.io/pod-group-name"] == "demo-a4"
+
+    def test_no_kueue_gang_without_a_queue_or_for_one_node(self) -> None:
+        unqueued = make_job(resources={"nodes": 2})
+        single = make_job(labels={"kueue.x-k8s.io/queue-name": "gpu-queue"})
+        for pod in [*build_pods(unqueued, 1), *build_pods(single, 1)]:
+            assert "kueue.x-k8s.io/pod-group-name" not in pod["metadata"]["labels"]
+            assert "annotations" not in pod["metadata"]
+
     def test_image_from_spec_or_default(self) -> None:
         assert container(build_pod(make_job(), 0, 1))["image"] == DEFAULT_TRAINER_IMAGE
         assert container(build_pod(make_job(), 0, 1, "reg/own:1"))["image"] == "reg/own:1"
@@ -518,6 +545,20 @@ class TestPodDefaultsFromTheProfile:
         assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "30Gi"}
         assert volumes["output"]["emptyDir"] == {"sizeLimit": "30Gi"}
         assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+
+    def test_profile_queue_makes_a_two_node_job_one_kueue_gang(self) -> None:
+        job = make_job(resources={"nodes": 2})
+        pods = build_pods(job, 1, pod=self.DEFAULTS)
+        assert [p["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] for p in pods] == [
+            "tenant-queue",
+            "tenant-queue",
+        ]
+        assert {p["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] for p in pods} == {
+            "demo-a1"
+        }
+        assert {
+            p["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] for p in pods
+        } == {"2"}
 
     def test_the_jobs_own_queue_label_wins(self) -> None:
         job = make_job(labels={"kueue.x-k8s.io/queue-name": "own"})
