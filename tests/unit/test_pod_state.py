@@ -124,6 +124,23 @@ class TestStartBlocker:
             "CreateContainerError",
         } <= set(START_BLOCKING_REASONS)
 
+    def test_a_pod_waiting_in_a_kueue_queue_is_not_blocked(self) -> None:
+        # Kueue's webhook gates a queued pod; the scheduler reports SchedulingGated, not
+        # Unschedulable: waiting for admission must not run down podStartTimeoutSeconds.
+        pod = pending_pod(scheduled=None)
+        pod["spec"] = {"schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]}
+        pod["status"]["conditions"].append(
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "SchedulingGated",
+                "message": "Scheduling is blocked due to non-empty scheduling gates",
+                "lastTransitionTime": iso(CREATED),
+            }
+        )
+        assert start_blocker(pod) is None
+        assert start_verdict([pod], 60, CREATED + timedelta(hours=5)) is None
+
 
 class TestStartVerdict:
     def test_nothing_blocked_no_verdict(self) -> None:
