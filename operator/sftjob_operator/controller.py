@@ -128,6 +128,10 @@ class Controller:
         finally:
             PASS_JOB.reset(current)
         self.queue.succeeded(key)
+        if not self.cache.has_job(key):
+            # Deleted while this pass ran: its series, set at the pass's end, outlive the
+            # DELETED event's forget otherwise.
+            METRICS.forget(namespace, name)
         if outcome.phase is None:
             now_uid = self.cache.job_uid_at(key)
             if now_uid is not None and now_uid != uid:

@@ -243,7 +243,8 @@ async def _reconcile_live(
         }
     requeue_after = await _apply(job, live, actions, kube, writer, now)
     phase = actions.status.get("phase") or (job.status.phase if job.status else None) or "Pending"
-    METRICS.observe_phase(namespace, name, phase)
+    # The job's series follow the status this pass wrote (metrics.job_values).
+    METRICS.observe_job(namespace, name, lifecycle.status_after(job.status, actions.status))
     return Outcome(phase, requeue_after)
 
 
