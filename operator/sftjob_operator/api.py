@@ -996,11 +996,16 @@ class Progress(StatusModel):
     tokensPerSecond: float | None = Field(default=None, description="Training throughput.")
     etaSeconds: int | None = Field(default=None, description="Estimated seconds to finish.")
     eta: str | None = Field(default=None, description="etaSeconds as text, e.g. 3m20s.")
-    summary: str | None = Field(default=None, description="step/total, for kubectl get.")
+    summary: str | None = Field(
+        default=None, description="step/total (percent), for kubectl get (the operator's)."
+    )
     updateTime: str | None = Field(default=None, description="When this report was written.")
     evalLoss: float | None = Field(default=None, description="Latest eval loss (dataset.eval).")
     bestEvalLoss: float | None = Field(
         default=None, description="Lowest eval loss so far (output.keepBest keeps its checkpoint)."
+    )
+    lossDisplay: str | None = Field(
+        default=None, description="loss to 4 significant digits, for kubectl get (the operator's)."
     )
 
 

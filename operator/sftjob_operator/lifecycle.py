@@ -740,6 +740,17 @@ def _diff(updated: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return {k: updated.get(k) for k in OPERATOR_STATUS_FIELDS if updated.get(k) != base.get(k)}
 
 
+def stale_eta_cleared(status: SFTJobStatus) -> dict[str, Any]:
+    """The patch that removes the ETA of a job that is not Running (Suspended, Failed,
+    Succeeded, Restarting, Pending): a time left is a promise only a run can keep."""
+    progress = status.progress
+    if status.phase == "Running" or progress is None:
+        return {}
+    if progress.eta is None and progress.etaSeconds is None:
+        return {}
+    return {"progress": {"eta": None, "etaSeconds": None}}
+
+
 def _finish(p: _Pass) -> Actions:
     updated = p.status.model_dump(mode="json", exclude_none=True)
     if p.launch_base is None:
@@ -747,6 +758,7 @@ def _finish(p: _Pass) -> Actions:
     else:
         p.actions.status = _diff(p.launch_base, p.original)
         p.actions.launch_status = _diff(updated, p.launch_base)
+    p.actions.status.update(stale_eta_cleared(p.status))
     p.actions.delete_pods = list(dict.fromkeys(p.actions.delete_pods))
     return p.actions
 

@@ -26,7 +26,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, get_args
 
@@ -206,6 +206,7 @@ PROGRESS_RULES: dict[str, Rule] = {
     "updateTime": _timestamp,
     "evalLoss": _number,
     "bestEvalLoss": _number,
+    "lossDisplay": _text,  # the operator's: displayed() writes it over the trainer's
 }
 PROGRESS_REQUIRED = ("step",)
 
@@ -338,6 +339,39 @@ def parse_report(data: Mapping[str, str] | None, *, job_uid: str | None, attempt
     )
 
 
+def loss_display(loss: float) -> str:
+    """The loss to 4 significant digits: printer columns cannot round a number."""
+    return f"{loss:.4g}"
+
+
+def progress_summary(step: int, total_steps: int | None) -> str:
+    """`12/200 (6%)` for the Progress column; `12/?` while the total is unknown."""
+    if not total_steps:
+        return f"{step}/?"
+    return f"{step}/{total_steps} ({math.floor(100 * step / total_steps)}%)"
+
+
+def displayed(progress: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The progress with the column texts the operator derives from its numbers."""
+    if progress is None:
+        return None
+    shown = dict(progress)
+    shown.pop("lossDisplay", None)
+    if "loss" in progress:
+        shown["lossDisplay"] = loss_display(progress["loss"])
+    shown["summary"] = progress_summary(progress["step"], progress.get("totalSteps"))
+    return shown
+
+
+def merged_patch(report_patch: dict[str, Any], operator_patch: dict[str, Any]) -> dict[str, Any]:
+    """The pass's status patch: the operator's fields win, and its progress fields (an ETA
+    cleared) merge into the report's progress rather than replace it."""
+    merged = {**report_patch, **operator_patch}
+    if "progress" in report_patch and "progress" in operator_patch:
+        merged["progress"] = {**report_patch["progress"], **operator_patch["progress"]}
+    return merged
+
+
 def _replacing(fields: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     # A merge patch merges objects: null removes a field the previous report had.
     return {field: new.get(field) for field in fields}
@@ -348,7 +382,7 @@ def status_patch(report: Report, status: SFTJobStatus | None) -> dict[str, Any]:
     status = status or SFTJobStatus()
     patch: dict[str, Any] = {}
     for key, model, new in (
-        ("progress", Progress, report.progress),
+        ("progress", Progress, displayed(report.progress)),
         ("measuredPlan", Plan, report.measured_plan),
         ("speedPlan", SpeedPlanStatus, report.speed_plan),
     ):
@@ -417,14 +451,20 @@ def fold(
     job: tuple[str, str, str | None],
     attempt: int,
     status: SFTJobStatus | None,
+    phase: str | None = "Running",
 ) -> dict[str, Any]:
     """The status patch for the report in `data` if it is from `attempt` of `job`.
 
-    `job` is (namespace, name, uid); `status` the job's status before this pass's patch.
+    `job` is (namespace, name, uid); `status` the job's status before this pass's patch;
+    `phase` the job's phase after it: a report's ETA reaches only a Running job's status
+    (the last report of a run that failed or was suspended still has one).
     Empty when the report changes nothing; what was ignored is logged (once while the
     report stays as it is).
     """
     namespace, name, uid = job
     report = parse_report(data, job_uid=uid, attempt=attempt)
     IGNORED_LOG.note(namespace, name, report)
+    if phase != "Running" and report.progress is not None:
+        kept = {k: v for k, v in report.progress.items() if k not in ("eta", "etaSeconds")}
+        report = replace(report, progress=kept)
     return status_patch(report, status)

@@ -237,10 +237,10 @@ async def _reconcile_live(
             kube.read_config_map_data, namespace, progress_config_map_name(name)
         )
         key = (namespace, name, job.metadata.uid)
-        actions.status = {
-            **progress_report.fold(report, key, attempt, job.status),
-            **actions.status,
-        }
+        phase_after = actions.status.get("phase") or (job.status.phase if job.status else None)
+        actions.status = progress_report.merged_patch(
+            progress_report.fold(report, key, attempt, job.status, phase_after), actions.status
+        )
     requeue_after = await _apply(job, live, actions, kube, writer, now)
     phase = actions.status.get("phase") or (job.status.phase if job.status else None) or "Pending"
     METRICS.observe_phase(namespace, name, phase)

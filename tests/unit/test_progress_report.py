@@ -11,9 +11,13 @@ from sftjob_operator.api import Plan, Progress, SFTJobStatus
 from sftjob_operator.progress_report import (
     MAX_REPORT_BYTES,
     IgnoredLog,
+    displayed,
     encode_report,
     fold,
+    loss_display,
+    merged_patch,
     parse_report,
+    progress_summary,
     status_patch,
 )
 
@@ -200,7 +204,11 @@ class TestStatusPatch:
     def test_nothing_when_the_status_already_says_it(self) -> None:
         parsed = parse_report(report(), job_uid=UID, attempt=1)
         status = SFTJobStatus.model_validate(
-            {"attempts": 1, "progress": parsed.progress, "measuredPlan": parsed.measured_plan}
+            {
+                "attempts": 1,
+                "progress": displayed(parsed.progress),
+                "measuredPlan": parsed.measured_plan,
+            }
         )
         assert status_patch(parsed, status) == {}
 
@@ -381,3 +389,81 @@ class TestSpeedPlan:
         assert parsed.speed_plan is not None and field not in parsed.speed_plan
         assert parsed.speed_plan["levers"] == SPEED_PLAN["levers"]
         assert any(reason.startswith(f"speedPlan.{field}:") for reason in parsed.ignored)
+
+
+# --------------------------------------------------------------------- columns
+
+
+@pytest.mark.parametrize(
+    ("loss", "shown"),
+    [
+        (4.67442512512207, "4.674"),
+        (0.000123456, "0.0001235"),
+        (12.0, "12"),
+        (1234567.0, "1.235e+06"),
+        (-0.5, "-0.5"),
+    ],
+)
+def test_loss_display_has_4_significant_digits(loss: float, shown: str) -> None:
+    assert loss_display(loss) == shown
+
+
+@pytest.mark.parametrize(
+    ("step", "total", "shown"),
+    [
+        (12, 200, "12/200 (6%)"),
+        (199, 200, "199/200 (99%)"),
+        (200, 200, "200/200 (100%)"),
+        (0, 120, "0/120 (0%)"),
+        (5, None, "5/?"),
+        (5, 0, "5/?"),
+    ],
+)
+def test_progress_summary(step: int, total: int | None, shown: str) -> None:
+    assert progress_summary(step, total) == shown
+
+
+def test_the_status_gets_the_column_texts_the_operator_derives() -> None:
+    forged = with_progress(loss=4.67442512512207, lossDisplay="0.0001", summary="30/120")
+    patch = status_patch(parse_report(forged, job_uid=UID, attempt=1), SFTJobStatus())
+    assert patch["progress"]["lossDisplay"] == "4.674"
+    assert patch["progress"]["loss"] == 4.67442512512207  # the number stays for tools
+    assert patch["progress"]["summary"] == "30/120 (25%)"
+    without_loss = with_progress(loss=None, lossDisplay="1.0")
+    patch = status_patch(parse_report(without_loss, job_uid=UID, attempt=1), SFTJobStatus())
+    assert patch["progress"]["lossDisplay"] is None  # a merge patch removes the old text
+
+
+def test_displayed_of_no_progress_is_none() -> None:
+    assert displayed(None) is None
+
+
+class TestNoEtaUnlessRunning:
+    @pytest.mark.parametrize("phase", ["Suspended", "Failed", "Succeeded", "Restarting"])
+    def test_the_report_eta_does_not_reach_a_job_that_is_not_running(self, phase: str) -> None:
+        patch = fold(report(), ("ml", "demo", UID), 1, SFTJobStatus(), phase)
+        assert patch["progress"]["eta"] is None and patch["progress"]["etaSeconds"] is None
+        assert patch["progress"]["step"] == 30
+
+    def test_a_running_job_shows_the_report_eta(self) -> None:
+        patch = fold(report(), ("ml", "demo", UID), 1, SFTJobStatus(), "Running")
+        assert (patch["progress"]["eta"], patch["progress"]["etaSeconds"]) == ("3m20s", 200)
+
+    def test_an_unchanged_report_still_clears_the_eta_the_status_has(self) -> None:
+        running = fold(report(), ("ml", "demo", UID), 1, SFTJobStatus(), "Running")
+        status = SFTJobStatus.model_validate({"attempts": 1, **running})
+        assert fold(report(), ("ml", "demo", UID), 1, status, "Running") == {}
+        failed = fold(report(), ("ml", "demo", UID), 1, status, "Failed")
+        assert failed["progress"]["eta"] is None
+
+
+def test_merged_patch_merges_progress_and_the_operator_wins() -> None:
+    report_patch = {"progress": {"step": 30, "eta": "3m20s"}, "measuredPlan": {"worldSize": 2}}
+    operator_patch = {"phase": "Failed", "progress": {"eta": None, "etaSeconds": None}}
+    assert merged_patch(report_patch, operator_patch) == {
+        "progress": {"step": 30, "eta": None, "etaSeconds": None},
+        "measuredPlan": {"worldSize": 2},
+        "phase": "Failed",
+    }
+    assert merged_patch({}, operator_patch) == operator_patch
+    assert merged_patch(report_patch, {}) == report_patch
