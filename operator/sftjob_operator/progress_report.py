@@ -33,7 +33,16 @@ from typing import Any, get_args
 from pydantic import BaseModel
 
 from .advice import ROWS_OVER_MAX_LENGTH, over_length_advisory
-from .api import Advisory, Plan, Progress, SFTJobStatus, SpeedPlanStatus, SpeedPreset, SpeedSpec
+from .api import (
+    Advisory,
+    Plan,
+    Progress,
+    ProgressPoint,
+    SFTJobStatus,
+    SpeedPlanStatus,
+    SpeedPreset,
+    SpeedSpec,
+)
 from .plan import PACKED_ESTIMATES
 
 log = logging.getLogger(__name__)
@@ -152,6 +161,10 @@ def _notes(value: Any) -> list[str]:
     return value
 
 
+def _operators_only(value: Any) -> Any:
+    raise Invalid("is the operator's (kept from the reports it saw), not the trainer's")
+
+
 def _packed_estimate(value: Any) -> str:
     if value not in PACKED_ESTIMATES:
         raise Invalid(f"{value!r} is not one of {', '.join(PACKED_ESTIMATES)}")
@@ -207,6 +220,7 @@ PROGRESS_RULES: dict[str, Rule] = {
     "evalLoss": _number,
     "bestEvalLoss": _number,
     "lossDisplay": _text,  # the operator's: displayed() writes it over the trainer's
+    "history": _operators_only,
 }
 PROGRESS_REQUIRED = ("step",)
 
@@ -363,6 +377,43 @@ def displayed(progress: dict[str, Any] | None) -> dict[str, Any] | None:
     return shown
 
 
+# status.progress.history: a whole run's curve in a few KiB (a point is ~110 bytes of JSON).
+HISTORY_POINTS = 50
+HISTORY_FIELDS = tuple(ProgressPoint.model_fields)
+
+
+def _significant(value: Any) -> Any:
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
+def history_point(progress: Mapping[str, Any]) -> dict[str, Any]:
+    """The curve's point for one report: its step and figures, to 4 significant digits."""
+    return {k: _significant(progress[k]) for k in HISTORY_FIELDS if progress.get(k) is not None}
+
+
+def with_point(
+    history: list[dict[str, Any]], point: dict[str, Any], limit: int = HISTORY_POINTS
+) -> list[dict[str, Any]]:
+    """The history with `point`, at most `limit` points spread over the whole run.
+
+    A point of a step already there replaces it (an eval loss arrives after the train
+    loss of its step); points past it go (a restart resumed from an earlier checkpoint
+    and trains those steps again). The steps from the first to the newest are cut into at
+    most `limit - 1` equal buckets (a width that doubles as the run grows) and each keeps
+    its first point, the newest point besides: evenly spread over the whole run, old and
+    recent alike, and a doubled width keeps a subset of the points kept before.
+    """
+    points = [p for p in history if p["step"] < point["step"]] + [point]
+    first = points[0]["step"]
+    width = 1
+    while (point["step"] - first) // width + 1 > limit - 1:
+        width *= 2
+    kept: dict[int, dict[str, Any]] = {}
+    for earlier in points[:-1]:
+        kept.setdefault((earlier["step"] - first) // width, earlier)
+    return [*kept.values(), point]
+
+
 def merged_patch(report_patch: dict[str, Any], operator_patch: dict[str, Any]) -> dict[str, Any]:
     """The pass's status patch: the operator's fields win, and its progress fields (an ETA
     cleared) merge into the report's progress rather than replace it."""
@@ -389,6 +440,9 @@ def status_patch(report: Report, status: SFTJobStatus | None) -> dict[str, Any]:
         if new is None:
             continue
         old = getattr(status, key)
+        if key == "progress":
+            before = [_dumped(p) for p in (old.history or [])] if old is not None else []
+            new = {**new, "history": with_point(before, history_point(new))}
         # The status reads back with the model's defaults filled in: compare like with like.
         if old is None or _dumped(model.model_validate(new)) != _dumped(old):
             patch[key] = _replacing(model.model_fields, new)

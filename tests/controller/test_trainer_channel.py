@@ -218,6 +218,9 @@ def test_trainer_token_cannot_write_the_status_only_its_progress(
     )
     time.sleep(1.5)  # several passes of the operator (every 0.3 s here)
     assert cluster.job(name)["status"]["progress"]["step"] == 5
+    # The operator's curve of the reports it saw, the set-aside one not among them.
+    history = cluster.job(name)["status"]["progress"]["history"]
+    assert [(point["step"], point["loss"]) for point in history] == [(3, 1.235), (5, 1.235)]
 
     # Suspended, the job keeps its progress but promises no time left (the report still has one).
     cluster.patch_job(name, {"spec": {"suspend": True}})

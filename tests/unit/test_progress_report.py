@@ -8,17 +8,21 @@ from typing import Any
 
 import pytest
 from sftjob_operator.api import Plan, Progress, SFTJobStatus
+from sftjob_operator.lifecycle import status_after
 from sftjob_operator.progress_report import (
+    HISTORY_POINTS,
     MAX_REPORT_BYTES,
     IgnoredLog,
     displayed,
     encode_report,
     fold,
+    history_point,
     loss_display,
     merged_patch,
     parse_report,
     progress_summary,
     status_patch,
+    with_point,
 )
 
 UID = "0b9c1e7a-1111-4222-8333-444455556666"
@@ -204,11 +208,7 @@ class TestStatusPatch:
     def test_nothing_when_the_status_already_says_it(self) -> None:
         parsed = parse_report(report(), job_uid=UID, attempt=1)
         status = SFTJobStatus.model_validate(
-            {
-                "attempts": 1,
-                "progress": displayed(parsed.progress),
-                "measuredPlan": parsed.measured_plan,
-            }
+            {"attempts": 1, **status_patch(parsed, SFTJobStatus())}  # what the operator wrote
         )
         assert status_patch(parsed, status) == {}
 
@@ -467,3 +467,67 @@ def test_merged_patch_merges_progress_and_the_operator_wins() -> None:
     }
     assert merged_patch({}, operator_patch) == operator_patch
     assert merged_patch(report_patch, {}) == report_patch
+
+
+# --------------------------------------------------------------------- history
+
+
+def test_a_history_point_is_the_reports_figures_to_4_significant_digits() -> None:
+    point = history_point({**PROGRESS, "loss": 4.67442512512207, "evalLoss": 5.123456})
+    assert point == {
+        "step": 30,
+        "loss": 4.674,
+        "learningRate": 0.0002,
+        "tokensPerSecond": 1234.0,
+        "evalLoss": 5.123,
+    }  # no gradNorm: the report has none
+
+
+def test_a_point_of_the_same_step_replaces_it_and_a_resumed_run_drops_later_ones() -> None:
+    history = [{"step": s, "loss": 2.0} for s in (10, 20, 30)]
+    assert with_point(history, {"step": 30, "loss": 1.9, "evalLoss": 2.1})[-1] == {
+        "step": 30,
+        "loss": 1.9,
+        "evalLoss": 2.1,
+    }
+    assert [p["step"] for p in with_point(history, {"step": 15})] == [10, 15]
+
+
+def test_a_long_run_keeps_a_bounded_curve_from_first_to_last_step() -> None:
+    history: list[dict[str, Any]] = []
+    for step in range(1, 2001):
+        point = {
+            "step": step,
+            "loss": 3.0 / step**0.5 + 0.123456789,
+            "learningRate": 2e-4 * (1 - step / 2001),
+            "gradNorm": 1.23456789,
+            "tokensPerSecond": 12345.6789,
+            "evalLoss": 2.3456789,
+        }
+        history = with_point(history, history_point(point))
+        assert len(history) <= HISTORY_POINTS
+    steps = [p["step"] for p in history]
+    assert steps[0] == 1 and steps[-1] == 2000 and steps == sorted(steps)
+    assert len(history) > HISTORY_POINTS // 2  # thinned, not emptied
+    gaps = {b - a for a, b in zip(steps[:-2], steps[1:-1], strict=True)}
+    assert len(gaps) == 1  # evenly spread over the run (the newest point aside)
+    assert len(json.dumps(history)) < 6 * 1024  # a few KiB in the object, whatever the run
+
+
+def test_the_status_history_grows_with_each_new_step_and_not_on_a_repeated_pass() -> None:
+    status = SFTJobStatus(attempts=1)
+    for step, loss in ((1, 2.5), (2, 2.25), (2, 2.25), (3, 2.0)):
+        data = with_progress(step=step, loss=loss)
+        patch = status_patch(parse_report(data, job_uid=UID, attempt=1), status)
+        status = status_after(status, patch)
+    assert status.progress is not None and status.progress.history is not None
+    assert [(p.step, p.loss) for p in status.progress.history] == [(1, 2.5), (2, 2.25), (3, 2.0)]
+    again = parse_report(with_progress(step=3, loss=2.0), job_uid=UID, attempt=1)
+    assert status_patch(again, status) == {}
+
+
+def test_a_report_cannot_write_the_history() -> None:
+    forged = with_progress(history=[{"step": 1, "loss": 0.0}])
+    parsed = parse_report(forged, job_uid=UID, attempt=1)
+    assert parsed.progress is not None and "history" not in parsed.progress
+    assert any(reason.startswith("progress.history:") for reason in parsed.ignored)
