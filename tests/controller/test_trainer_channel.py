@@ -10,6 +10,8 @@ whose report the operator validates and copies into status.progress / measuredPl
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -189,6 +191,9 @@ def test_trainer_token_cannot_write_the_status_only_its_progress(
     assert folded["progress"]["summary"] == "3/8 (37%)"
     assert folded["progress"]["loss"] == 1.2345678 and folded["progress"]["lossDisplay"] == "1.235"
     assert folded["progress"]["eta"] == "1m40s"  # Running: the ETA shows
+    header, row = kubectl_get_sft(cluster, name)
+    assert header.split()[:6] == ["NAME", "PHASE", "PROGRESS", "EPOCH", "LOSS", "ETA"]
+    assert "Running" in row and "3/8 (37%)" in row and " 1.235 " in row and "1m40s" in row
     assert "phase" not in folded["progress"]
     assert folded["measuredPlan"]["datasetSize"] == 64 and folded["measuredPlan"]["measured"]
     assert folded["speedPlan"] == speed  # what the pod runs, through the CRD's status schema
@@ -231,3 +236,19 @@ def test_trainer_token_cannot_write_the_status_only_its_progress(
     suspended = cluster.job(name)["status"]
     assert suspended["progress"]["step"] == 5
     assert "eta" not in suspended["progress"] and "etaSeconds" not in suspended["progress"]
+    _, row = kubectl_get_sft(cluster, name)
+    assert "Suspended" in row and "5/8 (62%)" in row and "1m40s" not in row
+
+
+def kubectl_get_sft(cluster: Cluster, name: str) -> tuple[str, str]:
+    """The header and the job's row of the real `kubectl get sft` (the printer columns)."""
+    result = subprocess.run(
+        ["kubectl", "get", "sft", name, "-n", cluster.namespace],
+        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    header, row = result.stdout.splitlines()
+    return header, row
