@@ -787,6 +787,14 @@ def condition_events(
     return events
 
 
+def patch_condition_events(
+    status: SFTJobStatus | None, patch: Mapping[str, Any], queued: list[Event] | None = None
+) -> list[Event]:
+    """condition_events for a status patch the shell writes itself (not a pass's decision)."""
+    base = (status or SFTJobStatus()).model_dump(mode="json", exclude_none=True)
+    return condition_events(base, merge_patched(base, patch), queued or [])
+
+
 def _finish(p: _Pass) -> Actions:
     updated = p.status.model_dump(mode="json", exclude_none=True)
     if p.launch_base is None:

@@ -5,10 +5,17 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sftjob_operator.api import Condition
+from sftjob_operator.api import Condition, SFTJobStatus
 from sftjob_operator.conditions import transitions
 from sftjob_operator.kube import event_name
-from sftjob_operator.lifecycle import Event, condition_events, reconcile_job
+from sftjob_operator.lifecycle import (
+    Event,
+    condition_events,
+    patch_condition_events,
+    policy_cleared_status,
+    reconcile_job,
+    status_after,
+)
 from test_lifecycle import IMAGE, NOW, STAMP, apply, pod, running_job, with_spec
 from test_lifecycle_waiting import SECRET_MISSING, launched
 from test_lifecycle_waiting import pod as waiting_pod
@@ -106,3 +113,13 @@ def test_a_restored_spec_is_told_once() -> None:
     assert [(e.type, e.reason) for e in back.events] == [("Normal", "SpecRestored")]
     quiet = reconcile_job(apply(restored, back), pods, NOW, IMAGE)
     assert quiet.events == []
+
+
+def test_a_patch_the_shell_writes_itself_is_told_once() -> None:
+    refused = SFTJobStatus.model_validate(
+        status(condition("Failed", "True", "PolicyViolation"), attempts=0) | {"phase": "Failed"}
+    )
+    patch = policy_cleared_status(refused, "tenant", NOW, 2)
+    events = patch_condition_events(refused, patch)
+    assert [(e.type, e.reason) for e in events] == [("Normal", "PolicyCompliant")]
+    assert patch_condition_events(status_after(refused, patch), patch) == []
