@@ -308,16 +308,16 @@ def _row(job: dict[str, Any]) -> str:
     status = job.get("status") or {}
     progress = status.get("progress") or {}
     epoch = progress.get("epoch")
-    loss = progress.get("loss")
     return (
         f"{job['metadata']['name']:<18} {status.get('phase') or 'Pending':<11} "
-        f"{progress.get('summary') or '-':<9} "
+        f"{progress.get('summary') or '-':<16} "
         f"{'-' if epoch is None else f'{epoch:.2f}':<6} "
-        f"{'-' if loss is None else f'{loss:.4f}':<8} {progress.get('eta') or '-'}"
+        f"{progress.get('lossDisplay') or '-':<9} {progress.get('eta') or '-'}"
     )
 
 
-HEADER = f"{'NAME':<18} {'PHASE':<11} {'PROGRESS':<9} {'EPOCH':<6} {'LOSS':<8} ETA"
+# The columns of `kubectl get sft` (crd.PRINTER_COLUMNS), with the same texts.
+HEADER = f"{'NAME':<18} {'PHASE':<11} {'PROGRESS':<16} {'EPOCH':<6} {'LOSS':<9} ETA"
 
 
 def final_report(job: dict[str, Any]) -> str:

@@ -985,6 +985,15 @@ class Plan(StatusModel):
     )
 
 
+class ProgressPoint(StatusModel):
+    step: int = Field(description="Optimizer step of this point.")
+    loss: float | None = Field(default=None, description="Training loss (4 significant digits).")
+    learningRate: float | None = Field(default=None, description="Learning rate.")
+    gradNorm: float | None = Field(default=None, description="Gradient norm.")
+    tokensPerSecond: float | None = Field(default=None, description="Training throughput.")
+    evalLoss: float | None = Field(default=None, description="Eval loss, where there is one.")
+
+
 class Progress(StatusModel):
     step: int = Field(default=0, description="Optimizer steps done.")
     totalSteps: int | None = Field(default=None, description="Optimizer steps planned.")
@@ -996,11 +1005,23 @@ class Progress(StatusModel):
     tokensPerSecond: float | None = Field(default=None, description="Training throughput.")
     etaSeconds: int | None = Field(default=None, description="Estimated seconds to finish.")
     eta: str | None = Field(default=None, description="etaSeconds as text, e.g. 3m20s.")
-    summary: str | None = Field(default=None, description="step/total, for kubectl get.")
+    summary: str | None = Field(
+        default=None, description="step/total (percent), for kubectl get (the operator's)."
+    )
     updateTime: str | None = Field(default=None, description="When this report was written.")
     evalLoss: float | None = Field(default=None, description="Latest eval loss (dataset.eval).")
     bestEvalLoss: float | None = Field(
         default=None, description="Lowest eval loss so far (output.keepBest keeps its checkpoint)."
+    )
+    lossDisplay: str | None = Field(
+        default=None, description="loss to 4 significant digits, for kubectl get (the operator's)."
+    )
+    history: list[ProgressPoint] | None = Field(
+        default=None,
+        description=(
+            "The operator's curve of the reports it saw: at most 50 points over the whole run "
+            "(thinned evenly as it grows), values to 4 significant digits."
+        ),
     )
 
 

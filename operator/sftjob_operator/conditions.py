@@ -72,3 +72,13 @@ def set_exclusive(
         if other != kind and is_true(out, other):
             out = set_condition(out, other, "False", reason, message, now, generation)
     return out
+
+
+def transitions(before: list[Condition], after: list[Condition]) -> list[Condition]:
+    """The conditions of `after` whose status or reason differs from `before` (new ones too),
+    in `after`'s order: each is one transition, told once as an Event."""
+    return [
+        c
+        for c in after
+        if (old := find(before, c.type)) is None or (old.status, old.reason) != (c.status, c.reason)
+    ]

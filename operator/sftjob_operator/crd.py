@@ -50,7 +50,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "name": "Progress",
         "type": "string",
         "jsonPath": ".status.progress.summary",
-        "description": "Optimizer step / total steps.",
+        "description": "Optimizer step / total steps (percent done).",
     },
     {
         "name": "Epoch",
@@ -60,9 +60,9 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     },
     {
         "name": "Loss",
-        "type": "number",
-        "jsonPath": ".status.progress.loss",
-        "description": "Latest training loss.",
+        "type": "string",
+        "jsonPath": ".status.progress.lossDisplay",
+        "description": "Latest training loss, 4 significant digits.",
     },
     {
         "name": "ETA",

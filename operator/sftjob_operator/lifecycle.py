@@ -740,13 +740,73 @@ def _diff(updated: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return {k: updated.get(k) for k in OPERATOR_STATUS_FIELDS if updated.get(k) != base.get(k)}
 
 
+def stale_eta_cleared(status: SFTJobStatus) -> dict[str, Any]:
+    """The patch that removes the ETA of a job that is not Running (Suspended, Failed,
+    Succeeded, Restarting, Pending): a time left is a promise only a run can keep."""
+    progress = status.progress
+    if status.phase == "Running" or progress is None:
+        return {}
+    if progress.eta is None and progress.etaSeconds is None:
+        return {}
+    return {"progress": {"eta": None, "etaSeconds": None}}
+
+
+# Condition transitions told as Warnings; every other transition is Normal.
+WARNING_CONDITIONS = (cond.FAILED, cond.RESTARTING, cond.SPEC_CHANGE_IGNORED)
+
+
+def condition_events(
+    before: Mapping[str, Any], after: Mapping[str, Any], queued: list[Event]
+) -> list[Event]:
+    """One Event per condition transition between two statuses, with the condition's reason.
+
+    A transition the pass already tells (`queued`: the hand-written events, named after
+    the condition's reason or, for the phase events Running, Succeeded, Suspended and
+    SpecChangeIgnored, after its type) is not told twice, nor is one reason shared by
+    several conditions (an exclusive switch sets the old condition False with the new
+    one's reason). The key (condition, status, attempt, generation) makes a pass repeated
+    after a crash post the same Event name (409); a pass that changes nothing has no
+    transition, so none.
+    """
+    old = SFTJobStatus.model_validate(before).conditions
+    new = SFTJobStatus.model_validate(after)
+    # The condition switched on tells a shared reason (Failed True, not Running False).
+    changed = sorted(cond.transitions(old, new.conditions), key=lambda c: c.status != "True")
+    queued_reasons = {event.reason for event in queued}
+    told = queued_reasons | {c.reason for c in changed if c.type in queued_reasons}
+    events = []
+    for condition in changed:
+        if condition.reason in told:
+            continue
+        told.add(condition.reason)
+        warning = condition.type in WARNING_CONDITIONS and condition.status == "True"
+        key = f"{condition.type}-{condition.status}-a{new.attempts}-g{new.observedGeneration}"
+        events.append(
+            Event("Warning" if warning else "Normal", condition.reason, condition.message, key)
+        )
+    return events
+
+
+def patch_condition_events(
+    status: SFTJobStatus | None, patch: Mapping[str, Any], queued: list[Event] | None = None
+) -> list[Event]:
+    """condition_events for a status patch the shell writes itself (not a pass's decision)."""
+    base = (status or SFTJobStatus()).model_dump(mode="json", exclude_none=True)
+    return condition_events(base, merge_patched(base, patch), queued or [])
+
+
 def _finish(p: _Pass) -> Actions:
     updated = p.status.model_dump(mode="json", exclude_none=True)
     if p.launch_base is None:
         p.actions.status = _diff(updated, p.original)
+        p.actions.events += condition_events(p.original, updated, p.actions.events)
     else:
         p.actions.status = _diff(p.launch_base, p.original)
         p.actions.launch_status = _diff(updated, p.launch_base)
+        p.actions.events += condition_events(p.original, p.launch_base, p.actions.events)
+        queued = p.actions.events + p.actions.launch_events
+        p.actions.launch_events += condition_events(p.launch_base, updated, queued)
+    p.actions.status.update(stale_eta_cleared(p.status))
     p.actions.delete_pods = list(dict.fromkeys(p.actions.delete_pods))
     return p.actions
 

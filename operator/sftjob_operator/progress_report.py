@@ -26,14 +26,23 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, get_args
 
 from pydantic import BaseModel
 
 from .advice import ROWS_OVER_MAX_LENGTH, over_length_advisory
-from .api import Advisory, Plan, Progress, SFTJobStatus, SpeedPlanStatus, SpeedPreset, SpeedSpec
+from .api import (
+    Advisory,
+    Plan,
+    Progress,
+    ProgressPoint,
+    SFTJobStatus,
+    SpeedPlanStatus,
+    SpeedPreset,
+    SpeedSpec,
+)
 from .plan import PACKED_ESTIMATES
 
 log = logging.getLogger(__name__)
@@ -152,6 +161,10 @@ def _notes(value: Any) -> list[str]:
     return value
 
 
+def _operators_only(value: Any) -> Any:
+    raise Invalid("is the operator's (kept from the reports it saw), not the trainer's")
+
+
 def _packed_estimate(value: Any) -> str:
     if value not in PACKED_ESTIMATES:
         raise Invalid(f"{value!r} is not one of {', '.join(PACKED_ESTIMATES)}")
@@ -206,6 +219,8 @@ PROGRESS_RULES: dict[str, Rule] = {
     "updateTime": _timestamp,
     "evalLoss": _number,
     "bestEvalLoss": _number,
+    "lossDisplay": _text,  # the operator's: displayed() writes it over the trainer's
+    "history": _operators_only,
 }
 PROGRESS_REQUIRED = ("step",)
 
@@ -338,6 +353,76 @@ def parse_report(data: Mapping[str, str] | None, *, job_uid: str | None, attempt
     )
 
 
+def loss_display(loss: float) -> str:
+    """The loss to 4 significant digits: printer columns cannot round a number."""
+    return f"{loss:.4g}"
+
+
+def progress_summary(step: int, total_steps: int | None) -> str:
+    """`12/200 (6%)` for the Progress column; `12/?` while the total is unknown."""
+    if not total_steps:
+        return f"{step}/?"
+    return f"{step}/{total_steps} ({math.floor(100 * step / total_steps)}%)"
+
+
+def displayed(progress: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The progress with the column texts the operator derives from its numbers."""
+    if progress is None:
+        return None
+    shown = dict(progress)
+    shown.pop("lossDisplay", None)
+    if "loss" in progress:
+        shown["lossDisplay"] = loss_display(progress["loss"])
+    shown["summary"] = progress_summary(progress["step"], progress.get("totalSteps"))
+    return shown
+
+
+# status.progress.history: a whole run's curve in a few KiB (a point is ~110 bytes of JSON).
+HISTORY_POINTS = 50
+HISTORY_FIELDS = tuple(ProgressPoint.model_fields)
+
+
+def _significant(value: Any) -> Any:
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
+def history_point(progress: Mapping[str, Any]) -> dict[str, Any]:
+    """The curve's point for one report: its step and figures, to 4 significant digits."""
+    return {k: _significant(progress[k]) for k in HISTORY_FIELDS if progress.get(k) is not None}
+
+
+def with_point(
+    history: list[dict[str, Any]], point: dict[str, Any], limit: int = HISTORY_POINTS
+) -> list[dict[str, Any]]:
+    """The history with `point`, at most `limit` points spread over the whole run.
+
+    A point of a step already there replaces it (an eval loss arrives after the train
+    loss of its step); points past it go (a restart resumed from an earlier checkpoint
+    and trains those steps again). The steps from the first to the newest are cut into at
+    most `limit - 1` equal buckets (a width that doubles as the run grows) and each keeps
+    its first point, the newest point besides: evenly spread over the whole run, old and
+    recent alike, and a doubled width keeps a subset of the points kept before.
+    """
+    points = [p for p in history if p["step"] < point["step"]] + [point]
+    first = points[0]["step"]
+    width = 1
+    while (point["step"] - first) // width + 1 > limit - 1:
+        width *= 2
+    kept: dict[int, dict[str, Any]] = {}
+    for earlier in points[:-1]:
+        kept.setdefault((earlier["step"] - first) // width, earlier)
+    return [*kept.values(), point]
+
+
+def merged_patch(report_patch: dict[str, Any], operator_patch: dict[str, Any]) -> dict[str, Any]:
+    """The pass's status patch: the operator's fields win, and its progress fields (an ETA
+    cleared) merge into the report's progress rather than replace it."""
+    merged = {**report_patch, **operator_patch}
+    if "progress" in report_patch and "progress" in operator_patch:
+        merged["progress"] = {**report_patch["progress"], **operator_patch["progress"]}
+    return merged
+
+
 def _replacing(fields: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     # A merge patch merges objects: null removes a field the previous report had.
     return {field: new.get(field) for field in fields}
@@ -348,13 +433,16 @@ def status_patch(report: Report, status: SFTJobStatus | None) -> dict[str, Any]:
     status = status or SFTJobStatus()
     patch: dict[str, Any] = {}
     for key, model, new in (
-        ("progress", Progress, report.progress),
+        ("progress", Progress, displayed(report.progress)),
         ("measuredPlan", Plan, report.measured_plan),
         ("speedPlan", SpeedPlanStatus, report.speed_plan),
     ):
         if new is None:
             continue
         old = getattr(status, key)
+        if key == "progress":
+            before = [_dumped(p) for p in (old.history or [])] if old is not None else []
+            new = {**new, "history": with_point(before, history_point(new))}
         # The status reads back with the model's defaults filled in: compare like with like.
         if old is None or _dumped(model.model_validate(new)) != _dumped(old):
             patch[key] = _replacing(model.model_fields, new)
@@ -417,14 +505,20 @@ def fold(
     job: tuple[str, str, str | None],
     attempt: int,
     status: SFTJobStatus | None,
+    phase: str | None = "Running",
 ) -> dict[str, Any]:
     """The status patch for the report in `data` if it is from `attempt` of `job`.
 
-    `job` is (namespace, name, uid); `status` the job's status before this pass's patch.
+    `job` is (namespace, name, uid); `status` the job's status before this pass's patch;
+    `phase` the job's phase after it: a report's ETA reaches only a Running job's status
+    (the last report of a run that failed or was suspended still has one).
     Empty when the report changes nothing; what was ignored is logged (once while the
     report stays as it is).
     """
     namespace, name, uid = job
     report = parse_report(data, job_uid=uid, attempt=attempt)
     IGNORED_LOG.note(namespace, name, report)
+    if phase != "Running" and report.progress is not None:
+        kept = {k: v for k, v in report.progress.items() if k not in ("eta", "etaSeconds")}
+        report = replace(report, progress=kept)
     return status_patch(report, status)

@@ -212,6 +212,7 @@ async def _reconcile_live(
             # Refused before, compliant since this edit: pending again, planned below.
             profile = resolution.profile.metadata.name if resolution.profile else None
             patch = lifecycle.policy_cleared_status(status, profile, now, generation)
+            await _post_events(kube, live, lifecycle.patch_condition_events(status, patch))
             await writer.patch(patch)
             status = lifecycle.status_after(status, patch)
             job = job.model_copy(update={"status": status})
@@ -237,10 +238,10 @@ async def _reconcile_live(
             kube.read_config_map_data, namespace, progress_config_map_name(name)
         )
         key = (namespace, name, job.metadata.uid)
-        actions.status = {
-            **progress_report.fold(report, key, attempt, job.status),
-            **actions.status,
-        }
+        phase_after = actions.status.get("phase") or (job.status.phase if job.status else None)
+        actions.status = progress_report.merged_patch(
+            progress_report.fold(report, key, attempt, job.status, phase_after), actions.status
+        )
     requeue_after = await _apply(job, live, actions, kube, writer, now)
     phase = actions.status.get("phase") or (job.status.phase if job.status else None) or "Pending"
     # The job's series follow the status this pass wrote (metrics.job_values).
@@ -474,10 +475,16 @@ async def _apply(
             return _sooner(requeue_after, outcome.requeue_after)
         if conflicts:
             patch = lifecycle.child_conflict_status(status, conflicts, now, generation)
+            await _post_events(kube, live, lifecycle.patch_condition_events(status, patch))
             log.info("%s/%s: %s held by another owner; launch retried", namespace, name, conflicts)
             await writer.patch(patch)
             return _sooner(requeue_after, lifecycle.CHILD_CONFLICT_RETRY_SECONDS)
-        launch_status = refusals.created_status(status, launch_status, now, generation)
+        healed = refusals.created_status(status, launch_status, now, generation)
+        # ChildrenCreated=True once a refusal healed: its transition is told like the pass's.
+        actions.launch_events += lifecycle.patch_condition_events(
+            lifecycle.status_after(status, launch_status), healed, actions.launch_events
+        )
+        launch_status = healed
     await _post_events(kube, live, actions.launch_events)
     if launch_status:
         await writer.patch(launch_status)

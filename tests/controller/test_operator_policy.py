@@ -189,6 +189,8 @@ def test_a_refused_job_runs_once_an_edit_complies(
     assert fixed["status"]["effective"]["profile"] == TENANT_PROFILE_NAME
     # Refused again by a new edit? No: a launched job keeps its launch's verdict.
     assert event_reasons(cluster, "fixme").count("PolicyViolation") == 1
+    # The Failed condition's turn to False is told once, with its reason.
+    assert event_reasons(cluster, "fixme").count("PolicyCompliant") == 1
 
 
 def test_a_compliant_job_runs_the_effective_spec_and_records_it(

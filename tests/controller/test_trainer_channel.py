@@ -10,6 +10,8 @@ whose report the operator validates and copies into status.progress / measuredPl
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -139,8 +141,10 @@ def test_trainer_token_cannot_write_the_status_only_its_progress(
         "step": 3,
         "totalSteps": 8,
         "percent": 37.5,
-        "loss": 1.25,
+        "loss": 1.2345678,
         "summary": "3/8",
+        "etaSeconds": 100,
+        "eta": "1m40s",
         "updateTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "phase": "Succeeded",
     }
@@ -183,7 +187,13 @@ def test_trainer_token_cannot_write_the_status_only_its_progress(
         lambda: (s := cluster.job(name)["status"]).get("progress", {}).get("step") == 3 and s,
         what="the report folded into status.progress",
     )
-    assert folded["progress"]["summary"] == "3/8" and folded["progress"]["loss"] == 1.25
+    # The columns' texts are the operator's: step/total (percent), the loss rounded.
+    assert folded["progress"]["summary"] == "3/8 (37%)"
+    assert folded["progress"]["loss"] == 1.2345678 and folded["progress"]["lossDisplay"] == "1.235"
+    assert folded["progress"]["eta"] == "1m40s"  # Running: the ETA shows
+    header, row = kubectl_get_sft(cluster, name)
+    assert header.split()[:6] == ["NAME", "PHASE", "PROGRESS", "EPOCH", "LOSS", "ETA"]
+    assert "Running" in row and "3/8 (37%)" in row and " 1.235 " in row and "1m40s" in row
     assert "phase" not in folded["progress"]
     assert folded["measuredPlan"]["datasetSize"] == 64 and folded["measuredPlan"]["measured"]
     assert folded["speedPlan"] == speed  # what the pod runs, through the CRD's status schema
@@ -213,3 +223,32 @@ def test_trainer_token_cannot_write_the_status_only_its_progress(
     )
     time.sleep(1.5)  # several passes of the operator (every 0.3 s here)
     assert cluster.job(name)["status"]["progress"]["step"] == 5
+    # The operator's curve of the reports it saw, the set-aside one not among them.
+    history = cluster.job(name)["status"]["progress"]["history"]
+    assert [(point["step"], point["loss"]) for point in history] == [(3, 1.235), (5, 1.235)]
+
+    # Suspended, the job keeps its progress but promises no time left (the report still has one).
+    cluster.patch_job(name, {"spec": {"suspend": True}})
+    wait_for(
+        lambda: cluster.job(name)["status"].get("phase") == "Suspended", what="the job suspended"
+    )
+    time.sleep(1.0)  # several passes: none puts the report's ETA back
+    suspended = cluster.job(name)["status"]
+    assert suspended["progress"]["step"] == 5
+    assert "eta" not in suspended["progress"] and "etaSeconds" not in suspended["progress"]
+    _, row = kubectl_get_sft(cluster, name)
+    assert "Suspended" in row and "5/8 (62%)" in row and "1m40s" not in row
+
+
+def kubectl_get_sft(cluster: Cluster, name: str) -> tuple[str, str]:
+    """The header and the job's row of the real `kubectl get sft` (the printer columns)."""
+    result = subprocess.run(
+        ["kubectl", "get", "sft", name, "-n", cluster.namespace],
+        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    header, row = result.stdout.splitlines()
+    return header, row

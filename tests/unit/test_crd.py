@@ -72,6 +72,9 @@ def test_names_columns_and_status_subresource() -> None:
     assert columns["Phase"] == ".status.phase"
     assert columns["Progress"] == ".status.progress.summary"
     assert {"Epoch", "Loss", "ETA", "Age"} <= set(columns)
+    # A printer column cannot round: Loss shows the operator's 4-significant-digit text.
+    assert columns["Loss"] == ".status.progress.lossDisplay"
+    assert columns["ETA"] == ".status.progress.eta"
 
 
 def as_json_schema(node: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from sftjob_operator.lifecycle import (
     iso,
     planned_status,
     reconcile_job,
+    stale_eta_cleared,
+    status_after,
 )
 from sftjob_operator.plan import plan_for
 from sftjob_operator.retry_policy import Failure, classify_failure, decide_retry, shrink_batch
@@ -1295,3 +1297,69 @@ class TestPassGates:
         assert needs_plan(SFTJobStatus(observedGeneration=1), 2)
         assert not needs_plan(SFTJobStatus(attempts=1), 2)
         assert not needs_plan(SFTJobStatus(phase="Failed"), 2)
+
+
+# --------------------------------------------------------------------- no stale ETA
+
+PROGRESS_WITH_ETA = {"step": 12, "totalSteps": 200, "eta": "42h27m", "etaSeconds": 152820}
+
+
+def running_with_eta(nodes: int = 1) -> SFTJob:
+    """A running job whose last progress report promised 42h27m more."""
+    job = running_job(nodes=nodes)
+    assert job.status is not None and job.status.phase == "Running"
+    status = {**job.status.model_dump(mode="json", exclude_none=True)}
+    status["progress"] = PROGRESS_WITH_ETA
+    return job.model_copy(update={"status": SFTJobStatus.model_validate(status)})
+
+
+class TestNoStaleEta:
+    def test_a_suspended_job_has_no_eta(self) -> None:
+        job = with_spec(running_with_eta(), suspend=True)
+        actions = reconcile_job(job, [pod(1, 0, "Running")], NOW, IMAGE)
+        assert actions.status["phase"] == "Suspended"
+        assert actions.status["progress"] == {"eta": None, "etaSeconds": None}
+        after = status_after(job.status, actions.status)  # the shell's merge patch
+        assert after.progress is not None
+        assert (after.progress.eta, after.progress.etaSeconds) == (None, None)
+        assert after.progress.step == 12  # the rest of the progress stays
+
+    def test_a_failed_job_has_no_eta(self) -> None:
+        job = running_with_eta()
+        pods = [failed(1, 0, **report("DataError", "column 'messages' missing", code=11))]
+        actions = reconcile_job(job, pods, NOW, IMAGE)
+        assert actions.status["phase"] == "Failed"
+        assert actions.status["progress"] == {"eta": None, "etaSeconds": None}
+
+    def test_a_restarting_job_has_no_eta(self) -> None:
+        job = running_with_eta()
+        actions = reconcile_job(job, [failed(1, 0, exit_code=1)], NOW, IMAGE)
+        assert actions.status["phase"] == "Restarting"
+        assert actions.status["progress"] == {"eta": None, "etaSeconds": None}
+
+    def test_a_running_job_keeps_its_eta(self) -> None:
+        job = running_with_eta()
+        actions = reconcile_job(job, [pod(1, 0, "Running", start_time=STAMP)], NOW, IMAGE)
+        assert "progress" not in actions.status
+
+    def test_a_cleared_eta_is_not_cleared_again(self) -> None:
+        job = with_spec(running_with_eta(), suspend=True)
+        first = reconcile_job(job, [pod(1, 0, "Running")], NOW, IMAGE)
+        once = job.model_copy(update={"status": status_after(job.status, first.status)})
+        again = reconcile_job(once, [], NOW, IMAGE)
+        assert "progress" not in again.status
+
+
+@pytest.mark.parametrize(
+    ("phase", "progress", "expected"),
+    [
+        ("Running", PROGRESS_WITH_ETA, {}),
+        ("Succeeded", PROGRESS_WITH_ETA, {"progress": {"eta": None, "etaSeconds": None}}),
+        ("Pending", {"step": 0, "etaSeconds": 5}, {"progress": {"eta": None, "etaSeconds": None}}),
+        ("Failed", {"step": 3}, {}),
+        ("Failed", None, {}),
+    ],
+)
+def test_stale_eta_cleared(phase: str, progress: dict[str, Any] | None, expected: Any) -> None:
+    status = SFTJobStatus.model_validate({"phase": phase, "progress": progress})
+    assert stale_eta_cleared(status) == expected

@@ -8,13 +8,21 @@ from typing import Any
 
 import pytest
 from sftjob_operator.api import Plan, Progress, SFTJobStatus
+from sftjob_operator.lifecycle import status_after
 from sftjob_operator.progress_report import (
+    HISTORY_POINTS,
     MAX_REPORT_BYTES,
     IgnoredLog,
+    displayed,
     encode_report,
     fold,
+    history_point,
+    loss_display,
+    merged_patch,
     parse_report,
+    progress_summary,
     status_patch,
+    with_point,
 )
 
 UID = "0b9c1e7a-1111-4222-8333-444455556666"
@@ -200,7 +208,7 @@ class TestStatusPatch:
     def test_nothing_when_the_status_already_says_it(self) -> None:
         parsed = parse_report(report(), job_uid=UID, attempt=1)
         status = SFTJobStatus.model_validate(
-            {"attempts": 1, "progress": parsed.progress, "measuredPlan": parsed.measured_plan}
+            {"attempts": 1, **status_patch(parsed, SFTJobStatus())}  # what the operator wrote
         )
         assert status_patch(parsed, status) == {}
 
@@ -381,3 +389,145 @@ class TestSpeedPlan:
         assert parsed.speed_plan is not None and field not in parsed.speed_plan
         assert parsed.speed_plan["levers"] == SPEED_PLAN["levers"]
         assert any(reason.startswith(f"speedPlan.{field}:") for reason in parsed.ignored)
+
+
+# --------------------------------------------------------------------- columns
+
+
+@pytest.mark.parametrize(
+    ("loss", "shown"),
+    [
+        (4.67442512512207, "4.674"),
+        (0.000123456, "0.0001235"),
+        (12.0, "12"),
+        (1234567.0, "1.235e+06"),
+        (-0.5, "-0.5"),
+    ],
+)
+def test_loss_display_has_4_significant_digits(loss: float, shown: str) -> None:
+    assert loss_display(loss) == shown
+
+
+@pytest.mark.parametrize(
+    ("step", "total", "shown"),
+    [
+        (12, 200, "12/200 (6%)"),
+        (199, 200, "199/200 (99%)"),
+        (200, 200, "200/200 (100%)"),
+        (0, 120, "0/120 (0%)"),
+        (5, None, "5/?"),
+        (5, 0, "5/?"),
+    ],
+)
+def test_progress_summary(step: int, total: int | None, shown: str) -> None:
+    assert progress_summary(step, total) == shown
+
+
+def test_the_status_gets_the_column_texts_the_operator_derives() -> None:
+    forged = with_progress(loss=4.67442512512207, lossDisplay="0.0001", summary="30/120")
+    patch = status_patch(parse_report(forged, job_uid=UID, attempt=1), SFTJobStatus())
+    assert patch["progress"]["lossDisplay"] == "4.674"
+    assert patch["progress"]["loss"] == 4.67442512512207  # the number stays for tools
+    assert patch["progress"]["summary"] == "30/120 (25%)"
+    without_loss = with_progress(loss=None, lossDisplay="1.0")
+    patch = status_patch(parse_report(without_loss, job_uid=UID, attempt=1), SFTJobStatus())
+    assert patch["progress"]["lossDisplay"] is None  # a merge patch removes the old text
+
+
+def test_displayed_of_no_progress_is_none() -> None:
+    assert displayed(None) is None
+
+
+class TestNoEtaUnlessRunning:
+    @pytest.mark.parametrize("phase", ["Suspended", "Failed", "Succeeded", "Restarting"])
+    def test_the_report_eta_does_not_reach_a_job_that_is_not_running(self, phase: str) -> None:
+        patch = fold(report(), ("ml", "demo", UID), 1, SFTJobStatus(), phase)
+        assert patch["progress"]["eta"] is None and patch["progress"]["etaSeconds"] is None
+        assert patch["progress"]["step"] == 30
+
+    def test_a_running_job_shows_the_report_eta(self) -> None:
+        patch = fold(report(), ("ml", "demo", UID), 1, SFTJobStatus(), "Running")
+        assert (patch["progress"]["eta"], patch["progress"]["etaSeconds"]) == ("3m20s", 200)
+
+    def test_an_unchanged_report_still_clears_the_eta_the_status_has(self) -> None:
+        running = fold(report(), ("ml", "demo", UID), 1, SFTJobStatus(), "Running")
+        status = SFTJobStatus.model_validate({"attempts": 1, **running})
+        assert fold(report(), ("ml", "demo", UID), 1, status, "Running") == {}
+        failed = fold(report(), ("ml", "demo", UID), 1, status, "Failed")
+        assert failed["progress"]["eta"] is None
+
+
+def test_merged_patch_merges_progress_and_the_operator_wins() -> None:
+    report_patch = {"progress": {"step": 30, "eta": "3m20s"}, "measuredPlan": {"worldSize": 2}}
+    operator_patch = {"phase": "Failed", "progress": {"eta": None, "etaSeconds": None}}
+    assert merged_patch(report_patch, operator_patch) == {
+        "progress": {"step": 30, "eta": None, "etaSeconds": None},
+        "measuredPlan": {"worldSize": 2},
+        "phase": "Failed",
+    }
+    assert merged_patch({}, operator_patch) == operator_patch
+    assert merged_patch(report_patch, {}) == report_patch
+
+
+# --------------------------------------------------------------------- history
+
+
+def test_a_history_point_is_the_reports_figures_to_4_significant_digits() -> None:
+    point = history_point({**PROGRESS, "loss": 4.67442512512207, "evalLoss": 5.123456})
+    assert point == {
+        "step": 30,
+        "loss": 4.674,
+        "learningRate": 0.0002,
+        "tokensPerSecond": 1234.0,
+        "evalLoss": 5.123,
+    }  # no gradNorm: the report has none
+
+
+def test_a_point_of_the_same_step_replaces_it_and_a_resumed_run_drops_later_ones() -> None:
+    history = [{"step": s, "loss": 2.0} for s in (10, 20, 30)]
+    assert with_point(history, {"step": 30, "loss": 1.9, "evalLoss": 2.1})[-1] == {
+        "step": 30,
+        "loss": 1.9,
+        "evalLoss": 2.1,
+    }
+    assert [p["step"] for p in with_point(history, {"step": 15})] == [10, 15]
+
+
+def test_a_long_run_keeps_a_bounded_curve_from_first_to_last_step() -> None:
+    history: list[dict[str, Any]] = []
+    for step in range(1, 2001):
+        point = {
+            "step": step,
+            "loss": 3.0 / step**0.5 + 0.123456789,
+            "learningRate": 2e-4 * (1 - step / 2001),
+            "gradNorm": 1.23456789,
+            "tokensPerSecond": 12345.6789,
+            "evalLoss": 2.3456789,
+        }
+        history = with_point(history, history_point(point))
+        assert len(history) <= HISTORY_POINTS
+    steps = [p["step"] for p in history]
+    assert steps[0] == 1 and steps[-1] == 2000 and steps == sorted(steps)
+    assert len(history) > HISTORY_POINTS // 2  # thinned, not emptied
+    gaps = {b - a for a, b in zip(steps[:-2], steps[1:-1], strict=True)}
+    assert len(gaps) == 1  # evenly spread over the run (the newest point aside)
+    assert len(json.dumps(history)) < 6 * 1024  # a few KiB in the object, whatever the run
+
+
+def test_the_status_history_grows_with_each_new_step_and_not_on_a_repeated_pass() -> None:
+    status = SFTJobStatus(attempts=1)
+    for step, loss in ((1, 2.5), (2, 2.25), (2, 2.25), (3, 2.0)):
+        data = with_progress(step=step, loss=loss)
+        patch = status_patch(parse_report(data, job_uid=UID, attempt=1), status)
+        status = status_after(status, patch)
+    assert status.progress is not None and status.progress.history is not None
+    assert [(p.step, p.loss) for p in status.progress.history] == [(1, 2.5), (2, 2.25), (3, 2.0)]
+    again = parse_report(with_progress(step=3, loss=2.0), job_uid=UID, attempt=1)
+    assert status_patch(again, status) == {}
+
+
+def test_a_report_cannot_write_the_history() -> None:
+    forged = with_progress(history=[{"step": 1, "loss": 0.0}])
+    parsed = parse_report(forged, job_uid=UID, attempt=1)
+    assert parsed.progress is not None and "history" not in parsed.progress
+    assert any(reason.startswith("progress.history:") for reason in parsed.ignored)
