@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lever_jobs import SEED_REFERENCE_JOB
 from sftjob_bench.bench_report import report
 from sftjob_trainer.failures import ConfigError
 from sftjob_trainer.levers.micro_batch import decide as micro_batch
@@ -33,15 +34,6 @@ QWEN_15B = ModelShape(
     params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
 )
 H100 = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3")
-REFERENCE = Job(
-    method="full",
-    per_device=2,
-    accumulation=8,
-    max_length=2048,
-    padding_free=True,
-    checkpointing=True,
-    bf16=True,
-)
 
 
 def test_cpu_smoke_sides_match() -> None:
@@ -96,7 +88,7 @@ def test_cpu_smoke_sides_match() -> None:
 
 
 def test_h100_full_picks_the_measured_best_shape() -> None:
-    plan = decide(SpeedOptions(), H100, REFERENCE, QWEN_15B)
+    plan = decide(SpeedOptions(), H100, SEED_REFERENCE_JOB, QWEN_15B)
     assert plan.model_updates == {"attnImplementation": "flex_attention"}
     kwargs = plan.sft_kwargs(["activation_checkpointing"])
     assert kwargs == {
@@ -115,7 +107,7 @@ def test_h100_full_picks_the_measured_best_shape() -> None:
 
 
 def test_estimate_counts_the_logits_the_lean_head_keeps() -> None:
-    full = Job(**{**REFERENCE.__dict__, "checkpointing": False})
+    full = Job(**{**SEED_REFERENCE_JOB.__dict__, "checkpointing": False})
     lean = micro_batch(SpeedOptions(), H100, full, QWEN_15B, True, lean_head=True)
     plain = micro_batch(SpeedOptions(), H100, full, QWEN_15B, True, lean_head=False)
     assert lean.sft == plain.sft  # 4 x 2048 still fits on 80 GB
@@ -127,11 +119,13 @@ def test_estimate_counts_the_logits_the_lean_head_keeps() -> None:
     assert kept_logits_bytes(QWEN_15B, 16384, 79.1, bf16=True) == 0  # TRL's tiles, none kept
     # Through decide: counted only where the lean head keeps them, over static batches.
     no_copies = {"castWeightsOncePerStep": "off"}  # their 2.4 GiB are another test's
-    kept = decide(SpeedOptions(**no_copies), H100, REFERENCE, QWEN_15B)
+    kept = decide(SpeedOptions(**no_copies), H100, SEED_REFERENCE_JOB, QWEN_15B)
     assert "estimate 51.0 of" in kept.summary()["autoMicroBatch"]["reason"]
-    no_static = decide(SpeedOptions(compile="off", **no_copies), H100, REFERENCE, QWEN_15B)
+    no_static = decide(SpeedOptions(compile="off", **no_copies), H100, SEED_REFERENCE_JOB, QWEN_15B)
     assert "estimate 48.7 of" in no_static.summary()["autoMicroBatch"]["reason"]
-    no_lean = decide(SpeedOptions(lightMetrics="off", **no_copies), H100, REFERENCE, QWEN_15B)
+    no_lean = decide(
+        SpeedOptions(lightMetrics="off", **no_copies), H100, SEED_REFERENCE_JOB, QWEN_15B
+    )
     assert "estimate 48.7 of" in no_lean.summary()["autoMicroBatch"]["reason"]
 
 
@@ -142,12 +136,12 @@ def test_estimate_counts_the_weight_copies() -> None:
     assert static_bytes(QWEN_15B, "full", weight_copies=True) - static_bytes(
         QWEN_15B, "full"
     ) == pytest.approx(copies)
-    on = decide(SpeedOptions(castWeightsOncePerStep="on"), H100, REFERENCE, QWEN_15B)
+    on = decide(SpeedOptions(castWeightsOncePerStep="on"), H100, SEED_REFERENCE_JOB, QWEN_15B)
     assert on.on("castWeightsOncePerStep")
     # 2.4 GiB more than the 51.0 without them; 4 x 2048 still fits on 80 GB.
     assert "estimate 53.4 of" in on.summary()["autoMicroBatch"]["reason"]
     assert on.sft_kwargs()["per_device_train_batch_size"] == 4
-    default = decide(SpeedOptions(), H100, REFERENCE, QWEN_15B)
+    default = decide(SpeedOptions(), H100, SEED_REFERENCE_JOB, QWEN_15B)
     assert default.on("castWeightsOncePerStep")  # about 1% on a GPU (session 6)
     assert default.sft_kwargs() == on.sft_kwargs()
 
@@ -155,7 +149,7 @@ def test_estimate_counts_the_weight_copies() -> None:
 def test_auto_weight_copies_give_way_to_the_micro_batch() -> None:
     # 65 GiB: 0.8 x 65 = 52 GiB holds 4 x 2048 without the copies (51.0), not with (53.4).
     tight = Hardware(cuda=True, memory_gib=65.0, name="tight")
-    auto = decide(SpeedOptions(), tight, REFERENCE, QWEN_15B)
+    auto = decide(SpeedOptions(), tight, SEED_REFERENCE_JOB, QWEN_15B)
     copies = auto.summary()["castWeightsOncePerStep"]
     assert not copies["on"]
     assert (
@@ -165,19 +159,21 @@ def test_auto_weight_copies_give_way_to_the_micro_batch() -> None:
     assert auto.sft_kwargs()["per_device_train_batch_size"] == 4
     assert "estimate 51.0 of 65" in auto.summary()["autoMicroBatch"]["reason"]
     # "on" is obeyed, and the micro-batch makes room for the copies instead.
-    forced = decide(SpeedOptions(castWeightsOncePerStep="on"), tight, REFERENCE, QWEN_15B)
+    forced = decide(SpeedOptions(castWeightsOncePerStep="on"), tight, SEED_REFERENCE_JOB, QWEN_15B)
     assert forced.on("castWeightsOncePerStep")
     assert forced.sft_kwargs()["per_device_train_batch_size"] < 4
     # 48 GiB: 2 x 2048 fits without checkpointing and without the copies; with them only
     # a checkpointed micro-batch fits. Checkpointing costs more than the copies save.
-    smaller = decide(SpeedOptions(), Hardware(cuda=True, memory_gib=48.0), REFERENCE, QWEN_15B)
+    smaller = decide(
+        SpeedOptions(), Hardware(cuda=True, memory_gib=48.0), SEED_REFERENCE_JOB, QWEN_15B
+    )
     assert not smaller.on("castWeightsOncePerStep")
     assert "checkpointing on)" in smaller.summary()["castWeightsOncePerStep"]["reason"]
     assert "gradient_checkpointing" in smaller.sft_kwargs()  # turned off, as without copies
     assert not smaller.sft_kwargs()["gradient_checkpointing"]
     # Only checkpointing differs: 2 x 1 at 48 GiB fits without checkpointing, but with the
     # copies only with it. That alone is reason enough to leave the copies off.
-    two = Job(**{**REFERENCE.__dict__, "per_device": 2, "accumulation": 1})
+    two = Job(**{**SEED_REFERENCE_JOB.__dict__, "per_device": 2, "accumulation": 1})
     at_48 = Hardware(cuda=True, memory_gib=48.0)
     only_ckpt = decide(SpeedOptions(), at_48, two, QWEN_15B)
     assert only_ckpt.summary()["castWeightsOncePerStep"]["reason"] == (
@@ -192,11 +188,13 @@ def test_auto_weight_copies_give_way_to_the_micro_batch() -> None:
 
 def test_auto_weight_copies_need_a_memory_estimate() -> None:
     # Without the micro-batch lever's estimate nothing checks the copies' memory.
-    def copies(options: SpeedOptions, job: Job = REFERENCE, shape=QWEN_15B, hw=H100) -> dict:
+    def copies(
+        options: SpeedOptions, job: Job = SEED_REFERENCE_JOB, shape=QWEN_15B, hw=H100
+    ) -> dict:
         return decide(options, hw, job, shape).summary()["castWeightsOncePerStep"]
 
-    unpacked = Job(**{**REFERENCE.__dict__, "padding_free": False})
-    shrunk = Job(**{**REFERENCE.__dict__, "shrunk": True})
+    unpacked = Job(**{**SEED_REFERENCE_JOB.__dict__, "padding_free": False})
+    shrunk = Job(**{**SEED_REFERENCE_JOB.__dict__, "shrunk": True})
     cases = {
         "turned off": copies(SpeedOptions(autoMicroBatch="off")),
         "dense-mask": copies(SpeedOptions(), job=unpacked),  # no flex without packing
@@ -215,15 +213,15 @@ def test_auto_weight_copies_need_a_memory_estimate() -> None:
     assert not nothing["on"]
     # The micro-batch is the one picked without the copies, not the copies' (none fits).
     assert (
-        decide(SpeedOptions(), at_35, REFERENCE, QWEN_15B).sft_kwargs()
+        decide(SpeedOptions(), at_35, SEED_REFERENCE_JOB, QWEN_15B).sft_kwargs()
         == decide(
-            SpeedOptions(castWeightsOncePerStep="off"), at_35, REFERENCE, QWEN_15B
+            SpeedOptions(castWeightsOncePerStep="off"), at_35, SEED_REFERENCE_JOB, QWEN_15B
         ).sft_kwargs()
     )
     assert nothing["reason"] == (
         "auto: nothing fits with them (without them: per_device 4, checkpointing on)"
     )
-    qlora = copies(SpeedOptions(), job=Job(**{**REFERENCE.__dict__, "method": "qlora"}))
+    qlora = copies(SpeedOptions(), job=Job(**{**SEED_REFERENCE_JOB.__dict__, "method": "qlora"}))
     assert not qlora["on"] and "qlora" in qlora["reason"]
     # "on" is the user's call: kept without an estimate.
     assert copies(SpeedOptions(castWeightsOncePerStep="on", autoMicroBatch="off"))["on"]
@@ -232,25 +230,27 @@ def test_auto_weight_copies_need_a_memory_estimate() -> None:
 def test_compile_lever_rules() -> None:
     cpu = Hardware(cuda=False, memory_gib=24.0)
     auto = SpeedOptions()
-    assert not decide(auto, cpu, REFERENCE, QWEN_15B).on("compile")  # CPU: off, with reason
-    assert "CPU" in decide(auto, cpu, REFERENCE, QWEN_15B).summary()["compile"]["reason"]
+    assert not decide(auto, cpu, SEED_REFERENCE_JOB, QWEN_15B).on(
+        "compile"
+    )  # CPU: off, with reason
+    assert "CPU" in decide(auto, cpu, SEED_REFERENCE_JOB, QWEN_15B).summary()["compile"]["reason"]
     no_flex = SpeedOptions(flexAttention="off")
-    assert not decide(no_flex, H100, REFERENCE, QWEN_15B).on("compile")
-    fsdp = Job(**{**REFERENCE.__dict__, "distributed": "fsdp"})
+    assert not decide(no_flex, H100, SEED_REFERENCE_JOB, QWEN_15B).on("compile")
+    fsdp = Job(**{**SEED_REFERENCE_JOB.__dict__, "distributed": "fsdp"})
     assert not decide(SpeedOptions(compile="on"), H100, fsdp, QWEN_15B).on("compile")
-    assert not decide(SpeedOptions(compile="off"), H100, REFERENCE, QWEN_15B).on("compile")
-    qlora = Job(**{**REFERENCE.__dict__, "method": "qlora"})
+    assert not decide(SpeedOptions(compile="off"), H100, SEED_REFERENCE_JOB, QWEN_15B).on("compile")
+    qlora = Job(**{**SEED_REFERENCE_JOB.__dict__, "method": "qlora"})
     assert not decide(auto, H100, qlora, QWEN_15B).on("compile")
     assert decide(SpeedOptions(compile="on"), H100, qlora, QWEN_15B).on("compile")
-    lora = Job(**{**REFERENCE.__dict__, "method": "lora"})
+    lora = Job(**{**SEED_REFERENCE_JOB.__dict__, "method": "lora"})
     assert decide(auto, H100, lora, QWEN_15B).on("compile")  # measured: 5.3x
     # Forced on CPU with SDPA: compiled, and still one static shape (the batch is kept).
-    forced = decide(SpeedOptions(compile="on"), cpu, REFERENCE, QWEN_15B)
+    forced = decide(SpeedOptions(compile="on"), cpu, SEED_REFERENCE_JOB, QWEN_15B)
     assert forced.on("compile") and forced.static_length == 2 * 2048
     # Padded (unpacked) batches, or the user's own padding: compiled, shapes left alone.
-    padded = Job(**{**REFERENCE.__dict__, "padding_free": False})
+    padded = Job(**{**SEED_REFERENCE_JOB.__dict__, "padding_free": False})
     assert decide(SpeedOptions(compile="on"), H100, padded, QWEN_15B).static_length is None
-    own = Job(**{**REFERENCE.__dict__, "extra_args": ("pad_to_multiple_of",)})
+    own = Job(**{**SEED_REFERENCE_JOB.__dict__, "extra_args": ("pad_to_multiple_of",)})
     plan = decide(auto, H100, own, QWEN_15B)
     assert plan.on("compile") and plan.static_length is None
     assert "pad_to_multiple_of" not in plan.sft_kwargs()
@@ -258,37 +258,43 @@ def test_compile_lever_rules() -> None:
 
 def test_light_metrics_and_liger_rules() -> None:
     cpu = Hardware(cuda=False, memory_gib=24.0)
-    assert not decide(SpeedOptions(), cpu, REFERENCE, QWEN_15B).on("lightMetrics")
-    assert decide(SpeedOptions(lightMetrics="on"), cpu, REFERENCE, QWEN_15B).on("lightMetrics")
-    assert not decide(SpeedOptions(lightMetrics="off"), H100, REFERENCE, QWEN_15B).on(
+    assert not decide(SpeedOptions(), cpu, SEED_REFERENCE_JOB, QWEN_15B).on("lightMetrics")
+    assert decide(SpeedOptions(lightMetrics="on"), cpu, SEED_REFERENCE_JOB, QWEN_15B).on(
+        "lightMetrics"
+    )
+    assert not decide(SpeedOptions(lightMetrics="off"), H100, SEED_REFERENCE_JOB, QWEN_15B).on(
         "lightMetrics"
     )
     # The user's own NaN filter setting is kept.
-    own = Job(**{**REFERENCE.__dict__, "extra_args": ("logging_nan_inf_filter",)})
+    own = Job(**{**SEED_REFERENCE_JOB.__dict__, "extra_args": ("logging_nan_inf_filter",)})
     assert "logging_nan_inf_filter" not in decide(SpeedOptions(), H100, own, QWEN_15B).sft_kwargs()
     # Without compile, liger is wanted where it is installed (not in this test venv).
-    plan = decide(SpeedOptions(compile="off"), H100, REFERENCE, QWEN_15B)
+    plan = decide(SpeedOptions(compile="off"), H100, SEED_REFERENCE_JOB, QWEN_15B)
     assert "compiled" not in plan.summary()["ligerKernel"]["reason"]
 
 
 def test_data_workers_rules() -> None:
     cpu = Hardware(cuda=False, memory_gib=24.0, cpus=2.0)
-    assert not decide(SpeedOptions(), cpu, REFERENCE, QWEN_15B).on("dataWorkers")
+    assert not decide(SpeedOptions(), cpu, SEED_REFERENCE_JOB, QWEN_15B).on("dataWorkers")
     assert (
         "CUDA"
-        in decide(SpeedOptions(), cpu, REFERENCE, QWEN_15B).summary()["dataWorkers"]["reason"]
+        in decide(SpeedOptions(), cpu, SEED_REFERENCE_JOB, QWEN_15B).summary()["dataWorkers"][
+            "reason"
+        ]
     )
-    forced = decide(SpeedOptions(dataWorkers="on"), cpu, REFERENCE, QWEN_15B)
+    forced = decide(SpeedOptions(dataWorkers="on"), cpu, SEED_REFERENCE_JOB, QWEN_15B)
     assert forced.sft_kwargs()["dataloader_num_workers"] == 2
     roomy = Hardware(cuda=True, memory_gib=79.1, cpus=16.0)
-    assert decide(SpeedOptions(), roomy, REFERENCE, QWEN_15B).on("dataWorkers")
+    assert decide(SpeedOptions(), roomy, SEED_REFERENCE_JOB, QWEN_15B).on("dataWorkers")
     cramped = Hardware(cuda=True, memory_gib=79.1, cpus=3.0)
-    plan = decide(SpeedOptions(), cramped, REFERENCE, QWEN_15B)
+    plan = decide(SpeedOptions(), cramped, SEED_REFERENCE_JOB, QWEN_15B)
     assert not plan.on("dataWorkers") and "3 CPUs" in plan.summary()["dataWorkers"]["reason"]
-    assert not decide(SpeedOptions(dataWorkers="off"), roomy, REFERENCE, QWEN_15B).on("dataWorkers")
-    own = Job(**{**REFERENCE.__dict__, "extra_args": ("dataloader_num_workers",)})
+    assert not decide(SpeedOptions(dataWorkers="off"), roomy, SEED_REFERENCE_JOB, QWEN_15B).on(
+        "dataWorkers"
+    )
+    own = Job(**{**SEED_REFERENCE_JOB.__dict__, "extra_args": ("dataloader_num_workers",)})
     assert "dataloader_num_workers" not in decide(SpeedOptions(), roomy, own, QWEN_15B).sft_kwargs()
-    own = Job(**{**REFERENCE.__dict__, "extra_args": ("dataloader_persistent_workers",)})
+    own = Job(**{**SEED_REFERENCE_JOB.__dict__, "extra_args": ("dataloader_persistent_workers",)})
     kwargs = decide(SpeedOptions(), roomy, own, QWEN_15B).sft_kwargs()
     assert kwargs["dataloader_num_workers"] == 2 and "dataloader_persistent_workers" not in kwargs
 
@@ -318,7 +324,7 @@ def test_micro_batch_keeps_the_effective_batch_exact(
 ) -> None:
     job = Job(
         **{
-            **REFERENCE.__dict__,
+            **SEED_REFERENCE_JOB.__dict__,
             "per_device": per_device,
             "accumulation": accumulation,
             "method": method,
@@ -334,31 +340,37 @@ def test_micro_batch_keeps_the_effective_batch_exact(
 
 
 def test_micro_batch_reason_states_the_jobs_effective_batch_over_all_processes() -> None:
-    one = micro_batch(SpeedOptions(), H100, REFERENCE, QWEN_15B, True)
+    one = micro_batch(SpeedOptions(), H100, SEED_REFERENCE_JOB, QWEN_15B, True)
     assert "per_device 4 x accumulation 4 (effective 16 kept)" in one.reason
     # Two GPUs: each process keeps 2 x 8; the status's plan says effective 32.
-    two = Job(**{**REFERENCE.__dict__, "world_size": 2})
+    two = Job(**{**SEED_REFERENCE_JOB.__dict__, "world_size": 2})
     reason = micro_batch(SpeedOptions(), H100, two, QWEN_15B, True).reason
     assert "per_device 4 x accumulation 4 x 2 processes (effective 32 kept)" in reason
 
 
 def test_micro_batch_respects_switches_and_spec() -> None:
     sparse = True
-    assert not micro_batch(SpeedOptions(autoMicroBatch="off"), H100, REFERENCE, QWEN_15B, sparse).on
-    assert not micro_batch(SpeedOptions(), H100, REFERENCE, QWEN_15B, False).on  # SDPA
-    shrunk = Job(**{**REFERENCE.__dict__, "shrunk": True})
+    assert not micro_batch(
+        SpeedOptions(autoMicroBatch="off"), H100, SEED_REFERENCE_JOB, QWEN_15B, sparse
+    ).on
+    assert not micro_batch(SpeedOptions(), H100, SEED_REFERENCE_JOB, QWEN_15B, False).on  # SDPA
+    shrunk = Job(**{**SEED_REFERENCE_JOB.__dict__, "shrunk": True})
     assert "OOM" in micro_batch(SpeedOptions(), H100, shrunk, QWEN_15B, sparse).reason
-    fsdp = Job(**{**REFERENCE.__dict__, "distributed": "fsdp"})
+    fsdp = Job(**{**SEED_REFERENCE_JOB.__dict__, "distributed": "fsdp"})
     assert not micro_batch(SpeedOptions(), H100, fsdp, QWEN_15B, sparse).on
-    no_ckpt = Job(**{**REFERENCE.__dict__, "checkpointing": False})
+    no_ckpt = Job(**{**SEED_REFERENCE_JOB.__dict__, "checkpointing": False})
     small = Hardware(True, 24.0)
     choice = micro_batch(SpeedOptions(), small, no_ckpt, QWEN_15B, sparse)
     assert choice.sft.get("gradient_checkpointing") is not True  # never turned on
-    assert not micro_batch(SpeedOptions(), H100, REFERENCE, None, sparse).on  # shape unknown
+    assert not micro_batch(
+        SpeedOptions(), H100, SEED_REFERENCE_JOB, None, sparse
+    ).on  # shape unknown
 
 
 def test_extra_args_win_over_levers() -> None:
-    job = Job(**{**REFERENCE.__dict__, "extra_args": ("use_liger_kernel", "torch_compile")})
+    job = Job(
+        **{**SEED_REFERENCE_JOB.__dict__, "extra_args": ("use_liger_kernel", "torch_compile")}
+    )
     plan = decide(SpeedOptions(ligerKernel="on", compile="on"), H100, job, QWEN_15B)
     assert "use_liger_kernel" not in plan.sft_kwargs()
     assert "torch_compile" not in plan.sft_kwargs()

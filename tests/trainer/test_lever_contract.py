@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from lever_jobs import SEED_REFERENCE_JOB
 from packaging.specifiers import SpecifierSet
 from sftjob_trainer.failures import ConfigError
 from sftjob_trainer.levers import light_metrics
@@ -22,7 +23,6 @@ from sftjob_trainer.levers.contract import (
     SWITCH_NAMES,
     Contract,
     Hardware,
-    Job,
     ModelShape,
     Signature,
     SpeedOptions,
@@ -38,15 +38,6 @@ CPU = Hardware(cuda=False, memory_gib=16.0)
 H100 = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3")
 QWEN_15B = ModelShape(
     params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
-)
-REFERENCE = Job(
-    method="full",
-    per_device=2,
-    accumulation=8,
-    max_length=2048,
-    padding_free=True,
-    checkpointing=True,
-    bf16=True,
 )
 
 
@@ -117,9 +108,9 @@ def test_a_lever_failing_its_check_is_turned_off_with_the_reason() -> None:
     failed = self_checks(forced, "cpu", levers=(lever,))
     assert list(failed) == ["lightMetrics"] and FORWARD_TILE in failed["lightMetrics"]
 
-    on = choice(decide(forced, CPU, REFERENCE, QWEN_15B), "lightMetrics")
+    on = choice(decide(forced, CPU, SEED_REFERENCE_JOB, QWEN_15B), "lightMetrics")
     assert on.on  # with its check passing, "on" turns it on
-    plan = decide(forced, CPU, REFERENCE, QWEN_15B, failed=failed)
+    plan = decide(forced, CPU, SEED_REFERENCE_JOB, QWEN_15B, failed=failed)
     off = choice(plan, "lightMetrics")
     assert not off.on and off.sft == {}
     assert off.reason == f"self-check failed, turned off: {failed['lightMetrics']}"
@@ -158,7 +149,7 @@ def test_versions_outside_the_verified_range_turn_the_levers_off() -> None:
     assert failed["compile"] == (
         "torch 2.14.0 is outside the versions it was verified with (<2.14,>=2.11)"
     )
-    plan = decide(SpeedOptions(), H100, REFERENCE, QWEN_15B, failed=failed)
+    plan = decide(SpeedOptions(), H100, SEED_REFERENCE_JOB, QWEN_15B, failed=failed)
     assert not plan.on("compile") and not plan.on("flexAttention")
     assert plan.model_updates == {}  # SDPA, as plain TRL runs: nothing unverified runs
     assert choice(plan, "compile").reason.startswith("self-check failed, turned off: torch 2.14")
@@ -185,8 +176,8 @@ def test_a_probe_that_differs_or_fails_fails_the_check() -> None:
 
 
 def test_the_exact_preset_keeps_only_the_levers_that_change_no_number() -> None:
-    default = decide(SpeedOptions(), H100, REFERENCE, QWEN_15B)
-    exact = decide(SpeedOptions(), H100, REFERENCE, QWEN_15B, preset="exact")
+    default = decide(SpeedOptions(), H100, SEED_REFERENCE_JOB, QWEN_15B)
+    exact = decide(SpeedOptions(), H100, SEED_REFERENCE_JOB, QWEN_15B, preset="exact")
     assert exact.preset == "exact"
     on_by_default = {c.lever for c in default.choices if c.on}
     assert {"flexAttention", "compile", "lightMetrics", "bf16ResidualStream"} <= on_by_default
@@ -205,7 +196,7 @@ def test_the_exact_preset_keeps_only_the_levers_that_change_no_number() -> None:
         "dataloader_persistent_workers": True,
     }
     forced = SpeedOptions(castWeightsOncePerStep="on", rotaryTablesOnce="on")
-    both = decide(forced, H100, REFERENCE, QWEN_15B, preset="exact")
+    both = decide(forced, H100, SEED_REFERENCE_JOB, QWEN_15B, preset="exact")
     assert both.on("castWeightsOncePerStep") and both.on("rotaryTablesOnce")
 
 
@@ -257,7 +248,7 @@ def test_the_planner_checks_the_levers_it_turns_on_and_only_those() -> None:
         asked.append(tuple(lever.SWITCH for lever in levers))
         return {"compile": "its probe differs"} if "compile" in asked[-1] else {}
 
-    decide_on_h100 = functools.partial(decide, SpeedOptions(), H100, REFERENCE, QWEN_15B)
+    decide_on_h100 = functools.partial(decide, SpeedOptions(), H100, SEED_REFERENCE_JOB, QWEN_15B)
     plan = checked_plan(decide_on_h100, compile_fails)
     default = decide_on_h100()
     assert asked == [tuple(c.lever for c in default.choices if c.on)]  # each checked once
@@ -271,5 +262,7 @@ def test_the_planner_checks_the_levers_it_turns_on_and_only_those() -> None:
 
     # On CPU every "auto" lever is off: nothing to check, nothing probed at start.
     asked.clear()
-    checked_plan(functools.partial(decide, SpeedOptions(), CPU, REFERENCE, QWEN_15B), compile_fails)
+    checked_plan(
+        functools.partial(decide, SpeedOptions(), CPU, SEED_REFERENCE_JOB, QWEN_15B), compile_fails
+    )
     assert asked == []

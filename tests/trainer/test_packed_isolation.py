@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import torch
+from lever_jobs import SEED_REFERENCE_JOB
 from sftjob_bench.bench import isolation_check
 from sftjob_trainer.levers.flex_attention import decide as flex_attention
 from sftjob_trainer.speed import Hardware, Job, SpeedOptions, decide
@@ -40,15 +41,7 @@ def test_flex_attention_keeps_packed_sequences_isolated(monkeypatch: pytest.Monk
 
 
 def test_flex_lever_is_off_on_cpu_with_a_reason(caplog: pytest.LogCaptureFixture) -> None:
-    job = Job(
-        method="full",
-        per_device=2,
-        accumulation=8,
-        max_length=2048,
-        padding_free=True,
-        checkpointing=True,
-        bf16=False,
-    )
+    job = Job(**{**SEED_REFERENCE_JOB.__dict__, "bf16": False})
     choice = flex_attention(SpeedOptions(), Hardware(cuda=False), job)
     assert not choice.on and "CUDA" in choice.reason and choice.model == {}
     forced = flex_attention(SpeedOptions(flexAttention="on"), Hardware(cuda=False), job)

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contract import Choice, Contract, Hardware, Job, Plan, Signature, SpeedOptions, verified
+from .contract import (
+    Choice,
+    Contract,
+    Hardware,
+    Job,
+    Plan,
+    Signature,
+    SpeedOptions,
+    deferred_probe,
+    verified,
+)
 
 SWITCH = "bf16ResidualStream"
 
 EXACT = False
 NUMERICS = "the residual additions between layers round to bf16 (losses within 1.3e-4)"
-
-
-def _probe(device: str) -> str | None:
-    from .residual_stream import probe_bf16_stream
-
-    return probe_bf16_stream(device)
 
 
 CONTRACT = Contract(
@@ -34,7 +38,7 @@ CONTRACT = Contract(
             ("self", "args", "state", "control", "kwargs"),
         ),
     ),
-    probe=_probe,
+    probe=deferred_probe(".residual_stream", "probe_bf16_stream"),
 )
 
 

@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contract import Choice, Contract, Hardware, Job, Plan, Signature, SpeedOptions, verified
+from .contract import (
+    Choice,
+    Contract,
+    Hardware,
+    Job,
+    Plan,
+    Signature,
+    SpeedOptions,
+    deferred_probe,
+    verified,
+)
 
 SWITCH = "castWeightsOncePerStep"
 
@@ -22,12 +32,6 @@ NUMERICS = (
 )
 
 
-def _probe(device: str) -> str | None:
-    from .weight_copies import probe_weight_copies
-
-    return probe_weight_copies(device, accumulate_in_matmul=False)
-
-
 CONTRACT = Contract(
     versions=verified("torch", "transformers"),
     signatures=(
@@ -35,7 +39,7 @@ CONTRACT = Contract(
         Signature("transformers:TrainerCallback.on_optimizer_step"),
         Signature("transformers:TrainerCallback.on_pre_optimizer_step"),
     ),
-    probe=_probe,
+    probe=deferred_probe(".weight_copies", "probe_weight_copies", accumulate_in_matmul=False),
 )
 # The lever whose work the copies carry out too: their backward adds into .grad in the matmul.
 FUSE_SWITCH = "fuseGradientAccumulation"

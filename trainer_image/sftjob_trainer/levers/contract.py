@@ -192,6 +192,22 @@ class Signature:
     includes: tuple[str, ...] = ()
 
 
+def deferred_probe(module: str, function: str, **kwargs: Any) -> Callable[[str], str | None]:
+    """A probe that imports its module (`.name` within this package) only when it runs.
+
+    The probes live beside the torch code they check; importing them when a lever module
+    loads would import torch for `sftjob plan` and the operator, which never run a probe.
+    """
+
+    def probe(device: str) -> str | None:
+        found: Callable[..., str | None] = getattr(
+            importlib.import_module(module, __package__), function
+        )
+        return found(device, **kwargs)
+
+    return probe
+
+
 @dataclass(frozen=True)
 class Contract:
     """What a lever was verified with, as data a test can vary (see `check`)."""

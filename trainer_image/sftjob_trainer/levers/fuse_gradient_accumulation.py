@@ -10,7 +10,16 @@ LoRA. On with CUDA for full fine-tunes wherever the copies are, under "auto".
 
 from __future__ import annotations
 
-from .contract import Choice, Contract, Hardware, Job, Signature, SpeedOptions, verified
+from .contract import (
+    Choice,
+    Contract,
+    Hardware,
+    Job,
+    Signature,
+    SpeedOptions,
+    deferred_probe,
+    verified,
+)
 
 SWITCH = "fuseGradientAccumulation"
 
@@ -21,19 +30,13 @@ NUMERICS = (
 )
 
 
-def _probe(device: str) -> str | None:
-    from .weight_copies import probe_weight_copies
-
-    return probe_weight_copies(device, accumulate_in_matmul=True)
-
-
 CONTRACT = Contract(
     versions=verified("torch", "transformers"),
     signatures=(
         Signature("torch.library:custom_op"),
         Signature("transformers:TrainerCallback.on_step_end"),
     ),
-    probe=_probe,
+    probe=deferred_probe(".weight_copies", "probe_weight_copies", accumulate_in_matmul=True),
 )
 
 

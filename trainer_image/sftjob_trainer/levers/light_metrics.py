@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contract import Choice, Contract, Hardware, Job, Plan, Signature, SpeedOptions, verified
+from .contract import (
+    Choice,
+    Contract,
+    Hardware,
+    Job,
+    Plan,
+    Signature,
+    SpeedOptions,
+    deferred_probe,
+    verified,
+)
 
 SWITCH = "lightMetrics"
 
@@ -81,12 +91,6 @@ _TO_GRADIENT_POINTERS = (
 )
 
 
-def _probe(device: str) -> str | None:
-    from .kept_logits import probe_kept_logits
-
-    return probe_kept_logits(device)
-
-
 CONTRACT = Contract(
     versions=verified("torch", "transformers", "trl"),
     signatures=(
@@ -132,7 +136,7 @@ CONTRACT = Contract(
         Signature("transformers:Trainer.log", ("self", "logs", "start_time")),
         Signature("trl:SFTConfig", includes=("logging_nan_inf_filter",)),
     ),
-    probe=_probe,
+    probe=deferred_probe(".kept_logits", "probe_kept_logits"),
 )
 
 

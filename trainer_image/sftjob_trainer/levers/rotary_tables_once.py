@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contract import Choice, Contract, Plan, Signature, SpeedOptions, verified
+from .contract import Choice, Contract, Plan, Signature, SpeedOptions, deferred_probe, verified
 
 SWITCH = "rotaryTablesOnce"
 
@@ -21,12 +21,6 @@ NUMERICS = (
     "eager, a copy of the rotary tables (bit for bit, tests/trainer/test_rotary_tables.py); "
     "only compiled bf16 tables round otherwise, and compiling is not exact"
 )
-
-
-def _probe(device: str) -> str | None:
-    from .rotary_tables import probe_rotary_table
-
-    return probe_rotary_table(device)
 
 
 CONTRACT = Contract(
@@ -38,7 +32,7 @@ CONTRACT = Contract(
             ("self", "args", "state", "control", "kwargs"),
         ),
     ),
-    probe=_probe,
+    probe=deferred_probe(".rotary_tables", "probe_rotary_table"),
 )
 
 
