@@ -79,6 +79,11 @@ def job_phase(job: dict[str, Any]) -> str:
     return str((job.get("status") or {}).get("phase") or "Pending")
 
 
+def finished(job: dict[str, Any]) -> bool:
+    """Succeeded or Failed: no pod of it will start any more."""
+    return job_phase(job) in ("Succeeded", "Failed")
+
+
 def why_no_pod(job: dict[str, Any]) -> str:
     """The condition that tells why no trainer runs ("reason: message"), or ""."""
     conditions = (job.get("status") or {}).get("conditions") or []
@@ -127,6 +132,8 @@ def choose_pod(
         )
     attempts = int(status.get("attempts") or 0)
     if attempts == 0:
+        if finished(job):  # refused before its launch (policy, spec): no pod will come
+            raise NoLogs(f"job {name} never ran a pod ({_phase_and_why(job)})")
         raise NoLogs(f"job {name} has no pod yet ({_phase_and_why(job)})", may_come=True)
     chosen = attempts if attempt is None else attempt
     if not 1 <= chosen <= attempts:
@@ -145,7 +152,7 @@ def choose_pod(
         why = f"{blocker.reason}: {blocker.message}" if blocker else _phase_and_why(job)
         raise NoLogs(
             f"pod {pod_name} has not started yet (pod phase {pod_phase(found)}; {why})",
-            may_come=True,
+            may_come=not finished(job),
         )
     return LogTarget(pod_name, rank, ranks, chosen, attempts, pod_phase(found))
 
@@ -175,7 +182,7 @@ def _missing_pod(job: dict[str, Any], chosen: int, attempts: int, rank: int, ran
             + (f" and the retry backoff ends at {wait}" if wait else ""),
             may_come=True,
         )
-    if job_phase(job) in ("Succeeded", "Failed"):
+    if finished(job):
         return NoLogs(
             f"{who} of job {name} (attempt {chosen}) is gone; the job finished "
             f"({_phase_and_why(job)}) and its pods were deleted"

@@ -4,7 +4,7 @@ plane: pods run as processes on the local node and their logs are served by pods
 No operator runs here: each test creates an SFTJob, sets the status the operator would
 (attempts, phase) and creates pods labelled and owned as children.build_pod makes them,
 whose trainer container is a small Python program. That is the cheapest way to have the
-logs of two ranks and two attempts; tests/e2e/test_e2e_cli.py runs the real trainer.
+logs of two ranks and two attempts; tests/e2e/test_e2e_logs_plot.py runs the real trainer.
 """
 
 from __future__ import annotations
@@ -218,8 +218,14 @@ def test_ctrl_c_stops_a_follow_quietly(
     job = create_job(custom, ns, "long", attempts=1, launchedAttempt=1, phase="Running")
     pod = create_rank_pod(core, job, 1, 0, "import time\nprint('up', flush=True)\ntime.sleep(60)")
     wait_phase(core, ns, pod, "Running")
+    # Python turns SIGINT into KeyboardInterrupt, as in a terminal, unless it started with
+    # SIGINT ignored (a shell's background job, which CI may be): so say it explicitly.
+    as_in_a_terminal = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'sftjob'; runpy.run_module('sftjob_operator.cli', run_name='__main__')"
+    )
     follow = subprocess.Popen(
-        [sys.executable, "-m", "sftjob_operator.cli", "logs", "long", "-n", ns, "-f"],
+        [sys.executable, "-c", as_in_a_terminal, "logs", "long", "-n", ns, "-f"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

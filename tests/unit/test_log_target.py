@@ -237,3 +237,27 @@ def test_why_no_pod_prefers_the_condition_that_explains_most() -> None:
     )
     assert why_no_pod(job) == "PolicyViolation: m2"
     assert why_no_pod(two_node_job()) == ""
+
+
+def test_a_job_refused_before_its_launch_will_never_have_a_pod() -> None:
+    job = two_node_job(
+        attempts=0,
+        phase="Failed",
+        conditions=[
+            {"type": "Failed", "status": "True", "reason": "PolicyViolation", "message": "m"}
+        ],
+    )
+    with pytest.raises(NoLogs) as raised:
+        choose_pod(job, [])
+    assert raised.value.message == (
+        "job tiny-lora-2node never ran a pod (phase Failed; PolicyViolation: m)"
+    )
+    # `sftjob logs -f` must not wait for it.
+    assert not raised.value.may_come
+
+
+def test_a_pod_not_started_of_a_finished_job_is_not_waited_for() -> None:
+    job = two_node_job(attempts=1, phase="Failed")
+    with pytest.raises(NoLogs, match="has not started yet") as raised:
+        choose_pod(job, pods_of(1, started=False))
+    assert not raised.value.may_come
