@@ -570,7 +570,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from kubernetes.config import ConfigException
 
     from .log_target import job_missing, job_phase
-    from .loss_plot import MissingPlotting, figure_title, loss_figure, write_png
+    from .loss_plot import MissingPlotting, figure_title, has_curves, loss_figure, write_png
 
     namespace = args.namespace or ""
     try:
@@ -584,7 +584,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     progress = (job.get("status") or {}).get("progress") or {}
     history = progress.get("history") or []
     phase = job_phase(job)
-    if not history:
+    if not has_curves(history):
         print(
             f"error: job {args.name} has no loss history yet (phase {phase}): the trainer "
             "reports a point every spec.training.loggingSteps steps once it trains; try "

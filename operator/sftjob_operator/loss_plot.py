@@ -34,6 +34,12 @@ def series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], l
     return [s for s, _ in points], [v for _, v in points]
 
 
+def has_curves(history: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any point has a value to draw (the first report may carry only its step)."""
+    keys = ("loss", "evalLoss", "learningRate")
+    return any(point.get(key) is not None for point in history for key in keys)
+
+
 def figure_title(name: str, phase: str, progress: Mapping[str, Any] | None = None) -> str:
     progress = progress or {}
     step, total = progress.get("step"), progress.get("totalSteps")
@@ -46,7 +52,7 @@ def loss_figure(history: Sequence[Mapping[str, Any]], title: str) -> Figure:
 
     Raises ValueError for a history without any point, MissingPlotting without matplotlib.
     """
-    if not history:
+    if not has_curves(history):
         raise ValueError("no history points to plot")
     try:
         from matplotlib.figure import Figure

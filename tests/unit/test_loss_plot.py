@@ -15,6 +15,7 @@ from sftjob_operator.loss_plot import (
     INSTALL_HINT,
     MissingPlotting,
     figure_title,
+    has_curves,
     loss_figure,
     write_png,
 )
@@ -64,9 +65,12 @@ def test_no_eval_loss_draws_no_eval_curve() -> None:
     assert [line.get_label() for line in figure.axes[0].get_lines()] == ["train loss"]
 
 
-def test_an_empty_history_is_refused() -> None:
+@pytest.mark.parametrize("history", [[], [{"step": 0}]], ids=["none", "only-a-step"])
+def test_a_history_without_values_is_refused(history: list[dict[str, Any]]) -> None:
+    assert not has_curves(history)
     with pytest.raises(ValueError, match="no history points"):
-        loss_figure([], "t")
+        loss_figure(history, "t")
+    assert has_curves([{"step": 0}, {"step": 1, "learningRate": 1e-4}])
 
 
 def test_without_matplotlib_the_error_says_how_to_install_it(
