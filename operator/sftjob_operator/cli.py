@@ -445,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         "across restarts)",
     )
     up.set_defaults(func=cmd_local_up)
+    add_logs_and_plot(sub)
     return parser
 
 
@@ -455,6 +456,188 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INVALID_SPEC
     result: int = args.func(args)
     return result
+
+
+# ----------------------------------------------------------------- sftjob logs / sftjob plot
+
+# Seconds between looks while `sftjob logs -f` waits for the pod to start.
+LOG_WAIT_SECONDS = 2.0
+EXIT_NO_LOGS = 1
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """The kubectl flags that pick the cluster and namespace."""
+    parser.add_argument("name", help="the SFTJob's name")
+    parser.add_argument(
+        "-n", "--namespace", default=None, help="default: the kubeconfig context's namespace"
+    )
+    parser.add_argument(
+        "--kubeconfig", default=None, help="default: $KUBECONFIG, else ~/.kube/config"
+    )
+    parser.add_argument("--context", default=None, help="kubeconfig context (default: current)")
+
+
+def _log_reader(args: argparse.Namespace) -> tuple[Any, str]:
+    """The LogReader for the user's kubeconfig, and the namespace to read."""
+    from .kube import LogReader, user_api_client
+
+    client, context_namespace = user_api_client(args.kubeconfig, args.context)
+    return LogReader(client), args.namespace or context_namespace
+
+
+def _api_message(exc: Any) -> str:
+    """The API server's own message from an ApiException (its Status body), else its reason."""
+    try:
+        return str(json.loads(exc.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return f"{exc.status} {exc.reason}"
+
+
+def _cluster_error(exc: BaseException, what: str, namespace: str) -> int:
+    from kubernetes.client import ApiException
+
+    if isinstance(exc, ApiException) and exc.status == 403:
+        print(
+            f"error: {_api_message(exc)}\n  {what} needs, in namespace {namespace}: get on "
+            "sftjobs.tuning.sftjob.dev, list on pods, get on pods/log",
+            file=sys.stderr,
+        )
+    elif isinstance(exc, ApiException):
+        print(f"error: {_api_message(exc)}", file=sys.stderr)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+    return EXIT_NO_LOGS
+
+
+def _find_log_target(reader: Any, namespace: str, args: argparse.Namespace) -> Any:
+    """The pod to read, or the exit code after saying why there is none (waits with -f)."""
+    import time
+
+    from .children import LABEL_JOB
+    from .log_target import NoLogs, choose_pod, job_missing
+
+    told = None
+    while True:
+        job = reader.read_job(namespace, args.name)
+        if job is None:
+            print(f"error: {job_missing(args.name, namespace)}", file=sys.stderr)
+            return EXIT_NO_LOGS
+        pods = reader.list_job_pods(namespace, args.name, LABEL_JOB)
+        try:
+            return choose_pod(job, pods, args.rank, args.attempt)
+        except NoLogs as exc:
+            if not (args.follow and exc.may_come):
+                print(f"error: {exc.message}", file=sys.stderr)
+                return EXIT_NO_LOGS
+            if exc.message != told:
+                print(f"waiting: {exc.message}", file=sys.stderr)
+                told = exc.message
+        time.sleep(LOG_WAIT_SECONDS)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from kubernetes.client import ApiException
+    from kubernetes.config import ConfigException
+
+    from .log_target import TRAINER_CONTAINER
+
+    namespace = args.namespace or ""
+    try:
+        reader, namespace = _log_reader(args)
+        target = _find_log_target(reader, namespace, args)
+        if isinstance(target, int):
+            return target
+        print(f"logs of {target.describe()}", file=sys.stderr)
+        out = sys.stdout.buffer
+        if args.follow:
+            for chunk in reader.stream_log(namespace, target.pod, TRAINER_CONTAINER, args.tail):
+                out.write(chunk)
+                out.flush()
+        else:
+            out.write(reader.read_log(namespace, target.pod, TRAINER_CONTAINER, args.tail))
+            out.flush()
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C ends a follow: what the user asked for
+    except BrokenPipeError:
+        return 0  # `sftjob logs NAME | head`: the reader has what it wanted
+    except (ApiException, ConfigException, OSError) as exc:
+        return _cluster_error(exc, "sftjob logs", namespace)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from kubernetes.client import ApiException
+    from kubernetes.config import ConfigException
+
+    from .log_target import job_missing, job_phase
+    from .loss_plot import MissingPlotting, figure_title, has_curves, loss_figure, write_png
+
+    namespace = args.namespace or ""
+    try:
+        reader, namespace = _log_reader(args)
+        job = reader.read_job(namespace, args.name)
+    except (ApiException, ConfigException, OSError) as exc:
+        return _cluster_error(exc, "sftjob plot", namespace)
+    if job is None:
+        print(f"error: {job_missing(args.name, namespace)}", file=sys.stderr)
+        return EXIT_NO_LOGS
+    progress = (job.get("status") or {}).get("progress") or {}
+    history = progress.get("history") or []
+    phase = job_phase(job)
+    if not has_curves(history):
+        print(
+            f"error: job {args.name} has no loss history yet (phase {phase}): the trainer "
+            "reports a point every spec.training.loggingSteps steps once it trains; try "
+            f"again when `kubectl get sft {args.name}` shows a step",
+            file=sys.stderr,
+        )
+        return EXIT_NO_LOGS
+    try:
+        figure = loss_figure(history, figure_title(args.name, phase, progress))
+        write_png(figure, args.output)
+    except MissingPlotting as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_LOGS
+    except OSError as exc:
+        print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return EXIT_NO_LOGS
+    steps = [point.get("step") for point in history]
+    print(f"wrote {args.output}: {len(history)} points, steps {steps[0]} to {steps[-1]}")
+    return 0
+
+
+def add_logs_and_plot(sub: Any) -> None:
+    """`sftjob logs` and `sftjob plot`: read a job in a cluster with the user's kubeconfig."""
+    logs = sub.add_parser(
+        "logs", help="print a job's trainer log: a rank's pod of the current attempt"
+    )
+    _add_cluster_arguments(logs)
+    logs.add_argument("--rank", type=int, default=0, help="which rank's pod (default 0)")
+    logs.add_argument(
+        "--attempt",
+        type=int,
+        default=None,
+        metavar="K",
+        help="which attempt (default: the current one; earlier attempts' pods are deleted "
+        "when the next launches)",
+    )
+    logs.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="stream the log until the pod ends (waits for a pod not started yet; Ctrl-C stops)",
+    )
+    logs.add_argument(
+        "--tail", type=int, default=None, metavar="N", help="only the last N lines to start"
+    )
+    logs.set_defaults(func=cmd_logs)
+
+    plot = sub.add_parser(
+        "plot", help="write a PNG of a job's loss, eval loss and learning-rate curves"
+    )
+    _add_cluster_arguments(plot)
+    plot.add_argument("-o", "--output", type=Path, required=True, help="the PNG to write")
+    plot.set_defaults(func=cmd_plot)
 
 
 if __name__ == "__main__":

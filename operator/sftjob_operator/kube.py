@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import kubernetes
@@ -348,3 +348,105 @@ class Kube:
             # Events are best effort; a lost one must not fail the reconcile.
             self._on_error("create Event")
             log.warning("could not post event %s for %s", reason, metadata["name"])
+
+
+# ----------------------------------------------------------------- the CLI's log reader
+
+# What `sftjob logs` and `sftjob plot` call, as a user's (or a tenant's) Role must grant it:
+# the job, its pods (by label) and a pod's log. tests/unit/test_log_reader.py checks this
+# against the calls LogReader makes.
+LOG_READER_PERMISSIONS: dict[tuple[str, str], set[str]] = {
+    (GROUP, PLURAL): {"get"},
+    ("", "pods"): {"list"},
+    ("", "pods/log"): {"get"},
+}
+
+
+def user_api_client(
+    kubeconfig: str | None = None, context: str | None = None
+) -> tuple[ApiClient, str]:
+    """A client as kubectl makes one, and the namespace it defaults to.
+
+    `kubeconfig`, else $KUBECONFIG (a list of files, merged), else ~/.kube/config; the
+    `context`, else the current one; the namespace is the context's, else `default`. With
+    no kubeconfig at all inside a pod, the pod's service account and namespace.
+    """
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_kube_config(
+            config_file=kubeconfig, context=context, client_configuration=configuration
+        )
+        contexts, current = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
+    except kubernetes.config.ConfigException:
+        if kubeconfig or context:
+            raise
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+        service_account = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+        with open(service_account) as file:
+            return ApiClient(configuration), file.read().strip() or "default"
+    chosen = (
+        next((c for c in contexts if c.get("name") == context), current) if context else current
+    )
+    namespace = ((chosen or {}).get("context") or {}).get("namespace") or "default"
+    return ApiClient(configuration), str(namespace)
+
+
+class LogReader:
+    """The reads of `sftjob logs` and `sftjob plot`: a job, its pods, a pod's log.
+
+    Its own clients (not Kube's): the operator never reads logs, and its ClusterRole
+    does not grant pods/log.
+    """
+
+    def __init__(self, api_client: ApiClient):
+        self.client = api_client
+        self.pod_api = kubernetes.client.CoreV1Api(api_client)
+        self.job_api = kubernetes.client.CustomObjectsApi(api_client)
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The SFTJob; None when there is none of that name in the namespace."""
+        try:
+            job = self.job_api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        plain = job if isinstance(job, dict) else self.client.sanitize_for_serialization(job)
+        return dict(plain)
+
+    def list_job_pods(self, namespace: str, job_name: str, label: str) -> list[dict[str, Any]]:
+        """The pods labelled as the job's (every attempt; the caller checks the owner)."""
+        pods = self.pod_api.list_namespaced_pod(namespace, label_selector=f"{label}={job_name}")
+        return [dict(self.client.sanitize_for_serialization(pod)) for pod in pods.items]
+
+    def _log_response(
+        self, namespace: str, pod: str, container: str, tail: int | None, follow: bool
+    ) -> Any:
+        options: dict[str, Any] = {"container": container, "follow": follow}
+        if tail is not None:
+            options["tail_lines"] = tail
+        return self.pod_api.read_namespaced_pod_log(
+            pod, namespace, _preload_content=False, **options
+        )
+
+    def read_log(self, namespace: str, pod: str, container: str, tail: int | None = None) -> bytes:
+        """The container's log as the node has it now (bytes: a log need not be UTF-8)."""
+        response = self._log_response(namespace, pod, container, tail, follow=False)
+        try:
+            return bytes(response.read())
+        finally:
+            response.release_conn()
+
+    def stream_log(
+        self, namespace: str, pod: str, container: str, tail: int | None = None
+    ) -> Iterator[bytes]:
+        """The log, then what the container writes, chunk by chunk until it ends.
+
+        The API server streams the kubelet's follow (chunked transfer); the stream ends
+        when that container's run ends, or the pod goes away.
+        """
+        response = self._log_response(namespace, pod, container, tail, follow=True)
+        try:
+            yield from response.stream(amt=None, decode_content=True)
+        finally:
+            response.release_conn()
