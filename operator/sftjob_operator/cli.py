@@ -370,7 +370,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    """A live table from a watch: list, then watch from the list's version; 410 → list again."""
+    """A live table from a watch; Ctrl-C (even while starting up) ends it quietly with 0."""
+    try:
+        return _watch(args)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """List, then watch from the list's version; 410 Gone → list again."""
     import time
 
     from kubernetes.client import ApiException
@@ -422,8 +430,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 return 0
             except WatchExpired:
                 continue  # the version is gone from the server's history: list again
-    except KeyboardInterrupt:
-        return 0
     except ApiException as exc:
         return _api_error(exc)
 
