@@ -415,6 +415,11 @@ def events_table(job: Job, events: Iterable[Mapping[str, Any]], now: datetime.da
     return _indent(format_table(["AGE", "TYPE", "REASON", "MESSAGE"], rows))
 
 
+def _nodes_text(job: Job) -> str:
+    nodes = int((_spec(job).get("resources") or {}).get("nodes") or 1)
+    return f"{nodes} node{'' if nodes == 1 else 's'}"
+
+
 def summary_text(job: Job, now: datetime.datetime) -> str:
     metadata, status, progress = job.get("metadata") or {}, _status(job), _progress(job)
     spec = _spec(job)
@@ -428,7 +433,7 @@ def summary_text(job: Job, now: datetime.datetime) -> str:
             "Method",
             f"{spec.get('method') or 'lora'} of {_text(model.get('name') or model.get('path'))}",
         ),
-        ("GPUs", f"{gpus(job)} ({_text((spec.get('resources') or {}).get('nodes') or 1)} node(s))"),
+        ("GPUs", f"{gpus(job)} on {_nodes_text(job)}"),
         ("Progress", progress_text(job)),
         ("Epoch", NO_VALUE if progress.get("epoch") is None else f"{float(progress['epoch']):.2f}"),
         ("Loss", loss_text(job)),
@@ -514,11 +519,13 @@ def loss_chart(
 
     figure = plotext.figure
     figure.clear()  # plotext draws on one module-level figure: start from a blank one
-    markers = {"loss": "braille", "eval loss": "dot"}
     for curve in curves:
-        signal = figure.signal(curve.steps, curve.values, marker=markers.get(curve.label, "dot"))
+        # The training loss as a line; eval loss as its few points, which a line of dots
+        # would blur into the loss line where the two meet.
+        line = curve.label == "loss"
+        signal = figure.signal(curve.steps, curve.values, marker="braille" if line else "dot")
         signal.label(curve.label)
-        if len(curve.steps) > 1:
+        if line and len(curve.steps) > 1:
             signal.lines()
         figure.draw(signal)
     figure.plot_size(width, height)
@@ -573,10 +580,26 @@ def dump(obj: Any, output: str) -> str:
 # ----------------------------------------------------------------------------- screenshot
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+BRAILLE_BLANK = 0x2800
+# The dot of each bit of a braille cell (Unicode's order): (column 0-1, row 0-3).
+BRAILLE_DOTS = ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (0, 3), (1, 3))
+
+
+def braille_dots(char: str) -> list[tuple[int, int]]:
+    """The raised dots of a braille character (plotext's curve), none for other characters."""
+    bits = ord(char) - BRAILLE_BLANK
+    if not 0 <= bits <= 0xFF:
+        return []
+    return [dot for bit, dot in enumerate(BRAILLE_DOTS) if bits >> bit & 1]
 
 
 def render_screenshot(text: str, png_path: str) -> None:
-    """A PNG of terminal text: monospace on a dark background (matplotlib, the cli extra)."""
+    """A PNG of terminal text: monospace on a dark background (matplotlib, the cli extra).
+
+    Each line is placed on its own grid row, and braille cells (the curve) are drawn as
+    their dots: DejaVu Sans Mono has no braille, and a fallback font's glyphs are narrower
+    than a column, which would bend the chart.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -584,23 +607,36 @@ def render_screenshot(text: str, png_path: str) -> None:
 
     lines = ANSI_ESCAPE.sub("", text).rstrip("\n").splitlines()
     columns = max((len(line) for line in lines), default=1)
-    # DejaVu Sans Mono: 0.6 em wide; 1.2 em per line.
-    font_size = 10
-    width = columns * font_size * 0.6 / 72 + 0.4
-    height = len(lines) * font_size * 1.25 / 72 + 0.4
-    figure = plt.figure(figsize=(width, height), dpi=120)
+    size, margin = 10.0, 14.0  # points
+    column, row = size * 0.6021, size * 1.2  # DejaVu Sans Mono's advance; a terminal's line
+    width, height = columns * column + 2 * margin, len(lines) * row + 2 * margin
+    figure = plt.figure(figsize=(width / 72, height / 72), dpi=144)
     figure.patch.set_facecolor("#1e1e1e")
-    figure.text(
-        0.2 / width,
-        1 - 0.2 / height,
-        "\n".join(lines),
-        family="DejaVu Sans Mono",
-        fontsize=font_size,
-        color="#e8e8e8",
-        va="top",
-        ha="left",
-        linespacing=1.25,
-    )
+    ink = "#e8e8e8"
+    dots_x: list[float] = []
+    dots_y: list[float] = []
+    for index, line in enumerate(lines):
+        top = height - margin - index * row
+        plain = "".join(" " if braille_dots(c) else c for c in line)
+        figure.text(
+            margin / width,
+            (top - 0.8 * row) / height,
+            plain,
+            family="DejaVu Sans Mono",
+            fontsize=size,
+            color=ink,
+            va="baseline",
+            ha="left",
+        )
+        for position, char in enumerate(line):
+            for dot_column, dot_row in braille_dots(char):
+                dots_x.append((margin + (position + 0.3 + 0.4 * dot_column) * column) / width)
+                dots_y.append((top - (0.125 + 0.25 * dot_row) * row) / height)
+    canvas = figure.add_axes((0.0, 0.0, 1.0, 1.0))  # figure fractions as data coordinates
+    canvas.set_axis_off()
+    canvas.set_xlim(0, 1)
+    canvas.set_ylim(0, 1)
+    canvas.scatter(dots_x, dots_y, s=2.5, color=ink, marker="s", linewidths=0)
     figure.savefig(png_path, facecolor=figure.get_facecolor())
     plt.close(figure)
 

@@ -316,3 +316,11 @@ def test_screenshot_is_a_png_of_the_text(tmp_path: Any) -> None:
         assert width > 4 * height  # 80 columns by two lines
         low, high = image.convert("L").getextrema()
         assert high - low > 100  # light text on a dark ground, not a blank canvas
+
+
+def test_braille_cells_become_their_dots_in_the_screenshot() -> None:
+    assert job_view.braille_dots("\u2801") == [(0, 0)]  # dot 1: top left
+    assert job_view.braille_dots("\u2840") == [(0, 3)]  # dot 7: bottom left
+    assert job_view.braille_dots("\u2880") == [(1, 3)]  # dot 8: bottom right
+    assert len(job_view.braille_dots("\u28ff")) == 8
+    assert job_view.braille_dots("\u2800") == [] and job_view.braille_dots("x") == []
