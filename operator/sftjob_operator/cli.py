@@ -284,9 +284,14 @@ EXIT_NOT_FOUND = 1
 
 def _reader(args: argparse.Namespace) -> tuple[Any, str | None]:
     """The JobReader for the user's kubeconfig, and the namespace to read (None with -A)."""
+    from kubernetes.config import ConfigException
+
     from .kube import JobReader, load_user_client
 
-    client, context_namespace = load_user_client(args.kubeconfig, args.context)
+    try:
+        client, context_namespace = load_user_client(args.kubeconfig, args.context)
+    except ConfigException as exc:  # no kubeconfig, or no such context: kubectl's exit 1
+        raise SystemExit(f"error: {exc}") from None
     if getattr(args, "all_namespaces", False):
         return JobReader(client), None
     return JobReader(client), args.namespace or context_namespace

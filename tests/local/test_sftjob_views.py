@@ -369,3 +369,57 @@ def test_an_expired_version_is_told_apart_so_watch_lists_again(views: Views) -> 
         # What `sftjob watch` does then: list again, and watch from the list's version.
         listed, fresh = reader.list_jobs(namespace)
         assert [j["metadata"]["name"] for j in listed] == ["early"] and int(fresh) > int(version)
+
+
+def test_kubeconfig_and_context_flags_pick_the_cluster_and_namespace(
+    views: Views, job_name: str, tmp_path: Path
+) -> None:
+    views.create(job_name, RUNNING_STATUS)
+    config = yaml.safe_load(views.kubeconfig.read_text())
+    current = next(c for c in config["contexts"] if c["name"] == config["current-context"])
+    # The current context looks elsewhere; the context named `views` is the test namespace.
+    config["contexts"].append({"name": "views", "context": dict(current["context"])})
+    current["context"]["namespace"] = "default"
+    path = tmp_path / "two-contexts"
+    path.write_text(yaml.safe_dump(config))
+    absent = tmp_path / "absent"
+    args = ["--kubeconfig", str(path), "--context", "views"]
+    picked = views.run(" ".join(["sftjob get", *args]), kubeconfig=absent)
+    assert picked.returncode == 0, picked.stderr
+    assert any(line.startswith(job_name + " ") for line in picked.stdout.splitlines())
+    other = views.run(f"sftjob get --kubeconfig {path}", kubeconfig=absent)
+    assert job_name not in other.stdout
+    missing = views.run(f"sftjob get --kubeconfig {path} --context nope", kubeconfig=absent)
+    assert missing.returncode == 1 and "nope" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_watch_redraws_in_place_on_a_terminal(views: Views, job_name: str) -> None:
+    import pty
+
+    views.create(job_name, RUNNING_STATUS)
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        views.argv("sftjob watch --timeout 3"),
+        env=views.env(),
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    output = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal closed: the process has ended
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(controller)
+    assert process.wait(timeout=30) == 0, output
+    # Cursor home and clear screen before the table: redrawn, not scrolled.
+    assert output.startswith(b"\x1b[H\x1b[2J"), output[:80]
+    assert job_name.encode() in output
