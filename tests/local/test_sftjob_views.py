@@ -145,6 +145,12 @@ class Views:
 def views(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Views]:
     crd = yaml.safe_load((ROOT / "crds" / "sftjob.yaml").read_text())
     crd_path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
+
+    def settled() -> bool:  # not half-deleted by another module's teardown
+        status, body = cluster.request("GET", crd_path)
+        return status == 404 or not (body.get("metadata") or {}).get("deletionTimestamp")
+
+    cluster.wait_for(settled, 60)
     created = cluster.request("GET", crd_path)[0] == 404
     if created:
         cluster.ok("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
