@@ -376,27 +376,23 @@ def event_time(event: Mapping[str, Any]) -> str | None:
     )
 
 
+def _about_job(event: Mapping[str, Any], name: Any, uid: Any) -> bool:
+    """An Event about this SFTJob: its name, and its uid where both name one (a job deleted
+    and created again under the same name keeps the earlier one's Events for a while)."""
+    subject = event.get("involvedObject") or {}
+    if subject.get("kind") != "SFTJob" or subject.get("name") != name:
+        return False
+    return not uid or not subject.get("uid") or subject.get("uid") == uid
+
+
+EARLIEST = datetime.datetime.min.replace(tzinfo=datetime.UTC)
+
+
 def job_events(job: Job, events: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The Events about this job (its uid, where the Event names one), oldest first."""
+    """The Events about this job, oldest first."""
     metadata = job.get("metadata") or {}
-    uid = metadata.get("uid")
-    mine = [
-        e
-        for e in events
-        if (e.get("involvedObject") or {}).get("kind") == "SFTJob"
-        and (e.get("involvedObject") or {}).get("name") == metadata.get("name")
-        and (
-            not uid
-            or not (e.get("involvedObject") or {}).get("uid")
-            or (e.get("involvedObject") or {}).get("uid") == uid
-        )
-    ]
-    return sorted(
-        mine,
-        key=lambda e: (
-            parse_time(event_time(e)) or datetime.datetime.min.replace(tzinfo=datetime.UTC)
-        ),
-    )
+    mine = [e for e in events if _about_job(e, metadata.get("name"), metadata.get("uid"))]
+    return sorted(mine, key=lambda e: parse_time(event_time(e)) or EARLIEST)
 
 
 def events_table(job: Job, events: Iterable[Mapping[str, Any]], now: datetime.datetime) -> str:
