@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt constraints-s3server.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: its CPU wheel is on local disk; an unpinned torch pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[operator,trainer,local,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[operator,trainer,local,cli,dev]'
 	# The tests' local S3 server (tests/s3_kit.py) in its own venv: see constraints-s3server.txt.
 	$(PYTHON) -m venv $(S3_SERVER_VENV)
 	$(S3_SERVER_VENV)/bin/python -m pip install -q -c constraints-s3server.txt 'moto[server]==5.2.6'

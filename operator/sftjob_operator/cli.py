@@ -1,4 +1,4 @@
-"""The `sftjob` command: plan, crd, run, operator, local up.
+"""The `sftjob` command: plan, crd, run, operator, local up, get, status, watch.
 
 Each subcommand imports what it needs when it runs, so `sftjob plan` stays fast and
 works with only the core dependencies installed.
@@ -275,6 +275,226 @@ def cmd_local_up(args: argparse.Namespace) -> int:
     return code
 
 
+# ----------------------------------------------------------------------------- terminal views
+# `sftjob get`, `sftjob status`, `sftjob watch`: the user's kubeconfig, reads only
+# (kube.JobReader), text from the pure job_view.
+
+EXIT_NOT_FOUND = 1
+
+
+def _reader(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The JobReader for the user's kubeconfig, and the namespace to read (None with -A)."""
+    from kubernetes.config import ConfigException
+
+    from .kube import JobReader, user_api_client
+
+    try:
+        client, context_namespace = user_api_client(args.kubeconfig, args.context)
+    except ConfigException as exc:  # no kubeconfig, or no such context: kubectl's exit 1
+        raise SystemExit(f"error: {exc}") from None
+    if getattr(args, "all_namespaces", False):
+        return JobReader(client), None
+    return JobReader(client), args.namespace or context_namespace
+
+
+def _api_error(exc: Exception) -> int:
+    """An API refusal as kubectl words it: `Error from server (Forbidden): <message>`."""
+    body = getattr(exc, "body", None)
+    try:
+        status = json.loads(body) if body else {}
+    except ValueError:
+        status = {}
+    reason = status.get("reason") or getattr(exc, "reason", "") or "Error"
+    message = status.get("message") or str(exc).strip()
+    print(f"Error from server ({reason}): {message}", file=sys.stderr)
+    return 1
+
+
+def _now() -> Any:
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from kubernetes.client import ApiException
+
+    from . import job_view
+
+    reader, namespace = _reader(args)
+    try:
+        if args.name:
+            job = reader.get_job(namespace or "default", args.name)
+            if job is None:
+                print(job_view.not_found_text(args.name, namespace or "default"), file=sys.stderr)
+                return EXIT_NOT_FOUND
+            jobs = [job]
+        else:
+            jobs, _ = reader.list_jobs(namespace)
+    except ApiException as exc:
+        return _api_error(exc)
+    if args.output in ("json", "yaml"):
+        shown = jobs[0] if args.name else job_view.as_list(jobs)
+        sys.stdout.write(job_view.dump(shown, args.output).rstrip("\n") + "\n")
+        return 0
+    if not jobs:
+        print(job_view.no_jobs_text(namespace), file=sys.stderr)
+        return 0
+    print(
+        job_view.jobs_table(
+            jobs, _now(), all_namespaces=namespace is None, wide=args.output == "wide"
+        )
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from kubernetes.client import ApiException
+
+    from . import job_view
+
+    reader, namespace = _reader(args)
+    namespace = namespace or "default"
+    try:
+        job = reader.get_job(namespace, args.name)
+        if job is None:
+            print(job_view.not_found_text(args.name, namespace), file=sys.stderr)
+            return EXIT_NOT_FOUND
+        events = reader.list_job_events(namespace, args.name)
+    except ApiException as exc:
+        return _api_error(exc)
+    curves = job_view.loss_curves(job)
+    chart = None
+    if curves:
+        try:
+            chart = job_view.loss_chart(curves, color=sys.stdout.isatty())
+        except ImportError as exc:
+            chart = f"  {exc}"
+    print(job_view.status_text(job, events, _now(), chart=chart))
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """A live table from a watch; Ctrl-C (even while starting up) ends it quietly with 0."""
+    try:
+        return _watch(args)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """List, then watch from the list's version; 410 Gone → list again."""
+    import time
+
+    from kubernetes.client import ApiException
+
+    from . import job_view
+    from .kube import WatchExpired
+
+    reader, namespace = _reader(args)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    redraw = sys.stdout.isatty()
+    shown = ""
+
+    def show(jobs: dict[Any, Any]) -> None:
+        nonlocal shown
+        table = (
+            job_view.jobs_table(jobs.values(), _now(), all_namespaces=namespace is None)
+            if jobs
+            else job_view.no_jobs_text(namespace)
+        )
+        if table == shown:
+            return
+        shown = table
+        # On a terminal the table is redrawn in place; into a pipe, one table per change.
+        sys.stdout.write(("\x1b[H\x1b[2J" if redraw else "") + table + "\n\n")
+        sys.stdout.flush()
+
+    def finished(jobs: dict[Any, Any]) -> bool:
+        return args.until_finished and job_view.all_finished(jobs.values())
+
+    try:
+        while True:
+            listed, version = reader.list_jobs(namespace)
+            jobs = {job_view.job_key(job): job for job in listed}
+            show(jobs)
+            try:
+                while not finished(jobs):
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return 0
+                    window = 300 if left is None else max(1, min(300, int(left + 0.999)))
+                    for kind, obj in reader.watch_jobs(namespace, version, window):
+                        version = job_view.resource_version(obj) or version
+                        if kind == "BOOKMARK":
+                            continue  # only a newer version to resume from: nothing changed
+                        jobs = job_view.apply_watch_event(jobs, job_view.WatchEvent(kind, obj))
+                        show(jobs)
+                        if finished(jobs):
+                            break
+                return 0
+            except WatchExpired:
+                continue  # the version is gone from the server's history: list again
+    except ApiException as exc:
+        return _api_error(exc)
+
+
+def _add_view_parsers(sub: Any) -> None:
+    """The subcommands `get`, `status` and `watch` (their shared kubeconfig options)."""
+
+    def connection(command: argparse.ArgumentParser, all_namespaces: bool = True) -> None:
+        command.add_argument(
+            "--kubeconfig",
+            default=None,
+            help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)",
+        )
+        command.add_argument("--context", default=None, help="kubeconfig context to use")
+        if not all_namespaces:
+            command.add_argument(
+                "-n", "--namespace", default=None, help="default: the context's namespace"
+            )
+            return
+        scope = command.add_mutually_exclusive_group()
+        scope.add_argument(
+            "-n", "--namespace", default=None, help="default: the context's namespace"
+        )
+        scope.add_argument(
+            "-A", "--all-namespaces", action="store_true", help="jobs of every namespace"
+        )
+
+    get = sub.add_parser("get", help="list SFTJobs with their plan, like kubectl get sft")
+    get.add_argument("name", nargs="?", default=None, help="one job (default: all)")
+    connection(get)
+    get.add_argument("-o", "--output", choices=["wide", "json", "yaml"], default=None)
+    get.set_defaults(func=cmd_get)
+
+    status = sub.add_parser(
+        "status",
+        help="one job: conditions, plan vs measured, effective spec, loss curve, events",
+    )
+    status.add_argument("name", help="the SFTJob")
+    connection(status, all_namespaces=False)
+    status.set_defaults(func=cmd_status)
+
+    watch = sub.add_parser(
+        "watch", help="a live table of SFTJobs, redrawn on each change (an API watch)"
+    )
+    connection(watch)
+    watch.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after SECONDS (exit 0); default: until Ctrl-C",
+    )
+    watch.add_argument(
+        "--until-finished",
+        action="store_true",
+        help="stop once every job shown has Succeeded or Failed",
+    )
+    watch.set_defaults(func=cmd_watch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftjob", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -445,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
         "across restarts)",
     )
     up.set_defaults(func=cmd_local_up)
+    _add_view_parsers(sub)
     add_logs_and_plot(sub)
     return parser
 

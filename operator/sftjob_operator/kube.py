@@ -450,3 +450,101 @@ class LogReader:
             yield from response.stream(amt=None, decode_content=True)
         finally:
             response.release_conn()
+
+
+# ----------------------------------------------------------------------------- the CLI's reads
+
+# What `sftjob get`, `sftjob status` and `sftjob watch` ask of the API as the user, in
+# the job's namespace (-A: in every namespace, so a ClusterRole). The README's "From the
+# terminal" Role grants exactly these (tests/unit/test_job_reader.py).
+READER_PERMISSIONS: dict[tuple[str, str], set[str]] = {
+    (GROUP, PLURAL): {"get", "list", "watch"},
+    ("", "events"): {"list"},
+}
+
+
+class WatchExpired(Exception):
+    """The watch's resourceVersion is too old (410 Gone): list again and watch from there."""
+
+
+class JobReader:
+    """The reads of the terminal views: SFTJobs (get, list, watch) and a job's Events.
+
+    Plain dicts in the API's camelCase out, as for Kube. `namespace=None` means every
+    namespace (`-A`). Its clients have their own attribute names, so the operator's
+    permission scan of `Kube` (tests/unit/test_deploy.py) never counts these reads.
+    """
+
+    def __init__(self, api_client: ApiClient):
+        self.client = api_client
+        self.job_api = kubernetes.client.CustomObjectsApi(api_client)
+        self.event_api = kubernetes.client.CoreV1Api(api_client)
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The SFTJob; None when there is none of that name in the namespace."""
+        try:
+            job = self.job_api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(job)
+
+    def list_jobs(self, namespace: str | None) -> tuple[list[dict[str, Any]], str]:
+        """The SFTJobs of a namespace (None: all) and the list's resourceVersion."""
+        if namespace is None:
+            found = self.job_api.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        else:
+            found = self.job_api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        items = [dict(item) for item in found.get("items") or []]
+        return items, str((found.get("metadata") or {}).get("resourceVersion") or "")
+
+    def watch_jobs(
+        self, namespace: str | None, resource_version: str, timeout_seconds: int
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(type, object) of each change after `resource_version`, until the server ends the
+        watch after `timeout_seconds` (then watch again from the last version seen).
+
+        Bookmarks come through (type BOOKMARK) so a caller keeps a recent version; a
+        version the server no longer has raises WatchExpired.
+        """
+        import kubernetes.watch
+
+        watch = kubernetes.watch.Watch()
+        options: dict[str, Any] = {
+            "resource_version": resource_version,
+            "allow_watch_bookmarks": True,
+            "timeout_seconds": timeout_seconds,
+            # The socket gives up a little after the server should have closed the stream.
+            "_request_timeout": timeout_seconds + 30,
+        }
+        if namespace is None:
+            stream = watch.stream(
+                self.job_api.list_cluster_custom_object, GROUP, VERSION, PLURAL, **options
+            )
+        else:
+            stream = watch.stream(
+                self.job_api.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                **options,
+            )
+        try:
+            for event in stream:
+                yield str(event["type"]), dict(event["raw_object"])
+        except ApiException as exc:
+            if exc.status == 410:
+                raise WatchExpired(str(exc.reason)) from None
+            raise
+        finally:
+            watch.stop()
+
+    def list_job_events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The Events whose involvedObject is named `name` (job_view keeps the SFTJob's)."""
+        found = self.event_api.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.name={name}"
+        )
+        plain = self.client.sanitize_for_serialization(found)
+        return list((plain if isinstance(plain, dict) else {}).get("items") or [])

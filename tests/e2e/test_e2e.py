@@ -459,3 +459,55 @@ def test_a_trainer_pods_token_reaches_only_its_own_job(cluster: E2ECluster, tmp_
             result.stderr,
         )
     assert cluster.exists("sftjob", name)
+
+
+# --------------------------------------------------------------------------- sftjob status
+
+# Set to a folder to keep the captured `sftjob status` text (docs/screenshots: see README).
+SCREENSHOT_DIR_ENV = "SFTJOB_SCREENSHOT_DIR"
+
+
+@pytest.mark.timeout(240)
+def test_sftjob_status_draws_the_curve_of_a_finished_job(cluster: E2ECluster) -> None:
+    """`sftjob status` (the real command, the user's kubeconfig) on a job that trained for
+    real: the Succeeded condition, the measured plan, the loss and eval loss curve drawn
+    from status.progress.history, and the operator's Events."""
+    import os
+    import sys
+
+    name = cluster.name("status")
+    # 80 rows, a fifth held out: 64 train rows, 8 per step, 2 epochs = 16 steps, eval every 4.
+    spec = tiny(80, dataset={"eval": {"fraction": 0.2, "seed": 1}}, training={"evalSteps": 4})
+    cluster.submit(cluster.job_manifest("tiny-cpu.yaml", name, spec))
+    status = cluster.wait_phase(name, "Succeeded", timeout=180)
+    assert_finished_at_plan(status)
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "sftjob_operator.cli", "status", name, "-n", cluster.namespace],
+        env={
+            **os.environ,
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "PYTHONPATH": os.pathsep.join([str(root / "operator"), *sys.path]),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"Phase:\s+Succeeded", out) and re.search(r"ETA:\s+-", out)
+    assert re.search(r"Succeeded\s+True", out), out
+    assert re.search(r"totalSteps\s+16\s+16", out), out  # planned and measured
+    chart = out.split("Loss curve:")[1].split("Events (")[0]
+    assert "no loss history" not in chart
+    assert "loss" in chart and "eval loss" in chart and "┤" in chart
+    ticks = chart.strip().splitlines()[-2].split()
+    assert ticks[-1] == "16", chart  # the x axis runs to the last step
+    events = out.split("Events (")[1]
+    assert "Normal" in events, events
+    keep = os.environ.get(SCREENSHOT_DIR_ENV)
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        # The job's run id varies per run; the screenshot shows the example's name.
+        (Path(keep) / "sftjob-status.txt").write_text(out.replace(name, "tiny-full"))

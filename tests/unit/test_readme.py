@@ -84,6 +84,19 @@ RUN_ELSEWHERE = {
     ),
     ".venv/bin/sftjob tiny-data": "tests/trainer/test_readme_run.py",
     ".venv/bin/sftjob run -f deploy/examples/tiny-run-local.yaml": "tests/trainer/test_readme_run.py",
+    # "From the terminal": run as written (NAME, a job's name) by the local tier.
+    **dict.fromkeys(
+        [
+            "sftjob get",
+            "sftjob get -A -o wide",
+            "sftjob get NAME -o yaml",
+            "sftjob status NAME",
+            "sftjob watch -A",
+            "sftjob watch --until-finished",
+            "sftjob watch --timeout 10",
+        ],
+        "tests/local/test_sftjob_views.py",
+    ),
 }
 
 

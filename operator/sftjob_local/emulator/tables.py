@@ -6,6 +6,9 @@ import datetime
 import re
 from typing import Any
 
+# kubectl's AGE text, shared with `sftjob get` (the operator package is the lower layer).
+from sftjob_operator.job_view import human_duration
+
 from .resources import ResourceType
 
 _TOKEN_RE = re.compile(
@@ -58,27 +61,6 @@ def parse_time(text: str | None) -> datetime.datetime | None:
         return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
-
-
-def human_duration(seconds: float) -> str:
-    """The apimachinery HumanDuration that kubectl shows as AGE."""
-    s = int(max(seconds, 0))
-    minutes, hours, days = s // 60, s // 3600, s // 86400
-    if s < 120:
-        return f"{s}s"
-    if minutes < 10:
-        return f"{minutes}m{s % 60}s" if s % 60 else f"{minutes}m"
-    if minutes < 180:
-        return f"{minutes}m"
-    if hours < 8:
-        return f"{hours}h{minutes % 60}m" if minutes % 60 else f"{hours}h"
-    if hours < 48:
-        return f"{hours}h"
-    if hours < 192:
-        return f"{days}d{hours % 24}h" if hours % 24 else f"{days}d"
-    if days < 730:
-        return f"{days}d"
-    return f"{days // 365}y{days % 365}d"
 
 
 def age(timestamp: str | None) -> str:
