@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from sftjob_trainer.flops import model_flops_utilization, parameter_count, peak_flops
+from sftjob_trainer.flops import (
+    mfu_meter,
+    model_flops_utilization,
+    parameter_count,
+    peak_flops,
+)
 from sftjob_trainer.progress import progress_report
 
 
@@ -47,9 +54,7 @@ def test_no_mfu_without_every_figure(
     assert model_flops_utilization(parameters, tokens_per_second, peak, gpus) is None
 
 
-def test_parameter_count_of_a_plain_and_an_adapter_model() -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
+def tiny_model() -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -60,7 +65,14 @@ def test_parameter_count_of_a_plain_and_an_adapter_model() -> None:
         num_key_value_heads=1,
         vocab_size=128,
     )
-    model = Qwen2ForCausalLM(config)
+    return Qwen2ForCausalLM(config)
+
+
+def test_parameter_count_of_a_plain_and_an_adapter_model() -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model()
     plain = sum(p.numel() for p in model.parameters())
     assert parameter_count(model) == plain
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -75,3 +87,16 @@ def test_the_report_carries_mfu_only_where_known() -> None:
     gpu = progress_report(**figures, steps_per_second=1.0, tokens_per_second=5e4, mfu=0.41)
     cpu = progress_report(**figures, steps_per_second=1.0, tokens_per_second=900.0)
     assert gpu["mfu"] == 0.41 and cpu["mfu"] is None
+
+
+def test_the_meter_of_a_model_on_known_cards_and_none_on_a_cpu() -> None:
+    model = tiny_model()
+    parameters = parameter_count(model)
+    meter = mfu_meter(model, "NVIDIA H100 80GB HBM3", gpus=2)
+    assert meter is not None
+    # 2 H100s: the figure the bench would quote for the same parameters and tokens/s.
+    tokens_per_second = 1e12 / parameters
+    assert meter(tokens_per_second) == round(6e12 / (2 * 989e12), 4)
+    assert meter(None) is None  # no throughput measured yet
+    assert mfu_meter(model, None, gpus=1) is None  # CPU
+    assert mfu_meter(model, "NVIDIA GeForce RTX 4090", gpus=1) is None  # peak not known

@@ -22,6 +22,7 @@ Pure: the device name and counts come from the caller.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 # Dense bf16 tensor-core peak FLOP/s of one GPU, from NVIDIA's datasheets (their "with
@@ -68,3 +69,17 @@ def parameter_count(model: Any) -> int:
     if callable(count):
         return int(count())
     return sum(int(p.numel()) for p in model.parameters())
+
+
+def mfu_meter(
+    model: Any, device_name: str | None, gpus: int
+) -> Callable[[float | None], float | None] | None:
+    """tokens/s -> the run's MFU for `model` on `gpus` cards named `device_name`; None
+    when the card's peak is not known (a CPU, a card not in the table)."""
+    peak = peak_flops(device_name)
+    if peak is None:
+        return None
+    parameters = parameter_count(model)
+    return lambda tokens_per_second: model_flops_utilization(
+        parameters, tokens_per_second, peak, gpus
+    )
