@@ -72,7 +72,8 @@ def progress_report(
     mfu: float | None = None,
 ) -> dict[str, Any]:
     """A `Progress` object (field names as in sftjob_operator.api.Progress); `mfu` only
-    where the card's peak is known (flops.model_flops_utilization), else left out."""
+    where the card's peak is known (flops.mfu_meter), else null, which the operator keeps
+    out of the status like every unknown figure."""
     remaining = max(total_steps - step, 0)
     # Rounded up: while any step remains the ETA is never "0s".
     eta_seconds = (
