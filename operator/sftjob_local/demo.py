@@ -105,6 +105,7 @@ class DemoEnvironment:
         fresh: bool = True,
         profiles: Iterable[dict[str, Any]] = (),
         namespace_labels: dict[str, dict[str, str]] | None = None,
+        metrics_port: int | None = None,
         **cluster_options: Any,
     ) -> None:
         """`cluster_options` go to `LocalCluster` (nodes, cpus, memory, max_pods, gpus, ...).
@@ -112,6 +113,8 @@ class DemoEnvironment:
         `profiles` (SFTProfile documents) and `namespace_labels` (namespace -> labels; made
         when missing) are installed before the operator starts: Kopf lists every indexed
         kind before the first pass, so no job is resolved before the operator sees them.
+        `metrics_port`: the operator serves its Prometheus metrics on this port of the host
+        (SFTJOB_METRICS_PORT, as the Deployment sets it); none by default.
         """
         self.cluster_options = cluster_options
         self.profiles = [dict(p) for p in profiles]
@@ -121,6 +124,7 @@ class DemoEnvironment:
         self.namespace = namespace
         self.reconcile_interval = reconcile_interval
         self.fresh = fresh
+        self.metrics_port = metrics_port
         self.cluster: LocalCluster | None = None
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_kubeconfig: Path | None = None
@@ -223,6 +227,8 @@ class DemoEnvironment:
         if self.reconcile_interval is not None:
             # The operator's safety resync; changes themselves arrive by its watches.
             env["SFTJOB_RESYNC_SECONDS"] = str(self.reconcile_interval)
+        if self.metrics_port is not None:
+            env["SFTJOB_METRICS_PORT"] = str(self.metrics_port)
         log = (self.workdir / "operator.log").open("wb")
         return subprocess.Popen(
             [sys.executable, "-m", "sftjob_operator.cli", "operator", "-A", "--standalone"],

@@ -1023,6 +1023,16 @@ class Progress(StatusModel):
             "(thinned evenly as it grows), values to 4 significant digits."
         ),
     )
+    mfu: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description=(
+            "Model FLOPs utilisation, 0-1: 6 x parameters x tokens/s over the GPUs' dense "
+            "bf16 peak (all parameters, also for LoRA/QLoRA). Absent on CPU and on cards "
+            "whose peak the trainer does not know."
+        ),
+    )
 
 
 class LeverChoice(StatusModel):

@@ -488,7 +488,7 @@ def _observe_run(p: _Pass) -> None:
         status.outputPath = spec.output.path
         message = f"all {len(phases)} rank(s) finished; output in {spec.output.path}"
         p.set_exclusive(cond.SUCCEEDED, "TrainingComplete", message)
-        p.actions.events.append(Event("Normal", "Succeeded", message, f"a{status.attempts}"))
+        p.actions.events.append(Event("Normal", "TrainingComplete", message, f"a{status.attempts}"))
         _expire(p)
         return
 
@@ -510,7 +510,7 @@ def _observe_run(p: _Pass) -> None:
         status.startTime = status.startTime or _earliest_start(current.values()) or p.stamp
         message = f"launch {status.attempts}: training on {len(phases)} pod(s)"
         p.set_exclusive(cond.RUNNING, "Training", message)
-        p.actions.events.append(Event("Normal", "Running", message, f"a{status.attempts}"))
+        p.actions.events.append(Event("Normal", "Training", message, f"a{status.attempts}"))
     _requeue_at_deadline(p)
 
 
@@ -628,7 +628,7 @@ def _suspend(p: _Pass) -> None:
             "checkpoint",
         )
         message = "pods stopped, status kept"
-        p.actions.events.append(Event("Normal", "Suspended", message, f"a{status.attempts}"))
+        p.actions.events.append(Event("Normal", "SuspendedByUser", message, f"a{status.attempts}"))
 
 
 def _finished(p: _Pass) -> None:
@@ -644,7 +644,7 @@ def _finished(p: _Pass) -> None:
             message += "; the edited spec is also invalid: " + "; ".join(p.spec_errors)
         p.set(cond.SPEC_CHANGE_IGNORED, "True", "JobFinished", message)
         key = f"g{p.generation}"
-        p.actions.events.append(Event("Warning", "SpecChangeIgnored", message, key))
+        p.actions.events.append(Event("Warning", "JobFinished", message, key))
     _expire(p)
 
 
@@ -682,7 +682,7 @@ def _note_spec_change(p: _Pass) -> None:
         )
         if already is None or (already.reason, already.message) != ("InvalidSpec", message):
             p.set(cond.SPEC_CHANGE_IGNORED, "True", "InvalidSpec", message)
-            p.actions.events.append(Event("Warning", "SpecChangeIgnored", message, key))
+            p.actions.events.append(Event("Warning", "InvalidSpec", message, key))
         return
     if not status.specHash:
         return
@@ -693,7 +693,7 @@ def _note_spec_change(p: _Pass) -> None:
         )
         if already is None or (already.reason, already.message) != (POLICY_VIOLATION, message):
             p.set(cond.SPEC_CHANGE_IGNORED, "True", POLICY_VIOLATION, message)
-            p.actions.events.append(Event("Warning", "SpecChangeIgnored", message, key))
+            p.actions.events.append(Event("Warning", POLICY_VIOLATION, message, key))
         return
     changed = _training_changed(p)
     reported = already is not None and already.status == "True"
@@ -707,7 +707,7 @@ def _note_spec_change(p: _Pass) -> None:
             "new SFTJob to train differently"
         )
         p.set(cond.SPEC_CHANGE_IGNORED, "True", "ImmutableWhileRunning", message)
-        p.actions.events.append(Event("Warning", "SpecChangeIgnored", message, key))
+        p.actions.events.append(Event("Warning", "ImmutableWhileRunning", message, key))
     elif not changed and reported:
         p.set(
             cond.SPEC_CHANGE_IGNORED,
@@ -760,9 +760,8 @@ def condition_events(
 ) -> list[Event]:
     """One Event per condition transition between two statuses, with the condition's reason.
 
-    A transition the pass already tells (`queued`: the hand-written events, named after
-    the condition's reason or, for the phase events Running, Succeeded, Suspended and
-    SpecChangeIgnored, after its type) is not told twice, nor is one reason shared by
+    A transition the pass already tells (`queued`: the hand-written events, each named
+    after the reason of the condition it sets) is not told twice, nor is one reason shared by
     several conditions (an exclusive switch sets the old condition False with the new
     one's reason). The key (condition, status, attempt, generation) makes a pass repeated
     after a crash post the same Event name (409); a pass that changes nothing has no
@@ -772,8 +771,7 @@ def condition_events(
     new = SFTJobStatus.model_validate(after)
     # The condition switched on tells a shared reason (Failed True, not Running False).
     changed = sorted(cond.transitions(old, new.conditions), key=lambda c: c.status != "True")
-    queued_reasons = {event.reason for event in queued}
-    told = queued_reasons | {c.reason for c in changed if c.type in queued_reasons}
+    told = {event.reason for event in queued}
     events = []
     for condition in changed:
         if condition.reason in told:

@@ -1,5 +1,5 @@
 """Prometheus metrics: the operator's own (jobs by phase, reconcile latency, API errors) and
-one set of series per SFTJob (step, loss, throughput, ETA, phase, restarts), labelled by
+one set of series per SFTJob (step, loss, throughput, MFU, ETA, phase, restarts), labelled by
 namespace and name and removed when the job is deleted.
 
 The per-job values are a pure function of the job's status (`job_values`, `phase_values`);
@@ -52,6 +52,11 @@ JOB_GAUGES = (
     ),
     JobGauge(
         "sftjob_eta_seconds", "Estimated seconds until the job finishes", _progress("etaSeconds")
+    ),
+    JobGauge(
+        "sftjob_model_flops_utilization_ratio",
+        "Model FLOPs utilisation of the job (0-1), where the trainer knows its GPUs' peak",
+        _progress("mfu"),
     ),
     JobGauge("sftjob_attempts", "Launches of the job so far", lambda s: float(s.attempts)),
     JobGauge("sftjob_restarts", "Restarts of the job so far", lambda s: float(s.restarts)),

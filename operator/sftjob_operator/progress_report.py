@@ -128,6 +128,13 @@ def _percent(value: Any) -> float:
     return number
 
 
+def _ratio(value: Any) -> float:
+    number = _number(value)
+    if not 0 <= number <= 1:
+        raise Invalid(f"{value} is out of range 0..1")
+    return number
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise Invalid(f"{value!r} is not a string")
@@ -221,6 +228,7 @@ PROGRESS_RULES: dict[str, Rule] = {
     "bestEvalLoss": _number,
     "lossDisplay": _text,  # the operator's: displayed() writes it over the trainer's
     "history": _operators_only,
+    "mfu": _ratio,
 }
 PROGRESS_REQUIRED = ("step",)
 

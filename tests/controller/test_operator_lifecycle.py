@@ -201,9 +201,9 @@ def test_defect2_edit_of_a_finished_job_is_reported(
     assert "create a new SFTJob" in ignored["message"]
     assert job["status"]["observedGeneration"] == 2
     assert job["status"]["phase"] == "Succeeded"
-    wait_for(lambda: "SpecChangeIgnored" in reasons(cluster, "done"), what="the Event")
+    wait_for(lambda: "JobFinished" in reasons(cluster, "done"), what="the Event")
     time.sleep(1.0)
-    assert reasons(cluster, "done").count("SpecChangeIgnored") == 1
+    assert reasons(cluster, "done").count("JobFinished") == 1
 
 
 def test_defect3_a_new_job_never_adopts_the_previous_same_named_jobs_pod(

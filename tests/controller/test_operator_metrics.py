@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 import stress_kit as kit
+from metrics_kit import job_samples
 from operator_harness import METRICS_PORT, Cluster, tiny_job, wait_for
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
 
@@ -16,15 +16,7 @@ pytestmark = [pytest.mark.operator, pytest.mark.timeout(120)]
 def scrape_job(cluster: Cluster, name: str) -> dict[str, float]:
     """The job's samples on the operator's /metrics, by name (phase series as name:phase)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = sample.labels
-            if labels.get("namespace") == cluster.namespace and labels.get("name") == name:
-                key = f"{sample.name}:{labels['phase']}" if "phase" in labels else sample.name
-                found[key] = sample.value
-    return found
+        return job_samples(reply.read().decode(), cluster.namespace, name)
 
 
 def test_job_series_follow_progress_and_vanish_on_delete(

@@ -17,6 +17,9 @@ drive that cluster with kubectl and need:
   output claims the tests create (`<job>-output`, labelled sftjob.dev/e2e-run);
   without it the cluster's default class is used and must support ReadWriteMany;
 - SFTJOB_E2E_TIMEOUT_SCALE (optional, default 3): multiplies every wait (image pulls);
+- to read the operator's metrics (test_e2e_metrics.py), `get` on pods/proxy in the
+  operator's namespace (SFTJOB_E2E_OPERATOR_NAMESPACE, default sftjob-system): the test
+  reads the operator pod's `metrics` port through the API server;
 - a ReadWriteMany PersistentVolumeClaim `sftjob-demo-data` in that namespace holding the
   tiny model and datasets, readable by uid/gid 1000 (the trainer's user). To prepare it:
 
@@ -58,7 +61,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_harness import E2ECluster
+from e2e_harness import E2ECluster, free_port
 
 
 def _real_cluster() -> E2ECluster | None:
@@ -109,7 +112,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2ECluster]:
     from sftjob_local.demo import DemoEnvironment
 
     workdir = tmp_path_factory.mktemp("e2e") / "cluster"
-    with DemoEnvironment(workdir) as env:
+    # The operator's metrics port, scraped by test_e2e_metrics.py as Prometheus would.
+    with DemoEnvironment(workdir, metrics_port=free_port()) as env:
         env.prepare_data()
         local = E2ECluster(env.kubeconfig, env.namespace, local=env)
         try:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,10 @@ EXAMPLES = ROOT / "deploy" / "examples"
 DATA_CLAIM = "sftjob-demo-data"
 LABEL_JOB = "sftjob.dev/job-name"
 LABEL_E2E = "sftjob.dev/e2e-run"
+# Where deploy/base/operator.yaml runs the operator, and its metrics port's name.
+OPERATOR_NAMESPACE = os.environ.get("SFTJOB_E2E_OPERATOR_NAMESPACE", "sftjob-system")
+OPERATOR_SELECTOR = "app.kubernetes.io/name=sftjob-operator"
+OPERATOR_METRICS_PORT = "metrics"
 T = TypeVar("T")
 
 
@@ -49,6 +55,13 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
                 f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}"
             )
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A port free on this host now (the operator binds it a moment later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -314,6 +327,33 @@ class E2ECluster:
         if self.local is None:
             return None
         return Path(self.local.data_dir(f"{name}-output"))
+
+    def operator_metrics(self) -> str:
+        """The operator's /metrics page: on the local control plane from its metrics port
+        (DemoEnvironment(metrics_port=...)); on a real cluster through the API server's
+        proxy to each running pod of the operator Deployment (deploy/base/operator.yaml,
+        port `metrics`), which needs `get` on pods/proxy in its namespace."""
+        if self.local is not None:
+            url = f"http://127.0.0.1:{self.local.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return str(reply.read().decode())
+        pods = self.get_json(
+            "pods", "-n", OPERATOR_NAMESPACE, "-l", OPERATOR_SELECTOR, "--field-selector",
+            "status.phase=Running",
+        )["items"]  # fmt: skip
+        assert pods, f"no running operator pod ({OPERATOR_SELECTOR}) in {OPERATOR_NAMESPACE}"
+        pages = []
+        for pod in pods:  # only the active replica (Kopf peering) has the jobs' series
+            # The pod proxy takes a port number, not its name.
+            port = next(
+                p["containerPort"]
+                for c in pod["spec"]["containers"]
+                for p in c.get("ports") or []
+                if p.get("name") == OPERATOR_METRICS_PORT
+            )
+            path = f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/pods/{pod['metadata']['name']}"
+            pages.append(self.kubectl("get", "--raw", f"{path}:{port}/proxy/metrics"))
+        return "".join(pages)
 
     def cleanup(self) -> None:
         """Delete what this run created (jobs, then output claims): for real clusters."""

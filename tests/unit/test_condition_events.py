@@ -16,7 +16,7 @@ from sftjob_operator.lifecycle import (
     reconcile_job,
     status_after,
 )
-from test_lifecycle import IMAGE, NOW, STAMP, apply, pod, running_job, with_spec
+from test_lifecycle import IMAGE, NOW, STAMP, apply, make_job, pod, running_job, with_spec
 from test_lifecycle_waiting import SECRET_MISSING, launched
 from test_lifecycle_waiting import pod as waiting_pod
 
@@ -73,8 +73,7 @@ def test_an_exclusive_switch_is_one_event_and_warnings_are_warnings() -> None:
 def test_a_transition_the_pass_already_tells_is_not_told_twice() -> None:
     before = status(condition("Running", "False", "Launched"))
     after = status(condition("Running", "True", "Training"))
-    # The phase event is named after the condition's type (Running).
-    assert condition_events(before, after, [Event("Normal", "Running", "up", "a1")]) == []
+    # The pass's own event carries the condition's reason.
     assert condition_events(before, after, [Event("Normal", "Training", "up", "a1")]) == []
 
 
@@ -123,3 +122,45 @@ def test_a_patch_the_shell_writes_itself_is_told_once() -> None:
     events = patch_condition_events(refused, patch)
     assert [(e.type, e.reason) for e in events] == [("Normal", "PolicyCompliant")]
     assert patch_condition_events(status_after(refused, patch), patch) == []
+
+
+def _changed_reasons(job: Any, actions: Any) -> set[str]:
+    """The reasons of the conditions a pass changed (its decision and its launch patches)."""
+    before = job.status.conditions if job.status else []
+    after = apply(job, actions).status
+    assert after is not None
+    return {c.reason for c in transitions(before, after.conditions)}
+
+
+def test_through_a_runs_life_each_event_is_a_changed_conditions_reason_told_once() -> None:
+    """Launch, running, suspended, resumed, finished, edited after: every Event a pass posts
+    is named after the reason of a condition that pass changed (never the condition's
+    type), and no reason is told twice by one pass."""
+    job = make_job()
+    steps = [
+        ([], {}),
+        ([pod(1, 0, "Running", start_time=STAMP)], {}),
+        ([pod(1, 0, "Running", start_time=STAMP)], {"suspend": True}),
+        ([], {"suspend": False}),
+        ([pod(2, 0, "Running", start_time=STAMP)], {}),
+        ([pod(2, 0, "Succeeded")], {}),
+        ([pod(2, 0, "Succeeded")], {"training": {"learningRate": 1e-5}}),
+    ]
+    told = []
+    for generation, (pods, edit) in enumerate(steps, start=1):
+        if edit:
+            job = with_spec(job, **edit)
+        job = job.model_copy(
+            update={"metadata": job.metadata.model_copy(update={"generation": generation})}
+        )
+        actions = reconcile_job(job, pods, NOW, IMAGE)
+        reasons = [e.reason for e in actions.events + actions.launch_events]
+        assert len(set(reasons)) == len(reasons), reasons
+        assert set(reasons) <= _changed_reasons(job, actions), reasons
+        told += reasons
+        job = apply(job, actions)
+    assert job.status is not None and job.status.phase == "Succeeded"
+    for phase_event in ("Training", "SuspendedByUser", "Resumed", "TrainingComplete"):
+        assert phase_event in told, told
+    assert "JobFinished" in told
+    assert not {"Running", "Succeeded", "Suspended", "SpecChangeIgnored"} & set(told), told

@@ -303,7 +303,8 @@ class TestRunningAndSuccess:
         running = conditions_of(actions.status)["Running"]
         assert (running["status"], running["reason"]) == ("True", "Training")
         assert running["lastTransitionTime"] == iso(later)
-        assert [e.reason for e in actions.events] == ["Running"]
+        # One Event for the transition, with the condition's reason (not its type).
+        assert [e.reason for e in actions.events] == [running["reason"]]
         # The next pass changes nothing and says nothing.
         job = apply(job, actions)
         again = reconcile_job(job, pods, later + timedelta(minutes=1), IMAGE)
@@ -334,7 +335,7 @@ class TestRunningAndSuccess:
             "TrainingComplete",
         )
         assert conds["Running"]["status"] == "False"
-        assert [e.reason for e in done.events] == ["Succeeded"]
+        assert [e.reason for e in done.events] == ["TrainingComplete"]
         assert done.create_pods == [] and done.delete_pods == []
 
     def test_pending_and_succeeded_mix_is_not_success(self) -> None:
@@ -691,7 +692,7 @@ class TestSuspend:
         )
         assert conds["Running"]["status"] == "False"
         assert "SpecChangeIgnored" not in conds  # suspend alone is not a spec change
-        assert all_events(actions) == ["Suspended"]
+        assert all_events(actions) == ["SuspendedByUser"]
 
         suspended = apply(suspended, actions)
         terminating = [pod(1, 0, "Running", deleting=True), failed(1, 1, exit_code=143)]
@@ -1140,7 +1141,7 @@ class TestEdits:
         ignored = conditions_of(actions.status)["SpecChangeIgnored"]
         assert (ignored["status"], ignored["reason"]) == ("True", "InvalidSpec")
         assert "spec.model" in ignored["message"]
-        assert [e.reason for e in actions.events] == ["SpecChangeIgnored"]
+        assert [e.reason for e in actions.events] == ["InvalidSpec"]
         job = apply(job, actions)
         # The lifecycle goes on: success, and the deadline, are seen as before.
         again = reconcile_job(job, pods, NOW, IMAGE, job.spec, errors)
@@ -1177,7 +1178,7 @@ class TestEdits:
         assert (ignored["status"], ignored["reason"]) == ("True", "JobFinished")
         assert "create a new SFTJob" in ignored["message"]
         assert actions.status["observedGeneration"] == 2
-        assert [(e.reason, e.key) for e in actions.events] == [("SpecChangeIgnored", "g2")]
+        assert [(e.reason, e.key) for e in actions.events] == [("JobFinished", "g2")]
         again = reconcile_job(apply(edited, actions), [pod(1, 0, "Succeeded")], NOW, IMAGE)
         assert again.status == {} and again.events == []
 

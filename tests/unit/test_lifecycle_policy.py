@@ -203,7 +203,8 @@ class TestLiveDeadlineEdits:
         ignored = by_type["SpecChangeIgnored"]
         assert (ignored["status"], ignored["reason"]) == ("True", POLICY_VIOLATION)
         assert "limits.maxActiveDeadlineSeconds" in ignored["message"]
-        assert "SpecChangeIgnored" in [e.reason for e in actions.events]
+        # One Event, with the condition's reason, for the refused edit.
+        assert [e.reason for e in actions.events].count(POLICY_VIOLATION) == 1
         # The run keeps its launched deadline: it is over, so it fails.
         assert actions.status["phase"] == "Failed"
         assert by_type["Failed"]["reason"] == "DeadlineExceeded"

@@ -76,3 +76,13 @@ def test_series_follow_the_status_and_vanish_when_the_job_is_forgotten() -> None
     metrics.forget("team", "a")
     assert _series(metrics, "team", "a") == {}
     assert _series(metrics, "team", "b")[("sftjob_step", "")] == 1
+
+
+def test_model_flops_utilization_is_a_ratio_gauge_only_where_known() -> None:
+    metrics = OperatorMetrics()
+    metrics.observe_job("team", "gpu", _running(step=3, tokensPerSecond=5e4, mfu=0.41))
+    metrics.observe_job("team", "cpu", _running(step=3, tokensPerSecond=900.0))
+    assert _series(metrics, "team", "gpu")[("sftjob_model_flops_utilization_ratio", "")] == 0.41
+    assert ("sftjob_model_flops_utilization_ratio", "") not in _series(metrics, "team", "cpu")
+    metrics.forget("team", "gpu")
+    assert _series(metrics, "team", "gpu") == {}

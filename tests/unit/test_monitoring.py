@@ -54,7 +54,7 @@ def _queries(dashboard: dict[str, Any]) -> list[str]:
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             # label_values(METRIC{...}, label): the metric is the query's first argument.
-            inner = re.fullmatch(r"label_values\((.*),\s*\w+\)", variable["query"]["query"])
+            inner = re.fullmatch(r"label_values\((.*),\s*\w+\)", variable["query"])
             assert inner, variable
             exprs.append(inner.group(1))
     return exprs

@@ -127,6 +127,10 @@ class TestParse:
             ("updateTime", "yesterday"),
             ("updateTime", "2026-01-02T03:04:05"),
             ("updateTime", "2026-01-02"),
+            ("mfu", 1.2),
+            ("mfu", -0.01),
+            ("mfu", "0.4"),
+            ("mfu", True),
         ],
     )
     def test_an_invalid_field_is_dropped_and_the_rest_kept(self, field: str, value: Any) -> None:
@@ -531,3 +535,13 @@ def test_a_report_cannot_write_the_history() -> None:
     parsed = parse_report(forged, job_uid=UID, attempt=1)
     assert parsed.progress is not None and "history" not in parsed.progress
     assert any(reason.startswith("progress.history:") for reason in parsed.ignored)
+
+
+def test_model_flops_utilization_reaches_the_progress_as_a_ratio() -> None:
+    parsed = parse_report(with_progress(mfu=0.4123), job_uid=UID, attempt=1)
+    assert parsed.progress is not None and parsed.progress["mfu"] == 0.4123
+    assert status_patch(parsed, None)["progress"]["mfu"] == 0.4123
+    # Unknown (a CPU run reports null): nothing ignored, and the status has none.
+    cpu = parse_report(with_progress(mfu=None), job_uid=UID, attempt=1)
+    assert cpu.ignored == () and cpu.progress is not None and "mfu" not in cpu.progress
+    assert status_patch(cpu, None)["progress"]["mfu"] is None

@@ -38,6 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The cards' dense bf16 peaks and MFU's definition, shared with the trainer's progress report.
+from sftjob_trainer.flops import model_flops_utilization, peak_flops
+
 log = logging.getLogger("sftjob_bench.bench")
 
 QWEN25_15B = {
@@ -60,8 +63,6 @@ TINY = {
     "num_key_value_heads": 2,
     "vocab_size": 2048,
 }
-# Dense bf16 peak of the cards MFU is quoted against (H100 SXM: 989 TFLOP/s).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SEED = 42
 PAD, EOS = 0, 1
 
@@ -451,7 +452,7 @@ def run_side(
     untimed_s = t0 - marks[0][0]
     tokens_per_s = (n1 - n0) / (t1 - t0) if t1 > t0 else None
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    peak = peak_flops(name if cuda else None)
     checkpointing = bool(
         getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing
     )
@@ -459,7 +460,7 @@ def run_side(
         "side": side,
         "case": case.name,
         "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
-        "mfu": round(6 * params * tokens_per_s / peak, 4) if peak and tokens_per_s else None,
+        "mfu": model_flops_utilization(params, tokens_per_s, peak),
         "peak_mem_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "losses": meter.losses,
         # Tokens trained on over all steps (padding excluded): both sides see the same data,

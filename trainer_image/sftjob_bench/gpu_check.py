@@ -38,12 +38,13 @@ from typing import Any
 from sftjob_operator.api import parse_sftjob
 from sftjob_operator.trainer_config import build_trainer_config
 from sftjob_trainer.config_map import CHECKPOINT_DIR, FINAL_DIR
+from sftjob_trainer.flops import PEAK_FLOPS
 from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
 from sftjob_trainer.progress import PROGRESS_FILE
 from sftjob_trainer.tiny import build_tokenizer
 from sftjob_trainer.train import newest_checkpoint
 
-from .bench import PEAK_FLOPS, QWEN25_15B
+from .bench import QWEN25_15B
 from .bench import TINY as SMOKE_SHAPE
 
 H100_BF16_PEAK_FLOPS = PEAK_FLOPS["H100"]

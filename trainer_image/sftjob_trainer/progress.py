@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,11 @@ def progress_report(
     steps_per_second: float | None,
     tokens_per_second: float | None,
     best_eval_loss: float | None = None,
+    mfu: float | None = None,
 ) -> dict[str, Any]:
-    """A `Progress` object (field names as in sftjob_operator.api.Progress)."""
+    """A `Progress` object (field names as in sftjob_operator.api.Progress); `mfu` only
+    where the card's peak is known (flops.mfu_meter), else null, which the operator keeps
+    out of the status like every unknown figure."""
     remaining = max(total_steps - step, 0)
     # Rounded up: while any step remains the ETA is never "0s".
     eta_seconds = (
@@ -90,6 +94,7 @@ def progress_report(
         "updateTime": now_rfc3339(),
         "evalLoss": _finite(metrics.get("eval_loss")),
         "bestEvalLoss": _finite(best_eval_loss),
+        "mfu": mfu,
     }
 
 
@@ -271,6 +276,7 @@ def make_progress_callback(
     steps_per_epoch: Any,
     notes: list[str] | None = None,
     speed_plan: dict[str, Any] | None = None,
+    mfu: Callable[[float | None], float | None] | None = None,
 ) -> Any:
     """A TrainerCallback reporting from rank 0 only.
 
@@ -278,7 +284,8 @@ def make_progress_callback(
     the per-epoch figure for the prepared row count, the trainer's own arithmetic; `notes`
     go into the measured plan after its own (rows truncated or dropped over maxLength);
     `speed_plan` is what the speed planner made of the run (speed.SpeedPlan.status), sent
-    with the measured plan.
+    with the measured plan; `mfu(tokens_per_second)` the run's model FLOPs utilisation, None
+    where it is not known (a CPU, a card without a known peak).
     """
 
     class ProgressCallback(_callback_base()):  # type: ignore[misc]
@@ -375,6 +382,7 @@ def make_progress_callback(
                 steps_per_second=rate,
                 tokens_per_second=self.tokens_per_second,
                 best_eval_loss=lowest_eval_loss(self.args, state, self.metrics),
+                mfu=mfu(self.tokens_per_second) if mfu is not None else None,
             )
 
     return ProgressCallback()

@@ -35,6 +35,7 @@ from sftjob_operator.plan import BatchShape, steps_per_epoch
 from .checkpoints import complete_checkpoints
 from .config_map import CHECKPOINT_DIR, FINAL_DIR
 from .failures import Interrupted, refused_settings
+from .flops import mfu_meter
 from .merge_adapter import save_merged_model
 from .model import load_model, lora_config
 from .model_card import facts_from_run, write_model_card
@@ -176,6 +177,13 @@ def _any_rank(flag: bool, args: Any) -> bool:
     return bool(tensor.item())
 
 
+def cuda_device_name(args: Any) -> str | None:
+    """The name of the GPU this process trains on (None on a CPU), for its MFU peak."""
+    import torch
+
+    return torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None
+
+
 def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) -> Any:
     """Checked data, model and SFTConfig in an SFTTrainer, not started. Raises TrainerFailure."""
     spec = config.spec
@@ -269,6 +277,8 @@ def _train(config: TrainerConfig, guard: OutputGuard) -> dict[str, Any]:
             speed_plan=speed_plan_status(trainer),
             steps_per_epoch=lambda rows: steps_per_epoch(rows, shape, args.dataloader_drop_last),
             notes=[over_length] if over_length else [],
+            # Counted before train() wraps the model (FSDP shards it there).
+            mfu=mfu_meter(trainer.model, cuda_device_name(args), args.world_size),
         )
         callback.trainer = trainer
         trainer.add_callback(callback)
