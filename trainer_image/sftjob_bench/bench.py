@@ -522,6 +522,10 @@ def cap_gpu_memory(gib: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import big  # the larger-model cases: each side in its own process(es)
+
+    if big.wants(sys.argv[1:] if argv is None else argv):
+        return big.main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), required=True)
     parser.add_argument("--steps", type=int, default=25)
