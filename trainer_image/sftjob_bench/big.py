@@ -183,7 +183,8 @@ def rows_for(case: BigCase, steps: int) -> int:
 
 
 def cuda_expected(case: BigCase) -> bool:
-    return not case.cpu
+    """GPU settings (bf16, GPUs in the spec): any GPU case, and QLoRA, which runs nowhere else."""
+    return not case.cpu or case.method == "qlora"
 
 
 # --------------------------------------------------------------------------- the two sides
