@@ -77,7 +77,12 @@ TINY_LLAMA = {
 }
 SHAPES = {"LLAMA3_8B": LLAMA3_8B, "TINY_LLAMA": TINY_LLAMA, "QWEN25_15B": QWEN25_15B, "TINY": TINY}
 # The SFTJob's LoRA defaults (api.LoraSpec), which both sides use.
-LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]}
+LORA_DEFAULTS: dict[str, Any] = {
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.05,
+    "targetModules": ["all-linear"],
+}
 SEED = 42
 MEAN_ROW_TOKENS = 600  # gpu_check.write_rows: log-normal around 500 tokens, sigma 0.6
 REFERENCE_FSDP_CONFIG = "reference-fsdp.yaml"
@@ -363,7 +368,7 @@ def reference_child(case: BigCase, work: Path, steps: int) -> int:
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-    trainer = SFTTrainer(
+    trainer: Any = SFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -563,14 +568,18 @@ def clear_side(work: Path, side: str) -> None:
         old.unlink()
 
 
-def run_side(side: str, case: BigCase, work: Path, steps: int, skip: int, params: int) -> dict:
+def run_side(
+    side: str, case: BigCase, work: Path, steps: int, skip: int, params: int
+) -> dict[str, Any]:
     clear_side(work, side)
     (work / side).mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = work / side / STEP_LOG
     env = {**os.environ, ENV_STEP_LOG: str(log_path)}
     if side == "reference":
-        runs = [(reference_command(case, work, steps, port), {})]
+        runs: list[tuple[list[str], dict[str, str]]] = [
+            (reference_command(case, work, steps, port), {})
+        ]
     else:
         runs = sftjob_commands(case, work, port)
     with GpuMemoryPoller() as memory:
@@ -598,7 +607,7 @@ def run_side(side: str, case: BigCase, work: Path, steps: int, skip: int, params
     return line
 
 
-def side_settings(side: str, case: BigCase, work: Path, steps: int, device: str) -> dict:
+def side_settings(side: str, case: BigCase, work: Path, steps: int, device: str) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "device": device,
         "method": case.method,

@@ -77,7 +77,7 @@ def build_model(path: Path, shape: dict[str, Any], seed: int = 0, model_type: st
     with torch.device(device):
         model = (LlamaForCausalLM if llama else Qwen2ForCausalLM)(config).to(torch.bfloat16)
     model.save_pretrained(path)
-    count = sum(p.numel() for p in model.parameters())
+    count = int(sum(p.numel() for p in model.parameters()))
     del model
     return count
 
