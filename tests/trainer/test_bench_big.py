@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sftjob_bench.bench_report import report
 from sftjob_bench.big import (
     BIG_CASES,
     LLAMA3_8B,
@@ -150,7 +151,7 @@ def test_fsdp_smoke_both_sides_train_the_same_and_save(tmp_path):
     for side in (reference, sftjob):
         assert all(code == 0 for code in side["exit_codes"])
         assert len(side["losses"]) == 4 and side["tokens_total"] > 0
-        assert side["tokens_per_s"] > 0 and side["timed_steps"] == 3
+        assert side["tokens_per_s"] > 0 and side["settings"]["timed_steps"] == 3
         assert side["wall_s"] >= sum(side["phases"].values()) - 0.05
         # On CPU accelerate turns an FSDP config into DDP over gloo (it says so).
         assert side["settings"]["distributed_type"] == "MULTI_CPU"
@@ -161,6 +162,9 @@ def test_fsdp_smoke_both_sides_train_the_same_and_save(tmp_path):
     assert reference["losses"] == sftjob["losses"]  # CPU: no lever changes a number
     assert verdict["check"] == "big_pair" and verdict["passed"]
     assert verdict["max_rel_loss_diff"] == 0.0
+    # bench_report reads these lines like the other cases' (its tables and loss check).
+    text = report(lines, title="fsdp")
+    assert "| sftjob | per_device 2, accum 2" in text and "| 4 | 7." in text
 
 
 def test_lora_two_process_smoke_both_sides_train_adapters(tmp_path):

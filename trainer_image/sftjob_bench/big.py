@@ -383,9 +383,21 @@ def reference_child(case: BigCase, work: Path, steps: int) -> int:
             "processes": trainer.accelerator.num_processes,
             "steps": trainer.state.global_step,
             "attn_implementation": trainer.model.config._attn_implementation,
+            "gradient_checkpointing": reference_checkpointing(trainer),
         }
         (work / "reference" / FACTS).write_text(json.dumps(facts))
     return 0
+
+
+def reference_checkpointing(trainer: Any) -> bool:
+    """Whether the plain side checkpoints activations: the Trainer's flag, or FSDP's."""
+    args = trainer.args
+    flag = getattr(args, "activation_checkpointing", None)
+    if flag is None:
+        flag = args.gradient_checkpointing
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    in_fsdp = bool(trainer.is_fsdp_enabled and plugin and plugin.activation_checkpointing)
+    return bool(flag) or in_fsdp
 
 
 # --------------------------------------------------------------------------- measuring
@@ -449,7 +461,9 @@ def side_line(
     line: dict[str, Any] = {
         "side": side,
         "case": case.name,
-        "kind": "end_to_end",
+        # Not e2e.py's "end_to_end": timed from outside the launched processes, so the
+        # phases differ (no model-load mark inside the real entrypoint).
+        "kind": "end_to_end_launched",
         "wall_s": round(ended_at - spawned_at, 2),
         "losses": [s["loss"] for s in steps],
         "tokens_total": int(steps[-1]["num_tokens"] or 0) if steps else 0,
@@ -603,7 +617,10 @@ def run_side(
     )
     line["peak_mem_gib"] = round(max(memory.peak.values()), 2) if memory.peak else None
     line["exit_codes"] = codes
-    line["settings"] = side_settings(side, case, work, steps, device)
+    settings = side_settings(side, case, work, steps, device)
+    settings["timed_steps"] = line.pop("timed_steps", 0)
+    settings["steps"] = len(line["losses"])  # steps done (one log a step)
+    line["settings"] = settings
     return line
 
 
@@ -620,7 +637,8 @@ def side_settings(side: str, case: BigCase, work: Path, steps: int, device: str)
         "effective_batch": case.per_device * case.accumulation * case.processes,
         "max_length": case.max_length,
         "learning_rate": case.learning_rate,
-        "steps": steps,
+        "max_steps": steps,
+        "logging_steps": 1,
     }
     if side == "reference":
         facts = work / "reference" / FACTS
@@ -639,6 +657,14 @@ def side_settings(side: str, case: BigCase, work: Path, steps: int, device: str)
             if "speedPlan" in report:
                 settings["speed"] = report["speedPlan"]
                 break
+    speed = settings.get("speed") or {}
+    settings["attn_implementation"] = speed.get("attention")
+    # Under FSDP the launcher's accelerate config checkpoints (spec default on), where FSDP runs.
+    settings["gradient_checkpointing"] = (
+        settings.get("distributed_type") == "FSDP"
+        if case.distributed == "fsdp"
+        else bool(speed.get("gradientCheckpointing"))
+    )
     return settings
 
 
