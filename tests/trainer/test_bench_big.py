@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from sftjob_bench.big import (
     reference_fsdp_yaml,
     reference_sft_kwargs,
     side_line,
+    wait_all,
     wants,
 )
 from sftjob_operator.api import parse_sftjob
@@ -217,3 +220,20 @@ def test_the_gpu_cases_dry_run_prints_both_sides_commands(tmp_path, name):
     assert spec.resources.gpusPerNode == case.processes and spec.method == case.method
     assert line["params"] == parameter_count(case_shape(case))
     assert not (tmp_path / "model").exists()  # a dry run builds nothing
+
+
+def test_a_side_past_its_timeout_is_killed_with_its_children(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    # A launcher-like parent whose child would outlive it if only the parent were killed.
+    script = f"sleep 60 & echo $! > {pid_file}; wait"
+    processes = [subprocess.Popen(["bash", "-c", script], start_new_session=True)]
+    started = time.time()
+    assert wait_all(processes, deadline=started + 1.0)
+    assert time.time() - started < 10
+    assert processes[0].returncode == -signal.SIGKILL
+    grandchild = int(pid_file.read_text())
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(grandchild, 0)
+    quick = [subprocess.Popen(["true"], start_new_session=True)]
+    assert not wait_all(quick, deadline=time.time() + 30) and quick[0].returncode == 0

@@ -33,10 +33,12 @@ and writing both sides' commands and configs (`--dry-run` does the same for any 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +49,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
 from sftjob_trainer.step_log import ENV_STEP_LOG, read_step_log
 
 from .bench import PEAK_FLOPS, QWEN25_15B, TINY
@@ -569,6 +572,16 @@ def prepare_inputs(case: BigCase, work: Path, steps: int) -> dict[str, Any]:
     return facts
 
 
+def prepared_in_own_process(case: BigCase, work: Path, steps: int) -> dict[str, Any]:
+    """prepare_inputs in a child process: building an 8B model on the GPU would leave this
+    process holding GPU memory (the CUDA context, the allocator's cache) while the sides run."""
+    command = [sys.executable, "-m", "sftjob_bench.big", "--prepare", "--case", case.name]
+    command += ["--workdir", str(work), "--steps", str(steps), "--gpus", str(case.processes)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    facts: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return facts
+
+
 def clear_side(work: Path, side: str) -> None:
     """What an earlier run of this side left (its output, step log); kernel caches stay."""
     folder = work / side
@@ -582,8 +595,34 @@ def clear_side(work: Path, side: str) -> None:
         old.unlink()
 
 
+def wait_all(processes: list[subprocess.Popen[bytes]], deadline: float | None) -> bool:
+    """Wait for every process; past the deadline kill their process groups. True if killed.
+
+    SIGKILL, not SIGTERM: the trainer would first save a checkpoint (minutes for 8B). The
+    step log keeps what the side did until then, so its steady rate is still reported.
+    """
+    for process in processes:
+        left = None if deadline is None else max(deadline - time.time(), 0.1)
+        try:
+            process.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(other.pid, signal.SIGKILL)
+            for other in processes:
+                other.wait()
+            return True
+    return False
+
+
 def run_side(
-    side: str, case: BigCase, work: Path, steps: int, skip: int, params: int
+    side: str,
+    case: BigCase,
+    work: Path,
+    steps: int,
+    skip: int,
+    params: int,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     clear_side(work, side)
     (work / side).mkdir(parents=True, exist_ok=True)
@@ -599,10 +638,13 @@ def run_side(
     with GpuMemoryPoller() as memory:
         spawned_at = time.time()
         # The children's own prints (Trainer's log dicts) go to stderr: stdout is JSON lines.
+        # Each in a session of its own: a timeout kills the whole tree (accelerate's workers).
         processes = [
-            subprocess.Popen(cmd, env={**env, **extra}, stdout=sys.stderr) for cmd, extra in runs
+            subprocess.Popen(cmd, env={**env, **extra}, stdout=sys.stderr, start_new_session=True)
+            for cmd, extra in runs
         ]
-        codes = [p.wait() for p in processes]
+        timed_out = wait_all(processes, spawned_at + timeout if timeout else None)
+        codes = [p.returncode for p in processes]
         ended_at = time.time()
     device = ", ".join(sorted(memory.names)) or "cpu"
     line = side_line(
@@ -617,6 +659,7 @@ def run_side(
     )
     line["peak_mem_gib"] = round(max(memory.peak.values()), 2) if memory.peak else None
     line["exit_codes"] = codes
+    line["timed_out"] = timed_out
     settings = side_settings(side, case, work, steps, device)
     settings["timed_steps"] = line.pop("timed_steps", 0)
     settings["steps"] = len(line["losses"])  # steps done (one log a step)
@@ -707,7 +750,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sides", default="reference,sftjob")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument(
+        "--side-timeout",
+        type=float,
+        default=None,
+        help="seconds per side; past it the side is killed and reported with what it logged",
+    )
+    parser.add_argument(
+        "--memory-gib", type=float, default=None, help="our speed plan sizes for this many GiB"
+    )
     parser.add_argument("--reference-child", choices=sorted(BIG_CASES), default=None)
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args(argv)
     name = args.reference_child or args.case
     if name is None:
@@ -720,18 +773,23 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix=f"sftjob-bench-{case.name}-"))
     if args.reference_child:
         return reference_child(case, work, steps)
+    if args.prepare:
+        print(json.dumps(prepare_inputs(case, work, steps)), flush=True)
+        return 0
+    if args.memory_gib:
+        os.environ[ENV_MEMORY_GIB] = str(args.memory_gib)  # both sides' processes inherit it
     if steps <= skip:
         parser.error(f"--steps must be larger than the {skip} untimed steps")
     if args.dry_run or (case.method == "qlora" and case.cpu):
         # QLoRA on CPU stops here: bitsandbytes' 4-bit kernels need CUDA.
-        facts = prepare_inputs(case, work, steps) if not args.dry_run else None
+        facts = prepared_in_own_process(case, work, steps) if not args.dry_run else None
         print(json.dumps({**dry_run_line(case, work, steps), "inputs": facts}), flush=True)
         return 0
-    facts = prepare_inputs(case, work, steps)
+    facts = prepared_in_own_process(case, work, steps)
     print(json.dumps({"inputs": facts}), flush=True)
     lines = {}
     for side in [s.strip() for s in args.sides.split(",") if s.strip()]:
-        lines[side] = run_side(side, case, work, steps, skip, facts["params"])
+        lines[side] = run_side(side, case, work, steps, skip, facts["params"], args.side_timeout)
         print(json.dumps(lines[side]), flush=True)
     if {"reference", "sftjob"} <= set(lines):
         verdict = check_pair(lines["reference"], lines["sftjob"])
