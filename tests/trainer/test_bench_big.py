@@ -77,6 +77,8 @@ def test_the_reference_fsdp_config_has_the_launchers_settings():
         BIG_CASES["llama8b-fsdp"], Path("/w"), 12, {"activation_checkpointing"}
     )
     assert kwargs["activation_checkpointing"] is False and kwargs["bf16"] is True
+    # Each rank loads its own whole copy on the CPU for FSDP to shard (TRL's "auto" would not).
+    assert kwargs["model_init_kwargs"] == {"dtype": "float32", "device_map": None}
     job = parse_sftjob(job_manifest(BIG_CASES["llama8b-fsdp"], Path("/w"), 12))
     assert job.spec.distributed == "fsdp" and job.spec.resources.gpusPerNode == 4
     assert job.spec.training.gradientCheckpointing  # the launcher writes it into FSDP's config

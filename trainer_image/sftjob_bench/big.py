@@ -283,7 +283,10 @@ def reference_sft_kwargs(case: BigCase, work: Path, steps: int, fields: set[str]
         "disable_tqdm": True,
     }
     if case.method != "qlora":
-        kwargs["model_init_kwargs"] = {"dtype": "float32"}  # fp32 weights, bf16 autocast
+        # fp32 weights (TRL's default) and device_map None as TRL's own sft script sets it:
+        # TRL's "auto" default is reset only under DDP/DeepSpeed, and under FSDP would spread
+        # each rank's copy over all the GPUs. Our trainer loads the same way (model.py).
+        kwargs["model_init_kwargs"] = {"dtype": "float32", "device_map": None}
     if case.distributed == "fsdp":
         name = (
             "activation_checkpointing"
