@@ -598,9 +598,36 @@ def clear_side(work: Path, side: str) -> None:
         old.unlink()
 
 
-def wait_all(processes: list[subprocess.Popen[bytes]], deadline: float | None) -> bool:
-    """Wait for every process; past the deadline kill their process groups. True if killed.
+def descendants(root: int, parent_of: dict[int, int]) -> list[int]:
+    """Every process under `root` (children, their children, ...) in a pid -> ppid map."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent_of.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
+
+def process_parents() -> dict[int, int]:
+    """pid -> ppid of every process, from /proc (Linux)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return parents
+
+
+def wait_all(processes: list[subprocess.Popen[bytes]], deadline: float | None) -> bool:
+    """Wait for every process; past the deadline kill them and all under them. True if killed.
+
+    The whole tree, found before anything dies: torchrun starts its workers in sessions
+    of their own, so killing the launcher's process group would leave them running.
     SIGKILL, not SIGTERM: the trainer would first save a checkpoint (minutes for 8B). The
     step log keeps what the side did until then, so its steady rate is still reported.
     """
@@ -609,9 +636,12 @@ def wait_all(processes: list[subprocess.Popen[bytes]], deadline: float | None) -
         try:
             process.wait(timeout=left)
         except subprocess.TimeoutExpired:
-            for other in processes:
+            parents = process_parents()
+            tree = [p.pid for p in processes]
+            tree += [pid for p in processes for pid in descendants(p.pid, parents)]
+            for pid in tree:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(other.pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
             for other in processes:
                 other.wait()
             return True
