@@ -35,7 +35,6 @@ from sftjob_bench.big import (
     wants,
 )
 from sftjob_operator.api import parse_sftjob
-from sftjob_trainer.launcher import fsdp_config_yaml
 from sftjob_trainer.model import QLORA_QUANTIZATION
 
 
@@ -68,11 +67,13 @@ def test_the_8b_shape_is_llama_3_8b_and_the_count_matches_a_built_model():
     assert parameter_count(shape) == sum(p.numel() for p in qwen.parameters()) == 1_543_714_304
 
 
-def test_the_reference_fsdp_config_has_the_launchers_settings():
-    ours = yaml.safe_load(fsdp_config_yaml(activation_checkpointing=True))
+def test_the_reference_fsdp_config_is_fsdp2_full_shard_with_checkpointing():
     theirs = yaml.safe_load(reference_fsdp_yaml())
-    assert theirs == ours
-    assert theirs["fsdp_config"]["fsdp_version"] == 2
+    assert theirs["distributed_type"] == "FSDP" and theirs["mixed_precision"] == "no"
+    fsdp = theirs["fsdp_config"]
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # full shard
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_activation_checkpointing"] is True and not fsdp["fsdp_offload_params"]
     # Checkpointing is FSDP's there; the Trainer's own is off (transformers refuses both).
     kwargs = reference_sft_kwargs(
         BIG_CASES["llama8b-fsdp"], Path("/w"), 12, {"activation_checkpointing"}

@@ -239,23 +239,14 @@ def job_manifest(case: BigCase, work: Path, steps: int) -> dict[str, Any]:
 
 
 def reference_fsdp_yaml() -> str:
-    """The plain user's accelerate config for FSDP v2: the settings the launcher writes."""
-    return "\n".join(
-        [
-            "compute_environment: LOCAL_MACHINE",
-            "distributed_type: FSDP",
-            "fsdp_config:",
-            "  fsdp_version: 2",
-            "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
-            "  fsdp_reshard_after_forward: true",
-            "  fsdp_offload_params: false",
-            "  fsdp_state_dict_type: FULL_STATE_DICT",
-            "  fsdp_cpu_ram_efficient_loading: false",
-            "  fsdp_activation_checkpointing: true",
-            "mixed_precision: 'no'",
-            "",
-        ]
-    )
+    """The plain user's accelerate config for FSDP v2: the launcher's own settings.
+
+    Taken from the launcher (one text, not two that could drift): FSDP v2, full shard, a
+    wrap unit per decoder layer, activation checkpointing in FSDP, a full state dict.
+    """
+    from sftjob_trainer.launcher import fsdp_config_yaml
+
+    return fsdp_config_yaml(activation_checkpointing=True)
 
 
 def reference_sft_kwargs(case: BigCase, work: Path, steps: int, fields: set[str]) -> dict[str, Any]:
