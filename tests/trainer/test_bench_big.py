@@ -32,8 +32,8 @@ from sftjob_bench.big import (
     reference_sft_kwargs,
     side_line,
     wait_all,
-    wants,
 )
+from sftjob_bench.big_cases import wants
 from sftjob_operator.api import parse_sftjob
 from sftjob_trainer.model import QLORA_QUANTIZATION
 
