@@ -30,6 +30,7 @@ from sftjob_bench.big import (
     parameter_count,
     reference_fsdp_yaml,
     reference_sft_kwargs,
+    side_gpus,
     side_line,
     wait_all,
 )
@@ -143,6 +144,13 @@ def test_nvidia_smi_readings_keep_the_highest_per_gpu():
     poller.record("0, NVIDIA H100 80GB HBM3, 61440\n1, NVIDIA H100 80GB HBM3, 2048\n")
     assert poller.peak == {"0": 60.0, "1": 40.0}
     assert poller.names == {"NVIDIA H100 80GB HBM3"}
+    # Only the side's GPUs: another run on GPU 2 of the same machine is not this side's.
+    watching = GpuMemoryPoller(gpus=side_gpus(2, {"CUDA_VISIBLE_DEVICES": "1,2"}))
+    watching.record("0, H100, 70000\n1, H100, 1024\n2, H100, 2048\n3, H100, 9000\n")
+    assert watching.peak == {"1": 1.0, "2": 2.0}
+    assert (
+        side_gpus(2, {}) == ["0", "1"] and side_gpus(1, {"CUDA_VISIBLE_DEVICES": "GPU-ab"}) is None
+    )
 
 
 def test_the_bench_hands_these_cases_to_big():

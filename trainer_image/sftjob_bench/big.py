@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -340,8 +341,9 @@ def reference_checkpointing(trainer: Any) -> bool:
 class GpuMemoryPoller:
     """Highest nvidia-smi memory.used per GPU while a side runs (nothing without a GPU)."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, gpus: list[str] | None = None) -> None:
         self.interval = interval
+        self.gpus = gpus  # nvidia-smi indices to watch (None: all)
         self.peak: dict[str, float] = {}
         self.names: set[str] = set()
         self._stop = threading.Event()
@@ -375,8 +377,23 @@ class GpuMemoryPoller:
     def record(self, csv: str) -> None:
         for line in csv.strip().splitlines():
             index, name, used = (part.strip() for part in line.split(","))
+            if self.gpus is not None and index not in self.gpus:
+                continue  # another run's GPU on the same machine
             self.names.add(name)
             self.peak[index] = max(self.peak.get(index, 0.0), float(used) / 1024)  # MiB -> GiB
+
+
+def side_gpus(processes: int, env: Mapping[str, str]) -> list[str] | None:
+    """The GPUs a side's processes take: the first `processes` of CUDA_VISIBLE_DEVICES.
+
+    None (watch all) when that is unset or holds UUIDs rather than indices.
+    """
+    visible = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return [str(i) for i in range(processes)]
+    if not all(v.isdigit() for v in visible):
+        return None
+    return visible[:processes]
 
 
 def side_line(
@@ -596,7 +613,7 @@ def run_side(
         ]
     else:
         runs = sftjob_commands(case, work, port)
-    with GpuMemoryPoller() as memory:
+    with GpuMemoryPoller(gpus=side_gpus(case.processes, os.environ)) as memory:
         spawned_at = time.time()
         # The children's own prints (Trainer's log dicts) go to stderr: stdout is JSON lines.
         # Each in a session of its own: a timeout kills the whole tree (accelerate's workers).
