@@ -321,6 +321,12 @@ def reference_child(case: BigCase, work: Path, steps: int) -> int:
             "gradient_checkpointing": reference_checkpointing(trainer),
         }
         (work / "reference" / FACTS).write_text(json.dumps(facts))
+    # End as our worker does (process group torn down, then out): under FSDP both ranks
+    # otherwise hung in interpreter shutdown for minutes (worker.exit_now), which would
+    # count against this side's wall time, not measure plain TRL's training.
+    from sftjob_trainer.worker import exit_now
+
+    exit_now(0)
     return 0
 
 
