@@ -126,7 +126,9 @@ def test_side_line_times_the_steps_after_the_untimed_ones(tmp_path):
 
 def test_check_pair_fails_on_a_loss_apart_by_more_than_1pct_or_a_short_speedup():
     reference = {"case": "llama8b-qlora", "losses": [10.0, 9.0], "tokens_per_s": 1000.0}
+    reference["tokens_total"] = 32768
     good = {"losses": [10.05, 9.08], "tokens_per_s": 2100.0, "wall_s": 50.0}
+    good["tokens_total"] = 32768
     reference["wall_s"] = 100.0
     verdict = check_pair(reference, good)
     assert verdict["passed"] and verdict["speedup"] == 2.1 and verdict["speedup_e2e"] == 2.0
@@ -136,6 +138,8 @@ def test_check_pair_fails_on_a_loss_apart_by_more_than_1pct_or_a_short_speedup()
     assert not slow["passed"] and slow["checks"]["speedup_goal"] is False
     short = check_pair(reference, {**good, "losses": [10.0]})  # a side stopped early
     assert not short["passed"]
+    other_data = check_pair(reference, {**good, "tokens_total": 30000})
+    assert not other_data["passed"] and other_data["checks"]["same_tokens"] is False
 
 
 def test_nvidia_smi_readings_keep_the_highest_per_gpu():

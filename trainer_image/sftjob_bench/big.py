@@ -475,6 +475,9 @@ def check_pair(reference: dict[str, Any], sftjob: dict[str, Any]) -> dict[str, A
     )
     goal = SPEEDUP_GOALS.get(reference["case"])
     checks = {
+        # The same samples in every step: the same tokens trained on over the run.
+        "same_tokens": bool(reference.get("tokens_total"))
+        and reference.get("tokens_total") == sftjob.get("tokens_total"),
         "losses_same_steps": same_steps,
         "losses_within_1pct": same_steps and worst is not None and worst <= LOSS_TOLERANCE,
         "speedup_goal": None if goal is None else bool(speedup and speedup >= goal),
