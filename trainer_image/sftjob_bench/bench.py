@@ -523,6 +523,13 @@ def cap_gpu_memory(gib: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import subprocess
+
+    from .big_cases import wants  # the larger-model cases: each side its own processes
+
+    if wants(sys.argv[1:] if argv is None else argv):
+        big = [sys.executable, "-m", "sftjob_bench.big", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.call(big)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), required=True)
     parser.add_argument("--steps", type=int, default=25)

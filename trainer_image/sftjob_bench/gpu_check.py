@@ -55,15 +55,19 @@ def _word(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))
 
 
-def build_model(path: Path, shape: dict[str, Any], seed: int = 0) -> int:
-    """Tokenizer + random-init Qwen2.5-1.5B-shaped model in bf16; returns the parameter count."""
+def build_model(path: Path, shape: dict[str, Any], seed: int = 0, model_type: str = "qwen2") -> int:
+    """Tokenizer + random-init Qwen2.5-1.5B-shaped model in bf16; returns the parameter count.
+
+    `model_type` "llama" builds a Llama of the shape instead (the 8B cases, sftjob_bench.big).
+    """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     rng = random.Random(seed)
     corpus = [" ".join(_word(rng) for _ in range(40)) for _ in range(2000)]
     tokenizer = build_tokenizer(path, corpus, vocab_size=2000, max_length=32768)
-    config = Qwen2Config(
+    llama = model_type == "llama"
+    config = (LlamaConfig if llama else Qwen2Config)(
         **shape,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -72,9 +76,9 @@ def build_model(path: Path, shape: dict[str, Any], seed: int = 0) -> int:
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        model = (LlamaForCausalLM if llama else Qwen2ForCausalLM)(config).to(torch.bfloat16)
     model.save_pretrained(path)
-    count = sum(p.numel() for p in model.parameters())
+    count = int(sum(p.numel() for p in model.parameters()))
     del model
     return count
 

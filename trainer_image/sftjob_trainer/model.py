@@ -39,12 +39,16 @@ def quantization_config() -> Any:
         ) from None
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-    )
+    return BitsAndBytesConfig(**QLORA_QUANTIZATION)
+
+
+# QLoRA's 4-bit settings (nf4, double quantization, bf16 compute): the paper's recipe.
+QLORA_QUANTIZATION = {
+    "load_in_4bit": True,
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_compute_dtype": "bfloat16",
+    "bnb_4bit_use_double_quant": True,
+}
 
 
 def load_tokenizer(model: ModelSource) -> Any:

@@ -46,6 +46,7 @@ from .prepared_rows import sft_trainer_class
 from .progress import Reporter, make_progress_callback, make_sink
 from .settings import TrainerConfig
 from .speed import speed_plan_status
+from .step_log import ENV_STEP_LOG, step_log_callback
 
 log = logging.getLogger("sftjob_trainer.train")
 
@@ -162,7 +163,8 @@ def _callbacks(per_device: int) -> list[Any]:
                 control.should_save = True
                 control.should_training_stop = True
 
-    return [RunControl()]
+    step_log = os.environ.get(ENV_STEP_LOG)  # benchmarks: a timed line per training log
+    return [RunControl()] + ([step_log_callback(Path(step_log))] if step_log else [])
 
 
 def _any_rank(flag: bool, args: Any) -> bool:
