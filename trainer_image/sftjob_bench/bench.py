@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -37,6 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from . import e2e
+from .e2e import E2E_CASES
 
 log = logging.getLogger("sftjob_bench.bench")
 
@@ -510,8 +514,6 @@ def run_side(
 
 
 def cap_gpu_memory(gib: float) -> None:
-    import os
-
     import torch
     from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
 
@@ -523,7 +525,7 @@ def cap_gpu_memory(gib: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=sorted(CASES), required=True)
+    parser.add_argument("--case", choices=sorted(CASES) + sorted(E2E_CASES), required=True)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument(
         "--skip", type=int, default=None, help="steps not timed (default 5; 1 on CPU)"
@@ -572,10 +574,34 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON object of SFTConfig settings for the sftjob side only (spec.training."
         'extraArgs), e.g. \'{"torch_compile_mode": "reduce-overhead"}\'',
     )
+    parser.add_argument(
+        "--side-gpus",
+        default=None,
+        help="end-to-end cases: run the sides at once, each on its own GPU (e.g. 0,1)",
+    )
+    parser.add_argument(
+        "--max-steps-reference",
+        type=int,
+        default=0,
+        help="end-to-end cases: stop the reference side after N steps and extrapolate its "
+        "whole job from its own step time (for a device call too short for all of it)",
+    )
     args = parser.parse_args(argv)
-    if args.memory_gib:
+    if args.memory_gib and args.case not in E2E_CASES:
         cap_gpu_memory(args.memory_gib)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    if args.case in E2E_CASES:
+        if args.memory_gib:  # each side's process caps itself; this one leaves the GPU alone
+            os.environ[e2e.ENV_MEMORY_GIB] = str(
+                args.memory_gib
+            )  # each side in its own process, from start to model saved
+        sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+        gpus = args.side_gpus.split(",") if args.side_gpus else None
+        if gpus is not None and len(gpus) != len(sides):
+            parser.error("--side-gpus needs one GPU per side")
+        work = args.workdir or Path(tempfile.mkdtemp(prefix=f"sftjob-bench-{args.case}-"))
+        e2e.run(args.case, sides, work, gpus, args.max_steps_reference)
+        return 0
     case = CASES[args.case]
     skip = args.skip if args.skip is not None else (1 if case.name == "cpu-smoke" else 5)
     if args.steps <= skip:
