@@ -487,7 +487,14 @@ def run(
     Prints (and returns) one JSON line per side, after a line with the inputs' facts.
     """
     case = E2E_CASES[case_name]
-    print(json.dumps({"inputs": prepare_inputs(case, work)}), flush=True)
+    # Built in a process of its own, so this one never holds GPU memory while the sides run.
+    built = subprocess.run(
+        [sys.executable, "-m", "sftjob_bench.e2e", "--prepare", case.name, str(work)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    print(built.stdout.strip().splitlines()[-1], flush=True)
     running = []
     results = []
     for index, side in enumerate(sides):
@@ -504,6 +511,10 @@ def run(
 
 
 def child_main(argv: list[str]) -> int:
+    if argv[:1] == ["--prepare"]:
+        facts = prepare_inputs(E2E_CASES[argv[1]], Path(argv[2]))
+        print(json.dumps({"inputs": facts}), flush=True)
+        return 0
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", choices=["reference", "sftjob"], required=True)
     parser.add_argument("--case", choices=sorted(E2E_CASES), required=True)
