@@ -67,6 +67,7 @@ def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
         "dir": str(tmp_path / "sftjob" / ".sftjob-cache"),
         "files_before": 0,
         "warm": False,
+        "artifacts": None,  # compile off on CPU: no cache in use
     }
     # The CPU default plan turns every changing lever off: the curves are the same.
     for a, b in zip(ref["losses"], ours["losses"], strict=True):

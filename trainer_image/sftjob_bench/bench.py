@@ -586,6 +586,13 @@ def main(argv: list[str] | None = None) -> int:
         help="end-to-end cases: stop the reference side after N steps and extrapolate its "
         "whole job from its own step time (for a device call too short for all of it)",
     )
+    parser.add_argument(
+        "--sftjob-output",
+        default="sftjob",
+        help="end-to-end cases: the sftjob side's output folder under the workdir (another "
+        "name is another job: inductor's kernels there start cold, the shared compile "
+        "cache under $HF_HOME is what a warm start then uses)",
+    )
     args = parser.parse_args(argv)
     if args.memory_gib and args.case not in E2E_CASES:
         cap_gpu_memory(args.memory_gib)
@@ -600,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         if gpus is not None and len(gpus) != len(sides):
             parser.error("--side-gpus needs one GPU per side")
         work = args.workdir or Path(tempfile.mkdtemp(prefix=f"sftjob-bench-{args.case}-"))
-        e2e.run(args.case, sides, work, gpus, args.max_steps_reference)
+        e2e.run(args.case, sides, work, gpus, args.max_steps_reference, args.sftjob_output)
         return 0
     case = CASES[args.case]
     skip = args.skip if args.skip is not None else (1 if case.name == "cpu-smoke" else 5)

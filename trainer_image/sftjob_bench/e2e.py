@@ -273,24 +273,32 @@ def build_reference(case: E2ECase, work: Path, cuda: bool) -> Any:
     return SFTTrainer(model=str(work / "model"), train_dataset=dataset, args=args)
 
 
-def build_sftjob(case: E2ECase, work: Path, cuda: bool) -> Any:
+def build_sftjob(case: E2ECase, work: Path, cuda: bool, output: Path) -> Any:
     """The trainer's own build for the SFTJob of the same job."""
     from sftjob_operator.api import parse_sftjob
     from sftjob_operator.trainer_config import build_trainer_config
     from sftjob_trainer.settings import parse_config
     from sftjob_trainer.train import build_trainer
 
-    output = work / "sftjob"
     job = parse_sftjob(job_manifest(case, work, output, 1 if cuda else 0))
     return build_trainer(parse_config(build_trainer_config(job)))
 
 
-def run_child(side: str, case: E2ECase, work: Path, spawned_at: float, max_steps: int) -> dict:
+def run_child(
+    side: str, case: E2ECase, work: Path, spawned_at: float, max_steps: int, output_name: str
+) -> dict[str, Any]:
     """One side, in this (fresh) process; returns its JSON line."""
     clock = Clock(spawned_at)
+    output = work / (output_name if side == "sftjob" else side)
     # Before anything compiles: whether an earlier run left compiled kernels to reuse.
-    cache = work / "sftjob" / COMPILE_CACHE
+    cache = output / COMPILE_CACHE
     cache_files = sum(1 for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else 0
+    if side == "sftjob":
+        # As the pod's launcher does before the worker starts: inductor's kernels on the
+        # output volume (the planner's own call comes after torch pinned its default).
+        from sftjob_trainer.levers.compile_model import keep_compiled_kernels
+
+        keep_compiled_kernels(str(output))
     import torch
     import trl.trainer.sft_trainer as trl_sft
     from sftjob_trainer import train as product_train
@@ -305,7 +313,7 @@ def run_child(side: str, case: E2ECase, work: Path, spawned_at: float, max_steps
             trainer = build_reference(case, work, cuda)
     else:
         with timed_loader(product_train, "load_model", loads):
-            trainer = build_sftjob(case, work, cuda)
+            trainer = build_sftjob(case, work, cuda, output)
     clock.mark("built")
     clock.marks["model_load_began"] = loads[0][0] - spawned_at
     clock.marks["model_loaded"] = loads[-1][1] - spawned_at
@@ -321,17 +329,21 @@ def run_child(side: str, case: E2ECase, work: Path, spawned_at: float, max_steps
     to_wall = time.time() - time.perf_counter() - spawned_at  # perf_counter -> clock marks
     clock.marks["first_step"] = meter.marks[1][0] + to_wall
     clock.marks["train_end"] = meter.marks[-1][0] + to_wall
-    trainer.save_model(str(work / side / "final"))
+    trainer.save_model(str(output / "final"))
     if cuda:
         torch.cuda.synchronize()
     clock.mark("saved")
     line = result_line(side, case, trainer, meter, clock, cuda, PEAK_FLOPS)
     line["settings"]["planned_steps_uncapped"] = planned
     if side == "sftjob":
+        artifacts = getattr(trainer, "sftjob_compile_cache", None)
+        loaded = artifacts is not None and artifacts.loaded_from is not None
         line["compile_cache"] = {
             "dir": str(cache),
             "files_before": cache_files,
-            "warm": cache_files > 0,
+            # Kernels left in this output folder, or artifacts loaded (from any folder).
+            "warm": cache_files > 0 or loaded,
+            "artifacts": artifacts.summary() if artifacts is not None else None,
         }
     return line
 
@@ -448,7 +460,7 @@ def extrapolate(line: dict[str, Any]) -> dict[str, Any]:
 
 
 def spawn(
-    side: str, case: E2ECase, work: Path, gpu: str | None, max_steps: int
+    side: str, case: E2ECase, work: Path, gpu: str | None, max_steps: int, output_name: str
 ) -> tuple[subprocess.Popen[str], float]:
     env = dict(os.environ)
     if gpu is not None:
@@ -456,7 +468,7 @@ def spawn(
     spawned_at = time.time()
     command = [sys.executable, "-m", "sftjob_bench.e2e", "--child", side, "--case", case.name]
     command += ["--workdir", str(work), "--spawned-at", repr(spawned_at)]
-    command += ["--max-steps", str(max_steps)]
+    command += ["--max-steps", str(max_steps), "--output", output_name]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     return process, spawned_at
 
@@ -481,6 +493,7 @@ def run(
     work: Path,
     side_gpus: list[str] | None = None,
     max_steps_reference: int = 0,
+    sftjob_output: str = "sftjob",
 ) -> list[dict[str, Any]]:
     """Both sides, each its own process: one after the other, or at once on their own GPUs.
 
@@ -500,7 +513,7 @@ def run(
     for index, side in enumerate(sides):
         gpu = side_gpus[index] if side_gpus else None
         cap = max_steps_reference if side == "reference" else 0
-        running.append(spawn(side, case, work, gpu, cap))
+        running.append(spawn(side, case, work, gpu, cap, sftjob_output))
         if not side_gpus:  # one at a time: the next side starts once this one has ended
             results.append(finish(*running.pop()))
             print(json.dumps(results[-1]), flush=True)
@@ -521,6 +534,7 @@ def child_main(argv: list[str]) -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--spawned-at", type=float, required=True)
     parser.add_argument("--max-steps", type=int, default=0)
+    parser.add_argument("--output", default="sftjob")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     if os.environ.get(ENV_MEMORY_GIB):
@@ -528,7 +542,7 @@ def child_main(argv: list[str]) -> int:
 
         cap_gpu_memory(float(os.environ[ENV_MEMORY_GIB]))
     line = run_child(
-        args.child, E2E_CASES[args.case], args.workdir, args.spawned_at, args.max_steps
+        args.child, E2E_CASES[args.case], args.workdir, args.spawned_at, args.max_steps, args.output
     )
     print(json.dumps(line), flush=True)
     return 0

@@ -213,8 +213,17 @@ def block_mask_in_graph() -> None:
     interface.register("flex_attention", flex_mask)
 
 
+ENV_COMPILE_CACHE = "SFTJOB_COMPILE_CACHE"
+
+
 def apply(trainer: Any, plan: Plan) -> str | None:
-    """Static batches where the plan pads them (nothing to log: the choice said it)."""
+    """Static batches where the plan pads them, and the compile cache (compile_cache.py)."""
     if plan.static_length is not None:
         use_static_batches(trainer, plan.static_length)
-    return None
+    output = getattr(plan, "output_dir", None)
+    if not output or os.environ.get(ENV_COMPILE_CACHE, "").lower() == "off":
+        return None
+    from .compile_cache import use_compile_cache
+
+    cache = use_compile_cache(trainer, getattr(plan, "summary", dict)(), output)
+    return cache.describe()
