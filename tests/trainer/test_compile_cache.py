@@ -21,9 +21,10 @@ from sftjob_trainer.levers.compile_cache import (
 )
 
 
-def sftjob_run(work: Path, hf_home: Path) -> dict[str, Any]:
+def sftjob_run(work: Path, hf_home: Path, **more_env: str) -> dict[str, Any]:
     """The bench's sftjob side of the CPU reference job, compiled, in a fresh process."""
     env = {**os.environ, "HF_HOME": str(hf_home), "SFTJOB_SPEED": json.dumps({"compile": "on"})}
+    env.update(more_env)
     # Each job's inductor cache in its own output folder (an earlier test in this process
     # may have pinned one for every child through the environment).
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -167,3 +168,19 @@ def test_status_speed_plan_says_whether_the_cache_was_warm() -> None:
     reason = {lever["name"]: lever["reason"] for lever in speed_plan_status(trainer)["levers"]}
     assert reason["compile"].startswith("compile cache warm (8 artifacts, key 01234567)")
     assert len(reason["compile"]) <= 256
+
+
+def test_regional_compilation_keeps_the_losses_to_the_bit(tmp_path) -> None:
+    # compile_model.compile_regions: each decoder layer compiled once, through accelerate.
+    whole = sftjob_run(tmp_path / "whole", tmp_path / "shared")
+    regional = sftjob_run(tmp_path / "regional", tmp_path / "shared", SFTJOB_COMPILE_REGIONS="on")
+    assert "regional compilation (each repeated block compiled once)" in regional["stderr"]
+    assert "regional compilation" not in whole["stderr"]
+    assert regional["settings"]["torch_compile"]
+    assert regional["losses"] == whole["losses"] and len(whole["losses"]) >= 3
+    # Another graph set: its own key, so neither loads the other's artifacts.
+    assert (
+        regional["compile_cache"]["artifacts"]["key"] != whole["compile_cache"]["artifacts"]["key"]
+    )
+    assert regional["compile_cache"]["artifacts"]["loaded_from"] is None
+    assert regional["compile_cache"]["artifacts"]["hits"]["fxgraph_miss"] > 0

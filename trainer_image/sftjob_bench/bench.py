@@ -19,6 +19,9 @@ steps), mfu (6 x params x tokens/s over the card's bf16 peak; null on CPU), peak
 (torch's peak reserved memory, close to nvidia-smi), losses (one per log: every step
 unless --logging-steps says otherwise) and settings.
 Everything else (trainer logs, speed decisions) goes to stderr.
+
+`--case reference-job` (and `reference-job-cpu-smoke`) is the end-to-end bench instead:
+each side in its own process, from process start to the final model saved (e2e.py).
 """
 
 from __future__ import annotations

@@ -87,6 +87,15 @@ def key_facts(trainer: Any, plan_summary: Mapping[str, Any]) -> dict[str, Any]:
         "checkpointing": bool(checkpointing),
         "world_size": args.world_size,
         "peft": type(trainer.model).__name__,
+        # Each decoder layer compiled on its own (compile_model.compile_regions): other graphs.
+        "regional": bool(
+            getattr(
+                getattr(getattr(trainer, "accelerator", None), "state", None),
+                "dynamo_plugin",
+                None,
+            )
+            and trainer.accelerator.state.dynamo_plugin.use_regional_compilation
+        ),
         "levers": {name: bool(choice["on"]) for name, choice in plan_summary.items()},
     }
 
