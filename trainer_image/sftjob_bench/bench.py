@@ -43,32 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from . import e2e
+from .common import PEAK_FLOPS, QWEN25_15B, TINY, cap_gpu_memory, make_callback
 from .e2e import E2E_CASES
 
 log = logging.getLogger("sftjob_bench.bench")
 
-QWEN25_15B = {
-    "hidden_size": 1536,
-    "intermediate_size": 8960,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1_000_000.0,
-    "tie_word_embeddings": True,
-}
-TINY = {
-    **QWEN25_15B,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 2048,
-}
-# Dense bf16 peak of the cards MFU is quoted against (H100 SXM: 989 TFLOP/s).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SEED = 42
 PAD, EOS = 0, 1
 
@@ -221,42 +200,6 @@ def isolation_check(
         "max_abs_diff": worst,
         "leak_if_unmasked": (leaked - packed).abs().max().item(),
     }
-
-
-def make_callback(
-    trainer_ref: dict[str, Any], cuda: bool, skip: int, sync_every_step: bool = False
-) -> Any:
-    import torch
-    from sftjob_trainer.levers.token_tally import trained_tokens
-    from transformers import TrainerCallback
-
-    class Meter(TrainerCallback):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.marks: list[tuple[float, int]] = []
-            self.losses: list[float] = []
-            self.graphs: list[int] = []
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.marks.append((time.perf_counter(), 0))
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            from torch._dynamo.utils import counters
-
-            # Synchronise only at the two marks the rate is taken between (the end of the
-            # untimed steps and the last step): a sync every step would idle the GPU each
-            # step, which a real run does not, and cost the faster side more.
-            if cuda and (sync_every_step or state.global_step in (skip, state.max_steps)):
-                torch.cuda.synchronize()
-            tokens = trained_tokens(trainer_ref["trainer"])
-            self.marks.append((time.perf_counter(), tokens))
-            # Graphs dynamo has compiled so far: flat after step 1 means no recompiles.
-            self.graphs.append(int(counters["stats"]["unique_graphs"]))
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    return Meter()
 
 
 def make_profiler(start_step: int, steps: int, report: Path) -> Any:
@@ -514,16 +457,6 @@ def run_side(
     if cuda:
         torch.cuda.empty_cache()
     return result
-
-
-def cap_gpu_memory(gib: float) -> None:
-    import torch
-    from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
-
-    os.environ[ENV_MEMORY_GIB] = str(gib)
-    if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .common import word
+
 log = logging.getLogger("sftjob_bench.e2e")
 # Where the sftjob side's compiled kernels are kept (compile_model.keep_compiled_kernels).
 COMPILE_CACHE = ".sftjob-cache"
@@ -63,7 +65,6 @@ ENV_MEMORY_GIB = "SFTJOB_GPU_MEMORY_GIB"
 # log-normal with sigma 0.7) is an assumption: no published percentile was found.
 CAPYBARA_MEAN_TOKENS = 1100
 CAPYBARA_SIGMA = 0.7
-SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "po", "qu", "xe", "da", "fi"]
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,6 @@ E2E_CASES = {
 }
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))
-
-
 def row_lengths(rows: int, mean_tokens: float, sigma: float, seed: int = 1) -> list[int]:
     """Log-normal token counts with the given mean (median = mean / exp(sigma^2 / 2))."""
     rng = random.Random(seed)
@@ -107,12 +104,12 @@ def row_lengths(rows: int, mean_tokens: float, sigma: float, seed: int = 1) -> l
 def write_rows(path: Path, tokenizer: Any, lengths: list[int], seed: int = 2) -> dict[str, Any]:
     """Text rows of about the given token counts; returns their real token statistics."""
     rng = random.Random(seed)
-    sample = " ".join(_word(rng) for _ in range(2000))
+    sample = " ".join(word(rng) for _ in range(2000))
     per_word = len(tokenizer(sample)["input_ids"]) / 2000  # this tokenizer's tokens per word
     counts = []
     with path.open("w") as out:
         for length in lengths:
-            text = " ".join(_word(rng) for _ in range(max(2, round(length / per_word))))
+            text = " ".join(word(rng) for _ in range(max(2, round(length / per_word))))
             counts.append(len(tokenizer(text)["input_ids"]))
             out.write(json.dumps({"text": text}) + "\n")
     counts.sort()
@@ -130,8 +127,8 @@ def write_rows(path: Path, tokenizer: Any, lengths: list[int], seed: int = 2) ->
 
 def prepare_inputs(case: E2ECase, work: Path) -> dict[str, Any]:
     """The model, tokenizer and rows both sides read; written once per work folder."""
-    from . import bench
-    from .gpu_check import build_model
+    from . import common
+    from .common import build_model
 
     marker = work / "inputs.json"
     if marker.is_file():
@@ -141,7 +138,7 @@ def prepare_inputs(case: E2ECase, work: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     work.mkdir(parents=True, exist_ok=True)
-    params = build_model(work / "model", getattr(bench, case.shape))
+    params = build_model(work / "model", getattr(common, case.shape))
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     lengths = row_lengths(case.rows, case.mean_tokens, CAPYBARA_SIGMA)
     data = write_rows(work / "rows.jsonl", tokenizer, lengths)
@@ -303,7 +300,7 @@ def run_child(
     import trl.trainer.sft_trainer as trl_sft
     from sftjob_trainer import train as product_train
 
-    from .bench import PEAK_FLOPS, make_callback
+    from .common import PEAK_FLOPS, make_callback
 
     clock.mark("imported")
     cuda = torch.cuda.is_available() and case.shape != "TINY"
@@ -538,7 +535,7 @@ def child_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     if os.environ.get(ENV_MEMORY_GIB):
-        from .bench import cap_gpu_memory
+        from .common import cap_gpu_memory
 
         cap_gpu_memory(float(os.environ[ENV_MEMORY_GIB]))
     line = run_child(
