@@ -122,7 +122,10 @@ def test_a_corrupt_blob_is_a_warning_and_a_cold_start(tmp_path, caplog) -> None:
         assert cache.load() is False
     assert any("unreadable, ignored" in r.message for r in caplog.records)
     assert cache.notes and "torn" not in cache.describe() and "cold" in cache.describe()
-    assert cache.save() == 0  # nothing compiled in this test: nothing written, no error
+    # Saving replaces the torn file with what this process compiled (nothing, when this
+    # test runs alone), never raising.
+    written = cache.save()
+    assert written >= 0 and (written == 0 or CompileCache("k", [output]).load())
 
 
 def test_the_scratch_hf_home_is_not_a_shared_cache(tmp_path) -> None:
