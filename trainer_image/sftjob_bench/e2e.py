@@ -238,6 +238,10 @@ def first_step_sync() -> Any:
     return FirstStep()
 
 
+def args_epochs(trainer: Any) -> float:
+    return float(trainer.args.num_train_epochs)
+
+
 def uncapped_steps(trainer: Any) -> int:
     """The optimizer steps of the whole job on one process, as transformers counts them."""
     args = trainer.args
@@ -315,6 +319,8 @@ def run_child(
     clock.marks["model_load_began"] = loads[0][0] - spawned_at
     clock.marks["model_loaded"] = loads[-1][1] - spawned_at
     planned = uncapped_steps(trainer)
+    # The job's tokens: each packed row's real tokens, every epoch (for an extrapolation).
+    epoch_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     if max_steps > 0:  # a capped side: the same schedule, stopped early (see extrapolate)
         trainer.args.max_steps = max_steps
     meter = make_callback({"trainer": trainer}, cuda, case.skip)
@@ -332,6 +338,7 @@ def run_child(
     clock.mark("saved")
     line = result_line(side, case, trainer, meter, clock, cuda, PEAK_FLOPS)
     line["settings"]["planned_steps_uncapped"] = planned
+    line["settings"]["planned_tokens_uncapped"] = round(epoch_tokens * args_epochs(trainer))
     if side == "sftjob":
         artifacts = getattr(trainer, "sftjob_compile_cache", None)
         loaded = artifacts is not None and artifacts.loaded_from is not None
@@ -432,27 +439,28 @@ def versions() -> dict[str, str]:
 
 
 def extrapolate(line: dict[str, Any]) -> dict[str, Any]:
-    """A capped side's whole-job figures, from its steady rate over the steps it skipped.
+    """A capped side's whole-job figures: the tokens it did not train, at its own rate.
 
-    Honest only as an estimate: the missing steps are priced at the side's own steady
-    step time (training_s over its steps after the first), the measured phases kept.
+    An estimate, and said so: the job's tokens (its packed rows' tokens times the epochs)
+    that the capped run did not reach are priced at the side's own steady tokens/s (after
+    its first `skip` steps; the reference compiles nothing, so its steps are alike), and
+    added to its measured wall time; the measured phases are kept as measured.
     """
     settings = line["settings"]
     done, planned = int(settings["steps"]), int(settings["planned_steps_uncapped"])
-    if done >= planned or done < 2:
+    rate = line.get("tokens_per_s")
+    if done >= planned or not rate:
         return {}
-    per_step = line["phases"]["training_s"] / (done - 1)
-    tokens_per_step = line["tokens_total"] / done
-    missing = planned - done
-    wall = line["wall_s"] + missing * per_step
-    tokens = line["tokens_total"] + missing * tokens_per_step
+    missing = int(settings["planned_tokens_uncapped"]) - int(line["tokens_total"])
+    wall = line["wall_s"] + missing / rate
+    tokens = line["tokens_total"] + missing
     return {
         "wall_s": round(wall, 1),
-        "tokens_total": round(tokens),
+        "tokens_total": tokens,
         "tokens_per_s_e2e": round(tokens / wall, 1),
         "steps": planned,
-        "method": f"{missing} of {planned} steps priced at this side's own mean step "
-        f"time after the first ({per_step:.2f} s)",
+        "method": f"{missing} tokens of {planned - done} more steps priced at this side's "
+        f"own steady rate ({rate:,.0f} tokens/s)",
     }
 
 
