@@ -31,10 +31,31 @@ FEW_STEPS = 10
 MANY_EPOCHS = 20
 # Above this size a full fine-tune's activations rarely fit without checkpointing.
 LARGE_MODEL_BILLIONS = 3.0
-# torch.compile (on by default for packed GPU runs) spends up to about 2 minutes compiling
-# at start; at the 1.5B shape the defaults then train 28.6k (uncompiled) -> 47.4k tokens/s
-# per GPU, which pays the compile back after about 8-9M tokens per GPU (docs/performance.md).
-COMPILE_PAYBACK_TOKENS = 8_000_000
+# The compile break-even, from measured figures (docs/performance.md, 1.5B shape, H100,
+# per GPU). COMPILE_OVERHEAD_S: session 10's untimed first 5 steps took 153.6 s with the
+# defaults, of which 5 steady steps are ~3 s: ~150 s compiling (a cold compile cache).
+# The defaults train at ~51k tokens/s compiled (session 10) and 28.6k with compile off
+# (session 1); the plain TRL snippet at ~12.5k (sessions 1-8: 12.1k-15.3k).
+COMPILE_OVERHEAD_S = 150.0
+COMPILED_TOKENS_PER_S = 51_000.0
+UNCOMPILED_TOKENS_PER_S = 28_579.0
+PLAIN_TRL_TOKENS_PER_S = 12_500.0
+
+
+def break_even_tokens(overhead_s: float, slower: float, faster: float) -> float:
+    """Tokens after which `faster` (paying `overhead_s` first) has caught up with `slower`."""
+    return overhead_s / (1.0 / slower - 1.0 / faster)
+
+
+# Compiled against the same defaults uncompiled: ~9.8M tokens per GPU. Below it, compile:
+# off finishes first. (Against the plain snippet the compiled run catches up after ~2.5M
+# tokens, about 76 steps of 16 x 2048: issue 24's "64-75 steps".)
+COMPILE_PAYBACK_TOKENS = round(
+    break_even_tokens(COMPILE_OVERHEAD_S, UNCOMPILED_TOKENS_PER_S, COMPILED_TOKENS_PER_S)
+)
+PLAIN_TRL_BREAK_EVEN_TOKENS = round(
+    break_even_tokens(COMPILE_OVERHEAD_S, PLAIN_TRL_TOKENS_PER_S, COMPILED_TOKENS_PER_S)
+)
 # GPUs before Ampere have no bfloat16 units: bf16 is emulated (slow) or refused.
 PRE_AMPERE_GPUS = ("V100", "T4", "P100", "P40", "P4", "K80", "M60", "TITAN V", "QUADRO RTX")
 
@@ -245,9 +266,10 @@ def short_run_compiles(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
         severity="Info",
         field="spec.training.speed.compile",
         message=f"this run trains at most {tokens / 1e6:.1f}M tokens per GPU; torch.compile (on "
-        "by default for packed GPU runs) takes about 2 minutes to compile and pays that back "
-        f"after about {COMPILE_PAYBACK_TOKENS / 1e6:.0f}M tokens per GPU. Set "
-        "speed.compile: off if the run is short",
+        f"by default for packed GPU runs) takes about {COMPILE_OVERHEAD_S / 60:.1f} minutes to "
+        f"compile without a warm compile cache and pays that back after about "
+        f"{COMPILE_PAYBACK_TOKENS / 1e6:.0f}M tokens per GPU. Set speed.compile: off if the "
+        "run is short",
         suggested="off",
     )
 

@@ -159,3 +159,27 @@ def test_compile_advice_only_where_compile_is_the_default_and_the_run_is_short(
     changes: dict[str, Any],
 ) -> None:
     assert "ShortRunCompiles" not in codes(changes)
+
+
+def test_compile_advice_follows_the_measured_break_even() -> None:
+    from sftjob_operator.advice import (
+        COMPILE_OVERHEAD_S,
+        COMPILE_PAYBACK_TOKENS,
+        PLAIN_TRL_BREAK_EVEN_TOKENS,
+        break_even_tokens,
+    )
+
+    # 150 s of compiling paid back at 28.6k -> 51k tokens/s: 9.75M tokens per GPU.
+    assert break_even_tokens(150.0, 28_579.0, 51_000.0) == pytest.approx(9_751_097, abs=1)
+    assert (
+        round(break_even_tokens(COMPILE_OVERHEAD_S, 28_579.0, 51_000.0)) == COMPILE_PAYBACK_TOKENS
+    )
+    # Against the plain snippet the compiled defaults catch up after issue 24's ~64-75 steps
+    # of 16 x 2048 tokens (76 with these figures).
+    assert 64 <= PLAIN_TRL_BREAK_EVEN_TOKENS / (16 * 2048) <= 80
+    # 280 steps of 16 x 2048 = 9.2M tokens: under the break-even, so advised (the old
+    # 8M rule of thumb said it paid off).
+    advice = codes({"training": {"packing": True, "maxSteps": 280}})["ShortRunCompiles"]
+    assert "9.2M" in advice.message and "10M tokens per GPU" in advice.message
+    assert "2.5 minutes" in advice.message
+    assert "ShortRunCompiles" not in codes({"training": {"packing": True, "maxSteps": 300}})

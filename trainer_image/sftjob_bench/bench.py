@@ -19,6 +19,9 @@ steps), mfu (6 x params x tokens/s over the card's bf16 peak; null on CPU), peak
 (torch's peak reserved memory, close to nvidia-smi), losses (one per log: every step
 unless --logging-steps says otherwise) and settings.
 Everything else (trainer logs, speed decisions) goes to stderr.
+
+`--case reference-job` (and `reference-job-cpu-smoke`) is the end-to-end bench instead:
+each side in its own process, from process start to the final model saved (e2e.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -41,28 +45,12 @@ from typing import Any
 # The cards' dense bf16 peaks and MFU's definition, shared with the trainer's progress report.
 from sftjob_trainer.flops import model_flops_utilization, peak_flops
 
+from . import e2e
+from .common import QWEN25_15B, TINY, cap_gpu_memory, make_callback
+from .e2e import E2E_CASES
+
 log = logging.getLogger("sftjob_bench.bench")
 
-QWEN25_15B = {
-    "hidden_size": 1536,
-    "intermediate_size": 8960,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1_000_000.0,
-    "tie_word_embeddings": True,
-}
-TINY = {
-    **QWEN25_15B,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 2048,
-}
 SEED = 42
 PAD, EOS = 0, 1
 
@@ -215,42 +203,6 @@ def isolation_check(
         "max_abs_diff": worst,
         "leak_if_unmasked": (leaked - packed).abs().max().item(),
     }
-
-
-def make_callback(
-    trainer_ref: dict[str, Any], cuda: bool, skip: int, sync_every_step: bool = False
-) -> Any:
-    import torch
-    from sftjob_trainer.levers.token_tally import trained_tokens
-    from transformers import TrainerCallback
-
-    class Meter(TrainerCallback):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.marks: list[tuple[float, int]] = []
-            self.losses: list[float] = []
-            self.graphs: list[int] = []
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.marks.append((time.perf_counter(), 0))
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            from torch._dynamo.utils import counters
-
-            # Synchronise only at the two marks the rate is taken between (the end of the
-            # untimed steps and the last step): a sync every step would idle the GPU each
-            # step, which a real run does not, and cost the faster side more.
-            if cuda and (sync_every_step or state.global_step in (skip, state.max_steps)):
-                torch.cuda.synchronize()
-            tokens = trained_tokens(trainer_ref["trainer"])
-            self.marks.append((time.perf_counter(), tokens))
-            # Graphs dynamo has compiled so far: flat after step 1 means no recompiles.
-            self.graphs.append(int(counters["stats"]["unique_graphs"]))
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    return Meter()
 
 
 def make_profiler(start_step: int, steps: int, report: Path) -> Any:
@@ -510,18 +462,6 @@ def run_side(
     return result
 
 
-def cap_gpu_memory(gib: float) -> None:
-    import os
-
-    import torch
-    from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
-
-    os.environ[ENV_MEMORY_GIB] = str(gib)
-    if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total))
-
-
 def main(argv: list[str] | None = None) -> int:
     import subprocess
 
@@ -531,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         big = [sys.executable, "-m", "sftjob_bench.big", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.call(big)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=sorted(CASES), required=True)
+    parser.add_argument("--case", choices=sorted(CASES) + sorted(E2E_CASES), required=True)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument(
         "--skip", type=int, default=None, help="steps not timed (default 5; 1 on CPU)"
@@ -580,10 +520,41 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON object of SFTConfig settings for the sftjob side only (spec.training."
         'extraArgs), e.g. \'{"torch_compile_mode": "reduce-overhead"}\'',
     )
+    parser.add_argument(
+        "--side-gpus",
+        default=None,
+        help="end-to-end cases: run the sides at once, each on its own GPU (e.g. 0,1)",
+    )
+    parser.add_argument(
+        "--max-steps-reference",
+        type=int,
+        default=0,
+        help="end-to-end cases: stop the reference side after N steps and extrapolate its "
+        "whole job from its own step time (for a device call too short for all of it)",
+    )
+    parser.add_argument(
+        "--sftjob-output",
+        default="sftjob",
+        help="end-to-end cases: the sftjob side's output folder under the workdir (another "
+        "name is another job: inductor's kernels there start cold, the shared compile "
+        "cache under $HF_HOME is what a warm start then uses)",
+    )
     args = parser.parse_args(argv)
-    if args.memory_gib:
+    if args.memory_gib and args.case not in E2E_CASES:
         cap_gpu_memory(args.memory_gib)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    if args.case in E2E_CASES:
+        if args.memory_gib:  # each side's process caps itself; this one leaves the GPU alone
+            os.environ[e2e.ENV_MEMORY_GIB] = str(
+                args.memory_gib
+            )  # each side in its own process, from start to model saved
+        sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+        gpus = args.side_gpus.split(",") if args.side_gpus else None
+        if gpus is not None and len(gpus) != len(sides):
+            parser.error("--side-gpus needs one GPU per side")
+        work = args.workdir or Path(tempfile.mkdtemp(prefix=f"sftjob-bench-{args.case}-"))
+        e2e.run(args.case, sides, work, gpus, args.max_steps_reference, args.sftjob_output)
+        return 0
     case = CASES[args.case]
     skip = args.skip if args.skip is not None else (1 if case.name == "cpu-smoke" else 5)
     if args.steps <= skip:

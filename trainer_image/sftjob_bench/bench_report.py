@@ -8,7 +8,13 @@ both sides step by step with their relative difference. Figures are copied from 
 JSON, never retyped, so the document matches what was measured.
 
 --check also judges each file by issue 7's "Done when" (see `acceptance`), prints a
-PASS/FAIL line per criterion, and exits 1 if any fails.
+PASS/FAIL line per criterion, and exits 1 if any fails. `--check --goals 24` judges issue
+24's goals over all the files given together instead (see `goals_24`): the end-to-end
+reference job (`--case reference-job`), a warm start, and the steady-state full and LoRA
+runs.
+
+End-to-end lines (`"kind": "end_to_end"`, from `--case reference-job`) also get a table
+of their whole-job figures: wall time, phases, tokens/s over the whole run.
 """
 
 from __future__ import annotations
@@ -85,6 +91,38 @@ def loss_table(reference: list[float], ours: list[float], every: int = 1) -> tup
     return "\n".join(rows), worst
 
 
+PHASES = ("startup_s", "model_load_s", "data_preparation_s", "first_step_s", "training_s", "save_s")
+
+
+def whole_job(side: dict[str, Any]) -> tuple[float, float, str]:
+    """wall_s and tokens/s of the whole job; a capped side's extrapolated figures, marked."""
+    extrapolated = side.get("extrapolated") or {}
+    if extrapolated:
+        return extrapolated["wall_s"], extrapolated["tokens_per_s_e2e"], " (extrapolated)"
+    return side["wall_s"], side["tokens_per_s_e2e"], ""
+
+
+def end_to_end_table(sides: dict[str, dict[str, Any]]) -> str:
+    """Whole-job figures per side: each side its own process, start to model saved."""
+    reference = sides.get("reference")
+    rows = [
+        "| side | wall s | startup | model load | data prep | first step | training | save "
+        "| model loaded to 1st step | tokens/s whole job | speed-up whole job |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, side in sides.items():
+        wall, rate, note = whole_job(side)
+        speedup = "n/a"
+        if reference is not None:
+            speedup = f"{whole_job(reference)[0] / wall:.2f}x"
+        phases = " | ".join(f"{side['phases'][key]:.1f}" for key in PHASES)
+        rows.append(
+            f"| {name} | {wall:.1f}{note} | {phases} | {side['model_loaded_to_first_step_s']:.1f} "
+            f"| {rate:,.0f}{note} | {speedup} |"
+        )
+    return "\n".join(rows)
+
+
 def report(lines: list[dict[str, Any]], title: str = "") -> str:
     sides = {line["side"]: line for line in lines if "side" in line}
     checks = [line for line in lines if line.get("check") == "packed_isolation"]
@@ -96,6 +134,8 @@ def report(lines: list[dict[str, Any]], title: str = "") -> str:
             f"{first['settings']['steps']} steps, {first['settings']['timed_steps']} timed."
         )
         out += ["", side_table(sides)]
+        if all(side.get("kind") == "end_to_end" for side in sides.values()):
+            out += ["", "End to end (each side its own process):", "", end_to_end_table(sides)]
     if "reference" in sides and "sftjob" in sides:
         reference, ours = sides["reference"], sides["sftjob"]
         every = int(reference.get("settings", {}).get("logging_steps") or 1)
@@ -179,14 +219,143 @@ def acceptance(lines: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
     return results
 
 
+# Issue 24's goals (same run, same card; ratios).
+END_TO_END_REQUIRED = 3.0  # the reference job, whole job, against the seed's snippet
+STEADY_REQUIRED_24 = {"full": 4.5, "lora": 6.0}
+WARM_START_MAX_S = 20.0  # model loaded to the first optimizer step, compile cache warm
+
+
+def _sides(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {line["side"]: line for line in lines if "side" in line}
+
+
+# A capped reference's extrapolated tokens against the other side's (whole packed rows).
+EXTRAPOLATED_TOKENS_AGREEMENT = 0.02
+
+
+def _same_data(reference: dict[str, Any], ours: dict[str, Any]) -> tuple[bool, str]:
+    """The same tokens trained on; for a capped reference, the same packed rows and its
+    extrapolated tokens within 2% of the other side's."""
+    if not reference.get("extrapolated"):
+        same = reference.get("tokens_total") == ours.get("tokens_total")
+        return same, f"{reference.get('tokens_total')} and {ours.get('tokens_total')} tokens"
+    rows = (reference["settings"].get("packed_rows"), ours["settings"].get("packed_rows"))
+    tokens = reference["extrapolated"]["tokens_total"]
+    off = abs(tokens - ours["tokens_total"]) / ours["tokens_total"]
+    return rows[0] == rows[1] and off <= EXTRAPOLATED_TOKENS_AGREEMENT, (
+        f"packed rows {rows[0]} and {rows[1]}; extrapolated {tokens} against "
+        f"{ours['tokens_total']} tokens"
+    )
+
+
+def _pair_checks(name: str, reference: dict[str, Any], ours: dict[str, Any]) -> list:
+    """Same card, same data and the losses within 1% at every log, for one pair (a capped
+    reference: at every log it made)."""
+    capped = bool(reference.get("extrapolated"))
+    theirs = ours["losses"][: len(reference["losses"])] if capped else ours["losses"]
+    _, worst = loss_table(reference["losses"], theirs)
+    cards = (reference["settings"]["device"], ours["settings"]["device"])
+    same, detail = _same_data(reference, ours)
+    return [
+        (f"{name}: same card on both sides", cards[0] == cards[1], " and ".join(cards)),
+        (f"{name}: same data on both sides", same, detail),
+        (
+            f"{name}: losses agree within {LOSS_AGREEMENT:.0%} at every log",
+            bool(reference["losses"])
+            and len(reference["losses"]) == len(theirs)
+            and worst <= LOSS_AGREEMENT,
+            f"largest relative difference {worst:.1e} over {len(theirs)} logs"
+            + (" (the capped reference's)" if capped else ""),
+        ),
+    ]
+
+
+def goals_24(files: dict[str, list[dict[str, Any]]]) -> list[tuple[str, bool, str]]:
+    """Issue 24's goals, judged over all the files of a measurement together.
+
+    A goal no file measures fails ("not measured"): a check passes only on evidence.
+    A capped reference side is judged by its extrapolated whole job, and says so.
+    """
+    results: list[tuple[str, bool, str]] = []
+    end_to_end = steady_seen = 0
+    warm: list[tuple[str, float]] = []
+    for name, lines in files.items():
+        sides = _sides(lines)
+        ours = sides.get("sftjob")
+        warm_run = (ours or {}).get("compile_cache") or {}
+        if ours is not None and ours.get("kind") == "end_to_end" and warm_run.get("warm"):
+            warm.append((name, float(ours["model_loaded_to_first_step_s"])))
+        if "reference" not in sides or ours is None:
+            continue
+        reference = sides["reference"]
+        results += _pair_checks(name, reference, ours)
+        if ours.get("kind") == "end_to_end":
+            end_to_end += 1
+            (base, _, note), (wall, _, _) = whole_job(reference), whole_job(ours)
+            speedup = base / wall
+            results.append(
+                (
+                    f"{name}: whole job at least {END_TO_END_REQUIRED}x the snippet",
+                    speedup >= END_TO_END_REQUIRED,
+                    f"{speedup:.2f}x ({base:.1f} s{note} against {wall:.1f} s)",
+                )
+            )
+            continue
+        required = STEADY_REQUIRED_24.get(str(ours["case"]))
+        if required is not None:
+            steady_seen += 1
+            rate, base_rate = ours.get("tokens_per_s"), reference.get("tokens_per_s")
+            speedup = rate / base_rate if rate and base_rate else 0.0
+            results.append(
+                (
+                    f"{name}: steady state at least {required}x ({ours['case']})",
+                    speedup >= required,
+                    f"{speedup:.2f}x",
+                )
+            )
+    if not end_to_end:
+        results.append(("end to end: the reference job measured", False, "not measured"))
+    if not steady_seen:
+        results.append(("steady state: full or LoRA measured", False, "not measured"))
+    if warm:
+        worst_name, worst = max(warm, key=lambda item: item[1])
+        results.append(
+            (
+                f"warm start: model loaded to first step within {WARM_START_MAX_S:.0f} s",
+                worst <= WARM_START_MAX_S,
+                f"{worst:.1f} s ({worst_name}; {len(warm)} warm runs)",
+            )
+        )
+    else:
+        results.append(("warm start measured (compile cache warm)", False, "not measured"))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     check = "--check" in args
+    goals = None
+    if "--goals" in args:
+        at = args.index("--goals")
+        goals = args[at + 1] if at + 1 < len(args) else ""
+        del args[at : at + 2]
+        if goals != "24":
+            print("--goals: only 24 is known", file=sys.stderr)
+            return 2
     paths = [Path(p) for p in args if p != "--check"]
     if not paths:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     failed = False
+    if goals == "24":
+        files = {path.stem: read_lines(path) for path in paths}
+        for name, lines in files.items():
+            print(report(lines, title=name))
+        if check:
+            for criterion, passed, detail in goals_24(files):
+                failed = failed or not passed
+                print(f"{'PASS' if passed else 'FAIL'} {criterion} ({detail})")
+        return 1 if failed else 0
     for path in paths:
         lines = read_lines(path)
         print(report(lines, title=path.stem))

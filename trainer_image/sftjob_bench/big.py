@@ -53,8 +53,8 @@ from typing import Any
 from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
 from sftjob_trainer.step_log import ENV_STEP_LOG, read_step_log
 
-from .bench import PEAK_FLOPS, QWEN25_15B, TINY
 from .big_cases import BIG_CASES, BigCase
+from .common import PEAK_FLOPS, QWEN25_15B, TINY
 
 # meta-llama/Meta-Llama-3-8B's config.json.
 LLAMA3_8B = {

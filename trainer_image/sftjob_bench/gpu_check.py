@@ -41,46 +41,12 @@ from sftjob_trainer.config_map import CHECKPOINT_DIR, FINAL_DIR
 from sftjob_trainer.flops import PEAK_FLOPS
 from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
 from sftjob_trainer.progress import PROGRESS_FILE
-from sftjob_trainer.tiny import build_tokenizer
 from sftjob_trainer.train import newest_checkpoint
 
-from .bench import QWEN25_15B
-from .bench import TINY as SMOKE_SHAPE
+from .common import QWEN25_15B, build_model, word
+from .common import TINY as SMOKE_SHAPE
 
 H100_BF16_PEAK_FLOPS = PEAK_FLOPS["H100"]
-SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "po", "qu", "xe", "da", "fi"]
-
-
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))
-
-
-def build_model(path: Path, shape: dict[str, Any], seed: int = 0, model_type: str = "qwen2") -> int:
-    """Tokenizer + random-init Qwen2.5-1.5B-shaped model in bf16; returns the parameter count.
-
-    `model_type` "llama" builds a Llama of the shape instead (the 8B cases, sftjob_bench.big).
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    rng = random.Random(seed)
-    corpus = [" ".join(_word(rng) for _ in range(40)) for _ in range(2000)]
-    tokenizer = build_tokenizer(path, corpus, vocab_size=2000, max_length=32768)
-    llama = model_type == "llama"
-    config = (LlamaConfig if llama else Qwen2Config)(
-        **shape,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = (LlamaForCausalLM if llama else Qwen2ForCausalLM)(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    count = int(sum(p.numel() for p in model.parameters()))
-    del model
-    return count
 
 
 def write_rows(path: Path, rows: int, seed: int = 1) -> None:
@@ -89,7 +55,7 @@ def write_rows(path: Path, rows: int, seed: int = 1) -> None:
     with path.open("w") as out:
         for _ in range(rows):
             words = max(8, int(rng.lognormvariate(math.log(220), 0.6)))
-            out.write(json.dumps({"text": " ".join(_word(rng) for _ in range(words))}) + "\n")
+            out.write(json.dumps({"text": " ".join(word(rng) for _ in range(words))}) + "\n")
 
 
 def logged_losses(checkpoints: Path) -> dict[str, float]:

@@ -207,6 +207,8 @@ def turned_off(opt: SpeedOptions, preset: str, failed: Mapping[str, str]) -> dic
 class SpeedPlan:
     choices: tuple[Choice, ...]
     preset: Preset = "default"
+    # The job's output folder, where the compile lever keeps its cache (plan_speed sets it).
+    output_dir: str | None = None
 
     def sft_kwargs(self, valid_fields: list[str] | None = None) -> dict[str, Any]:
         """SFTConfig overrides; checkpointing under the name this transformers uses."""
@@ -475,6 +477,7 @@ def plan_speed(config: Any) -> SpeedPlan:
         functools.partial(decide, options, hardware, job, model_shape(spec.model), preset=preset),
         lambda levers: self_checks(options, device, levers),
     )
+    plan = dataclasses.replace(plan, output_dir=str(config.resolved["outputPath"]))
     plan.log()
     if plan.on(compile_model.SWITCH):
         # Before anything asks inductor for its cache: the first ask pins the /tmp default.
@@ -491,4 +494,10 @@ def speed_plan_status(trainer: Any) -> dict[str, Any] | None:
         return None
     config = getattr(trainer.model, "config", None)
     attention = getattr(config, "_attn_implementation", None)
-    return plan.status(trainer.args, str(attention) if attention else None)
+    status = plan.status(trainer.args, str(attention) if attention else None)
+    cache = getattr(trainer, "sftjob_compile_cache", None)
+    if cache is not None:  # warm or cold, said first so the bound on a reason keeps it
+        for lever in status["levers"]:
+            if lever["name"] == compile_model.SWITCH:
+                lever["reason"] = shortened(f"{cache.describe()}; {lever['reason']}", MAX_REASON)
+    return status

@@ -213,8 +213,42 @@ def block_mask_in_graph() -> None:
     interface.register("flex_attention", flex_mask)
 
 
+ENV_COMPILE_CACHE = "SFTJOB_COMPILE_CACHE"
+ENV_COMPILE_REGIONS = "SFTJOB_COMPILE_REGIONS"
+
+
+def compile_regions(trainer: Any) -> bool:
+    """Compile each repeated block (decoder layer) once instead of the whole model.
+
+    accelerate (>= 1.7) compiles the model when the Trainer prepares it, inside train();
+    its plugin's `use_regional_compilation` makes that `compile_regions`: every repeated
+    block of the model is compiled and the copies share one compiled graph, so a model of
+    28 layers compiles one layer, not 28 inlined ones (on CPU, a 4-layer Qwen2: 10.5 s
+    against 41.2 s, the same loss to the bit and gradients within 3e-8). What runs
+    between the blocks (embedding, final norm, LM head and loss) runs eagerly. An option
+    for measurement ($SFTJOB_COMPILE_REGIONS=on) until the GPU says what it costs.
+    """
+    plugin = getattr(getattr(trainer.accelerator, "state", None), "dynamo_plugin", None)
+    if plugin is None or not hasattr(plugin, "use_regional_compilation"):
+        log.warning("speed compile: regional compilation needs accelerate >= 1.7; whole model")
+        return False
+    plugin.use_regional_compilation = True
+    return True
+
+
 def apply(trainer: Any, plan: Plan) -> str | None:
-    """Static batches where the plan pads them (nothing to log: the choice said it)."""
+    """Static batches where the plan pads them, regional compilation when asked, and the
+    compile cache (compile_cache.py)."""
     if plan.static_length is not None:
         use_static_batches(trainer, plan.static_length)
-    return None
+    notes = []
+    if os.environ.get(ENV_COMPILE_REGIONS, "").lower() == "on" and compile_regions(trainer):
+        notes.append("regional compilation (each repeated block compiled once)")
+    output = getattr(plan, "output_dir", None)
+    if output and os.environ.get(ENV_COMPILE_CACHE, "").lower() != "off":
+        from .compile_cache import use_compile_cache
+
+        notes.append(
+            use_compile_cache(trainer, getattr(plan, "summary", dict)(), output).describe()
+        )
+    return "; ".join(notes) or None

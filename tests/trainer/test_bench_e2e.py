@@ -1,0 +1,211 @@
+"""The end-to-end bench (each side its own process, start to model saved) on CPU, and the
+issue-24 goals `bench_report --check --goals 24` judges."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from sftjob_bench.bench_report import PHASES, goals_24, main, report
+
+
+def run_bench(work: Path, *extra: str) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "sftjob_bench.bench", "--case", "reference-job-cpu-smoke"]
+        + ["--workdir", str(work), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
+    lines = run_bench(tmp_path)
+    inputs = lines[0]["inputs"]
+    sides = {line["side"]: line for line in lines[1:]}
+    assert list(sides) == ["reference", "sftjob"]
+    data = inputs["data"]
+    assert data["rows"] == 160 and "Capybara" in data["source"]
+    for name, side in sides.items():
+        assert side["kind"] == "end_to_end" and side["case"] == "reference-job-cpu-smoke"
+        phases = side["phases"]
+        assert set(phases) == set(PHASES)
+        assert all(value >= 0 for value in phases.values()), phases
+        # The parent's clock runs from before the process started to after it ended.
+        assert side["wall_s"] >= sum(phases.values()) > 0
+        assert side["wall_s"] >= side["saved_at_s"] >= sum(phases.values()) - 0.05
+        assert phases["startup_s"] > 0.5  # a fresh interpreter imports torch, not a warm one
+        assert 0 < side["model_loaded_to_first_step_s"] <= side["wall_s"]
+        assert math.isclose(
+            side["tokens_per_s_e2e"], side["tokens_total"] / side["wall_s"], rel_tol=1e-2
+        )
+        assert side["tokens_per_s"] > 0  # the steady rate beside it (no timing claim on CPU)
+        settings = side["settings"]
+        assert (settings["per_device"], settings["accumulation"]) == (2, 8)
+        assert settings["learning_rate"] == 2e-4 and settings["lr_scheduler_type"] == "linear"
+        assert settings["steps"] == settings["planned_steps"] == settings["planned_steps_uncapped"]
+        assert settings["planned_tokens_uncapped"] == side["tokens_total"]  # the basis it prices
+        assert settings["steps"] == math.ceil(settings["packed_rows"] / 16)  # one epoch
+        assert settings["steps"] >= 3 and len(side["losses"]) == settings["steps"]
+        assert (tmp_path / name / "final" / "model.safetensors").is_file()
+        assert "extrapolated" not in side
+    ref, ours = sides["reference"], sides["sftjob"]
+    # The same rows, tokenized and packed by each side: the same tokens (each row + EOS).
+    assert ref["tokens_total"] == ours["tokens_total"]
+    assert data["tokens_total"] < ours["tokens_total"] <= data["tokens_total"] + data["rows"]
+    assert ref["settings"]["packed_rows"] == ours["settings"]["packed_rows"]
+    # TRL's defaults where the snippet is silent: checkpointing on, no compile on CPU.
+    assert ref["settings"]["gradient_checkpointing"] and ref["settings"]["speed"] is None
+    assert ours["settings"]["speed"]["compile"]["on"] is False
+    assert ours["compile_cache"] == {
+        "dir": str(tmp_path / "sftjob" / ".sftjob-cache"),
+        "files_before": 0,
+        "warm": False,
+        "artifacts": None,  # compile off on CPU: no cache in use
+    }
+    # The CPU default plan turns every changing lever off: the curves are the same.
+    for a, b in zip(ref["losses"], ours["losses"], strict=True):
+        assert abs(a - b) <= 1e-6 * abs(a)
+    text = report(lines)
+    assert "End to end (each side its own process):" in text
+    assert f"| reference | {ref['wall_s']:.1f} |" in text
+
+
+def test_capped_reference_is_extrapolated_from_its_own_steps(tmp_path) -> None:
+    lines = run_bench(tmp_path, "--sides", "reference", "--max-steps-reference", "2")
+    (side,) = lines[1:]
+    settings = side["settings"]
+    assert settings["steps"] == 2 < settings["planned_steps_uncapped"]
+    guess = side["extrapolated"]
+    # The job's tokens (its packed rows, one epoch here) that the cap left untrained,
+    # priced at the reference's own steady rate.
+    missing = settings["planned_tokens_uncapped"] - side["tokens_total"]
+    assert missing > 0 and guess["tokens_total"] == settings["planned_tokens_uncapped"]
+    assert guess["steps"] == settings["planned_steps_uncapped"]
+    wall = side["wall_s"] + missing / side["tokens_per_s"]
+    assert math.isclose(guess["wall_s"], wall, abs_tol=0.1)
+    assert f"{missing} tokens of " in guess["method"]
+    assert "(extrapolated)" in report(lines)
+
+
+def e2e_pair() -> dict[str, list[dict[str, Any]]]:
+    """A made-up end-to-end file: sftjob's whole job 3.2x faster, losses equal, warm."""
+
+    def side(name: str, wall: float, first_step: float) -> dict[str, Any]:
+        return {
+            "side": name,
+            "case": "reference-job",
+            "kind": "end_to_end",
+            "tokens_per_s": 50_000.0 if name == "sftjob" else 12_000.0,
+            "tokens_total": 3_000_000,
+            "losses": [12.0, 10.0, 9.0],
+            "wall_s": wall,
+            "tokens_per_s_e2e": 3_000_000 / wall,
+            "phases": dict.fromkeys(PHASES, 1.0),
+            "model_loaded_to_first_step_s": first_step,
+            "untimed_s": 10.0,
+            "settings": {
+                "device": "NVIDIA H100 80GB HBM3",
+                "per_device": 2,
+                "accumulation": 8,
+                "gradient_checkpointing": name == "reference",
+                "attn_implementation": "sdpa",
+                "steps": 99,
+                "timed_steps": 94,
+                "logging_steps": 10,
+            },
+        }
+
+    ours = side("sftjob", 100.0, 15.0)
+    ours["compile_cache"] = {"warm": True}
+    steady = [
+        {**side("reference", 1, 0), "case": "full", "kind": None, "tokens_per_s": 10_000.0},
+        {**side("sftjob", 1, 0), "case": "full", "kind": None, "tokens_per_s": 46_000.0},
+    ]
+    return {"e2e": [side("reference", 320.0, 5.0), ours], "full": steady}
+
+
+def failing(files: dict[str, list[dict[str, Any]]]) -> list[str]:
+    return [criterion for criterion, passed, _ in goals_24(files) if not passed]
+
+
+def test_goals_24_pass_on_evidence_and_fail_without(tmp_path) -> None:
+    good = e2e_pair()
+    assert failing(good) == []
+    paths = []
+    for name, lines in good.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps(line) for line in lines))
+        paths.append(str(path))
+    assert main(["--check", "--goals", "24", *paths]) == 0
+    assert main(["--check", "--goals", "24", paths[0]]) == 1  # no steady-state file
+    assert main(["--check", "--goals", "7", *paths]) == 2
+
+    def variant(change) -> dict[str, list[dict[str, Any]]]:
+        files = copy.deepcopy(good)
+        change(files)
+        return files
+
+    def slower(files) -> None:  # 2.9x over the whole job
+        files["e2e"][1]["wall_s"] = 320.0 / 2.9
+
+    def cold(files) -> None:
+        files["e2e"][1]["model_loaded_to_first_step_s"] = 21.0
+
+    def drifting(files) -> None:
+        files["e2e"][1]["losses"][2] *= 1.011
+
+    def other_card(files) -> None:
+        files["e2e"][0]["settings"]["device"] = "NVIDIA H200"
+
+    def steady_short(files) -> None:
+        files["full"][1]["tokens_per_s"] = 44_000.0
+
+    assert failing(variant(slower)) == ["e2e: whole job at least 3.0x the snippet"]
+    assert failing(variant(cold)) == ["warm start: model loaded to first step within 20 s"]
+    assert failing(variant(drifting)) == ["e2e: losses agree within 1% at every log"]
+    assert failing(variant(other_card)) == ["e2e: same card on both sides"]
+    assert failing(variant(steady_short)) == ["full: steady state at least 4.5x (full)"]
+    no_warm = variant(lambda files: files["e2e"][1].update(compile_cache={"warm": False}))
+    assert failing(no_warm) == ["warm start measured (compile cache warm)"]
+    assert failing({"full": good["full"]}) == [
+        "end to end: the reference job measured",
+        "warm start measured (compile cache warm)",
+    ]
+    # LoRA's own bar is 6x.
+    lora = variant(lambda files: [line.update(case="lora") for line in files["full"]])
+    assert failing(lora) == ["full: steady state at least 6.0x (lora)"]
+
+
+def test_goals_24_judge_a_capped_reference_by_its_extrapolated_job() -> None:
+    files = e2e_pair()
+    reference = files["e2e"][0]
+    reference["wall_s"] = 200.0  # stopped early, after 40 of 99 steps...
+    reference["tokens_total"] = 1_200_000
+    reference["losses"] = [12.0, 10.0]  # its logs, a prefix of the other side's
+    reference["extrapolated"] = {
+        "wall_s": 330.0,
+        "tokens_per_s_e2e": 9000.0,
+        "tokens_total": 3_010_000,
+    }
+    for side in files["e2e"]:
+        side["settings"]["packed_rows"] = 1500
+    verdicts = {criterion: detail for criterion, _, detail in goals_24(files)}
+    assert "(extrapolated)" in verdicts["e2e: whole job at least 3.0x the snippet"]
+    assert failing(files) == []
+    assert "(the capped reference's)" in verdicts["e2e: losses agree within 1% at every log"]
+    reference["extrapolated"]["wall_s"] = 250.0
+    assert failing(files) == ["e2e: whole job at least 3.0x the snippet"]
+    reference["extrapolated"]["wall_s"] = 330.0
+    reference["extrapolated"]["tokens_total"] = 2_900_000  # 3.3% short: not the same data
+    assert failing(files) == ["e2e: same data on both sides"]
+    reference["extrapolated"]["tokens_total"] = 3_010_000
+    reference["losses"][1] *= 1.02
+    assert failing(files) == ["e2e: losses agree within 1% at every log"]

@@ -1,0 +1,189 @@
+"""The compile cache that outlives the pod (levers/compile_cache.py), on CPU with inductor."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+from sftjob_trainer.levers.compile_cache import (
+    OUTPUT_CACHE,
+    SHARED_CACHE,
+    CompileCache,
+    cache_dirs,
+    cache_key,
+    key_facts,
+)
+
+
+def sftjob_run(work: Path, hf_home: Path, **more_env: str) -> dict[str, Any]:
+    """The bench's sftjob side of the CPU reference job, compiled, in a fresh process."""
+    env = {**os.environ, "HF_HOME": str(hf_home), "SFTJOB_SPEED": json.dumps({"compile": "on"})}
+    env.update(more_env)
+    # Each job's inductor cache in its own output folder (an earlier test in this process
+    # may have pinned one for every child through the environment).
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "sftjob_bench.bench", "--case", "reference-job-cpu-smoke"]
+        + ["--sides", "sftjob", "--workdir", str(work)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"side"')]
+    line["stderr"] = done.stderr
+    return line
+
+
+def test_a_second_job_of_the_same_shape_loads_the_first_ones_kernels(tmp_path) -> None:
+    shared = tmp_path / "model-cache"
+    first = sftjob_run(tmp_path / "job1", shared)
+    cache = first["compile_cache"]["artifacts"]
+    assert first["settings"]["torch_compile"] and not first["compile_cache"]["warm"]
+    assert cache["loaded_from"] is None and cache["saved_artifacts"] > 0
+    assert cache["hits"]["fxgraph_hit"] == 0 and cache["hits"]["fxgraph_miss"] > 0
+    blob = f"{cache['key']}.torch-artifacts"
+    # Kept with the output and on the shared model-cache volume.
+    assert (tmp_path / "job1" / "sftjob" / OUTPUT_CACHE / blob).is_file()
+    assert (shared / SHARED_CACHE / blob).is_file()
+    assert "compile cache cold" in first["stderr"]
+
+    # Another job (its own output folder, so inductor's own cache there is empty).
+    second = sftjob_run(tmp_path / "job2", shared)
+    warm = second["compile_cache"]["artifacts"]
+    assert second["compile_cache"]["files_before"] == 0 and second["compile_cache"]["warm"]
+    assert warm["key"] == cache["key"]
+    assert warm["loaded_from"] == str(shared / SHARED_CACHE / blob)
+    assert warm["loaded_artifacts"] == cache["saved_artifacts"]
+    # Every graph came from the cache: nothing compiled again.
+    assert warm["hits"]["fxgraph_miss"] == 0 and warm["hits"]["fxgraph_hit"] > 0
+    assert warm["hits"]["autograd_miss"] == 0 and warm["hits"]["autograd_hit"] > 0
+    assert "compile cache warm" in second["stderr"]
+    assert second["losses"] == first["losses"]
+
+
+def fake_trainer(**config: Any) -> Any:
+    from transformers import Qwen2Config
+
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, **config}
+    args = types.SimpleNamespace(
+        per_device_train_batch_size=2,
+        max_length=256,
+        pad_to_multiple_of=512,
+        bf16=False,
+        gradient_checkpointing=True,
+        world_size=1,
+    )
+    model = types.SimpleNamespace(config=Qwen2Config(**shape))
+    return types.SimpleNamespace(model=model, args=args)
+
+
+def test_the_key_follows_what_decides_the_kernels() -> None:
+    levers = {
+        "compile": {"on": True, "reason": "x"},
+        "rotaryTablesOnce": {"on": False, "reason": "y"},
+    }
+    base = cache_key(key_facts(fake_trainer(), levers))
+    assert base == cache_key(key_facts(fake_trainer(), levers))
+    # The model's path is not a kernel fact: the same shape elsewhere shares the kernels.
+    moved = fake_trainer()
+    moved.model.config._name_or_path = "/elsewhere"
+    assert cache_key(key_facts(moved, levers)) == base
+    assert cache_key(key_facts(fake_trainer(num_hidden_layers=3), levers)) != base
+    assert cache_key(key_facts(fake_trainer(hidden_size=128), levers)) != base
+    wider = fake_trainer()
+    wider.args.per_device_train_batch_size = 4
+    assert cache_key(key_facts(wider, levers)) != base
+    other_plan = {**levers, "rotaryTablesOnce": {"on": True, "reason": "y"}}
+    assert cache_key(key_facts(fake_trainer(), other_plan)) != base
+
+
+def test_another_keys_artifacts_are_never_loaded(tmp_path) -> None:
+    (tmp_path / "k1.torch-artifacts").write_bytes(b"artifacts of another shape")
+    cache = CompileCache("k2", [tmp_path])
+    assert cache.load() is False
+    assert cache.summary()["warm"] is False and cache.loaded_artifacts == 0
+
+
+def test_a_corrupt_blob_is_a_warning_and_a_cold_start(tmp_path, caplog) -> None:
+    output, shared = tmp_path / "out", tmp_path / "shared"
+    output.mkdir()
+    shared.mkdir()
+    (output / "k.torch-artifacts").write_bytes(b"\x00torn write")
+    cache = CompileCache("k", [output, shared])
+    with caplog.at_level(logging.WARNING, logger="sftjob_trainer.speed"):
+        assert cache.load() is False
+    assert any("unreadable, ignored" in r.message for r in caplog.records)
+    assert cache.notes and "torn" not in cache.describe() and "cold" in cache.describe()
+    # Saving replaces the torn file with what this process compiled (nothing, when this
+    # test runs alone), never raising.
+    written = cache.save()
+    assert written >= 0 and (written == 0 or CompileCache("k", [output]).load())
+
+
+def test_the_scratch_hf_home_is_not_a_shared_cache(tmp_path) -> None:
+    assert cache_dirs("/out", {}) == [Path("/out") / OUTPUT_CACHE]
+    assert cache_dirs("/out", {"HF_HOME": "/tmp/hf-home"}) == [Path("/out") / OUTPUT_CACHE]
+    assert cache_dirs("/out", {"HF_HOME": "/models"}) == [
+        Path("/out") / OUTPUT_CACHE,
+        Path("/models") / SHARED_CACHE,
+    ]
+
+
+def test_status_speed_plan_says_whether_the_cache_was_warm() -> None:
+    from sftjob_trainer.speed import (
+        Hardware,
+        Job,
+        SpeedOptions,
+        decide,
+        speed_plan_status,
+    )
+
+    job = Job(
+        method="full",
+        per_device=2,
+        accumulation=8,
+        max_length=256,
+        padding_free=True,
+        checkpointing=True,
+        bf16=False,
+    )
+    plan = decide(SpeedOptions(compile="on"), Hardware(cuda=False, memory_gib=8.0), job, None)
+    trainer = fake_trainer()
+    trainer.args.torch_compile = True
+    trainer.args.gradient_accumulation_steps = 8
+    trainer.model.config._attn_implementation = "sdpa"
+    trainer.sftjob_speed_plan = plan
+    reason = {lever["name"]: lever["reason"] for lever in speed_plan_status(trainer)["levers"]}
+    assert not reason["compile"].startswith("compile cache")  # no cache in use: as before
+    cache = CompileCache("0123456789abcdef", [])
+    trainer.sftjob_compile_cache = cache
+    reason = {lever["name"]: lever["reason"] for lever in speed_plan_status(trainer)["levers"]}
+    assert reason["compile"].startswith("compile cache cold (key 01234567; saved after")
+    cache.loaded_from, cache.loaded_artifacts = "/models/x", 8
+    reason = {lever["name"]: lever["reason"] for lever in speed_plan_status(trainer)["levers"]}
+    assert reason["compile"].startswith("compile cache warm (8 artifacts, key 01234567)")
+    assert len(reason["compile"]) <= 256
+
+
+def test_regional_compilation_keeps_the_losses_to_the_bit(tmp_path) -> None:
+    # compile_model.compile_regions: each decoder layer compiled once, through accelerate.
+    whole = sftjob_run(tmp_path / "whole", tmp_path / "shared")
+    regional = sftjob_run(tmp_path / "regional", tmp_path / "shared", SFTJOB_COMPILE_REGIONS="on")
+    assert "regional compilation (each repeated block compiled once)" in regional["stderr"]
+    assert "regional compilation" not in whole["stderr"]
+    assert regional["settings"]["torch_compile"]
+    assert regional["losses"] == whole["losses"] and len(whole["losses"]) >= 3
+    # Another graph set: its own key, so neither loads the other's artifacts.
+    assert (
+        regional["compile_cache"]["artifacts"]["key"] != whole["compile_cache"]["artifacts"]["key"]
+    )
+    assert regional["compile_cache"]["artifacts"]["loaded_from"] is None
+    assert regional["compile_cache"]["artifacts"]["hits"]["fxgraph_miss"] > 0
