@@ -57,11 +57,27 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
         time.sleep(interval)
 
 
+# Where free_port looks: above the local node's rendezvous ports (trainer_config.main_port,
+# 20000-29999) and below Linux's ephemeral range (32768-60999). A port handed out by the
+# kernel (bind to 0) is in the ephemeral range, where any outgoing connection made before
+# the operator binds it (kubectl, the pods) may take it as its own local port: the
+# operator's metrics server then cannot listen there.
+LISTEN_PORTS = range(30000, 32768)
+
+
 def free_port() -> int:
-    """A port free on this host now (the operator binds it a moment later)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A port free on this host now that no outgoing connection will take before the
+    operator binds it a moment later."""
+    import random
+
+    for port in random.sample(LISTEN_PORTS, len(LISTEN_PORTS)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {LISTEN_PORTS}")
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
