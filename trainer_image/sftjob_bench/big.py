@@ -54,7 +54,7 @@ from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
 from sftjob_trainer.step_log import ENV_STEP_LOG, read_step_log
 
 from .big_cases import BIG_CASES, BigCase
-from .common import PEAK_FLOPS, QWEN25_15B, TINY
+from .common import PEAK_FLOPS, QWEN25_15B, TINY, tiny_of
 
 # meta-llama/Meta-Llama-3-8B's config.json.
 LLAMA3_8B = {
@@ -71,15 +71,7 @@ LLAMA3_8B = {
 }
 # Its model card's count (8.03 B), what the shape must come to.
 LLAMA3_8B_PARAMS = 8_030_261_248
-TINY_LLAMA = {
-    **LLAMA3_8B,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 2048,
-}
+TINY_LLAMA = tiny_of(LLAMA3_8B)
 SHAPES = {"LLAMA3_8B": LLAMA3_8B, "TINY_LLAMA": TINY_LLAMA, "QWEN25_15B": QWEN25_15B, "TINY": TINY}
 # The SFTJob's LoRA defaults (api.LoraSpec), which both sides use.
 LORA_DEFAULTS: dict[str, Any] = {

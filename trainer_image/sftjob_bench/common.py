@@ -26,15 +26,22 @@ QWEN25_15B = {
     "rope_theta": 1_000_000.0,
     "tie_word_embeddings": True,
 }
-TINY = {
-    **QWEN25_15B,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 2048,
-}
+
+
+def tiny_of(shape: dict[str, Any]) -> dict[str, Any]:
+    """A model of `shape`'s architecture small enough for the CPU smoke cases."""
+    return {
+        **shape,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 2048,
+    }
+
+
+TINY = tiny_of(QWEN25_15B)
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "po", "qu", "xe", "da", "fi"]
 
 
