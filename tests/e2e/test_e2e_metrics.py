@@ -16,6 +16,8 @@ sftjob-system).
 from __future__ import annotations
 
 import time
+import urllib.error
+from collections.abc import Callable
 
 import pytest
 from e2e_harness import E2ECluster, wait_for
@@ -27,11 +29,25 @@ pytestmark = pytest.mark.e2e
 TINY = {"spec": {"training": {"maxLength": 64, "loggingSteps": 1}, "progressIntervalSeconds": 1}}
 
 
+def operator_serves(cluster: E2ECluster) -> Callable[[], bool]:
+    def answers() -> bool:
+        try:
+            return bool(cluster.operator_metrics())
+        except urllib.error.URLError as exc:
+            raise AssertionError(f"not serving yet: {exc.reason}") from None
+
+    return answers
+
+
 @pytest.mark.timeout(300)
 def test_step_advances_on_the_operators_metrics_and_the_series_go_with_the_job(
     cluster: E2ECluster,
 ) -> None:
     name = cluster.name("metrics")
+    # The operator serves /metrics once it has started (a few seconds on a busy machine,
+    # and this may be the first test of the module's fresh control plane); a connection
+    # refused before then is not yet an answer, as Prometheus would just scrape again.
+    wait_for(operator_serves(cluster), cluster.seconds(90), "the operator's /metrics")
     cluster.submit(cluster.job_manifest("tiny-cpu.yaml", name, TINY))
 
     def scrape() -> dict[str, float]:
