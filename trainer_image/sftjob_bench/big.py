@@ -50,11 +50,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from sftjob_trainer.flops import peak_flops
 from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
 from sftjob_trainer.step_log import ENV_STEP_LOG, read_step_log
 
 from .big_cases import BIG_CASES, BigCase
-from .common import PEAK_FLOPS, QWEN25_15B, TINY, tiny_of
+from .common import QWEN25_15B, TINY, tiny_of
 
 # meta-llama/Meta-Llama-3-8B's config.json.
 LLAMA3_8B = {
@@ -430,7 +431,7 @@ def side_line(
     if first == 0:
         t0, n0 = begin, 0
     steady = (n1 - n0) / (t1 - t0) if t1 > t0 else None
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in device), None)
+    peak = peak_flops(device)
     line.update(
         {
             "tokens_per_s": round(steady, 1) if steady else None,

@@ -10,9 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The cards' dense bf16 peaks (most specific name first): the trainer's own table, which its
-# progress report uses for status.progress.mfu, so the bench quotes the same MFU.
-from sftjob_trainer.flops import PEAK_FLOPS as PEAK_FLOPS
 from sftjob_trainer.tiny import build_tokenizer
 
 QWEN25_15B = {

@@ -50,13 +50,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# Both torch-free leaves: this parent process never imports torch (each side is its own).
+from sftjob_trainer.flops import peak_flops
+from sftjob_trainer.levers.compile_cache import OUTPUT_CACHE_ROOT
+from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
+
 from .common import word
 
 log = logging.getLogger("sftjob_bench.e2e")
-# Where the sftjob side's compiled kernels are kept (compile_model.keep_compiled_kernels).
-COMPILE_CACHE = ".sftjob-cache"
-# The bench's --memory-gib, handed to each side's process (levers/device_memory.py).
-ENV_MEMORY_GIB = "SFTJOB_GPU_MEMORY_GIB"
 
 # Capybara-like row lengths. Sources: the trl-lib/Capybara dataset card gives 15,806
 # training conversations in 71,908,734 bytes (4,549 bytes a row, about 1,100 tokens at
@@ -292,7 +293,7 @@ def run_child(
     clock = Clock(spawned_at)
     output = work / (output_name if side == "sftjob" else side)
     # Before anything compiles: whether an earlier run left compiled kernels to reuse.
-    cache = output / COMPILE_CACHE
+    cache = output / OUTPUT_CACHE_ROOT
     cache_files = sum(1 for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else 0
     if side == "sftjob":
         # As the pod's launcher does before the worker starts: inductor's kernels on the
@@ -304,7 +305,7 @@ def run_child(
     import trl.trainer.sft_trainer as trl_sft
     from sftjob_trainer import train as product_train
 
-    from .common import PEAK_FLOPS, make_callback
+    from .common import make_callback
 
     clock.mark("imported")
     cuda = torch.cuda.is_available() and case.shape != "TINY"
@@ -336,7 +337,7 @@ def run_child(
     if cuda:
         torch.cuda.synchronize()
     clock.mark("saved")
-    line = result_line(side, case, trainer, meter, clock, cuda, PEAK_FLOPS)
+    line = result_line(side, case, trainer, meter, clock, cuda)
     line["settings"]["planned_steps_uncapped"] = planned
     line["settings"]["planned_tokens_uncapped"] = round(epoch_tokens * args_epochs(trainer))
     if side == "sftjob":
@@ -359,7 +360,6 @@ def result_line(
     meter: Any,
     clock: Clock,
     cuda: bool,
-    peak_flops: dict[str, float],
 ) -> dict[str, Any]:
     import torch
 
@@ -371,7 +371,7 @@ def result_line(
     tokens = int(marks[-1][1])
     params = sum(p.numel() for p in trainer.model.parameters())
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak = next((v for k, v in peak_flops.items() if k in name), None)
+    peak = peak_flops(name if cuda else None)
     phases = phases_from(clock.marks)
     speed = getattr(trainer, "sftjob_speed_plan", None)
     checkpointing = getattr(args, "activation_checkpointing", None)

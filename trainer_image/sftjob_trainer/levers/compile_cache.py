@@ -33,7 +33,9 @@ from typing import Any
 
 log = logging.getLogger("sftjob_trainer.speed")
 
-OUTPUT_CACHE = ".sftjob-cache/compile-artifacts"
+# Everything the trainer caches for a later job of the same shape, in the output folder.
+OUTPUT_CACHE_ROOT = ".sftjob-cache"
+OUTPUT_CACHE = f"{OUTPUT_CACHE_ROOT}/compile-artifacts"
 SHARED_CACHE = "sftjob-compile-cache"
 # children.py's HF_HOME when no profile mounts a model cache: scratch, gone with the pod.
 SCRATCH_HF_HOME = "/tmp/hf-home"

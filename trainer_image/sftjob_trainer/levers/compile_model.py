@@ -13,6 +13,7 @@ import os
 from collections.abc import MutableMapping
 from typing import Any
 
+from .compile_cache import OUTPUT_CACHE_ROOT
 from .contract import Choice, Contract, Hardware, Job, Plan, Signature, SpeedOptions, verified
 from .token_tally import token_tally
 
@@ -142,7 +143,7 @@ def use_static_batches(trainer: Any, length: int) -> None:
 
 
 ENV_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
-COMPILE_CACHE = ".sftjob-cache/torchinductor"
+COMPILE_CACHE = f"{OUTPUT_CACHE_ROOT}/torchinductor"
 
 
 def keep_compiled_kernels(output_dir: str, env: MutableMapping[str, str] | None = None) -> str:
