@@ -265,12 +265,13 @@ def short_run_compiles(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
         code="ShortRunCompiles",
         severity="Info",
         field="spec.training.speed.compile",
-        message=f"this run trains at most {tokens / 1e6:.1f}M tokens per GPU; torch.compile (on "
-        f"by default for packed GPU runs) takes about {COMPILE_OVERHEAD_S / 60:.1f} minutes to "
-        f"compile without a warm compile cache and pays that back after about "
-        f"{COMPILE_PAYBACK_TOKENS / 1e6:.0f}M tokens per GPU. Set speed.compile: off if the "
-        "run is short",
-        suggested="off",
+        message=f"this run trains at most {tokens / 1e6:.1f}M tokens per GPU; torch.compile takes "
+        f"about {COMPILE_OVERHEAD_S / 60:.1f} minutes to compile without a warm compile cache and "
+        f"pays that back after about {COMPILE_PAYBACK_TOKENS / 1e6:.0f}M tokens per GPU, so "
+        "compile: auto compiles this run only if the compiled artifacts of its shape are found "
+        "(its output folder or the profile's model cache, from an earlier job of the same "
+        "shape). Set speed.compile: on to compile anyway and keep the artifacts for the next "
+        "job of this shape",
     )
 
 

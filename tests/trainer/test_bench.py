@@ -7,12 +7,14 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from lever_jobs import SEED_REFERENCE_JOB
 from sftjob_bench.bench_report import report
+from sftjob_operator.advice import COMPILE_PAYBACK_TOKENS
 from sftjob_trainer.failures import ConfigError
 from sftjob_trainer.levers.micro_batch import decide as micro_batch
 from sftjob_trainer.levers.micro_batch import kept_logits_bytes
@@ -254,6 +256,36 @@ def test_compile_lever_rules() -> None:
     plan = decide(auto, H100, own, QWEN_15B)
     assert plan.on("compile") and plan.static_length is None
     assert "pad_to_multiple_of" not in plan.sft_kwargs()
+
+
+def test_a_short_run_compiles_only_with_a_warm_cache() -> None:
+    # The seed's reference job: 189 planned steps x 16 sequences x 2048 = 6.2M tokens per GPU,
+    # under the measured break-even; a cold compile would make it finish later.
+    payback = COMPILE_PAYBACK_TOKENS
+    short = Job(
+        **{**SEED_REFERENCE_JOB.__dict__, "run_tokens_per_gpu": 189 * 16 * 2048}
+        | {"compile_payback_tokens": payback}
+    )
+    auto = SpeedOptions()
+    cold = decide(auto, H100, replace(short, compile_cache_warm=False), QWEN_15B)
+    reason = cold.summary()["compile"]["reason"]
+    assert not cold.on("compile") and cold.static_length is None
+    assert "6.2M tokens per GPU" in reason and f"{payback / 1e6:.1f}M" in reason
+    # Uncompiled, the levers that stand in for inductor's fusions are wanted again.
+    assert "compiled" not in cold.summary()["ligerKernel"]["reason"]
+    warm = decide(auto, H100, replace(short, compile_cache_warm=True), QWEN_15B)
+    assert warm.on("compile") and warm.static_length is not None
+    # Not looked up yet (the planner's first pass), a long run, or no plan: compiled.
+    assert decide(auto, H100, short, QWEN_15B).on("compile")
+    long = replace(short, run_tokens_per_gpu=payback, compile_cache_warm=False)
+    assert decide(auto, H100, long, QWEN_15B).on("compile")
+    unknown = replace(short, run_tokens_per_gpu=None, compile_cache_warm=False)
+    assert decide(auto, H100, unknown, QWEN_15B).on("compile")
+    # compile: on is the user's word, short run or not.
+    forced = decide(
+        SpeedOptions(compile="on"), H100, replace(short, compile_cache_warm=False), QWEN_15B
+    )
+    assert forced.on("compile")
 
 
 def test_light_metrics_and_liger_rules() -> None:

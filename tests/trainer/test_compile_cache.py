@@ -7,8 +7,8 @@ import logging
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from sftjob_trainer.levers.compile_cache import (
@@ -69,40 +69,84 @@ def test_a_second_job_of_the_same_shape_loads_the_first_ones_kernels(tmp_path) -
     assert second["losses"] == first["losses"]
 
 
-def fake_trainer(**config: Any) -> Any:
+def key_of(
+    levers: dict[str, bool] | None = None, device: str = "NVIDIA H100 80GB HBM3", **changes: Any
+) -> str:
     from transformers import Qwen2Config
 
-    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, **config}
-    args = types.SimpleNamespace(
-        per_device_train_batch_size=2,
-        max_length=256,
-        pad_to_multiple_of=512,
-        bf16=False,
-        gradient_checkpointing=True,
-        world_size=1,
-    )
-    model = types.SimpleNamespace(config=Qwen2Config(**shape))
-    return types.SimpleNamespace(model=model, args=args)
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = Qwen2Config(**{**shape, **changes.pop("config", {})}).to_dict()
+    config.update(changes.pop("config_json", {}))
+    run = {"per_device": 2, "max_length": 256, "pad_to_multiple_of": 512, "bf16": True, **changes}
+    levers = {"compile": True, "rotaryTablesOnce": False} if levers is None else levers
+    return cache_key(key_facts(config, device, run, levers))
 
 
 def test_the_key_follows_what_decides_the_kernels() -> None:
-    levers = {
-        "compile": {"on": True, "reason": "x"},
-        "rotaryTablesOnce": {"on": False, "reason": "y"},
-    }
-    base = cache_key(key_facts(fake_trainer(), levers))
-    assert base == cache_key(key_facts(fake_trainer(), levers))
+    base = key_of()
+    assert base == key_of()
     # The model's path is not a kernel fact: the same shape elsewhere shares the kernels.
-    moved = fake_trainer()
-    moved.model.config._name_or_path = "/elsewhere"
-    assert cache_key(key_facts(moved, levers)) == base
-    assert cache_key(key_facts(fake_trainer(num_hidden_layers=3), levers)) != base
-    assert cache_key(key_facts(fake_trainer(hidden_size=128), levers)) != base
-    wider = fake_trainer()
-    wider.args.per_device_train_batch_size = 4
-    assert cache_key(key_facts(wider, levers)) != base
-    other_plan = {**levers, "rotaryTablesOnce": {"on": True, "reason": "y"}}
-    assert cache_key(key_facts(fake_trainer(), other_plan)) != base
+    assert key_of(config_json={"_name_or_path": "/elsewhere"}) == base
+    assert key_of(config={"num_hidden_layers": 3}) != base
+    assert key_of(config={"hidden_size": 128}) != base
+    assert key_of(per_device=4) != base
+    assert key_of(device="NVIDIA H200") != base
+    assert key_of(lora={"r": 16}) != base
+    assert key_of({"compile": True, "rotaryTablesOnce": True}) != base
+
+
+def test_the_planner_compiles_a_short_run_only_with_its_artifacts_at_hand(tmp_path) -> None:
+    from dataclasses import replace
+
+    from lever_jobs import SEED_REFERENCE_JOB
+    from sftjob_trainer.speed import (
+        Hardware,
+        ModelShape,
+        SpeedOptions,
+        decide,
+        planned_with_compile_cache,
+    )
+
+    h100 = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3")
+    shape = ModelShape(
+        params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
+    )
+    short = replace(
+        SEED_REFERENCE_JOB, run_tokens_per_gpu=6_000_000, compile_payback_tokens=9_750_000
+    )
+    dirs = [tmp_path / "out" / OUTPUT_CACHE, tmp_path / "shared" / SHARED_CACHE]
+    asked: list[bool | None] = []
+
+    def planned(job: Any) -> Any:
+        asked.append(job.compile_cache_warm)
+        return decide(SpeedOptions(), h100, job, shape)
+
+    def key(plan: Any) -> str:
+        return "k" + str(plan.static_length)
+
+    cold = planned_with_compile_cache(planned, short, key, dirs)
+    assert asked == [None, False]
+    assert not cold.on("compile") and cold.compile_cache_key is None
+    # Another job of the shape left its artifacts on the shared volume: compiled, under the key.
+    expected = key(decide(SpeedOptions(), h100, short, shape))
+    dirs[1].mkdir(parents=True)
+    (dirs[1] / f"{expected}.torch-artifacts").write_bytes(b"artifacts")
+    asked.clear()
+    warm = planned_with_compile_cache(planned, short, key, dirs)
+    assert asked == [None, True]
+    assert warm.on("compile") and warm.compile_cache_key == expected
+    # A run the first pass does not compile is never looked up.
+    asked.clear()
+    off = planned_with_compile_cache(
+        lambda job: (
+            asked.append(job.compile_cache_warm),
+            decide(SpeedOptions(compile="off"), h100, job, shape),
+        )[1],
+        short,
+        key,
+        dirs,
+    )
+    assert asked == [None] and off.compile_cache_key is None
 
 
 def test_another_keys_artifacts_are_never_loaded(tmp_path) -> None:
@@ -156,10 +200,14 @@ def test_status_speed_plan_says_whether_the_cache_was_warm() -> None:
         bf16=False,
     )
     plan = decide(SpeedOptions(compile="on"), Hardware(cuda=False, memory_gib=8.0), job, None)
-    trainer = fake_trainer()
-    trainer.args.torch_compile = True
-    trainer.args.gradient_accumulation_steps = 8
-    trainer.model.config._attn_implementation = "sdpa"
+    args = SimpleNamespace(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=8,
+        gradient_checkpointing=True,
+        torch_compile=True,
+    )
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    trainer = SimpleNamespace(args=args, model=model)
     trainer.sftjob_speed_plan = plan
     reason = {lever["name"]: lever["reason"] for lever in speed_plan_status(trainer)["levers"]}
     assert not reason["compile"].startswith("compile cache")  # no cache in use: as before
@@ -187,3 +235,23 @@ def test_regional_compilation_keeps_the_losses_to_the_bit(tmp_path) -> None:
     )
     assert regional["compile_cache"]["artifacts"]["loaded_from"] is None
     assert regional["compile_cache"]["artifacts"]["hits"]["fxgraph_miss"] > 0
+
+
+def test_the_run_length_comes_from_the_plan_else_from_the_rows(make_config) -> None:
+    from dataclasses import replace
+
+    from sftjob_trainer.settings import load_config
+    from sftjob_trainer.speed import run_tokens_per_gpu
+
+    planned = load_config(make_config({"dataset": {"limit": 64}, "training": {"maxLength": 128}}))
+    steps = planned.plan["totalSteps"]
+    assert steps and run_tokens_per_gpu(planned, 16) == steps * 16 * 128
+    # Rows the operator could not count (a path without limit or numSamples): the trainer's
+    # rows x epochs, maxLength each.
+    epochs = load_config(make_config({"training": {"maxLength": 128, "numTrainEpochs": 2.5}}))
+    unplanned = replace(epochs, raw={**epochs.raw, "plan": {**epochs.plan, "totalSteps": None}})
+    assert run_tokens_per_gpu(unplanned, 16) is None
+    assert run_tokens_per_gpu(unplanned, 16, dataset_rows=1000) == 2500 * 128
+    training = unplanned.spec.training.model_copy(update={"maxSteps": 7})
+    capped = replace(unplanned, spec=unplanned.spec.model_copy(update={"training": training}))
+    assert run_tokens_per_gpu(capped, 16, dataset_rows=1000) == 7 * 16 * 128

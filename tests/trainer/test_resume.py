@@ -124,3 +124,38 @@ def test_incomplete_checkpoints_are_not_resumed(tmp_path):
     (tmp_path / "checkpoint-x").mkdir()
     assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-9"
     assert newest_checkpoint(tmp_path / "absent") is None
+
+
+def test_the_last_checkpoint_keeps_no_optimizer_and_a_relaunch_from_it_only_saves(
+    make_config, tmp_path
+):
+    # The last step's checkpoint is there for a relaunch after the run's end failed (the
+    # final save, the card, an upload): resuming it trains nothing, so the optimizer state
+    # is not written; an earlier checkpoint keeps everything a resume mid-run needs.
+    config = make_config({"dataset": {"limit": 64}, "training": {"saveSteps": 5}})
+    planned = plan_for(load_config(config).spec).totalSteps
+    output = tmp_path / "output"
+    log = tmp_path / "termination-log"
+    first = launch(config, log)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out[-3000:]
+    checkpoints = output / "checkpoints"
+    last = checkpoints / f"checkpoint-{planned}"
+    assert newest_checkpoint(checkpoints) == last
+    assert (last / "model.safetensors").is_file() and (last / "trainer_state.json").is_file()
+    assert not (last / "optimizer.pt").exists() and not (last / "scheduler.pt").exists()
+    earlier = checkpoints / "checkpoint-15"
+    assert (earlier / "optimizer.pt").is_file() and (earlier / "scheduler.pt").is_file()
+
+    # The first run's end failed before the final model was whole: the relaunch resumes
+    # the last checkpoint, trains no step and writes the final model.
+    final = output / "final" / "model.safetensors"
+    final.unlink()
+    second = launch(config, log)
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, out[-3000:]
+    done = json.loads(log.read_text())
+    assert done["reason"] == "Completed" and done["step"] == planned
+    assert f"resumed from checkpoint-{planned}" in done["message"]
+    assert final.is_file()
+    assert newest_checkpoint(checkpoints) == last  # no step trained, nothing new saved

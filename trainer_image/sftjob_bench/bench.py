@@ -143,6 +143,10 @@ def job_manifest(
     }
     if case.method == "lora":
         spec["lora"] = {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]}
+    if gpus:
+        # The steady state of a LONG job: its few steps are a window of one, and under
+        # "auto" a run this short would not compile (compile_model.short_cold_run).
+        spec["training"]["speed"] = {"compile": "on"}
     return {
         "apiVersion": "tuning.sftjob.dev/v1alpha1",
         "kind": "SFTJob",
@@ -533,6 +537,13 @@ def main(argv: list[str] | None = None) -> int:
         "whole job from its own step time (for a device call too short for all of it)",
     )
     parser.add_argument(
+        "--max-steps-sftjob",
+        type=int,
+        default=0,
+        help="end-to-end cases: stop the sftjob side after N steps (e.g. a job that only "
+        "fills the shared compile cache for the next job of its shape), extrapolated alike",
+    )
+    parser.add_argument(
         "--sftjob-output",
         default="sftjob",
         help="end-to-end cases: the sftjob side's output folder under the workdir (another "
@@ -545,15 +556,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     if args.case in E2E_CASES:
         if args.memory_gib:  # each side's process caps itself; this one leaves the GPU alone
-            os.environ[e2e.ENV_MEMORY_GIB] = str(
-                args.memory_gib
-            )  # each side in its own process, from start to model saved
+            os.environ[e2e.ENV_MEMORY_GIB] = str(args.memory_gib)
         sides = [s.strip() for s in args.sides.split(",") if s.strip()]
         gpus = args.side_gpus.split(",") if args.side_gpus else None
         if gpus is not None and len(gpus) != len(sides):
             parser.error("--side-gpus needs one GPU per side")
         work = args.workdir or Path(tempfile.mkdtemp(prefix=f"sftjob-bench-{args.case}-"))
-        e2e.run(args.case, sides, work, gpus, args.max_steps_reference, args.sftjob_output)
+        e2e.run(
+            args.case,
+            sides,
+            work,
+            gpus,
+            args.max_steps_reference,
+            args.sftjob_output,
+            args.max_steps_sftjob,
+        )
         return 0
     case = CASES[args.case]
     skip = args.skip if args.skip is not None else (1 if case.name == "cpu-smoke" else 5)

@@ -1,7 +1,7 @@
 """End to end: each side in its own fresh process, from process start to the final model saved.
 
     python -m sftjob_bench.bench --case reference-job [--sides reference,sftjob]
-                                 [--side-gpus 0,1] [--workdir DIR] [--max-steps-reference N]
+                                 [--side-gpus 0,1] [--workdir DIR] [--max-steps-reference N] [--max-steps-sftjob N]
 
 The steady-state bench (bench.py) times the steps after the first five, in one process.
 What a user waits for is the whole job: Python and the libraries starting, the model
@@ -499,6 +499,7 @@ def run(
     side_gpus: list[str] | None = None,
     max_steps_reference: int = 0,
     sftjob_output: str = "sftjob",
+    max_steps_sftjob: int = 0,
 ) -> list[dict[str, Any]]:
     """Both sides, each its own process: one after the other, or at once on their own GPUs.
 
@@ -517,7 +518,7 @@ def run(
     results = []
     for index, side in enumerate(sides):
         gpu = side_gpus[index] if side_gpus else None
-        cap = max_steps_reference if side == "reference" else 0
+        cap = max_steps_reference if side == "reference" else max_steps_sftjob
         running.append(spawn(side, case, work, gpu, cap, sftjob_output))
         if not side_gpus:  # one at a time: the next side starts once this one has ended
             results.append(finish(*running.pop()))

@@ -5,10 +5,11 @@ the tokenizer and the device can tell is checked first, each failure in the clas
 operator never retries (ConfigError, DataError), naming the spec field, the file and row,
 or the template feature to change:
 
-1. the speed plan, and levers or an attention that cannot train on this device;
-2. SFTConfig built from the spec (config_map.build_sft_config: the argument it refuses,
+1. the data: every row of every file (data.prepare_dataset);
+2. the speed plan (which reads how many rows there are), and levers or an attention that
+   cannot train on this device;
+3. SFTConfig built from the spec (config_map.build_sft_config: the argument it refuses,
    seeds, `report_to` packages, extraArgs values, the learning-rate schedule);
-3. the data: every row of every file (data.prepare_dataset);
 4. the tokenizer and its chat template: one row of each shape in the data (tool calls,
    system or tool messages...) rendered as TRL will render it, and, for assistant-only
    loss, the `{% generation %}` markers TRL needs.
@@ -70,7 +71,13 @@ def prepare(config: TrainerConfig) -> Prepared:
     resolved = config.resolved
     if resolved["method"] == "qlora":
         quantization_config()  # raises ConfigError without a GPU or bitsandbytes
-    speed = plan_speed(config)  # fast defaults, each lever switchable: docs/performance.md
+    # An s3:// dataset is copied to a local folder first; rows are then named by local file.
+    source = fetch_dataset(spec) if is_s3(spec.dataset.uri) else spec.dataset
+    dataset, fmt = prepare_dataset(source)
+    dataset, eval_dataset = split_eval(dataset, spec.dataset, fmt)
+    # Fast defaults, each lever switchable (docs/performance.md); the rows say how long the
+    # run is at most, which decides whether compiling pays back.
+    speed = plan_speed(config, dataset_rows=len(dataset))
     problems = device_problems(
         speed.summary(),
         spec.model.attnImplementation,
@@ -86,10 +93,6 @@ def prepare(config: TrainerConfig) -> Prepared:
     )
     if is_s3(spec.output.uri):
         check_output(spec)  # before hours of training: the bucket takes our writes
-    # An s3:// dataset is copied to a local folder first; rows are then named by local file.
-    source = fetch_dataset(spec) if is_s3(spec.dataset.uri) else spec.dataset
-    dataset, fmt = prepare_dataset(source)
-    dataset, eval_dataset = split_eval(dataset, spec.dataset, fmt)
     if fmt == "text" and spec.dataset.textField != args.dataset_text_field:
         args.dataset_text_field = spec.dataset.textField
     check_loss_settings(args, fmt, dataset)

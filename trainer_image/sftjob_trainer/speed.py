@@ -43,15 +43,20 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from sftjob_operator.advice import COMPILE_PAYBACK_TOKENS
 
 from .failures import ConfigError
 from .levers import (
     bf16_residual_stream,
     cast_weights_once,
+    compile_cache,
     compile_model,
     data_workers,
     flex_attention,
@@ -209,6 +214,9 @@ class SpeedPlan:
     preset: Preset = "default"
     # The job's output folder, where the compile lever keeps its cache (plan_speed sets it).
     output_dir: str | None = None
+    # The compiled artifacts' name for this run's shape (compile_cache.key_facts), when it
+    # compiles: looked up by the planner, loaded and saved under it by the compile lever.
+    compile_cache_key: str | None = None
 
     def sft_kwargs(self, valid_fields: list[str] | None = None) -> dict[str, Any]:
         """SFTConfig overrides; checkpointing under the name this transformers uses."""
@@ -416,7 +424,7 @@ def speed_settings(spec: Any, env: dict[str, str] | None = None) -> tuple[SpeedO
         raise ConfigError(f"speed options ({ENV_SPEED} or spec.training.speed): {exc}") from None
 
 
-def job_from(config: Any) -> Job:
+def job_from(config: Any, dataset_rows: int | None = None) -> Job:
     spec = config.spec
     training = spec.training
     resolved = config.resolved
@@ -440,7 +448,30 @@ def job_from(config: Any) -> Job:
         != (training.perDeviceTrainBatchSize, training.gradientAccumulationSteps),
         extra_args=tuple(training.extraArgs),
         world_size=world_size(config),
+        run_tokens_per_gpu=run_tokens_per_gpu(config, per_device * accumulation, dataset_rows),
+        compile_payback_tokens=COMPILE_PAYBACK_TOKENS,
     )
+
+
+def run_tokens_per_gpu(
+    config: Any, sequences_per_step: int, dataset_rows: int | None = None
+) -> int | None:
+    """At most the tokens one GPU trains, or None when neither the plan nor the data says.
+
+    A packed row holds at most maxLength tokens and at least one sample, so: the
+    operator's planned optimizer steps (or maxSteps) x the sequences one GPU takes a step x
+    maxLength; without them, this GPU's share of the training rows x the epochs x
+    maxLength. An upper bound: a run it calls long may still be short.
+    """
+    training = config.spec.training
+    max_length = int(training.maxLength)
+    steps = (config.plan or {}).get("totalSteps") or training.maxSteps
+    if steps:
+        return int(steps) * sequences_per_step * max_length
+    if dataset_rows is None:
+        return None
+    rows = math.ceil(dataset_rows / max(world_size(config), 1))
+    return math.ceil(rows * float(training.numTrainEpochs)) * max_length
 
 
 def world_size(config: Any) -> int:
@@ -451,40 +482,126 @@ def world_size(config: Any) -> int:
     return max(topology_from_env(config).world_size, launched)
 
 
-def model_shape(model: Any) -> ModelShape | None:
-    """The shape from the model's config.json; None when it cannot be read."""
+def model_config(model: Any) -> Any:
+    """The model's config.json (transformers' config), or None when it cannot be read."""
     try:
         from transformers import AutoConfig
 
         source = model.path or model.name
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             source, revision=model.revision, trust_remote_code=model.trustRemoteCode
         )
-        return ModelShape.from_config(config.get_text_config())
     except Exception as exc:  # the model load reports real problems; this only sizes
         log.info("speed: cannot read the model config (%s): batch sizing off", exc)
         return None
 
 
-def plan_speed(config: Any) -> SpeedPlan:
-    """The one entry point train.py calls: levers decided for this config on this machine."""
+def compile_cache_key(
+    plan: SpeedPlan,
+    job: Job,
+    hardware: Hardware,
+    model: Any,
+    model_config_json: Mapping[str, Any] | None,
+    lora: Any,
+) -> str:
+    """The name of this run's compiled artifacts (compile_cache.key_facts), from what the
+    plan fixes before the model loads. `model`: spec.model; `lora`: the resolved adapter."""
+    sft = plan.sft_kwargs()
+    run = {
+        "per_device": int(sft.get("per_device_train_batch_size", job.per_device)),
+        "max_length": job.max_length,
+        "pad_to_multiple_of": plan.static_length,
+        "bf16": job.bf16,
+        "checkpointing": bool(sft.get("gradient_checkpointing", job.checkpointing)),
+        "world_size": job.world_size,
+        "method": job.method,
+        "lora": lora if job.method != "full" else None,
+        "attention": plan.model_updates.get("attn_implementation") or model.attnImplementation,
+        "regional": os.environ.get(compile_model.ENV_COMPILE_REGIONS, "").lower() == "on",
+    }
+    facts = compile_cache.key_facts(
+        model_config_json if model_config_json is not None else {"unread": str(model.path)},
+        hardware.name,
+        run,
+        {choice.lever: choice.on for choice in plan.choices},
+    )
+    return compile_cache.cache_key(facts)
+
+
+def plan_speed(config: Any, dataset_rows: int | None = None) -> SpeedPlan:
+    """The one entry point train.py calls: levers decided for this config on this machine.
+
+    When the plan compiles, it looks for the compiled artifacts of the run's shape first:
+    a short run compiles only with them at hand (compile_model.short_cold_run), so the
+    levers are decided again knowing whether they are there.
+    """
     spec = config.spec
-    job = job_from(config)
+    job = job_from(config, dataset_rows)
     options, preset = speed_settings(spec)
     hardware = detect_hardware(use_cpu=bool(config.resolved["useCpu"]))
     device = "cuda" if hardware.cuda else "cpu"
-    plan = checked_plan(
-        functools.partial(decide, options, hardware, job, model_shape(spec.model), preset=preset),
-        lambda levers: self_checks(options, device, levers),
-    )
-    plan = dataclasses.replace(plan, output_dir=str(config.resolved["outputPath"]))
+    output = str(config.resolved["outputPath"])
+    read = model_config(spec.model)
+    shape = None if read is None else ModelShape.from_config(read.get_text_config())
+    checks = checks_once(options, device)
+
+    def planned(job: Job) -> SpeedPlan:
+        decide_with = functools.partial(decide, options, hardware, job, shape, preset=preset)
+        return checked_plan(decide_with, checks)
+
+    def key_of(plan: SpeedPlan) -> str:
+        config_json = None if read is None else read.to_dict()
+        lora = config.resolved.get("lora")
+        return compile_cache_key(plan, job, hardware, spec.model, config_json, lora)
+
+    plan = planned_with_compile_cache(planned, job, key_of, compile_cache.cache_dirs(output))
+    plan = dataclasses.replace(plan, output_dir=output)
     plan.log()
     if plan.on(compile_model.SWITCH):
         # Before anything asks inductor for its cache: the first ask pins the /tmp default.
-        keep_compiled_kernels(str(config.resolved["outputPath"]))
+        keep_compiled_kernels(output)
         if plan.on(flex_attention.SWITCH):
             block_mask_in_graph()
     return plan
+
+
+def planned_with_compile_cache(
+    planned: Callable[[Job], SpeedPlan],
+    job: Job,
+    key_of: Callable[[SpeedPlan], str],
+    cache_dirs: list[Path],
+) -> SpeedPlan:
+    """The plan decided knowing whether its compiled artifacts are at hand, with their key.
+
+    Decided once not knowing; if that compiles, its key is looked up in `cache_dirs` and
+    the plan decided again with the answer (a short run with a cold cache does not
+    compile, and its other levers then stand in for inductor's fusions).
+    """
+    plan = planned(job)
+    if not plan.on(compile_model.SWITCH):
+        return plan
+    key = key_of(plan)
+    plan = planned(
+        dataclasses.replace(job, compile_cache_warm=compile_cache.has_artifacts(key, cache_dirs))
+    )
+    if not plan.on(compile_model.SWITCH):
+        return plan
+    return dataclasses.replace(plan, compile_cache_key=key)
+
+
+def checks_once(opt: SpeedOptions, device: str) -> Callable[[tuple[Lever, ...]], dict[str, str]]:
+    """self_checks that probes each lever once, however often the plan is decided."""
+    known: dict[str, str | None] = {}
+
+    def check_levers(levers: tuple[Lever, ...]) -> dict[str, str]:
+        todo = tuple(lever for lever in levers if lever.SWITCH not in known)
+        failed = self_checks(opt, device, todo) if todo else {}
+        known.update({lever.SWITCH: failed.get(lever.SWITCH) for lever in todo})
+        return {
+            lever.SWITCH: reason for lever in levers if (reason := known[lever.SWITCH]) is not None
+        }
+
+    return check_levers
 
 
 def speed_plan_status(trainer: Any) -> dict[str, Any] | None:

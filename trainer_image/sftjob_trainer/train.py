@@ -32,7 +32,7 @@ from typing import Any
 
 from sftjob_operator.plan import BatchShape, steps_per_epoch
 
-from .checkpoints import complete_checkpoints
+from .checkpoints import complete_checkpoints, lean_final_checkpoint
 from .config_map import CHECKPOINT_DIR, FINAL_DIR
 from .failures import Interrupted, refused_settings
 from .flops import mfu_meter
@@ -221,6 +221,7 @@ def build_trainer(config: TrainerConfig, *, callbacks: list[Any] | None = None) 
     speed.apply(trainer)
     trainer.sftjob_speed_plan = speed  # what ran, for status.speedPlan
     shield_loader_workers(trainer)
+    lean_final_checkpoint(trainer)
     if spec.distributed == "fsdp" and not trainer.is_fsdp_enabled:
         # accelerate turns FSDP on only for GPU-like process groups; on CPU it runs plain DDP.
         log.warning(

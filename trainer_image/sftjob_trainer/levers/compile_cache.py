@@ -8,10 +8,12 @@ blob, `torch.compiler.save_cache_artifacts()`, and put it back into its caches i
 another process, `torch.compiler.load_cache_artifacts(blob)` (torch >= 2.7; used here
 with 2.11 on the GPU and 2.13 on CPU). This module:
 
-- names the blob by what decides the kernels (`cache_key`): the model's config, the
-  device, the library versions, the micro-batch and length (one static shape), bf16,
-  checkpointing, the attention, the world size and every lever on or off; a job of
-  another shape never loads another's kernels;
+- names the blob by what decides the kernels (`cache_key` of `key_facts`, made by the
+  planner before the model loads): the model's config, the device, the library versions,
+  the micro-batch and length (one static shape), bf16, checkpointing, the method and
+  adapter, the attention, the world size and every lever on or off; a job of another
+  shape never loads another's kernels; the planner compiles a short run only when the
+  blob of its key is there (compile_model.short_cold_run);
 - looks for it, before the first compile, in the output folder's `.sftjob-cache/` and on
   the profile's shared model-cache volume ($HF_HOME, when a profile mounts one there;
   the scratch default /tmp/hf-home is skipped, it dies with the pod);
@@ -58,48 +60,44 @@ def cache_key(facts: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def key_facts(trainer: Any, plan_summary: Mapping[str, Any]) -> dict[str, Any]:
-    """What decides the kernels of this trainer's compiled model."""
+# Fields of a model's config.json that name or date it but shape no kernel.
+NOT_KERNEL_FACTS = ("_name_or_path", "transformers_version", "architectures_source")
+
+
+def key_facts(
+    model_config: Mapping[str, Any],
+    device: str,
+    run: Mapping[str, Any],
+    levers: Mapping[str, bool],
+) -> dict[str, Any]:
+    """What decides the compiled kernels of a run, all known before its model loads.
+
+    The planner looks the artifacts up before it decides (a short run compiles only when
+    they are at hand), so the key is made of planning facts: the model's config.json
+    (without its path), the device's name, the libraries' versions, the run's shape as the
+    plan sets it (`run`: micro-batch, lengths, bf16, checkpointing, world size, method and
+    adapter, attention, regional or whole) and every lever on or off.
+    """
     from importlib.metadata import PackageNotFoundError, version
 
-    import torch
-
-    config = trainer.model.config.to_dict()
-    for name in ("_name_or_path", "transformers_version", "architectures_source"):
-        config.pop(name, None)
-    args = trainer.args
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("torch", "transformers", "trl", "peft", "triton"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
-    checkpointing = getattr(args, "activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(args, "gradient_checkpointing", False)
     return {
-        "config": config,
+        "config": {k: v for k, v in model_config.items() if k not in NOT_KERNEL_FACTS},
         "device": device,
         "versions": versions,
-        "per_device": args.per_device_train_batch_size,
-        "max_length": getattr(args, "max_length", None),
-        "pad_to_multiple_of": getattr(args, "pad_to_multiple_of", None),
-        "bf16": bool(args.bf16),
-        "checkpointing": bool(checkpointing),
-        "world_size": args.world_size,
-        "peft": type(trainer.model).__name__,
-        # Each decoder layer compiled on its own (compile_model.compile_regions): other graphs.
-        "regional": bool(
-            getattr(
-                getattr(getattr(trainer, "accelerator", None), "state", None),
-                "dynamo_plugin",
-                None,
-            )
-            and trainer.accelerator.state.dynamo_plugin.use_regional_compilation
-        ),
-        "levers": {name: bool(choice["on"]) for name, choice in plan_summary.items()},
+        "run": dict(run),
+        "levers": dict(levers),
     }
+
+
+def has_artifacts(key: str, dirs: list[Path]) -> bool:
+    """Whether a blob of this key lies in one of the folders (read only when loaded)."""
+    return any((folder / f"{key}{SUFFIX}").is_file() for folder in dirs)
 
 
 @dataclass
@@ -240,9 +238,9 @@ def saving_callback(cache: CompileCache, world_zero: bool) -> Any:
     return SaveCompileCache()
 
 
-def use_compile_cache(trainer: Any, plan_summary: Mapping[str, Any], output_dir: str) -> Any:
+def use_compile_cache(trainer: Any, key: str, output_dir: str) -> Any:
     """Load this shape's artifacts now (before the first compile) and save them once built."""
-    cache = CompileCache(cache_key(key_facts(trainer, plan_summary)), cache_dirs(output_dir))
+    cache = CompileCache(key, cache_dirs(output_dir))
     cache.load()
     trainer.add_callback(saving_callback(cache, trainer.is_world_process_zero()))
     trainer.sftjob_compile_cache = cache

@@ -91,6 +91,9 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, flex: bool, per_device: in
             return Choice(
                 name, False, "qlora: bitsandbytes 4-bit layers under compile are not measured"
             )
+        short = short_cold_run(job)
+        if short is not None:
+            return Choice(name, False, short)
     sft: dict[str, Any] = {"torch_compile": True}
     if not job.padding_free or "pad_to_multiple_of" in job.extra_args:
         return Choice(name, True, "torch.compile (batch shapes vary: expect recompiles)", sft=sft)
@@ -218,6 +221,27 @@ ENV_COMPILE_CACHE = "SFTJOB_COMPILE_CACHE"
 ENV_COMPILE_REGIONS = "SFTJOB_COMPILE_REGIONS"
 
 
+def short_cold_run(job: Job) -> str | None:
+    """Why compiling would make this run finish later, or None.
+
+    A cold compile costs minutes before the first step (about 150 s for a 1.5B model on an
+    H100) and pays that back only after some millions of tokens per GPU (the measured
+    break-even the operator's ShortRunCompiles advisory quotes). With the compiled
+    artifacts of this shape at hand (compile_cache.py) the cost is seconds, so a warm
+    cache always compiles; a run not known to be short compiles too.
+    """
+    tokens, payback = job.run_tokens_per_gpu, job.compile_payback_tokens
+    if tokens is None or payback is None or tokens >= payback:
+        return None
+    if job.compile_cache_warm is not False:  # warm, or not looked up yet
+        return None
+    return (
+        f"a short run with a cold compile cache: at most {tokens / 1e6:.1f}M tokens per GPU, "
+        f"under the {payback / 1e6:.1f}M after which compiling pays back; compile: on "
+        "compiles anyway (and keeps the artifacts for the next job of this shape)"
+    )
+
+
 def compile_regions(trainer: Any) -> bool:
     """Compile each repeated block (decoder layer) once instead of the whole model.
 
@@ -246,10 +270,9 @@ def apply(trainer: Any, plan: Plan) -> str | None:
     if os.environ.get(ENV_COMPILE_REGIONS, "").lower() == "on" and compile_regions(trainer):
         notes.append("regional compilation (each repeated block compiled once)")
     output = getattr(plan, "output_dir", None)
-    if output and os.environ.get(ENV_COMPILE_CACHE, "").lower() != "off":
+    key = getattr(plan, "compile_cache_key", None)
+    if output and key and os.environ.get(ENV_COMPILE_CACHE, "").lower() != "off":
         from .compile_cache import use_compile_cache
 
-        notes.append(
-            use_compile_cache(trainer, getattr(plan, "summary", dict)(), output).describe()
-        )
+        notes.append(use_compile_cache(trainer, key, output).describe())
     return "; ".join(notes) or None

@@ -133,6 +133,13 @@ class Job:
     shrunk: bool = False  # the operator shrank the batch after an OOM
     extra_args: tuple[str, ...] = ()
     world_size: int = 1  # training processes in the whole run
+    # At most this many tokens one GPU trains (the operator's planned steps x the batch x
+    # maxLength; packed rows are at most maxLength); None when no plan says.
+    run_tokens_per_gpu: int | None = None
+    # Tokens per GPU after which a cold compile (minutes) has paid for itself (measured).
+    compile_payback_tokens: int | None = None
+    # Whether compiled artifacts of this run's shape were found (None: not looked up).
+    compile_cache_warm: bool | None = None
 
 
 @dataclass(frozen=True)
