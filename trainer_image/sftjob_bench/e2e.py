@@ -334,7 +334,7 @@ def preparation_steps(side: str) -> list[tuple[Any, str, Any, bool]]:
         (product_train, "prepare", "preflight_checks_s", False),  # what the rest leaves
         (preflight, "plan_speed", "speed_plan_s", False),
         (speed, "detect_hardware", "speed_hardware_s", False),
-        (speed, "model_shape", "speed_model_config_s", False),
+        (speed, "model_config", "speed_model_config_s", False),
         (speed, "self_checks", "speed_self_checks_s", False),
         (speed, "check", self_check, True),
         (preflight, "build_sft_config", "sft_config_s", False),
