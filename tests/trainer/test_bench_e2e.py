@@ -56,7 +56,40 @@ def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
         assert settings["steps"] >= 3 and len(side["losses"]) == settings["steps"]
         assert (tmp_path / name / "final" / "model.safetensors").is_file()
         assert "extrapolated" not in side
+        # Data preparation split by step, each step's own time: the steps add up to it.
+        preparation = side["preparation"]
+        assert all(value >= -0.01 for value in preparation.values()), preparation
+        assert math.isclose(
+            sum(preparation.values()),
+            phases["data_preparation_s"],
+            abs_tol=0.005 * len(preparation) + 1e-9,
+        ), (preparation, phases)
     ref, ours = sides["reference"], sides["sftjob"]
+    assert set(ref["preparation"]) == {
+        "rows_s",
+        "sft_config_s",
+        "trainer_init_s",
+        "tokenize_pack_s",
+        "other_s",
+    }
+    # row_counts_s: the timing wrappers keep the signatures, so the counting SFTTrainer
+    # (which checks TRL's) still runs; no lever on CPU, so no self-check or lever apply.
+    assert {
+        "job_config_s",
+        "speed_plan_s",
+        "speed_hardware_s",
+        "speed_model_config_s",
+        "sft_config_s",
+        "rows_s",
+        "tokenizer_s",
+        "preflight_checks_s",
+        "trainer_init_s",
+        "tokenize_pack_s",
+        "row_counts_s",
+        "levers_apply_s",
+        "other_s",
+    } == set(ours["preparation"])
+    assert ours["preparation_levers"] == {} and "preparation_levers" not in ref
     # The same rows, tokenized and packed by each side: the same tokens (each row + EOS).
     assert ref["tokens_total"] == ours["tokens_total"]
     assert data["tokens_total"] < ours["tokens_total"] <= data["tokens_total"] + data["rows"]
@@ -209,3 +242,49 @@ def test_goals_24_judge_a_capped_reference_by_its_extrapolated_job() -> None:
     reference["extrapolated"]["tokens_total"] = 3_010_000
     reference["losses"][1] *= 1.02
     assert failing(files) == ["e2e: losses agree within 1% at every log"]
+
+
+def test_stopwatch_gives_each_step_its_own_time_and_restores_what_it_wrapped() -> None:
+    import inspect
+    import types
+
+    from sftjob_bench.e2e import MODEL_LOAD, Stopwatch
+
+    now = [0.0]
+
+    def spend(seconds: float) -> None:
+        now[0] += seconds
+
+    class Base:
+        def load(self, seconds: float) -> str:
+            spend(seconds)
+            return "loaded"
+
+    class Trainer(Base):  # inherits load: the stopwatch must not leave a copy on it
+        pass
+
+    def check(name: str) -> None:
+        spend(0.5)
+
+    def prepare(seconds: float) -> str:
+        spend(seconds)
+        steps.check("kept")  # a detail: still the prepare step's own time
+        return Trainer().load(10.0)
+
+    steps = types.SimpleNamespace(prepare=prepare, check=check)
+    stopwatch = Stopwatch(clock=lambda: now[0])
+    targets = [
+        (steps, "prepare", "prepare_s", False),
+        (steps, "check", lambda name: f"self_check:{name}", True),
+        (Trainer, "load", MODEL_LOAD, False),
+    ]
+    with stopwatch.wrapping(targets):
+        assert inspect.signature(Trainer.load) == inspect.signature(Base.load)
+        assert steps.prepare(2.0) == "loaded"
+        spend(1.0)  # outside every wrapped call: the rest
+    assert steps.prepare is prepare and steps.check is check
+    assert "load" not in vars(Trainer) and Trainer.load is Base.load
+    assert dict(stopwatch.own) == {"prepare_s": 2.5, MODEL_LOAD: 10.0}
+    assert dict(stopwatch.detail) == {"self_check:kept": 0.5}
+    # Building took 13.5 s: 10 of them the model's load, its own phase.
+    assert stopwatch.preparation(13.5 - 10.0) == {"prepare_s": 2.5, "other_s": 1.0}

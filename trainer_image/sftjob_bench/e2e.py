@@ -31,13 +31,18 @@ and packs; first_step: from `train()` to the first optimizer step's end, compile
 included; training: first to last step's end; save), `model_loaded_to_first_step_s`
 (the warm-start figure), `tokens_per_s_e2e` (tokens trained on over `wall_s`) beside the
 steady-state `tokens_per_s` (after the first `skip` steps), the losses logged and the
-settings.
+settings. `preparation` splits data_preparation by the step of building the trainer that
+spent it (PREPARATION_STEPS: each step's calls less the timed calls inside them, and
+`other_s` the rest, so they add up to data_preparation); on the sftjob side,
+`preparation_levers` gives each lever's self-check and `apply` (parts of
+speed_self_checks_s and levers_apply_s).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -45,7 +50,10 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +217,149 @@ def timed_loader(module: Any, name: str, calls: list[tuple[float, float]]) -> An
         setattr(module, name, original)
 
 
+MODEL_LOAD = "model_load"  # the loader's bucket: its own phase, not a part of preparation
+
+
+class Stopwatch:
+    """Seconds spent in wrapped calls, by bucket, each call less the wrapped calls inside it
+    (a step's own time, whatever it calls of another step: they add up without overlap).
+
+    `detail` buckets (a lever's self-check inside the plan's) are noted apart and are not
+    taken out of the call around them.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.own: defaultdict[str, float] = defaultdict(float)
+        self.detail: defaultdict[str, float] = defaultdict(float)
+        self._inner = threading.local()  # per thread: the nested calls' time, innermost last
+
+    def _stack(self) -> list[float]:
+        if not hasattr(self._inner, "stack"):
+            self._inner.stack = []
+        stack: list[float] = self._inner.stack
+        return stack
+
+    def timing(self, function: Any, bucket: Any, *, detail: bool = False) -> Any:
+        """`function`, timed into `bucket` (a name, or a function of the call's arguments).
+
+        The wrapper keeps the function's signature (functools.wraps): the trainer reads
+        the signatures of what it relies on and would take another path for `*args`.
+        """
+
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            name = bucket(*args, **kwargs) if callable(bucket) else bucket
+            stack = self._stack()
+            if not detail:
+                stack.append(0.0)
+            started = self.clock()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent = self.clock() - started
+                if detail:
+                    self.detail[name] += spent
+                else:
+                    self.own[name] += spent - stack.pop()
+                    if stack:
+                        stack[-1] += spent
+
+        return timed
+
+    @contextlib.contextmanager
+    def wrapping(self, targets: list[tuple[Any, str, Any, bool]]) -> Iterator[None]:
+        """Each (owner, attribute, bucket, detail) timed while the block runs, then restored."""
+        restore = []
+        for owner, name, bucket, detail in targets:
+            # A class's method may be inherited: put back exactly what its own dict held.
+            own = vars(owner).get(name) if isinstance(owner, type) else getattr(owner, name)
+            restore.append((owner, name, own))
+            setattr(owner, name, self.timing(getattr(owner, name), bucket, detail=detail))
+        try:
+            yield
+        finally:
+            for owner, name, own in reversed(restore):
+                if own is None:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, own)
+
+    def preparation(self, data_preparation_s: float) -> dict[str, float]:
+        """The buckets but the model load's, and `other_s`: data_preparation's remainder."""
+        steps = {name: spent for name, spent in self.own.items() if name != MODEL_LOAD}
+        other = data_preparation_s - sum(steps.values())
+        return {name: round(spent, 2) for name, spent in {**steps, "other_s": other}.items()}
+
+
+def preparation_steps(side: str) -> list[tuple[Any, str, Any, bool]]:
+    """What each side's build calls, as Stopwatch targets: (owner, attribute, bucket, detail).
+
+    The sftjob side: the job's config (spec to TrainerConfig); the pre-flight (preflight.py)
+    step by step (the speed plan's device, model config and lever self-checks apart);
+    SFTTrainer's own set-up, its tokenizing and packing (TRL's _prepare_dataset, each
+    call) and the count of rows over maxLength around it; the levers applied to the
+    trainer. The reference: its dataset load, its SFTConfig, SFTTrainer's set-up and its
+    tokenizing and packing.
+    """
+    import datasets
+    import trl
+    import trl.trainer.sft_trainer as trl_sft
+
+    common = [
+        (trl.SFTConfig, "__init__", "sft_config_s", False),
+        (trl.SFTTrainer, "__init__", "trainer_init_s", False),
+        (trl.SFTTrainer, "_prepare_dataset", "tokenize_pack_s", False),
+    ]
+    if side == "reference":
+        return [
+            (datasets, "load_dataset", "rows_s", False),
+            (trl_sft, "create_model_from_path", MODEL_LOAD, False),
+            *common,
+        ]
+    import sftjob_operator.api as api
+    import sftjob_operator.trainer_config as trainer_config
+    from sftjob_trainer import preflight, prepared_rows, settings, speed
+    from sftjob_trainer import train as product_train
+
+    switch_of = {id(lever.CONTRACT): lever.SWITCH for lever in speed.LEVERS}
+
+    def self_check(contract: Any, *args: Any, **kwargs: Any) -> str:
+        return f"self_check:{switch_of.get(id(contract), '?')}"
+
+    return [
+        (api, "parse_sftjob", "job_config_s", False),
+        (trainer_config, "build_trainer_config", "job_config_s", False),
+        (settings, "parse_config", "job_config_s", False),
+        (product_train, "prepare", "preflight_checks_s", False),  # what the rest leaves
+        (preflight, "plan_speed", "speed_plan_s", False),
+        (speed, "detect_hardware", "speed_hardware_s", False),
+        (speed, "model_shape", "speed_model_config_s", False),
+        (speed, "self_checks", "speed_self_checks_s", False),
+        (speed, "check", self_check, True),
+        (preflight, "build_sft_config", "sft_config_s", False),
+        (preflight, "fetch_dataset", "rows_s", False),
+        (preflight, "prepare_dataset", "rows_s", False),
+        (preflight, "split_eval", "rows_s", False),
+        (preflight, "load_tokenizer", "tokenizer_s", False),
+        (preflight, "check_chat_template", "chat_template_s", False),
+        (product_train, "load_model", MODEL_LOAD, False),
+        *common,
+        (prepared_rows, "prepare_counting", "row_counts_s", False),
+        (speed.SpeedPlan, "apply", "levers_apply_s", False),
+        *[(lever, "apply", f"apply:{lever.SWITCH}", True) for lever in speed.APPLIED],
+    ]
+
+
+def lever_details(detail: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The detail buckets by kind ("self_check", "apply"), each lever's seconds."""
+    out: dict[str, dict[str, float]] = {}
+    for name, spent in sorted(detail.items()):
+        kind, _, lever = name.partition(":")
+        out.setdefault(kind, {})[lever] = round(spent, 3)
+    return out
+
+
 def phases_from(marks: dict[str, float]) -> dict[str, float]:
     """The phases from the clock's marks (seconds since the process started).
 
@@ -219,11 +370,17 @@ def phases_from(marks: dict[str, float]) -> dict[str, float]:
     return {
         "startup_s": round(marks["imported"], 2),
         "model_load_s": round(model_load, 2),
-        "data_preparation_s": round(marks["built"] - marks["imported"] - model_load, 2),
+        "data_preparation_s": round(data_preparation_s(marks), 2),
         "first_step_s": round(marks["first_step"] - marks["train_begin"], 2),
         "training_s": round(marks["train_end"] - marks["first_step"], 2),
         "save_s": round(marks["saved"] - marks["train_end"], 2),
     }
+
+
+def data_preparation_s(marks: dict[str, float]) -> float:
+    """Building the trainer less its model load (unrounded: the preparation splits it)."""
+    model_load = marks["model_loaded"] - marks["model_load_began"]
+    return marks["built"] - marks["imported"] - model_load
 
 
 def first_step_sync() -> Any:
@@ -310,11 +467,18 @@ def run_child(
     clock.mark("imported")
     cuda = torch.cuda.is_available() and case.shape != "TINY"
     loads: list[tuple[float, float]] = []
+    stopwatch = Stopwatch()
     if side == "reference":
-        with timed_loader(trl_sft, "create_model_from_path", loads):
+        with (
+            stopwatch.wrapping(preparation_steps(side)),
+            timed_loader(trl_sft, "create_model_from_path", loads),
+        ):
             trainer = build_reference(case, work, cuda)
     else:
-        with timed_loader(product_train, "load_model", loads):
+        with (
+            stopwatch.wrapping(preparation_steps(side)),
+            timed_loader(product_train, "load_model", loads),
+        ):
             trainer = build_sftjob(case, work, cuda, output)
     clock.mark("built")
     clock.marks["model_load_began"] = loads[0][0] - spawned_at
@@ -338,6 +502,9 @@ def run_child(
         torch.cuda.synchronize()
     clock.mark("saved")
     line = result_line(side, case, trainer, meter, clock, cuda)
+    line["preparation"] = stopwatch.preparation(data_preparation_s(clock.marks))
+    if side == "sftjob":
+        line["preparation_levers"] = lever_details(stopwatch.detail)
     line["settings"]["planned_steps_uncapped"] = planned
     line["settings"]["planned_tokens_uncapped"] = round(epoch_tokens * args_epochs(trainer))
     if side == "sftjob":
