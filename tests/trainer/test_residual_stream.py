@@ -254,3 +254,18 @@ def test_the_check_leaves_the_random_state_as_it_found_it(trainer_stand_in: Any)
     torch.manual_seed(3)
     assert use_bf16_residual_stream(trainer_stand_in(model)).startswith("Embedding output cast")
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_the_check_compiles_nothing_under_flex_attention(trainer_stand_in: Any) -> None:
+    # transformers compiles flex_attention and its block mask on their first eager call:
+    # two graphs (12 s on this CPU, a Triton kernel on a GPU) that training never uses.
+    from torch._dynamo.utils import counters
+
+    model = tiny_model()
+    model.set_attn_implementation("flex_attention")
+    frames = counters["frames"]["total"]
+    trainer = trainer_stand_in(model)
+    # Checked (no "not checked: ..." note): the stream is bf16 under flex attention too.
+    assert use_bf16_residual_stream(trainer) == "Embedding output cast to bf16 while training runs"
+    assert counters["frames"]["total"] == frames
+    assert model.config._attn_implementation == "flex_attention"

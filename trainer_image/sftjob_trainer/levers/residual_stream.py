@@ -29,6 +29,7 @@ where they are not all bf16 (the rounding would come without the gain).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -53,7 +54,14 @@ class Bf16ResidualStream(ForwardHooksWhileTraining):
 def stream_dtypes(model: Any, embedding: nn.Module) -> set[torch.dtype] | None:
     """The dtypes of the hidden states between layers with the cast in place, from one
     forward of a few tokens under bf16 autocast; None where the model does not report
-    them (fewer than two layers, no hidden states, parameters not materialised)."""
+    them (fewer than two layers, no hidden states, parameters not materialised).
+
+    The forward runs with torch.compile's stance at force_eager: under flex attention
+    transformers compiles flex_attention and its block mask on their first eager call
+    (12 s on CPU for this forward, a Triton flex kernel and a mask on a GPU), graphs the
+    compiled training model never uses (it traces flex attention inline). Eager flex
+    attention computes the same attention unfused, in the same dtypes.
+    """
     device = next(model.parameters()).device
     if device.type == "meta":
         return None
@@ -66,7 +74,11 @@ def stream_dtypes(model: Any, embedding: nn.Module) -> set[torch.dtype] | None:
             torch.random.fork_rng(devices=cuda_devices),
             torch.no_grad(),
             torch.autocast(device.type, dtype=torch.bfloat16),
+            torch.compiler.set_stance("force_eager"),
+            warnings.catch_warnings(),
         ):
+            # Eager flex attention warns that it is unfused: meant here, for 4 tokens.
+            warnings.filterwarnings("ignore", message="flex_attention called without torch")
             out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
     finally:
         handle.remove()
