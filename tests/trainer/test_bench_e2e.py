@@ -109,6 +109,8 @@ def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
     text = report(lines)
     assert "End to end (each side its own process):" in text
     assert f"| reference | {ref['wall_s']:.1f} |" in text
+    assert "Data preparation by step (seconds, each step's own):" in text
+    assert f"- sftjob ({ours['phases']['data_preparation_s']:.2f} s): " in text
 
 
 def test_capped_reference_is_extrapolated_from_its_own_steps(tmp_path) -> None:
