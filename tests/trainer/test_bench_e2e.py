@@ -290,3 +290,19 @@ def test_stopwatch_gives_each_step_its_own_time_and_restores_what_it_wrapped() -
     assert dict(stopwatch.detail) == {"self_check:kept": 0.5}
     # Building took 13.5 s: 10 of them the model's load, its own phase.
     assert stopwatch.preparation(13.5 - 10.0) == {"prepare_s": 2.5, "other_s": 1.0}
+
+
+def test_the_wrapped_steps_keep_what_the_trainer_checks_of_them() -> None:
+    # The levers' self-checks read the signatures of TRL's classes (SFTConfig's fields)
+    # and the counting SFTTrainer reads _prepare_dataset's: timing must not change them.
+    from sftjob_bench.e2e import Stopwatch, preparation_steps
+    from sftjob_trainer.levers.contract import signature_mismatch
+    from sftjob_trainer.prepared_rows import trl_prepare_matches
+    from sftjob_trainer.speed import LEVERS
+
+    signatures = [s for lever in LEVERS for s in lever.CONTRACT.signatures]
+    assert any(s.target == "trl:SFTConfig" for s in signatures)
+    for side in ("reference", "sftjob"):
+        with Stopwatch().wrapping(preparation_steps(side)):
+            assert [signature_mismatch(s) for s in signatures] == [None] * len(signatures)
+            assert trl_prepare_matches()
