@@ -55,6 +55,8 @@ def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
         assert settings["steps"] == math.ceil(settings["packed_rows"] / 16)  # one epoch
         assert settings["steps"] >= 3 and len(side["losses"]) == settings["steps"]
         assert (tmp_path / name / "final" / "model.safetensors").is_file()
+        # Each side tokenized and packed the rows itself, in a datasets cache of its own.
+        assert list((tmp_path / "datasets-cache" / name).rglob("cache-*.arrow"))
         assert "extrapolated" not in side
         # Data preparation split by step, each step's own time: the steps add up to it.
         preparation = side["preparation"]
