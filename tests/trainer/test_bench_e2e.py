@@ -55,6 +55,8 @@ def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
         assert settings["steps"] == math.ceil(settings["packed_rows"] / 16)  # one epoch
         assert settings["steps"] >= 3 and len(side["losses"]) == settings["steps"]
         assert (tmp_path / name / "final" / "model.safetensors").is_file()
+        # Each side tokenized and packed the rows itself, in a datasets cache of its own.
+        assert list((tmp_path / "datasets-cache" / name).rglob("cache-*.arrow"))
         assert "extrapolated" not in side
         # Data preparation split by step, each step's own time: the steps add up to it.
         preparation = side["preparation"]
@@ -109,6 +111,8 @@ def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
     text = report(lines)
     assert "End to end (each side its own process):" in text
     assert f"| reference | {ref['wall_s']:.1f} |" in text
+    assert "Data preparation by step (seconds, each step's own):" in text
+    assert f"- sftjob ({ours['phases']['data_preparation_s']:.2f} s): " in text
 
 
 def test_capped_reference_is_extrapolated_from_its_own_steps(tmp_path) -> None:
@@ -288,3 +292,19 @@ def test_stopwatch_gives_each_step_its_own_time_and_restores_what_it_wrapped() -
     assert dict(stopwatch.detail) == {"self_check:kept": 0.5}
     # Building took 13.5 s: 10 of them the model's load, its own phase.
     assert stopwatch.preparation(13.5 - 10.0) == {"prepare_s": 2.5, "other_s": 1.0}
+
+
+def test_the_wrapped_steps_keep_what_the_trainer_checks_of_them() -> None:
+    # The levers' self-checks read the signatures of TRL's classes (SFTConfig's fields)
+    # and the counting SFTTrainer reads _prepare_dataset's: timing must not change them.
+    from sftjob_bench.e2e import Stopwatch, preparation_steps
+    from sftjob_trainer.levers.contract import signature_mismatch
+    from sftjob_trainer.prepared_rows import trl_prepare_matches
+    from sftjob_trainer.speed import LEVERS
+
+    signatures = [s for lever in LEVERS for s in lever.CONTRACT.signatures]
+    assert any(s.target == "trl:SFTConfig" for s in signatures)
+    for side in ("reference", "sftjob"):
+        with Stopwatch().wrapping(preparation_steps(side)):
+            assert [signature_mismatch(s) for s in signatures] == [None] * len(signatures)
+            assert trl_prepare_matches()

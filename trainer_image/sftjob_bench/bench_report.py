@@ -123,6 +123,26 @@ def end_to_end_table(sides: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def preparation_lines(sides: dict[str, dict[str, Any]]) -> list[str]:
+    """Each side's data preparation by step (e2e.py's `preparation`), largest first, with
+    the levers' self-checks and applies of the sftjob side."""
+    out = []
+    for name, side in sides.items():
+        steps = side.get("preparation")
+        if not steps:
+            continue
+        parts = [f"{step} {value:.2f}" for step, value in sorted(steps.items(), key=by_value)]
+        out.append(f"- {name} ({side['phases']['data_preparation_s']:.2f} s): {', '.join(parts)}")
+        for kind, levers in sorted((side.get("preparation_levers") or {}).items()):
+            each = [f"{lever} {value:.2f}" for lever, value in sorted(levers.items(), key=by_value)]
+            out.append(f"  - {kind}: {', '.join(each)}")
+    return out
+
+
+def by_value(item: tuple[str, float]) -> tuple[float, str]:
+    return -item[1], item[0]
+
+
 def report(lines: list[dict[str, Any]], title: str = "") -> str:
     sides = {line["side"]: line for line in lines if "side" in line}
     checks = [line for line in lines if line.get("check") == "packed_isolation"]
@@ -136,6 +156,9 @@ def report(lines: list[dict[str, Any]], title: str = "") -> str:
         out += ["", side_table(sides)]
         if all(side.get("kind") == "end_to_end" for side in sides.values()):
             out += ["", "End to end (each side its own process):", "", end_to_end_table(sides)]
+            preparation = preparation_lines(sides)
+            if preparation:
+                out += ["", "Data preparation by step (seconds, each step's own):", *preparation]
     if "reference" in sides and "sftjob" in sides:
         reference, ours = sides["reference"], sides["sftjob"]
         every = int(reference.get("settings", {}).get("logging_steps") or 1)

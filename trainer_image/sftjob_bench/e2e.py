@@ -7,7 +7,8 @@ The steady-state bench (bench.py) times the steps after the first five, in one p
 What a user waits for is the whole job: Python and the libraries starting, the model
 loading, the data being tokenized and packed, torch.compile, training, and the model
 written out. Here each side is a NEW Python process (`python -m sftjob_bench.e2e --child`),
-so nothing one side loaded, compiled or cached in memory helps the other.
+so nothing one side loaded, compiled or cached in memory helps the other; each also gets
+an empty datasets cache (HF_DATASETS_CACHE), so each reads, tokenizes and packs the rows.
 
 - reference: the seed's snippet as written (seed-notes.md "The reference's example job"):
   `SFTTrainer(model=<path>, train_dataset=<the rows>, args=SFTConfig(max_length=2048,
@@ -48,6 +49,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -631,12 +633,28 @@ def extrapolate(line: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+ENV_DATASETS_CACHE = "HF_DATASETS_CACHE"
+DATASETS_CACHE = "datasets-cache"
+
+
+def fresh_datasets_cache(work: Path, side: str) -> Path:
+    """An empty datasets cache for one side's run. In a shared one the side that runs
+    second found the rows read, tokenized and packed by the first (the same maps of the
+    same file: 0.04 s instead of 3.6 s for the reference job's rows on a CPU); a pod
+    starts with none."""
+    folder = work / DATASETS_CACHE / side
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def spawn(
     side: str, case: E2ECase, work: Path, gpu: str | None, max_steps: int, output_name: str
 ) -> tuple[subprocess.Popen[str], float]:
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    env[ENV_DATASETS_CACHE] = str(fresh_datasets_cache(work, side))
     spawned_at = time.time()
     command = [sys.executable, "-m", "sftjob_bench.e2e", "--child", side, "--case", case.name]
     command += ["--workdir", str(work), "--spawned-at", repr(spawned_at)]
