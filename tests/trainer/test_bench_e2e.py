@@ -120,6 +120,10 @@ def test_capped_reference_is_extrapolated_from_its_own_steps(tmp_path) -> None:
     (side,) = lines[1:]
     settings = side["settings"]
     assert settings["steps"] == 2 < settings["planned_steps_uncapped"]
+    # Stopped early, not shortened: the learning rates follow the whole job's schedule (its
+    # losses are comparable step by step), and the stop saves as the whole job's end does.
+    assert settings["planned_steps"] == settings["planned_steps_uncapped"]
+    assert (tmp_path / "reference" / "checkpoint-2" / "trainer_state.json").is_file()
     guess = side["extrapolated"]
     # The job's tokens (its packed rows, one epoch here) that the cap left untrained,
     # priced at the reference's own steady rate.

@@ -385,6 +385,25 @@ def data_preparation_s(marks: dict[str, float]) -> float:
     return marks["built"] - marks["imported"] - model_load
 
 
+def stop_after(steps: int) -> Any:
+    """Stops training after `steps` optimizer steps, keeping the whole job's schedule.
+
+    Setting max_steps instead would squeeze the learning-rate schedule into the capped
+    steps (other learning rates, other losses). The stop saves a checkpoint, as the whole
+    job's last step does (transformers saves there with step-based saving), so the save
+    phase is the one the whole job would have.
+    """
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step >= steps:
+                control.should_training_stop = True
+                control.should_save = True
+
+    return StopAfter()
+
+
 def first_step_sync() -> Any:
     """A callback that waits for the GPU at the first step's end, so that mark is real."""
     import torch
@@ -489,7 +508,7 @@ def run_child(
     # The job's tokens: each packed row's real tokens, every epoch (for an extrapolation).
     epoch_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     if max_steps > 0:  # a capped side: the same schedule, stopped early (see extrapolate)
-        trainer.args.max_steps = max_steps
+        trainer.add_callback(stop_after(max_steps))
     meter = make_callback({"trainer": trainer}, cuda, case.skip)
     trainer.add_callback(first_step_sync())
     trainer.add_callback(meter)
