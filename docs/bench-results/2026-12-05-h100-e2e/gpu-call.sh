@@ -1,0 +1,39 @@
+#!/bin/bash
+# The device calls of issue 24's end-to-end runs (2026-12-05), from the repository root of a
+# GPU machine whose .whl/ holds the wheels its image lacks (trl, datasets: see
+# /work/shared/docs/environment-facts.md):  BUDGET=430 bash docs/bench-results/2026-12-05-h100-e2e/gpu-call.sh ref autoours fill warm
+# Each stage runs only if time is left (BUDGET seconds from start); $OUT receives the files.
+# (Run then from a copy of the tree one folder down, .gpu-tree/, so with ../.whl.)
+START=$(date +%s); BUDGET=${BUDGET:-585}
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+cd "$(dirname "$0")/../../.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+export PYTHONPATH=/tmp/site:$PWD/.whl-bnb/site:$PWD/trainer_image:$PWD/operator
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/card.txt
+python3 -c "import torch,transformers,trl;print(torch.__version__,transformers.__version__,trl.__version__, torch.cuda.get_device_name(0))" >> $OUT/card.txt 2>&1
+cat $OUT/card.txt
+for stage in "$@"; do
+  L=$(left); echo "== $stage (left ${L}s)"; [ "$L" -lt 40 ] && { echo "skip $stage: no time"; continue; }
+  T=$(( L - 15 ))
+  case $stage in
+    ref) timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides reference --max-steps-reference ${REF_STEPS:-10} > $OUT/ref.jsonl 2> $OUT/ref.log; echo "ref exit $?";;
+    autoours) export HF_HOME=/tmp/model-cache-empty; timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output auto > $OUT/autoours.jsonl 2> $OUT/autoours.log; echo "autoours exit $?";;
+    auto) export HF_HOME=/tmp/model-cache; timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --max-steps-reference ${REF_STEPS:-20} > $OUT/auto.jsonl 2> $OUT/auto.log; echo "auto exit $?";;
+    fill) export HF_HOME=/tmp/model-cache; SFTJOB_SPEED='{"compile": "on"}' timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output job1 --max-steps-sftjob 3 > $OUT/fill.jsonl 2> $OUT/fill.log; echo "fill exit $?"; ls -la /tmp/model-cache/sftjob-compile-cache;;
+    e2e) export HF_HOME=/tmp/model-cache; timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --max-steps-reference 40 > $OUT/e2e.jsonl 2> $OUT/e2e.log; echo "e2e exit $?";;
+    cold) export HF_HOME=/tmp/model-cache; timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob > $OUT/cold.jsonl 2> $OUT/cold.log; echo "cold exit $?";;
+    warm) export HF_HOME=/tmp/model-cache; timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output job2 > $OUT/warm.jsonl 2> $OUT/warm.log; echo "warm exit $?";;
+    whole) unset HF_HOME; timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output whole > $OUT/whole.jsonl 2> $OUT/whole.log; echo "whole exit $?";;
+    regional) unset HF_HOME; SFTJOB_COMPILE_REGIONS=on timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output regional > $OUT/regional.jsonl 2> $OUT/regional.log; echo "regional exit $?";;
+    reference) timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides reference > $OUT/reference.jsonl 2> $OUT/reference.log; echo "reference exit $?";;
+    qlora) python3 -c "import bitsandbytes as b, torch; l=b.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16, quant_type='nf4').cuda(); print('bnb', b.__version__, l(torch.randn(2, 64, device='cuda', dtype=torch.bfloat16)).shape)" 2>&1 | tail -1; timeout $T python3 -m sftjob_bench.bench --case llama8b-qlora --steps 10 --skip 3 --memory-gib 80 --side-timeout 220 --workdir /tmp/q > $OUT/qlora.jsonl 2> $OUT/qlora.log; echo "qlora exit $?";;
+  esac
+  for f in $OUT/*.log; do [ -f "$f" ] && [ $(stat -c %s "$f") -gt 2000000 ] && { gzip -f "$f"; }; done
+done
+for f in $OUT/*.jsonl; do echo "--- $f"; grep -h '"side"\|"check"' $f | python3 -c "
+import sys,json
+for l in map(json.loads,sys.stdin):
+    if 'check' in l: print(l); continue
+    print(l.get('side'), 'wall', l.get('wall_s'), 'tps', l.get('tokens_per_s'), 'tps_e2e', l.get('tokens_per_s_e2e'), 'load->first', l.get('model_loaded_to_first_step_s'), 'phases', l.get('phases'), 'cc', (l.get('compile_cache') or {}).get('warm'), 'extrap', l.get('extrapolated'))
+" 2>&1 | cut -c1-900; done
+ls -la $OUT
