@@ -242,6 +242,8 @@ def test_goals_24_judge_a_capped_reference_by_its_extrapolated_job() -> None:
     assert "(extrapolated)" in verdicts["e2e: whole job at least 3.0x the snippet"]
     assert failing(files) == []
     assert "(the capped reference's)" in verdicts["e2e: losses agree within 1% at every log"]
+    text = report(files["e2e"])
+    assert "(a capped side: its whole job is extrapolated)" in text and "NOT the same" not in text
     reference["extrapolated"]["wall_s"] = 250.0
     assert failing(files) == ["e2e: whole job at least 3.0x the snippet"]
     reference["extrapolated"]["wall_s"] = 330.0

@@ -164,11 +164,18 @@ def report(lines: list[dict[str, Any]], title: str = "") -> str:
         every = int(reference.get("settings", {}).get("logging_steps") or 1)
         table, worst = loss_table(reference["losses"], ours["losses"], every)
         same_tokens = reference.get("tokens_total") == ours.get("tokens_total")
+        capped = any(side.get("extrapolated") for side in (reference, ours))
         out += [
             "",
             f"Largest relative loss difference: {worst:.1e}; tokens trained on: "
             f"{reference.get('tokens_total'):,} and {ours.get('tokens_total'):,}"
-            + ("" if same_tokens else " (NOT the same: the sides did not see the same data)"),
+            + (
+                ""
+                if same_tokens
+                else " (a capped side: its whole job is extrapolated)"
+                if capped
+                else " (NOT the same: the sides did not see the same data)"
+            ),
             "",
             table,
         ]
