@@ -26,6 +26,16 @@ def launch(config: Path, log: Path, **env: str) -> subprocess.Popen:
     )
 
 
+def relaunch_completes(config: Path, log: Path, planned: int, *, resumed_from: int) -> None:
+    """The trainer launched again finishes the plan, resumed from checkpoint-`resumed_from`."""
+    again = launch(config, log)
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, out[-3000:]
+    done = json.loads(log.read_text())
+    assert done["reason"] == "Completed" and done["step"] == planned
+    assert f"resumed from checkpoint-{resumed_from}" in done["message"]
+
+
 def test_sigterm_checkpoints_then_restart_resumes_to_planned_steps(make_config, tmp_path):
     config = make_config({"dataset": {"limit": 64}, "training": {"saveSteps": 100}})
     planned = plan_for(load_config(config).spec).totalSteps
@@ -44,12 +54,7 @@ def test_sigterm_checkpoints_then_restart_resumes_to_planned_steps(make_config, 
     assert checkpoint is not None and checkpoint.name == f"checkpoint-{stopped_at}"
     assert not (output / "final").exists()
 
-    second = launch(config, log)
-    out, _ = second.communicate(timeout=120)
-    assert second.returncode == 0, out[-3000:]
-    done = json.loads(log.read_text())
-    assert done["reason"] == "Completed" and done["step"] == planned
-    assert f"resumed from checkpoint-{stopped_at}" in done["message"]
+    relaunch_completes(config, log, planned, resumed_from=stopped_at)
     state = json.loads(
         (newest_checkpoint(output / "checkpoints") / "trainer_state.json").read_text()
     )
@@ -151,11 +156,6 @@ def test_the_last_checkpoint_keeps_no_optimizer_and_a_relaunch_from_it_only_save
     # the last checkpoint, trains no step and writes the final model.
     final = output / "final" / "model.safetensors"
     final.unlink()
-    second = launch(config, log)
-    out, _ = second.communicate(timeout=120)
-    assert second.returncode == 0, out[-3000:]
-    done = json.loads(log.read_text())
-    assert done["reason"] == "Completed" and done["step"] == planned
-    assert f"resumed from checkpoint-{planned}" in done["message"]
+    relaunch_completes(config, log, planned, resumed_from=planned)
     assert final.is_file()
     assert newest_checkpoint(checkpoints) == last  # no step trained, nothing new saved
