@@ -133,8 +133,8 @@ class Job:
     shrunk: bool = False  # the operator shrank the batch after an OOM
     extra_args: tuple[str, ...] = ()
     world_size: int = 1  # training processes in the whole run
-    # At most this many tokens one GPU trains (the operator's planned steps x the batch x
-    # maxLength; packed rows are at most maxLength); None when no plan says.
+    # At most this many tokens one GPU trains (speed.run_tokens_per_gpu: the planned steps
+    # or the training rows, at maxLength each); None when neither is known.
     run_tokens_per_gpu: int | None = None
     # Tokens per GPU after which a cold compile (minutes) has paid for itself (measured).
     compile_payback_tokens: int | None = None
