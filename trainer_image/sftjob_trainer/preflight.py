@@ -5,12 +5,13 @@ the tokenizer and the device can tell is checked first, each failure in the clas
 operator never retries (ConfigError, DataError), naming the spec field, the file and row,
 or the template feature to change:
 
-1. the data: every row of every file (data.prepare_dataset);
-2. the speed plan (which reads how many rows there are), and levers or an attention that
+1. an s3:// output: the bucket takes our writes (object_store.check_output);
+2. the data: every row of every file (data.prepare_dataset);
+3. the speed plan (which reads how many rows there are), and levers or an attention that
    cannot train on this device;
-3. SFTConfig built from the spec (config_map.build_sft_config: the argument it refuses,
+4. SFTConfig built from the spec (config_map.build_sft_config: the argument it refuses,
    seeds, `report_to` packages, extraArgs values, the learning-rate schedule);
-4. the tokenizer and its chat template: one row of each shape in the data (tool calls,
+5. the tokenizer and its chat template: one row of each shape in the data (tool calls,
    system or tool messages...) rendered as TRL will render it, and, for assistant-only
    loss, the `{% generation %}` markers TRL needs.
 
@@ -71,6 +72,8 @@ def prepare(config: TrainerConfig) -> Prepared:
     resolved = config.resolved
     if resolved["method"] == "qlora":
         quantization_config()  # raises ConfigError without a GPU or bitsandbytes
+    if is_s3(spec.output.uri):
+        check_output(spec)  # before hours of training: the bucket takes our writes
     # An s3:// dataset is copied to a local folder first; rows are then named by local file.
     source = fetch_dataset(spec) if is_s3(spec.dataset.uri) else spec.dataset
     dataset, fmt = prepare_dataset(source)
@@ -91,8 +94,6 @@ def prepare(config: TrainerConfig) -> Prepared:
         dataset_format=spec.dataset.format if spec.dataset.format != "auto" else None,
         speed=speed,
     )
-    if is_s3(spec.output.uri):
-        check_output(spec)  # before hours of training: the bucket takes our writes
     if fmt == "text" and spec.dataset.textField != args.dataset_text_field:
         args.dataset_text_field = spec.dataset.textField
     check_loss_settings(args, fmt, dataset)
