@@ -7,10 +7,12 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from lever_jobs import SEED_REFERENCE_JOB
 from sftjob_trainer.levers.compile_cache import (
     OUTPUT_CACHE,
     SHARED_CACHE,
@@ -96,9 +98,6 @@ def test_the_key_follows_what_decides_the_kernels() -> None:
 
 
 def test_the_planner_compiles_a_short_run_only_with_its_artifacts_at_hand(tmp_path) -> None:
-    from dataclasses import replace
-
-    from lever_jobs import SEED_REFERENCE_JOB
     from sftjob_trainer.speed import (
         Hardware,
         ModelShape,
@@ -182,23 +181,9 @@ def test_the_scratch_hf_home_is_not_a_shared_cache(tmp_path) -> None:
 
 
 def test_status_speed_plan_says_whether_the_cache_was_warm() -> None:
-    from sftjob_trainer.speed import (
-        Hardware,
-        Job,
-        SpeedOptions,
-        decide,
-        speed_plan_status,
-    )
+    from sftjob_trainer.speed import Hardware, SpeedOptions, decide, speed_plan_status
 
-    job = Job(
-        method="full",
-        per_device=2,
-        accumulation=8,
-        max_length=256,
-        padding_free=True,
-        checkpointing=True,
-        bf16=False,
-    )
+    job = replace(SEED_REFERENCE_JOB, max_length=256, bf16=False)
     plan = decide(SpeedOptions(compile="on"), Hardware(cuda=False, memory_gib=8.0), job, None)
     args = SimpleNamespace(
         per_device_train_batch_size=2,
@@ -238,8 +223,6 @@ def test_regional_compilation_keeps_the_losses_to_the_bit(tmp_path) -> None:
 
 
 def test_the_run_length_comes_from_the_plan_else_from_the_rows(make_config) -> None:
-    from dataclasses import replace
-
     from sftjob_trainer.settings import load_config
     from sftjob_trainer.speed import run_tokens_per_gpu
 
