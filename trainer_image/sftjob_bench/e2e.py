@@ -200,25 +200,6 @@ class Clock:
         return self.marks[name]
 
 
-@contextlib.contextmanager
-def timed_loader(module: Any, name: str, calls: list[tuple[float, float]]) -> Any:
-    """Note (start, end) of every call of `module.name` (the model loader), called unchanged."""
-    original = getattr(module, name)
-
-    def timing(*args: Any, **kwargs: Any) -> Any:
-        started = time.time()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            calls.append((started, time.time()))
-
-    setattr(module, name, timing)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
 MODEL_LOAD = "model_load"  # the loader's bucket: its own phase, not a part of preparation
 
 
@@ -234,6 +215,8 @@ class Stopwatch:
         self.clock = clock
         self.own: defaultdict[str, float] = defaultdict(float)
         self.detail: defaultdict[str, float] = defaultdict(float)
+        # (start, end) of each call, by bucket, on `clock`: where the model load lay.
+        self.spans: defaultdict[str, list[tuple[float, float]]] = defaultdict(list)
         self._inner = threading.local()  # per thread: the nested calls' time, innermost last
 
     def _stack(self) -> list[float]:
@@ -259,7 +242,9 @@ class Stopwatch:
             try:
                 return function(*args, **kwargs)
             finally:
-                spent = self.clock() - started
+                ended = self.clock()
+                spent = ended - started
+                self.spans[name].append((started, ended))
                 if detail:
                     self.detail[name] += spent
                 else:
@@ -479,31 +464,26 @@ def run_child(
         from sftjob_trainer.levers.compile_model import keep_compiled_kernels
 
         keep_compiled_kernels(str(output))
+    # Each side's libraries imported before the mark: their import time is startup.
     import torch
-    import trl.trainer.sft_trainer as trl_sft
-    from sftjob_trainer import train as product_train
+    import trl.trainer.sft_trainer  # noqa: F401
+    from sftjob_trainer import train  # noqa: F401
 
     from .common import make_callback
 
     clock.mark("imported")
     cuda = torch.cuda.is_available() and case.shape != "TINY"
-    loads: list[tuple[float, float]] = []
     stopwatch = Stopwatch()
-    if side == "reference":
-        with (
-            stopwatch.wrapping(preparation_steps(side)),
-            timed_loader(trl_sft, "create_model_from_path", loads),
-        ):
+    with stopwatch.wrapping(preparation_steps(side)):
+        if side == "reference":
             trainer = build_reference(case, work, cuda)
-    else:
-        with (
-            stopwatch.wrapping(preparation_steps(side)),
-            timed_loader(product_train, "load_model", loads),
-        ):
+        else:
             trainer = build_sftjob(case, work, cuda, output)
     clock.mark("built")
-    clock.marks["model_load_began"] = loads[0][0] - spawned_at
-    clock.marks["model_loaded"] = loads[-1][1] - spawned_at
+    to_wall = time.time() - time.perf_counter() - spawned_at  # perf_counter -> clock marks
+    loads = stopwatch.spans[MODEL_LOAD]
+    clock.marks["model_load_began"] = loads[0][0] + to_wall
+    clock.marks["model_loaded"] = loads[-1][1] + to_wall
     planned = uncapped_steps(trainer)
     # The job's tokens: each packed row's real tokens, every epoch (for an extrapolation).
     epoch_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
@@ -515,7 +495,6 @@ def run_child(
     clock.mark("train_begin")
     with contextlib.redirect_stdout(sys.stderr):
         trainer.train()
-    to_wall = time.time() - time.perf_counter() - spawned_at  # perf_counter -> clock marks
     clock.marks["first_step"] = meter.marks[1][0] + to_wall
     clock.marks["train_end"] = meter.marks[-1][0] + to_wall
     trainer.save_model(str(output / "final"))
