@@ -123,7 +123,14 @@ def test_estimate_counts_the_logits_the_lean_head_keeps() -> None:
     no_copies = {"castWeightsOncePerStep": "off"}  # their 2.4 GiB are another test's
     kept = decide(SpeedOptions(**no_copies), H100, SEED_REFERENCE_JOB, QWEN_15B)
     assert "estimate 51.0 of" in kept.summary()["autoMicroBatch"]["reason"]
-    no_static = decide(SpeedOptions(compile="off", **no_copies), H100, SEED_REFERENCE_JOB, QWEN_15B)
+    # Uncompiled, flex attention's batches are static too (static_batches.py).
+    eager = decide(SpeedOptions(compile="off", **no_copies), H100, SEED_REFERENCE_JOB, QWEN_15B)
+    assert eager.static_length == 4 * 2048
+    assert "estimate 51.0 of" in eager.summary()["autoMicroBatch"]["reason"]
+    # The user's own pad_to_multiple_of: no static batches, so no logits are kept.
+    own_padding = replace(SEED_REFERENCE_JOB, extra_args=("pad_to_multiple_of",))
+    no_static = decide(SpeedOptions(**no_copies), H100, own_padding, QWEN_15B)
+    assert no_static.static_length is None
     assert "estimate 48.7 of" in no_static.summary()["autoMicroBatch"]["reason"]
     no_lean = decide(
         SpeedOptions(lightMetrics="off", **no_copies), H100, SEED_REFERENCE_JOB, QWEN_15B
@@ -269,7 +276,10 @@ def test_a_short_run_compiles_only_with_a_warm_cache() -> None:
     auto = SpeedOptions()
     cold = decide(auto, H100, replace(short, compile_cache_warm=False), QWEN_15B)
     reason = cold.summary()["compile"]["reason"]
-    assert not cold.on("compile") and cold.static_length is None
+    assert not cold.on("compile")
+    # Uncompiled, flex attention still compiles its kernels: it pads to one shape itself.
+    assert cold.static_length == 4 * 2048
+    assert "padded to 8192 tokens" in cold.summary()["flexAttention"]["reason"]
     assert "6.2M tokens per GPU" in reason and f"{payback / 1e6:.1f}M" in reason
     # Uncompiled, the levers that stand in for inductor's fusions are wanted again.
     assert "compiled" not in cold.summary()["ligerKernel"]["reason"]

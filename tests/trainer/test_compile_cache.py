@@ -56,6 +56,9 @@ def test_a_second_job_of_the_same_shape_loads_the_first_ones_kernels(tmp_path) -
     assert (tmp_path / "job1" / "sftjob" / OUTPUT_CACHE / blob).is_file()
     assert (shared / SHARED_CACHE / blob).is_file()
     assert "compile cache cold" in first["stderr"]
+    # Where the first step's seconds went, by torch's own timers (logged after step 1 too).
+    assert cache["compile_seconds"]["_compile.compile_inner"] > 0
+    assert "compile seconds {'_compile.compile_inner'" in first["stderr"]
 
     # Another job (its own output folder, so inductor's own cache there is empty).
     second = sftjob_run(tmp_path / "job2", shared)
@@ -121,11 +124,12 @@ def test_the_planner_compiles_a_short_run_only_with_its_artifacts_at_hand(tmp_pa
         return decide(SpeedOptions(), h100, job, shape)
 
     def key(plan: Any) -> str:
-        return "k" + str(plan.static_length)
+        return f"{plan.kernels_lever}-{plan.static_length}"
 
     cold = planned_with_compile_cache(planned, short, key, dirs)
     assert asked == [None, False]
-    assert not cold.on("compile") and cold.compile_cache_key is None
+    # Not compiled; flex attention's own kernels are kept under the uncompiled plan's key.
+    assert not cold.on("compile") and cold.compile_cache_key == "flexAttention-8192"
     # Another job of the shape left its artifacts on the shared volume: compiled, under the key.
     expected = key(decide(SpeedOptions(), h100, short, shape))
     dirs[1].mkdir(parents=True)
@@ -133,7 +137,7 @@ def test_the_planner_compiles_a_short_run_only_with_its_artifacts_at_hand(tmp_pa
     asked.clear()
     warm = planned_with_compile_cache(planned, short, key, dirs)
     assert asked == [None, True]
-    assert warm.on("compile") and warm.compile_cache_key == expected
+    assert warm.on("compile") and warm.compile_cache_key == expected == "compile-8192"
     # A run the first pass does not compile is never looked up.
     asked.clear()
     off = planned_with_compile_cache(
@@ -145,7 +149,11 @@ def test_the_planner_compiles_a_short_run_only_with_its_artifacts_at_hand(tmp_pa
         key,
         dirs,
     )
-    assert asked == [None] and off.compile_cache_key is None
+    assert asked == [None] and off.compile_cache_key == "flexAttention-8192"
+    # Nothing compiled at all (neither the model nor flex attention): no key.
+    plain = SpeedOptions(compile="off", flexAttention="off")
+    none = planned_with_compile_cache(lambda job: decide(plain, h100, job, shape), short, key, dirs)
+    assert none.kernels_lever is None and none.compile_cache_key is None
 
 
 def test_another_keys_artifacts_are_never_loaded(tmp_path) -> None:

@@ -258,7 +258,10 @@ def test_the_planner_checks_the_levers_it_turns_on_and_only_those() -> None:
         not plan.on("rotaryTablesOnce")
         and "not compiled" in choice(plan, "rotaryTablesOnce").reason
     )
-    assert plan.on("flexAttention") and plan.static_length is None
+    # Uncompiled, flex attention pads the batches itself (its own kernels compile once).
+    assert plan.on("flexAttention") and plan.static_length == default.static_length
+    assert "pad_to_multiple_of" in choice(plan, "flexAttention").sft
+    assert "pad_to_multiple_of" not in choice(default, "flexAttention").sft
 
     # On CPU every "auto" lever is off: nothing to check, nothing probed at start.
     asked.clear()

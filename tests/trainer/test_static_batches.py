@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from sftjob_trainer.levers.compile_model import PADDING_KEY, VARLEN_KEYS
+from sftjob_trainer.levers.static_batches import PADDING_KEY, VARLEN_KEYS
 from sftjob_trainer.settings import load_config
 from sftjob_trainer.train import build_trainer
 from transformers import TrainerCallback
@@ -158,3 +158,54 @@ def test_varying_shapes_would_recompile(trainer_for: Any, fresh_dynamo: None) ->
     trainer.train()
     graphs = trainer.recorded.graphs
     assert graphs[-1] > graphs[0], graphs
+
+
+def test_an_uncompiled_flex_plan_pads_and_keeps_its_kernels(
+    trainer_for: Any, tmp_path: Path
+) -> None:
+    """The plan of a GPU run whose model is not compiled: flex attention pads the batches
+    (static_batches.py) and its kernels go to the compile cache under the plan's key.
+
+    On CPU flex attention has no backward (the pre-flight refuses it), so that plan is
+    applied to a trainer built with SDPA and no lever that pads; the wiring is the same.
+    """
+    from sftjob_trainer.levers.contract import Choice
+    from sftjob_trainer.speed import SpeedPlan, speed_plan_status
+
+    # The user's own pad_to_multiple_of: TRL pads to it, and no lever of the built plan pads.
+    trainer = trainer_for(
+        {"flexAttention": "off", "compile": "off"}, {"pad_to_multiple_of": STATIC}
+    )
+    assert trainer.sftjob_speed_plan.static_length is None
+    flex = Choice("flexAttention", True, "GPU plan", sft={"pad_to_multiple_of": STATIC})
+    plan = SpeedPlan(
+        (flex, Choice("compile", False, "a short run")),
+        output_dir=str(tmp_path),
+        compile_cache_key="flexkey",
+    )
+    assert plan.static_length == STATIC and plan.kernels_lever == "flexAttention"
+    plan.apply(trainer)
+    trainer.sftjob_speed_plan = plan
+
+    rows = [trainer.train_dataset[i] for i in range(PER_DEVICE)]
+    batch = trainer.data_collator(rows)
+    assert batch["input_ids"].size(1) == STATIC and not set(VARLEN_KEYS) & set(batch)
+    assert batch[PADDING_KEY] == STATIC - sum(len(row["input_ids"]) for row in rows)
+    cache = trainer.sftjob_compile_cache
+    assert cache.key == "flexkey" and cache.dirs[0] == tmp_path / ".sftjob-cache" / (
+        "compile-artifacts"
+    )
+    # status.speedPlan says it on the flex lever, the one whose kernels are kept.
+    levers = {lever["name"]: lever for lever in speed_plan_status(trainer)["levers"]}
+    assert levers["flexAttention"]["reason"].startswith("compile cache cold (key flexkey")
+    assert levers["compile"]["reason"] == "a short run"
+
+    # The padding is not trained on and not counted: the same run as without it.
+    trainer.train()
+    plain = trainer_for({"flexAttention": "off", "compile": "off"}, {})
+    plain.train()
+    ours, reference = trainer.recorded.logs, plain.recorded.logs
+    assert len(ours) == len(reference) == STEPS
+    for a, b in zip(ours, reference, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["num_tokens"] == b["num_tokens"]

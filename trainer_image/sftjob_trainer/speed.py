@@ -80,6 +80,7 @@ from .levers.contract import (
     check,
 )
 from .levers.device_memory import capped_memory_gib
+from .levers.static_batches import static_length, use_static_batches
 
 log = logging.getLogger("sftjob_trainer.speed")
 
@@ -104,7 +105,8 @@ MAX_REASON = 256
 
 # The levers that act on the built trainer, in the order they wrap it: lean steps replace
 # compute_loss (calling TRL's only for evaluation), so the static batches' wrapper, which
-# takes the padding count out of the inputs, must go around them, not under them.
+# takes the padding count out of the inputs, must go around them, not under them
+# (SpeedPlan.apply puts it on right after them).
 APPLIED: tuple[TrainerLever, ...] = (
     light_metrics,
     compile_model,
@@ -272,19 +274,38 @@ class SpeedPlan:
 
     @property
     def static_length(self) -> int | None:
-        """Tokens every packed micro-batch is padded to, when the compile lever pads."""
+        """Tokens every packed micro-batch is padded to, when the compile or the flex
+        attention lever pads (static_batches.py)."""
         for choice in self.choices:
             if choice.on and "pad_to_multiple_of" in choice.sft:
                 return int(choice.sft["pad_to_multiple_of"])
         return None
 
+    @property
+    def kernels_lever(self) -> str | None:
+        """The lever whose compiled kernels the compile cache keeps: the whole model's
+        (compile), or flex attention's own when the model is not compiled."""
+        for lever in (compile_model.SWITCH, flex_attention.SWITCH):
+            if self.on(lever):
+                return lever
+        return None
+
     def apply(self, trainer: Any) -> None:
-        """The levers that act on the built trainer rather than on its arguments."""
+        """The levers that act on the built trainer rather than on its arguments, the
+        static batches, and the compile cache of the plan's key."""
         for lever in APPLIED:
             if self.on(lever.SWITCH):
                 done = lever.apply(trainer, self)
                 if done is not None:
                     log.info("speed %s: %s", lever.SWITCH, done)
+            if lever is light_metrics and self.static_length is not None:
+                use_static_batches(trainer, self.static_length)
+        cache_off = os.environ.get(compile_cache.ENV_COMPILE_CACHE, "").lower() == "off"
+        if self.output_dir and self.compile_cache_key and not cache_off:
+            cache = compile_cache.use_compile_cache(
+                trainer, self.compile_cache_key, self.output_dir
+            )
+            log.info("speed %s: %s", self.kernels_lever, cache.describe())
 
 
 def shortened(text: str, limit: int) -> str:
@@ -340,8 +361,11 @@ def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None)
     light = light_metrics.decide(opt, hw, job)
     copies = cast_weights_once.decide(opt, hw, job)  # its copies count in the batch estimate
     # The lean head keeps its logits only over static batches (lean_steps.use_lean_steps);
-    # whether batches are static does not depend on the micro-batch chosen.
-    static = "pad_to_multiple_of" in compile_model.decide(opt, hw, job, flex.on, job.per_device).sft
+    # whether batches are static does not depend on the micro-batch chosen: the compile
+    # lever pads when it compiles, flex attention when the model is not compiled.
+    compiling = compile_model.decide(opt, hw, job, flex.on, job.per_device)
+    padded_for_flex = flex.on and static_length(job, job.per_device) is not None
+    static = "pad_to_multiple_of" in compiling.sft or padded_for_flex
     sized = functools.partial(
         micro_batch.decide,
         opt,
@@ -375,6 +399,8 @@ def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None)
             micro = roomier
     per_device = int(micro.sft.get("per_device_train_batch_size", job.per_device))
     compiled = compile_model.decide(opt, hw, job, flex=flex.on, per_device=per_device)
+    if "pad_to_multiple_of" not in compiled.sft:
+        flex = flex_attention.with_static_batches(flex, job, per_device)
     choices = (
         flex,
         micro,
@@ -557,11 +583,11 @@ def plan_speed(config: Any, dataset_rows: int | None = None) -> SpeedPlan:
     plan = planned_with_compile_cache(planned, job, key_of, compile_cache.cache_dirs(output))
     plan = dataclasses.replace(plan, output_dir=output)
     plan.log()
-    if plan.on(compile_model.SWITCH):
+    if plan.kernels_lever is not None:
         # Before anything asks inductor for its cache: the first ask pins the /tmp default.
         keep_compiled_kernels(output)
-        if plan.on(flex_attention.SWITCH):
-            block_mask_in_graph()
+    if plan.on(compile_model.SWITCH) and plan.on(flex_attention.SWITCH):
+        block_mask_in_graph()
     return plan
 
 
@@ -575,18 +601,17 @@ def planned_with_compile_cache(
 
     Decided once not knowing; if that compiles, its key is looked up in `cache_dirs` and
     the plan decided again with the answer (a short run with a cold cache does not
-    compile, and its other levers then stand in for inductor's fusions).
+    compile, and its other levers then stand in for inductor's fusions). A plan that
+    compiles kernels, the model's or only flex attention's, gets its key (another key
+    when the model is not compiled: the levers on or off are part of it).
     """
     plan = planned(job)
-    if not plan.on(compile_model.SWITCH):
+    if plan.on(compile_model.SWITCH):
+        warm = compile_cache.has_artifacts(key_of(plan), cache_dirs)
+        plan = planned(dataclasses.replace(job, compile_cache_warm=warm))
+    if plan.kernels_lever is None:
         return plan
-    key = key_of(plan)
-    plan = planned(
-        dataclasses.replace(job, compile_cache_warm=compile_cache.has_artifacts(key, cache_dirs))
-    )
-    if not plan.on(compile_model.SWITCH):
-        return plan
-    return dataclasses.replace(plan, compile_cache_key=key)
+    return dataclasses.replace(plan, compile_cache_key=key_of(plan))
 
 
 def checks_once(opt: SpeedOptions, device: str) -> Callable[[tuple[Lever, ...]], dict[str, str]]:
@@ -615,6 +640,6 @@ def speed_plan_status(trainer: Any) -> dict[str, Any] | None:
     cache = getattr(trainer, "sftjob_compile_cache", None)
     if cache is not None:  # warm or cold, said first so the bound on a reason keeps it
         for lever in status["levers"]:
-            if lever["name"] == compile_model.SWITCH:
+            if lever["name"] == plan.kernels_lever:
                 lever["reason"] = shortened(f"{cache.describe()}; {lever['reason']}", MAX_REASON)
     return status

@@ -42,6 +42,8 @@ SHARED_CACHE = "sftjob-compile-cache"
 # children.py's HF_HOME when no profile mounts a model cache: scratch, gone with the pod.
 SCRATCH_HF_HOME = "/tmp/hf-home"
 SUFFIX = ".torch-artifacts"
+# "off" turns the cache off (nothing looked up, loaded or saved).
+ENV_COMPILE_CACHE = "SFTJOB_COMPILE_CACHE"
 
 
 def cache_dirs(output_dir: str | Path, env: Mapping[str, str] | None = None) -> list[Path]:
@@ -192,6 +194,7 @@ class CompileCache:
             "loaded_artifacts": self.loaded_artifacts,
             "saved_artifacts": self.saved_artifacts,
             "hits": cache_hits(),
+            "compile_seconds": compile_seconds(),
             "notes": self.notes,
         }
 
@@ -220,6 +223,29 @@ def cache_hits() -> dict[str, int]:
     }
 
 
+# torch's compile timers that say where a first step's seconds went: dynamo in all, its
+# bytecode tracing, AOTAutograd, inductor's compile and its wait for the kernels' builds.
+COMPILE_TIMERS = (
+    "_compile.compile_inner",
+    "bytecode_tracing",
+    "create_aot_dispatcher_function",
+    "compile_fx_inner",
+    "async_compile.wait",
+)
+
+
+def compile_seconds() -> dict[str, float]:
+    """Seconds this process spent in each of torch's compile timers (COMPILE_TIMERS)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, seconds = compile_times(repr="csv", aggregate=True)
+        times = dict(zip(names, seconds, strict=True))
+    except Exception:  # a diagnostic only: another torch may name or shape them otherwise
+        return {}
+    return {name: round(float(times[name]), 1) for name in COMPILE_TIMERS if name in times}
+
+
 def saving_callback(cache: CompileCache, world_zero: bool) -> Any:
     """Saves the artifacts after the first optimizer step and at the end of training."""
     from transformers import TrainerCallback
@@ -227,7 +253,12 @@ def saving_callback(cache: CompileCache, world_zero: bool) -> Any:
     class SaveCompileCache(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == 1 or (state.global_step > 1 and not cache.saved_artifacts):
-                log.info("compile cache after step %d: %s", state.global_step, cache_hits())
+                log.info(
+                    "compile cache after step %d: %s; compile seconds %s",
+                    state.global_step,
+                    cache_hits(),
+                    compile_seconds(),
+                )
                 if world_zero:
                     cache.save()
 

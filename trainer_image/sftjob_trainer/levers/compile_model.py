@@ -15,7 +15,8 @@ from typing import Any
 
 from .compile_cache import OUTPUT_CACHE_ROOT
 from .contract import Choice, Contract, Hardware, Job, Plan, Signature, SpeedOptions, verified
-from .token_tally import token_tally
+from .static_batches import SIGNATURES as STATIC_BATCH_SIGNATURES
+from .static_batches import static_length
 
 SWITCH = "compile"
 
@@ -24,12 +25,8 @@ NUMERICS = "inductor fuses and reorders the model's operations (other rounding)"
 CONTRACT = Contract(
     versions=verified("torch", "transformers", "trl"),
     signatures=(
-        Signature("trl:SFTConfig", includes=("torch_compile", "pad_to_multiple_of")),
-        # use_static_batches wraps it, passing the model and inputs by position.
-        Signature(
-            "trl:SFTTrainer.compute_loss",
-            ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
-        ),
+        Signature("trl:SFTConfig", includes=("torch_compile",)),
+        *STATIC_BATCH_SIGNATURES,
         # block_mask_in_graph calls the library's mask with these, by position.
         Signature(
             "transformers.masking_utils:flex_attention_mask",
@@ -55,13 +52,6 @@ CONTRACT = Contract(
 )
 # The planner's logger: the cache and static-batch lines read as they did in speed.py.
 log = logging.getLogger("sftjob_trainer.speed")
-
-# Keys of TRL's padding-free batches that only varlen kernels (flash attention) read. Their
-# lengths and values change with every micro-batch, so a compiled model would recompile.
-VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-# The collator's note of how many padding tokens a static batch carries; taken out of the
-# batch before the model sees it and subtracted from TRL's token count.
-PADDING_KEY = "sftjob_padding_tokens"
 
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job, flex: bool, per_device: int) -> Choice:
@@ -95,9 +85,9 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, flex: bool, per_device: in
         if short is not None:
             return Choice(name, False, short)
     sft: dict[str, Any] = {"torch_compile": True}
-    if not job.padding_free or "pad_to_multiple_of" in job.extra_args:
+    static = static_length(job, per_device)
+    if static is None:
         return Choice(name, True, "torch.compile (batch shapes vary: expect recompiles)", sft=sft)
-    static = per_device * job.max_length
     sft["pad_to_multiple_of"] = static
     return Choice(
         name,
@@ -106,43 +96,6 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, flex: bool, per_device: in
         "padding masked, not trained on, not counted)",
         sft=sft,
     )
-
-
-def use_static_batches(trainer: Any, length: int) -> None:
-    """Make every packed micro-batch one shape, and keep TRL's token count honest.
-
-    TRL pads the padding-free row to `length` (pad_to_multiple_of, set by the compile
-    lever: position 0 and label -100 for each padding token, so under flex attention each
-    is a document of its own and nothing attends to it). This drops the varlen keys,
-    whose sizes change per batch and which flex attention does not read, and counts the
-    padding; TRL counts `position_ids.size(1)` as tokens, so the padding is subtracted
-    again (summed over ranks once per log, see token_tally.TokenTally).
-    """
-    tally = token_tally(trainer)
-    collate = trainer.data_collator
-
-    def static_collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = collate(examples)
-        for key in VARLEN_KEYS:
-            batch.pop(key, None)
-        width = int(batch["input_ids"].size(1))
-        real = sum(len(example["input_ids"]) for example in examples)
-        if width != length:  # a row longer than maxLength: TRL truncates, so never here
-            log.warning("static batches: a micro-batch came out %d tokens, not %d", width, length)
-        batch[PADDING_KEY] = width - real
-        return batch
-
-    trainer.data_collator = static_collate
-    compute_loss = trainer.compute_loss
-
-    def compute_loss_without_padding(model: Any, inputs: dict[str, Any], *a: Any, **kw: Any) -> Any:
-        padding = int(inputs.pop(PADDING_KEY, 0))
-        result = compute_loss(model, inputs, *a, **kw)
-        if model.training:
-            tally.add(-padding)  # summed over ranks at the next log, with no sync now
-        return result
-
-    trainer.compute_loss = compute_loss_without_padding
 
 
 ENV_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
@@ -217,7 +170,6 @@ def block_mask_in_graph() -> None:
     interface.register("flex_attention", flex_mask)
 
 
-ENV_COMPILE_CACHE = "SFTJOB_COMPILE_CACHE"
 ENV_COMPILE_REGIONS = "SFTJOB_COMPILE_REGIONS"
 
 
@@ -262,17 +214,8 @@ def compile_regions(trainer: Any) -> bool:
 
 
 def apply(trainer: Any, plan: Plan) -> str | None:
-    """Static batches where the plan pads them, regional compilation when asked, and the
-    compile cache (compile_cache.py)."""
-    if plan.static_length is not None:
-        use_static_batches(trainer, plan.static_length)
-    notes = []
+    """Regional compilation when asked. (The plan applies the static batches and the
+    compile cache itself: an uncompiled run with flex attention has them too.)"""
     if os.environ.get(ENV_COMPILE_REGIONS, "").lower() == "on" and compile_regions(trainer):
-        notes.append("regional compilation (each repeated block compiled once)")
-    output = getattr(plan, "output_dir", None)
-    key = getattr(plan, "compile_cache_key", None)
-    if output and key and os.environ.get(ENV_COMPILE_CACHE, "").lower() != "off":
-        from .compile_cache import use_compile_cache
-
-        notes.append(use_compile_cache(trainer, key, output).describe())
-    return "; ".join(notes) or None
+        return "regional compilation (each repeated block compiled once)"
+    return None
