@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 from sftjob_bench.bench_report import PHASES, goals_24, main, report
 
 
-def run_bench(work: Path, *extra: str) -> list[dict[str, Any]]:
+def run_bench(work: Path, *extra: str, stderr: list[str] | None = None) -> list[dict[str, Any]]:
     done = subprocess.run(
         [sys.executable, "-m", "sftjob_bench.bench", "--case", "reference-job-cpu-smoke"]
         + ["--workdir", str(work), *extra],
@@ -23,11 +24,14 @@ def run_bench(work: Path, *extra: str) -> list[dict[str, Any]]:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    if stderr is not None:
+        stderr.append(done.stderr)
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
-    lines = run_bench(tmp_path)
+    stderr: list[str] = []
+    lines = run_bench(tmp_path, stderr=stderr)
     inputs = lines[0]["inputs"]
     sides = {line["side"]: line for line in lines[1:]}
     assert list(sides) == ["reference", "sftjob"]
@@ -43,6 +47,10 @@ def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
         assert side["wall_s"] >= side["saved_at_s"] >= sum(phases.values()) - 0.05
         assert phases["startup_s"] > 0.5  # a fresh interpreter imports torch, not a warm one
         assert 0 < side["model_loaded_to_first_step_s"] <= side["wall_s"]
+        # Said on stderr as soon as the first step ends (a run cut later still has it).
+        (note,) = re.findall(rf"e2e {name}: first optimizer step done .*", stderr[0])
+        loaded_to_first = float(re.search(r"model loaded to first step ([\d.]+) s", note)[1])
+        assert math.isclose(loaded_to_first, side["model_loaded_to_first_step_s"], abs_tol=0.5)
         assert math.isclose(
             side["tokens_per_s_e2e"], side["tokens_total"] / side["wall_s"], rel_tol=1e-2
         )
