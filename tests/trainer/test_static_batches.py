@@ -103,6 +103,19 @@ def fresh_dynamo() -> Any:
     torch._dynamo.reset()
 
 
+def assert_same_run_as_plain(trained: Any, trainer_for: Any) -> None:
+    """`trained`'s logs against an unpadded, uncompiled run of the same job: the same
+    losses, and the same real tokens counted (the padding is subtracted again)."""
+    plain = trainer_for({"flexAttention": "off", "compile": "off"}, {})
+    assert plain.args.pad_to_multiple_of is None and not plain.args.torch_compile
+    plain.train()
+    ours, reference = trained.recorded.logs, plain.recorded.logs
+    assert len(ours) == len(reference) == STEPS
+    for a, b in zip(ours, reference, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["num_tokens"] == b["num_tokens"]
+
+
 def test_static_batches_have_one_shape_and_no_varlen_keys(
     trainer_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -138,16 +151,7 @@ def test_compiled_static_run_compiles_once_and_learns_the_same(
     assert graphs[0] >= 1  # dynamo did compile the model in the first step
     assert graphs == [graphs[0]] * STEPS  # and never again: no recompiles
 
-    plain = trainer_for({"flexAttention": "off", "compile": "off"}, {})
-    assert plain.args.pad_to_multiple_of is None and not plain.args.torch_compile
-    plain.train()
-
-    ours, reference = compiled.recorded.logs, plain.recorded.logs
-    assert len(ours) == len(reference) == STEPS
-    for a, b in zip(ours, reference, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-        # Padding is subtracted again: the same real tokens are counted.
-        assert a["num_tokens"] == b["num_tokens"]
+    assert_same_run_as_plain(compiled, trainer_for)
 
 
 def test_varying_shapes_would_recompile(trainer_for: Any, fresh_dynamo: None) -> None:
@@ -202,10 +206,4 @@ def test_an_uncompiled_flex_plan_pads_and_keeps_its_kernels(
 
     # The padding is not trained on and not counted: the same run as without it.
     trainer.train()
-    plain = trainer_for({"flexAttention": "off", "compile": "off"}, {})
-    plain.train()
-    ours, reference = trainer.recorded.logs, plain.recorded.logs
-    assert len(ours) == len(reference) == STEPS
-    for a, b in zip(ours, reference, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-        assert a["num_tokens"] == b["num_tokens"]
+    assert_same_run_as_plain(trainer, trainer_for)
