@@ -360,6 +360,7 @@ SpeedPreset = Literal["default", "exact"]
 # check this list against them): `preset: exact` turns them off and refuses them turned on.
 NOT_EXACT_LEVERS = (
     "flexAttention",
+    "varlenAttention",
     "autoMicroBatch",
     "ligerKernel",
     "compile",
@@ -376,6 +377,13 @@ class SpeedSpec(SpecModel):
         default="auto",
         description="flex_attention with document masks for packed batches (auto: on with CUDA "
         "and packing bfd; ignored when model.attnImplementation is set).",
+    )
+    varlenAttention: SpeedSwitch = Field(
+        default="auto",
+        description="torch's FlashAttention-2 kernel for packed documents, from the document "
+        "boundaries TRL computes: no mask and nothing compiled, where flex attention is "
+        "compiled on its first calls (auto: off until measured on a GPU; on: with CUDA, bf16 "
+        "and packing bfd, not with compile: on; replaces flexAttention).",
     )
     autoMicroBatch: SpeedSwitch = Field(
         default="auto",

@@ -42,6 +42,8 @@ def describe(settings: dict[str, Any]) -> str:
     if settings.get("use_liger_kernel"):
         parts.append("liger")
     speed = settings.get("speed") or {}
+    if speed.get("varlenAttention", {}).get("on"):
+        parts.append("varlen flash kernel")
     if speed.get("lightMetrics", {}).get("on"):
         parts.append("light metrics")
     if speed.get("castWeightsOncePerStep", {}).get("on"):

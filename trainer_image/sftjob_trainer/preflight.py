@@ -39,6 +39,7 @@ from .speed import ENV_SPEED, SpeedPlan, plan_speed
 CUDA_ONLY_LEVERS = {
     "flexAttention": "torch's flex_attention has no backward pass on CPU",
     "ligerKernel": "liger's kernels are Triton GPU kernels",
+    "varlenAttention": "torch's FlashAttention-2 kernel runs on CUDA only",
 }
 CUDA_ONLY_ATTENTION = {"flex_attention": CUDA_ONLY_LEVERS["flexAttention"]}
 

@@ -10,6 +10,8 @@ reason". The levers, measured in docs/performance.md (one H100 in session 1, H20
 at 80 GiB since):
 
 - flexAttention (levers/flex_attention.py): a sparse document mask for packed batches.
+- varlenAttention (varlen_attention.py, packed_flash.py): torch's FlashAttention-2 kernel
+  for packed documents, nothing compiled (off under auto until measured on a GPU).
 - autoMicroBatch (micro_batch.py): the largest micro-batch the memory estimate fits, with
   per_device x accumulation kept EXACTLY (the plan's steps and the optimizer batch hold).
 - ligerKernel (liger_kernel.py): liger's RMSNorm/SwiGLU/RoPE kernels.
@@ -65,6 +67,7 @@ from .levers import (
     light_metrics,
     micro_batch,
     rotary_tables_once,
+    varlen_attention,
 )
 from .levers.compile_model import block_mask_in_graph, keep_compiled_kernels
 from .levers.contract import (
@@ -90,6 +93,7 @@ PRESET_KEY = "preset"
 # Every lever, in the order of the plan's choices (and of status.speedPlan.levers).
 LEVERS: tuple[Lever, ...] = (
     flex_attention,
+    varlen_attention,
     micro_batch,
     liger_kernel,
     compile_model,
@@ -357,7 +361,11 @@ def checked_plan(
 
 
 def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
+    varlen = varlen_attention.decide(opt, hw, job)
     flex = flex_attention.decide(opt, hw, job)
+    if varlen.on and flex.on:  # one attention: the one turned on explicitly
+        flex = Choice(flex.lever, False, "varlenAttention is on: its kernel attends instead")
+    sparse = flex.on or varlen.on  # attention cost linear in the documents' lengths
     light = light_metrics.decide(opt, hw, job)
     copies = cast_weights_once.decide(opt, hw, job)  # its copies count in the batch estimate
     # The lean head keeps its logits only over static batches (lean_steps.use_lean_steps);
@@ -372,7 +380,7 @@ def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None)
         hw,
         job,
         shape,
-        attention_sparse=flex.on,
+        attention_sparse=sparse,
         lean_head=light.on and static,
     )
     micro = sized(weight_copies=copies.on)
@@ -403,6 +411,7 @@ def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None)
         flex = flex_attention.with_static_batches(flex, job, per_device)
     choices = (
         flex,
+        varlen,
         micro,
         liger_kernel.decide(opt, hw, job, compiled=compiled.on),
         compiled,
@@ -588,6 +597,10 @@ def plan_speed(config: Any, dataset_rows: int | None = None) -> SpeedPlan:
         keep_compiled_kernels(output)
     if plan.on(compile_model.SWITCH) and plan.on(flex_attention.SWITCH):
         block_mask_in_graph()
+    if plan.on(varlen_attention.SWITCH):  # the name the model is loaded with
+        from .levers.packed_flash import register
+
+        register()
     return plan
 
 

@@ -46,6 +46,7 @@ class SpeedOptions:
     """The user's switches, one per lever (spec.training.speed, then $SFTJOB_SPEED)."""
 
     flexAttention: Switch = "auto"
+    varlenAttention: Switch = "auto"
     autoMicroBatch: Switch = "auto"
     ligerKernel: Switch = "auto"
     compile: Switch = "auto"
