@@ -257,3 +257,31 @@ def test_the_run_length_comes_from_the_plan_else_from_the_rows(make_config) -> N
     training = unplanned.spec.training.model_copy(update={"maxSteps": 7})
     capped = replace(unplanned, spec=unplanned.spec.model_copy(update={"training": training}))
     assert run_tokens_per_gpu(capped, 16, dataset_rows=1000) == 7 * 16 * 128
+
+
+def test_the_cache_turned_off_is_neither_looked_up_nor_used(tmp_path, monkeypatch) -> None:
+    from sftjob_trainer.levers.compile_cache import enabled
+    from sftjob_trainer.levers.contract import Choice
+    from sftjob_trainer.speed import SpeedPlan
+
+    assert enabled({}) and enabled({"SFTJOB_COMPILE_CACHE": "on"})
+    assert not enabled({"SFTJOB_COMPILE_CACHE": "OFF"})
+    plan = SpeedPlan(
+        (Choice("compile", True, "on"),), output_dir=str(tmp_path), compile_cache_key="k"
+    )
+
+    def trainer() -> Any:
+        callbacks: list[Any] = []
+        return SimpleNamespace(
+            callbacks=callbacks,
+            add_callback=callbacks.append,
+            is_world_process_zero=lambda: True,
+        )
+
+    used = trainer()
+    plan.apply(used)
+    assert used.sftjob_compile_cache.key == "k" and len(used.callbacks) == 1
+    monkeypatch.setenv("SFTJOB_COMPILE_CACHE", "off")
+    unused = trainer()
+    plan.apply(unused)
+    assert not hasattr(unused, "sftjob_compile_cache") and unused.callbacks == []

@@ -304,8 +304,7 @@ class SpeedPlan:
                     log.info("speed %s: %s", lever.SWITCH, done)
             if lever is light_metrics and self.static_length is not None:
                 use_static_batches(trainer, self.static_length)
-        cache_off = os.environ.get(compile_cache.ENV_COMPILE_CACHE, "").lower() == "off"
-        if self.output_dir and self.compile_cache_key and not cache_off:
+        if self.output_dir and self.compile_cache_key and compile_cache.enabled():
             cache = compile_cache.use_compile_cache(
                 trainer, self.compile_cache_key, self.output_dir
             )
@@ -363,7 +362,7 @@ def checked_plan(
 def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
     varlen = varlen_attention.decide(opt, hw, job)
     flex = flex_attention.decide(opt, hw, job)
-    if varlen.on and flex.on:  # one attention: the one turned on explicitly
+    if varlen.on and flex.on:  # varlen is on only when asked for: flex attention stands down
         flex = Choice(flex.lever, False, "varlenAttention is on: its kernel attends instead")
     sparse = flex.on or varlen.on  # attention cost linear in the documents' lengths
     light = light_metrics.decide(opt, hw, job)
@@ -589,7 +588,9 @@ def plan_speed(config: Any, dataset_rows: int | None = None) -> SpeedPlan:
         lora = config.resolved.get("lora")
         return compile_cache_key(plan, job, hardware, spec.model, config_json, lora)
 
-    plan = planned_with_compile_cache(planned, job, key_of, compile_cache.cache_dirs(output))
+    # With the cache turned off nothing is looked up: a short run is then a cold one.
+    dirs = compile_cache.cache_dirs(output) if compile_cache.enabled() else []
+    plan = planned_with_compile_cache(planned, job, key_of, dirs)
     plan = dataclasses.replace(plan, output_dir=output)
     plan.log()
     if plan.kernels_lever is not None:

@@ -46,6 +46,12 @@ SUFFIX = ".torch-artifacts"
 ENV_COMPILE_CACHE = "SFTJOB_COMPILE_CACHE"
 
 
+def enabled(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the cache is in use ($SFTJOB_COMPILE_CACHE=off turns it off)."""
+    env = os.environ if env is None else env
+    return env.get(ENV_COMPILE_CACHE, "").lower() != "off"
+
+
 def cache_dirs(output_dir: str | Path, env: Mapping[str, str] | None = None) -> list[Path]:
     """Where the artifacts are looked for and kept: the output folder, then a shared cache."""
     env = os.environ if env is None else env
