@@ -63,6 +63,11 @@ def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
         assert settings["steps"] == math.ceil(settings["packed_rows"] / 16)  # one epoch
         assert settings["steps"] >= 3 and len(side["losses"]) == settings["steps"]
         assert (tmp_path / name / "final" / "model.safetensors").is_file()
+        if name == "sftjob":  # as train.py ends a job: the last checkpoint's weights, linked
+            (last,) = (tmp_path / name / "checkpoints").glob("checkpoint-*")
+            assert (tmp_path / name / "final" / "model.safetensors").samefile(
+                last / "model.safetensors"
+            )
         # Each side tokenized and packed the rows itself, in a datasets cache of its own.
         assert list((tmp_path / "datasets-cache" / name).rglob("cache-*.arrow"))
         assert "extrapolated" not in side

@@ -151,11 +151,16 @@ def test_the_last_checkpoint_keeps_no_optimizer_and_a_relaunch_from_it_only_save
     assert not (last / "optimizer.pt").exists() and not (last / "scheduler.pt").exists()
     earlier = checkpoints / "checkpoint-15"
     assert (earlier / "optimizer.pt").is_file() and (earlier / "scheduler.pt").is_file()
+    # The final model's weights are the last checkpoint's file, not written a second time.
+    final_weights = output / "final" / "model.safetensors"
+    assert final_weights.samefile(last / "model.safetensors")
+    assert f"final model linked from checkpoint-{planned}" in out
+    assert not (output / "final" / "trainer_state.json").exists()
 
     # The first run's end failed before the final model was whole: the relaunch resumes
     # the last checkpoint, trains no step and writes the final model.
     final = output / "final" / "model.safetensors"
     final.unlink()
     relaunch_completes(config, log, planned, resumed_from=planned)
-    assert final.is_file()
+    assert final.is_file() and final.samefile(last / "model.safetensors")
     assert newest_checkpoint(checkpoints) == last  # no step trained, nothing new saved

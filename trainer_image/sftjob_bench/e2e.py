@@ -515,7 +515,12 @@ def run_child(
         trainer.train()
     clock.marks["first_step"] = meter.marks[1][0] + to_wall
     clock.marks["train_end"] = meter.marks[-1][0] + to_wall
-    trainer.save_model(str(output / "final"))
+    if side == "sftjob":  # as train.py ends a job
+        from sftjob_trainer.checkpoints import save_final_model
+
+        print(save_final_model(trainer, output / "final"), file=sys.stderr)
+    else:  # the snippet's own last line
+        trainer.save_model(str(output / "final"))
     if cuda:
         torch.cuda.synchronize()
     clock.mark("saved")

@@ -381,3 +381,85 @@ def lean_final_checkpoint(trainer: Any) -> bool:
 
     trainer.add_callback(LeanFinalCheckpoint())
     return True
+
+
+# What a checkpoint holds beside the model files save_model writes: the trainer's state for
+# a resume, and this module's run record.
+RESUME_ONLY = re.compile(
+    r"trainer_state\.json|optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state.*\.pth|"
+    + re.escape(RUN_RECORD)
+)
+# The weight files (GBs, seconds to write) are hard-linked into the final model; the rest
+# (config, tokenizer, which train.py writes again into final/) are copied, so they stay
+# files of their own.
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def final_step_checkpoint(trainer: Any) -> Path | None:
+    """The checkpoint of the step training ended at, when it holds the final model as
+    save_model would write it; None otherwise.
+
+    The last step's checkpoint is written by save_model right before the run's end, from
+    the same weights. Not so where the model changes after it (load_best_model_at_end
+    loads the best one back), or where the library saves differently (FSDP and DeepSpeed
+    gather sharded states inside save_model, on every rank).
+    """
+    args = trainer.args
+    if (
+        trainer.is_fsdp_enabled
+        or getattr(trainer, "is_deepspeed_enabled", False)
+        or args.load_best_model_at_end
+    ):
+        return None
+    folder = Path(args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    if not (folder / "trainer_state.json").is_file():
+        return None
+    files = list(folder.iterdir())
+    if any(path.is_dir() for path in files):  # a layout this does not know: save it
+        return None
+    if not any(is_weights(path) for path in files):
+        return None
+    return folder
+
+
+def is_weights(path: Path) -> bool:
+    return path.name.endswith(WEIGHT_SUFFIXES) and not RESUME_ONLY.fullmatch(path.name)
+
+
+def link_final_model(checkpoint: Path, final: Path) -> None:
+    """final/ with the checkpoint's model files: the weights hard-linked, the rest copied."""
+    import shutil
+
+    final.mkdir(parents=True, exist_ok=True)
+    for source in checkpoint.iterdir():
+        if RESUME_ONLY.fullmatch(source.name):
+            continue
+        target = final / source.name
+        target.unlink(missing_ok=True)  # a partial final model from an earlier attempt
+        if is_weights(source):
+            os.link(source, target)
+        else:
+            shutil.copy2(source, target)
+
+
+def save_final_model(trainer: Any, final: Path) -> str:
+    """Write the final model; what was done, for the log.
+
+    With step-based saving the run has just written the last step's checkpoint with the
+    same weights: writing them again took 8 s of the reference job's end on an H100
+    (session 14), so final/ hard-links the checkpoint's weight files instead (the same
+    file system: both are in the output folder). Removing the checkpoint later (rotation)
+    leaves final/ whole. Where that checkpoint is not the final model, or linking fails,
+    save_model writes it as usual.
+    """
+    checkpoint = final_step_checkpoint(trainer)
+    if checkpoint is not None and trainer.is_world_process_zero():
+        try:
+            link_final_model(checkpoint, final)
+            return f"final model linked from {checkpoint.name} (its weights not written twice)"
+        except OSError as exc:
+            log.warning("final model: cannot link %s (%s); writing it", checkpoint, exc)
+    elif checkpoint is not None:
+        return "final model linked by rank 0"
+    trainer.save_model(str(final))
+    return "final model written"

@@ -6,7 +6,9 @@ work, heavy imports happen inside it, parsing lives in `worker.py`.
 Output folder (spec.output.path):
     checkpoints/checkpoint-N/   resume points (the newest complete one is resumed when
                                 its sftjob-run.json names this job and its settings)
-    final/                      the model, or the LoRA adapter, plus tokenizer
+    final/                      the model, or the LoRA adapter, plus tokenizer (its weight
+                                files hard links to the last step's checkpoint's, which
+                                holds the same model: checkpoints.save_final_model)
     merged/                     output.mergeAdapter: the base model with the adapter merged
     README.md, loss-curve.png   the model card (rank 0, at the end)
     progress.jsonl              every progress report (rank 0)
@@ -32,7 +34,7 @@ from typing import Any
 
 from sftjob_operator.plan import BatchShape, steps_per_epoch
 
-from .checkpoints import complete_checkpoints, lean_final_checkpoint
+from .checkpoints import complete_checkpoints, lean_final_checkpoint, save_final_model
 from .config_map import CHECKPOINT_DIR, FINAL_DIR
 from .failures import Interrupted, refused_settings
 from .flops import mfu_meter
@@ -317,7 +319,7 @@ def _train(config: TrainerConfig, guard: OutputGuard) -> dict[str, Any]:
             f"checkpoint saved in {output / CHECKPOINT_DIR}"
         )
     final = output / FINAL_DIR
-    trainer.save_model(str(final))
+    log.info("%s", save_final_model(trainer, final))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final))
         merge = config.spec.output.mergeAdapter and resolved["method"] in ("lora", "qlora")
