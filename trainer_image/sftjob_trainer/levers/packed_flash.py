@@ -105,7 +105,6 @@ def varlen_attention(kernel: Kernel = flash_causal) -> Callable[..., tuple[torch
         sliding_window: int | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-
         cu_seq_lens = kwargs.get("cu_seq_lens_q")
         max_length = kwargs.get("max_length_q")
         if cu_seq_lens is None or max_length is None or query.size(0) != 1:
