@@ -110,7 +110,8 @@ MAX_REASON = 256
 # The levers that act on the built trainer, in the order they wrap it: lean steps replace
 # compute_loss (calling TRL's only for evaluation), so the static batches' wrapper, which
 # takes the padding count out of the inputs, must go around them, not under them
-# (SpeedPlan.apply puts it on right after them).
+# (SpeedPlan.apply puts it on after all of these; none of the others wraps compute_loss
+# or the collator).
 APPLIED: tuple[TrainerLever, ...] = (
     light_metrics,
     compile_model,
@@ -302,8 +303,8 @@ class SpeedPlan:
                 done = lever.apply(trainer, self)
                 if done is not None:
                     log.info("speed %s: %s", lever.SWITCH, done)
-            if lever is light_metrics and self.static_length is not None:
-                use_static_batches(trainer, self.static_length)
+        if self.static_length is not None:
+            use_static_batches(trainer, self.static_length)
         if self.output_dir and self.compile_cache_key and compile_cache.enabled():
             cache = compile_cache.use_compile_cache(
                 trainer, self.compile_cache_key, self.output_dir
