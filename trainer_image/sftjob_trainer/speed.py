@@ -83,7 +83,7 @@ from .levers.contract import (
     check,
 )
 from .levers.device_memory import capped_memory_gib
-from .levers.static_batches import static_length, use_static_batches
+from .levers.static_batches import use_static_batches
 
 log = logging.getLogger("sftjob_trainer.speed")
 
@@ -371,9 +371,13 @@ def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None)
     # The lean head keeps its logits only over static batches (lean_steps.use_lean_steps);
     # whether batches are static does not depend on the micro-batch chosen: the compile
     # lever pads when it compiles, flex attention when the model is not compiled.
-    compiling = compile_model.decide(opt, hw, job, flex.on, job.per_device)
-    padded_for_flex = flex.on and static_length(job, job.per_device) is not None
-    static = "pad_to_multiple_of" in compiling.sft or padded_for_flex
+    static = any(
+        "pad_to_multiple_of" in choice.sft
+        for choice in (
+            compile_model.decide(opt, hw, job, flex.on, job.per_device),
+            flex_attention.with_static_batches(flex, job, job.per_device),
+        )
+    )
     sized = functools.partial(
         micro_batch.decide,
         opt,
