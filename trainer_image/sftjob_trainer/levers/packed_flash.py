@@ -118,13 +118,15 @@ def varlen_attention(kernel: Kernel = flash_causal) -> Callable[..., tuple[torch
                 "dropout; this model has a sliding window or attention dropout: set it to "
                 "auto or off"
             )
-        # (1, heads, tokens, dim) -> (tokens, heads, dim).
-        q = query[0].transpose(0, 1).contiguous()
-        # Grouped-query attention: each key/value head serves `groups` query heads, in
-        # transformers' order (repeat_kv).
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        # Grouped-query attention: each key/value head serves `groups` query heads, repeated
+        # as transformers' own attention functions repeat them. Then (1, heads, tokens,
+        # dim) -> (tokens, heads, dim).
         groups = query.size(1) // key.size(1)
-        k, v = (
-            t[0].repeat_interleave(groups, dim=0).transpose(0, 1).contiguous() for t in (key, value)
+        q, k, v = (
+            t[0].transpose(0, 1).contiguous()
+            for t in (query, repeat_kv(key, groups), repeat_kv(value, groups))
         )
         scale = scaling if scaling is not None else query.size(-1) ** -0.5
         return kernel(q, k, v, cu_seq_lens, int(max_length), scale).unsqueeze(0), None

@@ -35,6 +35,7 @@ CONTRACT = Contract(
         Signature("transformers:AttentionInterface.register"),
         Signature("transformers.masking_utils:AttentionMaskInterface.register"),
         Signature("transformers.masking_utils:flash_attention_mask"),
+        Signature("transformers.integrations.sdpa_attention:repeat_kv", ("hidden_states", "n_rep")),
     ),
     probe=deferred_probe(".packed_flash", "probe_varlen"),
 )
