@@ -237,14 +237,20 @@ def record_for(config: Any) -> RunRecord:
     )
 
 
+def is_complete(checkpoint: Path) -> bool:
+    """Whether a checkpoint folder was written whole: transformers writes trainer_state.json
+    last, so one killed mid-write has none."""
+    return (checkpoint / "trainer_state.json").is_file()
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
-    """checkpoint-N folders with trainer_state.json (one killed mid-write has none), newest first."""
+    """checkpoint-N folders written whole (is_complete), newest first."""
     if not folder.is_dir():
         return []
     found = []
     for child in folder.iterdir():
         match = CHECKPOINT_NAME.fullmatch(child.name)
-        if match and child.is_dir() and (child / "trainer_state.json").is_file():
+        if match and child.is_dir() and is_complete(child):
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found, reverse=True)]
 
@@ -412,7 +418,7 @@ def final_step_checkpoint(trainer: Any) -> Path | None:
     ):
         return None
     folder = Path(args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-    if not (folder / "trainer_state.json").is_file():
+    if not is_complete(folder):
         return None
     files = list(folder.iterdir())
     if any(path.is_dir() for path in files):  # a layout this does not know: save it
