@@ -382,8 +382,9 @@ class SpeedSpec(SpecModel):
         default="auto",
         description="torch's FlashAttention-2 kernel for packed documents, from the document "
         "boundaries TRL computes: no mask and nothing compiled, where flex attention is "
-        "compiled on its first calls (auto: off until measured on a GPU; on: with CUDA, bf16 "
-        "and packing bfd, not with compile: on; replaces flexAttention).",
+        "compiled on its first calls (auto: on with CUDA, bf16 and packing bfd for a model "
+        "whose attention is plain causal (no sliding window, soft-capping or attention "
+        "dropout), in flexAttention's place unless flexAttention is on).",
     )
     autoMicroBatch: SpeedSwitch = Field(
         default="auto",

@@ -123,10 +123,15 @@ def test_estimate_counts_the_logits_the_lean_head_keeps() -> None:
     no_copies = {"castWeightsOncePerStep": "off"}  # their 2.4 GiB are another test's
     kept = decide(SpeedOptions(**no_copies), H100, SEED_REFERENCE_JOB, QWEN_15B)
     assert "estimate 51.0 of" in kept.summary()["autoMicroBatch"]["reason"]
-    # Uncompiled, flex attention's batches are static too (static_batches.py).
-    eager = decide(SpeedOptions(compile="off", **no_copies), H100, SEED_REFERENCE_JOB, QWEN_15B)
+    # Uncompiled, flex attention's batches are static too (static_batches.py),
+    flex_eager = SpeedOptions(compile="off", varlenAttention="off", **no_copies)
+    eager = decide(flex_eager, H100, SEED_REFERENCE_JOB, QWEN_15B)
     assert eager.static_length == 4 * 2048
     assert "estimate 51.0 of" in eager.summary()["autoMicroBatch"]["reason"]
+    # but not the varlen kernel's (auto where the model is not compiled): none are kept.
+    varlen = decide(SpeedOptions(compile="off", **no_copies), H100, SEED_REFERENCE_JOB, QWEN_15B)
+    assert varlen.on("varlenAttention") and varlen.static_length is None
+    assert "estimate 48.7 of" in varlen.summary()["autoMicroBatch"]["reason"]
     # The user's own pad_to_multiple_of: no static batches, so no logits are kept.
     own_padding = replace(SEED_REFERENCE_JOB, extra_args=("pad_to_multiple_of",))
     no_static = decide(SpeedOptions(**no_copies), H100, own_padding, QWEN_15B)
@@ -277,14 +282,25 @@ def test_a_short_run_compiles_only_with_a_warm_cache() -> None:
     cold = decide(auto, H100, replace(short, compile_cache_warm=False), QWEN_15B)
     reason = cold.summary()["compile"]["reason"]
     assert not cold.on("compile")
-    # Uncompiled, flex attention still compiles its kernels: it pads to one shape itself.
-    assert cold.static_length == 4 * 2048
-    assert "padded to 8192 tokens" in cold.summary()["flexAttention"]["reason"]
+    # Uncompiled, the varlen kernel attends: nothing compiles, nothing is padded.
+    assert cold.on("varlenAttention") and not cold.on("flexAttention")
+    assert cold.static_length is None
     assert "6.2M tokens per GPU" in reason and f"{payback / 1e6:.1f}M" in reason
+    # With the varlen kernel off, flex attention compiles its own kernels, padded to one
+    # shape (static_batches.py).
+    flex = decide(
+        SpeedOptions(varlenAttention="off"),
+        H100,
+        replace(short, compile_cache_warm=False),
+        QWEN_15B,
+    )
+    assert flex.static_length == 4 * 2048
+    assert "padded to 8192 tokens" in flex.summary()["flexAttention"]["reason"]
     # Uncompiled, the levers that stand in for inductor's fusions are wanted again.
     assert "compiled" not in cold.summary()["ligerKernel"]["reason"]
     warm = decide(auto, H100, replace(short, compile_cache_warm=True), QWEN_15B)
     assert warm.on("compile") and warm.static_length is not None
+    assert warm.on("flexAttention") and not warm.on("varlenAttention")
     # Not looked up yet (the planner's first pass), a long run, or no plan: compiled.
     assert decide(auto, H100, short, QWEN_15B).on("compile")
     long = replace(short, run_tokens_per_gpu=payback, compile_cache_warm=False)

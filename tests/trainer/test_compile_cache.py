@@ -129,8 +129,10 @@ def test_the_planner_compiles_a_short_run_only_with_its_artifacts_at_hand(tmp_pa
 
     cold = planned_with_compile_cache(planned, short, key, dirs)
     assert asked == [None, False]
-    # Not compiled; flex attention's own kernels are kept under the uncompiled plan's key.
-    assert not cold.on("compile") and cold.compile_cache_key == "flexAttention-8192"
+    # Not compiled: the varlen kernel attends in flex attention's place, nothing to compile
+    # and so nothing to keep.
+    assert not cold.on("compile") and cold.on("varlenAttention")
+    assert cold.kernels_lever is None and cold.compile_cache_key is None
     # Another job of the shape left its artifacts on the shared volume: compiled, under the key.
     expected = key(decide(SpeedOptions(), h100, short, shape))
     dirs[1].mkdir(parents=True)
@@ -144,12 +146,13 @@ def test_the_planner_compiles_a_short_run_only_with_its_artifacts_at_hand(tmp_pa
     off = planned_with_compile_cache(
         lambda job: (
             asked.append(job.compile_cache_warm),
-            decide(SpeedOptions(compile="off"), h100, job, shape),
+            decide(SpeedOptions(compile="off", varlenAttention="off"), h100, job, shape),
         )[1],
         short,
         key,
         dirs,
     )
+    # Flex attention's own kernels are kept under the uncompiled plan's key.
     assert asked == [None] and off.compile_cache_key == "flexAttention-8192"
     # Nothing compiled at all (neither the model nor flex attention): no key.
     plain = SpeedOptions(compile="off", flexAttention="off")

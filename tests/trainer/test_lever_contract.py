@@ -251,17 +251,19 @@ def test_the_planner_checks_the_levers_it_turns_on_and_only_those() -> None:
     decide_on_h100 = functools.partial(decide, SpeedOptions(), H100, SEED_REFERENCE_JOB, QWEN_15B)
     plan = checked_plan(decide_on_h100, compile_fails)
     default = decide_on_h100()
-    assert asked == [tuple(c.lever for c in default.choices if c.on)]  # each checked once
+    # Each checked once; the varlen kernel, which takes flex attention's place once the
+    # model is not compiled, in a round of its own.
+    assert asked == [tuple(c.lever for c in default.choices if c.on), ("varlenAttention",)]
     assert choice(plan, "compile").reason == "self-check failed, turned off: its probe differs"
-    # What depended on it follows: the rotary tables are computed once without compiling.
+    # What depended on it follows: the rotary tables are computed once without compiling,
     assert (
         not plan.on("rotaryTablesOnce")
         and "not compiled" in choice(plan, "rotaryTablesOnce").reason
     )
-    # Uncompiled, flex attention pads the batches itself (its own kernels compile once).
-    assert plan.on("flexAttention") and plan.static_length == default.static_length
-    assert "pad_to_multiple_of" in choice(plan, "flexAttention").sft
-    assert "pad_to_multiple_of" not in choice(default, "flexAttention").sft
+    # and, uncompiled, the varlen kernel attends: nothing padded, nothing compiled.
+    assert plan.on("varlenAttention") and not plan.on("flexAttention")
+    assert default.on("flexAttention") and not default.on("varlenAttention")
+    assert plan.static_length is None and default.static_length == 4 * 2048
 
     # On CPU every "auto" lever is off: nothing to check, nothing probed at start.
     asked.clear()

@@ -39,17 +39,21 @@ def choice(plan: Any, lever: str) -> Any:
     return next(c for c in plan.choices if c.lever == lever)
 
 
-def test_auto_keeps_flex_attention_until_a_gpu_has_measured_it() -> None:
-    plan = decide(SpeedOptions(), H100, SEED_REFERENCE_JOB, QWEN_15B)
-    assert not plan.on("varlenAttention") and plan.on("flexAttention")
-    assert "not measured on a GPU yet" in choice(plan, "varlenAttention").reason
+# The seed's reference job as the planner sees it on its second pass: 6.2M tokens per GPU,
+# under the break-even, and no compiled artifacts of its shape at hand.
+SHORT_COLD = replace(
+    SEED_REFERENCE_JOB,
+    run_tokens_per_gpu=189 * 16 * 2048,
+    compile_payback_tokens=9_750_000,
+    compile_cache_warm=False,
+)
 
 
-def test_on_replaces_flex_attention_and_its_compile() -> None:
-    plan = decide(ON, H100, SEED_REFERENCE_JOB, QWEN_15B)
-    assert plan.on("varlenAttention")
+def test_auto_takes_flex_attentions_place_where_the_model_is_not_compiled() -> None:
+    plan = decide(SpeedOptions(), H100, SHORT_COLD, QWEN_15B)
+    assert plan.on("varlenAttention") and not plan.on("flexAttention")
+    assert "a short run with a cold compile cache" in choice(plan, "compile").reason
     assert plan.model_updates == {"attnImplementation": IMPLEMENTATION}
-    assert not plan.on("flexAttention")
     assert "varlenAttention is on" in choice(plan, "flexAttention").reason
     # Nothing compiled, nothing padded: the kernel reads the documents' boundaries.
     assert not plan.on("compile") and plan.static_length is None
@@ -59,22 +63,84 @@ def test_on_replaces_flex_attention_and_its_compile() -> None:
     assert plan.sft_kwargs()["per_device_train_batch_size"] == 4
 
 
+def test_a_compiled_model_keeps_flex_attention_under_auto() -> None:
+    # A long run (or one not looked up yet): compiled, with flex attention, the measured pair.
+    plan = decide(SpeedOptions(), H100, SEED_REFERENCE_JOB, QWEN_15B)
+    assert plan.on("compile") and plan.on("flexAttention") and not plan.on("varlenAttention")
+    assert "the model is compiled" in choice(plan, "varlenAttention").reason
+    warm = decide(SpeedOptions(), H100, replace(SHORT_COLD, compile_cache_warm=True), QWEN_15B)
+    assert warm.on("compile") and warm.on("flexAttention") and not warm.on("varlenAttention")
+
+
+def test_flex_attention_asked_for_keeps_its_place() -> None:
+    options = SpeedOptions(flexAttention="on")
+    plan = decide(options, H100, SHORT_COLD, QWEN_15B)
+    assert plan.on("flexAttention") and not plan.on("varlenAttention")
+    assert "flexAttention is on" in choice(plan, "varlenAttention").reason
+    # Both asked for: the varlen kernel attends.
+    both = SpeedOptions(flexAttention="on", varlenAttention="on")
+    plan = decide(both, H100, SHORT_COLD, QWEN_15B)
+    assert plan.on("varlenAttention") and not plan.on("flexAttention")
+
+
+def test_on_keeps_the_boundaries_when_the_model_is_compiled() -> None:
+    options = SpeedOptions(varlenAttention="on", compile="on")
+    plan = decide(options, H100, SEED_REFERENCE_JOB, QWEN_15B)
+    assert plan.on("varlenAttention") and plan.on("compile")
+    assert plan.static_length == 4 * SEED_REFERENCE_JOB.max_length
+
+
+WINDOWED = replace(QWEN_15B, attention_extras="a sliding window of 4096")
+
+
 @pytest.mark.parametrize(
-    ("options", "job", "why"),
+    ("options", "hardware", "job", "shape", "why"),
     [
-        (SpeedOptions(varlenAttention="off"), SEED_REFERENCE_JOB, "turned off"),
-        (ON, replace(SEED_REFERENCE_JOB, padding_free=False), "not packed padding-free"),
-        (ON, replace(SEED_REFERENCE_JOB, bf16=False), "bf16 is off"),
-        (ON, replace(SEED_REFERENCE_JOB, attn_set=True), "attnImplementation is set"),
-        (SpeedOptions(varlenAttention="on", compile="on"), SEED_REFERENCE_JOB, "compile: on"),
+        (SpeedOptions(varlenAttention="off"), H100, SEED_REFERENCE_JOB, QWEN_15B, "turned off"),
+        (ON, H100, replace(SEED_REFERENCE_JOB, padding_free=False), QWEN_15B, "not packed"),
+        (ON, H100, replace(SEED_REFERENCE_JOB, bf16=False), QWEN_15B, "bf16 is off"),
+        (ON, H100, replace(SEED_REFERENCE_JOB, attn_set=True), QWEN_15B, "attnImplementation"),
+        (ON, H100, SEED_REFERENCE_JOB, WINDOWED, "a sliding window of 4096, which this"),
+        (ON, H100, SEED_REFERENCE_JOB, None, "config could not be read"),
+        (
+            SpeedOptions(),
+            Hardware(cuda=False, memory_gib=24.0),
+            SEED_REFERENCE_JOB,
+            QWEN_15B,
+            "no CUDA",
+        ),
     ],
 )
-def test_on_is_refused_where_the_kernel_cannot_serve(
-    options: SpeedOptions, job: Any, why: str
+def test_it_stays_off_where_the_kernel_cannot_serve(
+    options: SpeedOptions, hardware: Hardware, job: Any, shape: Any, why: str
 ) -> None:
-    plan = decide(options, H100, job, QWEN_15B)
+    plan = decide(options, hardware, job, shape)
     assert not plan.on("varlenAttention") and why in choice(plan, "varlenAttention").reason
-    assert "attnImplementation" not in plan.model_updates or plan.on("flexAttention")
+    assert plan.model_updates.get("attnImplementation") != IMPLEMENTATION
+
+
+@pytest.mark.parametrize(
+    ("config", "extras"),
+    [
+        ("Qwen2Config", None),
+        ("LlamaConfig", None),
+        ("MistralConfig", "a sliding window of 4096"),
+        ("Gemma2Config", "sliding-window layers, attention logit soft-capping"),
+    ],
+)
+def test_the_models_attention_extras_are_read_from_its_config(
+    config: str, extras: str | None
+) -> None:
+    import transformers
+
+    shape = ModelShape.from_config(getattr(transformers, config)())
+    assert shape.attention_extras == extras
+    windowed = transformers.Qwen2Config(
+        use_sliding_window=True, max_window_layers=2, num_hidden_layers=4
+    )
+    assert ModelShape.from_config(windowed).attention_extras == "sliding-window layers"
+    dropout = transformers.LlamaConfig(attention_dropout=0.1)
+    assert ModelShape.from_config(dropout).attention_extras == "attention dropout"
 
 
 def test_without_cuda_the_preflight_names_the_switch() -> None:

@@ -11,7 +11,8 @@ at 80 GiB since):
 
 - flexAttention (levers/flex_attention.py): a sparse document mask for packed batches.
 - varlenAttention (varlen_attention.py, packed_flash.py): torch's FlashAttention-2 kernel
-  for packed documents, nothing compiled (off under auto until measured on a GPU).
+  for packed documents, nothing compiled (in flex attention's place under auto when the
+  model is not compiled).
 - autoMicroBatch (micro_batch.py): the largest micro-batch the memory estimate fits, with
   per_device x accumulation kept EXACTLY (the plan's steps and the optimizer batch hold).
 - ligerKernel (liger_kernel.py): liger's RMSNorm/SwiGLU/RoPE kernels.
@@ -304,7 +305,9 @@ class SpeedPlan:
                 if done is not None:
                     log.info("speed %s: %s", lever.SWITCH, done)
         if self.static_length is not None:
-            use_static_batches(trainer, self.static_length)
+            # The varlen kernel reads the boundaries, each under maxLength (TRL's max_length).
+            bound = int(trainer.args.max_length) if self.on(varlen_attention.SWITCH) else None
+            use_static_batches(trainer, self.static_length, document_bound=bound)
         if self.output_dir and self.compile_cache_key and compile_cache.enabled():
             cache = compile_cache.use_compile_cache(
                 trainer, self.compile_cache_key, self.output_dir
@@ -361,22 +364,27 @@ def checked_plan(
 
 
 def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None) -> SpeedPlan:
-    varlen = varlen_attention.decide(opt, hw, job)
     flex = flex_attention.decide(opt, hw, job)
-    if varlen.on and flex.on:  # varlen is on only when asked for: flex attention stands down
+    # Whether the model compiles does not depend on the micro-batch chosen below. The
+    # compile lever is asked with flex attention as decided before the varlen kernel may
+    # take its place, so a model not compiled keeps that reason (a short run, ...).
+    flex_wanted = flex.on
+    compiling = compile_model.decide(opt, hw, job, flex_wanted, job.per_device)
+    # Under auto the varlen kernel attends where the model is not compiled; a compiled
+    # model keeps flex attention, the measured pair.
+    varlen = varlen_attention.decide(opt, hw, job, shape, compiled=compiling.on)
+    if varlen.on and flex.on and opt.flexAttention == "on" and opt.varlenAttention == "auto":
+        varlen = Choice(varlen.lever, False, "flexAttention is on: its kernel attends instead")
+    if varlen.on and flex.on:  # flex attention stands down
         flex = Choice(flex.lever, False, "varlenAttention is on: its kernel attends instead")
     sparse = flex.on or varlen.on  # attention cost linear in the documents' lengths
     light = light_metrics.decide(opt, hw, job)
     copies = cast_weights_once.decide(opt, hw, job)  # its copies count in the batch estimate
-    # The lean head keeps its logits only over static batches (lean_steps.use_lean_steps);
-    # whether batches are static does not depend on the micro-batch chosen: the compile
-    # lever pads when it compiles, flex attention when the model is not compiled.
+    # The lean head keeps its logits only over static batches (lean_steps.use_lean_steps):
+    # the compile lever pads when it compiles, flex attention when the model is not.
     static = any(
         "pad_to_multiple_of" in choice.sft
-        for choice in (
-            compile_model.decide(opt, hw, job, flex.on, job.per_device),
-            flex_attention.with_static_batches(flex, job, job.per_device),
-        )
+        for choice in (compiling, flex_attention.with_static_batches(flex, job, job.per_device))
     )
     sized = functools.partial(
         micro_batch.decide,
@@ -410,7 +418,7 @@ def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None)
             copies = Choice(copies.lever, False, f"auto: {reason}")
             micro = roomier
     per_device = int(micro.sft.get("per_device_train_batch_size", job.per_device))
-    compiled = compile_model.decide(opt, hw, job, flex=flex.on, per_device=per_device)
+    compiled = compile_model.decide(opt, hw, job, flex=flex_wanted, per_device=per_device)
     if "pad_to_multiple_of" not in compiled.sft:
         flex = flex_attention.with_static_batches(flex, job, per_device)
     choices = (

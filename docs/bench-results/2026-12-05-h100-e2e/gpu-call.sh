@@ -31,8 +31,15 @@ for stage in "$@"; do
     whole) unset HF_HOME; timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output whole > $OUT/whole.jsonl 2> $OUT/whole.log; echo "whole exit $?";;
     regional) unset HF_HOME; SFTJOB_COMPILE_REGIONS=on timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output regional > $OUT/regional.jsonl 2> $OUT/regional.log; echo "regional exit $?";;
     reference) timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides reference > $OUT/reference.jsonl 2> $OUT/reference.log; echo "reference exit $?";;
+    vreg|vregwarm) export HF_HOME=/tmp/model-cache-vreg; SFTJOB_COMPILE_REGIONS=on SFTJOB_SPEED='{"varlenAttention": "on", "compile": "on"}' timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output $stage > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
+    vregcap) export HF_HOME=/tmp/model-cache-vregcap; SFTJOB_COMPILE_REGIONS=on SFTJOB_SPEED='{"varlenAttention": "on", "compile": "on"}' timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output vregcap --max-steps-sftjob ${CAP_STEPS:-15} > $OUT/vregcap.jsonl 2> $OUT/vregcap.log; echo "vregcap exit $?";;
+    vwhole) export HF_HOME=/tmp/model-cache-vwhole; SFTJOB_SPEED='{"varlenAttention": "on", "compile": "on"}' timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output vwhole --max-steps-sftjob ${WARM_STEPS:-10} > $OUT/vwhole.jsonl 2> $OUT/vwhole.log; echo "vwhole exit $?";;
+    newauto) export HF_HOME=/tmp/model-cache-newauto; timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output newauto > $OUT/newauto.jsonl 2> $OUT/newauto.log; echo "newauto exit $?";;
     qlora) python3 -c "import bitsandbytes as b, torch; l=b.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16, quant_type='nf4').cuda(); print('bnb', b.__version__, l(torch.randn(2, 64, device='cuda', dtype=torch.bfloat16)).shape)" 2>&1 | tail -1; timeout $T python3 -m sftjob_bench.bench --case llama8b-qlora --steps 10 --skip 3 --memory-gib 80 --side-timeout 220 --workdir /tmp/q > $OUT/qlora.jsonl 2> $OUT/qlora.log; echo "qlora exit $?";;
   esac
+  # Each job leaves 18 GB (weights and optimizer state): drop them, or the 64 GB disk fills
+  # (session 15's third job failed writing its checkpoint). The compile caches stay.
+  find /tmp/e2e -mindepth 2 -maxdepth 3 -type d \( -name 'checkpoint-*' -o -name final \) -exec rm -rf {} + 2>/dev/null; df -h /tmp | tail -1
   for f in $OUT/*.log; do [ -f "$f" ] && [ $(stat -c %s "$f") -gt 2000000 ] && { gzip -f "$f"; }; done
 done
 for f in $OUT/*.jsonl; do echo "--- $f"; grep -h '"side"\|"check"' $f | python3 -c "

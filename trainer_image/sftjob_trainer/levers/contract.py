@@ -96,6 +96,9 @@ class ModelShape:
     layers: int
     intermediate: int
     vocab: int = 0  # 0: unknown, nothing counted for the LM head's logits
+    # What in the model's attention a plain causal kernel would not compute (a sliding
+    # window, logit soft-capping, attention dropout); None: plain causal attention.
+    attention_extras: str | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -115,7 +118,29 @@ class ModelShape:
             layers=layers,
             intermediate=intermediate,
             vocab=vocab,
+            attention_extras=attention_extras(config),
         )
+
+
+def attention_extras(config: Any) -> str | None:
+    """The config's attention features beyond plain causal softmax attention, or None.
+
+    transformers gives a layer a window where its `layer_types` says "sliding_attention",
+    or (older configs) where `sliding_window` is set and `use_sliding_window` not false.
+    """
+    extras = []
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is not None:
+        if any("sliding" in str(kind) for kind in layer_types):
+            extras.append("sliding-window layers")
+    elif window and getattr(config, "use_sliding_window", True) is not False:
+        extras.append(f"a sliding window of {window}")
+    if getattr(config, "attn_logit_softcapping", None):
+        extras.append("attention logit soft-capping")
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        extras.append("attention dropout")
+    return ", ".join(extras) or None
 
 
 @dataclass(frozen=True)

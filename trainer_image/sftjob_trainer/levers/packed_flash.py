@@ -48,9 +48,12 @@ def flash_causal(
     cu_seq_lens: torch.Tensor,
     max_length: int,
     scale: float,
+    causal: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Causal attention within each document: torch's FlashAttention-2 varlen kernel
-    (bf16 or fp16 only: fp32 inputs, without autocast, are computed in bf16)."""
+    (bf16 or fp16 only: fp32 inputs, without autocast, are computed in bf16). `causal`:
+    this torch's causal argument, found beforehand (`flash_kernel`) where the call may be
+    traced by torch.compile, which cannot trace the signature lookup."""
     import torch
     from torch.nn.attention.varlen import varlen_attn
 
@@ -64,10 +67,15 @@ def flash_causal(
         max_length,
         max_length,
         scale=scale,
-        **_causal_arguments(),
+        **(_causal_arguments() if causal is None else causal),
     )
     out = out[0] if isinstance(out, tuple) else out
     return out.to(query.dtype)
+
+
+def flash_kernel() -> Kernel:
+    """flash_causal with this torch's causal argument bound, looked up now (eagerly)."""
+    return functools.partial(flash_causal, causal=_causal_arguments())
 
 
 def reference_causal(
@@ -112,11 +120,11 @@ def varlen_attention(kernel: Kernel = flash_causal) -> Callable[..., tuple[torch
                 "spec.training.speed.varlenAttention needs packed padding-free batches (one "
                 "row with TRL's cu_seq_lens_q and max_length_q): set it to auto or off"
             )
-        if sliding_window is not None or (dropout and module.training):
+        if sliding_window is not None or kwargs.get("softcap") or (dropout and module.training):
             raise ValueError(
                 "spec.training.speed.varlenAttention computes full causal attention without "
-                "dropout; this model has a sliding window or attention dropout: set it to "
-                "auto or off"
+                "dropout; this model has a sliding window, logit soft-capping or attention "
+                "dropout: set it to auto or off"
             )
         from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -134,12 +142,15 @@ def varlen_attention(kernel: Kernel = flash_causal) -> Callable[..., tuple[torch
     return attention
 
 
-def register(kernel: Kernel = flash_causal) -> None:
-    """Make IMPLEMENTATION a name transformers loads models with (attn_implementation)."""
+def register(kernel: Kernel | None = None) -> None:
+    """Make IMPLEMENTATION a name transformers loads models with (attn_implementation);
+    the flash kernel unless another is given (the CPU tests give the reference one)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    AttentionInterface.register(IMPLEMENTATION, varlen_attention(kernel))
+    AttentionInterface.register(
+        IMPLEMENTATION, varlen_attention(flash_kernel() if kernel is None else kernel)
+    )
     # The flash variants' mask: none for a packed row (the kernel reads the boundaries).
     AttentionMaskInterface.register(IMPLEMENTATION, flash_attention_mask)
 

@@ -55,7 +55,7 @@ def static_length(job: Job, per_device: int) -> int | None:
     return per_device * job.max_length
 
 
-def use_static_batches(trainer: Any, length: int) -> None:
+def use_static_batches(trainer: Any, length: int, document_bound: int | None = None) -> None:
     """Make every packed micro-batch one shape, and keep TRL's token count honest.
 
     TRL pads the padding-free row to `length` (pad_to_multiple_of, set by the lever that
@@ -63,14 +63,23 @@ def use_static_batches(trainer: Any, length: int) -> None:
     whose sizes change per batch and which flex attention does not read, and counts the
     padding; TRL counts `position_ids.size(1)` as tokens, so the padding is subtracted
     again (summed over ranks once per log, see token_tally.TokenTally).
+
+    With `document_bound` (the varlen kernel reads the boundaries) the keys are kept, TRL
+    having computed them after padding (each padding token a document of one), and the
+    longest document is given as that bound (maxLength: no document is longer) rather than
+    per batch: a compiled layer then sees one value there, not a new one per batch, and
+    the boundaries' count is marked dynamic, so neither recompiles it.
     """
     tally = token_tally(trainer)
     collate = trainer.data_collator
 
     def static_collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate(examples)
-        for key in VARLEN_KEYS:
-            batch.pop(key, None)
+        if document_bound is None:
+            for key in VARLEN_KEYS:
+                batch.pop(key, None)
+        else:
+            batch["max_length_q"] = batch["max_length_k"] = document_bound
         width = int(batch["input_ids"].size(1))
         real = sum(len(example["input_ids"]) for example in examples)
         if width != length:  # a row longer than maxLength: TRL truncates, so never here
@@ -83,9 +92,22 @@ def use_static_batches(trainer: Any, length: int) -> None:
 
     def compute_loss_without_padding(model: Any, inputs: dict[str, Any], *a: Any, **kw: Any) -> Any:
         padding = int(inputs.pop(PADDING_KEY, 0))
+        if document_bound is not None:
+            mark_boundaries_dynamic(inputs)
         result = compute_loss(model, inputs, *a, **kw)
         if model.training:
             tally.add(-padding)  # summed over ranks at the next log, with no sync now
         return result
 
     trainer.compute_loss = compute_loss_without_padding
+
+
+def mark_boundaries_dynamic(inputs: dict[str, Any]) -> None:
+    """The document boundaries' count changes with every batch: say so to torch.compile
+    before it first sees them (on the device copies the model gets), so it compiles one
+    graph for any count instead of one for the first count and another after it."""
+    import torch
+
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if isinstance(inputs.get(key), torch.Tensor):
+            torch._dynamo.maybe_mark_dynamic(inputs[key], 0)
