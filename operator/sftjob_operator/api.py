@@ -408,9 +408,11 @@ class SpeedSpec(SpecModel):
     )
     dataWorkers: SpeedSwitch = Field(
         default="auto",
-        description="Collate and prefetch batches in 2 DataLoader worker processes; same "
-        "batches in the same order (auto: on with CUDA and at least 4 CPUs per GPU process; "
-        "ignored when extraArgs sets dataloader_num_workers).",
+        description="Collate and prefetch batches in 2 DataLoader worker processes, and "
+        "tokenize a dataset of at least 4,000 rows in up to 8 processes (2,000 rows each at "
+        "least; packed in one, so the same rows); same batches in the same order (auto: on "
+        "with CUDA and at least 4 CPUs per GPU process; extraArgs dataloader_num_workers or "
+        "dataset_num_proc are kept as given).",
     )
     castWeightsOncePerStep: SpeedSwitch = Field(
         default="auto",

@@ -64,3 +64,36 @@ def test_evaluation_loaders_are_shielded_once(make_config: Any) -> None:
     train_loader = trainer.get_train_dataloader()
     train_init = getattr(train_loader, "base_dataloader", train_loader).worker_init_fn
     assert train_init.func is _worker_in_own_session
+
+
+@pytest.mark.parametrize(
+    ("cpus", "rows", "extra", "processes"),
+    [
+        (16.0, 100_000, (), 8),  # at most 8
+        (6.0, 100_000, (), 6),  # at most the CPUs of this training process
+        (16.0, 9_000, (), 4),  # at least 2,000 rows each
+        (16.0, 3_999, (), None),  # one process would take them all: not worth a second
+        (16.0, None, (), None),  # rows not known when planning
+        (16.0, 100_000, ("dataset_num_proc",), None),  # the user's own setting is kept
+    ],
+)
+def test_a_large_dataset_is_tokenized_in_several_processes(
+    cpus: float, rows: int | None, extra: tuple[str, ...], processes: int | None
+) -> None:
+    from dataclasses import replace
+
+    from lever_jobs import SEED_REFERENCE_JOB
+    from sftjob_trainer.levers.contract import Hardware, SpeedOptions
+    from sftjob_trainer.levers.data_workers import decide
+
+    hardware = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3", cpus=cpus)
+    job = replace(SEED_REFERENCE_JOB, rows=rows, extra_args=extra)
+    choice = decide(SpeedOptions(), hardware, job)
+    assert choice.on  # the DataLoader workers either way
+    assert choice.sft.get("dataset_num_proc") == processes
+    if processes:
+        assert f"{processes} processes tokenize the {rows:,} rows" in choice.reason
+    else:
+        assert "tokenize" not in choice.reason
+    # Turned off, nothing runs in other processes.
+    assert "dataset_num_proc" not in decide(SpeedOptions(dataWorkers="off"), hardware, job).sft

@@ -123,3 +123,57 @@ def test_counting_prepares_exactly_the_rows_plain_trl_prepares(make_config, tiny
     )
     assert counted.train_dataset.column_names == plain.train_dataset.column_names
     assert counted.train_dataset[:] == plain.train_dataset[:]
+
+
+def test_rows_tokenized_in_two_processes_are_packed_as_in_one(make_config, tiny, tmp_path):
+    # The dataWorkers lever tokenizes a large dataset in several processes
+    # (dataset_num_proc). Packed in one process afterwards, the rows are those of a single
+    # process's preparation; TRL's own call would pack each process's shard apart.
+    import copy
+
+    from sftjob_trainer.data import prepare_dataset
+    from sftjob_trainer.train import build_trainer
+    from trl import SFTTrainer
+
+    # Rows of 3 to 59 words, so how they pack depends on which rows share a process.
+    text = tiny.data["text"].read_text().splitlines()
+    words = " ".join(json.loads(line)["text"] for line in text).split()
+    data = tmp_path / "varied.jsonl"
+    lines = [json.dumps({"text": " ".join(words[i : i + 3 + (i * 37) % 57])}) for i in range(40)]
+    data.write_text("\n".join(lines) + "\n")
+    training = {"packing": True, "packingStrategy": "bfd", "maxLength": 128}
+    config = load_config(
+        make_config(
+            {
+                "dataset": {"path": str(data), "format": "text"},
+                "training": {**training, "extraArgs": {"dataset_num_proc": 2}},
+            }
+        )
+    )
+    counted = build_trainer(config)
+    assert counted.args.dataset_num_proc == 2
+    rows, _ = prepare_dataset(config.spec.dataset)
+    one_process = copy.copy(counted.args)
+    one_process.dataset_num_proc = None
+
+    def plain(args):
+        trainer = SFTTrainer(
+            model=counted.model,
+            args=args,
+            train_dataset=rows,
+            processing_class=counted.processing_class,
+        )
+        return trainer.train_dataset[:]
+
+    assert counted.row_counts["train"].prepared == len(counted.train_dataset)
+    # Each preparation computed afresh: datasets' cache key does not include num_proc, so
+    # with it on, every call below would return the packing above.
+    import datasets
+
+    datasets.disable_caching()
+    try:
+        assert counted.train_dataset[:] == plain(one_process)
+        # The control: TRL's single call with two processes packs each half apart.
+        assert plain(counted.args) != plain(one_process)
+    finally:
+        datasets.enable_caching()

@@ -12,7 +12,8 @@ It says nothing about either. Here TRL's own preparation runs in two halves: tok
 (max_length off, no packing, no shuffle), the token lengths read, then the same call on
 the tokenized rows, which TRL recognises by their `input_ids` and only truncates, drops,
 packs and shuffles. The rows that come out are those of the single call, at the cost of
-reading one length column; the counts are exact.
+reading one length column; the counts are exact. With `dataset_num_proc` the first half
+runs in that many processes and the packing in one, so the packed rows do not depend on it.
 
 `tokenized_rows` runs the same preparation without a model, for a planner that can reach
 the model's tokenizer and the data (`sftjob plan` with local files): the prepared row
@@ -122,7 +123,13 @@ def prepare_counting(
         dataset, processing_class, tokenize_only, False, formatting_func, dataset_name
     )
     lengths = _token_lengths(tokenized)
-    prepared = prepare(tokenized, processing_class, args, packing, None, dataset_name)
+    pack_args = args
+    if packing and args.dataset_num_proc:
+        # TRL would pack each process's shard apart; packed in one, the rows are the same
+        # however many processes tokenized them.
+        pack_args = copy.copy(args)
+        pack_args.dataset_num_proc = None
+    prepared = prepare(tokenized, processing_class, pack_args, packing, None, dataset_name)
     counts = count_rows(
         lengths,
         len(prepared),

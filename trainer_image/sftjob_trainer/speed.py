@@ -497,6 +497,7 @@ def job_from(config: Any, dataset_rows: int | None = None) -> Job:
         world_size=world_size(config),
         run_tokens_per_gpu=run_tokens_per_gpu(config, per_device * accumulation, dataset_rows),
         compile_payback_tokens=COMPILE_PAYBACK_TOKENS,
+        rows=dataset_rows,
     )
 
 

@@ -166,6 +166,8 @@ class Job:
     compile_payback_tokens: int | None = None
     # Whether compiled artifacts of this run's shape were found (None: not looked up).
     compile_cache_warm: bool | None = None
+    # Rows of training data this process prepares (None: not known when planning).
+    rows: int | None = None
 
 
 @dataclass(frozen=True)
