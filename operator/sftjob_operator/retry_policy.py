@@ -14,6 +14,7 @@ The trainer decides the class where it knows the cause (sftjob_trainer.failures)
 | DataError        | never    | the same data fails the same way every time    |
 | ModelLoadError   | never    | the model is not there (404, bad path, no auth)|
 | OutOfMemory      | yes      | halve the micro-batch (retry.oomAutoShrink)    |
+| StorageFull      | never    | the output volume is full: the same write fails|
 | NetworkError     | yes      | after a backoff: 10 s x 2^restarts, max 300 s  |
 | InternalError    | yes      | resume from the newest checkpoint              |
 | Interrupted      | yes      | resume (SIGTERM, a peer torn down)             |
@@ -39,6 +40,7 @@ TRAINER_EXIT_CODES = {
     13: "ModelLoadError",
     14: "Interrupted",
     15: "NetworkError",
+    16: "StorageFull",
 }
 # Pod-level reasons a kubelet or scheduler gives when the pod, not the training, failed.
 LOST_POD_REASONS = ("Evicted", "Preempted", "NodeLost", "Shutdown", "NodeShutdown", "Terminated")
@@ -71,6 +73,7 @@ RETRY_POLICY: dict[str, ClassPolicy] = {
     "ConfigError": ClassPolicy(retry=False, specificity=0),
     "DataError": ClassPolicy(retry=False, specificity=0),
     "ModelLoadError": ClassPolicy(retry=False, specificity=0),
+    "StorageFull": ClassPolicy(retry=False, specificity=0),
     "OutOfMemory": ClassPolicy(retry=True, shrink=True, specificity=1),
     "NetworkError": ClassPolicy(retry=True, backoff=True, specificity=2),
     "InternalError": ClassPolicy(retry=True, specificity=3),

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from sftjob_operator.retry_policy import RETRY_POLICY
 from sftjob_trainer.failures import (
     MAX_MESSAGE_BYTES,
     ConfigError,
@@ -368,3 +369,54 @@ def test_dataset_uri_outage_is_transient_but_a_missing_file_is_a_data_error(
     outcome = run_worker(make_config({"dataset": {"path": None, "uri": uri}}))
     assert outcome.reason == reason, outcome.message
     assert written(termination_log).reason == reason
+
+
+def _full_device_error(write: Any) -> BaseException:
+    """The exception a real write to /dev/full raises (every write there fails: ENOSPC)."""
+    import stat
+
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode), "/dev/full is the kernel's full device"
+    with pytest.raises(BaseException) as caught:
+        write("/dev/full")
+    return caught.value
+
+
+def _usage(free_gib: float) -> Any:
+    return lambda path: (100 * 2**30, int((100 - free_gib) * 2**30), int(free_gib * 2**30))
+
+
+def test_a_checkpoint_that_fills_the_volume_is_storage_full_and_not_retried(tmp_path):
+    # torch.save (the optimizer state in every checkpoint) reports a full disk without an
+    # errno: a short write, as on the GPU machine whose disk filled (session 15).
+    error = _full_device_error(lambda path: torch.save({"state": torch.zeros(100_000)}, path))
+    assert getattr(error, "errno", None) is None
+    full = classify(error, step=90, output_path=str(tmp_path), usage=_usage(0.01))
+    assert (full.reason, full.step, full.exit_code) == ("StorageFull", 90, 16)
+    assert "the output volume is full (0.01 GiB free of 100.0 GiB at" in full.message
+    assert "spec.output a larger volume" in full.message and "not relaunched" in full.message
+    assert RETRY_POLICY["StorageFull"].retry is False
+    # The same short write on a volume with room is not taken for a full one: relaunched.
+    roomy = classify(error, step=90, output_path=str(tmp_path), usage=_usage(40.0))
+    assert roomy.reason == "InternalError"
+    # Nor without an output path to look at.
+    assert classify(error, step=90).reason == "InternalError"
+
+
+def test_a_write_refused_with_enospc_is_storage_full_whatever_the_free_space(tmp_path):
+    def write(path: str) -> None:
+        descriptor = os.open(path, os.O_WRONLY)
+        try:
+            os.write(descriptor, b"weights")
+        finally:
+            os.close(descriptor)
+
+    error = _full_device_error(write)
+    assert isinstance(error, OSError) and error.errno == 28
+    outcome = classify(RuntimeError("saving failed"), step=3)
+    assert outcome.reason == "InternalError"
+    wrapped = RuntimeError("saving checkpoint-3 failed")
+    wrapped.__cause__ = error
+    outcome = classify(wrapped, step=3, output_path=str(tmp_path), usage=_usage(50.0))
+    assert outcome.reason == "StorageFull"
+    assert "No space left on device" in outcome.message
+    assert classify(wrapped, step=3).reason == "StorageFull"

@@ -69,7 +69,7 @@ def running_pod(rank: int) -> dict[str, Any]:
 # ------------------------------------------------------------------ one decision per class
 
 
-@pytest.mark.parametrize("reason", ["ConfigError", "DataError", "ModelLoadError"])
+@pytest.mark.parametrize("reason", ["ConfigError", "DataError", "ModelLoadError", "StorageFull"])
 def test_deterministic_classes_fail_at_once_with_restarts_left(reason: str) -> None:
     decision = decide_retry(Failure(reason, "why"), spec(max_restarts=5), SFTJobStatus())
     assert (decision.relaunch, decision.reason, decision.message) == (False, reason, "why")

@@ -12,11 +12,15 @@ message is short enough for the kubelet, which keeps at most 4096 bytes of it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 ENV_TERMINATION_LOG = "SFTJOB_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
@@ -30,6 +34,7 @@ EXIT_CONFIG = 12
 EXIT_MODEL_LOAD = 13
 EXIT_INTERRUPTED = 14
 EXIT_NETWORK = 15
+EXIT_STORAGE_FULL = 16
 
 EXIT_CODES = {
     "Completed": EXIT_OK,
@@ -40,6 +45,7 @@ EXIT_CODES = {
     "ModelLoadError": EXIT_MODEL_LOAD,
     "Interrupted": EXIT_INTERRUPTED,
     "NetworkError": EXIT_NETWORK,
+    "StorageFull": EXIT_STORAGE_FULL,
 }
 REASONS_BY_CODE = {code: reason for reason, code in EXIT_CODES.items()}
 
@@ -258,12 +264,18 @@ def _shorten(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
     return data[:half].decode(errors="ignore") + "\n...\n" + data[-half:].decode(errors="ignore")
 
 
-def classify(exc: BaseException, step: int | None = None) -> Outcome:
+def classify(
+    exc: BaseException,
+    step: int | None = None,
+    output_path: str | None = None,
+    usage: DiskUsage = shutil.disk_usage,
+) -> Outcome:
     """The outcome for an exception raised anywhere in the worker.
 
     The cause may sit deeper than the exception that arrives here (a library wraps our
     ConfigError, an OOM, or a connection reset in its own error): the whole chain is
-    searched, a classified TrainerFailure first, then OOM, then a network failure.
+    searched, a classified TrainerFailure first, then OOM, then a full output volume
+    (`output_path`, whose free space `usage` reads), then a network failure.
     """
     chain = exception_chain(exc)
     known = next((link for link in chain if isinstance(link, TrainerFailure)), None)
@@ -278,6 +290,9 @@ def classify(exc: BaseException, step: int | None = None) -> Outcome:
         )
     if isinstance(exc, KeyboardInterrupt):
         return Outcome("Interrupted", "interrupted", step)
+    full = storage_full(exc, output_path, usage)
+    if full is not None:
+        return Outcome("StorageFull", _shorten(full), step)
     cause = network_cause(exc)
     if cause is not None:
         return Outcome(
@@ -288,6 +303,63 @@ def classify(exc: BaseException, step: int | None = None) -> Outcome:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     return Outcome("InternalError", _shorten(f"{type(exc).__name__}: {exc}{where}"), step)
+
+
+# A write refused for want of space: the errno (ENOSPC, EDQUOT a quota), or its text where
+# a library re-raised it without one (safetensors' Rust I/O error says "StorageFull").
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull")
+# torch.save's writer says neither: a short write reaches Python as these (measured with
+# /dev/full, and on the GPU machine when its disk filled with a checkpoint half written).
+SHORT_WRITE_TEXTS = ("unexpected pos", "basic_ios::clear", "PytorchStreamWriter failed writing")
+# Free space under which a short write is taken for a full volume.
+NEARLY_FULL_BYTES = 1 << 30
+
+DiskUsage = Callable[[str], Any]
+
+
+def _says_no_space(link: BaseException) -> bool:
+    if isinstance(link, OSError) and link.errno in NO_SPACE_ERRNOS:
+        return True
+    return any(text in str(link) for text in NO_SPACE_TEXTS)
+
+
+def storage_full(
+    exc: BaseException, output_path: str | None, usage: DiskUsage = shutil.disk_usage
+) -> str | None:
+    """Why `exc` is a full output volume, or None.
+
+    Relaunching cannot help: the checkpoint that filled it is what the next attempt writes
+    again. A short write without an errno (torch.save) counts only where the output volume
+    is nearly full now; elsewhere it may be a flaky network volume, worth a relaunch.
+    """
+    chain = exception_chain(exc)
+    said = next((link for link in chain if _says_no_space(link)), None)
+    short = next(
+        (link for link in chain if any(text in str(link) for text in SHORT_WRITE_TEXTS)), None
+    )
+    if said is None and short is None:
+        return None
+    free = None
+    if output_path:
+        try:
+            total, _, free = usage(output_path)
+        except OSError:
+            free = None
+    if said is None and (free is None or free >= NEARLY_FULL_BYTES):
+        return None
+    where = (
+        f" ({free / 2**30:.2f} GiB free of {total / 2**30:.1f} GiB at {output_path})"
+        if free is not None
+        else ""
+    )
+    cause = said or short
+    return (
+        f"the output volume is full{where}: {type(cause).__name__}: {first_line(cause)}. "
+        "Free space on it or give spec.output a larger volume (checkpoints hold the weights "
+        "and the optimizer state: about 12 bytes per parameter for a full fine-tune); the "
+        "job is not relaunched, it would fail the same way"
+    )
 
 
 def termination_log_path() -> Path:

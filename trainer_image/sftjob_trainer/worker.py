@@ -42,10 +42,12 @@ def run_worker(config_path: Path | str | None) -> Outcome:
 
     train.STATE = train.RunState()
     previous = {stop: signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGINT)}
+    output_path = None  # known once the config loads: a full volume there is not retried
     try:
         train.install_sigterm_handler()
         _record_pid()
         config = load_config(config_path)
+        output_path = str(config.resolved["outputPath"])
         result = train.main(config)
         outcome = Outcome(
             "Completed",
@@ -62,7 +64,7 @@ def run_worker(config_path: Path | str | None) -> Outcome:
             result.get("step"),
         )
     except BaseException as exc:  # noqa: BLE001 - every exit must be classified
-        outcome = classify(exc, train.STATE.step)
+        outcome = classify(exc, train.STATE.step, output_path)
         if outcome.reason == "InternalError":
             log.exception("training failed")
     finally:
