@@ -44,6 +44,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     return Tiny(model=model, model_without_template=bare, data=write_tiny_datasets(root / "data"))
 
 
+@pytest.fixture(scope="session")
+def varied_text(tmp_path_factory: pytest.TempPathFactory, tiny: Tiny) -> Path:
+    """48 text rows of 3 to 59 words: packed batches differ in length and documents."""
+    text = tiny.data["text"].read_text().splitlines()
+    words = " ".join(json.loads(line)["text"] for line in text).split()
+    path = tmp_path_factory.mktemp("varied") / "text.jsonl"
+    lines = [json.dumps({"text": " ".join(words[i : i + 3 + (i * 37) % 57])}) for i in range(48)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 MakeConfig = Callable[..., Path]
 
 

@@ -125,7 +125,7 @@ def test_counting_prepares_exactly_the_rows_plain_trl_prepares(make_config, tiny
     assert counted.train_dataset[:] == plain.train_dataset[:]
 
 
-def test_rows_tokenized_in_two_processes_are_packed_as_in_one(make_config, tiny, tmp_path):
+def test_rows_tokenized_in_two_processes_are_packed_as_in_one(make_config, varied_text):
     # The dataWorkers lever tokenizes a large dataset in several processes
     # (dataset_num_proc). Packed in one process afterwards, the rows are those of a single
     # process's preparation; TRL's own call would pack each process's shard apart.
@@ -136,16 +136,11 @@ def test_rows_tokenized_in_two_processes_are_packed_as_in_one(make_config, tiny,
     from trl import SFTTrainer
 
     # Rows of 3 to 59 words, so how they pack depends on which rows share a process.
-    text = tiny.data["text"].read_text().splitlines()
-    words = " ".join(json.loads(line)["text"] for line in text).split()
-    data = tmp_path / "varied.jsonl"
-    lines = [json.dumps({"text": " ".join(words[i : i + 3 + (i * 37) % 57])}) for i in range(40)]
-    data.write_text("\n".join(lines) + "\n")
     training = {"packing": True, "packingStrategy": "bfd", "maxLength": 128}
     config = load_config(
         make_config(
             {
-                "dataset": {"path": str(data), "format": "text"},
+                "dataset": {"path": str(varied_text), "format": "text"},
                 "training": {**training, "extraArgs": {"dataset_num_proc": 2}},
             }
         )

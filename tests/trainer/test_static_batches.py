@@ -7,7 +7,6 @@ GPU run with inductor is in docs/performance.md.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,17 +40,6 @@ class Logs(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
         if logs and "loss" in logs:
             self.logs.append(dict(logs))
-
-
-@pytest.fixture(scope="module")
-def varied_text(tmp_path_factory: pytest.TempPathFactory, tiny: Any) -> Path:
-    """Text rows of 3 to 59 words, so packed micro-batches differ in length."""
-    text = tiny.data["text"].read_text().splitlines()
-    words = " ".join(json.loads(line)["text"] for line in text).split()
-    path = tmp_path_factory.mktemp("varied") / "text.jsonl"
-    lines = [json.dumps({"text": " ".join(words[i : i + 3 + (i * 37) % 57])}) for i in range(48)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture

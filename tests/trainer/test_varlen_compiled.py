@@ -14,7 +14,6 @@ inductor.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ PER_DEVICE, MAX_LENGTH = 2, 128
 STATIC = PER_DEVICE * MAX_LENGTH
 
 
+# The kernel signature again, typed: torch.library builds the op's schema from it.
 @torch.library.custom_op("sftjob_test::varlen_reference", mutates_args=())
 def opaque_reference(
     query: torch.Tensor,
@@ -49,17 +49,6 @@ def opaque_reference(
 @opaque_reference.register_fake
 def _(query: torch.Tensor, *_: Any) -> torch.Tensor:
     return torch.empty_like(query)
-
-
-@pytest.fixture(scope="module")
-def varied_text(tmp_path_factory: pytest.TempPathFactory, tiny: Any) -> Path:
-    """Text rows of 3 to 59 words, so packed micro-batches hold different documents."""
-    text = tiny.data["text"].read_text().splitlines()
-    words = " ".join(json.loads(line)["text"] for line in text).split()
-    path = tmp_path_factory.mktemp("varied") / "text.jsonl"
-    lines = [json.dumps({"text": " ".join(words[i : i + 3 + (i * 37) % 57])}) for i in range(48)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture
