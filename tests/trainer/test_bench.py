@@ -756,3 +756,21 @@ def test_check_on_session_7_runs() -> None:
     assert failed("call1-full.jsonl") == ["card is an H100"]
     assert failed("call3-lora.jsonl") == ["card is an H100"]
     assert failed("call2-g1-fuse-on.jsonl") == ["both sides in the same run"]
+
+
+def test_the_tokenizing_bench_times_both_and_packs_the_same_rows() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "tokenizing_processes.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--rows", "300", "--processes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["rows"] == 300 and line["same_rows"] is True
+    assert sorted(line["seconds"]) == ["1", "2"]
+    assert all(len(runs) == 2 and min(runs) > 0 for runs in line["seconds"].values())
