@@ -376,15 +376,17 @@ class SpeedSpec(SpecModel):
     flexAttention: SpeedSwitch = Field(
         default="auto",
         description="flex_attention with document masks for packed batches (auto: on with CUDA "
-        "and packing bfd; ignored when model.attnImplementation is set).",
+        "and packing bfd where varlenAttention does not take its place; ignored when "
+        "model.attnImplementation is set).",
     )
     varlenAttention: SpeedSwitch = Field(
         default="auto",
         description="torch's FlashAttention-2 kernel for packed documents, from the document "
         "boundaries TRL computes: no mask and nothing compiled, where flex attention is "
-        "compiled on its first calls (auto: on with CUDA, bf16 and packing bfd for a model "
-        "whose attention is plain causal (no sliding window, soft-capping or attention "
-        "dropout), in flexAttention's place unless flexAttention is on).",
+        "compiled on its first calls (auto: on where the model is not compiled, with CUDA, "
+        "bf16 and packing bfd, for a model whose attention is plain causal (no sliding "
+        "window, soft-capping or attention dropout), in flexAttention's place unless "
+        "flexAttention is on; a compiled model keeps flex attention).",
     )
     autoMicroBatch: SpeedSwitch = Field(
         default="auto",
@@ -397,7 +399,8 @@ class SpeedSpec(SpecModel):
     compile: SpeedSwitch = Field(
         default="auto",
         description="torch.compile the model (auto: on with CUDA and flex attention, not for "
-        "qlora or fsdp; each micro-batch padded to one static shape so it compiles once).",
+        "qlora or fsdp, nor for a short run whose compiled artifacts are not at hand; each "
+        "micro-batch padded to one static shape so it compiles once).",
     )
     lightMetrics: SpeedSwitch = Field(
         default="auto",
