@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -15,13 +16,16 @@ from typing import Any
 from sftjob_bench.bench_report import PHASES, goals_24, main, report
 
 
-def run_bench(work: Path, *extra: str, stderr: list[str] | None = None) -> list[dict[str, Any]]:
+def run_bench(
+    work: Path, *extra: str, stderr: list[str] | None = None, env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     done = subprocess.run(
         [sys.executable, "-m", "sftjob_bench.bench", "--case", "reference-job-cpu-smoke"]
         + ["--workdir", str(work), *extra],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     if stderr is not None:
@@ -29,9 +33,39 @@ def run_bench(work: Path, *extra: str, stderr: list[str] | None = None) -> list[
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
+# Imported by every Python process the bench starts: at a normal interpreter shutdown
+# (atexit runs), it leaves a file named after the side the process ran.
+SHUTDOWN_WITNESS = """
+import atexit, os, sys
+
+def _witness():
+    if "--child" in sys.argv:
+        side = sys.argv[sys.argv.index("--child") + 1]
+        open(os.path.join(os.environ["SHUTDOWN_WITNESS_DIR"], side), "w").close()
+
+atexit.register(_witness)
+"""
+
+
+def witnessed_env(folder: Path) -> dict[str, str]:
+    (folder / "site").mkdir(parents=True)
+    (folder / "site" / "sitecustomize.py").write_text(SHUTDOWN_WITNESS)
+    (folder / "shutdowns").mkdir()
+    env = dict(os.environ, SHUTDOWN_WITNESS_DIR=str(folder / "shutdowns"))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(folder / "site"), os.environ.get("PYTHONPATH")])
+    )
+    return env
+
+
 def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
     stderr: list[str] = []
-    lines = run_bench(tmp_path, stderr=stderr)
+    env = witnessed_env(tmp_path / "witness")
+    lines = run_bench(tmp_path / "work", stderr=stderr, env=env)
+    # The sftjob side leaves as the pod's worker does (os._exit once its line is out: no
+    # interpreter shutdown to wait for); the reference, a plain script, shuts down as usual.
+    assert sorted(p.name for p in (tmp_path / "witness" / "shutdowns").iterdir()) == ["reference"]
+    tmp_path = tmp_path / "work"
     inputs = lines[0]["inputs"]
     sides = {line["side"]: line for line in lines[1:]}
     assert list(sides) == ["reference", "sftjob"]
