@@ -79,6 +79,7 @@ def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
         # The parent's clock runs from before the process started to after it ended.
         assert side["wall_s"] >= sum(phases.values()) > 0
         assert side["wall_s"] >= side["saved_at_s"] >= sum(phases.values()) - 0.05
+        assert math.isclose(side["exit_s"], side["wall_s"] - side["saved_at_s"], abs_tol=0.01)
         assert phases["startup_s"] > 0.5  # a fresh interpreter imports torch, not a warm one
         assert 0 < side["model_loaded_to_first_step_s"] <= side["wall_s"]
         # Said on stderr as soon as the first step ends (a run cut later still has it).

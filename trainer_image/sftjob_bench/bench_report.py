@@ -109,8 +109,8 @@ def end_to_end_table(sides: dict[str, dict[str, Any]]) -> str:
     reference = sides.get("reference")
     rows = [
         "| side | wall s | startup | model load | data prep | first step | training | save "
-        "| model loaded to 1st step | tokens/s whole job | speed-up whole job |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| exit | model loaded to 1st step | tokens/s whole job | speed-up whole job |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, side in sides.items():
         wall, rate, note = whole_job(side)
@@ -118,11 +118,22 @@ def end_to_end_table(sides: dict[str, dict[str, Any]]) -> str:
         if reference is not None:
             speedup = f"{whole_job(reference)[0] / wall:.2f}x"
         phases = " | ".join(f"{side['phases'][key]:.1f}" for key in PHASES)
+        phases += f" | {exit_seconds(side)}"
         rows.append(
             f"| {name} | {wall:.1f}{note} | {phases} | {side['model_loaded_to_first_step_s']:.1f} "
             f"| {rate:,.0f}{note} | {speedup} |"
         )
     return "\n".join(rows)
+
+
+def exit_seconds(side: dict[str, Any]) -> str:
+    """Model saved to process gone (interpreter shutdown; the sftjob side leaves at once,
+    as the pod's worker does). Files older than the field give it by their two marks."""
+    if "exit_s" in side:
+        return f"{side['exit_s']:.1f}"
+    if "saved_at_s" in side:
+        return f"{side['wall_s'] - side['saved_at_s']:.1f}"
+    return "-"
 
 
 def preparation_lines(sides: dict[str, dict[str, Any]]) -> list[str]:

@@ -693,6 +693,7 @@ def finish(process: subprocess.Popen[str], spawned_at: float) -> dict[str, Any]:
         raise RuntimeError(f"the side's process failed (exit {process.returncode})")
     line = lines[-1]
     line["wall_s"] = round(ended - spawned_at, 2)  # process start to process gone
+    line["exit_s"] = round(line["wall_s"] - line["saved_at_s"], 2)  # model saved to gone
     line["tokens_per_s_e2e"] = round(line["tokens_total"] / line["wall_s"], 1)
     if line["settings"]["steps"] < line["settings"]["planned_steps_uncapped"]:
         line["extrapolated"] = extrapolate(line)
