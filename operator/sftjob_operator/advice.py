@@ -33,12 +33,15 @@ MANY_EPOCHS = 20
 LARGE_MODEL_BILLIONS = 3.0
 # The compile break-even, from measured figures (docs/performance.md, 1.5B shape, H100,
 # per GPU). COMPILE_OVERHEAD_S: session 10's untimed first 5 steps took 153.6 s with the
-# defaults, of which 5 steady steps are ~3 s: ~150 s compiling (a cold compile cache).
-# The defaults train at ~51k tokens/s compiled (session 10) and 28.6k with compile off
-# (session 1); the plain TRL snippet at ~12.5k (sessions 1-8: 12.1k-15.3k).
+# defaults, of which 5 steady steps are ~3 s: ~150 s compiling (a cold compile cache; the
+# end-to-end calls 1 and 4 of 2026-12-05 agree: first steps of 166.8 and 138.2 s).
+# Compiled, the defaults train at ~51k tokens/s (session 10; calls 1 and 4: 50.2k, 50.5k).
+# Uncompiled they now attend with the varlen kernel: 33.1k (call 7, the whole reference
+# job; flex attention uncompiled had 28.6k in session 1). The plain TRL snippet: ~12.5k
+# (sessions 1-8: 12.1k-15.3k).
 COMPILE_OVERHEAD_S = 150.0
 COMPILED_TOKENS_PER_S = 51_000.0
-UNCOMPILED_TOKENS_PER_S = 28_579.0
+UNCOMPILED_TOKENS_PER_S = 33_058.0
 PLAIN_TRL_TOKENS_PER_S = 12_500.0
 
 
@@ -47,7 +50,7 @@ def break_even_tokens(overhead_s: float, slower: float, faster: float) -> float:
     return overhead_s / (1.0 / slower - 1.0 / faster)
 
 
-# Compiled against the same defaults uncompiled: ~9.8M tokens per GPU. Below it, compile:
+# Compiled against the same defaults uncompiled: ~14.1M tokens per GPU. Below it, compile:
 # off finishes first. (Against the plain snippet the compiled run catches up after ~2.5M
 # tokens, about 76 steps of 16 x 2048: issue 24's "64-75 steps".)
 COMPILE_PAYBACK_TOKENS = round(
