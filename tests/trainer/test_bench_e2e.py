@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sftjob_bench.bench_report import PHASES, goals_24, main, report
+from sftjob_trainer.output_guard import MODEL_CARD
 
 
 def run_bench(
@@ -98,11 +99,16 @@ def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
         assert settings["steps"] == math.ceil(settings["packed_rows"] / 16)  # one epoch
         assert settings["steps"] >= 3 and len(side["losses"]) == settings["steps"]
         assert (tmp_path / name / "final" / "model.safetensors").is_file()
-        if name == "sftjob":  # as train.py ends a job: the last checkpoint's weights, linked
+        # Each side's final model carries its tokenizer (save_model's, train.py's).
+        assert (tmp_path / name / "final" / "tokenizer_config.json").is_file()
+        if name == "sftjob":  # train.py's own ending: the last checkpoint's weights, linked,
             (last,) = (tmp_path / name / "checkpoints").glob("checkpoint-*")
             assert (tmp_path / name / "final" / "model.safetensors").samefile(
                 last / "model.safetensors"
             )
+            # and the model card a job leaves beside them, inside the timed save.
+            card = (tmp_path / name / MODEL_CARD).read_text()
+            assert f"| optimizer steps | {settings['steps']} |" in card
         # Each side tokenized and packed the rows itself, in a datasets cache of its own.
         assert list((tmp_path / "datasets-cache" / name).rglob("cache-*.arrow"))
         assert "extrapolated" not in side

@@ -457,15 +457,16 @@ def build_reference(case: E2ECase, work: Path, cuda: bool) -> Any:
     return SFTTrainer(model=str(work / "model"), train_dataset=dataset, args=args)
 
 
-def build_sftjob(case: E2ECase, work: Path, cuda: bool, output: Path) -> Any:
-    """The trainer's own build for the SFTJob of the same job."""
+def build_sftjob(case: E2ECase, work: Path, cuda: bool, output: Path) -> tuple[Any, Any]:
+    """The trainer's own build for the SFTJob of the same job, and the job's config."""
     from sftjob_operator.api import parse_sftjob
     from sftjob_operator.trainer_config import build_trainer_config
     from sftjob_trainer.settings import parse_config
     from sftjob_trainer.train import build_trainer
 
     job = parse_sftjob(job_manifest(case, work, output, 1 if cuda else 0))
-    return build_trainer(parse_config(build_trainer_config(job)))
+    config = parse_config(build_trainer_config(job))
+    return build_trainer(config), config
 
 
 def run_child(
@@ -495,9 +496,9 @@ def run_child(
     stopwatch = Stopwatch()
     with stopwatch.wrapping(preparation_steps(side)):
         if side == "reference":
-            trainer = build_reference(case, work, cuda)
+            trainer, config = build_reference(case, work, cuda), None
         else:
-            trainer = build_sftjob(case, work, cuda, output)
+            trainer, config = build_sftjob(case, work, cuda, output)
     clock.mark("built")
     to_wall = time.time() - time.perf_counter() - spawned_at  # perf_counter -> clock marks
     loads = stopwatch.spans[MODEL_LOAD]
@@ -516,10 +517,10 @@ def run_child(
         trainer.train()
     clock.marks["first_step"] = meter.marks[1][0] + to_wall
     clock.marks["train_end"] = meter.marks[-1][0] + to_wall
-    if side == "sftjob":  # as train.py ends a job
-        from sftjob_trainer.checkpoints import save_final_model
+    if side == "sftjob":  # train.py's own ending: final model, tokenizer, model card
+        from sftjob_trainer.train import save_outputs
 
-        print(save_final_model(trainer, output / "final"), file=sys.stderr)
+        save_outputs(config, trainer)
     else:  # the snippet's own last line
         trainer.save_model(str(output / "final"))
     if cuda:

@@ -247,7 +247,6 @@ def _train(config: TrainerConfig, guard: OutputGuard) -> dict[str, Any]:
     output = config.output_path
     trainer = build_trainer(config)
     args = trainer.args
-    tokenizer = trainer.processing_class
     row_counts = getattr(trainer, "row_counts", {})
     counts = row_counts.get("train")
     over_length = counts.sentence() if counts is not None else None
@@ -318,11 +317,20 @@ def _train(config: TrainerConfig, guard: OutputGuard) -> dict[str, Any]:
             f"{trainer.state.global_step}/{trainer.state.max_steps}; "
             f"checkpoint saved in {output / CHECKPOINT_DIR}"
         )
+    save_outputs(config, trainer)
+    return STATE.result
+
+
+def save_outputs(config: TrainerConfig, trainer: Any) -> Path:
+    """What a job leaves once trained: the final model (linked from the last checkpoint),
+    its tokenizer, the merged model when asked, the model card, and the upload when the
+    output is an object store. Returns the final model's folder."""
+    output = config.output_path
     final = output / FINAL_DIR
     log.info("%s", save_final_model(trainer, final))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(final))
-        merge = config.spec.output.mergeAdapter and resolved["method"] in ("lora", "qlora")
+        trainer.processing_class.save_pretrained(str(final))
+        merge = config.spec.output.mergeAdapter and config.resolved["method"] in ("lora", "qlora")
         if merge:
             merged = save_merged_model(config.spec.model, final, output / MERGED_DIR)
             STATE.result["mergedPath"] = str(merged)
@@ -338,4 +346,4 @@ def _train(config: TrainerConfig, guard: OutputGuard) -> dict[str, Any]:
         about = {"job": config.job_name, "uid": config.job_uid, "step": STATE.step}
         upload_output(spec, final, about=about)
         STATE.result["outputUri"] = spec.output.uri
-    return STATE.result
+    return final
