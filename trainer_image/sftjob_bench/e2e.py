@@ -19,15 +19,18 @@ an empty datasets cache (HF_DATASETS_CACHE), so each reads, tokenizes and packs 
 - sftjob: the same job as an SFTJob spec (the snippet's settings, plus the linear schedule
   without warm-up that TRL defaults to, so both sides follow the same learning rates),
   through the trainer's own build (train.build_trainer: the checks, the speed plan, the
-  data preparation, the model load, the levers), then `train()` and `save_model()`.
+  data preparation, the model load, the levers), then `train()` and train.py's own ending
+  (`save_outputs`: the final model linked from the last checkpoint, the tokenizer, the
+  model card).
 
 The model (random init of the case's shape, saved in bf16 as the hub's Qwen2.5 checkpoint
 is, with a byte-level BPE tokenizer) and the text rows are written once into the work
 folder before either side starts; both sides read the same files.
 
 Each side prints one JSON line: `wall_s` (the parent's clock from just before it started
-the process to the process gone; the sftjob side leaves as the pod's worker does, at once
-once its line is out, the reference as a script does), `phases` (startup: interpreter and
+the process to the process gone: the sftjob side leaves as the pod's worker does, as soon
+as its line is out, and the reference as a script does; `exit_s` is the part after the
+model was saved), `phases` (startup: interpreter and
 imports; model_load; data_preparation: the rest of building the trainer, which tokenizes
 and packs; first_step: from `train()` to the first optimizer step's end, compile
 included; training: first to last step's end; save), `model_loaded_to_first_step_s`
