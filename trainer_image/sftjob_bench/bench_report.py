@@ -128,12 +128,11 @@ def end_to_end_table(sides: dict[str, dict[str, Any]]) -> str:
 
 def exit_seconds(side: dict[str, Any]) -> str:
     """Model saved to process gone (interpreter shutdown; the sftjob side leaves at once,
-    as the pod's worker does). Files older than the field give it by their two marks."""
-    if "exit_s" in side:
-        return f"{side['exit_s']:.1f}"
-    if "saved_at_s" in side:
-        return f"{side['wall_s'] - side['saved_at_s']:.1f}"
-    return "-"
+    as the pod's worker does), from the line's two marks: lines older than `exit_s` have
+    them too."""
+    if "saved_at_s" not in side:
+        return "-"
+    return f"{side['wall_s'] - side['saved_at_s']:.1f}"
 
 
 def preparation_lines(sides: dict[str, dict[str, Any]]) -> list[str]:

@@ -30,11 +30,11 @@ folder before either side starts; both sides read the same files.
 Each side prints one JSON line: `wall_s` (the parent's clock from just before it started
 the process to the process gone: the sftjob side leaves as the pod's worker does, as soon
 as its line is out, and the reference as a script does; `exit_s` is the part after the
-model was saved), `phases` (startup: interpreter and
-imports; model_load; data_preparation: the rest of building the trainer, which tokenizes
-and packs; first_step: from `train()` to the first optimizer step's end, compile
-included; training: first to last step's end; save), `model_loaded_to_first_step_s`
-(the warm-start figure), `tokens_per_s_e2e` (tokens trained on over `wall_s`) beside the
+model was saved), `phases` (startup: interpreter and imports; model_load;
+data_preparation: the rest of building the trainer, which tokenizes and packs;
+first_step: from `train()` to the first optimizer step's end, compile included;
+training: first to last step's end; save), `model_loaded_to_first_step_s` (the warm-start
+figure), `tokens_per_s_e2e` (tokens trained on over `wall_s`) beside the
 steady-state `tokens_per_s` (after the first `skip` steps), the losses logged and the
 settings. `preparation` splits data_preparation by the step of building the trainer that
 spent it (PREPARATION_STEPS: each step's calls less the timed calls inside them, and

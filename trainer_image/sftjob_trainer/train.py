@@ -321,10 +321,10 @@ def _train(config: TrainerConfig, guard: OutputGuard) -> dict[str, Any]:
     return STATE.result
 
 
-def save_outputs(config: TrainerConfig, trainer: Any) -> Path:
+def save_outputs(config: TrainerConfig, trainer: Any) -> None:
     """What a job leaves once trained: the final model (linked from the last checkpoint),
     its tokenizer, the merged model when asked, the model card, and the upload when the
-    output is an object store. Returns the final model's folder."""
+    output is an object store."""
     output = config.output_path
     final = output / FINAL_DIR
     log.info("%s", save_final_model(trainer, final))
@@ -346,4 +346,3 @@ def save_outputs(config: TrainerConfig, trainer: Any) -> Path:
         about = {"job": config.job_name, "uid": config.job_uid, "step": STATE.step}
         upload_output(spec, final, about=about)
         STATE.result["outputUri"] = spec.output.uri
-    return final
