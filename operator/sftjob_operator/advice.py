@@ -36,12 +36,14 @@ LARGE_MODEL_BILLIONS = 3.0
 # defaults, of which 5 steady steps are ~3 s: ~150 s compiling (a cold compile cache; the
 # end-to-end calls 1 and 4 of 2026-12-05 agree: first steps of 166.8 and 138.2 s).
 # Compiled, the defaults train at ~51k tokens/s (session 10; calls 1 and 4: 50.2k, 50.5k).
-# Uncompiled they now attend with the varlen kernel: 33.1k (call 7, the whole reference
-# job; flex attention uncompiled had 28.6k in session 1). The plain TRL snippet: ~12.5k
-# (sessions 1-8: 12.1k-15.3k).
+# Uncompiled they attend with the varlen kernel and, in the trainer image (its gpu extra),
+# norm/activation/RoPE through liger's kernels: 44.1k (2026-12-06 call 1, the whole
+# reference job). Without liger, 33.1k (call 7 of 2026-12-05; 32.6k in call 1). The plain
+# TRL snippet: ~12.5k (sessions 1-8: 12.1k-15.3k; 14.3k in call 1).
 COMPILE_OVERHEAD_S = 150.0
 COMPILED_TOKENS_PER_S = 51_000.0
-UNCOMPILED_TOKENS_PER_S = 33_058.0
+UNCOMPILED_TOKENS_PER_S = 44_079.0
+UNCOMPILED_WITHOUT_LIGER_TOKENS_PER_S = 33_058.0
 PLAIN_TRL_TOKENS_PER_S = 12_500.0
 
 
@@ -50,11 +52,17 @@ def break_even_tokens(overhead_s: float, slower: float, faster: float) -> float:
     return overhead_s / (1.0 / slower - 1.0 / faster)
 
 
-# Compiled against the same defaults uncompiled: ~14.1M tokens per GPU. Below it, compile:
-# off finishes first. (Against the plain snippet the compiled run catches up after ~2.5M
-# tokens, about 76 steps of 16 x 2048: issue 24's "64-75 steps".)
+# Compiled against the image's defaults uncompiled: ~48.7M tokens per GPU (~14.1M in an
+# image without liger, which the trainer uses where liger_kernel is absent). Below it,
+# compile: off finishes first. (Against the plain snippet the compiled run catches up after
+# ~2.5M tokens, about 76 steps of 16 x 2048: issue 24's "64-75 steps".)
 COMPILE_PAYBACK_TOKENS = round(
     break_even_tokens(COMPILE_OVERHEAD_S, UNCOMPILED_TOKENS_PER_S, COMPILED_TOKENS_PER_S)
+)
+COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER = round(
+    break_even_tokens(
+        COMPILE_OVERHEAD_S, UNCOMPILED_WITHOUT_LIGER_TOKENS_PER_S, COMPILED_TOKENS_PER_S
+    )
 )
 PLAIN_TRL_BREAK_EVEN_TOKENS = round(
     break_even_tokens(COMPILE_OVERHEAD_S, PLAIN_TRL_TOKENS_PER_S, COMPILED_TOKENS_PER_S)

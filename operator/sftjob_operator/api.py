@@ -394,7 +394,9 @@ class SpeedSpec(SpecModel):
         "batch is unchanged; gradient checkpointing only when memory needs it.",
     )
     ligerKernel: SpeedSwitch = Field(
-        default="auto", description="liger-kernel layer kernels when the image has them."
+        default="auto",
+        description="liger-kernel's RMSNorm/SwiGLU/RoPE kernels where the image has them "
+        "(the project's trainer image does); under auto, not for a compiled model.",
     )
     compile: SpeedSwitch = Field(
         default="auto",

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from lever_jobs import SEED_REFERENCE_JOB
 from sftjob_bench.bench_report import report
-from sftjob_operator.advice import COMPILE_PAYBACK_TOKENS
+from sftjob_operator.advice import COMPILE_PAYBACK_TOKENS, COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
 from sftjob_trainer.failures import ConfigError
 from sftjob_trainer.levers.micro_batch import decide as micro_batch
 from sftjob_trainer.levers.micro_batch import kept_logits_bytes
@@ -268,6 +268,26 @@ def test_compile_lever_rules() -> None:
     plan = decide(auto, H100, own, QWEN_15B)
     assert plan.on("compile") and plan.static_length is None
     assert "pad_to_multiple_of" not in plan.sft_kwargs()
+
+
+def test_the_compile_break_even_follows_what_trains_uncompiled_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    from sftjob_trainer.speed import compile_payback_tokens
+
+    # This venv has no liger (CI's install leaves out the image's gpu extra): uncompiled
+    # runs at the varlen kernel's 33.1k, so compiling pays back after 14.1M tokens.
+    assert importlib.util.find_spec("liger_kernel") is None
+    assert compile_payback_tokens() == COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
+    # Where liger_kernel is importable (the image), uncompiled is faster: 48.7M.
+    (tmp_path / "liger_kernel").mkdir()
+    (tmp_path / "liger_kernel" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert compile_payback_tokens() == COMPILE_PAYBACK_TOKENS
+    assert COMPILE_PAYBACK_TOKENS > 3 * COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
 
 
 def test_a_short_run_compiles_only_with_a_warm_cache() -> None:

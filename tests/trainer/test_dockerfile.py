@@ -44,11 +44,11 @@ def test_runs_as_non_root():
     assert resolved not in ("root", "0") and resolved.isdigit() and int(resolved) > 0
 
 
-def test_installs_only_the_trainer_extra_with_matching_torch():
+def test_installs_only_the_trainer_and_gpu_extras_with_matching_torch():
     runs = [rest for key, rest in instructions() if key == "RUN" and "pip install" in rest]
     assert len(runs) == 1
     extras = re.findall(r'"\.\[([^\]]+)\]"', runs[0])
-    assert extras == ["trainer"]
+    assert extras == ["trainer,gpu"]
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     trainer = project["optional-dependencies"]["trainer"]
     assert "kopf" not in " ".join(trainer)  # the trainer never imports the operator's framework
@@ -140,3 +140,24 @@ def test_the_pinned_versions_are_the_ones_the_levers_were_verified_with():
         assert lever.CONTRACT.versions, lever.SWITCH
         for library, verified in lever.CONTRACT.versions.items():
             assert Version(pins[library]) in verified, (lever.SWITCH, library, verified)
+
+
+def test_the_gpu_extra_is_liger_at_its_pin_and_stays_out_of_the_ci_install():
+    """The image's GPU-only kernels: liger-kernel, pinned, checked at build, never in CI.
+
+    Liger's kernels are Triton GPU kernels (the ligerKernel lever turns them on under auto
+    where they import and the model is not compiled); Triton comes with the base image's
+    CUDA torch. CI's CPU install (the Makefile's extras) must not pull Triton for them.
+    """
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    gpu = [Requirement(r) for r in project["optional-dependencies"]["gpu"]]
+    assert [r.name for r in gpu] == ["liger-kernel"]
+    assert str(gpu[0].specifier) == f"=={constraint_pins()['liger-kernel']}"
+    (run,) = [rest for key, rest in instructions() if key == "RUN" and "pip install" in rest]
+    imported = re.search(r'python -c "import ([^"]+)"', run)
+    assert imported and "liger_kernel" in [m.strip() for m in imported.group(1).split(",")]
+    makefile = (REPO / "Makefile").read_text()
+    installs = re.findall(r"pip install[^\n]*'\.\[([^\]]+)\]'", makefile)
+    assert installs and all("gpu" not in extras.split(",") for extras in installs), installs

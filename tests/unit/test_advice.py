@@ -153,7 +153,7 @@ def test_short_packed_gpu_run_is_told_compile_may_not_pay() -> None:
         {"training": {**PACKED, "packingStrategy": "wrapped"}},
         {"training": {"numTrainEpochs": 3}},  # not packed
         {"training": PACKED, "resources": {"gpusPerNode": 0}},  # CPU
-        {"training": {**PACKED, "numTrainEpochs": 7}},  # 441 steps: 14.5M tokens, pays off
+        {"training": {**PACKED, "numTrainEpochs": 24}},  # 1,512 steps: 49.5M tokens, pays off
     ],
 )
 def test_compile_advice_only_where_compile_is_the_default_and_the_run_is_short(
@@ -166,23 +166,26 @@ def test_compile_advice_follows_the_measured_break_even() -> None:
     from sftjob_operator.advice import (
         COMPILE_OVERHEAD_S,
         COMPILE_PAYBACK_TOKENS,
+        COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER,
         PLAIN_TRL_BREAK_EVEN_TOKENS,
         break_even_tokens,
     )
 
-    # 150 s of compiling paid back at 33.1k (the varlen kernel, uncompiled) -> 51k tokens/s:
-    # 14.1M tokens per GPU.
-    assert break_even_tokens(150.0, 33_058.0, 51_000.0) == pytest.approx(14_095_067, abs=1)
+    # 150 s of compiling paid back at 44.1k (the image's defaults uncompiled: the varlen
+    # kernel and liger's kernels) -> 51k tokens/s: 48.7M tokens per GPU.
+    assert break_even_tokens(150.0, 44_079.0, 51_000.0) == pytest.approx(48_721_912, abs=1)
     assert (
-        round(break_even_tokens(COMPILE_OVERHEAD_S, 33_058.0, 51_000.0)) == COMPILE_PAYBACK_TOKENS
+        round(break_even_tokens(COMPILE_OVERHEAD_S, 44_079.0, 51_000.0)) == COMPILE_PAYBACK_TOKENS
     )
+    # An image without liger trains uncompiled at 33.1k: 14.1M.
+    assert COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER == 14_095_067
     # Against the plain snippet the compiled defaults catch up after issue 24's ~64-75 steps
     # of 16 x 2048 tokens (76 with these figures).
     assert 64 <= PLAIN_TRL_BREAK_EVEN_TOKENS / (16 * 2048) <= 80
-    # 400 steps of 16 x 2048 = 13.1M tokens: under the break-even, so advised (with flex
-    # attention's 28.6k uncompiled the bound was 9.75M, and 300 steps were not advised).
-    advice = codes({"training": {"packing": True, "maxSteps": 400}})["ShortRunCompiles"]
-    assert "13.1M" in advice.message and "14M tokens per GPU" in advice.message
+    # 1,400 steps of 16 x 2048 = 45.9M tokens: under the break-even, so advised (at 33.1k
+    # uncompiled the bound was 14.1M, and 431 steps were not advised).
+    advice = codes({"training": {"packing": True, "maxSteps": 1400}})["ShortRunCompiles"]
+    assert "45.9M" in advice.message and "49M tokens per GPU" in advice.message
     assert "2.5 minutes" in advice.message
-    assert "ShortRunCompiles" in codes({"training": {"packing": True, "maxSteps": 300}})
-    assert "ShortRunCompiles" not in codes({"training": {"packing": True, "maxSteps": 431}})
+    assert "ShortRunCompiles" in codes({"training": {"packing": True, "maxSteps": 1486}})
+    assert "ShortRunCompiles" not in codes({"training": {"packing": True, "maxSteps": 1487}})

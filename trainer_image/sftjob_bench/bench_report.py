@@ -97,30 +97,40 @@ PHASES = ("startup_s", "model_load_s", "data_preparation_s", "first_step_s", "tr
 
 
 def whole_job(side: dict[str, Any]) -> tuple[float, float, str]:
-    """wall_s and tokens/s of the whole job; a capped side's extrapolated figures, marked."""
+    """Seconds from process start to the final model saved (issue 24's whole job), and the
+    tokens/s over them; a capped side's extrapolated figures, marked.
+
+    Not to process gone: after its model is saved a process only shuts down (the pod's
+    worker leaves at once; a script's interpreter may take seconds), and the `exit` column
+    shows that apart. A capped side's extra steps come before its save, so its save moves
+    by the extrapolated seconds. Lines without `saved_at_s` count to process gone.
+    """
     extrapolated = side.get("extrapolated") or {}
-    if extrapolated:
-        return extrapolated["wall_s"], extrapolated["tokens_per_s_e2e"], " (extrapolated)"
-    return side["wall_s"], side["tokens_per_s_e2e"], ""
+    note = " (extrapolated)" if extrapolated else ""
+    wall = extrapolated["wall_s"] if extrapolated else side["wall_s"]
+    tokens = extrapolated["tokens_total"] if extrapolated else side["tokens_total"]
+    saved = wall - (side["wall_s"] - side["saved_at_s"]) if "saved_at_s" in side else wall
+    return saved, tokens / saved, note
 
 
 def end_to_end_table(sides: dict[str, dict[str, Any]]) -> str:
     """Whole-job figures per side: each side its own process, start to model saved."""
     reference = sides.get("reference")
     rows = [
-        "| side | wall s | startup | model load | data prep | first step | training | save "
-        "| exit | model loaded to 1st step | tokens/s whole job | speed-up whole job |",
+        "| side | start to model saved s | startup | model load | data prep | first step "
+        "| training | save | exit | model loaded to 1st step | tokens/s whole job "
+        "| speed-up whole job |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, side in sides.items():
-        wall, rate, note = whole_job(side)
+        saved, rate, note = whole_job(side)
         speedup = "n/a"
         if reference is not None:
-            speedup = f"{whole_job(reference)[0] / wall:.2f}x"
+            speedup = f"{whole_job(reference)[0] / saved:.2f}x"
         phases = " | ".join(f"{side['phases'][key]:.1f}" for key in PHASES)
         phases += f" | {exit_seconds(side)}"
         rows.append(
-            f"| {name} | {wall:.1f}{note} | {phases} | {side['model_loaded_to_first_step_s']:.1f} "
+            f"| {name} | {saved:.1f}{note} | {phases} | {side['model_loaded_to_first_step_s']:.1f} "
             f"| {rate:,.0f}{note} | {speedup} |"
         )
     return "\n".join(rows)
@@ -333,13 +343,14 @@ def goals_24(files: dict[str, list[dict[str, Any]]]) -> list[tuple[str, bool, st
         results += _pair_checks(name, reference, ours)
         if ours.get("kind") == "end_to_end":
             end_to_end += 1
-            (base, _, note), (wall, _, _) = whole_job(reference), whole_job(ours)
-            speedup = base / wall
+            (base, _, note), (saved, _, _) = whole_job(reference), whole_job(ours)
+            speedup = base / saved
             results.append(
                 (
                     f"{name}: whole job at least {END_TO_END_REQUIRED}x the snippet",
                     speedup >= END_TO_END_REQUIRED,
-                    f"{speedup:.2f}x ({base:.1f} s{note} against {wall:.1f} s)",
+                    f"{speedup:.2f}x ({base:.1f} s{note} against {saved:.1f} s, start to "
+                    "model saved)",
                 )
             )
             continue

@@ -50,4 +50,7 @@ for l in map(json.loads,sys.stdin):
     if 'check' in l: print(l); continue
     print(l.get('side'), 'wall', l.get('wall_s'), 'tps', l.get('tokens_per_s'), 'tps_e2e', l.get('tokens_per_s_e2e'), 'load->first', l.get('model_loaded_to_first_step_s'), 'phases', l.get('phases'), 'cc', (l.get('compile_cache') or {}).get('warm'), 'extrap', l.get('extrapolated'))
 " 2>&1 | cut -c1-900; done
+# At most 8 files come back from $OUT (2026-12-06 call 1 lost five of its 13): every stage's
+# line and log travel together in one archive, and the lines also as they are while they fit.
+(cd $OUT && tar czf results.tar.gz *.jsonl *.log* 2>/dev/null && rm -f *.log*)
 ls -la $OUT
