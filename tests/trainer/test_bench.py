@@ -288,6 +288,8 @@ def test_the_compile_break_even_follows_what_trains_uncompiled_here(
     importlib.invalidate_caches()
     assert compile_payback_tokens() == COMPILE_PAYBACK_TOKENS
     assert COMPILE_PAYBACK_TOKENS > 3 * COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
+    # Turned off, liger trains nothing: uncompiled runs at the varlen kernel's rate again.
+    assert compile_payback_tokens("off") == COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
 
 
 def test_a_short_run_compiles_only_with_a_warm_cache() -> None:

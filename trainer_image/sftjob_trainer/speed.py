@@ -472,7 +472,7 @@ def speed_settings(spec: Any, env: dict[str, str] | None = None) -> tuple[SpeedO
         raise ConfigError(f"speed options ({ENV_SPEED} or spec.training.speed): {exc}") from None
 
 
-def job_from(config: Any, dataset_rows: int | None = None) -> Job:
+def job_from(config: Any, dataset_rows: int | None = None, liger: str = "auto") -> Job:
     spec = config.spec
     training = spec.training
     resolved = config.resolved
@@ -497,19 +497,20 @@ def job_from(config: Any, dataset_rows: int | None = None) -> Job:
         extra_args=tuple(training.extraArgs),
         world_size=world_size(config),
         run_tokens_per_gpu=run_tokens_per_gpu(config, per_device * accumulation, dataset_rows),
-        compile_payback_tokens=compile_payback_tokens(),
+        compile_payback_tokens=compile_payback_tokens(liger),
         rows=dataset_rows,
     )
 
 
-def compile_payback_tokens() -> int:
+def compile_payback_tokens(liger: str = "auto") -> int:
     """Tokens per GPU after which a cold compile pays back, by what trains uncompiled here.
 
     Uncompiled, liger's kernels (the image's gpu extra) raise the rate a compile must beat
     (44.1k against 33.1k tokens/s on an H100), so compiling pays back later: 48.7M tokens
-    against 14.1M in an image without liger (sftjob_operator.advice).
+    against 14.1M where liger is absent or `liger` (speed.ligerKernel) is off
+    (sftjob_operator.advice).
     """
-    if importlib.util.find_spec("liger_kernel") is None:
+    if liger == "off" or importlib.util.find_spec("liger_kernel") is None:
         return COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
     return COMPILE_PAYBACK_TOKENS
 
@@ -597,8 +598,8 @@ def plan_speed(config: Any, dataset_rows: int | None = None) -> SpeedPlan:
     levers are decided again knowing whether they are there.
     """
     spec = config.spec
-    job = job_from(config, dataset_rows)
     options, preset = speed_settings(spec)
+    job = job_from(config, dataset_rows, options.ligerKernel)
     hardware = detect_hardware(use_cpu=bool(config.resolved["useCpu"]))
     device = "cuda" if hardware.cuda else "cpu"
     output = str(config.resolved["outputPath"])
