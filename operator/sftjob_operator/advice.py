@@ -270,7 +270,14 @@ def short_run_compiles(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
         * training.gradientAccumulationSteps
         * training.maxLength
     )
-    if tokens >= COMPILE_PAYBACK_TOKENS:
+    # With liger off, uncompiled trains slower, so a compile pays back sooner (as the
+    # trainer decides: sftjob_trainer.speed.compile_payback_tokens).
+    payback = (
+        COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
+        if speed.ligerKernel == "off"
+        else COMPILE_PAYBACK_TOKENS
+    )
+    if tokens >= payback:
         return None
     return Advisory(
         code="ShortRunCompiles",
@@ -278,7 +285,7 @@ def short_run_compiles(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
         field="spec.training.speed.compile",
         message=f"this run trains at most {tokens / 1e6:.1f}M tokens per GPU; torch.compile takes "
         f"about {COMPILE_OVERHEAD_S / 60:.1f} minutes to compile without a warm compile cache and "
-        f"pays that back after about {COMPILE_PAYBACK_TOKENS / 1e6:.0f}M tokens per GPU, so "
+        f"pays that back after about {payback / 1e6:.0f}M tokens per GPU, so "
         "compile: auto compiles this run only if the compiled artifacts of its shape are found "
         "(its output folder or the profile's model cache, from an earlier job of the same "
         "shape). Set speed.compile: on to compile anyway and keep the artifacts for the next "

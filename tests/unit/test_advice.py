@@ -189,3 +189,8 @@ def test_compile_advice_follows_the_measured_break_even() -> None:
     assert "2.5 minutes" in advice.message
     assert "ShortRunCompiles" in codes({"training": {"packing": True, "maxSteps": 1486}})
     assert "ShortRunCompiles" not in codes({"training": {"packing": True, "maxSteps": 1487}})
+    # With liger turned off the uncompiled rate is 33.1k: the bound is 14.1M (431 steps).
+    no_liger = {"packing": True, "speed": {"ligerKernel": "off"}}
+    advice = codes({"training": {**no_liger, "maxSteps": 400}})["ShortRunCompiles"]
+    assert "14M tokens per GPU" in advice.message
+    assert "ShortRunCompiles" not in codes({"training": {**no_liger, "maxSteps": 431}})
