@@ -64,6 +64,13 @@ COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER = round(
         COMPILE_OVERHEAD_S, UNCOMPILED_WITHOUT_LIGER_TOKENS_PER_S, COMPILED_TOKENS_PER_S
     )
 )
+
+
+def compile_payback_tokens(liger: bool) -> int:
+    """The break-even a compile must beat, by whether liger's kernels train uncompiled."""
+    return COMPILE_PAYBACK_TOKENS if liger else COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
+
+
 PLAIN_TRL_BREAK_EVEN_TOKENS = round(
     break_even_tokens(COMPILE_OVERHEAD_S, PLAIN_TRL_TOKENS_PER_S, COMPILED_TOKENS_PER_S)
 )
@@ -272,11 +279,7 @@ def short_run_compiles(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
     )
     # With liger off, uncompiled trains slower, so a compile pays back sooner (as the
     # trainer decides: sftjob_trainer.speed.compile_payback_tokens).
-    payback = (
-        COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
-        if speed.ligerKernel == "off"
-        else COMPILE_PAYBACK_TOKENS
-    )
+    payback = compile_payback_tokens(liger=speed.ligerKernel != "off")
     if tokens >= payback:
         return None
     return Advisory(

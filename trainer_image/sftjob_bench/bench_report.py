@@ -109,7 +109,7 @@ def whole_job(side: dict[str, Any]) -> tuple[float, float, str]:
     note = " (extrapolated)" if extrapolated else ""
     wall = extrapolated["wall_s"] if extrapolated else side["wall_s"]
     tokens = extrapolated["tokens_total"] if extrapolated else side["tokens_total"]
-    saved = wall - (side["wall_s"] - side["saved_at_s"]) if "saved_at_s" in side else wall
+    saved = wall - (seconds_after_save(side) or 0.0)
     return saved, tokens / saved, note
 
 
@@ -136,13 +136,19 @@ def end_to_end_table(sides: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def exit_seconds(side: dict[str, Any]) -> str:
+def seconds_after_save(side: dict[str, Any]) -> float | None:
     """Model saved to process gone (interpreter shutdown; the sftjob side leaves at once,
     as the pod's worker does), from the line's two marks: lines older than `exit_s` have
-    them too."""
+    them too. None for lines without `saved_at_s`."""
     if "saved_at_s" not in side:
-        return "-"
-    return f"{side['wall_s'] - side['saved_at_s']:.1f}"
+        return None
+    return float(side["wall_s"] - side["saved_at_s"])
+
+
+def exit_seconds(side: dict[str, Any]) -> str:
+    """The exit column: seconds_after_save, or "-" where the line cannot say."""
+    after = seconds_after_save(side)
+    return "-" if after is None else f"{after:.1f}"
 
 
 def preparation_lines(sides: dict[str, dict[str, Any]]) -> list[str]:

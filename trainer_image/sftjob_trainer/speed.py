@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftjob_operator.advice import COMPILE_PAYBACK_TOKENS, COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
+from sftjob_operator import advice
 
 from .failures import ConfigError
 from .levers import (
@@ -510,9 +510,8 @@ def compile_payback_tokens(liger: str = "auto") -> int:
     against 14.1M where liger is absent or `liger` (speed.ligerKernel) is off
     (sftjob_operator.advice).
     """
-    if liger == "off" or importlib.util.find_spec("liger_kernel") is None:
-        return COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
-    return COMPILE_PAYBACK_TOKENS
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    return advice.compile_payback_tokens(liger=liger != "off" and installed)
 
 
 def run_tokens_per_gpu(
