@@ -71,8 +71,10 @@ def test_evaluation_loaders_are_shielded_once(make_config: Any) -> None:
     [
         (16.0, 100_000, (), 8),  # at most 8
         (6.0, 100_000, (), 6),  # at most the CPUs of this training process
-        (16.0, 9_000, (), 4),  # at least 2,000 rows each
-        (16.0, 3_999, (), None),  # one process would take them all: not worth a second
+        (16.0, 1_000, (), 8),  # the reference job's rows: 125 each
+        (16.0, 600_000, (), 8),
+        (4.0, 1_000, (), 4),  # at most the CPUs
+        (16.0, 999, (), None),  # starting the processes would cost what they save
         (16.0, None, (), None),  # rows not known when planning
         (16.0, 100_000, ("dataset_num_proc",), None),  # the user's own setting is kept
     ],

@@ -21,7 +21,12 @@ pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
 # Under bf16 autocast, so the weight copies have casts to save and the stream a dtype.
 TRAINING = {"bf16": True, "maxSteps": 4, "perDeviceTrainBatchSize": 2}
 # Every lever the exact preset keeps, forced on (on CPU "auto" leaves them off).
-EXACT_LEVERS = {"dataWorkers": "on", "castWeightsOncePerStep": "on", "rotaryTablesOnce": "on"}
+EXACT_LEVERS = {
+    "dataWorkers": "on",
+    "castWeightsOncePerStep": "on",
+    "rotaryTablesOnce": "on",
+    "parallelSave": "on",
+}
 LOGGED = ("loss", "learning_rate", "grad_norm")
 
 
@@ -74,7 +79,8 @@ def test_the_trainer_trains_bit_for_bit_as_plain_trl(
     assert plan is not None and plan["preset"] == preset
     assert {lever["name"] for lever in plan["levers"] if lever["on"]} == levers_on
     our_logs, our_weights = run_record(ours)
-    plain_logs, plain_weights = run_record(plain_trl(config_path, tiny, tmp_path / "plain"))
+    plain = plain_trl(config_path, tiny, tmp_path / "plain")
+    plain_logs, plain_weights = run_record(plain)
 
     assert len(our_logs) == len(plain_logs) == TRAINING["maxSteps"]
     assert our_logs == plain_logs  # float equality: to the bit
@@ -84,6 +90,13 @@ def test_the_trainer_trains_bit_for_bit_as_plain_trl(
         assert torch.equal(our_weights[name], weight), name
         changed += not torch.equal(weight, weights_at_start(tiny)[name])
     assert changed  # the run trained: equal weights are not merely untouched ones
+    # The saved model too: parallelSave's threads write TRL's file, byte for byte.
+    ours.save_model(str(tmp_path / "ours-saved"))
+    plain.save_model(str(tmp_path / "plain-saved"))
+    weights_file = "model.safetensors"
+    assert (tmp_path / "ours-saved" / weights_file).read_bytes() == (
+        tmp_path / "plain-saved" / weights_file
+    ).read_bytes()
 
 
 def test_the_comparison_sees_a_lever_that_changes_numbers(

@@ -61,7 +61,7 @@ def test_every_lever_passes_its_self_check_with_the_pinned_versions() -> None:
         assert version is not None and version.split("+")[0] == pinned(library), library
     failures = {lever.SWITCH: check(lever.CONTRACT, "cpu") for lever in LEVERS}
     assert failures == dict.fromkeys(failures), failures
-    assert len(LEVERS) == 11
+    assert len(LEVERS) == 12
     # The planner runs the same checks at start: with every switch on, none fails.
     assert self_checks(SpeedOptions(**dict.fromkeys(SWITCH_NAMES, "on")), "cpu") == {}
 
@@ -70,7 +70,12 @@ def test_each_lever_states_whether_it_is_exact_and_why() -> None:
     for lever in LEVERS:
         assert isinstance(lever.EXACT, bool) and len(lever.NUMERICS) > 20, lever.SWITCH
     exact = {lever.SWITCH for lever in LEVERS if lever.EXACT}
-    assert exact == {"dataWorkers", "castWeightsOncePerStep", "rotaryTablesOnce"}
+    assert exact == {
+        "dataWorkers",
+        "castWeightsOncePerStep",
+        "rotaryTablesOnce",
+        "parallelSave",
+    }
 
 
 def with_signature(contract: Contract, target: str, **changes: Any) -> Contract:
@@ -181,7 +186,7 @@ def test_the_exact_preset_keeps_only_the_levers_that_change_no_number() -> None:
     assert exact.preset == "exact"
     on_by_default = {c.lever for c in default.choices if c.on}
     assert {"flexAttention", "compile", "lightMetrics", "bf16ResidualStream"} <= on_by_default
-    assert {c.lever for c in exact.choices if c.on} == {"dataWorkers"}
+    assert {c.lever for c in exact.choices if c.on} == {"dataWorkers", "parallelSave"}
     for lever in LEVERS:
         made = choice(exact, lever.SWITCH)
         if not lever.EXACT:

@@ -368,7 +368,7 @@ class TestSpeedPlan:
             ([{"name": "compile", "on": True, "phase": "Succeeded"}], "is not a lever"),
             ([{"name": "compile", "on": True}] * 2, "names a lever twice"),
             # One more than there are levers (11 of them since varlenAttention).
-            ([{"name": "compile", "on": True}] * 12, "at most 11 levers"),
+            ([{"name": "compile", "on": True}] * 13, "at most 12 levers"),
             ("compile", "is not a list"),
         ],
     )

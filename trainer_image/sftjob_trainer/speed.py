@@ -28,6 +28,8 @@ at 80 GiB since):
   added into .grad inside the matmul.
 - rotaryTablesOnce (rotary_tables_once.py, rotary_tables.py): rotary tables computed once
   per forward when compiled.
+- parallelSave (parallel_save.py, weights_writer.py): checkpoints' weights written by
+  several threads.
 
 Overrides: the JSON object in $SFTJOB_SPEED (e.g. '{"flexAttention": "off"}'), on top of
 `spec.training.speed`.
@@ -68,6 +70,7 @@ from .levers import (
     liger_kernel,
     light_metrics,
     micro_batch,
+    parallel_save,
     rotary_tables_once,
     varlen_attention,
 )
@@ -105,6 +108,7 @@ LEVERS: tuple[Lever, ...] = (
     bf16_residual_stream,
     fuse_gradient_accumulation,
     rotary_tables_once,
+    parallel_save,
 )
 # What a lever's reason may take in the status (the operator's bound on a note).
 MAX_REASON = 256
@@ -120,6 +124,7 @@ APPLIED: tuple[TrainerLever, ...] = (
     cast_weights_once,
     bf16_residual_stream,
     rotary_tables_once,
+    parallel_save,
 )
 
 
@@ -434,6 +439,7 @@ def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None)
         bf16_residual_stream.decide(opt, hw, job),
         fuse_gradient_accumulation.decide(opt, hw, job, copies),
         rotary_tables_once.decide(opt, compiled),
+        parallel_save.decide(opt, hw),
     )
     return SpeedPlan(choices)
 

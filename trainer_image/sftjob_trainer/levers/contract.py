@@ -56,6 +56,7 @@ class SpeedOptions:
     bf16ResidualStream: Switch = "auto"
     fuseGradientAccumulation: Switch = "auto"
     rotaryTablesOnce: Switch = "auto"
+    parallelSave: Switch = "auto"
 
     @classmethod
     def parse(cls, *layers: dict[str, Any] | None) -> SpeedOptions:

@@ -4,9 +4,10 @@ DataLoader worker processes collate and prefetch the next micro-batches, so the 
 process only queues GPU work (same batches, same order: the sampler stays in the training
 process). On with CUDA and CPUs to spare under "auto".
 
-A large dataset is also tokenized by several processes (TRL's `dataset_num_proc`), before
-the first step: about 500 conversations a second in one process (H100 machine, session 15),
-so 100,000 rows would wait over three minutes. Only the tokenizing half of TRL's
+A dataset of 1,000 rows or more is also tokenized by several processes (TRL's
+`dataset_num_proc`), before the first step: about 500 conversations a second in one process
+(H100 machine, session 15), so 100,000 rows would wait over three minutes, and the
+reference job's 1,000 rows 3.1-3.3 s against 2.0-2.3 s in 8 (session 18). Only the tokenizing half of TRL's
 preparation runs in them (prepared_rows.prepare_counting); packing stays in one process,
 where TRL would pack each process's shard apart, so the packed rows are the same as one
 process's.
@@ -40,9 +41,12 @@ CONTRACT = Contract(
 # DataLoader worker processes per training process (measured: two were enough to take
 # collation off the critical path); they need cores beyond the training process's own.
 DATA_WORKERS = 2
-# Rows each tokenizing process takes at least: starting a process costs about a second,
-# and one tokenizes about 500 conversations a second.
-ROWS_PER_TOKENIZER = 2_000
+# Several tokenizing processes start in about 1.6 s together, and one tokenizes ~300-500
+# rows a second (H100 machine, 16 cores: 1,000 rows of the reference job prepared in
+# 3.1-3.3 s in one process, 2.0-2.3 s in 8; bench/tokenizing_processes.py, session 18). So
+# from 1,000 rows on, one process per 125 rows.
+MIN_ROWS_TO_SPLIT = 1_000
+ROWS_PER_TOKENIZER = 125
 MAX_TOKENIZERS = 8
 
 
@@ -89,6 +93,8 @@ def tokenizing_processes(hw: Hardware, job: Job) -> int | None:
     """Processes to tokenize the training rows in, or None for one (the user's extraArgs
     dataset_num_proc is kept; too few rows or CPUs gain nothing)."""
     if "dataset_num_proc" in job.extra_args or job.rows is None or hw.cpus is None:
+        return None
+    if job.rows < MIN_ROWS_TO_SPLIT:
         return None
     processes = min(MAX_TOKENIZERS, int(hw.cpus), job.rows // ROWS_PER_TOKENIZER)
     return processes if processes >= 2 else None
