@@ -472,8 +472,10 @@ def test_speed_options_from_env() -> None:
 def test_compiled_kernels_kept_on_the_output_volume() -> None:
     env: dict[str, str] = {}
     assert keep_compiled_kernels("/out", env) == "/out/.sftjob-cache/torchinductor"
-    env = {"TORCHINDUCTOR_CACHE_DIR": "/cache"}  # the platform's own choice wins
-    assert keep_compiled_kernels("/out", env) == "/cache"
+    assert env["TRITON_CACHE_DIR"] == "/out/.sftjob-cache/triton"  # liger's and TRL's kernels
+    env = {"TORCHINDUCTOR_CACHE_DIR": "/cache", "TRITON_CACHE_DIR": "/triton"}
+    assert keep_compiled_kernels("/out", env) == "/cache"  # the platform's own choice wins
+    assert env["TRITON_CACHE_DIR"] == "/triton"
 
 
 def test_report_flags_sides_that_saw_different_data() -> None:
@@ -796,3 +798,24 @@ def test_the_tokenizing_bench_times_both_and_packs_the_same_rows() -> None:
     assert line["rows"] == 300 and line["same_rows"] is True
     assert sorted(line["seconds"]) == ["1", "2"]
     assert all(len(runs) == 2 and min(runs) > 0 for runs in line["seconds"].values())
+
+
+def test_the_startup_probe_times_each_save_and_compares_the_files(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "startup_probe.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--skip", "imports"]
+        + ["--save-dir", str(tmp_path / "saves"), "--threads", "2", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["probe"] == "save" and line["bytes"] > 0
+    assert sorted(line["seconds"]) == ["plain", "plain_again", "threads_2", "threads_4"]
+    # Every threaded save wrote transformers' own file, byte for byte.
+    assert line["same_file"] == {"threads_2": True, "threads_4": True, "plain_again": True}
+    assert not (tmp_path / "saves").exists()  # the probe leaves no 6 GB behind

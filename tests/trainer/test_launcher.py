@@ -113,6 +113,7 @@ def test_workers_keep_compiled_kernels_on_the_output_volume(tmp_path: Path) -> N
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(
         tmp_path / "out" / ".sftjob-cache" / "torchinductor"
     )
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "out" / ".sftjob-cache" / "triton")
     assert env["PATH"] == "/bin" and env["SFTJOB_WORKER_REPORT_DIR"] == str(tmp_path / "reports")
     # A cache the platform set for the pod wins; a blank one does not count.
     own = worker_env({"TORCHINDUCTOR_CACHE_DIR": "/cache"}, tmp_path, tmp_path)

@@ -3,6 +3,9 @@
 # GPU machine whose .whl/ holds the wheels its image lacks (trl, datasets: see
 # /work/shared/docs/environment-facts.md):  BUDGET=430 bash docs/bench-results/2026-12-05-h100-e2e/gpu-call.sh ref autoours fill warm
 # Each stage runs only if time is left (BUDGET seconds from start); $OUT receives the files.
+# Session 18 added `warmimports` (every library read once before the timed stages), `probe`
+# (bench/startup_probe.py and bench/tokenizing_processes.py), `img` (the defaults with liger
+# importable, as in the trainer image) and `imgserial` (img with parallelSave off).
 # (Run then from a copy of the tree one folder down, .gpu-tree/, so with ../.whl.)
 START=$(date +%s); BUDGET=${BUDGET:-585}
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
@@ -38,6 +41,13 @@ for stage in "$@"; do
     vliger|vligercap) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; export HF_HOME=/tmp/model-cache-$stage; CAP=""; [ $stage = vligercap ] && CAP="--max-steps-sftjob ${CAP_STEPS:-15}"; PYTHONPATH=/tmp/liger:$PYTHONPATH SFTJOB_SPEED='{"varlenAttention": "on", "ligerKernel": "on"}' timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output $stage $CAP > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
     newauto) export HF_HOME=/tmp/model-cache-newauto; timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output newauto > $OUT/newauto.jsonl 2> $OUT/newauto.log; echo "newauto exit $?";;
     qlora) python3 -c "import bitsandbytes as b, torch; l=b.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16, quant_type='nf4').cuda(); print('bnb', b.__version__, l(torch.randn(2, 64, device='cuda', dtype=torch.bfloat16)).shape)" 2>&1 | tail -1; timeout $T python3 -m sftjob_bench.bench --case llama8b-qlora --steps 10 --skip 3 --memory-gib 80 --side-timeout 220 --workdir /tmp/q > $OUT/qlora.jsonl 2> $OUT/qlora.log; echo "qlora exit $?";;
+    # Every library both sides import, read once from disk before the timed stages: the first
+    # process on a fresh machine otherwise pays the cold disk (session 18's call 2: the
+    # reference ran first, its startup 26.4 s against ours 19.9 s).
+    warmimports) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; PYTHONPATH=/tmp/liger:$PYTHONPATH python3 -c "import time; t = time.time(); import torch, trl.trainer.sft_trainer, liger_kernel.transformers; from sftjob_trainer import train; print('warm imports', round(time.time() - t, 1), 's')";;
+    probe) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; PYTHONPATH=/tmp/liger:$PYTHONPATH timeout $T python3 bench/startup_probe.py > $OUT/probe.jsonl 2> $OUT/probe.log; echo "probe exit $?"; for n in 4 8; do timeout 100 python3 bench/tokenizing_processes.py --rows 1000 --processes $n >> $OUT/probe.jsonl 2>> $OUT/probe.log; done;;
+    img|img2|img3|imgcap) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; export HF_HOME=/tmp/model-cache-$stage; CAP=""; [ $stage = imgcap ] && CAP="--max-steps-sftjob ${CAP_STEPS:-15}"; PYTHONPATH=/tmp/liger:$PYTHONPATH timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output $stage $CAP > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
+    imgserial) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; export HF_HOME=/tmp/model-cache-$stage; CAP=""; [ $stage = imgcap ] && CAP="--max-steps-sftjob ${CAP_STEPS:-15}"; PYTHONPATH=/tmp/liger:$PYTHONPATH SFTJOB_SPEED='{"parallelSave": "off"}' timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output $stage $CAP > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
   esac
   # Each job leaves 18 GB (weights and optimizer state): drop them, or the 64 GB disk fills
   # (session 15's third job failed writing its checkpoint). The compile caches stay.
@@ -47,7 +57,7 @@ done
 for f in $OUT/*.jsonl; do echo "--- $f"; grep -h '"side"\|"check"' $f | python3 -c "
 import sys,json
 for l in map(json.loads,sys.stdin):
-    if 'check' in l: print(l); continue
+    if 'check' in l or 'probe' in l or 'same_rows' in l: print(l); continue
     print(l.get('side'), 'wall', l.get('wall_s'), 'tps', l.get('tokens_per_s'), 'tps_e2e', l.get('tokens_per_s_e2e'), 'load->first', l.get('model_loaded_to_first_step_s'), 'phases', l.get('phases'), 'cc', (l.get('compile_cache') or {}).get('warm'), 'extrap', l.get('extrapolated'))
 " 2>&1 | cut -c1-900; done
 # At most 8 files come back from $OUT (2026-12-06 call 1 lost five of its 13): every stage's
