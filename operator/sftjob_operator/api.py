@@ -451,12 +451,13 @@ class SpeedSpec(SpecModel):
         default="auto",
         description="Write each checkpoint's weights with several threads: the same "
         "safetensors files, byte for byte, in about a quarter of the time for a 1.5B "
-        "model's fp32 weights (auto: on).",
+        "model's fp32 weights (auto: on with CUDA).",
     )
     preset: SpeedPreset = Field(
         default="default",
         description="default: every lever by its switch. exact: only the levers that change no "
-        "number (dataWorkers, castWeightsOncePerStep, rotaryTablesOnce, parallelSave: bit for bit plain TRL "
+        "number (dataWorkers, castWeightsOncePerStep, rotaryTablesOnce, parallelSave: bit for "
+        "bit plain TRL "
         "on CPU); the others are turned off, and turning one on is refused. Much slower on a "
         "GPU (docs/performance.md, 'The exact preset').",
     )

@@ -7,10 +7,10 @@ process). On with CUDA and CPUs to spare under "auto".
 A dataset of 1,000 rows or more is also tokenized by several processes (TRL's
 `dataset_num_proc`), before the first step: about 500 conversations a second in one process
 (H100 machine, session 15), so 100,000 rows would wait over three minutes, and the
-reference job's 1,000 rows 3.1-3.3 s against 2.0-2.3 s in 8 (session 18). Only the tokenizing half of TRL's
-preparation runs in them (prepared_rows.prepare_counting); packing stays in one process,
-where TRL would pack each process's shard apart, so the packed rows are the same as one
-process's.
+reference job's 1,000 rows took 3.1-3.3 s against 2.0-2.3 s in 8 (session 18). Only the
+tokenizing half of TRL's preparation runs in them (prepared_rows.prepare_counting); packing
+stays in one process, where TRL would pack each process's shard apart, so the packed rows
+are the same as one process's.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from .contract import (
     deferred_probe,
     verified,
 )
+from .weights_writer import WRITER_THREADS
 
 SWITCH = "parallelSave"
 
@@ -53,15 +54,15 @@ def decide(opt: SpeedOptions, hw: Hardware) -> Choice:
     return Choice(
         SWITCH,
         True,
-        "checkpoints' weights are copied and written by 4 threads (the same safetensors "
-        "files, byte for byte)",
+        f"checkpoints' weights are copied and written by {WRITER_THREADS} threads (the same "
+        "safetensors files, byte for byte)",
     )
 
 
 def apply(trainer: Any, plan: Plan) -> str:
     """Every save of this trainer (its checkpoints, save_model) goes through `_save`; each
     call writes with the threaded writer while it runs."""
-    from .weights_writer import WRITER_THREADS, threaded_weight_writes
+    from .weights_writer import threaded_weight_writes
 
     plain = trainer._save
 

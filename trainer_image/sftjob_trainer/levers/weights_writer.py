@@ -8,8 +8,8 @@ then every tensor's bytes at its offsets) with the copies and `os.pwrite`s sprea
 threads: torch's device-to-host copy and `pwrite` both release the GIL.
 
 The layout follows safetensors': tensors ordered by dtype as its writer orders them (larger
-elements first, so each starts aligned to its element size), then by name. `safetensors.safe_open` and
-`from_pretrained` read it as they read their own files (tests/trainer/test_weights_writer.py).
+elements first, so each starts aligned to its element size), then by name. The file is
+byte for byte the one safetensors writes (tests/trainer/test_weights_writer.py).
 """
 
 from __future__ import annotations
