@@ -42,6 +42,8 @@ def fresh_seconds(code: str) -> float:
 
 
 def import_profile(code: str, top: int = 25) -> list[tuple[str, float]]:
+    """The `top` imports by cumulative seconds, at any depth (a nested one counts inside
+    the import that pulled it in too)."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True
     )
@@ -51,10 +53,7 @@ def import_profile(code: str, top: int = 25) -> list[tuple[str, float]]:
             continue
         _, _, rest = line.partition(":")
         _self_us, cumulative_us, name = (part.strip() for part in rest.split("|"))
-        if name.startswith("  ") is False:
-            rows.append((name, round(int(cumulative_us) / 1e6, 2)))
-        elif len(name) - len(name.lstrip()) <= 4:
-            rows.append((name.strip(), round(int(cumulative_us) / 1e6, 2)))
+        rows.append((name, round(int(cumulative_us) / 1e6, 2)))
     return sorted(rows, key=lambda row: -row[1])[:top]
 
 

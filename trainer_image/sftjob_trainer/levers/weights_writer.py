@@ -105,10 +105,12 @@ def header_and_layout(
 def writable(tensors: Mapping[str, Any]) -> bool:
     """Whether this writer handles every tensor (a dtype safetensors names, dense storage);
     otherwise the caller keeps safetensors' own save_file."""
+    import torch
+
     names = safetensors_dtype_names()
     return all(
-        getattr(t, "layout", None) is not None
-        and str(t.layout) == "torch.strided"
+        isinstance(t, torch.Tensor)
+        and t.layout == torch.strided
         and t.dtype in names
         and t.device.type != "meta"
         for t in tensors.values()
