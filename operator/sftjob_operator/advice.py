@@ -45,6 +45,18 @@ COMPILED_TOKENS_PER_S = 51_000.0
 UNCOMPILED_TOKENS_PER_S = 44_079.0
 UNCOMPILED_WITHOUT_LIGER_TOKENS_PER_S = 33_058.0
 PLAIN_TRL_TOKENS_PER_S = 12_500.0
+# Compiling the decoder layers alone (regional: one layer graph for all 28, the varlen
+# kernel attending inside, the LM head eager): 48.3k tokens/s with about 7.7 s more before
+# the first step than uncompiled, cold (2026-12-06 call 1, 15-step stages); 45.4k against
+# the defaults' 40.0k over the whole reference job, 1.3 s sooner to its end (session 18,
+# call 2); 46.5k against the defaults' 37.5k over a job of 7.4M tokens, 32.5 s sooner to
+# its end (session 19, call 2). The first of these, the dearest, sets the break-even.
+REGIONAL_COMPILE_OVERHEAD_S = 7.7
+REGIONAL_TOKENS_PER_S = 48_327.0
+# Against the whole model compiled, in one call (session 19, call 1, the full case, 150.4 s
+# compiling the whole model): 46,528 against 51,026 tokens/s.
+REGIONAL_BESIDE_WHOLE_TOKENS_PER_S = 46_528.0
+WHOLE_BESIDE_REGIONAL_TOKENS_PER_S = 51_026.0
 
 
 def break_even_tokens(overhead_s: float, slower: float, faster: float) -> float:
@@ -66,8 +78,30 @@ COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER = round(
 )
 
 
-def compile_payback_tokens(liger: bool) -> int:
-    """The break-even a compile must beat, by whether liger's kernels train uncompiled."""
+# The decoder layers compiled against the uncompiled defaults: ~3.9M tokens per GPU (~0.8M
+# without liger). Over ~75M the whole model's compile (minutes) catches up with them.
+REGIONAL_PAYBACK_TOKENS = round(
+    break_even_tokens(REGIONAL_COMPILE_OVERHEAD_S, UNCOMPILED_TOKENS_PER_S, REGIONAL_TOKENS_PER_S)
+)
+REGIONAL_PAYBACK_TOKENS_WITHOUT_LIGER = round(
+    break_even_tokens(
+        REGIONAL_COMPILE_OVERHEAD_S, UNCOMPILED_WITHOUT_LIGER_TOKENS_PER_S, REGIONAL_TOKENS_PER_S
+    )
+)
+WHOLE_OVER_REGIONAL_TOKENS = round(
+    break_even_tokens(
+        COMPILE_OVERHEAD_S - REGIONAL_COMPILE_OVERHEAD_S,
+        REGIONAL_BESIDE_WHOLE_TOKENS_PER_S,
+        WHOLE_BESIDE_REGIONAL_TOKENS_PER_S,
+    )
+)
+
+
+def compile_payback_tokens(liger: bool, regional: bool = False) -> int:
+    """The break-even a compile must beat, by whether liger's kernels train uncompiled and
+    whether only the decoder layers compile (`regional`)."""
+    if regional:
+        return REGIONAL_PAYBACK_TOKENS if liger else REGIONAL_PAYBACK_TOKENS_WITHOUT_LIGER
     return COMPILE_PAYBACK_TOKENS if liger else COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
 
 
@@ -277,23 +311,41 @@ def short_run_compiles(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
         * training.gradientAccumulationSteps
         * training.maxLength
     )
-    # With liger off, uncompiled trains slower, so a compile pays back sooner (as the
-    # trainer decides: sftjob_trainer.speed.compile_payback_tokens).
-    payback = compile_payback_tokens(liger=speed.ligerKernel != "off")
+    # A full fine-tune on one GPU that attends with the varlen kernel compiles its decoder
+    # layers alone (seconds) where the run is that short (the trainer's compile_model.compile_form;
+    # a model whose attention the kernel cannot compute compiles whole, which the spec does
+    # not say). With liger off, uncompiled trains slower, so a compile pays back sooner (as
+    # the trainer decides: sftjob_trainer.speed.compile_payback_tokens).
+    regional = (
+        spec.method == "full"
+        and speed.varlenAttention != "off"
+        and spec.resources.nodes * spec.resources.gpusPerNode == 1
+    )
+    payback = compile_payback_tokens(liger=speed.ligerKernel != "off", regional=regional)
     if tokens >= payback:
         return None
+    compiling = (
+        f"compiling its decoder layers takes about {REGIONAL_COMPILE_OVERHEAD_S:.0f} seconds"
+        if regional
+        else f"torch.compile takes about {COMPILE_OVERHEAD_S / 60:.1f} minutes to compile"
+    )
     return Advisory(
         code="ShortRunCompiles",
         severity="Info",
         field="spec.training.speed.compile",
-        message=f"this run trains at most {tokens / 1e6:.1f}M tokens per GPU; torch.compile takes "
-        f"about {COMPILE_OVERHEAD_S / 60:.1f} minutes to compile without a warm compile cache and "
-        f"pays that back after about {payback / 1e6:.0f}M tokens per GPU, so "
+        message=f"this run trains at most {tokens / 1e6:.1f}M tokens per GPU; {compiling} "
+        f"without a warm compile cache and pays that back after about {millions(payback)} "
+        "tokens per GPU, so "
         "compile: auto compiles this run only if the compiled artifacts of its shape are found "
         "(its output folder or the profile's model cache, from an earlier job of the same "
         "shape). Set speed.compile: on to compile anyway and keep the artifacts for the next "
         "job of this shape",
     )
+
+
+def millions(tokens: int) -> str:
+    """3.9M, 14M, 49M: a tenth where it is a real share of the figure."""
+    return f"{tokens / 1e6:.1f}M" if tokens < 10_000_000 else f"{tokens / 1e6:.0f}M"
 
 
 ROWS_OVER_MAX_LENGTH = "RowsOverMaxLength"

@@ -194,3 +194,33 @@ def test_compile_advice_follows_the_measured_break_even() -> None:
     advice = codes({"training": {**no_liger, "maxSteps": 400}})["ShortRunCompiles"]
     assert "14M tokens per GPU" in advice.message
     assert "ShortRunCompiles" not in codes({"training": {**no_liger, "maxSteps": 431}})
+
+
+def test_a_full_fine_tune_is_advised_by_its_layers_compile() -> None:
+    from sftjob_operator.advice import (
+        REGIONAL_PAYBACK_TOKENS,
+        REGIONAL_PAYBACK_TOKENS_WITHOUT_LIGER,
+        WHOLE_OVER_REGIONAL_TOKENS,
+        break_even_tokens,
+    )
+
+    # 7.7 s of compiling the decoder layers paid back at 44.1k -> 48.3k tokens/s: 3.9M.
+    assert round(break_even_tokens(7.7, 44_079.0, 48_327.0)) == REGIONAL_PAYBACK_TOKENS
+    assert REGIONAL_PAYBACK_TOKENS_WITHOUT_LIGER < REGIONAL_PAYBACK_TOKENS
+    # The whole model's 150 s catch up with the layers' 7.7 s at 51.0k against 46.5k (one
+    # call): after 75M tokens per GPU.
+    assert round(break_even_tokens(142.3, 46_528.0, 51_026.0)) == WHOLE_OVER_REGIONAL_TOKENS
+    full = {"method": "full", "training": {"packing": True, "maxSteps": 100}}
+    advice = codes(full)["ShortRunCompiles"]  # 100 x 16 x 2048 = 3.3M tokens per GPU
+    assert "3.3M tokens per GPU" in advice.message
+    assert "compiling its decoder layers takes about 8 seconds" in advice.message
+    assert "3.9M tokens per GPU" in advice.message
+    # 118 steps = 3.87M: over the break-even, not advised (the layers compile).
+    assert "ShortRunCompiles" not in codes({**full, "training": {"packing": True, "maxSteps": 118}})
+    # On two GPUs (DDP) the whole model's rule: 100 steps are short for it too.
+    two = {**full, "resources": {"gpusPerNode": 2}}
+    assert "2.5 minutes" in codes(two)["ShortRunCompiles"].message
+    # Without the varlen kernel the layers do not compile alone: the whole model's rule.
+    no_varlen = {"packing": True, "maxSteps": 400, "speed": {"varlenAttention": "off"}}
+    advice = codes({"method": "full", "training": no_varlen})["ShortRunCompiles"]
+    assert "2.5 minutes" in advice.message and "49M tokens per GPU" in advice.message

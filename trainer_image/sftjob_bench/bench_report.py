@@ -175,6 +175,13 @@ def report(lines: list[dict[str, Any]], title: str = "") -> str:
     sides = {line["side"]: line for line in lines if "side" in line}
     checks = [line for line in lines if line.get("check") == "packed_isolation"]
     out = [f"### {title}".rstrip()] if title else []
+    named = [line["side"] for line in lines if "side" in line]
+    repeated = sorted({side for side in named if named.count(side) > 1})
+    if repeated:  # a pair is one line per side: the last of each is the one reported
+        out.append(
+            f"Note: {', '.join(repeated)} appears more than once; only its last line is "
+            "reported (give each run its own file to see them all)."
+        )
     if sides:
         first = next(iter(sides.values()))
         out.append(

@@ -256,6 +256,10 @@ class SpeedPlan:
     def on(self, lever: str) -> bool:
         return any(c.on for c in self.choices if c.lever == lever)
 
+    def variant(self, lever: str) -> str:
+        """The form a lever that is on takes ("" when off or when it has one form)."""
+        return next((c.variant for c in self.choices if c.lever == lever and c.on), "")
+
     def summary(self) -> dict[str, Any]:
         return {c.lever: {"on": c.on, "reason": c.reason} for c in self.choices}
 
@@ -375,10 +379,17 @@ def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None)
     # compile lever is asked with flex attention as decided before the varlen kernel may
     # take its place, so a model not compiled keeps that reason (a short run, ...).
     flex_wanted = flex.on
-    compiling = compile_model.decide(opt, hw, job, flex_wanted, job.per_device)
-    # Under auto the varlen kernel attends where the model is not compiled; a compiled
-    # model keeps flex attention, the measured pair.
-    varlen = varlen_attention.decide(opt, hw, job, shape, compiled=compiling.on)
+    # Whether the varlen kernel can attend for this model: a compile of the decoder layers
+    # alone needs it (compile_model.compile_form). flexAttention: on keeps flex attention.
+    varlen_serves = varlen_attention.decide(opt, hw, job, shape).on and not (
+        opt.flexAttention == "on" and opt.varlenAttention == "auto"
+    )
+    compiling = compile_model.decide(opt, hw, job, flex_wanted, job.per_device, varlen_serves)
+    # Under auto the varlen kernel attends where the model is not compiled and inside
+    # compiled decoder layers; a whole compiled model keeps flex attention, the measured
+    # pair.
+    whole_model = compiling.on and compiling.variant == compile_model.WHOLE
+    varlen = varlen_attention.decide(opt, hw, job, shape, compiled=whole_model)
     if varlen.on and flex.on and opt.flexAttention == "on" and opt.varlenAttention == "auto":
         varlen = Choice(varlen.lever, False, "flexAttention is on: its kernel attends instead")
     if varlen.on and flex.on:  # flex attention stands down
@@ -424,7 +435,7 @@ def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None)
             copies = Choice(copies.lever, False, f"auto: {reason}")
             micro = roomier
     per_device = int(micro.sft.get("per_device_train_batch_size", job.per_device))
-    compiled = compile_model.decide(opt, hw, job, flex=flex_wanted, per_device=per_device)
+    compiled = compile_model.decide(opt, hw, job, flex_wanted, per_device, varlen_serves)
     if "pad_to_multiple_of" not in compiled.sft:
         flex = flex_attention.with_static_batches(flex, job, per_device)
     choices = (
@@ -504,20 +515,30 @@ def job_from(config: Any, dataset_rows: int | None = None, liger: str = "auto") 
         world_size=world_size(config),
         run_tokens_per_gpu=run_tokens_per_gpu(config, per_device * accumulation, dataset_rows),
         compile_payback_tokens=compile_payback_tokens(liger),
+        regional_payback_tokens=compile_payback_tokens(liger, regional=True),
+        whole_over_regional_tokens=advice.WHOLE_OVER_REGIONAL_TOKENS,
+        compile_regions=compile_regions_env(),
         rows=dataset_rows,
     )
 
 
-def compile_payback_tokens(liger: str = "auto") -> int:
+def compile_regions_env(env: Mapping[str, str] | None = None) -> str:
+    """$SFTJOB_COMPILE_REGIONS as the planner reads it: "on", "off", else "auto"."""
+    value = (os.environ if env is None else env).get(compile_model.ENV_COMPILE_REGIONS, "")
+    return value.strip().lower() if value.strip().lower() in ("on", "off") else "auto"
+
+
+def compile_payback_tokens(liger: str = "auto", regional: bool = False) -> int:
     """Tokens per GPU after which a cold compile pays back, by what trains uncompiled here.
 
     Uncompiled, liger's kernels (the image's gpu extra) raise the rate a compile must beat
-    (44.1k against 33.1k tokens/s on an H100), so compiling pays back later: 48.7M tokens
-    against 14.1M where liger is absent or `liger` (speed.ligerKernel) is off
+    (44.1k against 33.1k tokens/s on an H100), so compiling pays back later: the whole
+    model after 48.7M tokens against 14.1M, its decoder layers alone (`regional`) after
+    about 4M against 1M, where liger is absent or `liger` (speed.ligerKernel) is off
     (sftjob_operator.advice).
     """
     installed = importlib.util.find_spec("liger_kernel") is not None
-    return advice.compile_payback_tokens(liger=liger != "off" and installed)
+    return advice.compile_payback_tokens(liger=liger != "off" and installed, regional=regional)
 
 
 def run_tokens_per_gpu(
@@ -584,7 +605,7 @@ def compile_cache_key(
         "method": job.method,
         "lora": lora if job.method != "full" else None,
         "attention": plan.model_updates.get("attn_implementation") or model.attnImplementation,
-        "regional": os.environ.get(compile_model.ENV_COMPILE_REGIONS, "").lower() == "on",
+        "regional": plan.variant(compile_model.SWITCH) == compile_model.REGIONAL,
     }
     facts = compile_cache.key_facts(
         model_config_json if model_config_json is not None else {"unread": str(model.path)},

@@ -54,7 +54,18 @@ CONTRACT = Contract(
 log = logging.getLogger("sftjob_trainer.speed")
 
 
-def decide(opt: SpeedOptions, hw: Hardware, job: Job, flex: bool, per_device: int) -> Choice:
+REGIONAL = "regional"  # each decoder layer compiled once, in place; the rest eager
+WHOLE = "whole"  # the whole model compiled (accelerate's torch.compile)
+
+
+def decide(
+    opt: SpeedOptions,
+    hw: Hardware,
+    job: Job,
+    flex: bool,
+    per_device: int,
+    varlen_serves: bool = False,
+) -> Choice:
     """torch.compile, with every packed micro-batch padded to ONE shape.
 
     TRL's padding-free batches change length with every micro-batch (and carry varlen
@@ -62,6 +73,10 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, flex: bool, per_device: in
     200 s of a 274 s run, measured). Padding each micro-batch to per_device x maxLength
     (padding tokens at position 0, so flex or SDPA puts each in its own document, labels
     -100) gives one graph. The padding is masked out of the loss and not counted as tokens.
+
+    Its form (compile_form): the decoder layers only, with the varlen kernel attending
+    inside them (`varlen_serves`: that kernel can attend for this model), or the whole
+    model with flex attention.
     """
     name = SWITCH
     if opt.compile == "off":
@@ -81,21 +96,73 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job, flex: bool, per_device: in
             return Choice(
                 name, False, "qlora: bitsandbytes 4-bit layers under compile are not measured"
             )
-        short = short_cold_run(job)
+    form = compile_form(job, varlen_serves)
+    if opt.compile == "auto":
+        short = short_cold_run(job, form)
         if short is not None:
             return Choice(name, False, short)
     sft: dict[str, Any] = {"torch_compile": True}
+    what = (
+        "torch.compile of each decoder layer (one graph for all; the varlen kernel attends "
+        "inside; the rest eager)"
+        if form == REGIONAL
+        else "torch.compile"
+    )
     static = static_length(job, per_device)
     if static is None:
-        return Choice(name, True, "torch.compile (batch shapes vary: expect recompiles)", sft=sft)
+        return Choice(
+            name, True, f"{what} (batch shapes vary: expect recompiles)", sft=sft, variant=form
+        )
     sft["pad_to_multiple_of"] = static
     return Choice(
         name,
         True,
-        f"torch.compile with every micro-batch padded to {static} tokens (one graph; "
-        "padding masked, not trained on, not counted)",
+        f"{what} with every micro-batch padded to {static} tokens (one graph; "
+        "padding masked, not trained on, not counted)" + form_note(job, form),
         sft=sft,
+        variant=form,
     )
+
+
+def compile_form(job: Job, varlen_serves: bool) -> str:
+    """REGIONAL or WHOLE: which compile finishes a run of this size first (measured).
+
+    Compiling one decoder layer for all of them takes seconds cold (about 8 s for the 1.5B
+    shape on an H100) where the whole model takes minutes (~150 s), for most of the whole
+    model's speed (the varlen kernel in compiled layers: 45-48k tokens/s against 51k; the
+    uncompiled defaults 40-44k). So a run under `whole_over_regional_tokens` per GPU
+    compiles its layers; one over it, or of unknown length, the whole model (the measured
+    pair with flex attention). Regional needs the varlen kernel (the pair measured on the
+    GPU), a full fine-tune and one training process (all it has run as on a GPU; the whole
+    model compiled under DDP was measured); $SFTJOB_COMPILE_REGIONS=on or off forces
+    either form.
+    """
+    if job.compile_regions in ("on", "off"):
+        return REGIONAL if job.compile_regions == "on" else WHOLE
+    tokens, whole_from = job.run_tokens_per_gpu, job.whole_over_regional_tokens
+    if (
+        not varlen_serves
+        or job.method != "full"
+        or job.world_size != 1
+        or tokens is None
+        or whole_from is None
+        or tokens >= whole_from
+    ):
+        return WHOLE
+    return REGIONAL
+
+
+def form_note(job: Job, form: str) -> str:
+    """Why this form, when auto chose it by the run's size."""
+    if job.compile_regions != "auto" or job.run_tokens_per_gpu is None:
+        return ""
+    whole_from = job.whole_over_regional_tokens
+    if form == REGIONAL and whole_from is not None:
+        return (
+            f"; at most {job.run_tokens_per_gpu / 1e6:.1f}M tokens per GPU, under the "
+            f"{whole_from / 1e6:.0f}M after which compiling the whole model pays back"
+        )
+    return ""
 
 
 ENV_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
@@ -182,16 +249,18 @@ def block_mask_in_graph() -> None:
 ENV_COMPILE_REGIONS = "SFTJOB_COMPILE_REGIONS"
 
 
-def short_cold_run(job: Job) -> str | None:
+def short_cold_run(job: Job, form: str = WHOLE) -> str | None:
     """Why compiling would make this run finish later, or None.
 
-    A cold compile costs minutes before the first step (about 150 s for a 1.5B model on an
-    H100) and pays that back only after some millions of tokens per GPU (the measured
-    break-even the operator's ShortRunCompiles advisory quotes). With the compiled
-    artifacts of this shape at hand (compile_cache.py) the cost is seconds, so a warm
-    cache always compiles; a run not known to be short compiles too.
+    A cold compile costs time before the first step (about 150 s for a 1.5B model on an
+    H100, about 8 s for its decoder layers alone) and pays that back only after some
+    millions of tokens per GPU (the measured break-even the operator's ShortRunCompiles
+    advisory quotes). With the compiled artifacts of this shape at hand (compile_cache.py)
+    the cost is seconds, so a warm cache always compiles; a run not known to be short
+    compiles too.
     """
-    tokens, payback = job.run_tokens_per_gpu, job.compile_payback_tokens
+    tokens = job.run_tokens_per_gpu
+    payback = job.regional_payback_tokens if form == REGIONAL else job.compile_payback_tokens
     if tokens is None or payback is None or tokens >= payback:
         return None
     if job.compile_cache_warm is not False:  # warm, or not looked up yet
@@ -210,8 +279,7 @@ def compile_regions(trainer: Any) -> int:
     The blocks share one compiled graph, so a model of 28 layers compiles one layer, not
     28 inlined ones (on CPU, a 4-layer Qwen2: 10.5 s against 41.2 s, the same loss to the
     bit and gradients within 3e-8). What runs between the blocks (embedding, final norm,
-    LM head and loss) runs eagerly. An option for measurement ($SFTJOB_COMPILE_REGIONS=on)
-    until the GPU says what it costs.
+    LM head and loss) runs eagerly. compile_form says when.
 
     The blocks are compiled in place (`module.compile()`), and accelerate's own compile
     is turned off. Its `use_regional_compilation` builds a NEW model object with compiled
@@ -257,9 +325,10 @@ def compile_repeated_blocks(model: Any, **compile_kwargs: Any) -> int:
 
 
 def apply(trainer: Any, plan: Plan) -> str | None:
-    """Regional compilation when asked. (The plan applies the static batches and the
-    compile cache itself: an uncompiled run with flex attention has them too.)"""
-    if os.environ.get(ENV_COMPILE_REGIONS, "").lower() != "on":
+    """Regional compilation where the plan compiles that way. (The plan applies the static
+    batches and the compile cache itself: an uncompiled run with flex attention has them
+    too.)"""
+    if plan.variant(SWITCH) != REGIONAL:
         return None
     blocks = compile_regions(trainer)
     if not blocks:

@@ -167,6 +167,13 @@ class Job:
     compile_payback_tokens: int | None = None
     # Whether compiled artifacts of this run's shape were found (None: not looked up).
     compile_cache_warm: bool | None = None
+    # Tokens per GPU after which compiling only the decoder layers (regional, the varlen
+    # kernel attending inside) pays back its seconds of compile, and after which the whole
+    # model's compile (minutes) beats it (measured; None: regional is never chosen).
+    regional_payback_tokens: int | None = None
+    whole_over_regional_tokens: int | None = None
+    # $SFTJOB_COMPILE_REGIONS: "on" or "off" forces the compile's form, "auto" chooses.
+    compile_regions: str = "auto"
     # Rows of training data this process prepares (None: not known when planning).
     rows: int | None = None
 
@@ -180,12 +187,16 @@ class Choice:
     reason: str
     sft: dict[str, Any] = field(default_factory=dict)  # SFTConfig fields
     model: dict[str, Any] = field(default_factory=dict)  # spec.model (ModelSource) fields
+    # Which form of a lever with several is on (compile: "regional" or "whole").
+    variant: str = ""
 
 
 class Plan(Protocol):
     """What a lever's `apply` may read of the plan: which levers are on, the batch shape."""
 
     def on(self, lever: str) -> bool: ...
+
+    def variant(self, lever: str) -> str: ...
 
     @property
     def static_length(self) -> int | None: ...

@@ -1,0 +1,247 @@
+"""compile: auto's form by the run's size: nothing, the decoder layers, or the whole model.
+
+The break-evens are the measured ones of sftjob_operator.advice (the decoder layers compiled
+against the uncompiled defaults: ~3.9M tokens per GPU; the whole model against the layers:
+~75M), as the trainer's planner fills them in (speed.job_from).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from lever_jobs import SEED_REFERENCE_JOB
+from sftjob_operator.advice import (
+    COMPILE_PAYBACK_TOKENS,
+    REGIONAL_PAYBACK_TOKENS,
+    WHOLE_OVER_REGIONAL_TOKENS,
+)
+from sftjob_trainer.levers import compile_model
+from sftjob_trainer.speed import (
+    Hardware,
+    ModelShape,
+    SpeedOptions,
+    compile_cache_key,
+    compile_regions_env,
+    decide,
+)
+
+QWEN_15B = ModelShape(
+    params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
+)
+H100 = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3")
+AUTO = SpeedOptions()
+STEP_TOKENS = 16 * 2048  # per_device 2 x accumulation 8 at 2048: one optimizer step
+
+
+def job(tokens: int | None, method: str = "full", regions: str = "auto", warm: bool = False):
+    return replace(
+        SEED_REFERENCE_JOB,
+        method=method,
+        run_tokens_per_gpu=tokens,
+        compile_payback_tokens=COMPILE_PAYBACK_TOKENS,
+        regional_payback_tokens=REGIONAL_PAYBACK_TOKENS,
+        whole_over_regional_tokens=WHOLE_OVER_REGIONAL_TOKENS,
+        compile_regions=regions,
+        compile_cache_warm=warm,
+    )
+
+
+def test_the_break_evens_are_ordered_as_measured() -> None:
+    assert 3_500_000 < REGIONAL_PAYBACK_TOKENS < 4_500_000
+    assert REGIONAL_PAYBACK_TOKENS < COMPILE_PAYBACK_TOKENS < WHOLE_OVER_REGIONAL_TOKENS
+
+
+def test_a_mid_size_full_run_compiles_its_layers_with_the_varlen_kernel() -> None:
+    # 225 steps (the bench's long-job: 2,500 rows packed, 3 epochs): 7.4M tokens per GPU.
+    plan = decide(AUTO, H100, job(225 * STEP_TOKENS), QWEN_15B)
+    assert plan.on("compile") and plan.variant("compile") == compile_model.REGIONAL
+    # The varlen kernel attends inside the compiled layers; flex attention stands down and
+    # liger's layer kernels give way to inductor's fusions.
+    assert plan.on("varlenAttention") and not plan.on("flexAttention")
+    assert not plan.on("ligerKernel") and plan.on("rotaryTablesOnce")
+    # The static batches the compiled layer needs (one graph for every micro-batch).
+    assert plan.static_length == 4 * 2048
+    reason = plan.summary()["compile"]["reason"]
+    assert "each decoder layer" in reason and "7.4M tokens per GPU" in reason
+    assert f"{WHOLE_OVER_REGIONAL_TOKENS / 1e6:.0f}M" in reason
+
+
+def test_a_run_over_the_whole_models_break_even_compiles_it_whole_with_flex() -> None:
+    plan = decide(AUTO, H100, job(WHOLE_OVER_REGIONAL_TOKENS), QWEN_15B)
+    assert plan.on("compile") and plan.variant("compile") == compile_model.WHOLE
+    assert plan.on("flexAttention") and not plan.on("varlenAttention")
+    just_under = decide(AUTO, H100, job(WHOLE_OVER_REGIONAL_TOKENS - 1), QWEN_15B)
+    assert just_under.variant("compile") == compile_model.REGIONAL
+    # A run of unknown length compiles whole, as before: the measured steady-state pair.
+    unknown = decide(AUTO, H100, job(None), QWEN_15B)
+    assert unknown.variant("compile") == compile_model.WHOLE and unknown.on("flexAttention")
+
+
+def test_a_short_run_compiles_its_layers_only_with_their_artifacts_at_hand() -> None:
+    short = REGIONAL_PAYBACK_TOKENS - 1
+    cold = decide(AUTO, H100, job(short), QWEN_15B)
+    assert not cold.on("compile") and cold.variant("compile") == ""
+    assert cold.on("varlenAttention") and cold.static_length is None
+    assert f"{REGIONAL_PAYBACK_TOKENS / 1e6:.1f}M" in cold.summary()["compile"]["reason"]
+    warm = decide(AUTO, H100, job(short, warm=True), QWEN_15B)
+    assert warm.variant("compile") == compile_model.REGIONAL and warm.on("varlenAttention")
+    at_break_even = decide(AUTO, H100, job(REGIONAL_PAYBACK_TOKENS), QWEN_15B)
+    assert at_break_even.variant("compile") == compile_model.REGIONAL
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapters_keep_the_whole_model_rule(method: str) -> None:
+    # Regional compilation has run on the GPU only as a full fine-tune.
+    mid = decide(AUTO, H100, job(225 * STEP_TOKENS, method=method), QWEN_15B)
+    assert not mid.on("compile")
+    if method == "lora":  # over the whole model's break-even it compiles whole, as before
+        long = decide(AUTO, H100, job(COMPILE_PAYBACK_TOKENS, method=method), QWEN_15B)
+        assert long.variant("compile") == compile_model.WHOLE
+
+
+def test_several_processes_keep_the_whole_model_rule() -> None:
+    # Regional compilation has not run under DDP on a GPU; the whole model compiled has.
+    ddp = replace(job(225 * STEP_TOKENS), world_size=2)
+    assert not decide(AUTO, H100, ddp, QWEN_15B).on("compile")
+    long = replace(job(COMPILE_PAYBACK_TOKENS), world_size=2)
+    assert decide(AUTO, H100, long, QWEN_15B).variant("compile") == compile_model.WHOLE
+
+
+def test_a_model_the_varlen_kernel_cannot_serve_compiles_whole_or_not_at_all() -> None:
+    windowed = replace(QWEN_15B, attention_extras="a sliding window")
+    mid = decide(AUTO, H100, job(225 * STEP_TOKENS), windowed)
+    assert not mid.on("compile") and not mid.on("varlenAttention")
+    assert "48.7M" in mid.summary()["compile"]["reason"]
+    off = decide(SpeedOptions(varlenAttention="off"), H100, job(225 * STEP_TOKENS), QWEN_15B)
+    assert not off.on("compile") and off.on("flexAttention")
+    # flexAttention: on is the user's word: flex attention attends, so the whole model's rule.
+    flex = decide(SpeedOptions(flexAttention="on"), H100, job(225 * STEP_TOKENS), QWEN_15B)
+    assert not flex.on("compile") and flex.on("flexAttention")
+    flex_long = decide(SpeedOptions(flexAttention="on"), H100, job(80_000_000), QWEN_15B)
+    assert flex_long.variant("compile") == compile_model.WHOLE and flex_long.on("flexAttention")
+
+
+def test_the_environment_forces_either_form() -> None:
+    mid = 225 * STEP_TOKENS
+    whole = decide(AUTO, H100, job(mid, regions="off"), QWEN_15B)
+    # Forced whole, the mid-size run is short for the whole model's compile: not compiled.
+    assert not whole.on("compile")
+    on = SpeedOptions(compile="on")
+    assert decide(on, H100, job(mid, regions="off"), QWEN_15B).variant("compile") == "whole"
+    forced = decide(on, H100, job(None, regions="on"), QWEN_15B)
+    assert forced.variant("compile") == compile_model.REGIONAL
+    assert compile_regions_env({"SFTJOB_COMPILE_REGIONS": " On "}) == "on"
+    assert compile_regions_env({"SFTJOB_COMPILE_REGIONS": "off"}) == "off"
+    assert compile_regions_env({"SFTJOB_COMPILE_REGIONS": "yes"}) == "auto"
+    assert compile_regions_env({}) == "auto"
+
+
+def test_the_compiled_artifacts_are_named_by_the_form() -> None:
+    model = SimpleNamespace(path="/models/qwen", attnImplementation=None)
+    regional_job = job(225 * STEP_TOKENS)
+    regional = decide(AUTO, H100, regional_job, QWEN_15B)
+    whole = decide(
+        SpeedOptions(compile="on"), H100, job(225 * STEP_TOKENS, regions="off"), QWEN_15B
+    )
+    config = {"model_type": "qwen2"}
+    assert compile_cache_key(regional, regional_job, H100, model, config, None) != (
+        compile_cache_key(whole, regional_job, H100, model, config, None)
+    )
+
+
+def test_the_layers_are_compiled_only_where_the_plan_says_regional() -> None:
+    class Plan:
+        def __init__(self, variant: str) -> None:
+            self._variant = variant
+
+        def on(self, lever: str) -> bool:
+            return bool(self._variant)
+
+        def variant(self, lever: str) -> str:
+            return self._variant
+
+        static_length = None
+
+    # Whole (or off): apply leaves the model to accelerate's compile and touches nothing.
+    assert compile_model.apply(object(), Plan(compile_model.WHOLE)) is None
+    assert compile_model.apply(object(), Plan("")) is None
+
+
+def test_the_spec_field_quotes_the_break_evens() -> None:
+    from sftjob_operator.api import SpeedSpec
+
+    text = SpeedSpec.model_fields["compile"].description or ""
+    assert f"~{WHOLE_OVER_REGIONAL_TOKENS / 1e6:.0f}M" in text
+    assert f"~{REGIONAL_PAYBACK_TOKENS / 1e6:.1f}M" in text
+
+
+S19 = Path(__file__).resolve().parents[2] / "docs" / "bench-results" / "2026-12-06-s19"
+
+
+def side_line(path: Path) -> dict[str, Any]:
+    return next(json.loads(line) for line in path.read_text().splitlines() if '"side"' in line)
+
+
+def test_session_19_measured_the_layers_over_their_break_even() -> None:
+    from sftjob_operator.advice import (
+        REGIONAL_BESIDE_WHOLE_TOKENS_PER_S,
+        WHOLE_BESIDE_REGIONAL_TOKENS_PER_S,
+        break_even_tokens,
+    )
+
+    # Call 2, one H100: the long job (7.4M tokens) uncompiled (the defaults then) and with
+    # its decoder layers compiled: the same tokens and losses, the layers 32.5 s sooner.
+    uncompiled = side_line(S19 / "call2" / "long.jsonl")
+    layers = side_line(S19 / "call2" / "longreg.jsonl")
+    assert uncompiled["tokens_total"] == layers["tokens_total"] > REGIONAL_PAYBACK_TOKENS
+    assert layers["saved_at_s"] < uncompiled["saved_at_s"] - 30
+    assert layers["losses"] == pytest.approx(uncompiled["losses"], rel=0.01)
+    # That pair's own break-even is under the one the planner uses (the dearest measured).
+    extra_s = layers["model_loaded_to_first_step_s"] - uncompiled["model_loaded_to_first_step_s"]
+    pair = break_even_tokens(extra_s, uncompiled["tokens_per_s"], layers["tokens_per_s"])
+    assert 0 < pair < REGIONAL_PAYBACK_TOKENS
+    # Call 1, one H100: the whole model compiled against its layers, the planner's figures.
+    whole = next(
+        line
+        for line in map(json.loads, (S19 / "call1" / "full.jsonl").read_text().splitlines())
+        if line.get("side") == "sftjob"
+    )
+    assert whole["tokens_per_s"] == pytest.approx(WHOLE_BESIDE_REGIONAL_TOKENS_PER_S, abs=1)
+    regional = side_line(S19 / "call1" / "fullreg.jsonl")
+    assert regional["tokens_per_s"] == pytest.approx(REGIONAL_BESIDE_WHOLE_TOKENS_PER_S, abs=1)
+    # Call 3: the reference job under the new auto compiles its layers; 3.11x the snippet.
+    img = side_line(S19 / "call3" / "img.jsonl")
+    assert img["settings"]["torch_compile"] and img["settings"]["speed"]["compile"]["on"]
+    assert "each decoder layer" in img["settings"]["speed"]["compile"]["reason"]
+
+
+def test_a_varlen_kernel_that_fails_its_check_takes_the_layers_compile_with_it() -> None:
+    # The self-checks turn a failing lever off and the plan is decided again: without the
+    # varlen kernel a mid-size run is short for the whole model's compile.
+    failed = {"varlenAttention": "self-check failed: the kernel's output differs"}
+    plan = decide(AUTO, H100, job(225 * STEP_TOKENS), QWEN_15B, failed=failed)
+    assert not plan.on("varlenAttention") and not plan.on("compile")
+    assert plan.on("flexAttention")
+
+
+def test_the_report_says_when_a_side_repeats_in_one_file() -> None:
+    from sftjob_bench.bench_report import report
+
+    lines = [side_line(S19 / "call2" / name) for name in ("long.jsonl", "longreg.jsonl")]
+    text = report(lines, title="long")
+    assert "sftjob appears more than once; only its last line is reported" in text
+    assert "46,531" in text and "37,45" not in text  # long.jsonl: 37,454.5 tokens/s
+    assert "appears more than once" not in report(lines[:1])
+
+
+def test_the_long_job_is_the_reference_job_on_more_rows() -> None:
+    from sftjob_bench.e2e import E2E_CASES
+
+    long, reference = E2E_CASES["long-job"], E2E_CASES["reference-job"]
+    assert replace(long, name=reference.name, rows=reference.rows) == reference
+    assert long.rows == 2500
