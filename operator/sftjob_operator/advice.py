@@ -47,7 +47,7 @@ UNCOMPILED_WITHOUT_LIGER_TOKENS_PER_S = 33_058.0
 PLAIN_TRL_TOKENS_PER_S = 12_500.0
 # Compiling the decoder layers alone (regional: one layer graph for all 28, the varlen
 # kernel attending inside, the LM head eager): 48.3k tokens/s with about 7.7 s more before
-# the first step than uncompiled, cold (2026-12-06 call 1, 15-step stages); 45.4k against
+# the first step than uncompiled, cold (session 17, call 1, 15-step stages); 45.4k against
 # the defaults' 40.0k over the whole reference job, 1.3 s sooner to its end (session 18,
 # call 2); 46.5k against the defaults' 37.5k over a job of 7.4M tokens, 32.5 s sooner to
 # its end (session 19, call 2). The first of these, the dearest, sets the break-even.
@@ -312,10 +312,11 @@ def short_run_compiles(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
         * training.maxLength
     )
     # A full fine-tune on one GPU that attends with the varlen kernel compiles its decoder
-    # layers alone (seconds) where the run is that short (the trainer's compile_model.compile_form;
-    # a model whose attention the kernel cannot compute compiles whole, which the spec does
-    # not say). With liger off, uncompiled trains slower, so a compile pays back sooner (as
-    # the trainer decides: sftjob_trainer.speed.compile_payback_tokens).
+    # layers alone (seconds) where the run is that short (the trainer's
+    # compile_model.compile_form; a model whose attention the kernel cannot compute
+    # compiles whole, which the spec does not say). With liger off, uncompiled trains
+    # slower, so a compile pays back sooner (as the trainer decides:
+    # sftjob_trainer.speed.compile_payback_tokens).
     regional = (
         spec.method == "full"
         and speed.varlenAttention != "off"

@@ -102,26 +102,27 @@ def decide(
         if short is not None:
             return Choice(name, False, short)
     sft: dict[str, Any] = {"torch_compile": True}
-    what = (
-        "torch.compile of each decoder layer (one graph for all; the varlen kernel attends "
-        "inside; the rest eager)"
-        if form == REGIONAL
-        else "torch.compile"
-    )
     static = static_length(job, per_device)
-    if static is None:
-        return Choice(
-            name, True, f"{what} (batch shapes vary: expect recompiles)", sft=sft, variant=form
+    if static is not None:
+        sft["pad_to_multiple_of"] = static
+    if form == REGIONAL:  # short: status.speedPlan keeps 256 characters, the cache's first
+        batches = (
+            f"micro-batches padded to {static} tokens"
+            if static is not None
+            else "batch shapes vary: expect recompiles"
         )
-    sft["pad_to_multiple_of"] = static
-    return Choice(
-        name,
-        True,
-        f"{what} with every micro-batch padded to {static} tokens (one graph; "
-        "padding masked, not trained on, not counted)" + form_note(job, form),
-        sft=sft,
-        variant=form,
-    )
+        reason = (
+            f"decoder layers compiled (one graph, the varlen kernel inside), {batches}"
+            + form_note(job, form)
+        )
+    elif static is None:
+        reason = "torch.compile (batch shapes vary: expect recompiles)"
+    else:
+        reason = (
+            f"torch.compile with every micro-batch padded to {static} tokens (one graph; "
+            "padding masked, not trained on, not counted)"
+        )
+    return Choice(name, True, reason, sft=sft, variant=form)
 
 
 def compile_form(job: Job, varlen_serves: bool) -> str:
@@ -159,8 +160,8 @@ def form_note(job: Job, form: str) -> str:
     whole_from = job.whole_over_regional_tokens
     if form == REGIONAL and whole_from is not None:
         return (
-            f"; at most {job.run_tokens_per_gpu / 1e6:.1f}M tokens per GPU, under the "
-            f"{whole_from / 1e6:.0f}M after which compiling the whole model pays back"
+            f": at most {job.run_tokens_per_gpu / 1e6:.1f}M tokens per GPU, under the "
+            f"{whole_from / 1e6:.0f}M where the whole model's compile pays back"
         )
     return ""
 
