@@ -58,7 +58,7 @@ def test_the_break_evens_are_ordered_as_measured() -> None:
 
 
 def test_a_mid_size_full_run_compiles_its_layers_with_the_varlen_kernel() -> None:
-    # 225 steps (the bench's long-job: 2,500 rows packed, 3 epochs): 7.4M tokens per GPU.
+    # 225 steps of 16 x 2048 (about the bench's long-job, 228 steps): 7.4M tokens per GPU.
     plan = decide(AUTO, H100, job(225 * STEP_TOKENS), QWEN_15B)
     assert plan.on("compile") and plan.variant("compile") == compile_model.REGIONAL
     # The varlen kernel attends inside the compiled layers; flex attention stands down and

@@ -102,7 +102,7 @@ E2E_CASES = {
     "reference-job": E2ECase(
         "reference-job", "QWEN25_15B", 1000, CAPYBARA_MEAN_TOKENS, 2048, 2, 8, 3.0, 2e-4, 10, 5
     ),
-    # The same job on 2.5 times the rows (~7.3M tokens per GPU, 225 steps): over the ~3-4M
+    # The same job on 2.5 times the rows (7.4M tokens per GPU, 228 steps): over the ~3-4M
     # after which the varlen kernel in compiled decoder layers beats the uncompiled defaults,
     # so compile: auto's choice for such jobs is measured on one.
     "long-job": E2ECase(
