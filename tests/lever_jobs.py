@@ -5,7 +5,7 @@ Qwen2.5-1.5B full fine-tune, per-device 2 x accumulation 8, packed (padding-free
 decisions and the bench were measured on (seed-notes.md, docs/performance.md).
 """
 
-from sftjob_trainer.levers.contract import Job
+from sftjob_trainer.levers.contract import Hardware, Job, ModelShape
 
 SEED_REFERENCE_JOB = Job(
     method="full",
@@ -16,3 +16,9 @@ SEED_REFERENCE_JOB = Job(
     checkpointing=True,
     bf16=True,
 )
+
+# The Qwen2.5-1.5B shape and the H100 (80 GB, as torch reports it) the levers were measured on.
+QWEN_15B = ModelShape(
+    params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
+)
+H100 = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lever_jobs import SEED_REFERENCE_JOB
+from lever_jobs import H100, QWEN_15B, SEED_REFERENCE_JOB
 from sftjob_bench.bench_report import report
 from sftjob_operator.advice import COMPILE_PAYBACK_TOKENS, COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
 from sftjob_trainer.failures import ConfigError
@@ -21,7 +21,6 @@ from sftjob_trainer.levers.micro_batch import kept_logits_bytes
 from sftjob_trainer.speed import (
     Hardware,
     Job,
-    ModelShape,
     SpeedOptions,
     cpus_per_process,
     decide,
@@ -32,10 +31,6 @@ from sftjob_trainer.speed import (
 
 # Stored GPU runs (JSON lines) that the criteria are checked against.
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "docs" / "bench-results"
-QWEN_15B = ModelShape(
-    params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
-)
-H100 = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3")
 
 
 def test_cpu_smoke_sides_match() -> None:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from lever_jobs import SEED_REFERENCE_JOB
+from lever_jobs import H100, QWEN_15B, SEED_REFERENCE_JOB
 from packaging.specifiers import SpecifierSet
 from sftjob_trainer.failures import ConfigError
 from sftjob_trainer.levers import light_metrics
@@ -23,7 +23,6 @@ from sftjob_trainer.levers.contract import (
     SWITCH_NAMES,
     Contract,
     Hardware,
-    ModelShape,
     Signature,
     SpeedOptions,
     check,
@@ -35,10 +34,6 @@ pytestmark = [pytest.mark.trainer, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = Hardware(cuda=False, memory_gib=16.0)
-H100 = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3")
-QWEN_15B = ModelShape(
-    params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
-)
 
 
 def pinned(library: str) -> str:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from lever_jobs import SEED_REFERENCE_JOB
+from lever_jobs import H100, QWEN_15B, SEED_REFERENCE_JOB
 from sftjob_operator.advice import (
     COMPILE_PAYBACK_TOKENS,
     REGIONAL_PAYBACK_TOKENS,
@@ -23,18 +23,12 @@ from sftjob_operator.advice import (
 from sftjob_trainer.levers import compile_model
 from sftjob_trainer.speed import (
     MAX_REASON,
-    Hardware,
-    ModelShape,
     SpeedOptions,
     compile_cache_key,
     compile_regions_env,
     decide,
 )
 
-QWEN_15B = ModelShape(
-    params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
-)
-H100 = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3")
 AUTO = SpeedOptions()
 STEP_TOKENS = 16 * 2048  # per_device 2 x accumulation 8 at 2048: one optimizer step
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from lever_jobs import SEED_REFERENCE_JOB
+from lever_jobs import H100, QWEN_15B, SEED_REFERENCE_JOB
 from sftjob_trainer.levers.contract import Hardware, ModelShape, SpeedOptions
 from sftjob_trainer.levers.packed_flash import (
     IMPLEMENTATION,
@@ -28,10 +28,6 @@ from sftjob_trainer.speed import decide
 
 pytestmark = pytest.mark.trainer
 
-H100 = Hardware(cuda=True, memory_gib=79.1, name="NVIDIA H100 80GB HBM3")
-QWEN_15B = ModelShape(
-    params=1_543_655_424, hidden=1536, layers=28, intermediate=8960, vocab=151_936
-)
 ON = SpeedOptions(varlenAttention="on")
 
 

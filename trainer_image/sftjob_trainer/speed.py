@@ -379,19 +379,18 @@ def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None)
     # compile lever is asked with flex attention as decided before the varlen kernel may
     # take its place, so a model not compiled keeps that reason (a short run, ...).
     flex_wanted = flex.on
-    # Whether the varlen kernel can attend for this model: a compile of the decoder layers
-    # alone needs it (compile_model.compile_form). flexAttention: on keeps flex attention.
-    varlen_serves = varlen_attention.decide(opt, hw, job, shape).on and not (
-        opt.flexAttention == "on" and opt.varlenAttention == "auto"
-    )
+    # Whether the varlen kernel attends for this model (flexAttention: on keeps flex
+    # attention): a compile of the decoder layers alone needs it (compile_model.compile_form).
+    varlen = varlen_attention.decide(opt, hw, job, shape)
+    if varlen.on and flex.on and opt.flexAttention == "on" and opt.varlenAttention == "auto":
+        varlen = Choice(varlen.lever, False, "flexAttention is on: its kernel attends instead")
+    varlen_serves = varlen.on
     compiling = compile_model.decide(opt, hw, job, flex_wanted, job.per_device, varlen_serves)
     # Under auto the varlen kernel attends where the model is not compiled and inside
     # compiled decoder layers; a whole compiled model keeps flex attention, the measured
     # pair.
-    whole_model = compiling.on and compiling.variant == compile_model.WHOLE
-    varlen = varlen_attention.decide(opt, hw, job, shape, compiled=whole_model)
-    if varlen.on and flex.on and opt.flexAttention == "on" and opt.varlenAttention == "auto":
-        varlen = Choice(varlen.lever, False, "flexAttention is on: its kernel attends instead")
+    if compiling.on and compiling.variant == compile_model.WHOLE:
+        varlen = varlen_attention.decide(opt, hw, job, shape, compiled=True)
     if varlen.on and flex.on:  # flex attention stands down
         flex = Choice(flex.lever, False, "varlenAttention is on: its kernel attends instead")
     sparse = flex.on or varlen.on  # attention cost linear in the documents' lengths
@@ -525,7 +524,8 @@ def job_from(config: Any, dataset_rows: int | None = None, liger: str = "auto") 
 def compile_regions_env(env: Mapping[str, str] | None = None) -> str:
     """$SFTJOB_COMPILE_REGIONS as the planner reads it: "on", "off", else "auto"."""
     value = (os.environ if env is None else env).get(compile_model.ENV_COMPILE_REGIONS, "")
-    return value.strip().lower() if value.strip().lower() in ("on", "off") else "auto"
+    value = value.strip().lower()
+    return value if value in ("on", "off") else "auto"
 
 
 def compile_payback_tokens(liger: str = "auto", regional: bool = False) -> int:
