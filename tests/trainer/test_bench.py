@@ -103,6 +103,33 @@ def test_h100_full_picks_the_measured_best_shape() -> None:
     assert "compiled" in plan.summary()["ligerKernel"]["reason"]
 
 
+def test_the_steady_bench_plans_its_few_steps_as_a_long_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Session 20's first call: 20 steps of the full case planned by their own size (0.7M
+    # tokens per GPU) compiled the decoder layers, not the whole model a long job compiles.
+    from sftjob_bench.bench import CASES, compile_as_a_long_job, trainer_config
+    from sftjob_trainer.levers.compile_model import ENV_COMPILE_REGIONS, REGIONAL, WHOLE
+    from sftjob_trainer.speed import job_from
+
+    config = trainer_config(CASES["full"], 20, tmp_path / "model", tmp_path / "out", gpus=1)
+    on = SpeedOptions(compile="on")
+
+    def form() -> str:
+        return decide(on, H100, job_from(config), QWEN_15B).variant("compile")
+
+    monkeypatch.delenv(ENV_COMPILE_REGIONS, raising=False)
+    assert job_from(config).run_tokens_per_gpu == 20 * 16 * 2048
+    assert form() == REGIONAL  # the 20 steps alone
+    env: dict[str, str] = {}
+    compile_as_a_long_job(env)
+    monkeypatch.setenv(ENV_COMPILE_REGIONS, env[ENV_COMPILE_REGIONS])
+    assert form() == WHOLE
+    forced = {ENV_COMPILE_REGIONS: "on"}  # the fullreg stage's form is kept
+    compile_as_a_long_job(forced)
+    assert forced == {ENV_COMPILE_REGIONS: "on"}
+
+
 def test_estimate_counts_the_logits_the_lean_head_keeps() -> None:
     full = Job(**{**SEED_REFERENCE_JOB.__dict__, "checkpointing": False})
     lean = micro_batch(SpeedOptions(), H100, full, QWEN_15B, True, lean_head=True)

@@ -269,3 +269,23 @@ def test_the_check_compiles_nothing_under_flex_attention(trainer_stand_in: Any) 
     assert use_bf16_residual_stream(trainer) == "Embedding output cast to bf16 while training runs"
     assert counters["frames"]["total"] == frames
     assert model.config._attn_implementation == "flex_attention"
+
+
+def test_the_check_runs_under_the_varlen_kernel(trainer_stand_in: Any) -> None:
+    # The varlen kernel refuses a row without TRL's document boundaries: the check's
+    # forward describes its row as the padding-free collator does, so the stream is
+    # checked (no "not checked: ValueError ..." note, as session 19's GPU logs had).
+    from sftjob_trainer.levers.packed_flash import IMPLEMENTATION, reference_causal, register
+    from sftjob_trainer.levers.residual_stream import packed_row_kwargs
+
+    register(kernel=reference_causal)
+    model = tiny_model()
+    model.set_attn_implementation(IMPLEMENTATION)
+    ids = torch.zeros((1, 4), dtype=torch.long)
+    with pytest.raises(ValueError, match="needs packed padding-free batches"):
+        model(input_ids=ids)  # the plain row, as the check sent it before
+    assert use_bf16_residual_stream(trainer_stand_in(model)) == (
+        "Embedding output cast to bf16 while training runs"
+    )
+    # Other attentions get the plain row.
+    assert packed_row_kwargs(tiny_model(), ids) == {}

@@ -37,13 +37,14 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 # The cards' dense bf16 peaks and MFU's definition, shared with the trainer's progress report.
 from sftjob_trainer.flops import model_flops_utilization, peak_flops
+from sftjob_trainer.levers.compile_model import ENV_COMPILE_REGIONS
 
 from . import e2e
 from .common import QWEN25_15B, TINY, cap_gpu_memory, make_callback
@@ -153,6 +154,15 @@ def job_manifest(
         "metadata": {"name": f"bench-{case.name}", "namespace": "default"},
         "spec": spec,
     }
+
+
+def compile_as_a_long_job(env: MutableMapping[str, str]) -> None:
+    """The steady state of a LONG job on a GPU: beyond the ~75M tokens per GPU where
+    `compile: auto` compiles the whole model (advice.WHOLE_OVER_REGIONAL_TOKENS). The few
+    steps the bench runs would, planned by their own size, compile only the decoder layers
+    (compile_model.compile_form): session 20's first call measured those for the full case
+    by mistake. A form the environment sets (the GPU stages fullreg, fullvw) is kept."""
+    env.setdefault(ENV_COMPILE_REGIONS, "off")
 
 
 def trainer_config(
@@ -348,6 +358,8 @@ def run_side(
     ours = build_sft_config(job, speed=None)  # to copy lr/schedule/warmup to the reference
     speed = None
     if side == "sftjob":
+        if cuda:
+            compile_as_a_long_job(os.environ)
         speed = plan_speed(job)
         args = build_sft_config(job, speed=speed)
         attn = speed.model_updates.get("attnImplementation") or "sdpa"

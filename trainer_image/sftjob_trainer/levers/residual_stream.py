@@ -70,6 +70,7 @@ def stream_dtypes(model: Any, embedding: nn.Module) -> set[torch.dtype] | None:
     handle = embedding.register_forward_hook(_to_bf16)
     try:
         ids = torch.zeros((1, 4), dtype=torch.long, device=device)
+        packed = packed_row_kwargs(model, ids)
         with (
             torch.random.fork_rng(devices=cuda_devices),
             torch.no_grad(),
@@ -79,7 +80,7 @@ def stream_dtypes(model: Any, embedding: nn.Module) -> set[torch.dtype] | None:
         ):
             # Eager flex attention warns that it is unfused: meant here, for 4 tokens.
             warnings.filterwarnings("ignore", message="flex_attention called without torch")
-            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            out = model(input_ids=ids, output_hidden_states=True, use_cache=False, **packed)
     finally:
         handle.remove()
     states = getattr(out, "hidden_states", None)
@@ -88,6 +89,26 @@ def stream_dtypes(model: Any, embedding: nn.Module) -> set[torch.dtype] | None:
     if not states or len(states) < 3:
         return None
     return {state.dtype for state in states[1:-1]}
+
+
+def packed_row_kwargs(model: Any, ids: torch.Tensor) -> dict[str, Any]:
+    """The probe's row as TRL's padding-free collator describes a packed row (one document
+    here), where the model attends through the varlenAttention kernel: that kernel reads
+    the documents' boundaries and refuses a row without them (the check then could not run,
+    and the lever went on unchecked). Other attentions get the plain row."""
+    from .packed_flash import IMPLEMENTATION
+
+    if getattr(model.config, "_attn_implementation", None) != IMPLEMENTATION:
+        return {}
+    tokens = ids.size(1)
+    bounds = torch.tensor([0, tokens], dtype=torch.int32, device=ids.device)
+    return {
+        "position_ids": torch.arange(tokens, device=ids.device).unsqueeze(0),
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": tokens,
+        "max_length_k": tokens,
+    }
 
 
 def use_bf16_residual_stream(trainer: Any) -> str:
