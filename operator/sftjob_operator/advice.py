@@ -58,6 +58,18 @@ REGIONAL_TOKENS_PER_S = 48_327.0
 REGIONAL_BESIDE_WHOLE_TOKENS_PER_S = 46_528.0
 WHOLE_BESIDE_REGIONAL_TOKENS_PER_S = 51_026.0
 
+# LoRA (rank 16 on every linear layer of the 1.5B shape, one H100, session 20): its decoder
+# layers compiled with the varlen kernel inside trained at 46,669 tokens/s, against 29,346
+# uncompiled (the varlen kernel and liger's kernels), 12.1 s more before the steady state
+# (call 4, one machine). The whole model compiled with flex attention trained at 49,798
+# against the layers' 47,452, after 176.3 s more compiling (call 3, one machine).
+LORA_REGIONAL_COMPILE_OVERHEAD_S = 12.1
+LORA_UNCOMPILED_TOKENS_PER_S = 29_346.0
+LORA_REGIONAL_TOKENS_PER_S = 46_669.0
+LORA_WHOLE_OVER_REGIONAL_OVERHEAD_S = 176.3
+LORA_REGIONAL_BESIDE_WHOLE_TOKENS_PER_S = 47_452.0
+LORA_WHOLE_BESIDE_REGIONAL_TOKENS_PER_S = 49_798.0
+
 
 def break_even_tokens(overhead_s: float, slower: float, faster: float) -> float:
     """Tokens after which `faster` (paying `overhead_s` first) has caught up with `slower`."""
@@ -96,13 +108,47 @@ WHOLE_OVER_REGIONAL_TOKENS = round(
     )
 )
 
+# LoRA's decoder layers compiled against LoRA uncompiled: ~1.0M tokens per GPU (measured
+# with liger; without it uncompiled is slower and the layers pay back sooner still, so the
+# figure holds as a bound). Over ~178M the whole model's compile catches up with them.
+LORA_REGIONAL_PAYBACK_TOKENS = round(
+    break_even_tokens(
+        LORA_REGIONAL_COMPILE_OVERHEAD_S, LORA_UNCOMPILED_TOKENS_PER_S, LORA_REGIONAL_TOKENS_PER_S
+    )
+)
+LORA_WHOLE_OVER_REGIONAL_TOKENS = round(
+    break_even_tokens(
+        LORA_WHOLE_OVER_REGIONAL_OVERHEAD_S,
+        LORA_REGIONAL_BESIDE_WHOLE_TOKENS_PER_S,
+        LORA_WHOLE_BESIDE_REGIONAL_TOKENS_PER_S,
+    )
+)
+# The methods whose decoder layers compile alone on one GPU (measured there: session 19 for
+# full fine-tunes, session 20 for LoRA; QLoRA's 4-bit layers are not compiled under auto).
+REGIONAL_METHODS = ("full", "lora")
 
-def compile_payback_tokens(liger: bool, regional: bool = False) -> int:
-    """The break-even a compile must beat, by whether liger's kernels train uncompiled and
-    whether only the decoder layers compile (`regional`)."""
+
+def compile_payback_tokens(liger: bool, regional: bool = False, method: str = "full") -> int:
+    """The break-even a compile must beat, by whether liger's kernels train uncompiled,
+    whether only the decoder layers compile (`regional`) and, for those, the method."""
+    if regional and method == "lora":
+        return LORA_REGIONAL_PAYBACK_TOKENS
     if regional:
         return REGIONAL_PAYBACK_TOKENS if liger else REGIONAL_PAYBACK_TOKENS_WITHOUT_LIGER
     return COMPILE_PAYBACK_TOKENS if liger else COMPILE_PAYBACK_TOKENS_WITHOUT_LIGER
+
+
+def whole_over_regional_tokens(method: str) -> int | None:
+    """Tokens per GPU from which the whole model's compile finishes before its layers';
+    None for a method whose layers are not compiled alone (the whole model, or nothing)."""
+    if method not in REGIONAL_METHODS:
+        return None
+    return LORA_WHOLE_OVER_REGIONAL_TOKENS if method == "lora" else WHOLE_OVER_REGIONAL_TOKENS
+
+
+def regional_compile_seconds(method: str) -> float:
+    """About how long compiling the decoder layers costs before the first steps, cold."""
+    return LORA_REGIONAL_COMPILE_OVERHEAD_S if method == "lora" else REGIONAL_COMPILE_OVERHEAD_S
 
 
 PLAIN_TRL_BREAK_EVEN_TOKENS = round(
@@ -311,22 +357,25 @@ def short_run_compiles(spec: SFTJobSpec, plan: Plan) -> Advisory | None:
         * training.gradientAccumulationSteps
         * training.maxLength
     )
-    # A full fine-tune on one GPU that attends with the varlen kernel compiles its decoder
-    # layers alone (seconds) where the run is that short (the trainer's
+    # A full fine-tune or LoRA on one GPU that attends with the varlen kernel compiles its
+    # decoder layers alone (seconds) where the run is that short (the trainer's
     # compile_model.compile_form; a model whose attention the kernel cannot compute
     # compiles whole, which the spec does not say). With liger off, uncompiled trains
     # slower, so a compile pays back sooner (as the trainer decides:
     # sftjob_trainer.speed.compile_payback_tokens).
     regional = (
-        spec.method == "full"
+        spec.method in REGIONAL_METHODS
         and speed.varlenAttention != "off"
         and spec.resources.nodes * spec.resources.gpusPerNode == 1
     )
-    payback = compile_payback_tokens(liger=speed.ligerKernel != "off", regional=regional)
+    payback = compile_payback_tokens(
+        liger=speed.ligerKernel != "off", regional=regional, method=spec.method
+    )
     if tokens >= payback:
         return None
     compiling = (
-        f"compiling its decoder layers takes about {REGIONAL_COMPILE_OVERHEAD_S:.0f} seconds"
+        "compiling its decoder layers takes about "
+        f"{regional_compile_seconds(spec.method):.0f} seconds"
         if regional
         else f"torch.compile takes about {COMPILE_OVERHEAD_S / 60:.1f} minutes to compile"
     )

@@ -403,9 +403,10 @@ class SpeedSpec(SpecModel):
         default="auto",
         description="torch.compile the model (auto: on with CUDA and flex attention, not for "
         "qlora or fsdp, nor for a short run whose compiled artifacts are not at hand; each "
-        "micro-batch padded to one static shape so it compiles once). A full fine-tune on "
-        "one GPU that the varlen kernel serves compiles only its decoder layers (seconds) "
-        "from ~3.9M tokens per GPU up to ~75M; the whole model (minutes) beyond.",
+        "micro-batch padded to one static shape so it compiles once). A full fine-tune or "
+        "LoRA on one GPU that the varlen kernel serves compiles only its decoder layers "
+        "(seconds) from ~3.9M tokens per GPU up to ~75M (LoRA: from ~1.0M up to ~178M); the "
+        "whole model (minutes) beyond.",
     )
     lightMetrics: SpeedSwitch = Field(
         default="auto",

@@ -1,8 +1,8 @@
 """compile: auto's form by the run's size: nothing, the decoder layers, or the whole model.
 
 The break-evens are the measured ones of sftjob_operator.advice (the decoder layers compiled
-against the uncompiled defaults: ~3.9M tokens per GPU; the whole model against the layers:
-~75M), as the trainer's planner fills them in (speed.job_from).
+against the uncompiled defaults: ~3.9M tokens per GPU, LoRA ~1.0M; the whole model against
+the layers: ~75M, LoRA ~178M), as the trainer's planner fills them in (speed.job_from).
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ import pytest
 from lever_jobs import H100, QWEN_15B, SEED_REFERENCE_JOB
 from sftjob_operator.advice import (
     COMPILE_PAYBACK_TOKENS,
+    LORA_REGIONAL_PAYBACK_TOKENS,
+    LORA_WHOLE_OVER_REGIONAL_TOKENS,
     REGIONAL_PAYBACK_TOKENS,
     WHOLE_OVER_REGIONAL_TOKENS,
+    compile_payback_tokens,
+    whole_over_regional_tokens,
 )
 from sftjob_trainer.levers import compile_model
 from sftjob_trainer.speed import (
@@ -34,13 +38,14 @@ STEP_TOKENS = 16 * 2048  # per_device 2 x accumulation 8 at 2048: one optimizer 
 
 
 def job(tokens: int | None, method: str = "full", regions: str = "auto", warm: bool = False):
+    """The job as speed.job_from fills in its break-evens (liger installed), by method."""
     return replace(
         SEED_REFERENCE_JOB,
         method=method,
         run_tokens_per_gpu=tokens,
         compile_payback_tokens=COMPILE_PAYBACK_TOKENS,
-        regional_payback_tokens=REGIONAL_PAYBACK_TOKENS,
-        whole_over_regional_tokens=WHOLE_OVER_REGIONAL_TOKENS,
+        regional_payback_tokens=compile_payback_tokens(True, regional=True, method=method),
+        whole_over_regional_tokens=whole_over_regional_tokens(method),
         compile_regions=regions,
         compile_cache_warm=warm,
     )
@@ -92,14 +97,55 @@ def test_a_short_run_compiles_its_layers_only_with_their_artifacts_at_hand() -> 
     assert at_break_even.variant("compile") == compile_model.REGIONAL
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_adapters_keep_the_whole_model_rule(method: str) -> None:
-    # Regional compilation has run on the GPU only as a full fine-tune.
-    mid = decide(AUTO, H100, job(225 * STEP_TOKENS, method=method), QWEN_15B)
-    assert not mid.on("compile")
-    if method == "lora":  # over the whole model's break-even it compiles whole, as before
-        long = decide(AUTO, H100, job(COMPILE_PAYBACK_TOKENS, method=method), QWEN_15B)
-        assert long.variant("compile") == compile_model.WHOLE
+def test_lora_compiles_its_layers_from_its_own_break_even() -> None:
+    # Session 20: LoRA's layers compiled trained at 46.7k tokens/s against 29.3k uncompiled
+    # after 12.1 s more (one machine); the whole model at 49.8k against the layers' 47.5k
+    # after 176 s more (another): ~1.0M and ~178M tokens per GPU.
+    assert 900_000 < LORA_REGIONAL_PAYBACK_TOKENS < 1_100_000
+    assert 170_000_000 < LORA_WHOLE_OVER_REGIONAL_TOKENS < 185_000_000
+
+    def lora(tokens: int | None) -> Any:
+        return decide(AUTO, H100, job(tokens, method="lora"), QWEN_15B)
+
+    short = lora(LORA_REGIONAL_PAYBACK_TOKENS - 1)
+    assert not short.on("compile") and short.on("varlenAttention")
+    assert "under the 1.0M after which compiling pays back" in short.summary()["compile"]["reason"]
+    for tokens in (LORA_REGIONAL_PAYBACK_TOKENS, 225 * STEP_TOKENS):
+        plan = lora(tokens)
+        assert plan.variant("compile") == compile_model.REGIONAL
+        assert plan.on("varlenAttention") and not plan.on("flexAttention")
+    assert "under the 178M where" in lora(225 * STEP_TOKENS).summary()["compile"]["reason"]
+    assert lora(LORA_WHOLE_OVER_REGIONAL_TOKENS - 1).variant("compile") == compile_model.REGIONAL
+    for tokens in (LORA_WHOLE_OVER_REGIONAL_TOKENS, None):  # long, or of unknown length
+        plan = lora(tokens)
+        assert plan.variant("compile") == compile_model.WHOLE and plan.on("flexAttention")
+    # A full fine-tune of the same size compiles whole beyond its own ~75M.
+    assert decide(AUTO, H100, job(80_000_000), QWEN_15B).variant("compile") == compile_model.WHOLE
+    assert lora(80_000_000).variant("compile") == compile_model.REGIONAL
+
+
+def test_the_planner_fills_in_loras_break_evens(tmp_path: Path) -> None:
+    from sftjob_bench.bench import CASES, trainer_config
+    from sftjob_trainer.speed import job_from
+
+    for name, regional, whole in (
+        ("lora", LORA_REGIONAL_PAYBACK_TOKENS, LORA_WHOLE_OVER_REGIONAL_TOKENS),
+        ("full", compile_payback_tokens(False, regional=True), WHOLE_OVER_REGIONAL_TOKENS),
+    ):
+        config = trainer_config(CASES[name], 20, tmp_path / "model", tmp_path / name, gpus=1)
+        planned = job_from(config)  # this venv has no liger: the full figure without it
+        assert (planned.regional_payback_tokens, planned.whole_over_regional_tokens) == (
+            regional,
+            whole,
+        )
+
+
+def test_qlora_keeps_the_whole_model_rule() -> None:
+    # bitsandbytes' 4-bit layers under compile are not measured: auto never compiles them.
+    mid = decide(AUTO, H100, job(225 * STEP_TOKENS, method="qlora"), QWEN_15B)
+    assert not mid.on("compile") and "qlora" in mid.summary()["compile"]["reason"]
+    long = decide(AUTO, H100, job(COMPILE_PAYBACK_TOKENS, method="qlora"), QWEN_15B)
+    assert not long.on("compile")
 
 
 def test_several_processes_keep_the_whole_model_rule() -> None:
@@ -176,6 +222,8 @@ def test_the_spec_field_quotes_the_break_evens() -> None:
     text = SpeedSpec.model_fields["compile"].description or ""
     assert f"~{WHOLE_OVER_REGIONAL_TOKENS / 1e6:.0f}M" in text
     assert f"~{REGIONAL_PAYBACK_TOKENS / 1e6:.1f}M" in text
+    assert f"LoRA: from ~{LORA_REGIONAL_PAYBACK_TOKENS / 1e6:.1f}M" in text
+    assert f"up to ~{LORA_WHOLE_OVER_REGIONAL_TOKENS / 1e6:.0f}M" in text
 
 
 S19 = Path(__file__).resolve().parents[2] / "docs" / "bench-results" / "2026-12-06-s19"
@@ -216,6 +264,63 @@ def test_session_19_measured_the_layers_over_their_break_even() -> None:
     img = side_line(S19 / "call3" / "img.jsonl")
     assert img["settings"]["torch_compile"] and img["settings"]["speed"]["compile"]["on"]
     assert "each decoder layer" in img["settings"]["speed"]["compile"]["reason"]  # its words then
+
+
+S20 = S19.parent / "2026-12-06-s20"
+
+
+def sftjob_side(path: Path) -> dict[str, Any]:
+    lines = map(json.loads, path.read_text().splitlines())
+    return next(line for line in lines if line.get("side") == "sftjob")
+
+
+def test_session_20_measured_loras_break_evens() -> None:
+    from sftjob_operator.advice import (
+        LORA_REGIONAL_BESIDE_WHOLE_TOKENS_PER_S,
+        LORA_REGIONAL_COMPILE_OVERHEAD_S,
+        LORA_REGIONAL_TOKENS_PER_S,
+        LORA_UNCOMPILED_TOKENS_PER_S,
+        LORA_WHOLE_BESIDE_REGIONAL_TOKENS_PER_S,
+        LORA_WHOLE_OVER_REGIONAL_OVERHEAD_S,
+    )
+
+    # Call 4, one H100: LoRA uncompiled (the varlen kernel, liger) and its layers compiled.
+    uncompiled = sftjob_side(S20 / "call4" / "loraoff.jsonl")
+    layers = sftjob_side(S20 / "call4" / "lorareg.jsonl")
+    assert not uncompiled["settings"]["torch_compile"] and layers["settings"]["torch_compile"]
+    assert uncompiled["settings"]["speed"]["ligerKernel"]["on"]
+    assert "decoder layers compiled" in layers["settings"]["speed"]["compile"]["reason"]
+    assert uncompiled["tokens_per_s"] == pytest.approx(LORA_UNCOMPILED_TOKENS_PER_S, abs=1)
+    assert layers["tokens_per_s"] == pytest.approx(LORA_REGIONAL_TOKENS_PER_S, abs=1)
+    extra_s = layers["untimed_s"] - uncompiled["untimed_s"]  # the same 5 steps untimed
+    assert extra_s == pytest.approx(LORA_REGIONAL_COMPILE_OVERHEAD_S, abs=0.05)
+    assert layers["losses"] == pytest.approx(uncompiled["losses"], rel=0.01)
+    # Call 3, another H100: the whole model compiled (flex attention) against the layers.
+    whole = sftjob_side(S20 / "call3" / "lora.jsonl")
+    beside = sftjob_side(S20 / "call3" / "lorareg.jsonl")
+    assert whole["settings"]["attn_implementation"] == "flex_attention"
+    assert whole["tokens_per_s"] == pytest.approx(LORA_WHOLE_BESIDE_REGIONAL_TOKENS_PER_S, abs=1)
+    assert beside["tokens_per_s"] == pytest.approx(LORA_REGIONAL_BESIDE_WHOLE_TOKENS_PER_S, abs=1)
+    extra_s = whole["untimed_s"] - beside["untimed_s"]
+    assert extra_s == pytest.approx(LORA_WHOLE_OVER_REGIONAL_OVERHEAD_S, abs=0.05)
+
+
+def test_session_20_full_case_compiled_the_whole_model_once_the_bench_planned_a_long_run() -> None:
+    # Call 1 (before bench.compile_as_a_long_job): the 20 steps compiled only the layers.
+    slip = sftjob_side(S20 / "call1" / "full.jsonl")["settings"]["speed"]["compile"]["reason"]
+    assert slip.startswith("decoder layers compiled")
+    # Call 2: the whole model with flex attention, faster than with the varlen kernel inside
+    # and than the layers, on one machine.
+    rates = {}
+    for name in ("full", "fullvw", "fullreg"):
+        line = sftjob_side(S20 / "call2" / f"{name}.jsonl")
+        rates[name] = line["tokens_per_s"]
+        compiled = line["settings"]["speed"]["compile"]["reason"]
+        assert compiled.startswith("decoder layers") == (name == "fullreg")
+    assert sftjob_side(S20 / "call2" / "full.jsonl")["settings"]["attn_implementation"] == (
+        "flex_attention"
+    )
+    assert rates["full"] > rates["fullvw"] > rates["fullreg"]
 
 
 def test_a_varlen_kernel_that_fails_its_check_takes_the_layers_compile_with_it() -> None:

@@ -494,8 +494,9 @@ def job_from(config: Any, dataset_rows: int | None = None, liger: str = "auto") 
     resolved = config.resolved
     per_device = int(resolved["perDeviceTrainBatchSize"])
     accumulation = int(resolved["gradientAccumulationSteps"])
+    method = str(resolved["method"])
     return Job(
-        method=str(resolved["method"]),
+        method=method,
         per_device=per_device,
         accumulation=accumulation,
         max_length=int(training.maxLength),
@@ -514,8 +515,8 @@ def job_from(config: Any, dataset_rows: int | None = None, liger: str = "auto") 
         world_size=world_size(config),
         run_tokens_per_gpu=run_tokens_per_gpu(config, per_device * accumulation, dataset_rows),
         compile_payback_tokens=compile_payback_tokens(liger),
-        regional_payback_tokens=compile_payback_tokens(liger, regional=True),
-        whole_over_regional_tokens=advice.WHOLE_OVER_REGIONAL_TOKENS,
+        regional_payback_tokens=compile_payback_tokens(liger, regional=True, method=method),
+        whole_over_regional_tokens=advice.whole_over_regional_tokens(method),
         compile_regions=compile_regions_env(),
         rows=dataset_rows,
     )
@@ -528,17 +529,22 @@ def compile_regions_env(env: Mapping[str, str] | None = None) -> str:
     return value if value in ("on", "off") else "auto"
 
 
-def compile_payback_tokens(liger: str = "auto", regional: bool = False) -> int:
+def compile_payback_tokens(
+    liger: str = "auto", regional: bool = False, method: str = "full"
+) -> int:
     """Tokens per GPU after which a cold compile pays back, by what trains uncompiled here.
 
     Uncompiled, liger's kernels (the image's gpu extra) raise the rate a compile must beat
     (44.1k against 33.1k tokens/s on an H100), so compiling pays back later: the whole
-    model after 48.7M tokens against 14.1M, its decoder layers alone (`regional`) after
-    about 4M against 1M, where liger is absent or `liger` (speed.ligerKernel) is off
-    (sftjob_operator.advice).
+    model after 48.7M tokens against 14.1M, a full fine-tune's decoder layers alone
+    (`regional`) after about 4M against 1M, where liger is absent or `liger`
+    (speed.ligerKernel) is off. LoRA's layers pay back after about 1M tokens per GPU,
+    with liger (so without it too) (sftjob_operator.advice).
     """
     installed = importlib.util.find_spec("liger_kernel") is not None
-    return advice.compile_payback_tokens(liger=liger != "off" and installed, regional=regional)
+    return advice.compile_payback_tokens(
+        liger=liger != "off" and installed, regional=regional, method=method
+    )
 
 
 def run_tokens_per_gpu(

@@ -129,21 +129,22 @@ def compile_form(job: Job, varlen_serves: bool) -> str:
     """REGIONAL or WHOLE: which compile finishes a run of this size first (measured).
 
     Compiling one decoder layer for all of them takes seconds cold (about 8 s for the 1.5B
-    shape on an H100) where the whole model takes minutes (~150 s), for most of the whole
-    model's speed (the varlen kernel in compiled layers: 45-48k tokens/s against 51k; the
-    uncompiled defaults 40-44k). So a run under `whole_over_regional_tokens` per GPU
-    compiles its layers; one over it, or of unknown length, the whole model (the measured
-    pair with flex attention). Regional needs the varlen kernel (the pair measured on the
-    GPU), a full fine-tune and one training process (all it has run as on a GPU; the whole
-    model compiled under DDP was measured); $SFTJOB_COMPILE_REGIONS=on or off forces
-    either form.
+    shape on an H100, 12 s with LoRA adapters) where the whole model takes minutes
+    (~150 s; ~190 s with the adapters), for most of the whole model's speed (the varlen
+    kernel in compiled layers: 45-48k tokens/s against 50-51k, LoRA 47.5k against 49.8k;
+    uncompiled, 40-44k and LoRA 29.3k). So a run under `whole_over_regional_tokens` per
+    GPU (~75M, LoRA ~178M) compiles its layers; one over it, or of unknown length, the
+    whole model (the measured pair with flex attention). Regional needs the varlen kernel
+    (the pair measured on the GPU), a full fine-tune or LoRA (the planner gives other
+    methods no `whole_over_regional_tokens`) and one training process (all it has run as
+    on a GPU; the whole model compiled under DDP was measured); $SFTJOB_COMPILE_REGIONS=on
+    or off forces either form.
     """
     if job.compile_regions in ("on", "off"):
         return REGIONAL if job.compile_regions == "on" else WHOLE
     tokens, whole_from = job.run_tokens_per_gpu, job.whole_over_regional_tokens
     if (
         not varlen_serves
-        or job.method != "full"
         or job.world_size != 1
         or tokens is None
         or whole_from is None
