@@ -4,6 +4,7 @@ issue-24 goals `bench_report --check --goals 24` judges."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -19,10 +20,14 @@ from sftjob_trainer.output_guard import MODEL_CARD
 
 
 def run_bench(
-    work: Path, *extra: str, stderr: list[str] | None = None, env: dict[str, str] | None = None
+    work: Path,
+    *extra: str,
+    stderr: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    case: str = "reference-job-cpu-smoke",
 ) -> list[dict[str, Any]]:
     done = subprocess.run(
-        [sys.executable, "-m", "sftjob_bench.bench", "--case", "reference-job-cpu-smoke"]
+        [sys.executable, "-m", "sftjob_bench.bench", "--case", case]
         + ["--workdir", str(work), *extra],
         capture_output=True,
         text=True,
@@ -169,6 +174,31 @@ def test_reference_job_smoke_reports_each_side_end_to_end(tmp_path) -> None:
     assert f"| reference | {ref['saved_at_s']:.1f} |" in text
     assert "Data preparation by step (seconds, each step's own):" in text
     assert f"- sftjob ({ours['phases']['data_preparation_s']:.2f} s): " in text
+
+
+def test_the_lora_variant_trains_the_same_adapters_on_both_sides(tmp_path) -> None:
+    from sftjob_bench.e2e import E2E_CASES
+
+    # The reference job's settings with LoRA adapters: the snippet's peft LoraConfig against
+    # the SFTJob's spec.lora (common.LORA_SPEC), the same rows.
+    lora, full = E2E_CASES["reference-job-lora"], E2E_CASES["reference-job"]
+    assert lora.method == "lora" and full.method == "full"
+    assert dataclasses.replace(lora, name=full.name, method=full.method) == full
+    lines = run_bench(tmp_path, case="reference-job-lora-cpu-smoke")
+    sides = {line["side"]: line for line in lines[1:]}
+    assert list(sides) == ["reference", "sftjob"]
+    for name, side in sides.items():
+        assert side["kind"] == "end_to_end" and side["case"] == "reference-job-lora-cpu-smoke"
+        adapter = json.loads((tmp_path / name / "final" / "adapter_config.json").read_text())
+        assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (16, 32, 0.05)
+        assert (tmp_path / name / "final" / "adapter_model.safetensors").is_file()
+        assert not (tmp_path / name / "final" / "model.safetensors").exists()
+    ref, ours = sides["reference"], sides["sftjob"]
+    assert ref["tokens_total"] == ours["tokens_total"]
+    assert ref["settings"]["packed_rows"] == ours["settings"]["packed_rows"]
+    # On a CPU no lever that changes numbers is on: the same adapters learn the same curve.
+    for a, b in zip(ref["losses"], ours["losses"], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
 
 
 def test_capped_reference_is_extrapolated_from_its_own_steps(tmp_path) -> None:

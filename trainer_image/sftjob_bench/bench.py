@@ -20,8 +20,10 @@ steps), mfu (6 x params x tokens/s over the card's bf16 peak; null on CPU), peak
 unless --logging-steps says otherwise) and settings.
 Everything else (trainer logs, speed decisions) goes to stderr.
 
-`--case reference-job` (and `reference-job-cpu-smoke`) is the end-to-end bench instead:
-each side in its own process, from process start to the final model saved (e2e.py).
+`--case reference-job` is the end-to-end bench instead (also `reference-job-lora`, with LoRA
+adapters; `long-job`, on 2.5 times the rows; and their CPU smokes `reference-job-cpu-smoke`,
+`reference-job-lora-cpu-smoke`): each side in its own process, from process start to the
+final model saved (e2e.py).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from sftjob_trainer.flops import model_flops_utilization, peak_flops
 from sftjob_trainer.levers.compile_model import ENV_COMPILE_REGIONS
 
 from . import e2e
-from .common import QWEN25_15B, TINY, cap_gpu_memory, make_callback
+from .common import LORA_SPEC, QWEN25_15B, TINY, cap_gpu_memory, make_callback
 from .e2e import E2E_CASES
 
 log = logging.getLogger("sftjob_bench.bench")
@@ -143,7 +145,7 @@ def job_manifest(
         "output": {"path": str(output)},
     }
     if case.method == "lora":
-        spec["lora"] = {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]}
+        spec["lora"] = dict(LORA_SPEC)
     if gpus:
         # The steady state of a LONG job: its few steps are a window of one, and under
         # "auto" a run this short would not compile (compile_model.short_cold_run).

@@ -39,6 +39,8 @@ def tiny_of(shape: dict[str, Any]) -> dict[str, Any]:
 
 
 TINY = tiny_of(QWEN25_15B)
+# The adapters every LoRA case trains (spec.lora): rank 16 on every linear layer.
+LORA_SPEC = {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]}
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "po", "qu", "xe", "da", "fi"]
 
 

@@ -69,7 +69,7 @@ from sftjob_trainer.flops import peak_flops
 from sftjob_trainer.levers.compile_cache import OUTPUT_CACHE_ROOT
 from sftjob_trainer.levers.device_memory import ENV_MEMORY_GIB
 
-from .common import word
+from .common import LORA_SPEC, word
 
 log = logging.getLogger("sftjob_bench.e2e")
 
@@ -95,6 +95,7 @@ class E2ECase:
     learning_rate: float
     logging_steps: int
     skip: int  # steps before the steady-state window
+    method: str = "full"  # or "lora": common.LORA_SPEC's adapters, the snippet's LoraConfig
 
 
 E2E_CASES = {
@@ -108,9 +109,29 @@ E2E_CASES = {
     "long-job": E2ECase(
         "long-job", "QWEN25_15B", 2500, CAPYBARA_MEAN_TOKENS, 2048, 2, 8, 3.0, 2e-4, 10, 5
     ),
+    # The same job with LoRA adapters (rank 16, every linear layer): since session 20 the
+    # decoder layers of a LoRA run over ~1.0M tokens per GPU compile under auto (this one:
+    # at most 6.2M), against the snippet with a peft LoraConfig.
+    "reference-job-lora": E2ECase(
+        "reference-job-lora",
+        "QWEN25_15B",
+        1000,
+        CAPYBARA_MEAN_TOKENS,
+        2048,
+        2,
+        8,
+        3.0,
+        2e-4,
+        10,
+        5,
+        "lora",
+    ),
     # The same harness in seconds on a CPU: tiny shape, few and short rows.
     "reference-job-cpu-smoke": E2ECase(
         "reference-job-cpu-smoke", "TINY", 160, 60, 256, 2, 8, 1.0, 2e-4, 1, 1
+    ),
+    "reference-job-lora-cpu-smoke": E2ECase(
+        "reference-job-lora-cpu-smoke", "TINY", 160, 60, 256, 2, 8, 1.0, 2e-4, 1, 1, "lora"
     ),
 }
 
@@ -170,6 +191,7 @@ def prepare_inputs(case: E2ECase, work: Path) -> dict[str, Any]:
 
 def job_manifest(case: E2ECase, work: Path, output: Path, gpus: int) -> dict[str, Any]:
     """The snippet's job as an SFTJob (with TRL's schedule, so the learning rates match)."""
+    adapters = {"lora": dict(LORA_SPEC)} if case.method == "lora" else {}
     return {
         "apiVersion": "tuning.sftjob.dev/v1alpha1",
         "kind": "SFTJob",
@@ -177,7 +199,8 @@ def job_manifest(case: E2ECase, work: Path, output: Path, gpus: int) -> dict[str
         "spec": {
             "model": {"path": str(work / "model")},
             "dataset": {"path": str(work / "rows.jsonl"), "format": "text"},
-            "method": "full",
+            "method": case.method,
+            **adapters,
             "training": {
                 "perDeviceTrainBatchSize": case.per_device,
                 "gradientAccumulationSteps": case.accumulation,
@@ -463,7 +486,20 @@ def build_reference(case: E2ECase, work: Path, cuda: bool) -> Any:
         report_to="none",
         disable_tqdm=True,
     )
-    return SFTTrainer(model=str(work / "model"), train_dataset=dataset, args=args)
+    peft_config = None
+    if case.method == "lora":  # as a user writes it: peft's config, common.LORA_SPEC's values
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    return SFTTrainer(
+        model=str(work / "model"), train_dataset=dataset, args=args, peft_config=peft_config
+    )
 
 
 def build_sftjob(case: E2ECase, work: Path, cuda: bool, output: Path) -> tuple[Any, Any]:

@@ -56,6 +56,10 @@ for stage in "$@"; do
     # Session 20: the LoRA case's steady state uncompiled (the varlen kernel and liger's
     # kernels), our side only: the rate the decoder layers' compile must beat for LoRA.
     loraoff) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; PYTHONPATH=/tmp/liger:$PYTHONPATH SFTJOB_SPEED='{"compile": "off"}' timeout $T python3 -m sftjob_bench.bench --case lora --steps ${STEADY_STEPS:-20} --memory-gib 80 --sides sftjob > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
+    # The reference job with LoRA adapters (case reference-job-lora, session 20): the snippet
+    # with a peft LoraConfig (capped at REF_STEPS, the rest priced at its own rate), and ours.
+    reflora) timeout $T python3 -m sftjob_bench.bench --case reference-job-lora --memory-gib 80 --workdir /tmp/e2elora --sides reference --max-steps-reference ${REF_STEPS:-10} > $OUT/reflora.jsonl 2> $OUT/reflora.log; echo "reflora exit $?";;
+    imglora) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; export HF_HOME=/tmp/model-cache-$stage; PYTHONPATH=/tmp/liger:$PYTHONPATH timeout $T python3 -m sftjob_bench.bench --case reference-job-lora --memory-gib 80 --workdir /tmp/e2elora --sides sftjob --sftjob-output $stage > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
     imgserial) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; export HF_HOME=/tmp/model-cache-$stage; CAP=""; [ $stage = imgcap ] && CAP="--max-steps-sftjob ${CAP_STEPS:-15}"; PYTHONPATH=/tmp/liger:$PYTHONPATH SFTJOB_SPEED='{"parallelSave": "off"}' timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output $stage $CAP > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
   esac
   # Each job leaves 18 GB (weights and optimizer state): drop them, or the 64 GB disk fills
