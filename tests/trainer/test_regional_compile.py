@@ -295,6 +295,13 @@ def test_session_20_measured_loras_break_evens() -> None:
     extra_s = layers["untimed_s"] - uncompiled["untimed_s"]  # the same 5 steps untimed
     assert extra_s == pytest.approx(LORA_REGIONAL_COMPILE_OVERHEAD_S, abs=0.05)
     assert layers["losses"] == pytest.approx(uncompiled["losses"], rel=0.01)
+    # What auto now plans for a LoRA run of the reference job's size is what was measured
+    # there (forced then with $SFTJOB_COMPILE_REGIONS=on): every lever on or off alike.
+    plan = decide(AUTO, H100, job(6_000_000, method="lora"), QWEN_15B)
+    measured = {lever: choice["on"] for lever, choice in layers["settings"]["speed"].items()}
+    assert {lever: choice["on"] for lever, choice in plan.summary().items()} == measured
+    assert plan.variant("compile") == compile_model.REGIONAL
+    assert plan.sft_kwargs()["per_device_train_batch_size"] == layers["settings"]["per_device"]
     # Call 3, another H100: the whole model compiled (flex attention) against the layers.
     whole = sftjob_side(S20 / "call3" / "lora.jsonl")
     beside = sftjob_side(S20 / "call3" / "lorareg.jsonl")
