@@ -60,7 +60,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,41 +98,27 @@ class E2ECase:
     method: str = "full"  # or "lora": common.LORA_SPEC's adapters, the snippet's LoraConfig
 
 
+# The seed's job at its real size on the Qwen2.5-1.5B shape.
+REFERENCE_JOB = E2ECase(
+    "reference-job", "QWEN25_15B", 1000, CAPYBARA_MEAN_TOKENS, 2048, 2, 8, 3.0, 2e-4, 10, 5
+)
+# The same harness in seconds on a CPU: tiny shape, few and short rows.
+CPU_SMOKE = E2ECase("reference-job-cpu-smoke", "TINY", 160, 60, 256, 2, 8, 1.0, 2e-4, 1, 1)
 E2E_CASES = {
-    # The seed's job at its real size on the Qwen2.5-1.5B shape.
-    "reference-job": E2ECase(
-        "reference-job", "QWEN25_15B", 1000, CAPYBARA_MEAN_TOKENS, 2048, 2, 8, 3.0, 2e-4, 10, 5
-    ),
-    # The same job on 2.5 times the rows (7.4M tokens per GPU, 228 steps): over the ~3-4M
-    # after which the varlen kernel in compiled decoder layers beats the uncompiled defaults,
-    # so compile: auto's choice for such jobs is measured on one.
-    "long-job": E2ECase(
-        "long-job", "QWEN25_15B", 2500, CAPYBARA_MEAN_TOKENS, 2048, 2, 8, 3.0, 2e-4, 10, 5
-    ),
-    # The same job with LoRA adapters (rank 16, every linear layer): since session 20 the
-    # decoder layers of a LoRA run over ~1.0M tokens per GPU compile under auto (this one:
-    # at most 6.2M), against the snippet with a peft LoraConfig.
-    "reference-job-lora": E2ECase(
-        "reference-job-lora",
-        "QWEN25_15B",
-        1000,
-        CAPYBARA_MEAN_TOKENS,
-        2048,
-        2,
-        8,
-        3.0,
-        2e-4,
-        10,
-        5,
-        "lora",
-    ),
-    # The same harness in seconds on a CPU: tiny shape, few and short rows.
-    "reference-job-cpu-smoke": E2ECase(
-        "reference-job-cpu-smoke", "TINY", 160, 60, 256, 2, 8, 1.0, 2e-4, 1, 1
-    ),
-    "reference-job-lora-cpu-smoke": E2ECase(
-        "reference-job-lora-cpu-smoke", "TINY", 160, 60, 256, 2, 8, 1.0, 2e-4, 1, 1, "lora"
-    ),
+    case.name: case
+    for case in (
+        REFERENCE_JOB,
+        # The same job on 2.5 times the rows (7.4M tokens per GPU, 228 steps): over the
+        # ~3-4M after which the varlen kernel in compiled decoder layers beats the
+        # uncompiled defaults, so compile: auto's choice for such jobs is measured on one.
+        replace(REFERENCE_JOB, name="long-job", rows=2500),
+        # The same job with LoRA adapters (rank 16, every linear layer): since session 20
+        # the decoder layers of a LoRA run over ~1.0M tokens per GPU compile under auto
+        # (this one: at most 6.2M), against the snippet with a peft LoraConfig.
+        replace(REFERENCE_JOB, name="reference-job-lora", method="lora"),
+        CPU_SMOKE,
+        replace(CPU_SMOKE, name="reference-job-lora-cpu-smoke", method="lora"),
+    )
 }
 
 
