@@ -772,6 +772,10 @@ def test_report_names_the_weight_copies_when_on() -> None:
     assert describe(settings).endswith("gradients accumulated in the matmul")
     settings["speed"] = {"fuseGradientAccumulation": {"on": False, "reason": "off"}}
     assert "accumulated" not in describe(settings)
+    settings["speed"] = {"fp8Matmuls": {"on": True, "reason": "on"}}
+    assert describe(settings).endswith("fp8 matmuls")
+    settings["speed"] = {"fp8Matmuls": {"on": False, "reason": "off"}}
+    assert "fp8" not in describe(settings)
 
 
 def failed_checks(session: str, name: str) -> list[str]:

@@ -56,7 +56,7 @@ def test_every_lever_passes_its_self_check_with_the_pinned_versions() -> None:
         assert version is not None and version.split("+")[0] == pinned(library), library
     failures = {lever.SWITCH: check(lever.CONTRACT, "cpu") for lever in LEVERS}
     assert failures == dict.fromkeys(failures), failures
-    assert len(LEVERS) == 12
+    assert len(LEVERS) == 13
     # The planner runs the same checks at start: with every switch on, none fails.
     assert self_checks(SpeedOptions(**dict.fromkeys(SWITCH_NAMES, "on")), "cpu") == {}
 

@@ -367,8 +367,8 @@ class TestSpeedPlan:
             ([{"name": "compile", "on": True, "reason": "x" * 257}], "at most 256"),
             ([{"name": "compile", "on": True, "phase": "Succeeded"}], "is not a lever"),
             ([{"name": "compile", "on": True}] * 2, "names a lever twice"),
-            # One more than there are levers (11 of them since varlenAttention).
-            ([{"name": "compile", "on": True}] * 13, "at most 12 levers"),
+            # One more than there are levers (13 of them since fp8Matmuls).
+            ([{"name": "compile", "on": True}] * 14, "at most 13 levers"),
             ("compile", "is not a list"),
         ],
     )

@@ -52,6 +52,8 @@ def describe(settings: dict[str, Any]) -> str:
         parts.append("bf16 residual stream")
     if speed.get("fuseGradientAccumulation", {}).get("on"):
         parts.append("gradients accumulated in the matmul")
+    if speed.get("fp8Matmuls", {}).get("on"):
+        parts.append("fp8 matmuls")
     if speed.get("rotaryTablesOnce", {}).get("on"):
         parts.append("rotary tables once per forward")
     if settings.get("extra_args"):

@@ -26,6 +26,8 @@ at 80 GiB since):
   layers in bf16.
 - fuseGradientAccumulation (fuse_gradient_accumulation.py): the copies' weight gradients
   added into .grad inside the matmul.
+- fp8Matmuls (fp8_matmuls.py, fp8_linear.py): the copies' linear layers multiply in fp8
+  (opt-in).
 - rotaryTablesOnce (rotary_tables_once.py, rotary_tables.py): rotary tables computed once
   per forward when compiled.
 - parallelSave (parallel_save.py, weights_writer.py): checkpoints' weights written by
@@ -66,6 +68,7 @@ from .levers import (
     compile_model,
     data_workers,
     flex_attention,
+    fp8_matmuls,
     fuse_gradient_accumulation,
     liger_kernel,
     light_metrics,
@@ -107,6 +110,7 @@ LEVERS: tuple[Lever, ...] = (
     cast_weights_once,
     bf16_residual_stream,
     fuse_gradient_accumulation,
+    fp8_matmuls,
     rotary_tables_once,
     parallel_save,
 )
@@ -150,7 +154,13 @@ def detect_hardware(*, use_cpu: bool) -> Hardware:
         return Hardware(cuda=False, memory_gib=host, cpus=cpus)
     props = torch.cuda.get_device_properties(0)
     memory = usable_memory_gib(props.total_memory / 2**30, os.environ)
-    return Hardware(cuda=True, memory_gib=memory, name=props.name, cpus=cpus)
+    return Hardware(
+        cuda=True,
+        memory_gib=memory,
+        name=props.name,
+        cpus=cpus,
+        capability=(props.major, props.minor),
+    )
 
 
 def cpus_per_process(env: Mapping[str, str], cpu_max: str | None = None) -> float | None:
@@ -448,6 +458,7 @@ def _decide(opt: SpeedOptions, hw: Hardware, job: Job, shape: ModelShape | None)
         copies,
         bf16_residual_stream.decide(opt, hw, job),
         fuse_gradient_accumulation.decide(opt, hw, job, copies),
+        fp8_matmuls.decide(opt, hw, job, copies),
         rotary_tables_once.decide(opt, compiled),
         parallel_save.decide(opt, hw),
     )

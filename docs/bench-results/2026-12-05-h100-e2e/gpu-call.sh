@@ -60,6 +60,12 @@ for stage in "$@"; do
     # with a peft LoraConfig (capped at REF_STEPS, the rest priced at its own rate), and ours.
     reflora) timeout $T python3 -m sftjob_bench.bench --case reference-job-lora --memory-gib 80 --workdir /tmp/e2elora --sides reference --max-steps-reference ${REF_STEPS:-10} > $OUT/reflora.jsonl 2> $OUT/reflora.log; echo "reflora exit $?";;
     imglora) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; export HF_HOME=/tmp/model-cache-$stage; PYTHONPATH=/tmp/liger:$PYTHONPATH timeout $T python3 -m sftjob_bench.bench --case reference-job-lora --memory-gib 80 --workdir /tmp/e2elora --sides sftjob --sftjob-output $stage > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
+    # Session 21: fp8 matmuls (torch._scaled_mm) against bf16 at the layer's linear shapes,
+    # each compiled, forward and backward; then with frozen weights (LoRA's base layers).
+    fp8probe) timeout $T python3 bench/fp8_matmul_probe.py > $OUT/fp8probe.jsonl 2> $OUT/fp8probe.log; echo "fp8probe exit $?"; timeout 120 python3 bench/fp8_matmul_probe.py --frozen >> $OUT/fp8probe.jsonl 2>> $OUT/fp8probe.log;;
+    # Session 21: the steady cases with fp8Matmuls on (our side only; `full`/`lora` give
+    # the reference and our defaults in the same call).
+    full8|lora8) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; PYTHONPATH=/tmp/liger:$PYTHONPATH SFTJOB_SPEED='{"fp8Matmuls": "on"}' timeout $T python3 -m sftjob_bench.bench --case ${stage%8} --steps ${STEADY_STEPS:-20} --memory-gib 80 --sides sftjob > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
     imgserial) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; export HF_HOME=/tmp/model-cache-$stage; CAP=""; [ $stage = imgcap ] && CAP="--max-steps-sftjob ${CAP_STEPS:-15}"; PYTHONPATH=/tmp/liger:$PYTHONPATH SFTJOB_SPEED='{"parallelSave": "off"}' timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output $stage $CAP > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
   esac
   # Each job leaves 18 GB (weights and optimizer state): drop them, or the 64 GB disk fills

@@ -41,8 +41,10 @@ CONTRACT = Contract(
     ),
     probe=deferred_probe(".weight_copies", "probe_weight_copies", accumulate_in_matmul=False),
 )
-# The lever whose work the copies carry out too: their backward adds into .grad in the matmul.
+# The levers whose work the copies carry out too: their backward adds into .grad in the
+# matmul; they are made in fp8 for the layers that take it.
 FUSE_SWITCH = "fuseGradientAccumulation"
+FP8_SWITCH = "fp8Matmuls"
 
 
 def decide(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
@@ -73,7 +75,8 @@ def decide(opt: SpeedOptions, hw: Hardware, job: Job) -> Choice:
 
 
 def apply(trainer: Any, plan: Plan) -> str:
-    """The copies (weight_copies.py), fusing the gradient's add where that lever is on."""
+    """The copies (weight_copies.py), fusing the gradient's add and in fp8 where those
+    levers are on."""
     from .weight_copies import use_weight_copies
 
-    return use_weight_copies(trainer, plan.on(FUSE_SWITCH))
+    return use_weight_copies(trainer, plan.on(FUSE_SWITCH), fp8=plan.on(FP8_SWITCH))

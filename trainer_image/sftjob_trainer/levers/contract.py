@@ -55,6 +55,7 @@ class SpeedOptions:
     castWeightsOncePerStep: Switch = "auto"
     bf16ResidualStream: Switch = "auto"
     fuseGradientAccumulation: Switch = "auto"
+    fp8Matmuls: Switch = "auto"
     rotaryTablesOnce: Switch = "auto"
     parallelSave: Switch = "auto"
 
@@ -88,6 +89,7 @@ class Hardware:
     memory_gib: float | None = None  # of one device
     name: str = "cpu"
     cpus: float | None = None  # CPUs for each training process on this node
+    capability: tuple[int, int] | None = None  # CUDA compute capability (major, minor)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8_linear import LinearInFp8, add_fp8_copies, drop_fp8_copies, fits_fp8, refresh_fp8_copies
 from .training_hooks import found_module
 
 log = logging.getLogger("sftjob_trainer.weight_copies")
@@ -182,7 +183,7 @@ class GradSum:
 
     name: str
     parameter: nn.Parameter
-    places: list[tuple[LinearAccumulatingInMatmul, str]]
+    places: list[tuple[nn.Module, str]]  # fused bf16 layers and trainable fp8 layers
 
     @property
     def total(self) -> torch.Tensor:
@@ -259,19 +260,50 @@ def embeddings(model: nn.Module) -> list[nn.Module]:
     return [module for get in getters if (module := found_module(model, get)) is not None]
 
 
-class WeightCopies:
-    """The copies of one model, and the callback that keeps them current during training."""
+def takes_fp8(name: str, module: nn.Module) -> bool:
+    """An eligible layer the fp8Matmuls lever multiplies in fp8: big enough, not a LoRA
+    adapter (peft's `lora_A`/`lora_B`/... under the layer it adapts), and its weight and
+    bias both trainable or both frozen (one gradient path for the layer)."""
+    bias = module.bias
+    return (
+        fits_fp8(module)
+        and ".lora_" not in f".{name}"
+        and (bias is None or bias.requires_grad == module.weight.requires_grad)
+    )
 
-    def __init__(self, model: nn.Module, accumulate_in_matmul: bool = False) -> None:
+
+class WeightCopies:
+    """The copies of one model, and the callback that keeps them current during training.
+
+    With `fp8` (the fp8Matmuls lever) the layers `takes_fp8` accepts keep fp8 copies of
+    their weights instead (fp8_linear.py), and a trainable one adds its gradients into
+    fp32 sums as the fused layers do; the others keep their bf16 copies.
+    """
+
+    def __init__(
+        self, model: nn.Module, accumulate_in_matmul: bool = False, fp8: bool = False
+    ) -> None:
         # The LM head (tied to the embedding or not): TRL's fused head and the lean head
         # read its weight directly, so a copy would never be used.
         skip: set[int] = set()
         sums: dict[int, GradSum] = {}
         for module in embeddings(model):
             skip.update((id(module), id(module.weight)))
-        self.modules: list[LinearWithWeightCopies] = []
-        for module in model.modules():
+        self.modules: list[nn.Linear] = []
+        for qualified, module in model.named_modules():
             if not eligible(module, skip):
+                continue
+            if fp8 and takes_fp8(qualified, module):
+                bias = module.bias
+                copy = None if bias is None else bias.detach().to(COPY_DTYPE)
+                module.register_buffer("bias_copy", copy, persistent=False)
+                add_fp8_copies(module)
+                if module.weight.requires_grad:
+                    self._register_grad_sums(module, sums)
+                else:  # frozen (a LoRA base layer): no gradient to keep
+                    for slot in SLOTS:
+                        module.register_buffer(f"{slot}_grad_sum", None, persistent=False)
+                self.modules.append(module)
                 continue
             for name in SLOTS:
                 parameter = getattr(module, name)
@@ -296,6 +328,10 @@ class WeightCopies:
         so that it learns if it is unfrozen later."""
         module.__class__ = LinearAccumulatingInMatmul
         module.fp32_products = False  # set by use_weight_copies after its check
+        WeightCopies._register_grad_sums(module, sums)
+
+    @staticmethod
+    def _register_grad_sums(module: nn.Module, sums: dict[int, GradSum]) -> None:
         for slot in SLOTS:
             parameter = getattr(module, slot)
             total = None
@@ -313,14 +349,27 @@ class WeightCopies:
     def layers(self) -> int:
         return len(self.modules)
 
+    @property
+    def fp8_layers(self) -> list[LinearInFp8]:
+        return [module for module in self.modules if isinstance(module, LinearInFp8)]
+
     def pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """(fp32 parameter, bf16 copy) of every weight and bias, looked up now."""
+        """(fp32 parameter, bf16 copy) of every weight and bias with one, looked up now
+        (an fp8 layer's weight has fp8 copies instead)."""
         return [
-            (getattr(module, name), getattr(module, f"{name}_copy"))
+            (getattr(module, name), copy)
             for module in self.modules
             for name in SLOTS
-            if getattr(module, name) is not None
+            if (copy := module._buffers.get(f"{name}_copy")) is not None
         ]
+
+    def copies_bytes(self) -> int:
+        """What the copies hold on the device (bf16 copies and fp8 copies)."""
+        fp8 = sum(
+            module.weight_fp8.numel() * 2 + module.weight_scale.numel() * 4
+            for module in self.fp8_layers
+        )
+        return fp8 + sum(copy.numel() * copy.element_size() for _, copy in self.pairs())
 
     def hook_gradients(self) -> None:
         """Route each copy's gradient into its parameter; again at the start of training.
@@ -350,8 +399,10 @@ class WeightCopies:
         self.refresh()
 
     @torch.no_grad()
-    def refresh(self) -> None:
-        """Round each fp32 parameter into its bf16 copy, in place (the buffers stay put).
+    def refresh(self, frozen_fp8: bool = True) -> None:
+        """Round each fp32 parameter into its bf16 copy, in place (the buffers stay put),
+        and each fp8 layer's weight into its fp8 copies (with `frozen_fp8`, the frozen
+        ones too: after an optimizer step they have not changed).
 
         A copy needs a gradient exactly when its parameter does (a layer unfrozen during
         training gets one from its next micro-step on).
@@ -359,6 +410,9 @@ class WeightCopies:
         for parameter, copy in self.pairs():
             copy.copy_(parameter)
             copy.requires_grad_(parameter.requires_grad)
+        for module in self.fp8_layers:
+            if frozen_fp8 or module.weight_grad_sum is not None:
+                refresh_fp8_copies(module)
 
     @torch.no_grad()
     def hand_over_grad_sums(self) -> None:
@@ -396,9 +450,9 @@ class WeightCopies:
             elif parameter.grad is not None:
                 raise RuntimeError(
                     f"{grad_sum.name}: its .grad was replaced during the step, but "
-                    "fuseGradientAccumulation adds the gradient into its own buffer; set "
-                    "spec.training.speed.fuseGradientAccumulation: off for a training loop "
-                    "that manages .grad itself"
+                    "fuseGradientAccumulation (and fp8Matmuls) add the gradient into their "
+                    "own buffer; set spec.training.speed.fuseGradientAccumulation and "
+                    "fp8Matmuls: off for a training loop that manages .grad itself"
                 )
         if not held:
             return
@@ -420,6 +474,7 @@ class WeightCopies:
             for name in SLOTS:
                 module._buffers.pop(f"{name}_copy", None)
                 module._buffers.pop(f"{name}_grad_sum", None)
+            drop_fp8_copies(module)
             module.__dict__.pop("fp32_products", None)
             module.__class__ = nn.Linear
         self.modules = []
@@ -440,7 +495,7 @@ class WeightCopies:
                 copies.check_grad_sums()
 
             def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                copies.refresh()
+                copies.refresh(frozen_fp8=False)
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 copies.hand_over_grad_sums()  # after the step's zero_grad
@@ -451,9 +506,10 @@ class WeightCopies:
         return KeepWeightCopiesCurrent()
 
 
-def use_weight_copies(trainer: Any, accumulate_in_matmul: bool = False) -> str:
+def use_weight_copies(trainer: Any, accumulate_in_matmul: bool = False, fp8: bool = False) -> str:
     """Give the trainer's model bf16 weight copies (whose backward adds the weight gradient
-    into `.grad` inside the matmul, with `accumulate_in_matmul`); what was done, for the log."""
+    into `.grad` inside the matmul, with `accumulate_in_matmul`), fp8 ones for the layers
+    that take them with `fp8`; what was done, for the log."""
     refused = not_for_copies(trainer)
     if refused:
         return f"not applied: {refused}"
@@ -466,21 +522,30 @@ def use_weight_copies(trainer: Any, accumulate_in_matmul: bool = False) -> str:
         # saved tensors (checked eagerly and compiled on CPU with such hooks), but the
         # offloader together with a compiled GPU graph is not checked.
         accumulate_in_matmul = False
-    copies = WeightCopies(trainer.model, accumulate_in_matmul=accumulate_in_matmul)
+    copies = WeightCopies(trainer.model, accumulate_in_matmul=accumulate_in_matmul, fp8=fp8)
     if not copies.layers:
         return "no plain nn.Linear with fp32 weights: nothing to copy"
     trainer.add_callback(copies.callback())
-    size = sum(copy.numel() * copy.element_size() for _, copy in copies.pairs())
+    in_fp8 = len(copies.fp8_layers)
     done = (
         f"{copies.layers} linear layers compute with bf16 copies of their weights "
-        f"({size / 2**30:.2f} GiB), made once per optimizer step"
+        f"({copies.copies_bytes() / 2**30:.2f} GiB), made once per optimizer step"
     )
+    if fp8:
+        done = (
+            f"{copies.layers} linear layers compute with copies of their weights made once "
+            f"per optimizer step ({copies.copies_bytes() / 2**30:.2f} GiB): fp8Matmuls: "
+            f"{in_fp8} in fp8, {copies.layers - in_fp8} in bf16"
+        )
     fused = [m for m in copies.modules if isinstance(m, LinearAccumulatingInMatmul)]
     if offloading:
         return f"{done}; fuseGradientAccumulation: not applied with activation_offloading"
     if not accumulate_in_matmul:
         return done
     if not fused:
+        if any(module.weight_grad_sum is not None for module in copies.fp8_layers):
+            # The fp8 layers' products are fp32 and added into the sums anyway.
+            return f"{done}; fuseGradientAccumulation: every trainable layer is in fp8"
         return f"{done}; fuseGradientAccumulation: no trainable layer to fuse"
     why_not = matmul_adds_in_fp32(fused[0].weight.device)
     for module in fused:
