@@ -224,6 +224,47 @@ def test_a_frozen_layer_unfrozen_during_training_is_refused_with_the_fix() -> No
         model(input_ids=ids)  # evaluation needs no gradient: it runs
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_under_checkpointing_each_gradient_is_added_once(reentrant: bool) -> None:
+    """Checkpointing runs each layer's forward again in the backward: the sums get each
+    micro-step's gradient once, the same numbers as without it."""
+    plain = tiny_model()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        copies = WeightCopies(model, accumulate_in_matmul=True, fp8=True)
+        copies.hand_over_grad_sums()
+        ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert "model.layers.0.mlp.down_proj.weight" in grads[0]
+    for name, value in grads[0].items():
+        assert torch.equal(value, grads[1][name]), name
+
+
+def test_not_in_fp8_with_activation_offloading() -> None:
+    from types import SimpleNamespace
+
+    from sftjob_trainer.levers.weight_copies import use_weight_copies
+
+    model = tiny_model()
+    callbacks: list[Any] = []
+    trainer = SimpleNamespace(
+        model=model,
+        args=SimpleNamespace(activation_offloading=True),
+        accelerator=None,
+        add_callback=callbacks.append,
+    )
+    said = use_weight_copies(trainer, fp8=True)
+    assert said.endswith("fp8Matmuls: not applied with activation_offloading")
+    assert not any(isinstance(m, LinearInFp8) for m in model.modules())
+    assert any(isinstance(m, LinearWithWeightCopies) for m in model.modules())
+
+
 def test_compiled_the_fp8_layers_accumulate_in_place_without_recompiling() -> None:
     """Through dynamo and AOTAutograd (aot_eager on CPU, as the GPU compiles them): the
     copies are graph inputs, the sums grow in place, a refresh does not recompile."""

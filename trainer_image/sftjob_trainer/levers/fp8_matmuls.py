@@ -3,7 +3,8 @@
 With the weight copies (cast_weights_once.py), each linear layer of 64 or more inputs and
 outputs keeps fp8 copies of its weight, made once per optimizer step, and multiplies with
 `torch._scaled_mm`: inputs and weights in e4m3, the gradients in e5m2, one scale per
-tensor (torchao's "tensorwise" recipe). The LM head and LoRA's adapters stay bf16. Needs
+tensor (torchao's "tensorwise" recipe). The LM head and LoRA's adapters stay bf16, and
+evaluation during training multiplies in fp8 too (the layers are plain again after). Needs
 fp8 tensor cores (compute capability 8.9 and up: Ada, Hopper, Blackwell). Not exact: the
 claim is the loss curve against the plain run's, measured on the bench
 (docs/performance.md).

@@ -522,6 +522,10 @@ def use_weight_copies(trainer: Any, accumulate_in_matmul: bool = False, fp8: boo
         # saved tensors (checked eagerly and compiled on CPU with such hooks), but the
         # offloader together with a compiled GPU graph is not checked.
         accumulate_in_matmul = False
+    fp8_offloaded = fp8 and getattr(trainer.args, "activation_offloading", False)
+    if fp8_offloaded:
+        # The offloader would move the fp8 inputs kept for the backward: not checked.
+        fp8 = False
     copies = WeightCopies(trainer.model, accumulate_in_matmul=accumulate_in_matmul, fp8=fp8)
     if not copies.layers:
         return "no plain nn.Linear with fp32 weights: nothing to copy"
@@ -531,6 +535,8 @@ def use_weight_copies(trainer: Any, accumulate_in_matmul: bool = False, fp8: boo
         f"{copies.layers} linear layers compute with bf16 copies of their weights "
         f"({copies.copies_bytes() / 2**30:.2f} GiB), made once per optimizer step"
     )
+    if fp8_offloaded:
+        done = f"{done}; fp8Matmuls: not applied with activation_offloading"
     if fp8:
         done = (
             f"{copies.layers} linear layers compute with copies of their weights made once "
