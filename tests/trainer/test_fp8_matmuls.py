@@ -366,11 +366,14 @@ def bench_sides(path: Path) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize(
-    ("call", "case", "gain", "worst_loss"),
-    [("call1", "full", 1.058, 0.0144), ("call3", "lora", 1.028, 0.0042)],
+    ("call", "case", "gain", "worst_loss", "quoted"),
+    [
+        ("call1", "full", 1.058, 0.0144, ("+5.8% full", "losses up to 1.4% off")),
+        ("call3", "lora", 1.028, 0.0042, ("+2.8% LoRA",)),
+    ],
 )
 def test_session_21_measured_why_auto_leaves_fp8_off(
-    call: str, case: str, gain: float, worst_loss: float
+    call: str, case: str, gain: float, worst_loss: float, quoted: tuple[str, ...]
 ) -> None:
     """One H100 per call: fp8 against our defaults (each whole model compiled) and plain
     TRL. A few percent faster, minutes more compile, and the full fine-tune's losses past
@@ -393,5 +396,5 @@ def test_session_21_measured_why_auto_leaves_fp8_off(
     h100 = Hardware(cuda=True, capability=(9, 0))
     copies = cast_weights_once(SpeedOptions(), h100, FULL)
     reason = fp8_matmuls(SpeedOptions(), h100, FULL, copies)
-    assert f"+{(gain - 1) * 100:.1f}% {case if case == 'full' else 'LoRA'}" in reason.reason
-    assert f"{worst_loss * 100:.1f}% off" in reason.reason or case == "lora"
+    assert f"+{(gain - 1) * 100:.1f}%" in quoted[0]
+    assert all(text in reason.reason for text in quoted)

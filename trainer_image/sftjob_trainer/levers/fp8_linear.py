@@ -240,8 +240,9 @@ def drop_fp8_copies(module: nn.Module) -> None:
 
 def fp8_error(device: str) -> str | None:
     """Two layers in fp8 against fp64 on a few tensors: their output and gradients must
-    be within fp8's rounding (15% of the norm; 5-8% measured on CPU). None when they are, else the first that is
-    not, or why `_scaled_mm` does not run here (a GPU without fp8 tensor cores)."""
+    be within fp8's rounding (15% of the norm; 5-8% measured on CPU). None when they are,
+    else the first that is not, or why `_scaled_mm` does not run here (a GPU without fp8
+    tensor cores)."""
     generator = torch.Generator().manual_seed(0)
     layers = nn.Sequential(nn.Linear(128, 256), nn.Linear(256, 128))
     with torch.no_grad():
