@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -101,10 +102,13 @@ def bf16_trainer(make_config: MakeConfig) -> Callable[..., Any]:
 
 
 class TrainerStandIn:
-    """Stands in for a trainer where a lever reads only its model and adds a callback."""
+    """Stands in for a trainer where a lever reads only its model (and whether TRL's
+    activation offloading is on) and adds a callback."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, activation_offloading: bool = False) -> None:
         self.model = model
+        self.args = SimpleNamespace(activation_offloading=activation_offloading)
+        self.accelerator = None
         self.callbacks: list[Any] = []
 
     def add_callback(self, callback: Any) -> None:

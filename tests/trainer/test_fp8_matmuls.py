@@ -246,20 +246,11 @@ def test_under_checkpointing_each_gradient_is_added_once(reentrant: bool) -> Non
         assert torch.equal(value, grads[1][name]), name
 
 
-def test_not_in_fp8_with_activation_offloading() -> None:
-    from types import SimpleNamespace
-
+def test_not_in_fp8_with_activation_offloading(trainer_stand_in: Any) -> None:
     from sftjob_trainer.levers.weight_copies import use_weight_copies
 
     model = tiny_model()
-    callbacks: list[Any] = []
-    trainer = SimpleNamespace(
-        model=model,
-        args=SimpleNamespace(activation_offloading=True),
-        accelerator=None,
-        add_callback=callbacks.append,
-    )
-    said = use_weight_copies(trainer, fp8=True)
+    said = use_weight_copies(trainer_stand_in(model, activation_offloading=True), fp8=True)
     assert said.endswith("fp8Matmuls: not applied with activation_offloading")
     assert not any(isinstance(m, LinearInFp8) for m in model.modules())
     assert any(isinstance(m, LinearWithWeightCopies) for m in model.modules())

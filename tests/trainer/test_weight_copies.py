@@ -714,19 +714,11 @@ def test_the_op_adds_the_product_and_the_column_sums(fp32_products: bool) -> Non
     torch.testing.assert_close(bias_sum, 1 + 2 * columns, rtol=1e-6, atol=1e-6)
 
 
-def test_not_fused_with_activation_offloading() -> None:
-    from types import SimpleNamespace
-
+def test_not_fused_with_activation_offloading(trainer_stand_in: Any) -> None:
     from sftjob_trainer.levers.weight_copies import use_weight_copies
 
     model = tiny_model(tied=True)
-    callbacks: list[Any] = []
-    trainer = SimpleNamespace(
-        model=model,
-        args=SimpleNamespace(activation_offloading=True),
-        accelerator=None,
-        add_callback=callbacks.append,
-    )
+    trainer = trainer_stand_in(model, activation_offloading=True)
     said = use_weight_copies(trainer, accumulate_in_matmul=True)
     assert said.endswith("fuseGradientAccumulation: not applied with activation_offloading")
     assert not any(isinstance(m, LinearAccumulatingInMatmul) for m in model.modules())
