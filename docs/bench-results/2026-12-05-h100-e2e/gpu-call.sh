@@ -66,6 +66,11 @@ for stage in "$@"; do
     # Session 21: the steady cases with fp8Matmuls on (our side only; `full`/`lora` give
     # the reference and our defaults in the same call).
     full8|lora8) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; PYTHONPATH=/tmp/liger:$PYTHONPATH SFTJOB_SPEED='{"fp8Matmuls": "on"}' timeout $T python3 -m sftjob_bench.bench --case ${stage%8} --steps ${STEADY_STEPS:-20} --memory-gib 80 --sides sftjob > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
+    # The single-GPU tries left (issue24-gpu-commands.md): our side of the full case with
+    # GEMM autotuning in the compile, and sized for MEM_GIB (e.g. 100 on an H200: the plan
+    # may then take a micro-batch of 8 x 2, which the estimate refuses at 80).
+    fullat) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; PYTHONPATH=/tmp/liger:$PYTHONPATH timeout $T python3 -m sftjob_bench.bench --case full --steps ${STEADY_STEPS:-20} --memory-gib 80 --sides sftjob --extra-args '{"torch_compile_mode": "max-autotune-no-cudagraphs"}' > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
+    fullmem) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; PYTHONPATH=/tmp/liger:$PYTHONPATH timeout $T python3 -m sftjob_bench.bench --case full --steps ${STEADY_STEPS:-20} --memory-gib ${MEM_GIB:-100} --sides sftjob > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
     imgserial) [ -d /tmp/liger ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl-liger/*.whl; export HF_HOME=/tmp/model-cache-$stage; CAP=""; [ $stage = imgcap ] && CAP="--max-steps-sftjob ${CAP_STEPS:-15}"; PYTHONPATH=/tmp/liger:$PYTHONPATH SFTJOB_SPEED='{"parallelSave": "off"}' timeout $T python3 -m sftjob_bench.bench --case reference-job --memory-gib 80 --workdir /tmp/e2e --sides sftjob --sftjob-output $stage $CAP > $OUT/$stage.jsonl 2> $OUT/$stage.log; echo "$stage exit $?";;
   esac
   # Each job leaves 18 GB (weights and optimizer state): drop them, or the 64 GB disk fills
