@@ -9,7 +9,9 @@ and their scales included, and prints one JSON line per shape and a weighted tot
 
     python3 bench/fp8_matmul_probe.py [--tokens 8192] [--frozen]
 
-`--frozen` leaves out the weight gradient (LoRA's frozen base layers).
+`--frozen` leaves out the weight gradient (LoRA's frozen base layers). The roundings are
+the fp8Matmuls lever's (`fp8_linear.rounded_to_fp8`; trainer_image/ on PYTHONPATH), but
+the weight is rounded at every call here, where the lever rounds it once per step.
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import json
 import time
 
 import torch
+from sftjob_trainer.levers.fp8_linear import E4M3, E5M2, rounded_to_fp8
 
-E4M3 = torch.float8_e4m3fn
-E5M2 = torch.float8_e5m2
 # (in, out, count per layer) of Qwen2.5-1.5B's decoder layer.
 SHAPES = {
     "q_proj": (1536, 1536, 1),
@@ -32,21 +33,12 @@ SHAPES = {
 }
 
 
-def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """t as fp8 with one scale for the tensor, and the scale that multiplies it back."""
-    amax = t.abs().amax().float().clamp(min=1e-12)
-    scale = torch.finfo(dtype).max / amax
-    return (t.float() * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(
-        dtype
-    ), scale.reciprocal()
-
-
 class Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, frozen):  # type: ignore[override]
         x2 = x.reshape(-1, x.shape[-1])
-        xq, xs = to_fp8(x2, E4M3)
-        wq, ws = to_fp8(w, E4M3)
+        xq, xs = rounded_to_fp8(x2, E4M3)
+        wq, ws = rounded_to_fp8(w, E4M3)
         out = torch._scaled_mm(xq, wq.t(), xs, ws, out_dtype=torch.bfloat16, use_fast_accum=True)
         # The weight gradient reads x column-major: keep its fp8 transpose, not x.
         ctx.save_for_backward(xq.t().contiguous() if not frozen else xq, xs, wq, ws)
@@ -58,7 +50,7 @@ class Fp8Matmul(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         xq_t, xs, wq, ws = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        gq, gs = to_fp8(g2, E5M2)
+        gq, gs = rounded_to_fp8(g2, E5M2)
         # grad_input = g @ w: w must be column-major (N, K), i.e. its transpose contiguous.
         w_col = wq.t().contiguous().t()
         grad_in = torch._scaled_mm(gq, w_col, gs, ws, out_dtype=torch.bfloat16)

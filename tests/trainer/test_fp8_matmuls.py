@@ -16,15 +16,13 @@ import pytest
 import torch
 from sftjob_bench.bench import TINY
 from sftjob_trainer.levers.cast_weights_once import decide as cast_weights_once
-from sftjob_trainer.levers.fp8_linear import (
-    E4M3,
-    LinearInFp8,
-    add_fp8_copies,
-    fp8_error,
-    refresh_fp8_copies,
-)
+from sftjob_trainer.levers.fp8_linear import E4M3, LinearInFp8
 from sftjob_trainer.levers.fp8_matmuls import decide as fp8_matmuls
-from sftjob_trainer.levers.weight_copies import LinearWithWeightCopies, WeightCopies
+from sftjob_trainer.levers.weight_copies import (
+    LinearWithWeightCopies,
+    WeightCopies,
+    probe_fp8_copies,
+)
 from sftjob_trainer.speed import Hardware, Job, SpeedOptions
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
@@ -47,17 +45,14 @@ def tiny_model() -> Qwen2ForCausalLM:
 
 
 def fp8_layer(in_features: int, out_features: int, trainable: bool) -> LinearInFp8:
-    """One nn.Linear made an fp8 layer as the copies make it, with its sums if trainable."""
+    """One nn.Linear given its fp8 copies by `WeightCopies`, with its gradient sums if
+    trainable (not handed over: the gradients stay in the sums)."""
     torch.manual_seed(0)
     layer = nn.Linear(in_features, out_features)
     layer.requires_grad_(trainable)
-    add_fp8_copies(layer)
-    refresh_fp8_copies(layer)  # type: ignore[arg-type]
-    layer.register_buffer("bias_copy", layer.bias.detach().to(torch.bfloat16))
-    for slot in ("weight", "bias"):
-        total = torch.zeros_like(getattr(layer, slot)) if trainable else None
-        layer.register_buffer(f"{slot}_grad_sum", total)
-    return layer  # type: ignore[return-value]
+    WeightCopies(nn.Sequential(layer), fp8=True)
+    assert type(layer) is LinearInFp8
+    return layer
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -85,7 +80,7 @@ def test_the_layer_is_within_fp8s_rounding_of_float64_and_the_probe_agrees() -> 
     assert x.grad.dtype == torch.float32  # the input's own dtype
     # The gradients went into the sums, not to the parameters.
     assert layer.weight.grad is None and layer.bias.grad is None
-    assert fp8_error("cpu") is None
+    assert probe_fp8_copies("cpu") is None
 
 
 def test_a_wrong_weight_scale_is_caught() -> None:

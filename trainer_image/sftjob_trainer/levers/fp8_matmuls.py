@@ -48,7 +48,7 @@ CONTRACT = Contract(
         Signature("torch.library:custom_op"),
         Signature("transformers:TrainerCallback.on_optimizer_step"),
     ),
-    probe=deferred_probe(".fp8_linear", "fp8_error"),
+    probe=deferred_probe(".weight_copies", "probe_fp8_copies"),
 )
 
 
