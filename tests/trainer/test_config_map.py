@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from sftjob_trainer.config_map import build_sft_config, check_extra_args, sft_kwargs
+from sftjob_trainer.config_map import (
+    agree_matmul_precision,
+    build_sft_config,
+    check_extra_args,
+    sft_kwargs,
+)
 from sftjob_trainer.failures import ConfigError
 from sftjob_trainer.settings import load_config
 
@@ -104,3 +109,91 @@ def test_sft_config_rejecting_a_value_is_a_config_error(make_config):
         build_sft_config(
             load_config(make_config({"training": {"extraArgs": {"optim": "no_such_optimizer"}}}))
         )
+
+
+# ------------------------------------------------------------- TF32 through both torch APIs
+
+PRECISION_SETTINGS = (
+    "",  # torch.backends itself: the default every backend inherits
+    "cuda.matmul",
+    "cudnn",
+    "cudnn.conv",
+    "cudnn.rnn",
+    "mkldnn",
+    "mkldnn.matmul",
+    "mkldnn.conv",
+    "mkldnn.rnn",
+)
+
+
+def _backend(path):
+    import torch
+
+    backend = torch.backends
+    for name in filter(None, path.split(".")):
+        backend = getattr(backend, name)
+    return backend
+
+
+def precisions():
+    """Every backend's fp32 precision as torch resolves it (the new API's view)."""
+    return {path: _backend(path).fp32_precision for path in PRECISION_SETTINGS}
+
+
+@pytest.fixture
+def matmul_precision_restored():
+    """Torch's precision settings are process-wide: put back what the test changed."""
+    import torch
+
+    before = precisions()
+    legacy = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(legacy)
+    for path in PRECISION_SETTINGS:  # the default first, then each backend set apart
+        _backend(path).fp32_precision = before[path]
+    assert precisions() == before
+
+
+def test_tf32_asked_through_the_new_api_is_readable_through_the_old_one(
+    matmul_precision_restored,
+):
+    import torch
+
+    # What TrainingArguments does with bf16 and torch.compile on an Ampere+ GPU.
+    torch.backends.fp32_precision = "tf32"
+    asked = precisions()
+    with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+        torch.get_float32_matmul_precision()  # what inductor's GEMM autotuning reads
+
+    assert agree_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == "high"
+    assert precisions() == asked  # every backend computes as transformers asked
+    assert agree_matmul_precision() == "high"  # already agreeing: nothing written
+
+
+def test_no_tf32_asked_leaves_the_precision_alone(matmul_precision_restored):
+    import torch
+
+    untouched = precisions()
+    assert agree_matmul_precision() is None
+    assert precisions() == untouched
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_a_backend_set_apart_is_not_overwritten(matmul_precision_restored):
+    import torch
+
+    torch.backends.fp32_precision = "tf32"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"  # a user's own choice for CUDA
+    chosen = precisions()
+    assert agree_matmul_precision() is None  # "high" would turn CUDA matmuls to TF32
+    assert precisions() == chosen
+
+
+def test_sft_config_leaves_the_precision_readable(make_config, tiny, matmul_precision_restored):
+    import torch
+
+    # On a CPU transformers asks for no TF32; ask as it does on a GPU, then build.
+    torch.backends.fp32_precision = "tf32"
+    build_sft_config(load_config(make_config()))
+    assert torch.get_float32_matmul_precision() == "high"

@@ -1,7 +1,8 @@
 """Resolved config -> SFTConfig keyword arguments.
 
-Pure apart from reading SFTConfig's field names, so the mapping is tested without
-training. Renames worth knowing (measured on transformers 5 / TRL 1.16):
+Pure apart from reading SFTConfig's field names (and, once SFTConfig is built, making
+torch's two precision APIs agree: agree_matmul_precision), so the mapping is tested
+without training. Renames worth knowing (measured on transformers 5 / TRL 1.16):
 `warmup_ratio` was removed, and `warmup_steps` takes a float ratio < 1 instead
 (converted as ceil(total x ratio), exactly what the plan computes); TRL's
 `max_seq_length` is now `max_length`; `logging_dir` is gone (reporting is off).
@@ -214,8 +215,40 @@ def build_sft_config(
         ]
         where = f"{', '.join(fields)}: " if fields else ""
         raise ConfigError(f"{where}SFTConfig rejected the settings: {exc}") from None
+    agree_matmul_precision()
     check_sft_config(args, total_steps=int((config.plan or {}).get("totalSteps") or 10))
     return args
+
+
+def agree_matmul_precision() -> str | None:
+    """Write the TF32 choice SFTConfig made through torch's new per-backend API through the
+    old one as well, so that readers of either agree; returns the precision written (None:
+    nothing to do).
+
+    With bf16 and torch.compile on an Ampere+ GPU, TrainingArguments asks for TF32 with
+    `torch.backends.fp32_precision = "tf32"` (transformers 5, torch >= 2.9). Torch then
+    refuses `torch.get_float32_matmul_precision()` as a mix of the two APIs, and inductor's
+    GEMM autotuning reads it: `extraArgs.torch_compile_mode: max-autotune(-no-cudagraphs)`
+    failed at the first step, after the model loaded and compiled (H100, torch 2.11,
+    2026-12-06; pytorch/pytorch#189955). `set_float32_matmul_precision("high")` is the same
+    TF32 choice in the old API's words: every backend's precision stays as it was.
+    """
+    import torch
+
+    backends = torch.backends
+    matmuls = tuple(
+        getattr(getattr(backend, "matmul", None), "fp32_precision", None)
+        for backend in (backends.cuda, backends.mkldnn)
+    )
+    if matmuls != ("tf32", "tf32"):
+        # Nothing asked for TF32 through the new API (CPU, fp32, torch < 2.9), or a backend
+        # was set apart: "high" would change that backend's precision.
+        return None
+    try:
+        return torch.get_float32_matmul_precision()  # the two APIs already agree
+    except RuntimeError:
+        torch.set_float32_matmul_precision("high")
+        return "high"
 
 
 def rejected_args(config_class: Any, kwargs: dict[str, Any]) -> list[str]:
