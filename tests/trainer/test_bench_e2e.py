@@ -450,3 +450,25 @@ def test_goals_24_on_session_22s_stored_runs() -> None:
     lora = verdicts("call3/lora.jsonl", "call4/loraours.jsonl")
     assert lora["s22: steady state at least 6.0x (lora)"] == (True, "6.04x")
     assert lora["s22: same card on both sides"][0] and lora["s22: same data on both sides"][0]
+
+
+def test_extra_args_reach_our_side_only(tmp_path) -> None:
+    """`--extra-args` tries a setting on our side of a whole job (here TRL's tokenizing
+    processes), as spec.training.extraArgs; the snippet stays as written."""
+    stderr: list[str] = []
+    lines = run_bench(
+        tmp_path,
+        "--extra-args",
+        '{"dataset_num_proc": 2}',
+        "--max-steps-sftjob",
+        "2",
+        "--max-steps-reference",
+        "2",
+        stderr=stderr,
+    )
+    sides = {line["side"]: line for line in lines[1:]}
+    assert sides["sftjob"]["settings"]["extra_args"] == {"dataset_num_proc": 2}
+    assert "extra_args" not in sides["reference"]["settings"]
+    # Each side's tokenizing, as TRL's progress bars name it (ours in two processes).
+    tokenizing = re.findall(r"Tokenizing train dataset( \(num_proc=\d+\))?:", stderr[0])
+    assert sorted(set(tokenizing)) == ["", " (num_proc=2)"]

@@ -584,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_steps_reference,
             args.sftjob_output,
             args.max_steps_sftjob,
+            args.extra_args,
         )
         return 0
     case = CASES[args.case]

@@ -175,9 +175,17 @@ def prepare_inputs(case: E2ECase, work: Path) -> dict[str, Any]:
     return facts
 
 
-def job_manifest(case: E2ECase, work: Path, output: Path, gpus: int) -> dict[str, Any]:
-    """The snippet's job as an SFTJob (with TRL's schedule, so the learning rates match)."""
+def job_manifest(
+    case: E2ECase,
+    work: Path,
+    output: Path,
+    gpus: int,
+    extra_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The snippet's job as an SFTJob (with TRL's schedule, so the learning rates match);
+    `extra_args` becomes its spec.training.extraArgs (a setting tried on our side only)."""
     adapters = {"lora": dict(LORA_SPEC)} if case.method == "lora" else {}
+    extra = {"extraArgs": dict(extra_args)} if extra_args else {}
     return {
         "apiVersion": "tuning.sftjob.dev/v1alpha1",
         "kind": "SFTJob",
@@ -200,6 +208,7 @@ def job_manifest(case: E2ECase, work: Path, output: Path, gpus: int) -> dict[str
                 "loggingSteps": case.logging_steps,
                 "saveSteps": 1_000_000,  # TRL's default (500) saves nothing in this job either
                 "seed": 42,
+                **extra,
             },
             "resources": {"gpusPerNode": gpus},
             "output": {"path": str(output)},
@@ -488,22 +497,35 @@ def build_reference(case: E2ECase, work: Path, cuda: bool) -> Any:
     )
 
 
-def build_sftjob(case: E2ECase, work: Path, cuda: bool, output: Path) -> tuple[Any, Any]:
+def build_sftjob(
+    case: E2ECase,
+    work: Path,
+    cuda: bool,
+    output: Path,
+    extra_args: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:
     """The trainer's own build for the SFTJob of the same job, and the job's config."""
     from sftjob_operator.api import parse_sftjob
     from sftjob_operator.trainer_config import build_trainer_config
     from sftjob_trainer.settings import parse_config
     from sftjob_trainer.train import build_trainer
 
-    job = parse_sftjob(job_manifest(case, work, output, 1 if cuda else 0))
+    job = parse_sftjob(job_manifest(case, work, output, 1 if cuda else 0, extra_args))
     config = parse_config(build_trainer_config(job))
     return build_trainer(config), config
 
 
 def run_child(
-    side: str, case: E2ECase, work: Path, spawned_at: float, max_steps: int, output_name: str
+    side: str,
+    case: E2ECase,
+    work: Path,
+    spawned_at: float,
+    max_steps: int,
+    output_name: str,
+    extra_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One side, in this (fresh) process; returns its JSON line."""
+    """One side, in this (fresh) process; returns its JSON line. `extra_args` (our side
+    only) goes into the SFTJob's spec.training.extraArgs."""
     clock = Clock(spawned_at)
     output = work / (output_name if side == "sftjob" else side)
     # Before anything compiles: whether an earlier run left compiled kernels to reuse.
@@ -529,7 +551,7 @@ def run_child(
         if side == "reference":
             trainer, config = build_reference(case, work, cuda), None
         else:
-            trainer, config = build_sftjob(case, work, cuda, output)
+            trainer, config = build_sftjob(case, work, cuda, output, extra_args)
     clock.mark("built")
     to_wall = time.time() - time.perf_counter() - spawned_at  # perf_counter -> clock marks
     loads = stopwatch.spans[MODEL_LOAD]
@@ -561,6 +583,8 @@ def run_child(
     line["preparation"] = stopwatch.preparation(data_preparation_s(clock.marks))
     if side == "sftjob":
         line["preparation_levers"] = lever_details(stopwatch.detail)
+        if extra_args:
+            line["settings"]["extra_args"] = extra_args
     line["settings"]["planned_steps_uncapped"] = planned
     line["settings"]["planned_tokens_uncapped"] = round(epoch_tokens * args_epochs(trainer))
     if side == "sftjob":
@@ -703,7 +727,13 @@ def fresh_datasets_cache(work: Path, side: str) -> Path:
 
 
 def spawn(
-    side: str, case: E2ECase, work: Path, gpu: str | None, max_steps: int, output_name: str
+    side: str,
+    case: E2ECase,
+    work: Path,
+    gpu: str | None,
+    max_steps: int,
+    output_name: str,
+    extra_args: dict[str, Any] | None = None,
 ) -> tuple[subprocess.Popen[str], float]:
     env = dict(os.environ)
     if gpu is not None:
@@ -713,6 +743,8 @@ def spawn(
     command = [sys.executable, "-m", "sftjob_bench.e2e", "--child", side, "--case", case.name]
     command += ["--workdir", str(work), "--spawned-at", repr(spawned_at)]
     command += ["--max-steps", str(max_steps), "--output", output_name]
+    if extra_args and side == "sftjob":  # the snippet stays as written
+        command += ["--extra-args", json.dumps(extra_args)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     return process, spawned_at
 
@@ -740,8 +772,10 @@ def run(
     max_steps_reference: int = 0,
     sftjob_output: str = "sftjob",
     max_steps_sftjob: int = 0,
+    extra_args: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Both sides, each its own process: one after the other, or at once on their own GPUs.
+    `extra_args` goes into our side's spec.training.extraArgs only.
 
     Prints (and returns) one JSON line per side, after a line with the inputs' facts.
     """
@@ -759,7 +793,7 @@ def run(
     for index, side in enumerate(sides):
         gpu = side_gpus[index] if side_gpus else None
         cap = max_steps_reference if side == "reference" else max_steps_sftjob
-        running.append(spawn(side, case, work, gpu, cap, sftjob_output))
+        running.append(spawn(side, case, work, gpu, cap, sftjob_output, extra_args))
         if not side_gpus:  # one at a time: the next side starts once this one has ended
             results.append(finish(*running.pop()))
             print(json.dumps(results[-1]), flush=True)
@@ -781,6 +815,7 @@ def child_main(argv: list[str]) -> int:
     parser.add_argument("--spawned-at", type=float, required=True)
     parser.add_argument("--max-steps", type=int, default=0)
     parser.add_argument("--output", default="sftjob")
+    parser.add_argument("--extra-args", type=json.loads, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     if os.environ.get(ENV_MEMORY_GIB):
@@ -788,7 +823,13 @@ def child_main(argv: list[str]) -> int:
 
         cap_gpu_memory(float(os.environ[ENV_MEMORY_GIB]))
     line = run_child(
-        args.child, E2E_CASES[args.case], args.workdir, args.spawned_at, args.max_steps, args.output
+        args.child,
+        E2E_CASES[args.case],
+        args.workdir,
+        args.spawned_at,
+        args.max_steps,
+        args.output,
+        args.extra_args,
     )
     print(json.dumps(line), flush=True)
     if args.child == "sftjob":
