@@ -180,13 +180,14 @@ def test_no_tf32_asked_leaves_the_precision_alone(matmul_precision_restored):
     assert torch.get_float32_matmul_precision() == "highest"
 
 
-def test_a_backend_set_apart_is_not_overwritten(matmul_precision_restored):
+@pytest.mark.parametrize("backend", ["cuda", "mkldnn"])
+def test_a_backend_set_apart_is_not_overwritten(backend, matmul_precision_restored):
     import torch
 
     torch.backends.fp32_precision = "tf32"
-    torch.backends.cuda.matmul.fp32_precision = "ieee"  # a user's own choice for CUDA
+    _backend(f"{backend}.matmul").fp32_precision = "ieee"  # a user's own choice for it
     chosen = precisions()
-    assert agree_matmul_precision() is None  # "high" would turn CUDA matmuls to TF32
+    assert agree_matmul_precision() is None  # "high" would turn its matmuls to TF32
     assert precisions() == chosen
 
 

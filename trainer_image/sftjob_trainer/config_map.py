@@ -229,18 +229,19 @@ def agree_matmul_precision() -> str | None:
     `torch.backends.fp32_precision = "tf32"` (transformers 5, torch >= 2.9). Torch then
     refuses `torch.get_float32_matmul_precision()` as a mix of the two APIs, and inductor's
     GEMM autotuning reads it: `extraArgs.torch_compile_mode: max-autotune(-no-cudagraphs)`
-    failed at the first step, after the model loaded and compiled (H100, torch 2.11,
+    failed in the first step's compile, after the model had loaded (H100, torch 2.11,
     2026-12-06; pytorch/pytorch#189955). `set_float32_matmul_precision("high")` is the same
     TF32 choice in the old API's words: every backend's precision stays as it was.
     """
     import torch
 
     backends = torch.backends
-    matmuls = tuple(
+    cuda, mkldnn = (
         getattr(getattr(backend, "matmul", None), "fp32_precision", None)
         for backend in (backends.cuda, backends.mkldnn)
     )
-    if matmuls != ("tf32", "tf32"):
+    # "none": the backend inherits the default, which "high" makes TF32 as it already is.
+    if cuda != "tf32" or mkldnn not in ("tf32", "none"):
         # Nothing asked for TF32 through the new API (CPU, fp32, torch < 2.9), or a backend
         # was set apart: "high" would change that backend's precision.
         return None
