@@ -516,13 +516,14 @@ def use_weight_copies(trainer: Any, accumulate_in_matmul: bool = False, fp8: boo
     if len(embeddings(trainer.model)) < 2:
         # The LM head must not get a copy (its weight is read directly): it must be found.
         return "not applied: the model's embeddings or LM head cannot be found"
-    offloading = accumulate_in_matmul and getattr(trainer.args, "activation_offloading", False)
+    offloaded = bool(getattr(trainer.args, "activation_offloading", False))
+    offloading = accumulate_in_matmul and offloaded
     if offloading:
         # Its saved-tensor hooks hand the backward new tensors. The sums are kept off the
         # saved tensors (checked eagerly and compiled on CPU with such hooks), but the
         # offloader together with a compiled GPU graph is not checked.
         accumulate_in_matmul = False
-    fp8_offloaded = fp8 and getattr(trainer.args, "activation_offloading", False)
+    fp8_offloaded = fp8 and offloaded
     if fp8_offloaded:
         # The offloader would move the fp8 inputs kept for the backward: not checked.
         fp8 = False
